@@ -1,0 +1,30 @@
+# Two commands for a fresh clone: `make demo` and `make test`. Each creates .venv and installs
+# pyact-torch with its test tools into it the first time (torch 2.9.0 + torch_xla 2.9.0: ~7 GB,
+# a few minutes); later runs reuse it.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+DEMO := demo-output
+
+.PHONY: demo test bench clean
+
+$(STAMP): setup.py
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --upgrade pip
+	$(PY) -m pip install -e '.[dev]'
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+demo: $(STAMP)
+	rm -rf $(DEMO)
+	$(VENV)/bin/pyact synth $(DEMO)/raw --subjects 6,0,2 --frames 40:60 --size 160x120
+	$(VENV)/bin/pyact preprocess $(DEMO)/raw $(DEMO)/shards
+
+bench: $(STAMP)
+	$(PY) bench/preprocess.py
+
+clean:
+	rm -rf $(VENV) $(DEMO) *.egg-info

@@ -1,0 +1,69 @@
+"""The ``pyact`` command and its subcommands; ``scripts/*.py`` call the same functions.
+
+Mistakes a user can fix end with one line on stderr and exit status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Callable
+
+from .config import PreprocessConfig, SynthConfig, add_arguments, from_namespace
+from .errors import UserError
+
+
+def _synth(args: argparse.Namespace) -> None:
+    from .synthetic import make_dataset
+
+    config = from_namespace(SynthConfig, args)
+    frames = make_dataset(config)
+    print(f"wrote {frames} frames to {config.out}")
+
+
+def _preprocess(args: argparse.Namespace) -> None:
+    from .preprocess import format_summary, preprocess
+
+    summary = preprocess(from_namespace(PreprocessConfig, args))
+    print(format_summary(summary))
+
+
+COMMANDS: dict[str, tuple[type, Callable[[argparse.Namespace], None], str]] = {
+    "synth": (SynthConfig, _synth, "write a synthetic dataset in the real dataset's layout"),
+    "preprocess": (PreprocessConfig, _preprocess, "raw dataset -> WebDataset shards + manifest"),
+}
+
+
+def build_parser(only: str | None = None, prog: str | None = None) -> argparse.ArgumentParser:
+    """The ``pyact`` parser, or the parser of one subcommand (for ``scripts/``)."""
+    if only is not None:
+        cls, run, text = COMMANDS[only]
+        parser = argparse.ArgumentParser(prog=prog, description=_describe(cls))
+        add_arguments(parser, cls)
+        parser.set_defaults(run=run)
+        return parser
+    parser = argparse.ArgumentParser(prog=prog or "pyact", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (cls, run, text) in COMMANDS.items():
+        sub = commands.add_parser(name, help=text, description=_describe(cls))
+        add_arguments(sub, cls)
+        sub.set_defaults(run=run)
+    return parser
+
+
+def main(argv: list[str] | None = None, only: str | None = None, prog: str | None = None) -> int:
+    """Parse ``argv`` and run; returns the exit status."""
+    args = build_parser(only, prog).parse_args(argv)
+    try:
+        args.run(args)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; run the same command again to continue where it stopped", file=sys.stderr)
+        return 130
+    return 0
+
+
+def _describe(cls: type) -> str:
+    return (cls.__doc__ or "").split(" (``")[0] + "."

@@ -1,0 +1,200 @@
+"""Frozen run settings. The command-line interface is generated from these dataclasses, so a
+flag, its default, its help text and its validation live in exactly one place."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from .errors import UserError
+
+MODALITIES = ("color", "depth", "rgbd")
+
+
+def _arg(help: str, *, positional: bool = False, parse: Callable[[str], Any] | None = None,
+         choices: tuple[str, ...] | None = None, metavar: str | None = None,
+         output: bool = True) -> dict:
+    """Field metadata for the CLI generator. ``output=False`` marks settings that do not
+    change what a run writes (worker counts, paths of scratch space), so they may differ
+    between a run and its resumption."""
+    return {"help": help, "positional": positional, "parse": parse, "choices": choices,
+            "metavar": metavar, "output": output}
+
+
+def parse_names(text: str) -> tuple[str, ...]:
+    """``"LN,ZZ"`` -> ``("LN", "ZZ")``; empty parts are dropped."""
+    return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
+def parse_range(text: str) -> tuple[int, int]:
+    """``"150:1000"`` -> ``(150, 1000)``."""
+    try:
+        low, high = (int(part) for part in text.split(":"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected MIN:MAX with integers, got {text!r}") from None
+    return low, high
+
+
+def parse_counts(text: str) -> tuple[int, int, int]:
+    """``"8,1,3"`` -> ``(8, 1, 3)`` (train, eval, test subjects)."""
+    try:
+        counts = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        counts = ()
+    if len(counts) != 3:
+        raise argparse.ArgumentTypeError(f"expected TRAIN,EVAL,TEST counts, got {text!r}")
+    return counts  # type: ignore[return-value]
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """``"640x480"`` -> ``(640, 480)`` (width, height)."""
+    try:
+        width, height = (int(part) for part in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT, got {text!r}") from None
+    return width, height
+
+
+def default_workers() -> int:
+    """All cores this process may use."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    """Raw Hand Action dataset -> WebDataset shards (``pyact preprocess``)."""
+
+    src: str = field(metadata=_arg("raw dataset folder holding Train/ and Test/ (and optionally Eval/)",
+                                   positional=True))
+    dest: str = field(metadata=_arg("output folder or gs://bucket/prefix", positional=True))
+    image_size: int = field(default=64, metadata=_arg(
+        "frames are resized to SIZE x SIZE pixels (pyACT trained at 64)", metavar="SIZE"))
+    seq_len: int = field(default=0, metadata=_arg(
+        "window length in frames; 0 = the smallest segment length over all label files, "
+        "pyACT's rule (6 on the real dataset)", metavar="T"))
+    shard_size: int = field(default=512, metadata=_arg("windows per shard", metavar="N"))
+    workers: int = field(default=0, metadata=_arg(
+        "processes decoding frames and writing shards; 0 = all cores", metavar="N", output=False))
+    eval_subjects: tuple[str, ...] = field(default=(), metadata=_arg(
+        "Train subjects to move to the eval split (comma-separated). Without it the Eval/ "
+        "folder is used; with neither, one Train subject is chosen by --seed",
+        parse=parse_names, metavar="NAME[,NAME]"))
+    modality: str = field(default="color", metadata=_arg(
+        "frames to use: color (RGB, as pyACT), depth (16-bit depth mapped to 8 bits), "
+        "rgbd (both, 4 channels)", choices=MODALITIES))
+    depth_range: tuple[int, int] = field(default=(150, 1000), metadata=_arg(
+        "depth range in the PNG's units (millimetres on the real camera) mapped linearly to "
+        "255..0: nearer is brighter; 0 (no reading) and values outside the range become 0",
+        parse=parse_range, metavar="MIN:MAX"))
+    seed: int = field(default=0, metadata=_arg(
+        "seed for the eval subject choice, no-action sampling and shard order"))
+    overwrite: bool = field(default=False, metadata=_arg(
+        "delete DEST's previous output when it was made with other settings", output=False))
+    skip_bad_sequences: bool = field(default=False, metadata=_arg(
+        "skip broken sequences (bad label file, missing or unreadable frames) instead of "
+        "stopping; they are listed at the end and recorded in the manifest"))
+    cache_dir: str = field(default="", metadata=_arg(
+        "local scratch folder for the decoded-frame cache; default DEST/.tmp for a local "
+        "DEST, a folder under the system temp dir for gs://", metavar="DIR", output=False))
+
+    def __post_init__(self) -> None:
+        _positive(image_size=self.image_size, shard_size=self.shard_size)
+        if self.seq_len < 0 or self.workers < 0:
+            raise UserError("--seq-len and --workers must be 0 or positive")
+        low, high = self.depth_range
+        if not 0 <= low < high:
+            raise UserError(f"--depth-range: expected 0 <= MIN < MAX, got {low}:{high}")
+
+    @property
+    def processes(self) -> int:
+        return self.workers or default_workers()
+
+
+@dataclass(frozen=True)
+class SynthConfig:
+    """A synthetic dataset in the exact layout of the real one (``pyact synth``)."""
+
+    out: str = field(metadata=_arg("folder to create (it must not exist or be empty)", positional=True))
+    subjects: tuple[int, int, int] = field(default=(8, 0, 3), metadata=_arg(
+        "number of Train, Eval and Test subjects; EVAL 0 = no Eval/ folder",
+        parse=parse_counts, metavar="TRAIN,EVAL,TEST"))
+    frames: tuple[int, int] = field(default=(60, 100), metadata=_arg(
+        "frames per sequence, drawn uniformly from MIN..MAX", parse=parse_range, metavar="MIN:MAX"))
+    size: tuple[int, int] = field(default=(640, 480), metadata=_arg(
+        "color frame size; depth and confidence frames are half of it, as on the real camera",
+        parse=parse_size, metavar="WxH"))
+    min_segment: int = field(default=6, metadata=_arg(
+        "shortest action segment; one segment has exactly this length, so it becomes the "
+        "window length", metavar="N"))
+    seed: int = field(default=0, metadata=_arg("random seed; the same seed gives the same files"))
+    workers: int = field(default=0, metadata=_arg("processes writing frames; 0 = all cores",
+                                                  metavar="N", output=False))
+
+    def __post_init__(self) -> None:
+        n_train, n_eval, n_test = self.subjects
+        if n_train < 1 or n_test < 1 or n_eval < 0:
+            raise UserError("--subjects: need at least 1 Train and 1 Test subject")
+        low, high = self.frames
+        if not 2 * self.min_segment + 2 <= low <= high:
+            raise UserError(f"--frames: need {2 * self.min_segment + 2} <= MIN <= MAX, got {low}:{high}")
+        _positive(min_segment=self.min_segment)
+        if min(self.size) < 16:
+            raise UserError("--size: frames must be at least 16x16")
+
+    @property
+    def processes(self) -> int:
+        return self.workers or default_workers()
+
+
+def _positive(**values: int) -> None:
+    for name, value in values.items():
+        if value <= 0:
+            raise UserError(f"--{name.replace('_', '-')} must be positive, got {value}")
+
+
+def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
+    """Add one argparse argument per dataclass field of ``cls``."""
+    for f in dataclasses.fields(cls):
+        meta = f.metadata
+        name = f.name.replace("_", "-")
+        kwargs: dict[str, Any] = {"help": meta["help"]}
+        if meta["metavar"]:
+            kwargs["metavar"] = meta["metavar"]
+        if meta["positional"]:
+            parser.add_argument(f.name, **kwargs)
+            continue
+        if f.type in ("bool", bool):
+            parser.add_argument(f"--{name}", action="store_true", dest=f.name, help=meta["help"])
+            continue
+        default = f.default
+        if meta["choices"]:
+            kwargs["choices"] = meta["choices"]
+        kwargs["type"] = meta["parse"] or type(default)
+        shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
+        if meta["parse"] is parse_range or meta["parse"] is parse_size:
+            shown = ("x" if meta["parse"] is parse_size else ":").join(map(str, default))
+        kwargs["help"] = f"{meta['help']} (default: {shown if shown != '' else 'none'})"
+        parser.add_argument(f"--{name}", default=default, dest=f.name, **kwargs)
+
+
+def from_namespace(cls: type, namespace: argparse.Namespace) -> Any:
+    """Build ``cls`` from parsed arguments."""
+    return cls(**{f.name: getattr(namespace, f.name) for f in dataclasses.fields(cls)})
+
+
+def output_settings(config: Any) -> dict:
+    """The settings that determine a run's output (those a resumed run must share)."""
+    return {f.name: _plain(getattr(config, f.name)) for f in dataclasses.fields(config)
+            if f.metadata.get("output", True)}
+
+
+def to_dict(config: Any) -> dict:
+    """All settings, JSON-ready."""
+    return {f.name: _plain(getattr(config, f.name)) for f in dataclasses.fields(config)}
+
+
+def _plain(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value

@@ -1,0 +1,162 @@
+"""Reading and resizing frames, and decoding a whole dataset once into a frame cache.
+
+pyACT decoded every frame once per window it belongs to (up to 6 times) and held float32
+shards in memory. Here each frame is decoded exactly once, in parallel, into a flat uint8 file
+(frame ``k`` at byte ``k * frame_bytes``); windows are then cut from that file with one
+contiguous read each, so memory stays bounded whatever the dataset size.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+from dataclasses import dataclass
+from typing import Iterator
+
+import cv2
+import numpy as np
+
+from .labels import needed_kinds
+
+CHANNELS = {"color": ("R", "G", "B"), "depth": ("D",), "rgbd": ("R", "G", "B", "D")}
+
+
+class FrameError(ValueError):
+    """A frame file that cannot be decoded as expected."""
+
+    def __init__(self, file: str, reason: str):
+        super().__init__(f"{file}: {reason}")
+        self.file = file
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class FrameSpec:
+    """How raw frames become cached frames."""
+
+    modality: str
+    image_size: int
+    depth_range: tuple[int, int]
+
+    @property
+    def channels(self) -> tuple[str, ...]:
+        return CHANNELS[self.modality]
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return self.image_size, self.image_size, len(self.channels)
+
+    @property
+    def frame_bytes(self) -> int:
+        height, width, channels = self.shape
+        return height * width * channels
+
+
+def depth_to_uint8(depth: np.ndarray, depth_range: tuple[int, int]) -> np.ndarray:
+    """Map raw depth linearly from ``[MIN, MAX]`` to ``255 .. 0`` (nearer is brighter); 0 (no
+    reading) and values outside the range become 0."""
+    low, high = depth_range
+    values = depth.astype(np.float32)
+    scaled = np.rint((high - values) * (255.0 / (high - low)))
+    valid = (values >= low) & (values <= high)
+    return np.where(valid, scaled, 0).astype(np.uint8)
+
+
+def read_frame(folder: str, index: int, spec: FrameSpec) -> np.ndarray:
+    """Frame ``index`` of a sequence folder as uint8 ``(S, S, C)`` (channels RGB[D])."""
+    size = (spec.image_size, spec.image_size)
+    planes = []
+    if "color" in needed_kinds(spec.modality):
+        path = os.path.join(folder, f"color_{index}.png")
+        image = cv2.imread(path, cv2.IMREAD_UNCHANGED)
+        if image is None:
+            raise FrameError(path, "unreadable or truncated PNG")
+        if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] not in (3, 4):
+            raise FrameError(path, f"expected an 8-bit colour image, got {image.dtype} {image.shape}")
+        image = cv2.cvtColor(image, cv2.COLOR_BGR2RGB if image.shape[2] == 3 else cv2.COLOR_BGRA2RGB)
+        planes.append(cv2.resize(image, size, interpolation=cv2.INTER_AREA))
+    if "depth" in needed_kinds(spec.modality):
+        path = os.path.join(folder, f"depth_{index}.png")
+        depth = cv2.imread(path, cv2.IMREAD_UNCHANGED)
+        if depth is None:
+            raise FrameError(path, "unreadable or truncated PNG")
+        if depth.dtype != np.uint16 or depth.ndim != 2:
+            raise FrameError(path, f"expected a 16-bit single-channel depth image, got {depth.dtype} {depth.shape}")
+        # Nearest neighbour: averaging would blend 0 ("no reading") into real depths at edges.
+        depth = cv2.resize(depth, size, interpolation=cv2.INTER_NEAREST)
+        planes.append(depth_to_uint8(depth, spec.depth_range)[..., None])
+    return planes[0] if len(planes) == 1 else np.concatenate(planes, axis=2)
+
+
+@dataclass(frozen=True)
+class DecodeChunk:
+    """Frames ``first .. first+count-1`` of the sequence in ``folder``, to be stored at cache
+    frame ``slot`` onwards."""
+
+    chunk_id: int
+    folder: str
+    first: int
+    count: int
+    slot: int
+
+
+@dataclass(frozen=True)
+class ChunkResult:
+    chunk_id: int
+    decoded: int
+    error: FrameError | None
+
+
+_worker: dict = {}
+
+
+def _init_worker(cache_path: str, spec: FrameSpec) -> None:
+    _worker["fd"] = os.open(cache_path, os.O_WRONLY)
+    _worker["spec"] = spec
+
+
+def _decode_chunk(chunk: DecodeChunk) -> ChunkResult:
+    spec: FrameSpec = _worker["spec"]
+    frames = []
+    for index in range(chunk.first, chunk.first + chunk.count):
+        try:
+            frames.append(read_frame(chunk.folder, index, spec))
+        except FrameError as exc:
+            return ChunkResult(chunk.chunk_id, len(frames) + 1, exc)
+    os.pwrite(_worker["fd"], np.stack(frames).tobytes(), chunk.slot * spec.frame_bytes)
+    return ChunkResult(chunk.chunk_id, len(frames), None)
+
+
+def decode_into_cache(chunks: list[DecodeChunk], cache_path: str, spec: FrameSpec,
+                      processes: int) -> Iterator[ChunkResult]:
+    """Decode ``chunks`` into the cache file, yielding results as chunks finish (in any
+    order). ``processes == 1`` decodes in this process."""
+    if processes == 1 or len(chunks) <= 1:
+        _init_worker(cache_path, spec)
+        try:
+            yield from map(_decode_chunk, chunks)
+        finally:
+            os.close(_worker.pop("fd"))
+        return
+    context = multiprocessing.get_context("spawn")
+    with context.Pool(processes, initializer=_init_worker, initargs=(cache_path, spec)) as pool:
+        yield from pool.imap_unordered(_decode_chunk, chunks)
+
+
+class FrameCache:
+    """Read access to the decoded frames (a flat file of uint8 frames)."""
+
+    def __init__(self, path: str, spec: FrameSpec):
+        self.spec = spec
+        self._fd = os.open(path, os.O_RDONLY)
+
+    def read(self, slot: int, count: int) -> np.ndarray:
+        """Frames ``slot .. slot+count-1`` as uint8 ``(count, S, S, C)``."""
+        size = self.spec.frame_bytes
+        data = os.pread(self._fd, count * size, slot * size)
+        if len(data) != count * size:
+            raise OSError(f"frame cache is shorter than expected (slot {slot})")
+        return np.frombuffer(data, np.uint8).reshape((count,) + self.spec.shape)
+
+    def close(self) -> None:
+        os.close(self._fd)

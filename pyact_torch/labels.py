@@ -1,0 +1,189 @@
+"""Label files, the class list, and finding the labelled sequences of a raw dataset.
+
+A sequence is ``<Split>/<subject>/<action>/`` (frames ``color_<i>.png``, ``depth_<i>.png``,
+``confi_<i>.png``) next to its label file ``<Split>/<subject>/<action>.xml``, an OpenCV
+FileStorage document. Every element named ``_`` with children ``pos`` and ``len`` is one
+action segment; everything else in the file is ignored.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import xml.etree.ElementTree as ElementTree
+from dataclasses import dataclass
+
+from .errors import UserError
+
+NO_ACTION = "no-action"
+
+#: The 16 actions of the real dataset (for reference and for the synthetic dataset; the class
+#: list of a preprocessed dataset comes from the folders actually found).
+ACTIONS = (
+    "asl-bathroom", "asl-blue", "asl-green", "asl-j", "asl-milk", "asl-scissors", "asl-where",
+    "asl-yellow", "asl-you", "asl-z", "ui-circle", "ui-click", "ui-doubleclick", "ui-keyTap",
+    "ui-screenTap", "ui-swipe",
+)
+
+#: The only class order pyACT ever wrote down (its score.py); converters of pyACT files use it.
+PYACT_CLASSES = (
+    "ui-screenTap", "asl-you", "asl-blue", "ui-doubleclick", "asl-j", "asl-green", "asl-z",
+    "ui-keyTap", "asl-scissors", "asl-bathroom", "ui-swipe", "asl-where", "asl-yellow",
+    "ui-click", "asl-milk", "ui-circle", NO_ACTION,
+)
+
+SPLIT_DIRS = ("Train", "Eval", "Test")
+_FRAME = re.compile(r"^(color|depth|confi)_(\d+)\.png$")
+
+
+@dataclass(frozen=True)
+class Segment:
+    """Frames ``pos .. pos+len-1`` show the action."""
+
+    pos: int
+    len: int
+
+    def __contains__(self, frame: int) -> bool:
+        return self.pos <= frame < self.pos + self.len
+
+
+@dataclass(frozen=True)
+class Sequence:
+    """One labelled recording: ``<split_dir>/<subject>/<action>`` under the dataset root."""
+
+    split_dir: str
+    subject: str
+    action: str
+    n_frames: int
+    segments: tuple[Segment, ...]
+
+    @property
+    def path(self) -> str:
+        """The folder relative to the dataset root, as on disk (``Train/LN/asl-z``)."""
+        return f"{self.split_dir}/{self.subject}/{self.action}"
+
+
+@dataclass(frozen=True)
+class BadSequence:
+    """A sequence that cannot be used, with the file at fault and why."""
+
+    path: str
+    file: str
+    reason: str
+
+    def message(self) -> str:
+        return f"{self.file}: {self.reason}"
+
+
+class LabelFileError(ValueError):
+    """A label file that does not parse or has a malformed segment."""
+
+
+def class_list(actions: set[str] | list[str] | tuple[str, ...]) -> list[str]:
+    """The fixed class order: actions sorted by name, then ``no-action`` last."""
+    return sorted(set(actions)) + [NO_ACTION]
+
+
+def parse_label_file(path: str) -> tuple[Segment, ...]:
+    """The action segments of one label file, in file order."""
+    try:
+        root = ElementTree.parse(path).getroot()
+    except ElementTree.ParseError as exc:
+        raise LabelFileError(f"not a valid XML label file ({exc})") from None
+    except OSError as exc:
+        raise LabelFileError(f"cannot read ({exc.strerror})") from None
+    segments = []
+    for element in root.iter("_"):
+        pos, length = element.find("pos"), element.find("len")
+        if pos is None and length is None:
+            continue  # some other list item, not a segment
+        values = []
+        for name, child in (("pos", pos), ("len", length)):
+            text = None if child is None else (child.text or "").strip()
+            if text is None:
+                raise LabelFileError(f"segment without <{name}>")
+            try:
+                values.append(int(text))
+            except ValueError:
+                raise LabelFileError(f"segment <{name}> is not an integer: {text!r}") from None
+        if values[0] < 0 or values[1] < 1:
+            raise LabelFileError(f"segment pos={values[0]} len={values[1]} is not a valid range")
+        segments.append(Segment(*values))
+    return tuple(segments)
+
+
+def frame_indices(folder: str) -> dict[str, set[int]]:
+    """``{"color": {0, 1, ...}, "depth": ..., "confi": ...}`` for one sequence folder."""
+    found: dict[str, set[int]] = {"color": set(), "depth": set(), "confi": set()}
+    with os.scandir(folder) as entries:
+        for entry in entries:
+            match = _FRAME.match(entry.name)
+            if match:
+                found[match.group(1)].add(int(match.group(2)))
+    return found
+
+
+def needed_kinds(modality: str) -> tuple[str, ...]:
+    """Frame files a modality reads."""
+    return {"color": ("color",), "depth": ("depth",), "rgbd": ("color", "depth")}[modality]
+
+
+def _check_sequence(src: str, split_dir: str, subject: str, action: str,
+                    modality: str) -> Sequence | BadSequence:
+    rel = f"{split_dir}/{subject}/{action}"
+    folder = os.path.join(src, rel)
+    label_file = folder + ".xml"
+    if not os.path.isfile(label_file):
+        return BadSequence(rel, label_file, "label file missing for this sequence folder")
+    if not os.path.isdir(folder):
+        return BadSequence(rel, label_file, f"label file without its sequence folder {folder}")
+    try:
+        segments = parse_label_file(label_file)
+    except LabelFileError as exc:
+        return BadSequence(rel, label_file, str(exc))
+    indices = frame_indices(folder)
+    n_frames = len(indices["color"])
+    if n_frames == 0:
+        return BadSequence(rel, folder, "no color_<i>.png frames")
+    for kind in ("color",) + needed_kinds(modality):
+        missing = sorted(set(range(n_frames)) - indices[kind])
+        if missing:
+            name = os.path.join(folder, f"{kind}_{missing[0]}.png")
+            return BadSequence(rel, name, f"frame missing (the sequence has {n_frames} color frames)")
+    for segment in segments:
+        if segment.pos + segment.len > n_frames:
+            return BadSequence(rel, label_file, f"segment pos={segment.pos} len={segment.len} ends "
+                                                f"beyond the last frame ({n_frames - 1})")
+    return Sequence(split_dir, subject, action, n_frames, segments)
+
+
+def scan_dataset(src: str, modality: str = "color") -> tuple[list[Sequence], list[BadSequence]]:
+    """All sequences under ``src`` (sorted by path) and the broken ones, checked for the
+    layout, label files and frame files (but not frame contents)."""
+    if not os.path.isdir(src):
+        raise UserError(f"{src}: dataset folder not found")
+    for required in ("Train", "Test"):
+        if not os.path.isdir(os.path.join(src, required)):
+            raise UserError(f"{os.path.join(src, required)}: missing; a dataset needs Train/ and Test/")
+    good: list[Sequence] = []
+    bad: list[BadSequence] = []
+    for split_dir in SPLIT_DIRS:
+        split_root = os.path.join(src, split_dir)
+        if not os.path.isdir(split_root):
+            continue
+        for subject in sorted(os.listdir(split_root)):
+            subject_dir = os.path.join(split_root, subject)
+            if not os.path.isdir(subject_dir) or subject.startswith("."):
+                continue
+            names = set()
+            for entry in os.listdir(subject_dir):
+                if entry.startswith("."):
+                    continue
+                if entry.endswith(".xml"):
+                    names.add(entry[:-4])
+                elif os.path.isdir(os.path.join(subject_dir, entry)):
+                    names.add(entry)
+            for action in sorted(names):
+                result = _check_sequence(src, split_dir, subject, action, modality)
+                (good if isinstance(result, Sequence) else bad).append(result)
+    return good, bad

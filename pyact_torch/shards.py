@@ -1,0 +1,135 @@
+"""The shard sample schema, writing shards, and the dataset manifest.
+
+A shard ``DEST/<split>/<split>-NNNNNN.tar`` is a WebDataset tar with one sample per window:
+``<key>.clip.npy`` (uint8 ``(T, H, W, C)``), ``<key>.cls`` (class index, ASCII digits) and
+``<key>.json`` (path, start, stop, label, subject, action). ``DEST/manifest.json`` is written
+last: its presence means the dataset is complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import tarfile
+from dataclasses import asdict, dataclass
+from typing import IO, Any, Iterable
+
+import numpy as np
+import webdataset as wds
+
+from . import storage
+from .errors import UserError
+
+MANIFEST = "manifest.json"
+FORMAT = "pyact-torch-shards/1"
+TAR_MTIME = 0  # fixed tar metadata: the same windows always give the same bytes
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    name: str  # relative to DEST, e.g. "train/train-000000.tar"
+    count: int
+    bytes: int
+    sha256: str
+
+
+def shard_name(split: str, index: int) -> str:
+    return f"{split}/{split}-{index:06d}.tar"
+
+
+def npy_bytes(array: np.ndarray) -> bytes:
+    """``np.save`` of an array (loads without pickle)."""
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=False)
+    return buffer.getvalue()
+
+
+def encode_sample(key: str, clip: np.ndarray, class_index: int, meta: dict) -> dict:
+    """One window as a WebDataset sample."""
+    return {
+        "__key__": key,
+        "clip.npy": npy_bytes(clip),
+        "cls": str(class_index).encode(),
+        "json": json.dumps(meta, separators=(",", ":")).encode(),
+    }
+
+
+class _HashingWriter(io.RawIOBase):
+    """Passes bytes through to ``sink`` while counting and hashing them."""
+
+    def __init__(self, sink: IO[bytes]):
+        self.sink = sink
+        self.digest = hashlib.sha256()
+        self.size = 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:
+        self.digest.update(data)
+        self.size += len(data)
+        self.sink.write(data)
+        return len(data)
+
+
+def write_shard(dest: str, name: str, samples: Iterable[dict]) -> ShardInfo:
+    """Write samples to ``dest/name`` atomically; returns its count, size and sha256."""
+    count = 0
+    with storage.open_write(storage.join(dest, name)) as sink:
+        hashing = _HashingWriter(sink)
+        writer = wds.TarWriter(hashing, mtime=TAR_MTIME, user="pyact", group="pyact")
+        for sample in samples:
+            writer.write(sample)
+            count += 1
+        writer.close()
+    return ShardInfo(name, count, hashing.size, hashing.digest.hexdigest())
+
+
+def hash_shard(dest: str, name: str) -> ShardInfo:
+    """Count, size and sha256 of an existing shard, read back in one pass (after a resume)."""
+    with storage.open_read(storage.join(dest, name)) as handle:
+        reader = _HashingReader(handle)
+        with tarfile.open(fileobj=reader, mode="r|") as tar:
+            count = sum(1 for member in tar if member.name.endswith(".cls"))
+        while reader.read(1 << 20):
+            pass  # the tar's end padding also counts
+    return ShardInfo(name, count, reader.size, reader.digest.hexdigest())
+
+
+class _HashingReader(io.RawIOBase):
+    def __init__(self, source: IO[bytes]):
+        self.source = source
+        self.digest = hashlib.sha256()
+        self.size = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.source.read(size)
+        self.digest.update(data)
+        self.size += len(data)
+        return data
+
+
+def split_entry(shards: list[ShardInfo], class_counts: dict[str, int]) -> dict:
+    """The manifest's record of one split."""
+    return {"count": sum(s.count for s in shards), "class_counts": class_counts,
+            "shards": [asdict(s) for s in shards]}
+
+
+def read_manifest(dest: str) -> dict[str, Any]:
+    """The manifest of a preprocessed dataset, checked for the fields every reader needs."""
+    url = storage.join(dest, MANIFEST)
+    if not storage.exists(url):
+        raise UserError(f"{url}: no manifest; is {dest} a finished preprocessing output?")
+    try:
+        manifest = storage.read_json(url)
+    except ValueError:
+        raise UserError(f"{url}: not valid JSON") from None
+    missing = [k for k in ("format", "classes", "seq_len", "image_size", "modality", "channels", "splits")
+               if k not in manifest]
+    if missing or manifest["format"] != FORMAT:
+        raise UserError(f"{url}: not a {FORMAT} manifest (missing {', '.join(missing) or 'format'})")
+    return manifest

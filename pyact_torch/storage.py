@@ -1,0 +1,196 @@
+"""One small API over local paths and ``gs://bucket/prefix`` URLs (google-cloud-storage).
+
+Writes are atomic: an object appears under its final name only when complete (local files are
+written to a hidden ``.<name>.<pid>.partial`` file and renamed; GCS objects are resumable
+uploads, which become visible only when finalised, and are cancelled on error). Reads stream.
+``STORAGE_EMULATOR_HOST`` (e.g. a local fake-gcs-server) is honoured with anonymous
+credentials.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+from typing import IO, Any, Iterator
+
+from .errors import UserError
+
+GCS_CHUNK = 16 * 1024 * 1024  # resumable-upload chunk: a multiple of 256 KiB
+PARTIAL_SUFFIX = ".partial"
+
+_clients: dict[int, Any] = {}
+
+
+def is_gcs(url: str) -> bool:
+    return url.startswith("gs://")
+
+
+def split_gcs(url: str) -> tuple[str, str]:
+    """``gs://bucket/a/b`` -> ``("bucket", "a/b")``."""
+    bucket, _, name = url[len("gs://"):].partition("/")
+    if not bucket:
+        raise UserError(f"{url}: no bucket name in gs:// URL")
+    return bucket, name.strip("/")
+
+
+def join(base: str, *parts: str) -> str:
+    """Join path parts with ``/`` for both kinds of location."""
+    if is_gcs(base):
+        return "/".join([base.rstrip("/")] + [p.strip("/") for p in parts if p])
+    return os.path.join(base, *parts)
+
+
+def client():
+    """The google-cloud-storage client of this process (one per process: clients must not
+    cross a fork)."""
+    pid = os.getpid()
+    if pid not in _clients:
+        from google.cloud import storage as gcs
+
+        if os.environ.get("STORAGE_EMULATOR_HOST"):
+            from google.auth.credentials import AnonymousCredentials
+
+            _clients[pid] = gcs.Client(credentials=AnonymousCredentials(), project="pyact-local")
+        else:
+            try:
+                _clients[pid] = gcs.Client()
+            except Exception as exc:  # google.auth raises several types for missing credentials
+                raise UserError(f"cannot use Google Cloud Storage: {exc}".splitlines()[0]) from None
+    return _clients[pid]
+
+
+def _blob(url: str):
+    bucket, name = split_gcs(url)
+    return client().bucket(bucket).blob(name)
+
+
+def _retry():
+    from google.cloud.storage.retry import DEFAULT_RETRY
+
+    return DEFAULT_RETRY
+
+
+@contextlib.contextmanager
+def open_write(url: str) -> Iterator[IO[bytes]]:
+    """A binary writer whose content appears at ``url`` only if the block ends without error."""
+    if is_gcs(url):
+        writer = _blob(url).open("wb", ignore_flush=True, chunk_size=GCS_CHUNK, retry=_retry())
+        with _gcs_errors(url):
+            with writer:  # BlobWriter cancels the upload when the block raises
+                yield writer
+        return
+    folder, name = os.path.split(os.path.abspath(url))
+    os.makedirs(folder, exist_ok=True)
+    partial = os.path.join(folder, f".{name}.{os.getpid()}{PARTIAL_SUFFIX}")
+    try:
+        with open(partial, "wb") as handle:
+            yield handle
+        os.replace(partial, url)
+    finally:
+        if os.path.exists(partial):
+            os.remove(partial)
+
+
+def open_read(url: str) -> IO[bytes]:
+    """A streaming binary reader."""
+    if is_gcs(url):
+        with _gcs_errors(url):
+            blob = _blob(url)
+            if not blob.exists():
+                raise FileNotFoundError(url)
+            return blob.open("rb", chunk_size=GCS_CHUNK, retry=_retry())
+    return open(url, "rb")
+
+
+def read_bytes(url: str) -> bytes:
+    with open_read(url) as handle:
+        return handle.read()
+
+
+def write_bytes(url: str, data: bytes) -> None:
+    with open_write(url) as handle:
+        handle.write(data)
+
+
+def read_json(url: str) -> Any:
+    return json.loads(read_bytes(url))
+
+
+def write_json(url: str, value: Any) -> None:
+    """Deterministic, readable JSON (sorted keys are not used: field order is meaningful)."""
+    write_bytes(url, (json.dumps(value, indent=1) + "\n").encode())
+
+
+def exists(url: str) -> bool:
+    if is_gcs(url):
+        with _gcs_errors(url):
+            return _blob(url).exists()
+    return os.path.exists(url)
+
+
+def list_files(url: str) -> list[str]:
+    """Names of all files below a folder or prefix, relative to it, sorted."""
+    if is_gcs(url):
+        bucket, prefix = split_gcs(url)
+        prefix = prefix + "/" if prefix else ""
+        with _gcs_errors(url):
+            return sorted(b.name[len(prefix):] for b in client().list_blobs(bucket, prefix=prefix))
+    if not os.path.isdir(url):
+        return []
+    names = []
+    for root, _, files in os.walk(url):
+        names += [os.path.relpath(os.path.join(root, f), url) for f in files]
+    return sorted(n.replace(os.sep, "/") for n in names)
+
+
+def remove(url: str) -> None:
+    """Delete one file or object if it exists."""
+    if is_gcs(url):
+        from google.api_core.exceptions import NotFound
+
+        with contextlib.suppress(NotFound), _gcs_errors(url):
+            _blob(url).delete()
+    elif os.path.exists(url):
+        os.remove(url)
+
+
+def check_writable(url: str) -> None:
+    """Fail with a one-line UserError unless ``url`` can hold output."""
+    if is_gcs(url):
+        bucket, _ = split_gcs(url)
+        with _gcs_errors(url):
+            if not client().bucket(bucket).exists():
+                raise UserError(f"gs://{bucket}: bucket does not exist")
+        return
+    try:
+        os.makedirs(url, exist_ok=True)
+        probe = os.path.join(url, f".write-test.{os.getpid()}")
+        with open(probe, "wb"):
+            pass
+        os.remove(probe)
+    except OSError as exc:
+        raise UserError(f"{url}: not writable ({exc.strerror or exc})") from None
+
+
+def local_scratch(path: str) -> None:
+    """Remove a local scratch folder and everything in it."""
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _gcs_errors(url: str) -> Iterator[None]:
+    """Turn google-cloud-storage's errors for a missing bucket or no access into UserError."""
+    from google.api_core import exceptions
+
+    try:
+        yield
+    except exceptions.NotFound as exc:
+        raise UserError(f"{url}: not found ({_first_line(exc)})") from None
+    except exceptions.Forbidden as exc:
+        raise UserError(f"{url}: access denied ({_first_line(exc)})") from None
+
+
+def _first_line(exc: Exception) -> str:
+    return str(exc).splitlines()[0][:200]
