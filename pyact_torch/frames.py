@@ -8,7 +8,6 @@ contiguous read each, so memory stays bounded whatever the dataset size.
 
 from __future__ import annotations
 
-import multiprocessing
 import os
 from dataclasses import dataclass
 from typing import Iterator
@@ -17,7 +16,9 @@ import cv2
 import numpy as np
 
 from .labels import needed_kinds
+from .parallel import map_unordered
 
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 CHANNELS = {"color": ("R", "G", "B"), "depth": ("D",), "rgbd": ("R", "G", "B", "D")}
 
 
@@ -25,9 +26,12 @@ class FrameError(ValueError):
     """A frame file that cannot be decoded as expected."""
 
     def __init__(self, file: str, reason: str):
-        super().__init__(f"{file}: {reason}")
+        super().__init__(file, reason)  # both in args, so the error pickles across processes
         self.file = file
         self.reason = reason
+
+    def __str__(self) -> str:
+        return f"{self.file}: {self.reason}"
 
 
 @dataclass(frozen=True)
@@ -62,24 +66,37 @@ def depth_to_uint8(depth: np.ndarray, depth_range: tuple[int, int]) -> np.ndarra
     return np.where(valid, scaled, 0).astype(np.uint8)
 
 
+def load_png(path: str) -> np.ndarray:
+    """Decode a PNG file as stored (8 or 16 bit). A truncated file is caught by its missing
+    IEND trailer before decoding, so libpng does not print its own error on stderr."""
+    try:
+        data = np.fromfile(path, np.uint8)
+    except OSError as exc:
+        raise FrameError(path, f"cannot read ({exc.strerror})") from None
+    if data[:8].tobytes() != PNG_SIGNATURE:
+        raise FrameError(path, "not a PNG file")
+    if data[-8:-4].tobytes() != b"IEND":
+        raise FrameError(path, "truncated PNG (no IEND chunk at the end)")
+    image = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
+    if image is None:
+        raise FrameError(path, "corrupt PNG")
+    return image
+
+
 def read_frame(folder: str, index: int, spec: FrameSpec) -> np.ndarray:
     """Frame ``index`` of a sequence folder as uint8 ``(S, S, C)`` (channels RGB[D])."""
     size = (spec.image_size, spec.image_size)
     planes = []
     if "color" in needed_kinds(spec.modality):
         path = os.path.join(folder, f"color_{index}.png")
-        image = cv2.imread(path, cv2.IMREAD_UNCHANGED)
-        if image is None:
-            raise FrameError(path, "unreadable or truncated PNG")
+        image = load_png(path)
         if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] not in (3, 4):
             raise FrameError(path, f"expected an 8-bit colour image, got {image.dtype} {image.shape}")
         image = cv2.cvtColor(image, cv2.COLOR_BGR2RGB if image.shape[2] == 3 else cv2.COLOR_BGRA2RGB)
         planes.append(cv2.resize(image, size, interpolation=cv2.INTER_AREA))
     if "depth" in needed_kinds(spec.modality):
         path = os.path.join(folder, f"depth_{index}.png")
-        depth = cv2.imread(path, cv2.IMREAD_UNCHANGED)
-        if depth is None:
-            raise FrameError(path, "unreadable or truncated PNG")
+        depth = load_png(path)
         if depth.dtype != np.uint16 or depth.ndim != 2:
             raise FrameError(path, f"expected a 16-bit single-channel depth image, got {depth.dtype} {depth.shape}")
         # Nearest neighbour: averaging would blend 0 ("no reading") into real depths at edges.
@@ -131,16 +148,11 @@ def decode_into_cache(chunks: list[DecodeChunk], cache_path: str, spec: FrameSpe
                       processes: int) -> Iterator[ChunkResult]:
     """Decode ``chunks`` into the cache file, yielding results as chunks finish (in any
     order). ``processes == 1`` decodes in this process."""
-    if processes == 1 or len(chunks) <= 1:
-        _init_worker(cache_path, spec)
-        try:
-            yield from map(_decode_chunk, chunks)
-        finally:
+    try:
+        yield from map_unordered(_decode_chunk, chunks, processes, _init_worker, (cache_path, spec))
+    finally:
+        if "fd" in _worker:  # opened in this process (processes == 1)
             os.close(_worker.pop("fd"))
-        return
-    context = multiprocessing.get_context("spawn")
-    with context.Pool(processes, initializer=_init_worker, initargs=(cache_path, spec)) as pool:
-        yield from pool.imap_unordered(_decode_chunk, chunks)
 
 
 class FrameCache:

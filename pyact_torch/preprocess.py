@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import multiprocessing
 import os
 import re
 import tempfile
@@ -24,6 +23,7 @@ from .config import PreprocessConfig, output_settings
 from .errors import UserError
 from .frames import DecodeChunk, FrameCache, FrameSpec, decode_into_cache
 from .labels import BadSequence, Sequence, class_list, scan_dataset
+from .parallel import map_unordered
 from .shards import (FORMAT, MANIFEST, ShardInfo, encode_sample, hash_shard, read_manifest,
                      shard_name, split_entry, write_shard)
 from .windows import SPLITS, Window, class_counts, plan_split, split_sequences, window_length
@@ -135,7 +135,7 @@ def _decode(config: PreprocessConfig, sequences: list[Sequence], spec: FrameSpec
     reused = sum(c.count for c in chunks if c.chunk_id in done)
     started = time.perf_counter()
     with open(log_path, "a") as log, tqdm(total=total, initial=reused, unit="frame", desc="decode",
-                                          disable=not progress, smoothing=0.05) as bar:
+                                          disable=None if progress else True, smoothing=0.05) as bar:
         for result in decode_into_cache(pending, frames_path, spec, config.processes):
             summary.decoded += result.decoded
             chunk = chunks[result.chunk_id]
@@ -218,17 +218,10 @@ def _write_shards(config: PreprocessConfig, plans: dict[str, list[Window]], clas
             jobs.append(_ShardJob(config.dest, name, cache_path, spec, seq_len, items))
     total = sum(len(w) for w in plans.values())
     done = sum(info.count for info in infos.values())
-    with tqdm(total=total, initial=done, unit="window", desc="shards", disable=not progress) as bar:
-        if config.processes == 1 or len(jobs) <= 1:
-            results = map(_write_shard_job, jobs)
-            for info in results:
-                infos[info.name] = info
-                bar.update(info.count)
-        else:
-            with multiprocessing.get_context("spawn").Pool(min(config.processes, len(jobs))) as pool:
-                for info in pool.imap_unordered(_write_shard_job, jobs):
-                    infos[info.name] = info
-                    bar.update(info.count)
+    with tqdm(total=total, initial=done, unit="window", desc="shards", disable=None if progress else True) as bar:
+        for info in map_unordered(_write_shard_job, jobs, config.processes):
+            infos[info.name] = info
+            bar.update(info.count)
     summary.shards_written = len(jobs)
     for cache in _shard_worker.values():
         cache.close()

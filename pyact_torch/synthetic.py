@@ -10,7 +10,6 @@ amplitude. Depth and confidence frames are half the colour size, as on the real 
 
 from __future__ import annotations
 
-import multiprocessing
 import os
 from dataclasses import dataclass
 
@@ -21,6 +20,7 @@ from tqdm import tqdm
 from .config import SynthConfig
 from .errors import UserError
 from .labels import ACTIONS
+from .parallel import map_unordered
 
 SHAPES = ("circle", "square", "triangle", "cross")
 DIRECTIONS = ((1.0, 0.0), (-1.0, 0.0), (0.0, 1.0), (0.0, -1.0))  # right, left, down, up
@@ -168,15 +168,8 @@ def make_dataset(config: SynthConfig, progress: bool = True) -> int:
             for subject_index, subject in enumerate(subjects)
             for action_index in range(len(ACTIONS))]
     total = 0
-    with tqdm(total=len(jobs), unit="seq", desc="synthetic", disable=not progress) as bar:
-        if config.processes == 1:
-            results = map(_write_sequence, jobs)
-            for n in results:
-                total += n
-                bar.update()
-        else:
-            with multiprocessing.get_context("spawn").Pool(config.processes) as pool:
-                for n in pool.imap_unordered(_write_sequence, jobs):
-                    total += n
-                    bar.update()
+    with tqdm(total=len(jobs), unit="seq", desc="synthetic", disable=None if progress else True) as bar:
+        for n in map_unordered(_write_sequence, jobs, config.processes):
+            total += n
+            bar.update()
     return total

@@ -1,0 +1,31 @@
+"""Run a function over items in worker processes, yielding results as they finish."""
+
+from __future__ import annotations
+
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from typing import Callable, Iterator, Sequence, TypeVar
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+def map_unordered(fn: Callable[[T], R], items: Sequence[T], processes: int,
+                  initializer: Callable | None = None, initargs: tuple = ()) -> Iterator[R]:
+    """``fn`` over ``items`` in ``processes`` spawned workers (in this process when 1), in
+    completion order. A worker that dies raises ``BrokenProcessPool`` instead of hanging, and
+    stopping early (an error, Ctrl-C) cancels the tasks not yet started."""
+    if processes <= 1 or len(items) <= 1:
+        if initializer is not None:
+            initializer(*initargs)
+        yield from map(fn, items)
+        return
+    # spawn, not fork: the parent may hold threads (progress bars, storage clients)
+    executor = ProcessPoolExecutor(min(processes, len(items)), mp_context=multiprocessing.get_context("spawn"),
+                                   initializer=initializer, initargs=initargs)
+    try:
+        futures = [executor.submit(fn, item) for item in items]
+        for future in as_completed(futures):
+            yield future.result()
+    finally:
+        executor.shutdown(wait=False, cancel_futures=True)

@@ -1,0 +1,53 @@
+"""Shared fixtures: small synthetic datasets in the real layout, and a real fake-gcs-server."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+
+from pyact_torch.config import SynthConfig
+from pyact_torch.emulator import GCSEmulator
+from pyact_torch.synthetic import make_dataset
+
+
+@pytest.fixture(scope="session")
+def raw_dataset(tmp_path_factory) -> str:
+    """3 Train and 2 Test subjects, 16 actions each, 20-30 frames a sequence, 96x72 colour."""
+    root = str(tmp_path_factory.mktemp("raw") / "handaction")
+    make_dataset(SynthConfig(root, subjects=(3, 0, 2), frames=(20, 30), size=(96, 72), seed=1,
+                             workers=2), progress=False)
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_template(tmp_path_factory) -> str:
+    """A very small dataset (2 Train, 1 Test subjects, 14-16 frames) to copy and break."""
+    root = str(tmp_path_factory.mktemp("tiny") / "handaction")
+    make_dataset(SynthConfig(root, subjects=(2, 0, 1), frames=(14, 16), size=(32, 24), seed=2,
+                             workers=2), progress=False)
+    return root
+
+
+@pytest.fixture
+def tiny_dataset(tiny_template, tmp_path) -> str:
+    """A private copy of the tiny dataset that a test may damage."""
+    copy = str(tmp_path / "raw")
+    shutil.copytree(tiny_template, copy)
+    return copy
+
+
+@pytest.fixture(scope="session")
+def gcs(tmp_path_factory):
+    """A running fake-gcs-server with bucket ``pyact-test``; STORAGE_EMULATOR_HOST points at it."""
+    root = tmp_path_factory.mktemp("gcs")
+    emulator = GCSEmulator(str(root / "data"), log=str(root / "server.log"))
+    emulator.start()
+    emulator.create_bucket("pyact-test")
+    yield emulator
+    emulator.stop()
+
+
+def count_frames(root: str, kind: str = "color") -> int:
+    return sum(1 for _, _, files in os.walk(root) for f in files if f.startswith(kind + "_"))

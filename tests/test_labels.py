@@ -1,0 +1,54 @@
+"""Label files (OpenCV FileStorage XML) and frame decoding rules."""
+
+import numpy as np
+import pytest
+
+from pyact_torch.frames import depth_to_uint8
+from pyact_torch.labels import LabelFileError, Segment, parse_label_file
+from pyact_torch.synthetic import write_label_file
+
+
+def write(tmp_path, text):
+    path = tmp_path / "a.xml"
+    path.write_text(text)
+    return str(path)
+
+
+def test_reads_what_opencv_writes(tmp_path):
+    path = str(tmp_path / "x.xml")
+    write_label_file(path, "asl-z", [(3, 6), (20, 9)], 40)
+    assert parse_label_file(path) == (Segment(3, 6), Segment(20, 9))
+
+
+def test_ignores_other_elements_and_key_names(tmp_path):
+    path = write(tmp_path, """<?xml version="1.0"?>
+<opencv_storage>
+<whatever type_id="x">7</whatever>
+<names><_>foo</_><_>bar</_></names>
+<gestures>
+  <_><len>12</len><pos>4</pos><extra>1</extra></_>
+  <_><pos> 30 </pos><len>6</len></_>
+</gestures>
+</opencv_storage>""")
+    assert parse_label_file(path) == (Segment(4, 12), Segment(30, 6))
+
+
+@pytest.mark.parametrize("body, message", [
+    ("<s><_><pos>4</pos></_></s>", "without <len>"),
+    ("<s><_><len>4</len></_></s>", "without <pos>"),
+    ("<s><_><pos>4.5</pos><len>6</len></_></s>", "not an integer"),
+    ("<s><_><pos>4</pos><len></len></_></s>", "not an integer"),
+    ("<s><_><pos>4</pos><len>0</len></_></s>", "not a valid range"),
+    ("<s><_><pos>4</pos><len>6</len></_>", "not a valid XML"),
+])
+def test_broken_segments_are_errors(tmp_path, body, message):
+    path = write(tmp_path, f"<opencv_storage>{body}</opencv_storage>")
+    with pytest.raises(LabelFileError, match=message):
+        parse_label_file(path)
+
+
+def test_depth_mapping_is_linear_near_bright_and_zero_outside():
+    depth = np.array([[150, 1000, 575, 0, 2000, 149, 320]], np.uint16)
+    got = depth_to_uint8(depth, (150, 1000))
+    # 255 * (1000 - d) / 850, rounded; no reading and out of range -> 0
+    assert got.tolist() == [[255, 0, 128, 0, 0, 0, 204]]
