@@ -1,0 +1,208 @@
+"""Reading shards for training and evaluation: a WebDataset pipeline as a list of stages.
+
+shard list (from the manifest) -> per-epoch seeded shard order -> this replica's shards (by the
+XLA ordinal, never by RANK/WORLD_SIZE) -> this DataLoader worker's shards -> tar samples
+(local or gs://, streamed through ``storage``) -> seeded shuffle buffer -> decode -> batches.
+
+Every replica runs the same number of steps: training counts, from the manifest, the full
+batches each replica can make this epoch and all take the smallest; evaluation pads and masks
+so that every window is counted exactly once, whatever the number of replicas.
+"""
+
+from __future__ import annotations
+
+import io
+import itertools
+import random
+from dataclasses import dataclass
+from typing import Any, Iterable, Iterator
+
+import numpy as np
+import torch
+import webdataset as wds
+
+from . import storage
+
+
+@dataclass(frozen=True)
+class Shard:
+    url: str
+    count: int
+
+
+@dataclass(frozen=True)
+class Part:
+    """Which slice of the data this reader takes: replica ``rank`` of ``world``."""
+
+    rank: int = 0
+    world: int = 1
+
+
+def _gopen_gcs(url: str, mode: str = "rb", bufsize: int = 8192, **_: Any):
+    if mode != "rb":
+        raise ValueError(f"gs:// shards are read-only here ({mode!r})")
+    return storage.open_read(url)
+
+
+def register_gcs_handler() -> None:
+    """Let webdataset stream gs:// through google-cloud-storage (its own handler shells out to
+    gsutil, which ignores the emulator and is often not installed)."""
+    wds.gopen_schemes["gs"] = _gopen_gcs
+
+
+def split_shards(data_dir: str, manifest: dict, split: str) -> list[Shard]:
+    """The shards of one split, in manifest order."""
+    entry = manifest["splits"].get(split)
+    if entry is None:
+        raise KeyError(split)
+    return [Shard(storage.join(data_dir, s["name"]), s["count"]) for s in entry["shards"]]
+
+
+# --- shard-level stages (pure functions of lists) ------------------------------------------
+
+def epoch_order(shards: list[Shard], seed: int, epoch: int) -> list[Shard]:
+    """A seeded shard order that changes every epoch (webdataset's own repeats each epoch)."""
+    shuffled = list(shards)
+    random.Random(f"{seed}:shards:{epoch}").shuffle(shuffled)
+    return shuffled
+
+
+def take_part(items: list, index: int, count: int) -> list:
+    """Every ``count``-th item from ``index``: a disjoint share for replica or worker ``index``."""
+    return items[index::count]
+
+
+def worker_shards(shards: list[Shard], part: Part, workers: int, worker: int) -> list[Shard]:
+    return take_part(take_part(shards, part.rank, part.world), worker, max(1, workers))
+
+
+def train_steps(shards: list[Shard], world: int, workers: int, batch: int) -> int:
+    """Full batches per replica this epoch (every replica runs this many): each worker batches
+    its own samples and drops its remainder, and the poorest replica sets the number."""
+    per_replica = []
+    for rank in range(world):
+        per_replica.append(sum(sum(s.count for s in worker_shards(shards, Part(rank, world), workers, w)) // batch
+                               for w in range(max(1, workers))))
+    return min(per_replica)
+
+
+def eval_steps(shards: list[Shard], world: int, workers: int, batch: int) -> int:
+    """Batches per replica so that every window is seen once: the richest replica's count of
+    (padded) batches; the others add fully masked batches."""
+    per_replica = []
+    for rank in range(world):
+        per_replica.append(sum(-(-sum(s.count for s in worker_shards(shards, Part(rank, world), workers, w)) // batch)
+                               for w in range(max(1, workers))))
+    return max(per_replica)
+
+
+# --- sample-level stages (generators) ------------------------------------------------------
+
+def tar_samples(urls: Iterable[str]) -> Iterator[dict]:
+    """Raw samples (``__key__``, ``clip.npy``, ``cls``, ``json`` bytes) of the given shards."""
+    return wds.tarfile_samples(({"url": url} for url in urls))
+
+
+def shuffle_buffer(samples: Iterable, size: int, rng: random.Random) -> Iterator:
+    """Approximate shuffle through a buffer of ``size`` items (``size <= 1``: unchanged)."""
+    if size <= 1:
+        yield from samples
+        return
+    buffer: list = []
+    for item in samples:
+        if len(buffer) < size:
+            buffer.append(item)
+            continue
+        index = rng.randrange(size)
+        yield buffer[index]
+        buffer[index] = item
+    rng.shuffle(buffer)
+    yield from buffer
+
+
+def decode(samples: Iterable[dict]) -> Iterator[tuple[torch.Tensor, int]]:
+    """``clip.npy`` uint8 ``(T, H, W, C)`` -> float ``(C, T, H, W)`` in [0, 1]; ``cls`` -> int."""
+    for sample in samples:
+        clip = np.load(io.BytesIO(sample["clip.npy"]), allow_pickle=False)
+        tensor = torch.from_numpy(clip).permute(3, 0, 1, 2).float().div_(255.0)
+        yield tensor, int(sample["cls"])
+
+
+def batches(items: Iterable[tuple[torch.Tensor, int]], size: int,
+            pad: bool) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """``(clips, labels, mask)`` batches of exactly ``size``. Without ``pad`` the remainder is
+    dropped; with it the last batch is zero-padded and ``mask`` marks the real windows."""
+    iterator = iter(items)
+    while True:
+        chunk = list(itertools.islice(iterator, size))
+        if not chunk or (len(chunk) < size and not pad):
+            return
+        clips = torch.stack([c for c, _ in chunk])
+        labels = torch.tensor([label for _, label in chunk], dtype=torch.long)
+        mask = torch.ones(size, dtype=torch.bool)
+        if len(chunk) < size:
+            missing = size - len(chunk)
+            clips = torch.cat([clips, clips.new_zeros((missing,) + clips.shape[1:])])
+            labels = torch.cat([labels, labels.new_zeros(missing)])
+            mask[len(chunk):] = False
+        yield clips, labels, mask
+
+
+def empty_batch(size: int, clip_shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A fully masked batch (evaluation padding for replicas with fewer windows)."""
+    return (torch.zeros((size,) + clip_shape), torch.zeros(size, dtype=torch.long),
+            torch.zeros(size, dtype=torch.bool))
+
+
+class WindowDataset(torch.utils.data.IterableDataset):
+    """One replica's batches of one split for one epoch (``set_epoch`` before iterating).
+
+    Use with ``DataLoader(dataset, batch_size=None, num_workers=workers)``; ``len()`` is the
+    number of batches every replica yields this epoch.
+    """
+
+    def __init__(self, data_dir: str, manifest: dict, split: str, batch_size: int, part: Part,
+                 train: bool, seed: int = 0, workers: int = 0, shuffle_size: int = 1000):
+        self.shards = split_shards(data_dir, manifest, split)
+        self.clip_shape = (len(manifest["channels"]), manifest["seq_len"], manifest["image_size"],
+                           manifest["image_size"])
+        self.batch_size, self.part, self.train = batch_size, part, train
+        self.seed, self.workers, self.shuffle_size = seed, workers, shuffle_size
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _ordered(self) -> list[Shard]:
+        return epoch_order(self.shards, self.seed, self.epoch) if self.train else self.shards
+
+    def __len__(self) -> int:
+        count = train_steps if self.train else eval_steps
+        return count(self._ordered(), self.part.world, self.workers, self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        register_gcs_handler()  # in each worker process too
+        info = torch.utils.data.get_worker_info()
+        worker = info.id if info is not None else 0
+        shards = worker_shards(self._ordered(), self.part, self.workers, worker)
+        samples = tar_samples([s.url for s in shards])
+        if self.train:
+            rng = random.Random(f"{self.seed}:samples:{self.epoch}:{self.part.rank}:{worker}")
+            samples = shuffle_buffer(samples, self.shuffle_size, rng)
+        produced = batches(decode(samples), self.batch_size, pad=not self.train)
+        if self.train:
+            yield from produced
+            return
+        # evaluation: worker 0 also tops this replica up to the common step count
+        yield from produced
+        if worker == 0:
+            mine = sum(-(-sum(s.count for s in worker_shards(self.shards, self.part, self.workers, w))
+                         // self.batch_size) for w in range(max(1, self.workers)))
+            for _ in range(len(self) - mine):
+                yield empty_batch(self.batch_size, self.clip_shape)
+
+
+def make_loader(dataset: WindowDataset, workers: int) -> torch.utils.data.DataLoader:
+    """A DataLoader over a WindowDataset (batches are made inside the dataset)."""
+    return torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=workers,
+                                       persistent_workers=False, pin_memory=False)

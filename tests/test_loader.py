@@ -1,0 +1,119 @@
+"""The shard reading pipeline: replica/worker splits, equal step counts, eval counted once."""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+
+import pytest
+import torch
+
+from pyact_torch.config import PreprocessConfig
+from pyact_torch.loader import (Part, Shard, WindowDataset, batches, epoch_order, eval_steps,
+                                make_loader, shuffle_buffer, train_steps, worker_shards)
+from pyact_torch.preprocess import preprocess
+from pyact_torch.shards import read_manifest
+
+SHARDS = [Shard(f"s{i}", count) for i, count in enumerate([8] * 20 + [5, 3, 1])]
+
+
+@pytest.mark.parametrize("world", range(1, 9))
+@pytest.mark.parametrize("workers", [0, 1, 2])
+def test_replicas_and_workers_get_disjoint_shards_covering_all(world, workers):
+    ordered = epoch_order(SHARDS, seed=3, epoch=2)
+    seen = []
+    for rank in range(world):
+        for worker in range(max(1, workers)):
+            seen += worker_shards(ordered, Part(rank, world), workers, worker)
+    assert sorted(s.url for s in seen) == sorted(s.url for s in SHARDS)
+    assert len(seen) == len(set(seen))
+
+
+@pytest.mark.parametrize("world", range(1, 9))
+@pytest.mark.parametrize("workers", [0, 2])
+def test_every_replica_can_run_the_common_number_of_training_steps(world, workers):
+    batch = 4
+    for epoch in range(3):
+        ordered = epoch_order(SHARDS, seed=0, epoch=epoch)
+        steps = train_steps(ordered, world, workers, batch)
+        assert steps > 0
+        possible = []
+        for rank in range(world):
+            full = 0
+            for worker in range(max(1, workers)):
+                samples = sum(s.count for s in worker_shards(ordered, Part(rank, world), workers, worker))
+                full += samples // batch
+            possible.append(full)
+        assert min(possible) == steps  # all can run it, and the poorest one has no more
+        # never more than the data allows in total
+        assert steps * world * batch <= sum(s.count for s in SHARDS)
+
+
+def test_epoch_order_changes_with_epoch_and_is_seeded():
+    assert epoch_order(SHARDS, 0, 1) == epoch_order(SHARDS, 0, 1)
+    assert epoch_order(SHARDS, 0, 1) != epoch_order(SHARDS, 0, 2)
+
+
+def test_batches_drop_or_pad_the_remainder():
+    items = [(torch.full((1, 2), float(i)), i) for i in range(7)]
+    dropped = list(batches(items, 3, pad=False))
+    assert [b[1].tolist() for b in dropped] == [[0, 1, 2], [3, 4, 5]]
+    padded = list(batches(items, 3, pad=True))
+    assert [b[2].tolist() for b in padded] == [[True] * 3, [True] * 3, [True, False, False]]
+    assert padded[-1][0][1:].abs().sum() == 0
+
+
+def test_shuffle_buffer_is_a_seeded_permutation():
+    out = list(shuffle_buffer(range(100), 10, random.Random(1)))
+    assert sorted(out) == list(range(100)) and out != list(range(100))
+    assert out == list(shuffle_buffer(range(100), 10, random.Random(1)))
+
+
+@pytest.fixture(scope="module")
+def shards_dir(tiny_template, tmp_path_factory):
+    dest = str(tmp_path_factory.mktemp("loader") / "shards")
+    preprocess(PreprocessConfig(tiny_template, dest, image_size=16, shard_size=8, workers=2),
+               progress=False, print_fn=lambda *a: None)
+    return dest
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 5, 8])
+def test_evaluation_counts_every_window_once_whatever_the_replica_count(shards_dir, world):
+    manifest = read_manifest(shards_dir)
+    classes = manifest["classes"]
+    labels = Counter()
+    lengths = set()
+    for rank in range(world):
+        dataset = WindowDataset(shards_dir, manifest, "test", batch_size=4, part=Part(rank, world), train=False)
+        got = list(dataset)
+        lengths.add((len(got), len(dataset)))
+        for clips, label, mask in got:
+            assert clips.shape == (4, 3, 6, 16, 16)
+            labels.update(classes[i] for i in label[mask].tolist())
+    assert len(lengths) == 1 and len({a for a, b in lengths} | {b for a, b in lengths}) == 1
+    expected = {k: v for k, v in manifest["splits"]["test"]["class_counts"].items() if v}
+    assert dict(labels) == expected
+
+
+def test_training_batches_through_dataloader_workers(shards_dir):
+    manifest = read_manifest(shards_dir)
+    dataset = WindowDataset(shards_dir, manifest, "train", batch_size=4, part=Part(0, 2), train=True,
+                            workers=2, shuffle_size=16)
+    dataset.set_epoch(1)
+    got = list(make_loader(dataset, workers=2))
+    assert len(got) >= len(dataset) > 0
+    clips, labels, mask = got[0]
+    assert clips.dtype == torch.float32 and 0.0 <= clips.min() and clips.max() <= 1.0
+    assert mask.all() and labels.shape == (4,)
+
+
+def test_reads_shards_from_gcs(shards_dir, gcs):
+    from pyact_torch import storage
+
+    for name in storage.list_files(shards_dir):
+        storage.write_bytes(f"gs://pyact-test/loader/{name}", open(f"{shards_dir}/{name}", "rb").read())
+    manifest = read_manifest("gs://pyact-test/loader")
+    local = WindowDataset(shards_dir, manifest, "eval", 4, Part(), train=False)
+    remote = WindowDataset("gs://pyact-test/loader", manifest, "eval", 4, Part(), train=False)
+    for (a, la, ma), (b, lb, mb) in zip(local, remote, strict=True):
+        assert torch.equal(a, b) and torch.equal(la, lb) and torch.equal(ma, mb)
