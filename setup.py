@@ -18,6 +18,7 @@ setup(
         "webdataset==1.0.2",
         "google-cloud-storage>=2.14",
         "tqdm",
+        "matplotlib",
     ],
     extras_require={
         "tpu": ["torch_xla[tpu]==2.9.0"],

@@ -9,7 +9,7 @@ import argparse
 import sys
 from typing import Callable
 
-from .config import PreprocessConfig, SynthConfig, add_arguments, from_namespace
+from .config import PreprocessConfig, SynthConfig, TrainConfig, add_arguments, from_namespace
 from .errors import UserError
 
 
@@ -28,9 +28,16 @@ def _preprocess(args: argparse.Namespace) -> None:
     print(format_summary(summary))
 
 
+def _train(args: argparse.Namespace) -> None:
+    from .train import fit
+
+    fit(from_namespace(TrainConfig, args))
+
+
 COMMANDS: dict[str, tuple[type, Callable[[argparse.Namespace], None], str]] = {
     "synth": (SynthConfig, _synth, "write a synthetic dataset in the real dataset's layout"),
     "preprocess": (PreprocessConfig, _preprocess, "raw dataset -> WebDataset shards + manifest"),
+    "train": (TrainConfig, _train, "train ConvNet3D on TPU cores (xmp.spawn) or CPU"),
 }
 
 

@@ -14,14 +14,14 @@ from .errors import UserError
 MODALITIES = ("color", "depth", "rgbd")
 
 
-def _arg(help: str, *, positional: bool = False, parse: Callable[[str], Any] | None = None,
+def _arg(help: str, *, positional: bool = False, required: bool = False, parse: Callable[[str], Any] | None = None,
          choices: tuple[str, ...] | None = None, metavar: str | None = None,
          output: bool = True) -> dict:
     """Field metadata for the CLI generator. ``output=False`` marks settings that do not
     change what a run writes (worker counts, paths of scratch space), so they may differ
     between a run and its resumption."""
-    return {"help": help, "positional": positional, "parse": parse, "choices": choices,
-            "metavar": metavar, "output": output}
+    return {"help": help, "positional": positional, "required": required, "parse": parse,
+            "choices": choices, "metavar": metavar, "output": output}
 
 
 def parse_names(text: str) -> tuple[str, ...]:
@@ -149,6 +149,48 @@ class SynthConfig:
         return self.workers or default_workers()
 
 
+@dataclass(frozen=True)
+class TrainConfig:
+    """Train ConvNet3D on every replica (TPU cores via xmp.spawn, or eager CPU) (``pyact train``)."""
+
+    data: str = field(metadata=_arg("preprocessed dataset (folder or gs://) holding manifest.json",
+                                    required=True, metavar="DEST"))
+    run_dir: str = field(metadata=_arg("where checkpoints, metrics.jsonl, config.json and the loss plot "
+                                       "go (folder or gs://bucket/prefix)", required=True, metavar="DIR"))
+    model: str = field(default="c3d", metadata=_arg(
+        "network: c3d (pyACT's ConvNet3D, 206.5M parameters) or tiny (same layers, narrow)",
+        choices=("c3d", "tiny")))
+    epochs: int = field(default=250, metadata=_arg("passes over the training split (pyACT: 250)", metavar="N"))
+    batch_size: int = field(default=32, metadata=_arg(
+        "global batch, divided evenly across replicas (pyACT: 32 over 8 cores)", metavar="N"))
+    lr: float = field(default=1e-3, metadata=_arg("Adam learning rate (pyACT: Keras default 1e-3)"))
+    lr_schedule: str = field(default="constant", metadata=_arg(
+        "constant (pyACT) or cosine decay to 0 over all steps", choices=("constant", "cosine")))
+    device: str = field(default="xla", metadata=_arg(
+        "xla: torch_xla on every local core via xmp.spawn (TPU, or CPU with PJRT_DEVICE=CPU); "
+        "cpu: plain eager PyTorch, one process", choices=("xla", "cpu"), output=False))
+    precision: str = field(default="fp32", metadata=_arg("fp32, or bf16 autocast (TPU)", choices=("fp32", "bf16")))
+    ckpt_every: int = field(default=1000, metadata=_arg(
+        "checkpoint every N steps as well as at each epoch end; 0 = epoch ends only", metavar="N", output=False))
+    keep: int = field(default=3, metadata=_arg("checkpoints kept besides the best", metavar="N", output=False))
+    resume: str = field(default="auto", metadata=_arg(
+        "auto: continue from RUN_DIR/latest.json if present; none: start over; or a checkpoint path",
+        metavar="auto|none|PATH", output=False))
+    log_every: int = field(default=50, metadata=_arg("log loss and windows/s every N steps", metavar="N",
+                                                      output=False))
+    workers: int = field(default=2, metadata=_arg("data-loading processes per replica", metavar="N",
+                                                  output=False))
+    shuffle_buffer: int = field(default=1000, metadata=_arg("windows in each loader's shuffle buffer", metavar="N"))
+    seed: int = field(default=0, metadata=_arg("seed for weights, shard order and shuffling"))
+
+    def __post_init__(self) -> None:
+        _positive(epochs=self.epochs, batch_size=self.batch_size, keep=self.keep, log_every=self.log_every)
+        if self.lr <= 0:
+            raise UserError(f"--lr must be positive, got {self.lr}")
+        if self.ckpt_every < 0 or self.workers < 0 or self.shuffle_buffer < 0:
+            raise UserError("--ckpt-every, --workers and --shuffle-buffer must be 0 or positive")
+
+
 def _positive(**values: int) -> None:
     for name, value in values.items():
         if value <= 0:
@@ -165,6 +207,9 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
             kwargs["metavar"] = meta["metavar"]
         if meta["positional"]:
             parser.add_argument(f.name, **kwargs)
+            continue
+        if meta["required"]:
+            parser.add_argument(f"--{name}", required=True, dest=f.name, **kwargs)
             continue
         if f.type in ("bool", bool):
             parser.add_argument(f"--{name}", action="store_true", dest=f.name, help=meta["help"])

@@ -10,6 +10,8 @@ credentials.
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import io
 import json
 import os
 import shutil
@@ -91,6 +93,24 @@ def open_write(url: str) -> Iterator[IO[bytes]]:
     finally:
         if os.path.exists(partial):
             os.remove(partial)
+
+
+class HashingWriter(io.RawIOBase):
+    """A write-only stream passing bytes to ``sink`` while counting and hashing them (sha256)."""
+
+    def __init__(self, sink: IO[bytes]):
+        self.sink = sink
+        self.digest = hashlib.sha256()
+        self.size = 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:
+        self.digest.update(data)
+        self.size += len(data)
+        self.sink.write(data)
+        return len(data)
 
 
 def open_read(url: str) -> IO[bytes]:

@@ -51,3 +51,18 @@ def gcs(tmp_path_factory):
 
 def count_frames(root: str, kind: str = "color") -> int:
     return sum(1 for _, _, files in os.walk(root) for f in files if f.startswith(kind + "_"))
+
+
+@pytest.fixture(scope="session")
+def learn_shards(tmp_path_factory) -> str:
+    """Shards of a learnable dataset: 6 Train subjects, a held-out Eval subject, 2 Test."""
+    from pyact_torch.config import PreprocessConfig
+    from pyact_torch.preprocess import preprocess
+
+    root = tmp_path_factory.mktemp("learn")
+    make_dataset(SynthConfig(str(root / "raw"), subjects=(6, 1, 2), frames=(40, 60), size=(96, 72), seed=3,
+                             workers=2), progress=False)
+    dest = str(root / "shards")
+    preprocess(PreprocessConfig(str(root / "raw"), dest, shard_size=64, workers=2), progress=False,
+               print_fn=lambda *a: None)
+    return dest

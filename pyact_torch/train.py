@@ -1,0 +1,303 @@
+"""Training: train_step (no host sync inside), train_epoch, fit(config).
+
+fit() launches one replica per device (xmp.spawn over the TPU cores, or one eager CPU process);
+each replica reads its own shards, steps in lockstep with the others (gradients are summed by
+the optimizer step), validates on the eval split every epoch, and the master writes metrics,
+the loss plot and checkpoints (in the background) to the run directory.
+"""
+
+from __future__ import annotations
+
+import io
+import itertools
+import json
+import math
+import random
+import signal
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Iterator
+
+import torch
+import torch.nn.functional as F
+
+from . import storage
+from .checkpoint import FINAL, CheckpointWriter, check_compatible, restore
+from .config import TrainConfig, to_dict
+from .errors import UserError
+from .evaluate import evaluate
+from .loader import Part, WindowDataset, make_loader
+from .model import build_model
+from .shards import read_manifest
+from .tpu import Backend, launch
+
+CHECKPOINT_FORMAT = "pyact-torch-checkpoint/1"
+
+
+def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, clips: torch.Tensor,
+               labels: torch.Tensor, backend: Backend, precision: str = "fp32") -> torch.Tensor:
+    """One optimisation step; returns the loss as a device tensor (never read here: reading
+    it would force a host sync on XLA)."""
+    optimizer.zero_grad(set_to_none=True)
+    with torch.autocast(backend.device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+        logits = model(clips)
+    loss = F.cross_entropy(logits.float(), labels)
+    loss.backward()
+    backend.optimizer_step(optimizer)
+    return loss.detach()
+
+
+@dataclass
+class RunState:
+    """Where training is: what a checkpoint restores besides weights and optimizer."""
+
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0
+    best_val_loss: float = math.inf
+    metrics: list[dict] = field(default_factory=list)
+
+
+class _Remaining:
+    """The rest of an epoch's host batches, with the length MpDeviceLoader asks for."""
+
+    def __init__(self, batches: Iterator, length: int):
+        self._batches, self._length = batches, length
+
+    def __len__(self) -> int:
+        return self._length
+
+    def __iter__(self) -> Iterator:
+        return itertools.islice(self._batches, self._length)
+
+
+class _Logger:
+    """Master-only log lines, metrics.jsonl and the loss plot."""
+
+    def __init__(self, config: TrainConfig, backend: Backend, state: RunState, global_batch: int):
+        self.config, self.backend, self.state, self.global_batch = config, backend, state, global_batch
+        self.last_time, self.last_step = time.perf_counter(), state.step
+
+    def step(self, loss: torch.Tensor, step: int, epoch: int) -> None:
+        """Called as an XLA step closure: the loss has been computed by then."""
+        if not self.backend.is_master:
+            return
+        now = time.perf_counter()
+        rate = (step - self.last_step) * self.global_batch / max(now - self.last_time, 1e-9)
+        self.last_time, self.last_step = now, step
+        row = {"kind": "train", "step": step, "epoch": epoch, "loss": round(float(loss), 6),
+               "windows_per_s": round(rate, 1)}
+        self.state.metrics.append(row)
+        print(f"step {step:>7}  epoch {epoch:>4}  loss {row['loss']:.4f}  {rate:8.1f} windows/s", flush=True)
+
+    def epoch_end(self, epoch: int, result: dict | None) -> None:
+        if not self.backend.is_master:
+            return
+        if result is not None:
+            row = {"kind": "eval", "step": self.state.step, "epoch": epoch, "loss": round(result["loss"], 6),
+                   "accuracy": round(result["accuracy"], 6), "windows": result["windows"]}
+            self.state.metrics.append(row)
+            print(f"epoch {epoch:>4} done: eval loss {row['loss']:.4f}  accuracy {row['accuracy']:.4f} "
+                  f"({row['windows']} windows)", flush=True)
+        self.flush()
+
+    def flush(self) -> None:
+        if not self.backend.is_master:
+            return
+        lines = "".join(json.dumps(row) + "\n" for row in self.state.metrics)
+        storage.write_bytes(storage.join(self.config.run_dir, "metrics.jsonl"), lines.encode())
+        storage.write_bytes(storage.join(self.config.run_dir, "loss.png"), loss_plot(self.state.metrics))
+
+
+def loss_plot(metrics: list[dict]) -> bytes:
+    """pyACT's loss history plot (training loss per logged step, eval loss per epoch) as PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(7, 4), dpi=100)
+    train = [(m["step"], m["loss"]) for m in metrics if m["kind"] == "train"]
+    evals = [(m["step"], m["loss"]) for m in metrics if m["kind"] == "eval"]
+    if train:
+        axis.plot(*zip(*train), label="train loss", linewidth=1)
+    if evals:
+        axis.plot(*zip(*evals), "o-", label="eval loss")
+    axis.set_xlabel("step")
+    axis.set_ylabel("cross-entropy")
+    axis.set_title("loss history")
+    axis.legend()
+    axis.grid(alpha=0.3)
+    buffer = io.BytesIO()
+    figure.tight_layout()
+    figure.savefig(buffer, format="png")
+    plt.close(figure)
+    return buffer.getvalue()
+
+
+def _stop_flag() -> dict:
+    flag = {"stop": False}
+
+    def handler(signum, frame):  # finish the step, checkpoint, exit 0
+        flag["stop"] = True
+
+    signal.signal(signal.SIGTERM, handler)
+    return flag
+
+
+def _stop_agreed(flag: dict, backend: Backend, device: Any) -> bool:
+    """Every replica must stop at the same step: with several, agree through a reduction."""
+    if backend.world == 1:
+        return flag["stop"]
+    votes = backend.all_reduce_sum(torch.tensor(float(flag["stop"]), device=device))
+    return float(votes.cpu()) > 0
+
+
+def _checkpoint_state(model, optimizer, scheduler, state: RunState, config: TrainConfig,
+                      manifest: dict, backend: Backend) -> dict:
+    return {
+        "format": CHECKPOINT_FORMAT,
+        "model": backend.to_host(model.state_dict()),
+        "optimizer": backend.to_host(optimizer.state_dict()),
+        "scheduler": scheduler.state_dict(),
+        "step": state.step, "epoch": state.epoch, "batch_in_epoch": state.batch_in_epoch,
+        "best_val_loss": state.best_val_loss,
+        "config": to_dict(config),
+        "classes": list(manifest["classes"]),
+        "data_shape": data_shape(manifest),
+        "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
+        "metrics": json.dumps(state.metrics),
+    }
+
+
+def per_replica_batch(global_batch: int, world: int) -> int:
+    """Each replica's share of the global batch, which must divide evenly."""
+    if global_batch % world:
+        raise UserError(f"--batch-size {global_batch} does not divide evenly over {world} replicas")
+    return global_batch // world
+
+
+def data_shape(manifest: dict) -> dict:
+    return {"channels": len(manifest["channels"]), "seq_len": manifest["seq_len"],
+            "image_size": manifest["image_size"], "modality": manifest["modality"]}
+
+
+def train_epoch(model, optimizer, scheduler, batches: Iterable, backend: Backend, config: TrainConfig,
+                state: RunState, logger: _Logger, stop: dict, on_checkpoint) -> bool:
+    """Run the epoch's remaining batches; returns False when stopped by SIGTERM."""
+    model.train()
+    for clips, labels, _ in batches:
+        loss = train_step(model, optimizer, clips, labels, backend, config.precision)
+        scheduler.step()
+        state.step += 1
+        state.batch_in_epoch += 1
+        if state.step % config.log_every == 0:
+            backend.add_step_closure(logger.step, (loss, state.step, state.epoch))
+            if _stop_agreed(stop, backend, backend.device):
+                on_checkpoint(best=False)
+                return False
+        elif backend.world == 1 and stop["stop"]:
+            on_checkpoint(best=False)
+            return False
+        if config.ckpt_every and state.step % config.ckpt_every == 0:
+            on_checkpoint(best=False)
+    return True
+
+
+def _replica(index: int, config: TrainConfig) -> None:
+    backend = Backend(config.device)
+    stop = _stop_flag()
+    manifest = read_manifest(config.data)
+    classes = manifest["classes"]
+    per_replica = per_replica_batch(config.batch_size, backend.world)
+    part = Part(backend.rank, backend.world)
+    torch.manual_seed(config.seed)
+    model = build_model(config.model, len(manifest["channels"]), manifest["seq_len"], manifest["image_size"],
+                        len(classes))
+    state = RunState()
+    saved = restore(config.run_dir, config.resume, log=print if backend.is_master else (lambda m: None))
+    train_set = WindowDataset(config.data, manifest, "train", per_replica, part, train=True, seed=config.seed,
+                              workers=config.workers, shuffle_size=config.shuffle_buffer)
+    eval_set = WindowDataset(config.data, manifest, "eval", per_replica, part, train=False,
+                             workers=min(config.workers, 1))
+    steps_per_epoch = [None] * config.epochs
+
+    def epoch_steps(epoch: int) -> int:
+        if steps_per_epoch[epoch] is None:
+            train_set.set_epoch(epoch)
+            steps_per_epoch[epoch] = len(train_set)
+        return steps_per_epoch[epoch]
+
+    if epoch_steps(0) == 0:
+        raise UserError(f"{config.data}: the train split has fewer windows per replica than one batch "
+                        f"({per_replica}); lower --batch-size")
+    total_steps = sum(epoch_steps(e) for e in range(config.epochs))
+    if saved is not None:
+        check_compatible(saved, classes, data_shape(manifest))
+        model.load_state_dict(saved["model"])
+    model.to(backend.device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+    schedule = (lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total_steps) / total_steps))) \
+        if config.lr_schedule == "cosine" else (lambda s: 1.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    if saved is not None:
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        state = RunState(saved["step"], saved["epoch"], saved["batch_in_epoch"], saved["best_val_loss"],
+                         [m for m in json.loads(saved["metrics"]) if m["step"] <= saved["step"]])
+        torch.set_rng_state(saved["rng"]["torch"])
+        random.setstate(saved["rng"]["python"])
+        if backend.is_master:
+            print(f"resumed at step {state.step} (epoch {state.epoch}, batch {state.batch_in_epoch})", flush=True)
+    writer = CheckpointWriter(config.run_dir, keep=config.keep) if backend.is_master else None
+    if backend.is_master:
+        storage.write_json(storage.join(config.run_dir, "config.json"),
+                           {"config": to_dict(config), "classes": classes, "data_shape": data_shape(manifest),
+                            "replicas": backend.world, "per_replica_batch": per_replica})
+    logger = _Logger(config, backend, state, config.batch_size)
+
+    def checkpoint(best: bool, name: str | None = None) -> None:
+        host_state = _checkpoint_state(model, optimizer, scheduler, state, config, manifest, backend)
+        if writer is not None:
+            logger.flush()
+            writer.save(host_state, state.step, state.epoch, best=best, name=name)
+
+    try:
+        while state.epoch < config.epochs:
+            epoch = state.epoch
+            train_set.set_epoch(epoch)
+            steps = epoch_steps(epoch)
+            host = iter(make_loader(train_set, config.workers))
+            for _ in range(state.batch_in_epoch):  # resume: skip what this epoch already trained on
+                next(host)
+            batches = backend.device_loader(_Remaining(host, steps - state.batch_in_epoch))
+            if not train_epoch(model, optimizer, scheduler, batches, backend, config, state, logger, stop, checkpoint):
+                if writer is not None:
+                    writer.wait()
+                    print(f"stopped by SIGTERM at step {state.step}; checkpoint saved", flush=True)
+                return
+            result = None
+            if len(eval_set):
+                result = evaluate(model, backend.device_loader(make_loader(eval_set, eval_set.workers)),
+                                  backend, len(classes))
+            state.epoch, state.batch_in_epoch = epoch + 1, 0
+            improved = result is not None and result["loss"] < state.best_val_loss
+            if improved:
+                state.best_val_loss = result["loss"]
+            logger.epoch_end(epoch, result)
+            checkpoint(best=improved)
+        checkpoint(best=False, name=FINAL)
+        if writer is not None:
+            writer.close()
+            print(f"training finished at step {state.step}; final weights: "
+                  f"{storage.join(config.run_dir, FINAL)}", flush=True)
+    finally:
+        if writer is not None and writer._thread.is_alive():
+            writer.wait()
+
+
+def fit(config: TrainConfig) -> None:
+    """Check the inputs, then train on every replica (xmp.spawn, or eager CPU)."""
+    read_manifest(config.data)
+    storage.check_writable(config.run_dir)
+    launch(_replica, (config,), config.device)

@@ -1,0 +1,185 @@
+"""Training: it learns through xmp.spawn, checkpoints land in GCS, resume is exact, errors are clear."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from pyact_torch import storage
+from pyact_torch.checkpoint import CheckpointWriter, load_object, restore
+from pyact_torch.cli import main
+from pyact_torch.emulator import GCSEmulator
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, "scripts", "train_tpu.py")
+
+
+def train_command(data, run_dir, *extra):
+    return [sys.executable, SCRIPT, "--data", data, "--run-dir", run_dir, "--model", "tiny", *extra]
+
+
+def evals(run_dir):
+    rows = [json.loads(line) for line in storage.read_bytes(f"{run_dir}/metrics.jsonl").decode().splitlines()]
+    return [r for r in rows if r["kind"] == "eval"]
+
+
+def test_tiny_learns_through_xmp_spawn(learn_shards, tmp_path):
+    run_dir = str(tmp_path / "run")
+    env = dict(os.environ, PJRT_DEVICE="CPU")
+    result = subprocess.run(train_command(learn_shards, run_dir, "--device", "xla", "--epochs", "8",
+                                          "--lr-schedule", "cosine", "--log-every", "20", "--workers", "1"),
+                            capture_output=True, text=True, env=env, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    best = max(r["accuracy"] for r in evals(run_dir))
+    assert best >= 0.9, evals(run_dir)
+    config = storage.read_json(f"{run_dir}/config.json")
+    assert config["replicas"] == 1 and config["config"]["device"] == "xla"
+    pointer = storage.read_json(f"{run_dir}/best.json")
+    state = load_object(f"{run_dir}/{pointer['name']}", pointer["sha256"])
+    assert state["classes"][-1] == "no-action"
+
+
+def test_checkpoints_land_in_gcs_and_load_with_plain_torch_load(learn_shards, gcs):
+    run_dir = "gs://pyact-test/runs/gcs"
+    assert main(["train", "--data", learn_shards, "--run-dir", run_dir, "--model", "tiny", "--device", "cpu",
+                 "--epochs", "2", "--ckpt-every", "20", "--keep", "2", "--workers", "0"]) == 0
+    names = storage.list_files(run_dir)
+    assert {"latest.json", "best.json", "final.pt", "metrics.jsonl", "config.json", "loss.png"} <= set(names)
+    pointer = storage.read_json(f"{run_dir}/latest.json")
+    checkpoints = sorted(n for n in names if n.startswith("ckpt-"))
+    kept = {h["name"] for h in pointer["history"]} | {storage.read_json(f"{run_dir}/best.json")["name"]}
+    assert set(checkpoints) == kept and len(pointer["history"]) == 2
+    import hashlib
+    import io
+
+    data = storage.read_bytes(f"{run_dir}/{pointer['name']}")
+    assert hashlib.sha256(data).hexdigest() == pointer["sha256"] and len(data) == pointer["size"]
+    state = torch.load(io.BytesIO(data), weights_only=True)
+    assert state["step"] == pointer["step"] and "model" in state and "optimizer" in state
+    assert storage.read_bytes(f"{run_dir}/loss.png")[:4] == b"\x89PNG"
+
+
+def test_kill_and_resume_gives_the_same_final_weights(learn_shards, tmp_path):
+    flags = ["--device", "cpu", "--epochs", "2", "--ckpt-every", "15", "--workers", "1", "--log-every", "5"]
+    reference = str(tmp_path / "reference")
+    assert subprocess.run(train_command(learn_shards, reference, *flags), capture_output=True).returncode == 0
+    run_dir = str(tmp_path / "killed")
+    process = subprocess.Popen(train_command(learn_shards, run_dir, *flags),
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    latest = os.path.join(run_dir, "latest.json")
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and process.poll() is None:
+        if os.path.exists(latest) and json.load(open(latest))["step"] >= 30:
+            break
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    assert process.wait() == -signal.SIGKILL, "training finished before it could be killed"
+    assert not os.path.exists(os.path.join(run_dir, "final.pt"))
+    result = subprocess.run(train_command(learn_shards, run_dir, *flags), capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "resumed at step" in result.stdout
+    a = torch.load(os.path.join(reference, "final.pt"), weights_only=True)["model"]
+    b = torch.load(os.path.join(run_dir, "final.pt"), weights_only=True)["model"]
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_sigterm_checkpoints_and_exits_zero(learn_shards, tmp_path):
+    run_dir = str(tmp_path / "run")
+    process = subprocess.Popen(train_command(learn_shards, run_dir, "--device", "cpu", "--epochs", "50",
+                                             "--workers", "0", "--log-every", "5"),
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = os.path.join(run_dir, "metrics.jsonl")
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and not os.path.exists(metrics):
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    out, err = process.communicate(timeout=300)
+    assert process.returncode == 0, err[-2000:]
+    assert "stopped by SIGTERM" in out
+    pointer = json.load(open(os.path.join(run_dir, "latest.json")))
+    assert pointer["step"] > 0 and not os.path.exists(os.path.join(run_dir, "final.pt"))
+
+
+def _tiny_state(step):
+    return {"model": {"w": torch.full((3,), float(step))}, "step": step, "classes": ["a", "no-action"]}
+
+
+def test_corrupt_latest_checkpoint_falls_back_to_the_previous(tmp_path):
+    run_dir = str(tmp_path / "run")
+    writer = CheckpointWriter(run_dir, keep=3, log=lambda m: None)
+    for step in (10, 20, 30):
+        writer.save(_tiny_state(step), step, 0)
+    writer.close()
+    with open(os.path.join(run_dir, "ckpt-30.pt"), "r+b") as handle:
+        handle.seek(100)
+        handle.write(b"garbage")
+    messages = []
+    state = restore(run_dir, "auto", log=messages.append)
+    assert state["step"] == 20
+    assert "ckpt-30.pt" in messages[0] and "sha256" in messages[0]
+    os.remove(os.path.join(run_dir, "ckpt-20.pt"))
+    assert restore(run_dir, "auto", log=messages.append)["step"] == 10
+
+
+def test_upload_retried_when_the_emulator_stops(tmp_path):
+    emulator = GCSEmulator(str(tmp_path / "gcs"), log=str(tmp_path / "gcs.log"))
+    with emulator:
+        emulator.create_bucket("flaky")
+        run_dir = "gs://flaky/run"
+        logs = []
+        writer = CheckpointWriter(run_dir, keep=2, log=logs.append, backoff=0.5)
+        writer.save(_tiny_state(1), 1, 0)
+        writer.wait()
+        emulator.stop()
+        writer.save({**_tiny_state(2), "big": torch.zeros(2_000_000)}, 2, 0)
+        time.sleep(3)
+        assert logs and "retrying" in logs[0]
+        emulator.start()
+        writer.close()
+        pointer = storage.read_json(f"{run_dir}/latest.json")
+        assert pointer["name"] == "ckpt-2.pt"
+        assert load_object(f"{run_dir}/ckpt-2.pt", pointer["sha256"])["step"] == 2
+
+
+@pytest.mark.parametrize("case", ["no manifest", "missing bucket", "unwritable run dir"])
+def test_bad_training_input(case, learn_shards, tmp_path, gcs, capsys):
+    data, run_dir = learn_shards, str(tmp_path / "run")
+    if case == "no manifest":
+        data = str(tmp_path)
+    elif case == "missing bucket":
+        run_dir = "gs://no-such-bucket/run"
+    else:
+        blocker = tmp_path / "file"
+        blocker.write_text("x")
+        run_dir = str(blocker / "run")
+    assert main(["train", "--data", data, "--run-dir", run_dir, "--device", "cpu", "--model", "tiny"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1
+
+
+def test_resume_refused_when_classes_differ(learn_shards, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    writer = CheckpointWriter(str(run_dir), log=lambda m: None)
+    writer.save({**_tiny_state(5), "data_shape": None}, 5, 0)
+    writer.close()
+    assert main(["train", "--data", learn_shards, "--run-dir", str(run_dir), "--device", "cpu",
+                 "--model", "tiny"]) == 2
+    assert "classes differ" in capsys.readouterr().err
+
+
+def test_batch_must_divide_over_replicas():
+    from pyact_torch.errors import UserError
+    from pyact_torch.train import per_replica_batch
+
+    assert [per_replica_batch(32, w) for w in (1, 2, 4, 8)] == [32, 16, 8, 4]
+    with pytest.raises(UserError, match="does not divide evenly over 3 replicas"):
+        per_replica_batch(32, 3)
