@@ -66,11 +66,14 @@ class GCSEmulator:
                     self.stop()
                     raise RuntimeError("fake-gcs-server did not start in time") from None
                 time.sleep(0.1)
-        self._previous_env = os.environ.get("STORAGE_EMULATOR_HOST")
-        os.environ["STORAGE_EMULATOR_HOST"] = self.url
+        if os.environ.get("STORAGE_EMULATOR_HOST") != self.url:
+            self._previous_env = os.environ.get("STORAGE_EMULATOR_HOST")
+            os.environ["STORAGE_EMULATOR_HOST"] = self.url
         return self
 
-    def stop(self) -> None:
+    def pause(self) -> None:
+        """Stop the server but keep STORAGE_EMULATOR_HOST: clients see an outage until
+        ``start()`` brings it back on the same port with the same objects."""
         if self._process is not None:
             self._process.terminate()
             try:
@@ -79,6 +82,10 @@ class GCSEmulator:
                 self._process.kill()
                 self._process.wait()
             self._process = None
+
+    def stop(self) -> None:
+        self.pause()
+        if os.environ.get("STORAGE_EMULATOR_HOST") == self.url:
             if self._previous_env is None:
                 os.environ.pop("STORAGE_EMULATOR_HOST", None)
             else:

@@ -22,7 +22,7 @@ from .errors import UserError
 GCS_CHUNK = 16 * 1024 * 1024  # resumable-upload chunk: a multiple of 256 KiB
 PARTIAL_SUFFIX = ".partial"
 
-_clients: dict[int, Any] = {}
+_clients: dict[tuple, Any] = {}
 
 
 def is_gcs(url: str) -> bool:
@@ -45,9 +45,9 @@ def join(base: str, *parts: str) -> str:
 
 
 def client():
-    """The google-cloud-storage client of this process (one per process: clients must not
-    cross a fork)."""
-    pid = os.getpid()
+    """The google-cloud-storage client of this process (one per process, since clients must
+    not cross a fork, and per emulator address, which a client fixes when created)."""
+    pid = (os.getpid(), os.environ.get("STORAGE_EMULATOR_HOST"))
     if pid not in _clients:
         from google.cloud import storage as gcs
 

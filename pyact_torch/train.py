@@ -14,6 +14,7 @@ import json
 import math
 import random
 import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator
@@ -126,7 +127,8 @@ def loss_plot(metrics: list[dict]) -> bytes:
     axis.set_xlabel("step")
     axis.set_ylabel("cross-entropy")
     axis.set_title("loss history")
-    axis.legend()
+    if train or evals:
+        axis.legend()
     axis.grid(alpha=0.3)
     buffer = io.BytesIO()
     figure.tight_layout()
@@ -135,14 +137,16 @@ def loss_plot(metrics: list[dict]) -> bytes:
     return buffer.getvalue()
 
 
+_STOP = {"stop": False}
+
+
 def _stop_flag() -> dict:
-    flag = {"stop": False}
-
-    def handler(signum, frame):  # finish the step, checkpoint, exit 0
-        flag["stop"] = True
-
-    signal.signal(signal.SIGTERM, handler)
-    return flag
+    """The SIGTERM flag (TPU VM preemption notice): finish the step, checkpoint, exit 0. The
+    handler can only be installed from a main thread; xmp.spawn runs a single replica in a
+    thread of the launching process, which installed it already (fit)."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, lambda signum, frame: _STOP.update(stop=True))
+    return _STOP
 
 
 def _stop_agreed(flag: dict, backend: Backend, device: Any) -> bool:
@@ -300,4 +304,5 @@ def fit(config: TrainConfig) -> None:
     """Check the inputs, then train on every replica (xmp.spawn, or eager CPU)."""
     read_manifest(config.data)
     storage.check_writable(config.run_dir)
+    _stop_flag()
     launch(_replica, (config,), config.device)

@@ -63,6 +63,6 @@ def learn_shards(tmp_path_factory) -> str:
     make_dataset(SynthConfig(str(root / "raw"), subjects=(6, 1, 2), frames=(40, 60), size=(96, 72), seed=3,
                              workers=2), progress=False)
     dest = str(root / "shards")
-    preprocess(PreprocessConfig(str(root / "raw"), dest, shard_size=64, workers=2), progress=False,
+    preprocess(PreprocessConfig(str(root / "raw"), dest, image_size=32, shard_size=64, workers=2), progress=False,
                print_fn=lambda *a: None)
     return dest
