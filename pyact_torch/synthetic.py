@@ -3,7 +3,7 @@
 Each of the 16 actions is a shape (circle, square, triangle, cross) moving in one of four
 directions during its labelled segments; outside the segments a frame shows only background
 (a gradient whose brightness drifts, plus sensor noise). Subjects differ in background,
-colours, shape size, start offset and noise, so a held-out subject is a fair test. Depth is a
+skin tone, shape size, start offset, speed and noise, so a held-out subject is a fair test. Depth is a
 16-bit plane in millimetres with the shape nearer to the camera; confidence is 16-bit IR
 amplitude. Depth and confidence frames are half the colour size, as on the real camera.
 """
@@ -64,9 +64,11 @@ def _style(seed: int, split_index: int, subject_index: int) -> dict:
     """Per-subject look: background, colours, size, offset, noise, speed."""
     rng = np.random.default_rng([seed, split_index, subject_index, 7919])
     return {
-        "background": rng.uniform(40, 140, size=3),
-        "gradient": rng.uniform(-40, 40, size=2),
-        "colour": rng.uniform(150, 255, size=3) * rng.permutation([1.0, 0.8, 0.5]),
+        # a dim room with a slight tint, and a skin-toned hand: subjects differ, as people and
+        # rooms do, without one subject's colours being unlike everyone else's
+        "background": rng.uniform(40, 100) + rng.uniform(-10, 10, size=3),
+        "gradient": rng.uniform(-30, 30, size=2),
+        "colour": np.array([225.0, 175.0, 145.0]) * rng.uniform(0.8, 1.1) + rng.uniform(-12, 12, size=3),
         "radius": rng.uniform(0.10, 0.15),
         "offset": rng.uniform(-0.08, 0.08, size=2),
         "noise": int(rng.integers(4, 12)),

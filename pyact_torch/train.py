@@ -293,8 +293,10 @@ def _replica(index: int, config: TrainConfig) -> None:
         checkpoint(best=False, name=FINAL)
         if writer is not None:
             writer.close()
+            counts = backend.compile_counts()
+            extra = f" (XLA: {counts['compiles']} compilations, {counts['cpu_fallbacks']} CPU fallbacks)" if counts else ""
             print(f"training finished at step {state.step}; final weights: "
-                  f"{storage.join(config.run_dir, FINAL)}", flush=True)
+                  f"{storage.join(config.run_dir, FINAL)}{extra}", flush=True)
     finally:
         if writer is not None and writer._thread.is_alive():
             writer.wait()
