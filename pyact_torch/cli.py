@@ -10,6 +10,7 @@ import sys
 from typing import Callable
 
 from .config import PreprocessConfig, SynthConfig, TrainConfig, add_arguments, from_namespace
+from . import __doc__ as package_doc
 from .errors import UserError
 
 
@@ -49,7 +50,7 @@ def build_parser(only: str | None = None, prog: str | None = None) -> argparse.A
         add_arguments(parser, cls)
         parser.set_defaults(run=run)
         return parser
-    parser = argparse.ArgumentParser(prog=prog or "pyact", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog=prog or "pyact", description=package_doc)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (cls, run, text) in COMMANDS.items():
         sub = commands.add_parser(name, help=text, description=_describe(cls))
