@@ -17,7 +17,7 @@ import queue
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 
@@ -69,9 +69,13 @@ class CheckpointWriter:
         self._raise_if_failed()
 
     def close(self) -> None:
-        self.wait()
+        """Publish what is queued and stop the thread (idempotent)."""
+        if not self._thread.is_alive():
+            return
+        self._queue.join()
         self._queue.put(None)
         self._thread.join()
+        self._raise_if_failed()
 
     def _raise_if_failed(self) -> None:
         if self._error is not None:

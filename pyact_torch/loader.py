@@ -76,24 +76,25 @@ def worker_shards(shards: list[Shard], part: Part, workers: int, worker: int) ->
     return take_part(take_part(shards, part.rank, part.world), worker, max(1, workers))
 
 
+def replica_batches(shards: list[Shard], part: Part, workers: int, batch: int, pad: bool) -> int:
+    """Batches one replica makes: each worker batches its own samples, dropping its remainder
+    (training) or padding it (evaluation)."""
+    total = 0
+    for worker in range(max(1, workers)):
+        samples = sum(s.count for s in worker_shards(shards, part, workers, worker))
+        total += -(-samples // batch) if pad else samples // batch
+    return total
+
+
 def train_steps(shards: list[Shard], world: int, workers: int, batch: int) -> int:
-    """Full batches per replica this epoch (every replica runs this many): each worker batches
-    its own samples and drops its remainder, and the poorest replica sets the number."""
-    per_replica = []
-    for rank in range(world):
-        per_replica.append(sum(sum(s.count for s in worker_shards(shards, Part(rank, world), workers, w)) // batch
-                               for w in range(max(1, workers))))
-    return min(per_replica)
+    """Full batches per replica this epoch: the poorest replica sets the number all run."""
+    return min(replica_batches(shards, Part(rank, world), workers, batch, pad=False) for rank in range(world))
 
 
 def eval_steps(shards: list[Shard], world: int, workers: int, batch: int) -> int:
     """Batches per replica so that every window is seen once: the richest replica's count of
     (padded) batches; the others add fully masked batches."""
-    per_replica = []
-    for rank in range(world):
-        per_replica.append(sum(-(-sum(s.count for s in worker_shards(shards, Part(rank, world), workers, w)) // batch)
-                               for w in range(max(1, workers))))
-    return max(per_replica)
+    return max(replica_batches(shards, Part(rank, world), workers, batch, pad=True) for rank in range(world))
 
 
 # --- sample-level stages (generators) ------------------------------------------------------
@@ -196,8 +197,7 @@ class WindowDataset(torch.utils.data.IterableDataset):
         # evaluation: worker 0 also tops this replica up to the common step count
         yield from produced
         if worker == 0:
-            mine = sum(-(-sum(s.count for s in worker_shards(self.shards, self.part, self.workers, w))
-                         // self.batch_size) for w in range(max(1, self.workers)))
+            mine = replica_batches(self.shards, self.part, self.workers, self.batch_size, pad=True)
             for _ in range(len(self) - mine):
                 yield empty_batch(self.batch_size, self.clip_shape)
 

@@ -65,23 +65,24 @@ def fingerprint(config: PreprocessConfig, sequences: list[Sequence], bad: list[B
 def _prepare_dest(config: PreprocessConfig, print_fn, sequences, bad) -> tuple[str, dict | None]:
     """Check DEST and decide: fresh start, resume, already complete, or refuse."""
     storage.check_writable(config.dest)
-    print_token = fingerprint(config, sequences, bad)
+    token = fingerprint(config, sequences, bad)
     existing = [name for name in storage.list_files(config.dest) if not name.startswith(".tmp/")]
     ours = [name for name in existing if _OUTPUT.match(name)]
-    previous = None
+    previous, manifest = None, None
     if MANIFEST in ours:
-        previous = read_manifest(config.dest).get("fingerprint")
+        manifest = read_manifest(config.dest)
+        previous = manifest.get("fingerprint")
     elif STATE in ours:
         previous = storage.read_json(storage.join(config.dest, STATE)).get("fingerprint")
     foreign = [name for name in existing if not _OUTPUT.match(name)]
     for name in [n for n in ours if n.endswith(storage.PARTIAL_SUFFIX)]:
         storage.remove(storage.join(config.dest, name))  # left by a killed run
         ours.remove(name)
-    if previous == print_token:
-        if MANIFEST in ours:
-            return print_token, read_manifest(config.dest)
+    if previous == token:
+        if manifest is not None:
+            return token, manifest
         print_fn(f"resuming the unfinished run in {config.dest}")
-        return print_token, None
+        return token, None
     if ours or foreign:
         if not config.overwrite:
             what = "a dataset made from other settings or inputs" if previous else "other files"
@@ -91,8 +92,8 @@ def _prepare_dest(config: PreprocessConfig, print_fn, sequences, bad) -> tuple[s
             storage.remove(storage.join(config.dest, name))
         print_fn(f"--overwrite: removed {len(ours)} files of a previous run from {config.dest}")
     storage.write_json(storage.join(config.dest, STATE),
-                       {"fingerprint": print_token, "settings": output_settings(config)})
-    return print_token, None
+                       {"fingerprint": token, "settings": output_settings(config)})
+    return token, None
 
 
 def _cache_dir(config: PreprocessConfig) -> str:
@@ -105,13 +106,13 @@ def _cache_dir(config: PreprocessConfig) -> str:
 
 
 def _decode(config: PreprocessConfig, sequences: list[Sequence], spec: FrameSpec, token: str,
-            summary: Summary, progress: bool, print_fn) -> tuple[str, dict[str, int], list[Sequence]]:
+            summary: Summary, progress: bool) -> tuple[str, dict[str, int], list[Sequence]]:
     """Decode every frame once into the cache; returns the cache path, each sequence's first
     cache slot, and the sequences that decoded cleanly."""
     cache = _cache_dir(config)
     os.makedirs(cache, exist_ok=True)
     info_path, frames_path, log_path = (os.path.join(cache, n) for n in ("cache.json", "frames.u8", "decoded.log"))
-    if not (os.path.exists(info_path) and json.load(open(info_path)).get("fingerprint") == token):
+    if _cache_fingerprint(info_path) != token:
         for path in (frames_path, log_path):
             if os.path.exists(path):
                 os.remove(path)
@@ -153,6 +154,13 @@ def _decode(config: PreprocessConfig, sequences: list[Sequence], spec: FrameSpec
         file, _, reason = message.partition(": ")
         summary.skipped.append(BadSequence(path, file, reason))
     return frames_path, slots, [s for s in sequences if s.path not in bad_paths]
+
+
+def _cache_fingerprint(info_path: str) -> str | None:
+    if not os.path.exists(info_path):
+        return None
+    with open(info_path) as handle:
+        return json.load(handle).get("fingerprint")
 
 
 def _read_log(path: str) -> tuple[set[int], dict[int, str]]:
@@ -252,7 +260,7 @@ def preprocess(config: PreprocessConfig, progress: bool = True, print_fn=print) 
     classes = class_list([s.action for s in sequences])
     spec = FrameSpec(config.modality, config.image_size, config.depth_range)
     summary = Summary(config.dest, classes, seq_len, {}, "", skipped=list(bad))
-    cache_path, slots, usable = _decode(config, sequences, spec, token, summary, progress, print_fn)
+    cache_path, slots, usable = _decode(config, sequences, spec, token, summary, progress)
     splits, summary.eval_source = split_sequences(usable, config.eval_subjects, config.seed)
     print_fn(f"eval split: {summary.eval_source}")
     plans = {split: plan_split(split, splits[split], seq_len, len(classes), config.seed)

@@ -8,12 +8,11 @@ last: its presence means the dataset is complete.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import tarfile
 from dataclasses import asdict, dataclass
-from typing import IO, Any, Iterable
+from typing import Any, Iterable
 
 import numpy as np
 
@@ -82,28 +81,12 @@ def write_shard(dest: str, name: str, samples: Iterable[dict]) -> ShardInfo:
 def hash_shard(dest: str, name: str) -> ShardInfo:
     """Count, size and sha256 of an existing shard, read back in one pass (after a resume)."""
     with storage.open_read(storage.join(dest, name)) as handle:
-        reader = _HashingReader(handle)
+        reader = storage.HashingReader(handle)
         with tarfile.open(fileobj=reader, mode="r|") as tar:
             count = sum(1 for member in tar if member.name.endswith(".cls"))
         while reader.read(1 << 20):
             pass  # the tar's end padding also counts
     return ShardInfo(name, count, reader.size, reader.digest.hexdigest())
-
-
-class _HashingReader(io.RawIOBase):
-    def __init__(self, source: IO[bytes]):
-        self.source = source
-        self.digest = hashlib.sha256()
-        self.size = 0
-
-    def readable(self) -> bool:
-        return True
-
-    def read(self, size: int = -1) -> bytes:
-        data = self.source.read(size)
-        self.digest.update(data)
-        self.size += len(data)
-        return data
 
 
 def split_entry(shards: list[ShardInfo], class_counts: dict[str, int]) -> dict:

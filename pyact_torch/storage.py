@@ -113,6 +113,24 @@ class HashingWriter(io.RawIOBase):
         return len(data)
 
 
+class HashingReader(io.RawIOBase):
+    """A read-only stream passing on ``source``'s bytes while counting and hashing them."""
+
+    def __init__(self, source: IO[bytes]):
+        self.source = source
+        self.digest = hashlib.sha256()
+        self.size = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.source.read(size)
+        self.digest.update(data)
+        self.size += len(data)
+        return data
+
+
 def open_read(url: str) -> IO[bytes]:
     """A streaming binary reader."""
     if is_gcs(url):

@@ -298,8 +298,8 @@ def _replica(index: int, config: TrainConfig) -> None:
             print(f"training finished at step {state.step}; final weights: "
                   f"{storage.join(config.run_dir, FINAL)}{extra}", flush=True)
     finally:
-        if writer is not None and writer._thread.is_alive():
-            writer.wait()
+        if writer is not None:
+            writer.close()  # lets an upload under way finish, also when training failed
 
 
 def fit(config: TrainConfig) -> None:

@@ -12,22 +12,22 @@ from pyact_torch.emulator import GCSEmulator
 from pyact_torch.synthetic import make_dataset
 
 
+def _synthetic(root, subjects, frames, size, seed) -> str:
+    make_dataset(SynthConfig(str(root), subjects=subjects, frames=frames, size=size, seed=seed, workers=2),
+                 progress=False)
+    return str(root)
+
+
 @pytest.fixture(scope="session")
 def raw_dataset(tmp_path_factory) -> str:
     """3 Train and 2 Test subjects, 16 actions each, 20-30 frames a sequence, 96x72 colour."""
-    root = str(tmp_path_factory.mktemp("raw") / "handaction")
-    make_dataset(SynthConfig(root, subjects=(3, 0, 2), frames=(20, 30), size=(96, 72), seed=1,
-                             workers=2), progress=False)
-    return root
+    return _synthetic(tmp_path_factory.mktemp("raw") / "handaction", (3, 0, 2), (20, 30), (96, 72), seed=1)
 
 
 @pytest.fixture(scope="session")
 def tiny_template(tmp_path_factory) -> str:
     """A very small dataset (2 Train, 1 Test subjects, 14-16 frames) to copy and break."""
-    root = str(tmp_path_factory.mktemp("tiny") / "handaction")
-    make_dataset(SynthConfig(root, subjects=(2, 0, 1), frames=(14, 16), size=(32, 24), seed=2,
-                             workers=2), progress=False)
-    return root
+    return _synthetic(tmp_path_factory.mktemp("tiny") / "handaction", (2, 0, 1), (14, 16), (32, 24), seed=2)
 
 
 @pytest.fixture
@@ -60,9 +60,8 @@ def learn_shards(tmp_path_factory) -> str:
     from pyact_torch.preprocess import preprocess
 
     root = tmp_path_factory.mktemp("learn")
-    make_dataset(SynthConfig(str(root / "raw"), subjects=(6, 1, 2), frames=(40, 60), size=(96, 72), seed=3,
-                             workers=2), progress=False)
+    raw = _synthetic(root / "raw", (6, 1, 2), (40, 60), (96, 72), seed=3)
     dest = str(root / "shards")
-    preprocess(PreprocessConfig(str(root / "raw"), dest, image_size=32, shard_size=64, workers=2), progress=False,
+    preprocess(PreprocessConfig(raw, dest, image_size=32, shard_size=64, workers=2), progress=False,
                print_fn=lambda *a: None)
     return dest

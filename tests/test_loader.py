@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from pyact_torch.config import PreprocessConfig
-from pyact_torch.loader import (Part, Shard, WindowDataset, batches, epoch_order, eval_steps,
-                                make_loader, shuffle_buffer, train_steps, worker_shards)
+from pyact_torch.loader import (Part, Shard, WindowDataset, batches, epoch_order, make_loader,
+                                shuffle_buffer, train_steps, worker_shards)
 from pyact_torch.preprocess import preprocess
 from pyact_torch.shards import read_manifest
 
