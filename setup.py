@@ -19,6 +19,8 @@ setup(
         "google-cloud-storage>=2.14",
         "tqdm",
         "matplotlib",
+        "scikit-learn",
+        "h5py",
     ],
     extras_require={
         "tpu": ["torch_xla[tpu]==2.9.0"],

@@ -136,6 +136,22 @@ def load_object(url: str, sha256: str | None = None) -> dict:
     return torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
 
 
+def load_checkpoint(url: str) -> tuple[dict, str]:
+    """A checkpoint to score: ``url`` is an object, or a run directory whose ``best.json``
+    (else ``final.json``, else ``latest.json``) names one; returns the state and its URL."""
+    if storage.is_file(url):
+        return load_object(url), url
+    for pointer in (BEST, "final.json", LATEST):
+        pointer_url = storage.join(url, pointer)
+        if storage.exists(pointer_url):
+            record = storage.read_json(pointer_url)
+            object_url = storage.join(url, record["name"])
+            if not storage.exists(object_url):
+                raise UserError(f"{pointer_url} names {record['name']}, which is missing")
+            return load_object(object_url, record["sha256"]), object_url
+    raise UserError(f"{url}: neither a checkpoint nor a run directory with best.json, final.json or latest.json")
+
+
 def restore(run_dir: str, resume: str, log: Callable[[str], None] = print) -> dict | None:
     """The state to continue from: ``none`` -> None; a path -> that object; ``auto`` -> the
     newest intact checkpoint named by ``latest.json`` (older ones when it is missing or
@@ -165,12 +181,14 @@ def restore(run_dir: str, resume: str, log: Callable[[str], None] = print) -> di
     return None
 
 
-def check_compatible(state: dict, classes: list[str], data_shape: dict) -> None:
-    """Refuse to resume when the data's classes or clip shape differ from the checkpoint's."""
+def check_compatible(state: dict, classes: list[str], data_shape: dict,
+                     what: str = "resume (use another --run-dir or --resume none)") -> None:
+    """Refuse to use a checkpoint whose classes or clip shape differ from the data's."""
     if list(state["classes"]) != list(classes):
-        raise UserError("the data's classes differ from the checkpoint's: "
-                        f"{state['classes']} vs {classes}; use another --run-dir or --resume none")
+        raise UserError(f"the data's classes differ from the checkpoint's: {state['classes']} vs {classes}; "
+                        f"cannot {what}")
     saved = state.get("data_shape")
     if saved is not None and dict(saved) != dict(data_shape):
-        raise UserError(f"the data's clip shape {data_shape} differs from the checkpoint's {dict(saved)}")
+        raise UserError(f"the data's clip shape {data_shape} differs from the checkpoint's {dict(saved)}; "
+                        f"cannot {what}")
 

@@ -9,7 +9,8 @@ import argparse
 import sys
 from typing import Callable
 
-from .config import PreprocessConfig, SynthConfig, TrainConfig, add_arguments, from_namespace
+from .config import (InspectConfig, PreprocessConfig, ScoreConfig, SynthConfig, TrainConfig, VideoConfig,
+                     add_arguments, from_namespace)
 from . import __doc__ as package_doc
 from .errors import UserError
 
@@ -35,10 +36,31 @@ def _train(args: argparse.Namespace) -> None:
     fit(from_namespace(TrainConfig, args))
 
 
+def _evaluate(args: argparse.Namespace) -> None:
+    from .evaluate import score_checkpoint
+
+    score_checkpoint(from_namespace(ScoreConfig, args))
+
+
+def _video(args: argparse.Namespace) -> None:
+    from .video import make_video
+
+    make_video(from_namespace(VideoConfig, args))
+
+
+def _inspect(args: argparse.Namespace) -> None:
+    from .inspection import inspect_split
+
+    inspect_split(from_namespace(InspectConfig, args))
+
+
 COMMANDS: dict[str, tuple[type, Callable[[argparse.Namespace], None], str]] = {
     "synth": (SynthConfig, _synth, "write a synthetic dataset in the real dataset's layout"),
     "preprocess": (PreprocessConfig, _preprocess, "raw dataset -> WebDataset shards + manifest"),
     "train": (TrainConfig, _train, "train ConvNet3D on TPU cores (xmp.spawn) or CPU"),
+    "evaluate": (ScoreConfig, _evaluate, "score a checkpoint: metrics, confusion matrix, predictions"),
+    "video": (VideoConfig, _video, "prediction video and contact sheet from predictions.json"),
+    "inspect": (InspectConfig, _inspect, "check shards against the manifest, draw sampled windows"),
 }
 
 

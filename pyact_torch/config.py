@@ -191,6 +191,71 @@ class TrainConfig:
             raise UserError("--ckpt-every, --workers and --shuffle-buffer must be 0 or positive")
 
 
+@dataclass(frozen=True)
+class ScoreConfig:
+    """Score a checkpoint on one split: metrics, per-class table, confusion matrix, one
+    prediction row per window (``pyact evaluate``)."""
+
+    checkpoint: str = field(metadata=_arg(
+        "a checkpoint object (.pt), or a run directory (its best.json, else final.pt, else latest.json); "
+        "folder or gs://", required=True, metavar="CKPT"))
+    data: str = field(metadata=_arg("preprocessed dataset (folder or gs://) holding manifest.json",
+                                    required=True, metavar="DEST"))
+    out: str = field(metadata=_arg("folder (or gs://) for metrics.json, per_class.txt, confusion_matrix.png "
+                                   "and predictions.json", required=True, metavar="DIR"))
+    split: str = field(default="test", metadata=_arg("split to score", choices=("train", "eval", "test")))
+    device: str = field(default="xla", metadata=_arg(
+        "xla: one XLA device (TPU, or CPU with PJRT_DEVICE=CPU); cpu: plain eager PyTorch",
+        choices=("xla", "cpu")))
+    batch_size: int = field(default=32, metadata=_arg("windows per forward pass", metavar="N"))
+
+    def __post_init__(self) -> None:
+        _positive(batch_size=self.batch_size)
+
+
+@dataclass(frozen=True)
+class VideoConfig:
+    """The prediction video: every window's frames with truth and prediction, plus a PNG
+    contact sheet (``pyact video``)."""
+
+    predictions: str = field(metadata=_arg("predictions.json written by pyact evaluate", positional=True))
+    out: str = field(metadata=_arg("video file to write (.mp4; an .avi with MJPG where mp4 is missing); "
+                                   "the contact sheet goes next to it as <name>-sheet.png", positional=True))
+    src: str = field(default="", metadata=_arg(
+        "raw dataset folder to take full-size frames from", metavar="SRC"))
+    data: str = field(default="", metadata=_arg(
+        "without --src: the shards (folder or gs://) to take the frames from", metavar="DEST"))
+    split: str = field(default="test", metadata=_arg("with --data: the split that was scored",
+                                                     choices=("train", "eval", "test")))
+    fps: float = field(default=4.0, metadata=_arg("frames per second of the video"))
+    size: int = field(default=256, metadata=_arg("frames are padded to a square and shown at SIZE x SIZE",
+                                                 metavar="SIZE"))
+    sheet_windows: int = field(default=12, metadata=_arg("windows on the contact sheet, spread evenly",
+                                                         metavar="N"))
+    max_windows: int = field(default=0, metadata=_arg("only the first N windows; 0 = all", metavar="N"))
+
+    def __post_init__(self) -> None:
+        _positive(size=self.size, sheet_windows=self.sheet_windows)
+        if self.fps <= 0 or self.max_windows < 0:
+            raise UserError("--fps must be positive and --max-windows 0 or positive")
+
+
+@dataclass(frozen=True)
+class InspectConfig:
+    """Check shards against their manifest and draw sampled windows (``pyact inspect``)."""
+
+    data: str = field(metadata=_arg("preprocessed dataset (folder or gs://) holding manifest.json",
+                                    positional=True, metavar="DEST"))
+    out: str = field(metadata=_arg("PNG grid of sampled windows to write", required=True, metavar="PNG"))
+    split: str = field(default="train", metadata=_arg("split to inspect", choices=("train", "eval", "test")))
+    n: int = field(default=16, metadata=_arg("windows to draw, one row each", metavar="N"))
+    size: int = field(default=96, metadata=_arg("frame size in the grid", metavar="SIZE"))
+    seed: int = field(default=0, metadata=_arg("seed for the choice of windows"))
+
+    def __post_init__(self) -> None:
+        _positive(n=self.n, size=self.size)
+
+
 def _positive(**values: int) -> None:
     for name, value in values.items():
         if value <= 0:

@@ -4,22 +4,29 @@ are reduced over replicas, so the numbers do not depend on the replica count."""
 
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Callable, Iterable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, batches: Iterable, backend, num_classes: int) -> dict:
+def evaluate(model: torch.nn.Module, batches: Iterable, backend, num_classes: int,
+             keep_outputs: bool = False) -> dict:
     """Mean cross-entropy, accuracy and the ``num_classes x num_classes`` confusion matrix
-    (rows: truth, columns: prediction) over the masked windows of ``batches``."""
+    (rows: truth, columns: prediction) over the masked windows of ``batches``. With
+    ``keep_outputs`` (scoring, one replica) also ``labels`` and softmax ``probabilities`` of
+    every real window, in order, as numpy arrays."""
     model.eval()
     device = backend.device
     loss_sum = torch.zeros((), device=device)
     confusion = torch.zeros(num_classes, num_classes, device=device)
+    kept: list[tuple[np.ndarray, np.ndarray]] = []
     for clips, labels, mask in batches:
         logits = model(clips).float()
+        if keep_outputs:  # read after the step's graph ran: no extra compile on XLA
+            backend.add_step_closure(_keep, (kept, F.softmax(logits, dim=1), labels, mask))
         weight = mask.float()
         loss_sum += (F.cross_entropy(logits, labels, reduction="none") * weight).sum()
         # one-hot products keep shapes static (boolean indexing would recompile on XLA)
@@ -31,9 +38,85 @@ def evaluate(model: torch.nn.Module, batches: Iterable, backend, num_classes: in
     confusion = confusion.cpu().round().long()
     total = int(confusion.sum())
     model.train()
-    return {
+    result = {
         "loss": float(loss_sum.cpu()) / max(total, 1),
         "accuracy": float(confusion.diag().sum()) / max(total, 1),
         "windows": total,
         "confusion": confusion.tolist(),
     }
+    if keep_outputs:
+        result["labels"] = np.concatenate([labels for labels, _ in kept]) if kept else np.zeros(0, np.int64)
+        result["probabilities"] = (np.concatenate([probs for _, probs in kept]) if kept
+                                   else np.zeros((0, num_classes), np.float32))
+    return result
+
+
+def _keep(kept: list, probabilities: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> None:
+    real = mask.cpu().numpy()
+    kept.append((labels.cpu().numpy()[real], probabilities.cpu().numpy()[real]))
+
+
+def score_checkpoint(config, progress: bool = True, print_fn: Callable[[str], None] = print) -> dict:
+    """``pyact evaluate``: score a checkpoint on one split with the training's ``evaluate()``
+    (one replica, XLA or eager CPU) and write metrics.json, per_class.txt,
+    confusion_matrix.png and predictions.json to ``config.out``; returns the metrics."""
+    from tqdm import tqdm
+
+    from . import metrics, storage
+    from .checkpoint import check_compatible, load_checkpoint
+    from .errors import UserError
+    from .loader import Part, WindowDataset, make_loader
+    from .model import build_model
+    from .shards import data_shape, read_manifest
+    from .tpu import Backend
+
+    manifest = read_manifest(config.data)
+    if config.split not in manifest["splits"]:
+        raise UserError(f"{config.data}: the manifest has no {config.split!r} split "
+                        f"(it has {', '.join(manifest['splits'])})")
+    storage.check_writable(config.out)
+    state, url = load_checkpoint(config.checkpoint)
+    classes = manifest["classes"]
+    check_compatible(state, classes, data_shape(manifest), what="score this data with it")
+    model = build_model(state["config"]["model"], len(manifest["channels"]), manifest["seq_len"],
+                        manifest["image_size"], len(classes))
+    model.load_state_dict(state["model"])
+    backend = Backend(config.device)
+    model.to(backend.device)
+    dataset = WindowDataset(config.data, manifest, config.split, config.batch_size, Part(), train=False)
+    metas: list[dict] = []
+    dataset.meta_sink = metas
+    windows = manifest["splits"][config.split]["count"]
+    host = _Progress(make_loader(dataset, 0), len(dataset),
+                     tqdm(total=windows, unit="window", desc=f"scoring {config.split}", disable=not progress))
+    result = evaluate(model, backend.device_loader(host), backend, len(classes), keep_outputs=True)
+    host.bar.close()
+    if len(metas) != len(result["labels"]) or result["windows"] != windows:
+        raise RuntimeError(f"scored {result['windows']} windows, the manifest lists {windows}")
+    scores = metrics.score(result["labels"], result["probabilities"], classes)
+    scores.update(loss=result["loss"], split=config.split, checkpoint=url, step=state.get("step"))
+    rows = metrics.prediction_rows(metas, result["labels"], result["probabilities"], classes, manifest["modality"])
+    table = metrics.format_table(scores)
+    storage.write_json(storage.join(config.out, "metrics.json"), scores)
+    storage.write_bytes(storage.join(config.out, "per_class.txt"), table.encode())
+    storage.write_bytes(storage.join(config.out, "confusion_matrix.png"),
+                        metrics.confusion_png(scores["confusion"], classes))
+    storage.write_json(storage.join(config.out, "predictions.json"), rows)
+    print_fn(table + f"outputs in {config.out}: metrics.json, per_class.txt, confusion_matrix.png, predictions.json")
+    return scores
+
+
+class _Progress:
+    """Host batches with a length (MpDeviceLoader asks for it), advancing a progress bar by
+    the real windows of each batch."""
+
+    def __init__(self, batches: Iterable, length: int, bar):
+        self._batches, self._length, self.bar = batches, length, bar
+
+    def __len__(self) -> int:
+        return self._length
+
+    def __iter__(self):
+        for clips, labels, mask in self._batches:
+            self.bar.update(int(mask.sum()))
+            yield clips, labels, mask

@@ -12,6 +12,7 @@ so that every window is counted exactly once, whatever the number of replicas.
 from __future__ import annotations
 
 import io
+import json
 import itertools
 import random
 from dataclasses import dataclass
@@ -121,6 +122,15 @@ def shuffle_buffer(samples: Iterable, size: int, rng: random.Random) -> Iterator
     yield from buffer
 
 
+def record_meta(samples: Iterable[dict], sink: list) -> Iterator[dict]:
+    """Pass samples through, appending each one's ``json`` metadata (plus its key) to ``sink``."""
+    for sample in samples:
+        meta = json.loads(sample["json"])
+        meta["key"] = sample["__key__"]
+        sink.append(meta)
+        yield sample
+
+
 def decode(samples: Iterable[dict]) -> Iterator[tuple[torch.Tensor, int]]:
     """``clip.npy`` uint8 ``(T, H, W, C)`` -> float ``(C, T, H, W)`` in [0, 1]; ``cls`` -> int."""
     for sample in samples:
@@ -170,6 +180,7 @@ class WindowDataset(torch.utils.data.IterableDataset):
         self.batch_size, self.part, self.train = batch_size, part, train
         self.seed, self.workers, self.shuffle_size = seed, workers, shuffle_size
         self.epoch = 0
+        self.meta_sink: list | None = None  # scoring: collect each window's metadata (in-process only)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -190,6 +201,10 @@ class WindowDataset(torch.utils.data.IterableDataset):
         if self.train:
             rng = random.Random(f"{self.seed}:samples:{self.epoch}:{self.part.rank}:{worker}")
             samples = shuffle_buffer(samples, self.shuffle_size, rng)
+        if self.meta_sink is not None:
+            if info is not None:
+                raise RuntimeError("meta_sink needs the dataset iterated in this process (workers=0)")
+            samples = record_meta(samples, self.meta_sink)
         produced = batches(decode(samples), self.batch_size, pad=not self.train)
         if self.train:
             yield from produced

@@ -109,3 +109,9 @@ def read_manifest(dest: str) -> dict[str, Any]:
     if missing or manifest["format"] != FORMAT:
         raise UserError(f"{url}: not a {FORMAT} manifest (missing {', '.join(missing) or 'format'})")
     return manifest
+
+
+def data_shape(manifest: dict) -> dict:
+    """What a model trained on this data depends on, besides the classes."""
+    return {"channels": len(manifest["channels"]), "seq_len": manifest["seq_len"],
+            "image_size": manifest["image_size"], "modality": manifest["modality"]}

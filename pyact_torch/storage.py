@@ -168,6 +168,11 @@ def exists(url: str) -> bool:
     return os.path.exists(url)
 
 
+def is_file(url: str) -> bool:
+    """True for an existing file or object (not a folder or prefix)."""
+    return exists(url) if is_gcs(url) else os.path.isfile(url)
+
+
 def list_files(url: str) -> list[str]:
     """Names of all files below a folder or prefix, relative to it, sorted."""
     if is_gcs(url):

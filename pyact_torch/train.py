@@ -29,7 +29,7 @@ from .errors import UserError
 from .evaluate import evaluate
 from .loader import Part, WindowDataset, make_loader
 from .model import build_model
-from .shards import read_manifest
+from .shards import data_shape, read_manifest
 from .tpu import Backend, launch
 
 CHECKPOINT_FORMAT = "pyact-torch-checkpoint/1"
@@ -179,11 +179,6 @@ def per_replica_batch(global_batch: int, world: int) -> int:
     if global_batch % world:
         raise UserError(f"--batch-size {global_batch} does not divide evenly over {world} replicas")
     return global_batch // world
-
-
-def data_shape(manifest: dict) -> dict:
-    return {"channels": len(manifest["channels"]), "seq_len": manifest["seq_len"],
-            "image_size": manifest["image_size"], "modality": manifest["modality"]}
 
 
 def train_epoch(model, optimizer, scheduler, batches: Iterable, backend: Backend, config: TrainConfig,

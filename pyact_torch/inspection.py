@@ -1,0 +1,106 @@
+"""``pyact inspect``: read every shard of a split once, check it against the manifest (sample
+count, size, sha256, class counts) and draw a seeded sample of windows with their labels
+(pyACT's debug "CHECK" mode, done properly)."""
+
+from __future__ import annotations
+
+import io
+import random
+import tarfile
+from collections import Counter
+from typing import Callable, Iterator
+
+import numpy as np
+
+from . import storage
+from .errors import UserError
+from .shards import read_manifest
+from .video import Window, clip_frames, sheet
+
+
+def shard_samples(handle) -> Iterator[dict]:
+    """Samples of a tar stream, grouped by key (the member name up to its first dot)."""
+    sample: dict = {}
+    with tarfile.open(fileobj=handle, mode="r|") as tar:
+        for member in tar:
+            if not member.isfile():
+                continue
+            key, _, ext = member.name.partition(".")
+            if sample and sample["__key__"] != key:
+                yield sample
+                sample = {}
+            sample["__key__"] = key
+            sample[ext] = tar.extractfile(member).read()
+    if sample:
+        yield sample
+
+
+def inspect_split(config, progress: bool = True, print_fn: Callable[[str], None] = print) -> dict:
+    """Check the split's shards, write the sample grid; raises UserError (after writing the
+    grid and the report) when a shard disagrees with the manifest."""
+    from tqdm import tqdm
+
+    manifest = read_manifest(config.data)
+    entry = manifest["splits"].get(config.split)
+    if entry is None:
+        raise UserError(f"{config.data}: the manifest has no {config.split!r} split")
+    classes = manifest["classes"]
+    rng = random.Random(config.seed)
+    chosen: list[tuple[str, str, bytes]] = []  # reservoir of (key, label, clip bytes)
+    counts: Counter = Counter()
+    problems: list[str] = []
+    report = []
+    seen = 0
+    bar = tqdm(total=entry["count"], unit="window", desc=f"inspecting {config.split}", disable=not progress)
+    for shard in entry["shards"]:
+        url = storage.join(config.data, shard["name"])
+        found = 0
+        try:
+            with storage.open_read(url) as handle:
+                reader = storage.HashingReader(handle)
+                for sample in shard_samples(reader):
+                    found += 1
+                    seen += 1
+                    bar.update(1)
+                    label = classes[int(sample["cls"])]
+                    counts[label] += 1
+                    if len(chosen) < config.n:
+                        chosen.append((sample["__key__"], label, sample["clip.npy"]))
+                    elif (slot := rng.randrange(seen)) < config.n:
+                        chosen[slot] = (sample["__key__"], label, sample["clip.npy"])
+                while reader.read(1 << 20):
+                    pass
+        except FileNotFoundError:
+            problems.append(f"{shard['name']}: missing")
+            report.append((shard["name"], 0, 0, "MISSING"))
+            continue
+        except (tarfile.TarError, KeyError, ValueError, IndexError) as exc:
+            problems.append(f"{shard['name']}: unreadable ({exc})")
+            report.append((shard["name"], found, 0, "UNREADABLE"))
+            continue
+        wrong = [what for what, ok in (("count", found == shard["count"]), ("size", reader.size == shard["bytes"]),
+                                       ("sha256", reader.digest.hexdigest() == shard["sha256"])) if not ok]
+        if wrong:
+            problems.append(f"{shard['name']}: {', '.join(wrong)} differ from the manifest "
+                            f"({found} windows, {reader.size} bytes; manifest: {shard['count']}, {shard['bytes']})")
+        report.append((shard["name"], found, reader.size, "ok" if not wrong else "MISMATCH " + ",".join(wrong)))
+    bar.close()
+    expected = {k: v for k, v in entry["class_counts"].items() if v}
+    if dict((k, v) for k, v in counts.items() if v) != expected:
+        problems.append(f"class counts differ from the manifest: read {dict(counts)}, manifest {expected}")
+
+    if chosen:
+        windows = [Window(clip_frames(np.load(io.BytesIO(clip), allow_pickle=False), config.size),
+                          [(f"{key}   {label}", (0, 255, 255))]) for key, label, clip in sorted(chosen)]
+        storage.write_bytes(config.out, sheet(windows, f"{config.data} {config.split}: {len(chosen)} of {seen} windows"))
+
+    width = max(len(name) for name, *_ in report) if report else 10
+    lines = [f"{'shard':<{width}}  windows        bytes  status"]
+    lines += [f"{name:<{width}}  {count:7d}  {size:11d}  {status}" for name, count, size, status in report]
+    lines += ["", "class counts:"] + [f"  {name:<16} {counts.get(name, 0):7d}" for name in classes]
+    if chosen:
+        lines.append(f"\nwrote {config.out} ({len(chosen)} windows)")
+    print_fn("\n".join(lines))
+    if problems:
+        raise UserError(f"{len(problems)} problem(s) in {config.data} ({config.split}): " + "; ".join(problems))
+    return {"windows": seen, "class_counts": dict(counts), "shards": len(report)}

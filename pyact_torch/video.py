@@ -1,0 +1,238 @@
+"""Labelled pictures of windows: the prediction video, its contact sheet, and the grids of
+``pyact inspect``.
+
+Every window is shown as its frames with a banner: "truth: ..." in yellow (pyACT's colour)
+and "prediction: ..." in green when right, red when wrong (pyACT swapped the two texts).
+Frames come from the raw dataset (SRC) or, without it, from the shards themselves.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from dataclasses import dataclass
+from typing import Callable, Iterable, Iterator
+
+import cv2
+import numpy as np
+
+from . import storage
+from .errors import UserError
+from .frames import FrameError, load_png
+
+YELLOW, GREEN, RED, WHITE = (0, 255, 255), (0, 200, 0), (0, 0, 255), (255, 255, 255)  # BGR
+LINE = 22  # banner line height in pixels at scale 1
+
+
+@dataclass
+class Window:
+    """Frames of one window (BGR uint8, square) and the lines written over them."""
+
+    frames: list[np.ndarray]
+    captions: list[tuple[str, tuple[int, int, int]]]
+
+
+def prediction_captions(truth: str, prediction: str | None) -> list[tuple[str, tuple[int, int, int]]]:
+    """'truth: ...' (yellow) and 'prediction: ...' (green when right, red when wrong)."""
+    lines = [(f"truth: {truth}", YELLOW)]
+    if prediction is not None:
+        lines.append((f"prediction: {prediction}", GREEN if prediction == truth else RED))
+    return lines
+
+
+def to_display(image: np.ndarray, size: int) -> np.ndarray:
+    """Any frame (RGB[D] uint8 from a shard, BGR colour or 16-bit depth from a PNG) padded to a
+    square and resized to ``size`` x ``size`` BGR."""
+    if image.dtype == np.uint16:
+        image = cv2.normalize(image, None, 0, 255, cv2.NORM_MINMAX).astype(np.uint8)
+    if image.ndim == 2:
+        image = image[..., None]
+    if image.shape[2] == 1:
+        image = np.repeat(image, 3, axis=2)
+    image = np.ascontiguousarray(image[..., :3])
+    height, width = image.shape[:2]
+    side = max(height, width)
+    top, left = (side - height) // 2, (side - width) // 2
+    image = cv2.copyMakeBorder(image, top, side - height - top, left, side - width - left, cv2.BORDER_CONSTANT)
+    interpolation = cv2.INTER_AREA if side > size else cv2.INTER_NEAREST
+    return cv2.resize(image, (size, size), interpolation=interpolation)
+
+
+def clip_frames(clip: np.ndarray, size: int) -> list[np.ndarray]:
+    """A shard's uint8 ``(T, H, W, C)`` clip (channels RGB[D]) as displayable BGR frames."""
+    frames = []
+    for frame in clip:
+        if frame.shape[2] >= 3:
+            frame = frame[..., 2::-1]  # RGB -> BGR
+        frames.append(to_display(frame, size))
+    return frames
+
+
+def source_frames(src: str, row: dict, size: int) -> list[np.ndarray]:
+    """The window's frames read from the raw dataset (the kind of its first frame's path)."""
+    kind = os.path.basename(row["path"]).split("_")[0]
+    frames = []
+    for index in range(row["start"], row["stop"] + 1):
+        path = os.path.join(src, row["sequence"], f"{kind}_{index}.png")
+        try:
+            frames.append(to_display(load_png(path), size))
+        except FrameError as exc:
+            raise UserError(str(exc)) from None
+    return frames
+
+
+def with_banner(frame: np.ndarray, captions: list[tuple[str, tuple[int, int, int]]]) -> np.ndarray:
+    """The frame below a black banner holding one caption per line."""
+    scale = min(1.0, max(0.4, frame.shape[0] / 512))  # by height: a strip of frames keeps the frames' text size
+    line = int(LINE * scale * 1.6)
+    banner = np.zeros((line * len(captions) + 4, frame.shape[1], 3), np.uint8)
+    for i, (text, colour) in enumerate(captions):
+        cv2.putText(banner, text, (4, line * (i + 1) - 4), cv2.FONT_HERSHEY_SIMPLEX, scale, colour, 1, cv2.LINE_AA)
+    return np.vstack([banner, frame])
+
+
+def write_video(windows: Iterable[Window], out: str, fps: float) -> tuple[str, int]:
+    """Every window's frames with their banner, in order, as an mp4 (MJPG AVI where the mp4
+    codec is missing). Written under a temporary name and renamed when complete; returns the
+    path written (its suffix tells the container) and the number of frames."""
+    if storage.is_gcs(out):
+        raise UserError(f"{out}: the video is written to a local path")
+    writer, path, partial, count = None, out, "", 0
+    try:
+        for window in windows:
+            for frame in window.frames:
+                image = with_banner(frame, window.captions)
+                if writer is None:
+                    writer, path, partial = _open_writer(out, fps, (image.shape[1], image.shape[0]))
+                writer.write(image)
+                count += 1
+        if writer is None:
+            raise UserError("no windows to put in the video")
+        writer.release()
+        os.replace(partial, path)
+    finally:
+        if writer is not None and os.path.exists(partial):
+            writer.release()
+            os.remove(partial)
+    return path, count
+
+
+def _open_writer(out: str, fps: float, size: tuple[int, int]):
+    folder = os.path.dirname(os.path.abspath(out))
+    os.makedirs(folder, exist_ok=True)
+    stem = os.path.splitext(os.path.basename(out))[0]
+    for suffix, codec in ((os.path.splitext(out)[1] or ".mp4", "mp4v"), (".avi", "MJPG")):
+        path = os.path.join(folder, stem + (suffix if codec == "mp4v" else ".avi"))
+        partial = os.path.join(folder, f".{stem}.partial{os.path.splitext(path)[1]}")
+        writer = cv2.VideoWriter(partial, cv2.VideoWriter_fourcc(*codec), fps, size)
+        if writer.isOpened():
+            return writer, path, partial
+        writer.release()
+    raise UserError(f"{out}: OpenCV can write neither mp4 (mp4v) nor AVI (MJPG) here")
+
+
+def sheet(windows: list[Window], title: str = "") -> bytes:
+    """A PNG with one row per window: its captions, then its frames side by side."""
+    if not windows:
+        raise UserError("no windows to draw")
+    rows = []
+    for window in windows:
+        strip = np.hstack(window.frames)
+        rows.append(with_banner(strip, window.captions))
+    width = max(r.shape[1] for r in rows)
+    rows = [cv2.copyMakeBorder(r, 0, 6, 0, width - r.shape[1], cv2.BORDER_CONSTANT, value=(40, 40, 40))
+            for r in rows]
+    image = np.vstack(rows)
+    if title:
+        image = with_banner(image, [(title, WHITE)])
+    ok, data = cv2.imencode(".png", image)
+    if not ok:
+        raise RuntimeError("PNG encoding failed")
+    return data.tobytes()
+
+
+def evenly(items: list, n: int) -> list:
+    """``n`` items spread evenly over ``items`` (all of them when there are fewer)."""
+    if n >= len(items):
+        return list(items)
+    return [items[round(i * (len(items) - 1) / max(n - 1, 1))] for i in range(n)]
+
+
+def read_predictions(path: str) -> list[dict]:
+    """Rows written by ``pyact evaluate`` (predictions.json)."""
+    try:
+        rows = json.loads(storage.read_bytes(path))
+    except FileNotFoundError:
+        raise UserError(f"{path}: no such file") from None
+    except ValueError:
+        raise UserError(f"{path}: not valid JSON") from None
+    needed = {"key", "path", "sequence", "start", "stop", "truth", "prediction"}
+    if not isinstance(rows, list) or not rows or not all(isinstance(r, dict) and needed <= set(r) for r in rows):
+        raise UserError(f"{path}: not a predictions file of pyact evaluate (rows need {', '.join(sorted(needed))})")
+    return rows
+
+
+def shard_windows(samples: Iterable[dict], rows: list[dict], size: int) -> Iterator[tuple[dict, Window]]:
+    """The windows of ``rows`` found in a stream of shard samples, in stream order."""
+    by_key = {row["key"]: row for row in rows}
+    for sample in samples:
+        row = by_key.get(sample["__key__"])
+        if row is None:
+            continue
+        clip = np.load(io.BytesIO(sample["clip.npy"]), allow_pickle=False)
+        yield row, Window(clip_frames(clip, size), prediction_captions(row["truth"], row["prediction"]))
+
+
+def make_video(config, progress: bool = True, print_fn: Callable[[str], None] = print) -> tuple[str, int]:
+    """``pyact video``: the prediction video and its contact sheet."""
+    from tqdm import tqdm
+
+    rows = read_predictions(config.predictions)
+    if config.max_windows:
+        rows = rows[:config.max_windows]
+    if config.src:
+        if not os.path.isdir(config.src):
+            raise UserError(f"--src {config.src}: no such folder")
+        stream = ((row, Window(source_frames(config.src, row, config.size),
+                               prediction_captions(row["truth"], row["prediction"]))) for row in rows)
+    elif config.data:
+        stream = shard_windows(_split_samples(config.data, config.split), rows, config.size)
+    else:
+        raise UserError("give --src (the raw dataset) or --data (the shards) to take the frames from")
+    picked = {row["key"] for row in evenly(rows, config.sheet_windows)}
+    sampled: list[Window] = []
+    seen = 0
+    bar = tqdm(total=len(rows), unit="window", desc="video", disable=not progress)
+
+    def windows() -> Iterator[Window]:
+        nonlocal seen
+        for row, window in stream:
+            seen += 1
+            bar.update(1)
+            if row["key"] in picked:
+                sampled.append(window)
+            yield window
+
+    path, frames = write_video(windows(), config.out, config.fps)
+    bar.close()
+    if seen != len(rows):
+        os.remove(path)
+        raise UserError(f"only {seen} of the {len(rows)} windows of {config.predictions} are in "
+                        f"{config.data} ({config.split} split)")
+    right = sum(row["truth"] == row["prediction"] for row in rows)
+    sheet_path = os.path.splitext(path)[0] + "-sheet.png"
+    storage.write_bytes(sheet_path, sheet(sampled, f"{right}/{len(rows)} windows right"))
+    print_fn(f"wrote {path} ({frames} frames, {len(rows)} windows at {config.fps:g} fps) and {sheet_path}")
+    return path, frames
+
+
+def _split_samples(data: str, split: str) -> Iterator[dict]:
+    from .loader import register_gcs_handler, split_shards, tar_samples
+    from .shards import read_manifest
+
+    manifest = read_manifest(data)
+    if split not in manifest["splits"]:
+        raise UserError(f"{data}: the manifest has no {split!r} split")
+    register_gcs_handler()
+    return tar_samples([s.url for s in split_shards(data, manifest, split)])
