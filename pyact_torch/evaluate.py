@@ -88,7 +88,7 @@ def score_checkpoint(config, progress: bool = True, print_fn: Callable[[str], No
     dataset.meta_sink = metas
     windows = manifest["splits"][config.split]["count"]
     host = _Progress(make_loader(dataset, 0), len(dataset),
-                     tqdm(total=windows, unit="window", desc=f"scoring {config.split}", disable=not progress))
+                     tqdm(total=windows, unit="window", desc=f"scoring {config.split}", disable=None if progress else True))
     result = evaluate(model, backend.device_loader(host), backend, len(classes), keep_outputs=True)
     host.bar.close()
     if len(metas) != len(result["labels"]) or result["windows"] != windows:

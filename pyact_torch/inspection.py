@@ -51,7 +51,7 @@ def inspect_split(config, progress: bool = True, print_fn: Callable[[str], None]
     problems: list[str] = []
     report = []
     seen = 0
-    bar = tqdm(total=entry["count"], unit="window", desc=f"inspecting {config.split}", disable=not progress)
+    bar = tqdm(total=entry["count"], unit="window", desc=f"inspecting {config.split}", disable=None if progress else True)
     for shard in entry["shards"]:
         url = storage.join(config.data, shard["name"])
         found = 0

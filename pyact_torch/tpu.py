@@ -100,9 +100,10 @@ class Backend:
             return {}
         import torch_xla.debug.metrics as met
 
+        fallbacks = {name: int(met.counter_value(name) or 0) for name in met.counter_names()
+                     if name.startswith("aten::")}
         return {"compiles": int(met.counter_value("UncachedCompile") or 0),
-                "cpu_fallbacks": sum(int(met.counter_value(name) or 0) for name in met.counter_names()
-                                     if name.startswith("aten::"))}
+                "cpu_fallbacks": sum(fallbacks.values()), "fallback_ops": sorted(fallbacks)}
 
 
 def launch(fn: Callable[..., Any], args: tuple, kind: str) -> None:

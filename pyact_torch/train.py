@@ -86,7 +86,7 @@ class _Logger:
         now = time.perf_counter()
         rate = (step - self.last_step) * self.global_batch / max(now - self.last_time, 1e-9)
         self.last_time, self.last_step = now, step
-        row = {"kind": "train", "step": step, "epoch": epoch, "loss": round(float(loss), 6),
+        row = {"kind": "train", "step": step, "epoch": epoch, "loss": round(float(loss.cpu()), 6),
                "windows_per_s": round(rate, 1)}
         self.state.metrics.append(row)
         print(f"step {step:>7}  epoch {epoch:>4}  loss {row['loss']:.4f}  {rate:8.1f} windows/s", flush=True)
@@ -289,7 +289,8 @@ def _replica(index: int, config: TrainConfig) -> None:
         if writer is not None:
             writer.close()
             counts = backend.compile_counts()
-            extra = f" (XLA: {counts['compiles']} compilations, {counts['cpu_fallbacks']} CPU fallbacks)" if counts else ""
+            extra = (f" (XLA: {counts['compiles']} compilations, {counts['cpu_fallbacks']} CPU fallbacks"
+                     f"{': ' + ', '.join(counts['fallback_ops']) if counts['fallback_ops'] else ''})") if counts else ""
             print(f"training finished at step {state.step}; final weights: "
                   f"{storage.join(config.run_dir, FINAL)}{extra}", flush=True)
     finally:

@@ -203,7 +203,7 @@ def make_video(config, progress: bool = True, print_fn: Callable[[str], None] = 
     picked = {row["key"] for row in evenly(rows, config.sheet_windows)}
     sampled: list[Window] = []
     seen = 0
-    bar = tqdm(total=len(rows), unit="window", desc="video", disable=not progress)
+    bar = tqdm(total=len(rows), unit="window", desc="video", disable=None if progress else True)
 
     def windows() -> Iterator[Window]:
         nonlocal seen
