@@ -25,6 +25,7 @@ from . import storage
 from .errors import UserError
 
 LATEST, BEST, FINAL = "latest.json", "best.json", "final.pt"
+CHECKPOINT_FORMAT = "pyact-torch-checkpoint/1"
 
 
 @dataclass

@@ -6,11 +6,12 @@ Mistakes a user can fix end with one line on stderr and exit status 2, never a t
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from typing import Callable
 
-from .config import (InspectConfig, PreprocessConfig, ScoreConfig, SynthConfig, TrainConfig, VideoConfig,
-                     add_arguments, from_namespace)
+from .config import (InspectConfig, KerasConfig, PreprocessConfig, ScoreConfig, SynthConfig, TFRecordConfig,
+                     TrainConfig, VideoConfig, add_arguments, from_namespace)
 from . import __doc__ as package_doc
 from .errors import UserError
 
@@ -54,6 +55,18 @@ def _inspect(args: argparse.Namespace) -> None:
     inspect_split(from_namespace(InspectConfig, args))
 
 
+def _convert_keras(args: argparse.Namespace) -> None:
+    from .convert import convert_keras
+
+    convert_keras(from_namespace(KerasConfig, args))
+
+
+def _convert_tfrecords(args: argparse.Namespace) -> None:
+    from .convert import convert_tfrecords
+
+    convert_tfrecords(from_namespace(TFRecordConfig, args))
+
+
 COMMANDS: dict[str, tuple[type, Callable[[argparse.Namespace], None], str]] = {
     "synth": (SynthConfig, _synth, "write a synthetic dataset in the real dataset's layout"),
     "preprocess": (PreprocessConfig, _preprocess, "raw dataset -> WebDataset shards + manifest"),
@@ -61,6 +74,8 @@ COMMANDS: dict[str, tuple[type, Callable[[argparse.Namespace], None], str]] = {
     "evaluate": (ScoreConfig, _evaluate, "score a checkpoint: metrics, confusion matrix, predictions"),
     "video": (VideoConfig, _video, "prediction video and contact sheet from predictions.json"),
     "inspect": (InspectConfig, _inspect, "check shards against the manifest, draw sampled windows"),
+    "convert-keras": (KerasConfig, _convert_keras, "pyACT Keras .h5 weights -> pyact-torch checkpoint"),
+    "convert-tfrecords": (TFRecordConfig, _convert_tfrecords, "pyACT TFRecords -> shards + manifest"),
 }
 
 
@@ -96,4 +111,4 @@ def main(argv: list[str] | None = None, only: str | None = None, prog: str | Non
 
 
 def _describe(cls: type) -> str:
-    return (cls.__doc__ or "").split(" (``")[0] + "."
+    return re.split(r"\s*\(``", " ".join((cls.__doc__ or "").split()))[0] + "."

@@ -256,6 +256,51 @@ class InspectConfig:
         _positive(n=self.n, size=self.size)
 
 
+@dataclass(frozen=True)
+class KerasConfig:
+    """Convert pyACT's Keras HDF5 weights (save_weights or ModelCheckpoint file) to a
+    pyact-torch checkpoint, without TensorFlow (``pyact convert-keras``)."""
+
+    h5: str = field(metadata=_arg("pyACT's .h5 file (weights-only or whole model)", positional=True))
+    out: str = field(metadata=_arg("checkpoint to write (.pt; local or gs://)", positional=True))
+    classes: tuple[str, ...] = field(default=(), metadata=_arg(
+        "the model's output classes in order, comma-separated; none = the order of pyACT's score.py",
+        parse=parse_names, metavar="NAME,..."))
+    seq_len: int = field(default=6, metadata=_arg(
+        "frames per window, used when the file has no model config to read the input shape from", metavar="T"))
+
+    def __post_init__(self) -> None:
+        _positive(seq_len=self.seq_len)
+
+
+@dataclass(frozen=True)
+class TFRecordConfig:
+    """Convert pyACT's TFRecords of one split to shards + manifest, without TensorFlow
+    (``pyact convert-tfrecords``)."""
+
+    src: str = field(metadata=_arg("a .tfrecords file, or a folder or gs:// prefix of them (one split)",
+                                   positional=True))
+    dest: str = field(metadata=_arg("output folder or gs://bucket/prefix; converting another split into the "
+                                    "same DEST adds it to the manifest", positional=True))
+    split: str = field(default="", metadata=_arg(
+        "split the records belong to; none = test or eval when SRC's name says so, else train",
+        choices=("train", "eval", "test")))
+    classes: tuple[str, ...] = field(default=(), metadata=_arg(
+        "class names of the label indices, comma-separated; none = the order of pyACT's score.py",
+        parse=parse_names, metavar="NAME,..."))
+    seq_len: int = field(default=6, metadata=_arg("frames per window (pyACT: 6)", metavar="T"))
+    shard_size: int = field(default=512, metadata=_arg("windows per shard", metavar="N"))
+    skip_corrupt: bool = field(default=False, metadata=_arg(
+        "skip records that fail their CRC check (and the rest of a truncated file) instead of stopping"))
+
+    def __post_init__(self) -> None:
+        _positive(seq_len=self.seq_len, shard_size=self.shard_size)
+        if not self.split:
+            name = os.path.basename(self.src.rstrip("/")).lower()
+            guess = "test" if "test" in name else "eval" if ("eval" in name or "val" in name) else "train"
+            object.__setattr__(self, "split", guess)
+
+
 def _positive(**values: int) -> None:
     for name, value in values.items():
         if value <= 0:

@@ -66,7 +66,7 @@ def score_checkpoint(config, progress: bool = True, print_fn: Callable[[str], No
     from .checkpoint import check_compatible, load_checkpoint
     from .errors import UserError
     from .loader import Part, WindowDataset, make_loader
-    from .model import build_model
+    from .model import build_model, reorder_outputs
     from .shards import data_shape, read_manifest
     from .tpu import Backend
 
@@ -77,6 +77,9 @@ def score_checkpoint(config, progress: bool = True, print_fn: Callable[[str], No
     storage.check_writable(config.out)
     state, url = load_checkpoint(config.checkpoint)
     classes = manifest["classes"]
+    if list(state["classes"]) != classes and sorted(state["classes"]) == sorted(classes):
+        print_fn("note: the checkpoint lists the classes in another order; its outputs are reordered to the manifest's")
+        state = {**state, "model": reorder_outputs(state["model"], list(state["classes"]), classes), "classes": classes}
     check_compatible(state, classes, data_shape(manifest), what="score this data with it")
     model = build_model(state["config"]["model"], len(manifest["channels"]), manifest["seq_len"],
                         manifest["image_size"], len(classes))
@@ -87,8 +90,8 @@ def score_checkpoint(config, progress: bool = True, print_fn: Callable[[str], No
     metas: list[dict] = []
     dataset.meta_sink = metas
     windows = manifest["splits"][config.split]["count"]
-    host = _Progress(make_loader(dataset, 0), len(dataset),
-                     tqdm(total=windows, unit="window", desc=f"scoring {config.split}", disable=None if progress else True))
+    bar = tqdm(total=windows, unit="window", desc=f"scoring {config.split}", disable=None if progress else True)
+    host = _Progress(make_loader(dataset, 0), len(dataset), bar)
     result = evaluate(model, backend.device_loader(host), backend, len(classes), keep_outputs=True)
     host.bar.close()
     if len(metas) != len(result["labels"]) or result["windows"] != windows:

@@ -51,7 +51,8 @@ def inspect_split(config, progress: bool = True, print_fn: Callable[[str], None]
     problems: list[str] = []
     report = []
     seen = 0
-    bar = tqdm(total=entry["count"], unit="window", desc=f"inspecting {config.split}", disable=None if progress else True)
+    bar = tqdm(total=entry["count"], unit="window", desc=f"inspecting {config.split}",
+               disable=None if progress else True)
     for shard in entry["shards"]:
         url = storage.join(config.data, shard["name"])
         found = 0
@@ -92,7 +93,8 @@ def inspect_split(config, progress: bool = True, print_fn: Callable[[str], None]
     if chosen:
         windows = [Window(clip_frames(np.load(io.BytesIO(clip), allow_pickle=False), config.size),
                           [(f"{key}   {label}", (0, 255, 255))]) for key, label, clip in sorted(chosen)]
-        storage.write_bytes(config.out, sheet(windows, f"{config.data} {config.split}: {len(chosen)} of {seen} windows"))
+        title = f"{config.data} {config.split}: {len(chosen)} of {seen} windows"
+        storage.write_bytes(config.out, sheet(windows, title))
 
     width = max(len(name) for name, *_ in report) if report else 10
     lines = [f"{'shard':<{width}}  windows        bytes  status"]

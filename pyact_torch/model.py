@@ -75,3 +75,12 @@ def build_model(preset: str, in_channels: int, seq_len: int, image_size: int,
 def count_parameters(model: nn.Module) -> int:
     """Trainable parameters (Keras' 'trainable params')."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def reorder_outputs(state_dict: dict, classes: list[str], wanted: list[str]) -> dict:
+    """The same weights with the output layer's rows in the ``wanted`` class order (a pyACT
+    model lists its classes in another order than a manifest)."""
+    order = torch.tensor([classes.index(name) for name in wanted])
+    last = [k for k in state_dict if k.startswith("classifier.") and k.endswith(".weight")][-1].rsplit(".", 1)[0]
+    return {**state_dict, f"{last}.weight": state_dict[f"{last}.weight"][order],
+            f"{last}.bias": state_dict[f"{last}.bias"][order]}

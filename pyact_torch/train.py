@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from . import storage
-from .checkpoint import FINAL, CheckpointWriter, check_compatible, restore
+from .checkpoint import CHECKPOINT_FORMAT, FINAL, CheckpointWriter, check_compatible, restore
 from .config import TrainConfig, to_dict
 from .errors import UserError
 from .evaluate import evaluate
@@ -31,9 +31,6 @@ from .loader import Part, WindowDataset, make_loader
 from .model import build_model
 from .shards import data_shape, read_manifest
 from .tpu import Backend, launch
-
-CHECKPOINT_FORMAT = "pyact-torch-checkpoint/1"
-
 
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, clips: torch.Tensor,
                labels: torch.Tensor, backend: Backend, precision: str = "fp32") -> torch.Tensor:

@@ -65,3 +65,15 @@ def learn_shards(tmp_path_factory) -> str:
     preprocess(PreprocessConfig(raw, dest, image_size=32, shard_size=64, workers=2), progress=False,
                print_fn=lambda *a: None)
     return dest
+
+
+@pytest.fixture(scope="session")
+def small_shards(tiny_template, tmp_path_factory) -> str:
+    """Shards of the tiny dataset at 16x16: quick XLA:CPU runs where learning does not matter."""
+    from pyact_torch.config import PreprocessConfig
+    from pyact_torch.preprocess import preprocess
+
+    dest = str(tmp_path_factory.mktemp("small") / "shards")
+    preprocess(PreprocessConfig(tiny_template, dest, image_size=16, shard_size=16, workers=2), progress=False,
+               print_fn=lambda *a: None)
+    return dest

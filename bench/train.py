@@ -1,0 +1,256 @@
+#!/usr/bin/env python3
+"""Training benchmark (figures go to docs/benchmarks.md).
+
+Measures on this machine, every figure against a baseline from the same run:
+- training windows/s of ``tiny`` (32x32) and ``c3d`` (pyACT's ConvNet3D, 64x64) on XLA:CPU
+  (through ``tpu.launch`` = xmp.spawn, one replica) and eager CPU, through the real loader,
+  device loader and ``train_step``; XLA as a ratio of eager;
+- after warm-up: new XLA compilations and ``aten::`` CPU fallbacks per step (both must be 0);
+- the loader alone (same WindowDataset + DataLoader as training), from local shards and from
+  the fake-gcs-server emulator, as a multiple of the fastest training consumption measured;
+- checkpoint stall for ``c3d`` with its Adam state (~2.5 GB): the time the training loop is
+  blocked per checkpoint (host copy + hand-off to the background writer) as a fraction of a
+  synchronous ``torch.save`` upload of the same state to the emulator.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BUCKET = "pyact-bench"
+
+
+# --- data ------------------------------------------------------------------------------------
+
+def make_shards(out: str) -> dict[int, str]:
+    """One synthetic dataset (8 Train, 1 Eval, 1 Test subjects), preprocessed at 32 and 64."""
+    from pyact_torch.config import PreprocessConfig, SynthConfig
+    from pyact_torch.preprocess import preprocess
+    from pyact_torch.synthetic import make_dataset
+
+    raw = os.path.join(out, "raw")
+    if not os.path.exists(os.path.join(raw, "Train")):
+        make_dataset(SynthConfig(raw, subjects=(8, 1, 1), frames=(50, 70), size=(160, 120), seed=5), progress=False)
+    shards = {}
+    for size in (32, 64):
+        dest = os.path.join(out, f"shards-{size}")
+        if not os.path.exists(os.path.join(dest, "manifest.json")):
+            preprocess(PreprocessConfig(raw, dest, image_size=size, shard_size=64), progress=False,
+                       print_fn=lambda *a: None)
+        shards[size] = dest
+    return shards
+
+
+# --- training throughput (child process) -----------------------------------------------------
+
+def _throughput_replica(index: int, data: str, preset: str, device: str, batch: int, warmup: int, steps: int,
+                        result_path: str) -> None:
+    from pyact_torch.loader import Part, WindowDataset, make_loader
+    from pyact_torch.model import build_model
+    from pyact_torch.shards import read_manifest
+    from pyact_torch.tpu import Backend
+    from pyact_torch.train import train_step
+
+    backend = Backend(device)
+    manifest = read_manifest(data)
+    torch.manual_seed(0)
+    model = build_model(preset, len(manifest["channels"]), manifest["seq_len"], manifest["image_size"],
+                        len(manifest["classes"])).to(backend.device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    dataset = WindowDataset(data, manifest, "train", batch, Part(), train=True, workers=1)
+    needed = warmup + steps
+    if len(dataset) < needed:
+        raise SystemExit(f"need {needed} batches, the train split has {len(dataset)}")
+    batches = iter(backend.device_loader(make_loader(dataset, 1)))
+    model.train()
+    for _ in range(warmup):
+        clips, labels, _ = next(batches)
+        loss = train_step(model, optimizer, clips, labels, backend)
+    loss.cpu()
+    before = backend.compile_counts()
+    started = time.perf_counter()
+    for _ in range(steps):
+        clips, labels, _ = next(batches)
+        loss = train_step(model, optimizer, clips, labels, backend)
+    loss.cpu()  # wait for the last step
+    elapsed = time.perf_counter() - started
+    after = backend.compile_counts()
+    row = {"preset": preset, "device": device, "batch": batch, "steps": steps, "seconds": elapsed,
+           "windows_per_s": steps * batch / elapsed}
+    if after:
+        row.update(new_compiles=after["compiles"] - before["compiles"],
+                   new_fallbacks=after["cpu_fallbacks"] - before["cpu_fallbacks"],
+                   fallback_ops=after["fallback_ops"], warmup_compiles=before["compiles"])
+    with open(result_path, "w") as handle:
+        json.dump(row, handle)
+
+
+def child_throughput(args: argparse.Namespace) -> None:
+    from pyact_torch.tpu import launch
+
+    launch(_throughput_replica, (args.data, args.preset, args.device, args.batch, args.warmup, args.steps,
+                                 args.result), args.device)
+
+
+def throughput(data: str, preset: str, device: str, batch: int, warmup: int, steps: int) -> dict:
+    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as handle:
+        result = handle.name
+    env = dict(os.environ, PJRT_DEVICE="CPU")
+    command = [sys.executable, os.path.abspath(__file__), "--child", "--data", data, "--preset", preset,
+               "--device", device, "--batch", str(batch), "--warmup", str(warmup), "--steps", str(steps),
+               "--result", result]
+    subprocess.run(command, check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    with open(result) as handle:
+        row = json.load(handle)
+    os.remove(result)
+    return row
+
+
+# --- loader alone ----------------------------------------------------------------------------
+
+def loader_rate(data: str, workers: int, batch: int = 32) -> dict:
+    """Windows/s of one epoch of the training loader (all of the train split), no model."""
+    from pyact_torch.loader import Part, WindowDataset, make_loader
+    from pyact_torch.shards import read_manifest
+
+    manifest = read_manifest(data)
+    dataset = WindowDataset(data, manifest, "train", batch, Part(), train=True, workers=workers)
+    started = time.perf_counter()
+    windows = sum(clips.shape[0] for clips, _, _ in make_loader(dataset, workers))
+    return {"windows": windows, "seconds": time.perf_counter() - started,
+            "windows_per_s": windows / (time.perf_counter() - started)}
+
+
+def upload_tree(local: str, url: str) -> None:
+    from pyact_torch import storage
+
+    for folder, _, files in os.walk(local):
+        for name in files:
+            path = os.path.join(folder, name)
+            with open(path, "rb") as handle:
+                storage.write_bytes(storage.join(url, os.path.relpath(path, local)), handle.read())
+
+
+# --- checkpoint stall ------------------------------------------------------------------------
+
+def checkpoint_stall(run_dir: str, repeats: int) -> dict:
+    """c3d + Adam state: blocked time per checkpoint vs a synchronous upload of the same state."""
+    from pyact_torch import storage
+    from pyact_torch.checkpoint import CheckpointWriter
+    from pyact_torch.model import build_model
+    from pyact_torch.tpu import Backend
+
+    backend = Backend("cpu")
+    model = build_model("c3d", 3, 6, 64, 17)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    optimizer.step()  # creates Adam's moment buffers: the state is weights + 2 moments
+
+    def host_state() -> dict:
+        return {"model": backend.to_host(model.state_dict()), "optimizer": backend.to_host(optimizer.state_dict())}
+
+    sync, stall, background = [], [], []
+    size = 0
+    writer = CheckpointWriter(run_dir, keep=1, log=lambda m: None)
+    for i in range(repeats):
+        started = time.perf_counter()
+        state = host_state()
+        with storage.open_write(storage.join(run_dir, f"sync-{i}.pt")) as sink:
+            hashing = storage.HashingWriter(sink)
+            torch.save(state, hashing)
+        sync.append(time.perf_counter() - started)
+        size = hashing.size
+        del state
+        storage.remove(storage.join(run_dir, f"sync-{i}.pt"))
+
+        started = time.perf_counter()
+        writer.save(host_state(), step=i + 1, epoch=0)  # what the training loop waits for
+        stall.append(time.perf_counter() - started)
+        writer.wait()
+        background.append(time.perf_counter() - started)
+    writer.close()
+    latest = storage.read_json(storage.join(run_dir, "latest.json"))
+    assert latest["size"] == size and storage.exists(storage.join(run_dir, latest["name"]))
+    return {"bytes": size, "sync_s": sync, "stall_s": stall, "background_s": background}
+
+
+# --- main ------------------------------------------------------------------------------------
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default=os.path.join(ROOT, "bench-output", "train"), help="scratch folder")
+    parser.add_argument("--skip-c3d", action="store_true", help="tiny only (a few minutes less)")
+    parser.add_argument("--checkpoints", type=int, default=2, help="checkpoint repeats")
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    for name in ("--data", "--preset", "--device", "--result"):
+        parser.add_argument(name, help=argparse.SUPPRESS)
+    for name in ("--batch", "--warmup", "--steps"):
+        parser.add_argument(name, type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child_throughput(args)
+        return
+
+    from pyact_torch.emulator import GCSEmulator
+
+    os.makedirs(args.out, exist_ok=True)
+    shards = make_shards(args.out)
+    report: dict = {"throughput": []}
+    plans = [("tiny", 32, 32, 5, 40)] + ([] if args.skip_c3d else [("c3d", 64, 8, 2, 3)])
+    for preset, size, batch, warmup, steps in plans:
+        for device in ("cpu", "xla"):
+            row = throughput(shards[size], preset, device, batch, warmup, steps)
+            report["throughput"].append(row)
+            print(json.dumps(row), flush=True)
+
+    emulator = GCSEmulator(os.path.join(args.out, "gcs"), log=os.path.join(args.out, "gcs.log"))
+    emulator.start()
+    try:
+        emulator.create_bucket(BUCKET)
+        remote = f"gs://{BUCKET}/shards-32"
+        upload_tree(shards[32], remote)
+        report["loader_local"] = loader_rate(shards[32], workers=2)
+        report["loader_gcs"] = loader_rate(remote, workers=2)
+        print(json.dumps({k: report[k] for k in ("loader_local", "loader_gcs")}), flush=True)
+        report["checkpoint"] = checkpoint_stall(f"gs://{BUCKET}/run", args.checkpoints)
+        print(json.dumps(report["checkpoint"]), flush=True)
+    finally:
+        emulator.stop()
+
+    print()
+    rates = {(r["preset"], r["device"]): r for r in report["throughput"]}
+    for preset in dict.fromkeys(r["preset"] for r in report["throughput"]):
+        eager, xla = rates[(preset, "cpu")], rates[(preset, "xla")]
+        print(f"{preset:5} eager CPU {eager['windows_per_s']:8.1f} windows/s   XLA:CPU {xla['windows_per_s']:8.1f} "
+              f"windows/s   XLA/eager {xla['windows_per_s'] / eager['windows_per_s']:.2f}   after warm-up: "
+              f"{xla['new_compiles'] / xla['steps']:.2f} compilations/step, "
+              f"{xla['new_fallbacks'] / xla['steps']:.2f} aten fallbacks/step "
+              f"({xla['warmup_compiles']} compilations during warm-up)")
+    fastest = max(r["windows_per_s"] for r in report["throughput"] if r["preset"] == "tiny")
+    for where in ("local", "gcs"):
+        rate = report[f"loader_{where}"]["windows_per_s"]
+        print(f"loader alone ({where}, 32x32, 2 workers): {rate:8.1f} windows/s = {rate / fastest:.1f}x the fastest "
+              f"training consumption ({fastest:.1f} windows/s, tiny)")
+    ck = report["checkpoint"]
+    sync, stall = min(ck["sync_s"]), max(ck["stall_s"])
+    print(f"checkpoint of c3d + Adam ({ck['bytes'] / 1e9:.2f} GB): loop blocked {stall:.2f} s (worst of "
+          f"{len(ck['stall_s'])}) vs synchronous upload {sync:.2f} s (best) = {stall / sync:.3f}; background "
+          f"upload took {max(ck['background_s']):.1f} s")
+    with open(os.path.join(args.out, "report.json"), "w") as handle:
+        json.dump(report, handle, indent=1)
+
+
+if __name__ == "__main__":
+    main()

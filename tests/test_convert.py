@@ -1,0 +1,286 @@
+"""Migration from pyACT: Keras HDF5 weights and TFRecords, built here in their own formats."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import struct
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from pyact_torch import storage
+from pyact_torch.cli import main
+from pyact_torch.convert import PYACT_CLASS_ORDER
+from pyact_torch.loader import register_gcs_handler, tar_samples
+from pyact_torch.model import build_model
+
+# --- Keras ------------------------------------------------------------------------------------
+
+FILTERS, DENSE = (64, 128, 256, 512), (4096, 128)
+
+
+def keras_weights(rng, channels=3, seq_len=6, size=32, classes=17) -> list[tuple[str, list[tuple[str, np.ndarray]]]]:
+    """pyACT's ConvNet3D layer list with random weights in Keras layouts."""
+    layers, cin = [], channels
+    for i, width in enumerate(FILTERS, 1):
+        kernel = rng.normal(0, np.sqrt(2 / (27 * cin)), (3, 3, 3, cin, width)).astype(np.float32)
+        layers.append((f"CONV3D_{i}", [("kernel", kernel), ("bias", rng.normal(0, .05, width).astype(np.float32))]))
+        layers.append((f"POOL3D_{i}", []))
+        layers.append((f"ACTIVATION_{i}", []))
+        layers.append((f"BATCH_NORM_{i}", [
+            ("gamma", rng.uniform(.5, 1.5, width).astype(np.float32)),
+            ("beta", rng.normal(0, .1, width).astype(np.float32)),
+            ("moving_mean", rng.normal(0, .1, width).astype(np.float32)),
+            ("moving_variance", rng.uniform(.5, 2, width).astype(np.float32))]))
+        cin = width
+    layers.append(("FLATTEN", []))
+    fan_in = seq_len * (size // 16) ** 2 * cin
+    for name, width in (("DENSE_1", DENSE[0]), ("DENSE_2", DENSE[1]), ("DENSE_CLASS", classes)):
+        layers.append((name, [("kernel", rng.normal(0, np.sqrt(2 / fan_in), (fan_in, width)).astype(np.float32)),
+                              ("bias", rng.normal(0, .05, width).astype(np.float32))]))
+        fan_in = width
+    return layers
+
+
+def write_keras_h5(path, layers, whole_model: bool, input_shape=(6, 32, 32, 3)) -> None:
+    """The legacy Keras 2 HDF5 layout: save_weights, or model.save (weights under model_weights)."""
+    with h5py.File(path, "w") as f:
+        group = f
+        if whole_model:
+            config = {"class_name": "Sequential", "config": {"name": "ConvNet3D", "layers": [
+                {"class_name": "Conv3D", "config": {"name": "CONV3D_1", "batch_input_shape": [None, *input_shape]}}]}}
+            f.attrs["model_config"] = json.dumps(config).encode()
+            f.attrs["training_config"] = b'{"loss": "categorical_crossentropy"}'
+            group = f.create_group("model_weights")
+            f.create_group("optimizer_weights")
+        group.attrs["layer_names"] = [name.encode() for name, _ in layers]
+        group.attrs["backend"] = b"tensorflow"
+        group.attrs["keras_version"] = b"2.2.4"
+        for name, weights in layers:
+            layer = group.create_group(name)
+            names = [f"{name}/{kind}:0" for kind, _ in weights]
+            layer.attrs["weight_names"] = [n.encode() for n in names]
+            for weight_name, (_, value) in zip(names, weights):
+                layer.create_dataset(weight_name, data=value)
+
+
+def keras_forward(layers, clips: np.ndarray) -> np.ndarray:
+    """pyACT's ConvNet3D in numpy, channels-last (N, T, H, W, C), Keras semantics: softmax."""
+    w = {name: dict(weights) for name, weights in layers}
+    x = clips.astype(np.float64)
+    for i in range(1, 5):
+        kernel, bias = w[f"CONV3D_{i}"]["kernel"], w[f"CONV3D_{i}"]["bias"]
+        n, t, h, wd, _ = x.shape
+        padded = np.pad(x, ((0, 0), (1, 1), (1, 1), (1, 1), (0, 0)))
+        out = np.zeros((n, t, h, wd, kernel.shape[4]))
+        for dt in range(3):
+            for dh in range(3):
+                for dw in range(3):
+                    out += padded[:, dt:dt + t, dh:dh + h, dw:dw + wd, :] @ kernel[dt, dh, dw]
+        x = out + bias
+        x = x.reshape(n, t, h // 2, 2, wd // 2, 2, -1).max(axis=(3, 5))  # MaxPooling3D (1, 2, 2)
+        x = np.maximum(x, 0)
+        bn = w[f"BATCH_NORM_{i}"]
+        x = bn["gamma"] * (x - bn["moving_mean"]) / np.sqrt(bn["moving_variance"] + 1e-3) + bn["beta"]
+    x = x.reshape(x.shape[0], -1)  # Keras Flatten: (T, H, W, C) order
+    x = np.maximum(x @ w["DENSE_1"]["kernel"] + w["DENSE_1"]["bias"], 0)
+    x = np.maximum(x @ w["DENSE_2"]["kernel"] + w["DENSE_2"]["bias"], 0)
+    logits = x @ w["DENSE_CLASS"]["kernel"] + w["DENSE_CLASS"]["bias"]
+    e = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)
+
+
+@pytest.fixture(scope="module")
+def keras_layers():
+    return keras_weights(np.random.default_rng(7))
+
+
+@pytest.mark.parametrize("whole_model", [False, True], ids=["save_weights", "ModelCheckpoint"])
+def test_keras_weights_give_the_same_softmax_as_keras(keras_layers, whole_model, tmp_path, capsys):
+    h5, out = str(tmp_path / "weights.h5"), str(tmp_path / "converted.pt")
+    write_keras_h5(h5, keras_layers, whole_model)
+    assert main(["convert-keras", h5, out]) == 0
+    state = torch.load(out, weights_only=True)
+    assert state["classes"] == list(PYACT_CLASS_ORDER)
+    assert state["data_shape"] == {"channels": 3, "seq_len": 6, "image_size": 32, "modality": "color"}
+    model = build_model(state["config"]["model"], 3, 6, 32, 17)
+    model.load_state_dict(state["model"])
+    model.eval()
+    clips = np.random.default_rng(1).random((3, 6, 32, 32, 3), dtype=np.float32)
+    expected = keras_forward(keras_layers, clips)
+    with torch.no_grad():
+        got = torch.softmax(model(torch.from_numpy(clips).permute(0, 4, 1, 2, 3)), dim=1).double().numpy()
+    assert np.abs(got - expected).max() < 1e-4
+    assert expected.max(axis=1).min() < 0.99  # a real comparison, not two saturated one-hots
+
+
+def test_keras_class_order_can_be_given(keras_layers, tmp_path):
+    h5, out = str(tmp_path / "weights.h5"), str(tmp_path / "converted.pt")
+    write_keras_h5(h5, keras_layers, whole_model=False)
+    order = sorted(PYACT_CLASS_ORDER)
+    assert main(["convert-keras", h5, out, "--classes", ",".join(order)]) == 0
+    assert torch.load(out, weights_only=True)["classes"] == order
+    assert main(["convert-keras", h5, out, "--classes", "a,b,c"]) == 2
+
+
+@pytest.mark.parametrize("case", ["not-hdf5", "other-model"])
+def test_keras_conversion_refuses_other_files(case, tmp_path, capsys):
+    h5 = tmp_path / "model.h5"
+    if case == "not-hdf5":
+        h5.write_bytes(b"not an hdf5 file at all")
+    else:
+        rng = np.random.default_rng(0)
+        write_keras_h5(str(h5), [("dense_1", [("kernel", rng.random((4, 2), dtype=np.float32)),
+                                              ("bias", np.zeros(2, np.float32))])], whole_model=False)
+    assert main(["convert-keras", str(h5), str(tmp_path / "out.pt")]) == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and str(h5) in error[0]
+    assert not (tmp_path / "out.pt").exists()
+
+
+# --- TFRecords --------------------------------------------------------------------------------
+
+def example_class():
+    """tf.train.Example built from its .proto definition with the protobuf library."""
+    from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+
+    F = descriptor_pb2.FieldDescriptorProto
+    proto = descriptor_pb2.FileDescriptorProto(name="pyact_test_example.proto", package="pyacttest", syntax="proto3")
+
+    def message(name, *fields, nested=()):
+        m = proto.message_type.add(name=name)
+        for number, fname, ftype, label, type_name, oneof in fields:
+            f = m.field.add(name=fname, number=number, type=ftype, label=label)
+            if type_name:
+                f.type_name = type_name
+            if oneof is not None:
+                f.oneof_index = oneof
+        for n in nested:
+            m.nested_type.add().CopyFrom(n)
+        return m
+
+    rep, opt = F.LABEL_REPEATED, F.LABEL_OPTIONAL
+    message("BytesList", (1, "value", F.TYPE_BYTES, rep, None, None))
+    message("FloatList", (1, "value", F.TYPE_FLOAT, rep, None, None))
+    message("Int64List", (1, "value", F.TYPE_INT64, rep, None, None))
+    feature = message("Feature", (1, "bytes_list", F.TYPE_MESSAGE, opt, ".pyacttest.BytesList", 0),
+                      (2, "float_list", F.TYPE_MESSAGE, opt, ".pyacttest.FloatList", 0),
+                      (3, "int64_list", F.TYPE_MESSAGE, opt, ".pyacttest.Int64List", 0))
+    feature.oneof_decl.add(name="kind")
+    entry = descriptor_pb2.DescriptorProto(name="FeatureEntry")
+    entry.field.add(name="key", number=1, type=F.TYPE_STRING, label=opt)
+    entry.field.add(name="value", number=2, type=F.TYPE_MESSAGE, label=opt, type_name=".pyacttest.Feature")
+    entry.options.map_entry = True
+    message("Features", (1, "feature", F.TYPE_MESSAGE, rep, ".pyacttest.Features.FeatureEntry", None), nested=[entry])
+    message("Example", (1, "features", F.TYPE_MESSAGE, opt, ".pyacttest.Features", None))
+    pool = descriptor_pool.DescriptorPool()
+    pool.Add(proto)
+    return message_factory.GetMessageClass(pool.FindMessageTypeByName("pyacttest.Example"))
+
+
+def masked_crc(data: bytes) -> int:
+    import google_crc32c
+
+    crc = google_crc32c.value(data)
+    return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
+
+
+def tfrecord(payload: bytes) -> bytes:
+    length = struct.pack("<Q", len(payload))
+    return length + struct.pack("<I", masked_crc(length)) + payload + struct.pack("<I", masked_crc(payload))
+
+
+def pyact_records(rng, count: int, shape=(6, 16, 16, 3)) -> list[tuple[np.ndarray, int, bytes]]:
+    """pyACT's records: feats float32 in [0, 1] (uint8 / 255), label int64."""
+    Example = example_class()
+    out = []
+    for _ in range(count):
+        clip = rng.integers(0, 256, shape, dtype=np.uint8)
+        label = int(rng.integers(0, 17))
+        example = Example()
+        example.features.feature["feats"].float_list.value.extend((clip.astype(np.float32) / 255).ravel().tolist())
+        example.features.feature["label"].int64_list.value.append(label)
+        out.append((clip, label, example.SerializeToString()))
+    return out
+
+
+@pytest.fixture
+def record_folder(tmp_path):
+    rng = np.random.default_rng(3)
+    records = pyact_records(rng, 30)
+    folder = tmp_path / "tfrecords-train"
+    folder.mkdir()
+    for part, chunk in enumerate((records[:18], records[18:])):
+        (folder / f"train.tfrecords-{part:05d}").write_bytes(b"".join(tfrecord(p) for _, _, p in chunk))
+    return folder, records
+
+
+def read_shards(dest, split):
+    manifest = json.loads(storage.read_bytes(storage.join(dest, "manifest.json")))
+    urls = [storage.join(dest, s["name"]) for s in manifest["splits"][split]["shards"]]
+    register_gcs_handler()
+    samples = list(tar_samples(urls))
+    return manifest, [(np.load(io.BytesIO(s["clip.npy"])), int(s["cls"]), s["__key__"]) for s in samples]
+
+
+def test_tfrecords_round_trip_into_shards(record_folder, tmp_path, capsys):
+    folder, records = record_folder
+    dest = str(tmp_path / "shards")
+    assert main(["convert-tfrecords", str(folder), dest, "--shard-size", "8"]) == 0  # split guessed: train
+    manifest, samples = read_shards(dest, "train")
+    assert manifest["classes"] == list(PYACT_CLASS_ORDER)
+    assert (manifest["seq_len"], manifest["image_size"], manifest["channels"]) == (6, 16, ["R", "G", "B"])
+    assert [s["count"] for s in manifest["splits"]["train"]["shards"]] == [8, 8, 8, 6]
+    assert len(samples) == len(records) and len({key for _, _, key in samples}) == len(records)
+    for (clip, label, _), (expected, expected_label, _) in zip(samples, records):
+        assert np.array_equal(clip, expected) and label == expected_label
+    counts = manifest["splits"]["train"]["class_counts"]
+    assert sum(counts.values()) == 30 and counts[PYACT_CLASS_ORDER[records[0][1]]] >= 1
+    # a second split goes into the same manifest
+    test_folder = tmp_path / "test-records"
+    test_folder.mkdir()
+    (test_folder / "part-0").write_bytes(b"".join(tfrecord(p) for _, _, p in records[:5]))
+    assert main(["convert-tfrecords", str(test_folder), dest]) == 0
+    manifest, samples = read_shards(dest, "test")
+    assert set(manifest["splits"]) == {"train", "test"} and len(samples) == 5
+    assert main(["inspect", dest, "--split", "train", "--out", str(tmp_path / "grid.png")]) == 0
+
+
+def test_tfrecords_from_gcs(record_folder, tmp_path, gcs):
+    folder, records = record_folder
+    for name in os.listdir(folder):
+        storage.write_bytes(f"gs://pyact-test/tfrecords/train/{name}", (folder / name).read_bytes())
+    dest = "gs://pyact-test/converted"
+    assert main(["convert-tfrecords", "gs://pyact-test/tfrecords/train", dest]) == 0
+    _, samples = read_shards(dest, "train")
+    assert [label for _, label, _ in samples] == [label for _, label, _ in records]
+
+
+@pytest.mark.parametrize("damage", ["bit flip", "truncated"])
+def test_corrupt_records_are_named_or_skipped(damage, record_folder, tmp_path, capsys):
+    folder, records = record_folder
+    victim = folder / "train.tfrecords-00000"
+    data = bytearray(victim.read_bytes())
+    record_size = len(tfrecord(records[0][2]))
+    if damage == "bit flip":  # inside the payload of the fourth record
+        data[3 * record_size + 100] ^= 0x01
+    else:  # cut in the middle of the sixth record
+        data = data[:5 * record_size + 50]
+    victim.write_bytes(bytes(data))
+    dest = str(tmp_path / "shards")
+    assert main(["convert-tfrecords", str(folder), dest]) == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and str(victim) in error[0]
+    assert f"byte {3 * record_size if damage == 'bit flip' else 5 * record_size}" in error[0]
+    assert not os.path.exists(os.path.join(dest, "manifest.json"))
+
+    assert main(["convert-tfrecords", str(folder), dest, "--skip-corrupt"]) == 0
+    assert "skipped 1 corrupt record" in capsys.readouterr().out
+    manifest, samples = read_shards(dest, "train")
+    kept = records[:3] + records[4:] if damage == "bit flip" else records[:5] + records[18:]
+    assert [label for _, label, _ in samples] == [label for _, label, _ in kept]
+    assert manifest["splits"]["train"]["corrupt_records_skipped"] == 1
