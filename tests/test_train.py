@@ -126,11 +126,17 @@ def test_kill_and_resume_gives_the_same_final_weights(device, learn_shards, smal
             assert torch.allclose(a[key].float(), b[key].float(), rtol=1e-4, atol=1e-5), key
 
 
-def test_sigterm_checkpoints_and_exits_zero(learn_shards, tmp_path):
+@pytest.mark.parametrize("device", ["cpu", "xla"])
+def test_sigterm_checkpoints_and_exits_zero(device, learn_shards, small_shards, tmp_path):
+    """SIGTERM to the launched command (a TPU VM's preemption notice): the replica finishes its
+    step, checkpoints and the command exits 0; on XLA the replica is a child process that gets
+    the signal passed on."""
     run_dir = str(tmp_path / "run")
-    process = subprocess.Popen(train_command(learn_shards, run_dir, "--device", "cpu", "--epochs", "50",
-                                             "--workers", "0", "--log-every", "5"),
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    data, extra = (learn_shards, []) if device == "cpu" else (small_shards, ["--batch-size", "8"])
+    process = subprocess.Popen(train_command(data, run_dir, "--device", device, "--epochs", "50",
+                                             "--workers", "0", "--log-every", "5", *extra),
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env=dict(os.environ, PJRT_DEVICE="CPU"))
     metrics = os.path.join(run_dir, "metrics.jsonl")
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and not os.path.exists(metrics):
@@ -240,3 +246,22 @@ def test_errors_inside_xla_replicas_are_one_line(case, learn_shards, tmp_path):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), lines
     assert ("does not divide evenly over 2 replicas" if extra else "classes differ") in lines[0]
+
+
+def test_bf16_precision_runs_the_convolutions_in_bfloat16_and_learns():
+    from pyact_torch.model import build_model
+    from pyact_torch.tpu import Backend
+    from pyact_torch.train import train_step
+
+    torch.manual_seed(0)
+    backend = Backend("cpu")
+    model = build_model("tiny", 3, 6, 32, 17)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    clips, labels = torch.rand(8, 3, 6, 32, 32), torch.randint(0, 17, (8,))
+    seen = []
+    hook = model.features[0].register_forward_hook(lambda module, inputs, output: seen.append(output.dtype))
+    losses = [float(train_step(model, optimizer, clips, labels, backend, "bf16")) for _ in range(20)]
+    hook.remove()
+    assert set(seen) == {torch.bfloat16}
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # autocast, not a bf16 model
+    assert losses[-1] < 0.5 * losses[0], losses
