@@ -27,7 +27,8 @@ if ! buildah inspect --type image "$base" >/dev/null 2>&1; then
     rm -rf "$work/rootfs"
 fi
 
-cert=$(python3 -m pip config get global.cert 2>/dev/null || true)
+# the CA bundle the host's pip uses (PIP_CERT, or `cert` in a pip config file)
+cert=${PIP_CERT:-$(python3 -m pip config list 2>/dev/null | sed -n "s/^[^=]*\.cert='\(.*\)'$/\1/p" | head -n 1)}
 secret=()
 if [ -n "$cert" ] && [ -s "$cert" ]; then
     secret=(--secret "id=pipcert,src=$cert")

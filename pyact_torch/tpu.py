@@ -116,23 +116,28 @@ def _host_copy(value: Any) -> Any:
     return value
 
 
-def launch(fn: Callable[..., Any], args: tuple, kind: str) -> None:
-    """Run ``fn(index, *args)`` on every replica: xmp.spawn over all local XLA devices, or
-    once in this process for eager CPU."""
-    if kind == "xla":
-        os.environ.setdefault("PJRT_DEVICE", "CPU" if not _has_tpu() else "TPU")
-        import torch_xla.distributed.xla_multiprocessing as xmp
+# --- preemption (SIGTERM) ---------------------------------------------------------------------
+# A TPU VM's preemption notice is a SIGTERM. Training finishes its step, checkpoints and exits 0.
+# Under xmp.spawn a replica runs in a thread of a child process, where no handler can be set:
+# the child's main thread sets it when it imports this module (it does, to unpickle the
+# replica function), and the launcher passes a SIGTERM it receives on to its children.
 
-        forwarding = threading.current_thread() is threading.main_thread()
-        if forwarding:  # replicas are child processes: pass a preemption notice on to them
-            previous = signal.signal(signal.SIGTERM, _forward_to_replicas)
-        try:
-            xmp.spawn(_replica_main, args=(os.getpid(), fn, *args))
-        finally:
-            if forwarding:
-                signal.signal(signal.SIGTERM, previous)
-    else:
-        fn(0, *args)
+_LAUNCHER_ENV = "PYACT_LAUNCHER_PID"
+_PREEMPTED = threading.Event()
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    _PREEMPTED.set()
+
+
+def preempted() -> bool:
+    """True once this process received SIGTERM."""
+    return _PREEMPTED.is_set()
+
+
+def _watch_sigterm() -> None:
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _on_sigterm)
 
 
 def _forward_to_replicas(signum: int, frame: Any) -> None:
@@ -140,6 +145,32 @@ def _forward_to_replicas(signum: int, frame: Any) -> None:
 
     for child in multiprocessing.active_children():
         os.kill(child.pid, signum)
+
+
+if os.environ.get(_LAUNCHER_ENV) == str(os.getppid()):  # imported in a replica process
+    _watch_sigterm()
+
+
+def launch(fn: Callable[..., Any], args: tuple, kind: str) -> None:
+    """Run ``fn(index, *args)`` on every replica: xmp.spawn over all local XLA devices, or
+    once in this process for eager CPU."""
+    if kind != "xla":
+        _watch_sigterm()
+        fn(0, *args)
+        return
+    os.environ.setdefault("PJRT_DEVICE", "CPU" if not _has_tpu() else "TPU")
+    import torch_xla.distributed.xla_multiprocessing as xmp
+
+    os.environ[_LAUNCHER_ENV] = str(os.getpid())
+    forwarding = threading.current_thread() is threading.main_thread()
+    if forwarding:
+        previous = signal.signal(signal.SIGTERM, _forward_to_replicas)
+    try:
+        xmp.spawn(_replica_main, args=(os.getpid(), fn, *args))
+    finally:
+        if forwarding:
+            signal.signal(signal.SIGTERM, previous)
+        os.environ.pop(_LAUNCHER_ENV, None)
 
 
 def _replica_main(index: int, launcher: int, fn: Callable[..., Any], *args: Any) -> None:

@@ -13,11 +13,9 @@ import itertools
 import json
 import math
 import random
-import signal
-import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator
+from typing import Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -30,7 +28,7 @@ from .evaluate import evaluate
 from .loader import Part, WindowDataset, make_loader
 from .model import build_model
 from .shards import data_shape, read_manifest
-from .tpu import Backend, launch
+from .tpu import Backend, launch, preempted
 
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, clips: torch.Tensor,
                labels: torch.Tensor, backend: Backend, precision: str = "fp32") -> torch.Tensor:
@@ -134,23 +132,11 @@ def loss_plot(metrics: list[dict]) -> bytes:
     return buffer.getvalue()
 
 
-_STOP = {"stop": False}
-
-
-def _stop_flag() -> dict:
-    """The SIGTERM flag (TPU VM preemption notice): finish the step, checkpoint, exit 0. The
-    handler can only be installed from a main thread; xmp.spawn runs a single replica in a
-    thread of the launching process, which installed it already (fit)."""
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, lambda signum, frame: _STOP.update(stop=True))
-    return _STOP
-
-
-def _stop_agreed(flag: dict, backend: Backend, device: Any) -> bool:
+def _stop_agreed(backend: Backend) -> bool:
     """Every replica must stop at the same step: with several, agree through a reduction."""
     if backend.world == 1:
-        return flag["stop"]
-    votes = backend.all_reduce_sum(torch.tensor(float(flag["stop"]), device=device))
+        return preempted()
+    votes = backend.all_reduce_sum(torch.tensor(float(preempted()), device=backend.device))
     return float(votes.cpu()) > 0
 
 
@@ -179,7 +165,7 @@ def per_replica_batch(global_batch: int, world: int) -> int:
 
 
 def train_epoch(model, optimizer, scheduler, batches: Iterable, backend: Backend, config: TrainConfig,
-                state: RunState, logger: _Logger, stop: dict, on_checkpoint) -> bool:
+                state: RunState, logger: _Logger, on_checkpoint) -> bool:
     """Run the epoch's remaining batches; returns False when stopped by SIGTERM."""
     model.train()
     for clips, labels, _ in batches:
@@ -189,10 +175,10 @@ def train_epoch(model, optimizer, scheduler, batches: Iterable, backend: Backend
         state.batch_in_epoch += 1
         if state.step % config.log_every == 0:
             backend.add_step_closure(logger.step, (loss, state.step, state.epoch))
-            if _stop_agreed(stop, backend, backend.device):
+            if _stop_agreed(backend):
                 on_checkpoint(best=False)
                 return False
-        elif backend.world == 1 and stop["stop"]:
+        elif backend.world == 1 and preempted():
             on_checkpoint(best=False)
             return False
         if config.ckpt_every and state.step % config.ckpt_every == 0:
@@ -202,7 +188,6 @@ def train_epoch(model, optimizer, scheduler, batches: Iterable, backend: Backend
 
 def _replica(index: int, config: TrainConfig) -> None:
     backend = Backend(config.device)
-    stop = _stop_flag()
     manifest = read_manifest(config.data)
     classes = manifest["classes"]
     per_replica = per_replica_batch(config.batch_size, backend.world)
@@ -267,7 +252,7 @@ def _replica(index: int, config: TrainConfig) -> None:
             for _ in range(state.batch_in_epoch):  # resume: skip what this epoch already trained on
                 next(host)
             batches = backend.device_loader(_Remaining(host, steps - state.batch_in_epoch))
-            if not train_epoch(model, optimizer, scheduler, batches, backend, config, state, logger, stop, checkpoint):
+            if not train_epoch(model, optimizer, scheduler, batches, backend, config, state, logger, checkpoint):
                 if writer is not None:
                     writer.wait()
                     print(f"stopped by SIGTERM at step {state.step}; checkpoint saved", flush=True)
@@ -299,5 +284,4 @@ def fit(config: TrainConfig) -> None:
     """Check the inputs, then train on every replica (xmp.spawn, or eager CPU)."""
     read_manifest(config.data)
     storage.check_writable(config.run_dir)
-    _stop_flag()
     launch(_replica, (config,), config.device)
