@@ -16,9 +16,7 @@ import json
 import os
 import shutil
 import struct
-import subprocess
 import sys
-import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -27,6 +25,8 @@ import numpy as np  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "bench"))
+
+from common import add_child_arguments, run_child  # noqa: E402  (bench/common.py)
 
 
 def _score_child(args: argparse.Namespace) -> None:
@@ -69,16 +69,7 @@ class _Sized:
 
 
 def scoring(data: str, preset: str, device: str, batch: int, steps: int) -> dict:
-    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as handle:
-        result = handle.name
-    command = [sys.executable, os.path.abspath(__file__), "--child", "--data", data, "--preset", preset,
-               "--device", device, "--batch", str(batch), "--steps", str(steps), "--result", result]
-    subprocess.run(command, check=True, env=dict(os.environ, PJRT_DEVICE="CPU"), stdout=subprocess.DEVNULL,
-                   stderr=subprocess.DEVNULL)
-    with open(result) as handle:
-        row = json.load(handle)
-    os.remove(result)
-    return row
+    return run_child(__file__, data=data, preset=preset, device=device, batch=batch, steps=steps)
 
 
 # --- TFRecords in pyACT's format (written here with a minimal protobuf encoder) ---------------
@@ -160,11 +151,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=os.path.join(ROOT, "bench-output", "evaluate"), help="scratch folder")
     parser.add_argument("--records", type=int, default=2000, help="pyACT records to convert (~295 KB each)")
-    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
-    for name in ("--data", "--preset", "--device", "--result"):
-        parser.add_argument(name, help=argparse.SUPPRESS)
-    for name in ("--batch", "--steps"):
-        parser.add_argument(name, type=int, help=argparse.SUPPRESS)
+    add_child_arguments(parser)
     args = parser.parse_args()
     if args.child:
         _score_child(args)

@@ -18,14 +18,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
+import shutil
 import sys
-import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
+
+from common import add_child_arguments, run_child  # noqa: E402  (bench/common.py)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BUCKET = "pyact-bench"
@@ -44,10 +46,9 @@ def make_shards(out: str) -> dict[int, str]:
         make_dataset(SynthConfig(raw, subjects=(8, 1, 1), frames=(50, 70), size=(160, 120), seed=5), progress=False)
     shards = {}
     for size in (32, 64):
-        dest = os.path.join(out, f"shards-{size}")
+        dest = os.path.join(out, f"shards-{size}-512")
         if not os.path.exists(os.path.join(dest, "manifest.json")):
-            preprocess(PreprocessConfig(raw, dest, image_size=size, shard_size=64), progress=False,
-                       print_fn=lambda *a: None)
+            preprocess(PreprocessConfig(raw, dest, image_size=size), progress=False, print_fn=lambda *a: None)
         shards[size] = dest
     return shards
 
@@ -77,13 +78,15 @@ def _throughput_replica(index: int, data: str, preset: str, device: str, batch: 
     for _ in range(warmup):
         clips, labels, _ = next(batches)
         loss = train_step(model, optimizer, clips, labels, backend)
+    backend.sync()  # the same graph cut as the device loader's at every step
     loss.cpu()
     before = backend.compile_counts()
     started = time.perf_counter()
     for _ in range(steps):
         clips, labels, _ = next(batches)
         loss = train_step(model, optimizer, clips, labels, backend)
-    loss.cpu()  # wait for the last step
+    backend.sync()
+    loss.cpu()  # waits for the last step
     elapsed = time.perf_counter() - started
     after = backend.compile_counts()
     row = {"preset": preset, "device": device, "batch": batch, "steps": steps, "seconds": elapsed,
@@ -104,30 +107,23 @@ def child_throughput(args: argparse.Namespace) -> None:
 
 
 def throughput(data: str, preset: str, device: str, batch: int, warmup: int, steps: int) -> dict:
-    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as handle:
-        result = handle.name
-    env = dict(os.environ, PJRT_DEVICE="CPU")
-    command = [sys.executable, os.path.abspath(__file__), "--child", "--data", data, "--preset", preset,
-               "--device", device, "--batch", str(batch), "--warmup", str(warmup), "--steps", str(steps),
-               "--result", result]
-    subprocess.run(command, check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    with open(result) as handle:
-        row = json.load(handle)
-    os.remove(result)
-    return row
+    return run_child(__file__, data=data, preset=preset, device=device, batch=batch, warmup=warmup, steps=steps)
 
 
 # --- loader alone ----------------------------------------------------------------------------
 
-def loader_rate(data: str, workers: int, batch: int = 32) -> dict:
-    """Windows/s of one epoch of the training loader (all of the train split), no model."""
+def loader_rate(data: str, workers: int, batch: int = 32, epochs: int = 3) -> dict:
+    """Windows/s of the training loader over ``epochs`` passes of the train split, no model."""
     from pyact_torch.loader import Part, WindowDataset, make_loader
     from pyact_torch.shards import read_manifest
 
     manifest = read_manifest(data)
     dataset = WindowDataset(data, manifest, "train", batch, Part(), train=True, workers=workers)
     started = time.perf_counter()
-    windows = sum(clips.shape[0] for clips, _, _ in make_loader(dataset, workers))
+    windows = 0
+    for epoch in range(epochs):
+        dataset.set_epoch(epoch)
+        windows += sum(clips.shape[0] for clips, _, _ in make_loader(dataset, workers))
     return {"windows": windows, "seconds": time.perf_counter() - started,
             "windows_per_s": windows / (time.perf_counter() - started)}
 
@@ -144,15 +140,16 @@ def upload_tree(local: str, url: str) -> None:
 
 # --- checkpoint stall ------------------------------------------------------------------------
 
-def checkpoint_stall(run_dir: str, repeats: int) -> dict:
-    """c3d + Adam state: blocked time per checkpoint vs a synchronous upload of the same state."""
+def checkpoint_stall(run_dir: str, repeats: int, image_size: int = 64) -> dict:
+    """c3d + Adam state: blocked time per checkpoint vs a synchronous save of the same state to
+    the same run dir (at 64x64 the state is ~2.5 GB; ``image_size`` 32 gives ~0.7 GB)."""
     from pyact_torch import storage
     from pyact_torch.checkpoint import CheckpointWriter
     from pyact_torch.model import build_model
     from pyact_torch.tpu import Backend
 
     backend = Backend("cpu")
-    model = build_model("c3d", 3, 6, 64, 17)
+    model = build_model("c3d", 3, 6, image_size, 17)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     for p in model.parameters():
         p.grad = torch.zeros_like(p)
@@ -183,7 +180,8 @@ def checkpoint_stall(run_dir: str, repeats: int) -> dict:
     writer.close()
     latest = storage.read_json(storage.join(run_dir, "latest.json"))
     assert latest["size"] == size and storage.exists(storage.join(run_dir, latest["name"]))
-    return {"bytes": size, "sync_s": sync, "stall_s": stall, "background_s": background}
+    return {"run_dir": run_dir, "image_size": image_size, "bytes": size, "sync_s": sync, "stall_s": stall,
+            "background_s": background}
 
 
 # --- main ------------------------------------------------------------------------------------
@@ -193,11 +191,7 @@ def main() -> None:
     parser.add_argument("--out", default=os.path.join(ROOT, "bench-output", "train"), help="scratch folder")
     parser.add_argument("--skip-c3d", action="store_true", help="tiny only (a few minutes less)")
     parser.add_argument("--checkpoints", type=int, default=2, help="checkpoint repeats")
-    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
-    for name in ("--data", "--preset", "--device", "--result"):
-        parser.add_argument(name, help=argparse.SUPPRESS)
-    for name in ("--batch", "--warmup", "--steps"):
-        parser.add_argument(name, type=int, help=argparse.SUPPRESS)
+    add_child_arguments(parser)
     args = parser.parse_args()
     if args.child:
         child_throughput(args)
@@ -215,19 +209,26 @@ def main() -> None:
             report["throughput"].append(row)
             print(json.dumps(row), flush=True)
 
+    shutil.rmtree(os.path.join(args.out, "gcs"), ignore_errors=True)
     emulator = GCSEmulator(os.path.join(args.out, "gcs"), log=os.path.join(args.out, "gcs.log"))
     emulator.start()
     try:
         emulator.create_bucket(BUCKET)
-        remote = f"gs://{BUCKET}/shards-32"
+        remote = f"gs://{BUCKET}/shards-32-512"
         upload_tree(shards[32], remote)
         report["loader_local"] = loader_rate(shards[32], workers=2)
         report["loader_gcs"] = loader_rate(remote, workers=2)
         print(json.dumps({k: report[k] for k in ("loader_local", "loader_gcs")}), flush=True)
-        report["checkpoint"] = checkpoint_stall(f"gs://{BUCKET}/run", args.checkpoints)
-        print(json.dumps(report["checkpoint"]), flush=True)
+        # fake-gcs-server holds a resumable upload in memory several times over (a 2.5 GB
+        # upload grew it past 12 GB here): the emulator gets c3d at 32x32 (~0.7 GB with Adam)
+        report["checkpoint_gcs"] = checkpoint_stall(f"gs://{BUCKET}/run", args.checkpoints, image_size=32)
+        print(json.dumps(report["checkpoint_gcs"]), flush=True)
     finally:
         emulator.stop()
+    local_run = os.path.join(args.out, "run")
+    shutil.rmtree(local_run, ignore_errors=True)
+    report["checkpoint_local"] = checkpoint_stall(local_run, args.checkpoints, image_size=64)
+    print(json.dumps(report["checkpoint_local"]), flush=True)
 
     print()
     rates = {(r["preset"], r["device"]): r for r in report["throughput"]}
@@ -243,11 +244,12 @@ def main() -> None:
         rate = report[f"loader_{where}"]["windows_per_s"]
         print(f"loader alone ({where}, 32x32, 2 workers): {rate:8.1f} windows/s = {rate / fastest:.1f}x the fastest "
               f"training consumption ({fastest:.1f} windows/s, tiny)")
-    ck = report["checkpoint"]
-    sync, stall = min(ck["sync_s"]), max(ck["stall_s"])
-    print(f"checkpoint of c3d + Adam ({ck['bytes'] / 1e9:.2f} GB): loop blocked {stall:.2f} s (worst of "
-          f"{len(ck['stall_s'])}) vs synchronous upload {sync:.2f} s (best) = {stall / sync:.3f}; background "
-          f"upload took {max(ck['background_s']):.1f} s")
+    for where in ("gcs", "local"):
+        ck = report[f"checkpoint_{where}"]
+        sync, stall = min(ck["sync_s"]), max(ck["stall_s"])
+        print(f"checkpoint of c3d@{ck['image_size']} + Adam ({ck['bytes'] / 1e9:.2f} GB) to {where}: loop blocked "
+              f"{stall:.2f} s (worst of {len(ck['stall_s'])}) vs synchronous save {sync:.2f} s (best) = "
+              f"{stall / sync:.3f}; the background save took {max(ck['background_s']):.1f} s")
     with open(os.path.join(args.out, "report.json"), "w") as handle:
         json.dump(report, handle, indent=1)
 

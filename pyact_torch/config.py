@@ -315,7 +315,7 @@ class DemoConfig:
     device: str = field(default="cpu", metadata=_arg(
         "cpu: eager PyTorch (fastest here); xla: the TPU code path on XLA:CPU (xmp.spawn, ~5x slower)",
         choices=("cpu", "xla")))
-    epochs: int = field(default=5, metadata=_arg("training epochs", metavar="N"))
+    epochs: int = field(default=10, metadata=_arg("training epochs", metavar="N"))
     seed: int = field(default=3, metadata=_arg("seed of the synthetic dataset and of training"))
 
     def __post_init__(self) -> None:

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from . import storage
+from .config import KerasConfig, TFRecordConfig
 from .errors import UserError
 from .frames import CHANNELS
 from .labels import NO_ACTION
@@ -129,7 +130,7 @@ def _preset_of(layers: dict, path: str) -> str:
     raise UserError(f"{path}: ConvNet3D with filters {filters} and dense {dense} matches no preset")
 
 
-def convert_keras(config, print_fn: Callable[[str], None] = print) -> dict:
+def convert_keras(config: KerasConfig, print_fn: Callable[[str], None] = print) -> dict:
     """``pyact convert-keras``: a pyACT Keras HDF5 file -> a pyact-torch checkpoint."""
     from .checkpoint import CHECKPOINT_FORMAT
     from .model import build_model
@@ -293,7 +294,7 @@ def _record_files(src: str) -> list[str]:
     raise UserError(f"{src}: no such file or folder")
 
 
-def convert_tfrecords(config, progress: bool = True, print_fn: Callable[[str], None] = print) -> TFRecordSummary:
+def convert_tfrecords(config: TFRecordConfig, progress: bool = True, print_fn: Callable[[str], None] = print) -> TFRecordSummary:
     """``pyact convert-tfrecords``: pyACT TFRecords (one split) -> shards + manifest, streaming
     (one record in memory at a time). Runs for other splits add to the same manifest."""
     from tqdm import tqdm

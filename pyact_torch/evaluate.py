@@ -1,6 +1,7 @@
 """evaluate(model, batches, backend) -> loss, accuracy and confusion matrix; used by training
-(validation every epoch) and by scoring. Padded windows (mask False) count nowhere, and sums
-are reduced over replicas, so the numbers do not depend on the replica count."""
+(validation every epoch) and by scoring (``score_checkpoint``, ``pyact evaluate``). Padded
+windows (mask False) count nowhere, and sums are reduced over replicas, so the numbers do not
+depend on the replica count."""
 
 from __future__ import annotations
 
@@ -9,10 +10,20 @@ from typing import Callable, Iterable
 import numpy as np
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
+
+from . import metrics, storage
+from .checkpoint import check_compatible, load_checkpoint
+from .config import ScoreConfig
+from .errors import UserError
+from .loader import Part, WindowDataset, make_loader
+from .model import build_model, reorder_outputs
+from .shards import data_shape, read_manifest
+from .tpu import Backend
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, batches: Iterable, backend, num_classes: int,
+def evaluate(model: torch.nn.Module, batches: Iterable, backend: Backend, num_classes: int,
              keep_outputs: bool = False) -> dict:
     """Mean cross-entropy, accuracy and the ``num_classes x num_classes`` confusion matrix
     (rows: truth, columns: prediction) over the masked windows of ``batches``. With
@@ -56,20 +67,10 @@ def _keep(kept: list, probabilities: torch.Tensor, labels: torch.Tensor, mask: t
     kept.append((labels.cpu().numpy()[real], probabilities.cpu().numpy()[real]))
 
 
-def score_checkpoint(config, progress: bool = True, print_fn: Callable[[str], None] = print) -> dict:
+def score_checkpoint(config: ScoreConfig, progress: bool = True, print_fn: Callable[[str], None] = print) -> dict:
     """``pyact evaluate``: score a checkpoint on one split with the training's ``evaluate()``
     (one replica, XLA or eager CPU) and write metrics.json, per_class.txt,
     confusion_matrix.png and predictions.json to ``config.out``; returns the metrics."""
-    from tqdm import tqdm
-
-    from . import metrics, storage
-    from .checkpoint import check_compatible, load_checkpoint
-    from .errors import UserError
-    from .loader import Part, WindowDataset, make_loader
-    from .model import build_model, reorder_outputs
-    from .shards import data_shape, read_manifest
-    from .tpu import Backend
-
     manifest = read_manifest(config.data)
     if config.split not in manifest["splits"]:
         raise UserError(f"{config.data}: the manifest has no {config.split!r} split "
@@ -78,7 +79,8 @@ def score_checkpoint(config, progress: bool = True, print_fn: Callable[[str], No
     state, url = load_checkpoint(config.checkpoint)
     classes = manifest["classes"]
     if list(state["classes"]) != classes and sorted(state["classes"]) == sorted(classes):
-        print_fn("note: the checkpoint lists the classes in another order; its outputs are reordered to the manifest's")
+        print_fn("note: the checkpoint lists the classes in another order; its outputs are reordered "
+                 "to the manifest's")
         state = {**state, "model": reorder_outputs(state["model"], list(state["classes"]), classes), "classes": classes}
     check_compatible(state, classes, data_shape(manifest), what="score this data with it")
     model = build_model(state["config"]["model"], len(manifest["channels"]), manifest["seq_len"],

@@ -13,6 +13,7 @@ from typing import Callable, Iterator
 import numpy as np
 
 from . import storage
+from .config import InspectConfig
 from .errors import UserError
 from .shards import read_manifest
 from .video import Window, clip_frames, sheet
@@ -35,7 +36,7 @@ def shard_samples(handle) -> Iterator[dict]:
         yield sample
 
 
-def inspect_split(config, progress: bool = True, print_fn: Callable[[str], None] = print) -> dict:
+def inspect_split(config: InspectConfig, progress: bool = True, print_fn: Callable[[str], None] = print) -> dict:
     """Check the split's shards, write the sample grid; raises UserError (after writing the
     grid and the report) when a shard disagrees with the manifest."""
     from tqdm import tqdm

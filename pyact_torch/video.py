@@ -18,6 +18,7 @@ import cv2
 import numpy as np
 
 from . import storage
+from .config import VideoConfig
 from .errors import UserError
 from .frames import FrameError, load_png
 
@@ -184,7 +185,7 @@ def shard_windows(samples: Iterable[dict], rows: list[dict], size: int) -> Itera
         yield row, Window(clip_frames(clip, size), prediction_captions(row["truth"], row["prediction"]))
 
 
-def make_video(config, progress: bool = True, print_fn: Callable[[str], None] = print) -> tuple[str, int]:
+def make_video(config: VideoConfig, progress: bool = True, print_fn: Callable[[str], None] = print) -> tuple[str, int]:
     """``pyact video``: the prediction video and its contact sheet."""
     from tqdm import tqdm
 
