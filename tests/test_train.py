@@ -265,3 +265,18 @@ def test_bf16_precision_runs_the_convolutions_in_bfloat16_and_learns():
     assert set(seen) == {torch.bfloat16}
     assert all(p.dtype == torch.float32 for p in model.parameters())  # autocast, not a bf16 model
     assert losses[-1] < 0.5 * losses[0], losses
+
+
+def test_bf16_through_xmp_spawn(small_shards, tmp_path):
+    """--precision bf16 on the XLA path (autocast to bfloat16 on the XLA device): trains, with
+    finite losses and no CPU fallbacks."""
+    run_dir = str(tmp_path / "run")
+    result = subprocess.run(train_command(small_shards, run_dir, "--device", "xla", "--precision", "bf16",
+                                          "--epochs", "1", "--batch-size", "8", "--log-every", "2", "--workers", "0"),
+                            capture_output=True, text=True, env=dict(os.environ, PJRT_DEVICE="CPU"), timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
+    losses = [r["loss"] for r in rows if r["kind"] == "train"]
+    assert len(losses) >= 5 and all(0 < loss < 10 for loss in losses)
+    assert "0 CPU fallbacks" in result.stdout
+    assert storage.read_json(f"{run_dir}/config.json")["config"]["precision"] == "bf16"
