@@ -308,7 +308,7 @@ class DemoConfig:
 
     out: str = field(default="demo-output", metadata=_arg(
         "folder for everything: raw/, shards/, run/ (checkpoints, metrics, loss plot), the scoring "
-        "outputs and the video; emptied first", metavar="DIR"))
+        "outputs and the video; an earlier demo's output there is replaced", metavar="DIR"))
     gcs_emulator: bool = field(default=False, metadata=_arg(
         "keep shards and checkpoints in a bucket of a local fake-gcs-server (its files under DIR/gcs), "
         "to see the gs:// path work without a cloud account"))

@@ -17,6 +17,7 @@ from .config import DemoConfig, PreprocessConfig, ScoreConfig, SynthConfig, Trai
 from .errors import UserError
 
 BUCKET = "pyact-demo"
+MARKER = ".pyact-demo"  # only a folder holding this is emptied by a new demo run
 
 
 def run_demo(config: DemoConfig, print_fn: Callable[[str], None] = print) -> dict:
@@ -32,8 +33,11 @@ def run_demo(config: DemoConfig, print_fn: Callable[[str], None] = print) -> dic
     out = os.path.abspath(config.out)
     if os.path.exists(out) and not os.path.isdir(out):
         raise UserError(f"--out {config.out}: exists and is not a folder")
-    shutil.rmtree(out, ignore_errors=True)
+    if os.path.isdir(out) and os.listdir(out) and not os.path.exists(os.path.join(out, MARKER)):
+        raise UserError(f"--out {config.out}: not empty and not an earlier demo's output; choose another folder")
+    shutil.rmtree(out, ignore_errors=True)  # an earlier demo's output (or an empty folder)
     os.makedirs(out)
+    open(os.path.join(out, MARKER), "w").close()
     emulator = None
     if config.gcs_emulator:
         emulator = GCSEmulator(os.path.join(out, "gcs"), log=os.path.join(out, "gcs-server.log")).start()

@@ -52,3 +52,11 @@ def test_demo_with_the_gcs_emulator(tmp_path, capsys):
     assert f"test accuracy {metrics['accuracy']:.3f}" in printed
     assert "gs://pyact-demo/run" in printed and "gs://pyact-demo/shards" in printed
     assert not os.path.exists(os.path.join(out, "shards"))  # they went to the bucket
+
+
+def test_demo_refuses_a_folder_that_is_not_its_own(tmp_path, capsys):
+    precious = tmp_path / "precious.txt"
+    precious.write_text("keep me")
+    assert main(["demo", "--out", str(tmp_path)]) == 2
+    assert "not an earlier demo's output" in capsys.readouterr().err
+    assert precious.read_text() == "keep me"
