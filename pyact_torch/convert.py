@@ -30,6 +30,8 @@ PYACT_CLASS_ORDER = ("ui-screenTap", "asl-you", "asl-blue", "ui-doubleclick", "a
                      "ui-keyTap", "asl-scissors", "asl-bathroom", "ui-swipe", "asl-where", "asl-yellow",
                      "ui-click", "asl-milk", "ui-circle", NO_ACTION)
 
+MODALITY_OF = {len(channels): modality for modality, channels in CHANNELS.items()}  # channel count -> modality
+
 # --- Keras weights ---------------------------------------------------------------------------
 
 CONV_LAYERS = ("CONV3D_1", "CONV3D_2", "CONV3D_3", "CONV3D_4")
@@ -151,7 +153,9 @@ def convert_keras(config: KerasConfig, print_fn: Callable[[str], None] = print) 
     except RuntimeError as exc:
         raise UserError(f"{config.h5}: weights do not fit ConvNet3D at {seq_len}x{image_size}x{image_size}x{channels} "
                         f"({str(exc).splitlines()[-1].strip()})") from None
-    modality = {3: "color", 1: "depth", 4: "rgbd"}.get(channels, "color")
+    if channels not in MODALITY_OF:
+        raise UserError(f"{config.h5}: CONV3D_1 takes {channels} channels; pyact-torch data has 1, 3 or 4")
+    modality = MODALITY_OF[channels]
     checkpoint = {
         "format": CHECKPOINT_FORMAT, "model": model.state_dict(), "step": 0, "epoch": 0,
         "config": {"model": preset}, "classes": classes,
@@ -368,7 +372,7 @@ def convert_tfrecords(config: TFRecordConfig, progress: bool = True, print_fn: C
     if not summary.windows:
         raise UserError(f"{config.src}: no readable records")
     seq_len, size, _, channels = shape
-    modality = {3: "color", 1: "depth", 4: "rgbd"}[channels]
+    modality = MODALITY_OF[channels]
     manifest = previous or {"format": FORMAT, "classes": classes, "seq_len": seq_len, "image_size": size,
                             "modality": modality, "channels": list(CHANNELS[modality]),
                             "clip_layout": "uint8 (T, H, W, C)", "splits": {},

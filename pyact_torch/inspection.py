@@ -4,17 +4,16 @@ count, size, sha256, class counts) and draw a seeded sample of windows with thei
 
 from __future__ import annotations
 
-import io
 import random
 import tarfile
 from collections import Counter
 from typing import Callable, Iterator
 
-import numpy as np
 
 from . import storage
 from .config import InspectConfig
 from .errors import UserError
+from .loader import load_npy
 from .shards import read_manifest
 from .video import Window, clip_frames, sheet
 
@@ -92,7 +91,7 @@ def inspect_split(config: InspectConfig, progress: bool = True, print_fn: Callab
         problems.append(f"class counts differ from the manifest: read {dict(counts)}, manifest {expected}")
 
     if chosen:
-        windows = [Window(clip_frames(np.load(io.BytesIO(clip), allow_pickle=False), config.size),
+        windows = [Window(clip_frames(load_npy(clip), config.size),
                           [(f"{key}   {label}", (0, 255, 255))]) for key, label, clip in sorted(chosen)]
         title = f"{config.data} {config.split}: {len(chosen)} of {seen} windows"
         storage.write_bytes(config.out, sheet(windows, title))

@@ -8,7 +8,6 @@ Frames come from the raw dataset (SRC) or, without it, from the shards themselve
 
 from __future__ import annotations
 
-import io
 import json
 import os
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ from . import storage
 from .config import VideoConfig
 from .errors import UserError
 from .frames import FrameError, load_png
+from .loader import load_npy
 
 YELLOW, GREEN, RED, WHITE = (0, 255, 255), (0, 200, 0), (0, 0, 255), (255, 255, 255)  # BGR
 LINE = 22  # banner line height in pixels at scale 1
@@ -181,7 +181,7 @@ def shard_windows(samples: Iterable[dict], rows: list[dict], size: int) -> Itera
         row = by_key.get(sample["__key__"])
         if row is None:
             continue
-        clip = np.load(io.BytesIO(sample["clip.npy"]), allow_pickle=False)
+        clip = load_npy(sample["clip.npy"])
         yield row, Window(clip_frames(clip, size), prediction_captions(row["truth"], row["prediction"]))
 
 
