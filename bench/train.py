@@ -7,7 +7,8 @@ Measures on this machine, every figure against a baseline from the same run:
   device loader and ``train_step``; XLA as a ratio of eager;
 - after warm-up: new XLA compilations and ``aten::`` CPU fallbacks per step (both must be 0);
 - the loader alone (same WindowDataset + DataLoader as training), from local shards and from
-  the fake-gcs-server emulator, as a multiple of the fastest training consumption measured;
+  the fake-gcs-server emulator, as a multiple of the fastest training consumption measured,
+  over epochs of the real Train split's size (49,920 windows) and of the small synthetic one;
 - checkpoint stall for ``c3d`` with its Adam state (~2.5 GB): the time the training loop is
   blocked per checkpoint (host copy + hand-off to the background writer) as a fraction of a
   synchronous ``torch.save`` upload of the same state to the emulator.
@@ -112,8 +113,38 @@ def throughput(data: str, preset: str, device: str, batch: int, warmup: int, ste
 
 # --- loader alone ----------------------------------------------------------------------------
 
-def loader_rate(data: str, workers: int, batch: int = 32, epochs: int = 3) -> dict:
-    """Windows/s of the training loader over ``epochs`` passes of the train split, no model."""
+REAL_TRAIN_WINDOWS = 49_920  # pyACT's published Train count (DESIGN.md): one real epoch
+
+
+def real_size_copy(data: str, out: str) -> str:
+    """``data`` with a train split as large as the real dataset's, made of its own train shards
+    listed again under new names (hard links; the loader never looks inside a clip): a real
+    epoch is ~100 shards, so per-epoch worker start-up and the uneven last shards weigh in as
+    they would in training, not 20 times more as in the 5-shard synthetic split."""
+    from pyact_torch.shards import MANIFEST, read_manifest
+
+    manifest = read_manifest(data)
+    train = manifest["splits"]["train"]
+    copies = -(-REAL_TRAIN_WINDOWS // train["count"])
+    shutil.rmtree(out, ignore_errors=True)
+    os.makedirs(os.path.join(out, "train"))
+    shards = []
+    for copy in range(copies):
+        for shard in train["shards"]:
+            folder, name = os.path.split(shard["name"])
+            renamed = f"{folder}/copy{copy:02d}-{name}"
+            os.link(os.path.join(data, shard["name"]), os.path.join(out, renamed))
+            shards.append(dict(shard, name=renamed))
+    counts = {k: v * copies for k, v in train["class_counts"].items()}
+    manifest["splits"] = {"train": {"count": train["count"] * copies, "class_counts": counts, "shards": shards}}
+    with open(os.path.join(out, MANIFEST), "w") as handle:
+        json.dump(manifest, handle, indent=1)
+    return out
+
+
+def loader_rate(data: str, workers: int, batch: int = 32, epochs: int = 2) -> dict:
+    """Windows/s of the training loader over ``epochs`` passes of the train split, no model
+    (per-epoch worker start-up included)."""
     from pyact_torch.loader import Part, WindowDataset, make_loader
     from pyact_torch.shards import read_manifest
 
@@ -124,8 +155,35 @@ def loader_rate(data: str, workers: int, batch: int = 32, epochs: int = 3) -> di
     for epoch in range(epochs):
         dataset.set_epoch(epoch)
         windows += sum(clips.shape[0] for clips, _, _ in make_loader(dataset, workers))
-    return {"windows": windows, "seconds": time.perf_counter() - started,
+    return {"windows": windows, "epochs": epochs, "seconds": time.perf_counter() - started,
             "windows_per_s": windows / (time.perf_counter() - started)}
+
+
+def read_cost(data: str, shards: int = 20, repeats: int = 3) -> dict:
+    """Seconds (best of ``repeats``) to read ``shards`` train shards of ``data`` (gs://) in the
+    tar reader's 10 KiB pieces: through ``storage.open_read`` and through google-cloud-storage's
+    own reader (``blob.open("rb")``, what ``open_read`` used before)."""
+    from pyact_torch import storage
+    from pyact_torch.loader import split_shards
+    from pyact_torch.shards import read_manifest
+
+    chosen = split_shards(data, read_manifest(data), "train")[:shards]
+
+    def library(url: str):
+        return storage._blob(url).open("rb", chunk_size=storage.GCS_CHUNK, retry=storage._retry())
+
+    result = {"shards": len(chosen), "windows": sum(s.count for s in chosen)}
+    for name, opener in (("open_read", storage.open_read), ("blob_open", library)):
+        best = float("inf")
+        for _ in range(repeats):
+            started = time.perf_counter()
+            for shard in chosen:
+                with opener(shard.url) as handle:
+                    while handle.read(10240):
+                        pass
+            best = min(best, time.perf_counter() - started)
+        result[f"{name}_s"] = best
+    return result
 
 
 def upload_tree(local: str, url: str) -> None:
@@ -214,11 +272,15 @@ def main() -> None:
     emulator.start()
     try:
         emulator.create_bucket(BUCKET)
-        remote = f"gs://{BUCKET}/shards-32-512"
-        upload_tree(shards[32], remote)
-        report["loader_local"] = loader_rate(shards[32], workers=2)
-        report["loader_gcs"] = loader_rate(remote, workers=2)
-        print(json.dumps({k: report[k] for k in ("loader_local", "loader_gcs")}), flush=True)
+        real = real_size_copy(shards[32], os.path.join(args.out, "shards-32-real-size"))
+        for name, local in (("", real), ("_small", shards[32])):
+            remote = f"gs://{BUCKET}/{os.path.basename(local)}"
+            upload_tree(local, remote)
+            report[f"loader{name}_local"] = loader_rate(local, workers=2)
+            report[f"loader{name}_gcs"] = loader_rate(remote, workers=2)
+            print(json.dumps({k: report[k] for k in (f"loader{name}_local", f"loader{name}_gcs")}), flush=True)
+        report["gcs_read"] = read_cost(f"gs://{BUCKET}/{os.path.basename(real)}")
+        print(json.dumps(report["gcs_read"]), flush=True)
         # fake-gcs-server holds a resumable upload in memory several times over (a 2.5 GB
         # upload grew it past 12 GB here): the emulator gets c3d at 32x32 (~0.7 GB with Adam)
         report["checkpoint_gcs"] = checkpoint_stall(f"gs://{BUCKET}/run", args.checkpoints, image_size=32)
@@ -240,10 +302,17 @@ def main() -> None:
               f"{xla['new_fallbacks'] / xla['steps']:.2f} aten fallbacks/step "
               f"({xla['warmup_compiles']} compilations during warm-up)")
     fastest = max(r["windows_per_s"] for r in report["throughput"] if r["preset"] == "tiny")
-    for where in ("local", "gcs"):
-        rate = report[f"loader_{where}"]["windows_per_s"]
-        print(f"loader alone ({where}, 32x32, 2 workers): {rate:8.1f} windows/s = {rate / fastest:.1f}x the fastest "
-              f"training consumption ({fastest:.1f} windows/s, tiny)")
+    for name, what in (("", "real-size epochs"), ("_small", "5-shard synthetic epochs")):
+        for where in ("local", "gcs"):
+            row = report[f"loader{name}_{where}"]
+            print(f"loader alone ({where}, {what} of {row['windows'] // row['epochs']} windows, 32x32, 2 workers): "
+                  f"{row['windows_per_s']:8.1f} windows/s = {row['windows_per_s'] / fastest:.1f}x the fastest "
+                  f"training consumption ({fastest:.1f} windows/s, tiny)")
+    read = report["gcs_read"]
+    per_window = {k: read[f"{k}_s"] * 1e6 / read["windows"] for k in ("open_read", "blob_open")}
+    print(f"reading {read['shards']} shards from the emulator: storage.open_read {per_window['open_read']:.1f} us/window, "
+          f"google-cloud-storage's blob.open('rb') {per_window['blob_open']:.1f} us/window "
+          f"({per_window['blob_open'] / per_window['open_read']:.1f}x)")
     for where in ("gcs", "local"):
         ck = report[f"checkpoint_{where}"]
         sync, stall = min(ck["sync_s"]), max(ck["stall_s"])

@@ -15,11 +15,13 @@ import io
 import json
 import os
 import shutil
+import urllib.parse
 from typing import IO, Any, Iterator
 
 from .errors import UserError
 
 GCS_CHUNK = 16 * 1024 * 1024  # resumable-upload chunk: a multiple of 256 KiB
+READ_BUFFER = 1024 * 1024  # gs:// reads: bytes asked of the HTTP stream at a time
 PARTIAL_SUFFIX = ".partial"
 
 _clients: dict[tuple, Any] = {}
@@ -131,14 +133,96 @@ class HashingReader(io.RawIOBase):
         return data
 
 
+def _pinned(link: str, generation: int | None) -> str:
+    """``link`` naming ``generation`` (GCS's mediaLink does; fake-gcs-server's does not), so
+    that a resumed read never mixes two versions of an object."""
+    parts = urllib.parse.urlsplit(link)
+    query = urllib.parse.parse_qs(parts.query)
+    if generation is None or "generation" in query:
+        return link
+    query = parts.query + ("&" if parts.query else "") + f"generation={generation}"
+    return urllib.parse.urlunsplit(parts._replace(query=query))
+
+
+class _ObjectStream(io.RawIOBase):
+    """One GCS object read front to back through a single streamed GET of its ``mediaLink``
+    (which pins the generation that was opened), resuming with a Range request when the
+    connection drops.
+
+    google-cloud-storage's own reader (BlobReader) issues a ranged GET per chunk, walks every
+    response in 8 KB pieces, copies each chunk twice and learns of the end from a request past
+    it (HTTP 416, after which fake-gcs-server resets the connection and the next request waits
+    out a retry back-off): 4-6x the CPU per byte of this stream, measured (bench/train.py)."""
+
+    def __init__(self, url: str, link: str, size: int):
+        self.url, self.link, self.size = url, link, size
+        self.position = 0
+        self._response = None
+
+    def readable(self) -> bool:
+        return True
+
+    def _drop(self, _error: Exception | None = None) -> None:
+        if self._response is not None:
+            self._response.close()
+            self._response = None
+
+    def _read_some(self, size: int) -> bytes:
+        if self._response is None:
+            from google.api_core import exceptions
+
+            # the client's own authorised session: credentials and token refresh as for its calls
+            headers = {"Range": f"bytes={self.position}-"} if self.position else {}
+            response = client()._http.get(self.link, headers={**headers, "Accept-Encoding": "identity"},
+                                          stream=True, timeout=(60, 120))
+            if response.status_code != (206 if self.position else 200):
+                response.close()
+                if response.status_code == 404 and self.position:
+                    raise UserError(f"{self.url}: replaced or deleted while being read")
+                raise exceptions.from_http_status(response.status_code, f"GET {self.link}: {response.reason}")
+            self._response = response
+        data = self._response.raw.read(size)
+        if not data:
+            raise ConnectionError(f"{self.url}: connection closed at byte {self.position} of {self.size}")
+        return data
+
+    def readinto(self, buffer) -> int:
+        want = min(len(buffer), self.size - self.position)
+        if want <= 0:
+            self._drop()
+            return 0
+        with _gcs_errors(self.url):
+            data = _retry()(self._read_some, on_error=self._drop)(want)
+        buffer[:len(data)] = data
+        self.position += len(data)
+        return len(data)
+
+    def readall(self) -> bytes:
+        chunks = []
+        while chunk := self.read(GCS_CHUNK):
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    def close(self) -> None:
+        self._drop()
+        super().close()
+
+
 def open_read(url: str) -> IO[bytes]:
     """A streaming binary reader."""
     if is_gcs(url):
+        from google.api_core.exceptions import NotFound
+
         with _gcs_errors(url):
             blob = _blob(url)
-            if not blob.exists():
-                raise FileNotFoundError(url)
-            return blob.open("rb", chunk_size=GCS_CHUNK, retry=_retry())
+            try:
+                blob.reload(retry=_retry())  # one metadata request: existence and size
+            except NotFound:
+                raise FileNotFoundError(url) from None
+            if blob.content_encoding:  # stored compressed: GCS may transcode, sizes and ranges differ
+                return blob.open("rb", chunk_size=GCS_CHUNK, retry=_retry())
+            return io.BufferedReader(_ObjectStream(url, _pinned(blob.media_link, blob.generation), blob.size),
+                                     READ_BUFFER)
     return open(url, "rb")
 
 
