@@ -9,6 +9,9 @@ Measures on this machine, every figure against a baseline from the same run:
 - the loader alone (same WindowDataset + DataLoader as training), from local shards and from
   the fake-gcs-server emulator, as a multiple of the fastest training consumption measured,
   over epochs of the real Train split's size (49,920 windows) and of the small synthetic one;
+- the two stages the loader replaced, against what it used before: reading from the emulator
+  (``storage.open_read`` vs ``blob.open``) and tar -> samples (``shards.read_tar`` vs
+  webdataset's ``tarfile``-based stage);
 - checkpoint stall for ``c3d`` with its Adam state (~2.5 GB): the time the training loop is
   blocked per checkpoint (host copy + hand-off to the background writer) as a fraction of a
   synchronous ``torch.save`` upload of the same state to the emulator.
@@ -186,6 +189,30 @@ def read_cost(data: str, shards: int = 20, repeats: int = 3) -> dict:
     return result
 
 
+def tar_cost(data: str, shards: int = 20, repeats: int = 3) -> dict:
+    """Seconds (best of ``repeats``) to turn ``shards`` local train shards into samples: the
+    loader's tar stage (``shards.read_tar``) against webdataset's ``tarfile``-based one (what
+    the loader used before)."""
+    import webdataset as wds
+
+    from pyact_torch.loader import split_shards, tar_samples
+    from pyact_torch.shards import read_manifest
+
+    urls = [s.url for s in split_shards(data, read_manifest(data), "train")[:shards]]
+    result = {"shards": len(urls), "windows": sum(1 for _ in tar_samples(urls))}
+    stages = (("read_tar", lambda: tar_samples(urls)),
+              ("tarfile", lambda: wds.tarfile_samples({"url": url} for url in urls)))
+    for name, samples in stages:
+        best = float("inf")
+        for _ in range(repeats):
+            started = time.perf_counter()
+            if sum(1 for _ in samples()) != result["windows"]:
+                raise RuntimeError(f"{name}: a different number of samples")
+            best = min(best, time.perf_counter() - started)
+        result[f"{name}_s"] = best
+    return result
+
+
 def upload_tree(local: str, url: str) -> None:
     from pyact_torch import storage
 
@@ -287,6 +314,8 @@ def main() -> None:
         print(json.dumps(report["checkpoint_gcs"]), flush=True)
     finally:
         emulator.stop()
+    report["tar_stage"] = tar_cost(real)
+    print(json.dumps(report["tar_stage"]), flush=True)
     local_run = os.path.join(args.out, "run")
     shutil.rmtree(local_run, ignore_errors=True)
     report["checkpoint_local"] = checkpoint_stall(local_run, args.checkpoints, image_size=64)
@@ -313,6 +342,11 @@ def main() -> None:
     print(f"reading {read['shards']} shards from the emulator: storage.open_read {per_window['open_read']:.1f} us/window, "
           f"google-cloud-storage's blob.open('rb') {per_window['blob_open']:.1f} us/window "
           f"({per_window['blob_open'] / per_window['open_read']:.1f}x)")
+    tar = report["tar_stage"]
+    per_window = {k: tar[f"{k}_s"] * 1e6 / tar["windows"] for k in ("read_tar", "tarfile")}
+    print(f"tar stage, {tar['shards']} local shards -> samples: shards.read_tar {per_window['read_tar']:.1f} us/window, "
+          f"webdataset's tarfile_samples {per_window['tarfile']:.1f} us/window "
+          f"({per_window['tarfile'] / per_window['read_tar']:.1f}x)")
     for where in ("gcs", "local"):
         ck = report[f"checkpoint_{where}"]
         sync, stall = min(ck["sync_s"]), max(ck["stall_s"])

@@ -5,34 +5,15 @@ count, size, sha256, class counts) and draw a seeded sample of windows with thei
 from __future__ import annotations
 
 import random
-import tarfile
 from collections import Counter
-from typing import Callable, Iterator
-
+from typing import Callable
 
 from . import storage
 from .config import InspectConfig
 from .errors import UserError
-from .loader import load_npy
+from .loader import load_npy, stream_samples
 from .shards import read_manifest
 from .video import Window, clip_frames, sheet
-
-
-def shard_samples(handle) -> Iterator[dict]:
-    """Samples of a tar stream, grouped by key (the member name up to its first dot)."""
-    sample: dict = {}
-    with tarfile.open(fileobj=handle, mode="r|") as tar:
-        for member in tar:
-            if not member.isfile():
-                continue
-            key, _, ext = member.name.partition(".")
-            if sample and sample["__key__"] != key:
-                yield sample
-                sample = {}
-            sample["__key__"] = key
-            sample[ext] = tar.extractfile(member).read()
-    if sample:
-        yield sample
 
 
 def inspect_split(config: InspectConfig, progress: bool = True, print_fn: Callable[[str], None] = print) -> dict:
@@ -59,7 +40,7 @@ def inspect_split(config: InspectConfig, progress: bool = True, print_fn: Callab
         try:
             with storage.open_read(url) as handle:
                 reader = storage.HashingReader(handle)
-                for sample in shard_samples(reader):
+                for sample in stream_samples(reader, url):
                     found += 1
                     seen += 1
                     bar.update(1)
@@ -75,7 +56,7 @@ def inspect_split(config: InspectConfig, progress: bool = True, print_fn: Callab
             problems.append(f"{shard['name']}: missing")
             report.append((shard["name"], 0, 0, "MISSING"))
             continue
-        except (tarfile.TarError, KeyError, ValueError, IndexError) as exc:
+        except (KeyError, ValueError, IndexError) as exc:
             problems.append(f"{shard['name']}: unreadable ({exc})")
             report.append((shard["name"], found, 0, "UNREADABLE"))
             continue

@@ -19,13 +19,14 @@ import itertools
 import math
 import random
 from dataclasses import dataclass
-from typing import Any, Iterable, Iterator
+from typing import IO, Any, Iterable, Iterator
 
 import numpy as np
 import torch
 import webdataset as wds
 
 from . import storage
+from .shards import TarFormatError, read_tar
 
 
 @dataclass(frozen=True)
@@ -103,9 +104,28 @@ def eval_steps(shards: list[Shard], world: int, workers: int, batch: int) -> int
 
 # --- sample-level stages (generators) ------------------------------------------------------
 
+def tar_members(sources: Iterable[dict]) -> Iterator[dict]:
+    """webdataset's tar expander on ``shards.read_tar``: ``{"url", "stream"}`` dicts ->
+    ``{"fname", "data", "__url__"}`` members, with ``{}`` after each shard so that samples of two
+    shards are never merged."""
+    for source in sources:
+        with source["stream"] as stream:
+            try:
+                for name, data in read_tar(stream):
+                    yield {"fname": name, "data": data, "__url__": source["url"]}
+            except TarFormatError as exc:
+                raise TarFormatError(f"{source['url']}: not a valid shard: {exc}") from None
+        yield {}
+
+
+def stream_samples(stream: IO[bytes], url: str) -> Iterator[dict]:
+    """Samples of one open shard stream (``url`` names it in errors)."""
+    return wds.tariterators.group_by_keys(tar_members([{"url": url, "stream": stream}]))
+
+
 def tar_samples(urls: Iterable[str]) -> Iterator[dict]:
     """Raw samples (``__key__``, ``clip.npy``, ``cls``, ``json`` bytes) of the given shards."""
-    return wds.tarfile_samples(({"url": url} for url in urls))
+    return wds.tariterators.group_by_keys(tar_members(wds.tariterators.url_opener({"url": url} for url in urls)))
 
 
 def shuffle_buffer(samples: Iterable, size: int, rng: random.Random) -> Iterator:

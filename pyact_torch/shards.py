@@ -12,7 +12,7 @@ import io
 import json
 import tarfile
 from dataclasses import asdict, dataclass
-from typing import Any, Iterable
+from typing import IO, Any, Iterable, Iterator
 
 import numpy as np
 
@@ -78,12 +78,101 @@ def write_shard(dest: str, name: str, samples: Iterable[dict]) -> ShardInfo:
     return ShardInfo(name, count, hashing.size, hashing.digest.hexdigest())
 
 
+BLOCK = 512
+_ZERO_BLOCK = bytes(BLOCK)
+_REGULAR = (b"0", b"\0", b"7")
+_IGNORED = (b"1", b"2", b"3", b"4", b"5", b"6", b"g", b"K")  # links, devices, dirs, fifos, pax globals
+
+
+class TarFormatError(ValueError):
+    """A shard that is not a complete, valid tar archive."""
+
+
+def _number(field: bytes) -> int:
+    if field[:1] in (b"\x80", b"\xff"):  # GNU base-256, for sizes past 8 GiB
+        value = int.from_bytes(field[1:], "big")
+        return value - (1 << (8 * len(field) - 8)) if field[0] == 0xFF else value
+    try:
+        return int(field.replace(b"\0", b" ").strip() or b"0", 8)
+    except ValueError:
+        raise TarFormatError(f"bad number field {field!r}") from None
+
+
+def _pax_records(data: bytes) -> dict[str, str]:
+    """``"<len> <key>=<value>\\n"`` records of a pax extended header."""
+    records, pos = {}, 0
+    while pos < len(data) and data[pos] != 0:
+        space = data.index(b" ", pos)
+        length = int(data[pos:space])
+        key, _, value = data[space + 1:pos + length - 1].partition(b"=")
+        records[key.decode()] = value.decode("utf-8", "surrogateescape")
+        pos += length
+    return records
+
+
+def read_tar(stream: IO[bytes]) -> Iterator[tuple[str, bytes]]:
+    """``(name, content)`` of each regular file of a tar stream, in order.
+
+    The loader's tar stage: ``tarfile`` spends ~25 µs building a ``TarInfo`` per member, which
+    was two thirds of the loader's time per window. This reads USTAR, GNU long names and pax
+    headers (``path``/``size``) with two reads per member. Unlike ``tarfile``'s stream mode it
+    never stops silently: a bad checksum, a truncated member or a missing end-of-archive block
+    raises ``TarFormatError``, because a shard that yields fewer windows than the manifest
+    says would leave replicas with unequal step counts.
+    """
+    pad, offset = 0, 0
+    name_override: str | None = None
+    size_override: int | None = None
+    while True:
+        block = stream.read(pad + BLOCK)
+        if len(block) < pad + BLOCK:
+            raise TarFormatError(f"truncated at byte {offset + len(block)} (no end-of-archive block)")
+        header = block[pad:]
+        offset += pad + BLOCK
+        if header == _ZERO_BLOCK:
+            return
+        stored = _number(header[148:156])
+        if sum(header) - sum(header[148:156]) + 8 * 0x20 != stored:
+            raise TarFormatError(f"bad header checksum at byte {offset - BLOCK}")
+        size = _number(header[124:136]) if size_override is None else size_override
+        if size < 0:
+            raise TarFormatError(f"negative member size at byte {offset - BLOCK}")
+        data = stream.read(size)
+        if len(data) < size:
+            raise TarFormatError(f"truncated member at byte {offset} ({len(data)} of {size} bytes)")
+        offset += size
+        pad = -size % BLOCK
+        kind = header[156:157]
+        if kind in _REGULAR:
+            if name_override is not None:
+                name = name_override
+            else:
+                name = header[:100].split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+                prefix = header[345:500].split(b"\0", 1)[0]
+                if prefix:
+                    name = prefix.decode("utf-8", "surrogateescape") + "/" + name
+            yield name, data
+        elif kind == b"L":  # GNU long name of the next member
+            name_override = data.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+            continue
+        elif kind == b"x":  # pax header of the next member
+            records = _pax_records(data)
+            if any(key.startswith("GNU.sparse") for key in records):
+                raise TarFormatError("sparse members are not supported")
+            name_override = records.get("path", name_override)
+            if "size" in records:
+                size_override = int(records["size"])
+            continue
+        elif kind not in _IGNORED:
+            raise TarFormatError(f"unsupported member type {kind!r} at byte {offset - size - BLOCK}")
+        name_override = size_override = None
+
+
 def hash_shard(dest: str, name: str) -> ShardInfo:
     """Count, size and sha256 of an existing shard, read back in one pass (after a resume)."""
     with storage.open_read(storage.join(dest, name)) as handle:
         reader = storage.HashingReader(handle)
-        with tarfile.open(fileobj=reader, mode="r|") as tar:
-            count = sum(1 for member in tar if member.name.endswith(".cls"))
+        count = sum(1 for member, _ in read_tar(reader) if member.endswith(".cls"))
         while reader.read(1 << 20):
             pass  # the tar's end padding also counts
     return ShardInfo(name, count, reader.size, reader.digest.hexdigest())

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import io
 import random
+import re
+import tarfile
 from collections import Counter
 
 import pytest
@@ -10,9 +13,9 @@ import torch
 
 from pyact_torch.config import PreprocessConfig
 from pyact_torch.loader import (Part, Shard, WindowDataset, batches, epoch_order, make_loader,
-                                shuffle_buffer, train_steps, worker_shards)
+                                shuffle_buffer, split_shards, tar_samples, train_steps, worker_shards)
 from pyact_torch.preprocess import preprocess
-from pyact_torch.shards import read_manifest
+from pyact_torch.shards import TarFormatError, read_manifest, read_tar
 
 SHARDS = [Shard(f"s{i}", count) for i, count in enumerate([8] * 20 + [5, 3, 1])]
 
@@ -117,3 +120,81 @@ def test_reads_shards_from_gcs(shards_dir, gcs):
     remote = WindowDataset("gs://pyact-test/loader", manifest, "eval", 4, Part(), train=False)
     for (a, la, ma), (b, lb, mb) in zip(local, remote, strict=True):
         assert torch.equal(a, b) and torch.equal(la, lb) and torch.equal(ma, mb)
+
+
+# --- the tar stage (shards.read_tar), checked against the standard library's tarfile ---------
+
+def _tarfile_members(data: bytes) -> list[tuple[str, bytes]]:
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        return [(m.name, tar.extractfile(m).read()) for m in tar if m.isfile()]
+
+
+def _tar(fmt: int, entries: list[tuple[str, bytes | None, bytes]]) -> bytes:
+    """A tar in ``fmt`` of (name, content or None, member type) entries."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=fmt) as tar:
+        for name, content, kind in entries:
+            info = tarfile.TarInfo(name)
+            info.type = kind
+            if kind == tarfile.SYMTYPE:
+                info.linkname = "elsewhere"
+            info.size = len(content) if content is not None else 0
+            tar.addfile(info, io.BytesIO(content) if content is not None else None)
+    return buffer.getvalue()
+
+
+def _read(data: bytes) -> list[tuple[str, bytes]]:
+    return list(read_tar(io.BytesIO(data)))
+
+
+def test_read_tar_gives_what_tarfile_gives_on_real_shards(shards_dir):
+    shards = [s.url for s in split_shards(shards_dir, read_manifest(shards_dir), "train")]
+    for url in shards:
+        data = open(url, "rb").read()
+        assert _read(data) == _tarfile_members(data)
+    samples = list(tar_samples(shards))
+    assert len(samples) == read_manifest(shards_dir)["splits"]["train"]["count"]
+    assert all(set(s) == {"__key__", "__url__", "clip.npy", "cls", "json"} for s in samples)
+
+
+@pytest.mark.parametrize("fmt", [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
+def test_read_tar_handles_long_and_unicode_names_and_skips_non_files(fmt):
+    rng = random.Random(fmt)
+    entries = [
+        ("dir", None, tarfile.DIRTYPE),
+        ("a.clip.npy", bytes(rng.randrange(256) for _ in range(1000)), tarfile.REGTYPE),
+        ("a.cls", b"3", tarfile.REGTYPE),
+        ("empty.txt", b"", tarfile.REGTYPE),
+        ("link", None, tarfile.SYMTYPE),
+        ("p" * 90 + "/" + "q" * 60 + ".json", b"{}", tarfile.REGTYPE),  # USTAR prefix field
+        ("block.bin", bytes(512), tarfile.REGTYPE),  # content of exactly one zero block
+    ]
+    if fmt != tarfile.USTAR_FORMAT:
+        entries += [("x" * 300 + ".clip.npy", b"long", tarfile.REGTYPE),
+                    ("kéy-数据.cls", b"7", tarfile.REGTYPE)]
+    data = _tar(fmt, entries)
+    expected = _tarfile_members(data)
+    assert [name for name, _ in expected] == [name for name, content, kind in entries if kind == tarfile.REGTYPE]
+    assert _read(data) == expected
+
+
+def test_read_tar_never_stops_silently_on_a_damaged_shard(shards_dir, tmp_path):
+    url = split_shards(shards_dir, read_manifest(shards_dir), "train")[0].url
+    data = open(url, "rb").read()
+    starts = [0]  # where each member's header starts; the last entry is the end-of-archive block
+    for _, content in _tarfile_members(data):
+        starts.append(starts[-1] + 512 + -(-len(content) // 512) * 512)
+    # cut inside a header, inside data, and exactly between members or before the end blocks
+    for cut in (100, 512 + 77, starts[1] - 3, starts[1], starts[-2], starts[-1]):
+        with pytest.raises(TarFormatError, match="truncated"):
+            _read(data[:cut])
+    assert len(_read(data[:starts[-1] + 512])) == len(starts) - 1  # one end block is enough
+    corrupt = bytearray(data)
+    corrupt[starts[1] + 5] ^= 0x20  # one bit of the second member's name
+    with pytest.raises(TarFormatError, match="checksum"):
+        _read(bytes(corrupt))
+    bad = str(tmp_path / "bad.tar")
+    with open(bad, "wb") as handle:
+        handle.write(data[:starts[-2]])
+    with pytest.raises(TarFormatError, match=re.escape(bad)):
+        list(tar_samples([bad]))
