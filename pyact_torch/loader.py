@@ -2,8 +2,8 @@
 
 shard list (from the manifest) -> per-epoch seeded shard order -> this replica's shards (by the
 XLA ordinal, never by RANK/WORLD_SIZE) -> this DataLoader worker's shards -> tar samples
-(local or gs://, streamed through ``storage``) -> seeded shuffle buffer -> decode (uint8) ->
-batches -> float.
+(local or gs://, streamed through ``storage``; members read by ``shards.read_tar``, grouped
+by webdataset) -> seeded shuffle buffer -> decode (uint8) -> batches -> float.
 
 Every replica runs the same number of steps: training counts, from the manifest, the full
 batches each replica can make this epoch and all take the smallest; evaluation pads and masks
