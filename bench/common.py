@@ -9,6 +9,8 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
+from typing import Callable
 
 CHILD_STRINGS = ("--data", "--preset", "--device", "--result")
 CHILD_INTS = ("--batch", "--warmup", "--steps")
@@ -37,3 +39,13 @@ def run_child(script: str, **flags: object) -> dict:
             return json.load(handle)
     finally:
         os.remove(result)
+
+
+def best_seconds(run: Callable[[], object], repeats: int) -> float:
+    """The fastest of ``repeats`` timed calls of ``run`` (the least disturbed by other load)."""
+    best = float("inf")
+    for _ in range(repeats):
+        started = time.perf_counter()
+        run()
+        best = min(best, time.perf_counter() - started)
+    return best

@@ -31,7 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
 
-from common import add_child_arguments, run_child  # noqa: E402  (bench/common.py)
+from common import add_child_arguments, best_seconds, run_child  # noqa: E402  (bench/common.py)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BUCKET = "pyact-bench"
@@ -175,17 +175,15 @@ def read_cost(data: str, shards: int = 20, repeats: int = 3) -> dict:
     def library(url: str):
         return storage._blob(url).open("rb", chunk_size=storage.GCS_CHUNK, retry=storage._retry())
 
+    def read_all(opener) -> None:
+        for shard in chosen:
+            with opener(shard.url) as handle:
+                while handle.read(10240):
+                    pass
+
     result = {"shards": len(chosen), "windows": sum(s.count for s in chosen)}
     for name, opener in (("open_read", storage.open_read), ("blob_open", library)):
-        best = float("inf")
-        for _ in range(repeats):
-            started = time.perf_counter()
-            for shard in chosen:
-                with opener(shard.url) as handle:
-                    while handle.read(10240):
-                        pass
-            best = min(best, time.perf_counter() - started)
-        result[f"{name}_s"] = best
+        result[f"{name}_s"] = best_seconds(lambda: read_all(opener), repeats)
     return result
 
 
@@ -203,13 +201,11 @@ def tar_cost(data: str, shards: int = 20, repeats: int = 3) -> dict:
     stages = (("read_tar", lambda: tar_samples(urls)),
               ("tarfile", lambda: wds.tarfile_samples({"url": url} for url in urls)))
     for name, samples in stages:
-        best = float("inf")
-        for _ in range(repeats):
-            started = time.perf_counter()
+        def count() -> None:
             if sum(1 for _ in samples()) != result["windows"]:
                 raise RuntimeError(f"{name}: a different number of samples")
-            best = min(best, time.perf_counter() - started)
-        result[f"{name}_s"] = best
+
+        result[f"{name}_s"] = best_seconds(count, repeats)
     return result
 
 
