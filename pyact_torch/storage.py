@@ -152,7 +152,7 @@ class _ObjectStream(io.RawIOBase):
     google-cloud-storage's own reader (BlobReader) issues a ranged GET per chunk, walks every
     response in 8 KB pieces, copies each chunk twice and learns of the end from a request past
     it (HTTP 416, after which fake-gcs-server resets the connection and the next request waits
-    out a retry back-off): 3.6x the time per byte of this stream, measured (bench/train.py)."""
+    out a retry back-off): 3-3.6x the time per byte of this stream, measured (bench/train.py)."""
 
     def __init__(self, url: str, link: str, size: int):
         self.url, self.link, self.size = url, link, size

@@ -163,6 +163,12 @@ def test_inspect_passes_good_shards_and_names_a_damaged_one(learn_shards, tmp_pa
     error = capsys.readouterr().err.strip().splitlines()
     assert len(error) == 1 and victim in error[0] and "sha256" in error[0]
 
+    shutil.copy(os.path.join(learn_shards, victim), os.path.join(damaged, victim))
+    os.truncate(os.path.join(damaged, victim), 3000)  # an interrupted copy: cut inside a member
+    assert main(["inspect", damaged, "--split", "eval", "--out", out]) == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and f"{victim}: unreadable" in error[0] and "truncated" in error[0]
+
 
 @pytest.mark.parametrize("case", ["no-checkpoint", "no-split", "bad-predictions", "missing-predictions",
                                   "no-frames-source"])
