@@ -1,6 +1,6 @@
 # Two commands for a fresh clone: `make demo` and `make test`. Each creates .venv and installs
 # pyact-torch with its test tools into it the first time (torch 2.9.0 + torch_xla 2.9.0: ~7 GB,
-# a few minutes); later runs reuse it.
+# a few minutes); later runs reuse it. Versions are pinned by constraints.txt (the tested set).
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -9,9 +9,9 @@ DEMO := demo-output
 
 .PHONY: demo test bench clean
 
-$(STAMP): setup.py
+$(STAMP): setup.py constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -e '.[dev]'
+	$(PY) -m pip install -c constraints.txt -e '.[dev]'
 	touch $(STAMP)
 
 test: $(STAMP)

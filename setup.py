@@ -10,17 +10,22 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["pyact_torch", "pyact_torch.*"]),
+    # Compatible ranges for library users; the exact set the tests ran with is constraints.txt,
+    # which `make` and the Dockerfile install with (pip install -c constraints.txt ...).
     install_requires=[
         "torch==2.9.0",
         "torch_xla==2.9.0",
-        "numpy",
-        "opencv-python-headless",
-        "webdataset==1.0.2",
-        "google-cloud-storage>=2.14",
-        "tqdm",
-        "matplotlib",
-        "scikit-learn",
-        "h5py",
+        "numpy>=1.24",
+        "opencv-python-headless>=4.8",
+        "webdataset>=1.0.2,<1.1",
+        "google-cloud-storage>=2.14,<4",
+        "google-crc32c>=1.5",  # TFRecord CRCs (convert-tfrecords)
+        "protobuf>=4.21",  # tf.train.Example (convert-tfrecords)
+        "requests>=2.28",  # gs:// reads through the storage client's session
+        "tqdm>=4.60",
+        "matplotlib>=3.7",
+        "scikit-learn>=1.3",
+        "h5py>=3.8",
     ],
     extras_require={
         "tpu": ["torch_xla[tpu]==2.9.0"],

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import tarfile
 from dataclasses import asdict, dataclass
 from typing import IO, Any, Iterable, Iterator
@@ -22,6 +23,10 @@ from .errors import UserError
 MANIFEST = "manifest.json"
 FORMAT = "pyact-torch-shards/1"
 TAR_MTIME = 0  # fixed tar metadata: the same windows always give the same bytes
+SPLIT_NAMES = ("train", "eval", "test")
+# The shard names a manifest may list: ``<split>/<split>-NNNNNN.tar``, or with an 8-hex tag
+# (``<split>/<split>-<tag>-NNNNNN.tar``) when a conversion replaced a split under new names.
+SHARD_NAME = re.compile(r"(train|eval|test)/\1-(?:[0-9a-f]{8}-)?\d{6}\.tar")
 
 
 @dataclass(frozen=True)
@@ -32,8 +37,17 @@ class ShardInfo:
     sha256: str
 
 
-def shard_name(split: str, index: int) -> str:
-    return f"{split}/{split}-{index:06d}.tar"
+class ShardError(UserError):
+    """A shard or manifest that is missing, damaged or disagrees with the manifest (named)."""
+
+
+def shard_name(split: str, index: int, tag: str = "") -> str:
+    return f"{split}/{split}-{tag + '-' if tag else ''}{index:06d}.tar"
+
+
+def shard_url(dest: str, name: str) -> str:
+    """Where a shard named in ``dest``'s manifest is: only names of our own form, inside ``dest``."""
+    return storage.child(dest, name, SHARD_NAME, storage.join(dest, MANIFEST))
 
 
 def npy_bytes(array: np.ndarray) -> bytes:
@@ -85,7 +99,7 @@ _IGNORED = (b"1", b"2", b"3", b"4", b"5", b"6", b"g", b"K")  # links, devices, d
 
 
 class TarFormatError(ValueError):
-    """A shard that is not a complete, valid tar archive."""
+    """A shard that is not a complete, valid tar archive (or not one this project could write)."""
 
 
 def _number(field: bytes) -> int:

@@ -10,11 +10,13 @@ credentials.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import io
 import json
 import os
-import shutil
+import re
+import stat
 import urllib.parse
 from typing import IO, Any, Iterator
 
@@ -23,6 +25,14 @@ from .errors import UserError
 GCS_CHUNK = 16 * 1024 * 1024  # resumable-upload chunk: a multiple of 256 KiB
 READ_BUFFER = 1024 * 1024  # gs:// reads: bytes asked of the HTTP stream at a time
 PARTIAL_SUFFIX = ".partial"
+JSON_LIMIT = 64 * 1024 * 1024  # the largest JSON file read (predictions of a real Test split: ~7 MB)
+# How long a gs:// call keeps retrying an unreachable endpoint before giving up with one line.
+GCS_DEADLINE = float(os.environ.get("PYACT_GCS_TIMEOUT", "30"))
+_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")
+_BUCKET = re.compile(r"^[a-z0-9][a-z0-9._-]{1,220}[a-z0-9]$")
+# Local write failures a user can fix (a full or read-only disk, no permission): one line, no retry.
+USER_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR,
+               errno.EISDIR, errno.ENAMETOOLONG)
 
 _clients: dict[tuple, Any] = {}
 
@@ -31,12 +41,39 @@ def is_gcs(url: str) -> bool:
     return url.startswith("gs://")
 
 
+class StorageUnreachable(UserError):
+    """Google Cloud Storage (or the emulator) did not answer within ``GCS_DEADLINE``."""
+
+
 def split_gcs(url: str) -> tuple[str, str]:
     """``gs://bucket/a/b`` -> ``("bucket", "a/b")``."""
     bucket, _, name = url[len("gs://"):].partition("/")
     if not bucket:
         raise UserError(f"{url}: no bucket name in gs:// URL")
+    if not _BUCKET.fullmatch(bucket) or ".." in bucket:
+        raise UserError(f"{url}: {bucket!r} is not a valid bucket name (lower-case letters, digits, '-', '_', '.')")
     return bucket, name.strip("/")
+
+
+def check_location(url: str, flag: str) -> str:
+    """A folder or ``gs://`` URL given by the user: never empty, never another URL scheme
+    (webdataset would run ``pipe:`` URLs in a shell)."""
+    if not url.strip():
+        raise UserError(f"{flag}: empty; give a folder or a gs://bucket/prefix")
+    if is_gcs(url):
+        split_gcs(url)
+    elif _SCHEME.match(url):
+        raise UserError(f"{flag} {url}: only local paths and gs:// URLs are supported")
+    return url
+
+
+def child(base: str, name: Any, pattern: re.Pattern, source: str) -> str:
+    """``base/name`` for a ``name`` read from a file (``source``): it must be a relative name of
+    the form this project writes (``pattern``), so it cannot leave ``base``."""
+    if (not isinstance(name, str) or not pattern.fullmatch(name)
+            or any(part in ("", ".", "..") for part in name.split("/"))):
+        raise UserError(f"{source}: {str(name)[:80]!r} is not a name this project writes; refusing to use it")
+    return join(base, name)
 
 
 def join(base: str, *parts: str) -> str:
@@ -73,7 +110,7 @@ def _blob(url: str):
 def _retry():
     from google.cloud.storage.retry import DEFAULT_RETRY
 
-    return DEFAULT_RETRY
+    return DEFAULT_RETRY.with_timeout(GCS_DEADLINE)
 
 
 @contextlib.contextmanager
@@ -86,15 +123,29 @@ def open_write(url: str) -> Iterator[IO[bytes]]:
                 yield writer
         return
     folder, name = os.path.split(os.path.abspath(url))
-    os.makedirs(folder, exist_ok=True)
     partial = os.path.join(folder, f".{name}.{os.getpid()}{PARTIAL_SUFFIX}")
     try:
-        with open(partial, "wb") as handle:
-            yield handle
-        os.replace(partial, url)
+        with _local_errors(url):
+            os.makedirs(folder, exist_ok=True)
+            with open(partial, "wb") as handle:
+                yield handle
+                handle.flush()
+                os.fsync(handle.fileno())  # the data is on disk before the name says it is complete
+            os.replace(partial, url)
     finally:
         if os.path.exists(partial):
             os.remove(partial)
+
+
+@contextlib.contextmanager
+def _local_errors(url: str) -> Iterator[None]:
+    """A full or read-only disk, or a path that cannot be a file: one line naming ``url``."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno in USER_ERRNOS:
+            raise UserError(f"{url}: cannot write ({exc.strerror})") from None
+        raise
 
 
 class HashingWriter(io.RawIOBase):
@@ -209,7 +260,8 @@ class _ObjectStream(io.RawIOBase):
 
 
 def open_read(url: str) -> IO[bytes]:
-    """A streaming binary reader."""
+    """A streaming binary reader of a regular file or an object (a FIFO, device or folder
+    is refused: it could hang or never end)."""
     if is_gcs(url):
         from google.api_core.exceptions import NotFound
 
@@ -223,12 +275,37 @@ def open_read(url: str) -> IO[bytes]:
                 return blob.open("rb", chunk_size=GCS_CHUNK, retry=_retry())
             return io.BufferedReader(_ObjectStream(url, _pinned(blob.media_link, blob.generation), blob.size),
                                      READ_BUFFER)
-    return open(url, "rb")
+    fd = os.open(url, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)  # a FIFO opens without waiting
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise UserError(f"{url}: not a regular file")
+    os.set_blocking(fd, True)
+    return os.fdopen(fd, "rb")
 
 
-def read_bytes(url: str) -> bytes:
+def size(url: str) -> int:
+    """Bytes in a file or object."""
+    if is_gcs(url):
+        from google.api_core.exceptions import NotFound
+
+        with _gcs_errors(url):
+            blob = _blob(url)
+            try:
+                blob.reload(retry=_retry())
+            except NotFound:
+                raise FileNotFoundError(url) from None
+            return blob.size
+    return os.stat(url).st_size
+
+
+def read_bytes(url: str, limit: int | None = None) -> bytes:
+    """The whole file; more than ``limit`` bytes is an error (a file read for its metadata
+    can never make us hold an unbounded amount)."""
     with open_read(url) as handle:
-        return handle.read()
+        data = handle.read() if limit is None else handle.read(limit + 1)
+    if limit is not None and len(data) > limit:
+        raise UserError(f"{url}: larger than the {limit} bytes such a file can have")
+    return data
 
 
 def write_bytes(url: str, data: bytes) -> None:
@@ -236,8 +313,12 @@ def write_bytes(url: str, data: bytes) -> None:
         handle.write(data)
 
 
-def read_json(url: str) -> Any:
-    return json.loads(read_bytes(url))
+def read_json(url: str, limit: int = JSON_LIMIT) -> Any:
+    """A JSON file of at most ``limit`` bytes; invalid JSON is a one-line error naming it."""
+    try:
+        return json.loads(read_bytes(url, limit))
+    except ValueError:
+        raise UserError(f"{url}: not valid JSON") from None
 
 
 def write_json(url: str, value: Any) -> None:
@@ -248,7 +329,7 @@ def write_json(url: str, value: Any) -> None:
 def exists(url: str) -> bool:
     if is_gcs(url):
         with _gcs_errors(url):
-            return _blob(url).exists()
+            return _blob(url).exists(retry=_retry())
     return os.path.exists(url)
 
 
@@ -263,7 +344,7 @@ def list_files(url: str) -> list[str]:
         bucket, prefix = split_gcs(url)
         prefix = prefix + "/" if prefix else ""
         with _gcs_errors(url):
-            return sorted(b.name[len(prefix):] for b in client().list_blobs(bucket, prefix=prefix))
+            return sorted(b.name[len(prefix):] for b in client().list_blobs(bucket, prefix=prefix, retry=_retry()))
     if not os.path.isdir(url):
         return []
     names = []
@@ -278,7 +359,7 @@ def remove(url: str) -> None:
         from google.api_core.exceptions import NotFound
 
         with contextlib.suppress(NotFound), _gcs_errors(url):
-            _blob(url).delete()
+            _blob(url).delete(retry=_retry())
     elif os.path.exists(url):
         os.remove(url)
 
@@ -288,7 +369,7 @@ def check_writable(url: str) -> None:
     if is_gcs(url):
         bucket, _ = split_gcs(url)
         with _gcs_errors(url):
-            if not client().bucket(bucket).exists():
+            if not client().bucket(bucket).exists(retry=_retry()):
                 raise UserError(f"gs://{bucket}: bucket does not exist")
         return
     try:
@@ -301,18 +382,24 @@ def check_writable(url: str) -> None:
         raise UserError(f"{url}: not writable ({exc.strerror or exc})") from None
 
 
-def local_scratch(path: str) -> None:
-    """Remove a local scratch folder and everything in it."""
-    shutil.rmtree(path, ignore_errors=True)
+def bucket_exists(url: str) -> bool:
+    bucket, _ = split_gcs(url)
+    with _gcs_errors(url):
+        return client().bucket(bucket).exists(retry=_retry())
 
 
 @contextlib.contextmanager
 def _gcs_errors(url: str) -> Iterator[None]:
     """Turn google-cloud-storage's errors for a missing bucket or no access into UserError."""
+    import requests
     from google.api_core import exceptions
 
     try:
         yield
+    except (exceptions.RetryError, requests.ConnectionError) as exc:
+        where = os.environ.get("STORAGE_EMULATOR_HOST") or "Google Cloud Storage"
+        raise StorageUnreachable(f"{url}: cannot reach {where} (gave up after {GCS_DEADLINE:.0f} s; "
+                                 f"PYACT_GCS_TIMEOUT sets how long): {_first_line(exc)}") from None
     except exceptions.NotFound as exc:
         raise UserError(f"{url}: not found ({_first_line(exc)})") from None
     except exceptions.Forbidden as exc:
