@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import re
+import signal
 import sys
 from typing import Any, Callable
 
@@ -15,6 +16,7 @@ from .config import (DemoConfig, InspectConfig, KerasConfig, PreprocessConfig, S
                      TFRecordConfig, TrainConfig, VideoConfig, add_arguments, from_namespace)
 from . import __doc__ as package_doc
 from .errors import UserError
+from .storage import USER_ERRNOS
 
 
 def _synth(config: SynthConfig) -> None:
@@ -73,18 +75,41 @@ def build_parser(only: str | None = None, prog: str | None = None) -> argparse.A
     return parser
 
 
+class Terminated(BaseException):
+    """SIGTERM outside training: unwind (removing partial files, stopping workers) and exit."""
+
+
+def _terminate(signum: int, frame: Any) -> None:
+    raise Terminated()
+
+
 def main(argv: list[str] | None = None, only: str | None = None, prog: str | None = None) -> int:
     """Parse ``argv`` and run; returns the exit status."""
     args = build_parser(only, prog).parse_args(argv)
+    previous = None
+    if args.command != "train":  # training handles SIGTERM itself: finish the step, checkpoint, exit 0
+        previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         cls, run, _ = COMMANDS[args.command]
         run(from_namespace(cls, args))
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:
+        if exc.errno not in USER_ERRNOS:
+            raise
+        print(f"error: {exc.filename or args.command}: {exc.strerror}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("interrupted; run the same command again to continue where it stopped", file=sys.stderr)
         return 130
+    except Terminated:
+        print("stopped by SIGTERM; nothing half-written was left; run the same command again to continue",
+              file=sys.stderr)
+        return 143
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     return 0
 
 

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from .errors import UserError
+from .storage import check_location
 
 MODALITIES = ("color", "depth", "rgbd")
 
@@ -101,9 +103,17 @@ class PreprocessConfig:
         "DEST, a folder under the system temp dir for gs://", metavar="DIR", output=False))
 
     def __post_init__(self) -> None:
+        _locations(SRC=self.src, DEST=self.dest)
+        if self.cache_dir:
+            _locations(**{"--cache-dir": self.cache_dir})
+        if storage_is_gcs(self.src) or storage_is_gcs(self.cache_dir):
+            raise UserError("SRC and --cache-dir are local folders")
         _positive(image_size=self.image_size, shard_size=self.shard_size)
-        if self.seq_len < 0 or self.workers < 0:
-            raise UserError("--seq-len and --workers must be 0 or positive")
+        if self.image_size % 16:
+            raise UserError(f"--image-size must be a multiple of 16 (ConvNet3D pools 2x2 four times), "
+                            f"got {self.image_size}")
+        if self.seq_len == 1 or self.seq_len < 0 or self.workers < 0:
+            raise UserError("--seq-len must be 0 (from the label files) or at least 2, and --workers 0 or positive")
         low, high = self.depth_range
         if not 0 <= low < high:
             raise UserError(f"--depth-range: expected 0 <= MIN < MAX, got {low}:{high}")
@@ -134,6 +144,9 @@ class SynthConfig:
                                                   metavar="N", output=False))
 
     def __post_init__(self) -> None:
+        _locations(OUT=self.out)
+        if storage_is_gcs(self.out):
+            raise UserError(f"{self.out}: the synthetic dataset is written to a local folder")
         n_train, n_eval, n_test = self.subjects
         if n_train < 1 or n_test < 1 or n_eval < 0:
             raise UserError("--subjects: need at least 1 Train and 1 Test subject")
@@ -184,9 +197,12 @@ class TrainConfig:
     seed: int = field(default=0, metadata=_arg("seed for weights, shard order and shuffling"))
 
     def __post_init__(self) -> None:
+        _locations(**{"--data": self.data, "--run-dir": self.run_dir})
+        if self.resume not in ("auto", "none"):
+            _locations(**{"--resume": self.resume})
         _positive(epochs=self.epochs, batch_size=self.batch_size, keep=self.keep, log_every=self.log_every)
-        if self.lr <= 0:
-            raise UserError(f"--lr must be positive, got {self.lr}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise UserError(f"--lr must be a positive number, got {self.lr}")
         if self.ckpt_every < 0 or self.workers < 0 or self.shuffle_buffer < 0:
             raise UserError("--ckpt-every, --workers and --shuffle-buffer must be 0 or positive")
 
@@ -210,6 +226,7 @@ class ScoreConfig:
     batch_size: int = field(default=32, metadata=_arg("windows per forward pass", metavar="N"))
 
     def __post_init__(self) -> None:
+        _locations(**{"--checkpoint": self.checkpoint, "--data": self.data, "--out": self.out})
         _positive(batch_size=self.batch_size)
 
 
@@ -235,8 +252,12 @@ class VideoConfig:
     max_windows: int = field(default=0, metadata=_arg("only the first N windows; 0 = all", metavar="N"))
 
     def __post_init__(self) -> None:
+        _locations(PREDICTIONS=self.predictions, OUT=self.out)
+        for flag, value in (("--src", self.src), ("--data", self.data)):
+            if value:
+                _locations(**{flag: value})
         _positive(size=self.size, sheet_windows=self.sheet_windows)
-        if self.fps <= 0 or self.max_windows < 0:
+        if not (math.isfinite(self.fps) and self.fps > 0) or self.max_windows < 0:
             raise UserError("--fps must be positive and --max-windows 0 or positive")
 
 
@@ -253,6 +274,7 @@ class InspectConfig:
     seed: int = field(default=0, metadata=_arg("seed for the choice of windows"))
 
     def __post_init__(self) -> None:
+        _locations(DEST=self.data, **{"--out": self.out})
         _positive(n=self.n, size=self.size)
 
 
@@ -270,6 +292,7 @@ class KerasConfig:
         "frames per window, used when the file has no model config to read the input shape from", metavar="T"))
 
     def __post_init__(self) -> None:
+        _locations(H5=self.h5, OUT=self.out)
         _positive(seq_len=self.seq_len)
 
 
@@ -294,6 +317,7 @@ class TFRecordConfig:
         "skip records that fail their CRC check (and the rest of a truncated file) instead of stopping"))
 
     def __post_init__(self) -> None:
+        _locations(SRC=self.src, DEST=self.dest)
         _positive(seq_len=self.seq_len, shard_size=self.shard_size)
         if not self.split:
             name = os.path.basename(self.src.rstrip("/")).lower()
@@ -319,7 +343,20 @@ class DemoConfig:
     seed: int = field(default=3, metadata=_arg("seed of the synthetic dataset and of training"))
 
     def __post_init__(self) -> None:
+        _locations(**{"--out": self.out})
+        if storage_is_gcs(self.out):
+            raise UserError("--out: the demo writes to a local folder (use --gcs-emulator for gs://)")
         _positive(epochs=self.epochs)
+
+
+def _locations(**values: str) -> None:
+    """Every location flag is a non-empty local path or gs:// URL (never another URL scheme)."""
+    for flag, value in values.items():
+        check_location(value, flag)
+
+
+def storage_is_gcs(value: str) -> bool:
+    return value.startswith("gs://")
 
 
 def _positive(**values: int) -> None:

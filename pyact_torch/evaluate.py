@@ -16,9 +16,9 @@ from . import metrics, storage
 from .checkpoint import check_compatible, load_checkpoint
 from .config import ScoreConfig
 from .errors import UserError
-from .loader import Part, WindowDataset, make_loader
+from .loader import HostBatches, Part, WindowDataset, on_device
 from .model import build_model, reorder_outputs
-from .shards import data_shape, read_manifest
+from .shards import data_shape, read_manifest, split_shards
 from .tpu import Backend
 
 
@@ -72,20 +72,24 @@ def score_checkpoint(config: ScoreConfig, progress: bool = True, print_fn: Calla
     (one replica, XLA or eager CPU) and write metrics.json, per_class.txt,
     confusion_matrix.png and predictions.json to ``config.out``; returns the metrics."""
     manifest = read_manifest(config.data)
-    if config.split not in manifest["splits"]:
-        raise UserError(f"{config.data}: the manifest has no {config.split!r} split "
-                        f"(it has {', '.join(manifest['splits'])})")
+    split_shards(config.data, manifest, config.split)
     storage.check_writable(config.out)
-    state, url = load_checkpoint(config.checkpoint)
+    state, url = load_checkpoint(config.checkpoint, log=print_fn)
     classes = manifest["classes"]
     if list(state["classes"]) != classes and sorted(state["classes"]) == sorted(classes):
         print_fn("note: the checkpoint lists the classes in another order; its outputs are reordered "
                  "to the manifest's")
         state = {**state, "model": reorder_outputs(state["model"], list(state["classes"]), classes), "classes": classes}
     check_compatible(state, classes, data_shape(manifest), what="score this data with it")
-    model = build_model(state["config"]["model"], len(manifest["channels"]), manifest["seq_len"],
-                        manifest["image_size"], len(classes))
-    model.load_state_dict(state["model"])
+    try:
+        model = build_model(state["config"].get("model"), len(manifest["channels"]), manifest["seq_len"],
+                            manifest["image_size"], len(classes))
+    except ValueError as exc:
+        raise UserError(f"{url}: {exc}") from None
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError:
+        raise UserError(f"{url}: its weights do not fit a {state['config']['model']} model on this data") from None
     backend = Backend(config.device)
     model.to(backend.device)
     dataset = WindowDataset(config.data, manifest, config.split, config.batch_size, Part(), train=False)
@@ -93,9 +97,9 @@ def score_checkpoint(config: ScoreConfig, progress: bool = True, print_fn: Calla
     dataset.meta_sink = metas
     windows = manifest["splits"][config.split]["count"]
     bar = tqdm(total=windows, unit="window", desc=f"scoring {config.split}", disable=None if progress else True)
-    host = _Progress(make_loader(dataset, 0), len(dataset), bar)
-    result = evaluate(model, backend.device_loader(host), backend, len(classes), keep_outputs=True)
-    host.bar.close()
+    host = HostBatches(dataset, 0, len(dataset), on_batch=lambda batch: bar.update(int(batch[2].sum())))
+    result = evaluate(model, on_device(host, backend), backend, len(classes), keep_outputs=True)
+    bar.close()
     if len(metas) != len(result["labels"]) or result["windows"] != windows:
         raise RuntimeError(f"scored {result['windows']} windows, the manifest lists {windows}")
     scores = metrics.score(result["labels"], result["probabilities"], classes)
@@ -109,19 +113,3 @@ def score_checkpoint(config: ScoreConfig, progress: bool = True, print_fn: Calla
     storage.write_json(storage.join(config.out, "predictions.json"), rows)
     print_fn(table + f"outputs in {config.out}: metrics.json, per_class.txt, confusion_matrix.png, predictions.json")
     return scores
-
-
-class _Progress:
-    """Host batches with a length (MpDeviceLoader asks for it), advancing a progress bar by
-    the real windows of each batch."""
-
-    def __init__(self, batches: Iterable, length: int, bar):
-        self._batches, self._length, self.bar = batches, length, bar
-
-    def __len__(self) -> int:
-        return self._length
-
-    def __iter__(self):
-        for clips, labels, mask in self._batches:
-            self.bar.update(int(mask.sum()))
-            yield clips, labels, mask

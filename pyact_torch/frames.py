@@ -8,13 +8,17 @@ contiguous read each, so memory stays bounded whatever the dataset size.
 
 from __future__ import annotations
 
+import errno
 import os
+import zlib
 from dataclasses import dataclass
 from typing import Iterator
 
 import cv2
 import numpy as np
 
+from . import storage
+from .errors import UserError
 from .labels import needed_kinds
 from .parallel import map_unordered
 
@@ -70,9 +74,12 @@ def load_png(path: str) -> np.ndarray:
     """Decode a PNG file as stored (8 or 16 bit). A truncated file is caught by its missing
     IEND trailer before decoding, so libpng does not print its own error on stderr."""
     try:
-        data = np.fromfile(path, np.uint8)
+        with storage.open_read(path) as handle:  # a regular file only: a FIFO would hang the run
+            data = np.frombuffer(handle.read(), np.uint8)
     except OSError as exc:
         raise FrameError(path, f"cannot read ({exc.strerror})") from None
+    except UserError as exc:
+        raise FrameError(path, str(exc).rpartition(": ")[2]) from None
     if data[:8].tobytes() != PNG_SIGNATURE:
         raise FrameError(path, "not a PNG file")
     if data[-8:-4].tobytes() != b"IEND":
@@ -122,6 +129,7 @@ class ChunkResult:
     chunk_id: int
     decoded: int
     error: FrameError | None
+    crc: int = 0  # CRC-32 of the bytes written to the cache (checked again on resume)
 
 
 _worker: dict = {}
@@ -140,8 +148,19 @@ def _decode_chunk(chunk: DecodeChunk) -> ChunkResult:
             frames.append(read_frame(chunk.folder, index, spec))
         except FrameError as exc:
             return ChunkResult(chunk.chunk_id, len(frames) + 1, exc)
-    os.pwrite(_worker["fd"], np.stack(frames).tobytes(), chunk.slot * spec.frame_bytes)
-    return ChunkResult(chunk.chunk_id, len(frames), None)
+    data = np.stack(frames).tobytes()
+    write_all(_worker["fd"], data, chunk.slot * spec.frame_bytes)
+    return ChunkResult(chunk.chunk_id, len(frames), None, zlib.crc32(data))
+
+
+def write_all(fd: int, data: bytes, offset: int) -> None:
+    """``pwrite`` all of ``data`` (a short write is retried; no progress is an error)."""
+    view = memoryview(data)
+    while view:
+        written = os.pwrite(fd, view, offset)
+        if written <= 0:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        view, offset = view[written:], offset + written
 
 
 def decode_into_cache(chunks: list[DecodeChunk], cache_path: str, spec: FrameSpec,
@@ -162,13 +181,17 @@ class FrameCache:
         self.spec = spec
         self._fd = os.open(path, os.O_RDONLY)
 
-    def read(self, slot: int, count: int) -> np.ndarray:
-        """Frames ``slot .. slot+count-1`` as uint8 ``(count, S, S, C)``."""
+    def read_bytes(self, slot: int, count: int) -> bytes:
+        """The bytes of frames ``slot .. slot+count-1``."""
         size = self.spec.frame_bytes
         data = os.pread(self._fd, count * size, slot * size)
         if len(data) != count * size:
             raise OSError(f"frame cache is shorter than expected (slot {slot})")
-        return np.frombuffer(data, np.uint8).reshape((count,) + self.spec.shape)
+        return data
+
+    def read(self, slot: int, count: int) -> np.ndarray:
+        """Frames ``slot .. slot+count-1`` as uint8 ``(count, S, S, C)``."""
+        return np.frombuffer(self.read_bytes(slot, count), np.uint8).reshape((count,) + self.spec.shape)
 
     def close(self) -> None:
         os.close(self._fd)

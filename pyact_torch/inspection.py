@@ -4,6 +4,7 @@ count, size, sha256, class counts) and draw a seeded sample of windows with thei
 
 from __future__ import annotations
 
+import os
 import random
 from collections import Counter
 from typing import Callable
@@ -11,9 +12,9 @@ from typing import Callable
 from . import storage
 from .config import InspectConfig
 from .errors import UserError
-from .loader import load_npy, stream_samples
-from .shards import read_manifest
-from .video import Window, clip_frames, sheet
+from .shards import (MANIFEST, ShardError, clip_shape, decode_sample, load_npy, max_member, read_manifest,
+                     shard_url, stream_samples)
+from .video import Window, check_output_file, clip_frames, sheet
 
 
 def inspect_split(config: InspectConfig, progress: bool = True, print_fn: Callable[[str], None] = print) -> dict:
@@ -21,11 +22,17 @@ def inspect_split(config: InspectConfig, progress: bool = True, print_fn: Callab
     grid and the report) when a shard disagrees with the manifest."""
     from tqdm import tqdm
 
+    check_output_file(config.out, "sample grid")
+    if not config.out.lower().endswith(".png"):
+        raise UserError(f"--out {config.out}: the sample grid is a PNG; give a name ending in .png")
     manifest = read_manifest(config.data)
     entry = manifest["splits"].get(config.split)
     if entry is None:
         raise UserError(f"{config.data}: the manifest has no {config.split!r} split")
+    if not storage.is_gcs(config.data) and os.path.abspath(config.out) == os.path.abspath(storage.join(config.data, MANIFEST)):
+        raise UserError(f"--out {config.out}: that is the dataset's manifest")
     classes = manifest["classes"]
+    shape, limit = clip_shape(manifest), max_member(manifest)
     rng = random.Random(config.seed)
     chosen: list[tuple[str, str, bytes]] = []  # reservoir of (key, label, clip bytes)
     counts: Counter = Counter()
@@ -35,16 +42,16 @@ def inspect_split(config: InspectConfig, progress: bool = True, print_fn: Callab
     bar = tqdm(total=entry["count"], unit="window", desc=f"inspecting {config.split}",
                disable=None if progress else True)
     for shard in entry["shards"]:
-        url = storage.join(config.data, shard["name"])
+        url = shard_url(config.data, shard["name"])
         found = 0
         try:
             with storage.open_read(url) as handle:
                 reader = storage.HashingReader(handle)
-                for sample in stream_samples(reader, url):
+                for sample in stream_samples(reader, url, limit):
                     found += 1
                     seen += 1
                     bar.update(1)
-                    label = classes[int(sample["cls"])]
+                    label = classes[decode_sample(sample, url, shape, len(classes))[1]]
                     counts[label] += 1
                     if len(chosen) < config.n:
                         chosen.append((sample["__key__"], label, sample["clip.npy"]))
@@ -56,8 +63,8 @@ def inspect_split(config: InspectConfig, progress: bool = True, print_fn: Callab
             problems.append(f"{shard['name']}: missing")
             report.append((shard["name"], 0, 0, "MISSING"))
             continue
-        except (KeyError, ValueError, IndexError) as exc:
-            problems.append(f"{shard['name']}: unreadable ({exc})")
+        except ShardError as exc:
+            problems.append(f"{shard['name']}: unreadable ({str(exc).split(': ', 1)[-1]})")
             report.append((shard["name"], found, 0, "UNREADABLE"))
             continue
         wrong = [what for what, ok in (("count", found == shard["count"]), ("size", reader.size == shard["bytes"]),

@@ -118,7 +118,7 @@ def frame_indices(folder: str) -> dict[str, set[int]]:
     with os.scandir(folder) as entries:
         for entry in entries:
             match = _FRAME.match(entry.name)
-            if match:
+            if match and entry.is_file():  # a FIFO or folder named like a frame is no frame
                 found[match.group(1)].add(int(match.group(2)))
     return found
 

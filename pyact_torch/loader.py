@@ -1,32 +1,32 @@
-"""Reading shards for training and evaluation: a WebDataset pipeline as a list of stages.
+"""Reading shards for training and evaluation: a pipeline of small stages.
 
 shard list (from the manifest) -> per-epoch seeded shard order -> this replica's shards (by the
-XLA ordinal, never by RANK/WORLD_SIZE) -> this DataLoader worker's shards -> tar samples
-(local or gs://, streamed through ``storage``; members read by ``shards.read_tar``, grouped
-by webdataset) -> seeded shuffle buffer -> decode (uint8) -> batches -> float.
+XLA ordinal, never by RANK/WORLD_SIZE) -> this DataLoader worker's shards -> samples (local or
+gs://, opened through ``storage`` and read by ``shards.read_samples``) -> seeded shuffle buffer
+-> decode (uint8, checked against the manifest) -> batches -> float.
 
 Every replica runs the same number of steps: training counts, from the manifest, the full
 batches each replica can make this epoch and all take the smallest; evaluation pads and masks
-so that every window is counted exactly once, whatever the number of replicas.
+so that every window is counted exactly once, whatever the number of replicas. A damaged shard
+fails the run with one line naming it, also from a loader worker process or the device
+loader's thread (which would otherwise end the epoch early without a word).
 """
 
 from __future__ import annotations
 
-import functools
-import io
-import json
 import itertools
-import math
+import json
 import random
+import signal
 from dataclasses import dataclass
-from typing import IO, Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 import torch
-import webdataset as wds
 
-from . import storage
-from .shards import TarFormatError, read_tar
+from . import shards as shard_format
+from .errors import UserError
+from .shards import decode_sample, read_samples
 
 
 @dataclass(frozen=True)
@@ -43,24 +43,9 @@ class Part:
     world: int = 1
 
 
-def _gopen_gcs(url: str, mode: str = "rb", bufsize: int = 8192, **_: Any):
-    if mode != "rb":
-        raise ValueError(f"gs:// shards are read-only here ({mode!r})")
-    return storage.open_read(url)
-
-
-def register_gcs_handler() -> None:
-    """Let webdataset stream gs:// through google-cloud-storage (its own handler shells out to
-    gsutil, which ignores the emulator and is often not installed)."""
-    wds.gopen_schemes["gs"] = _gopen_gcs
-
-
 def split_shards(data_dir: str, manifest: dict, split: str) -> list[Shard]:
-    """The shards of one split, in manifest order."""
-    entry = manifest["splits"].get(split)
-    if entry is None:
-        raise KeyError(split)
-    return [Shard(storage.join(data_dir, s["name"]), s["count"]) for s in entry["shards"]]
+    """The shards of one split, in manifest order (names checked to be ours, inside ``data_dir``)."""
+    return [Shard(url, count) for url, count in shard_format.split_shards(data_dir, manifest, split)]
 
 
 # --- shard-level stages (pure functions of lists) ------------------------------------------
@@ -104,28 +89,12 @@ def eval_steps(shards: list[Shard], world: int, workers: int, batch: int) -> int
 
 # --- sample-level stages (generators) ------------------------------------------------------
 
-def tar_members(sources: Iterable[dict]) -> Iterator[dict]:
-    """webdataset's tar expander on ``shards.read_tar``: ``{"url", "stream"}`` dicts ->
-    ``{"fname", "data", "__url__"}`` members, with ``{}`` after each shard so that samples of two
-    shards are never merged."""
-    for source in sources:
-        with source["stream"] as stream:
-            try:
-                for name, data in read_tar(stream):
-                    yield {"fname": name, "data": data, "__url__": source["url"]}
-            except TarFormatError as exc:
-                raise TarFormatError(f"{source['url']}: not a valid shard: {exc}") from None
-        yield {}
-
-
-def stream_samples(stream: IO[bytes], url: str) -> Iterator[dict]:
-    """Samples of one open shard stream (``url`` names it in errors)."""
-    return wds.tariterators.group_by_keys(tar_members([{"url": url, "stream": stream}]))
-
-
-def tar_samples(urls: Iterable[str]) -> Iterator[dict]:
-    """Raw samples (``__key__``, ``clip.npy``, ``cls``, ``json`` bytes) of the given shards."""
-    return wds.tariterators.group_by_keys(tar_members(wds.tariterators.url_opener({"url": url} for url in urls)))
+def tar_samples(urls: Iterable[str], counts: Iterable[int | None] | None = None,
+                max_member: int = shard_format.MAX_MEMBER) -> Iterator[dict]:
+    """Raw samples (``__key__``, ``clip.npy``, ``cls``, ``json`` bytes) of the given shards,
+    each checked to hold its manifest ``counts`` of windows when given."""
+    for url, count in zip(urls, counts if counts is not None else itertools.repeat(None)):
+        yield from read_samples(url, count, max_member)
 
 
 def shuffle_buffer(samples: Iterable, size: int, rng: random.Random) -> Iterator:
@@ -154,35 +123,11 @@ def record_meta(samples: Iterable[dict], sink: list) -> Iterator[dict]:
         yield sample
 
 
-@functools.lru_cache(maxsize=64)
-def _npy_header(header: bytes) -> tuple[np.dtype, tuple[int, ...], bool]:
-    stream = io.BytesIO(header)
-    version = np.lib.format.read_magic(stream)
-    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-    shape, fortran, dtype = read(stream)
-    return dtype, shape, fortran
-
-
-def load_npy(data: bytes) -> np.ndarray:
-    """``np.load`` of ``.npy`` bytes, never unpickling; the header is parsed once per distinct
-    header (every clip of a dataset has the same one), which makes this several times faster
-    than ``np.load`` for small clips."""
-    if data[:6] != b"\x93NUMPY":
-        raise ValueError("not a .npy member")
-    start = 10 if data[6] == 1 else 12
-    length = int.from_bytes(data[8:start], "little")
-    dtype, shape, fortran = _npy_header(bytes(data[:start + length]))
-    if dtype.hasobject:
-        raise ValueError(".npy member with Python objects")
-    array = np.frombuffer(data, dtype, count=math.prod(shape), offset=start + length)
-    return array.reshape(shape, order="F" if fortran else "C")
-
-
-def decode(samples: Iterable[dict]) -> Iterator[tuple[np.ndarray, int]]:
+def decode(samples: Iterable[dict], clip_shape: tuple[int, ...], num_classes: int) -> Iterator[tuple[np.ndarray, int]]:
     """``clip.npy`` -> uint8 ``(T, H, W, C)`` array (converted to float per batch, see
-    ``to_float``); ``cls`` -> int."""
+    ``to_float``); ``cls`` -> int; both checked against the manifest."""
     for sample in samples:
-        yield load_npy(sample["clip.npy"]), int(sample["cls"])
+        yield decode_sample(sample, sample.get("__url__", "shard"), clip_shape, num_classes)
 
 
 def _stack(items: list) -> torch.Tensor:
@@ -224,6 +169,14 @@ def empty_batch(size: int, clip_shape: tuple[int, ...]) -> tuple[torch.Tensor, t
             torch.zeros(size, dtype=torch.bool))
 
 
+@dataclass(frozen=True)
+class LoaderFailure:
+    """A user-fixable failure inside a loader worker, sent to the main process as a batch
+    (an exception would arrive there wrapped in the worker's traceback)."""
+
+    message: str
+
+
 class WindowDataset(torch.utils.data.IterableDataset):
     """One replica's batches of one split for one epoch (``set_epoch`` before iterating).
 
@@ -234,6 +187,9 @@ class WindowDataset(torch.utils.data.IterableDataset):
     def __init__(self, data_dir: str, manifest: dict, split: str, batch_size: int, part: Part,
                  train: bool, seed: int = 0, workers: int = 0, shuffle_size: int = 1000):
         self.shards = split_shards(data_dir, manifest, split)
+        self.sample_shape = shard_format.clip_shape(manifest)
+        self.num_classes = len(manifest["classes"])
+        self.max_member = shard_format.max_member(manifest)
         self.clip_shape = (len(manifest["channels"]), manifest["seq_len"], manifest["image_size"],
                            manifest["image_size"])
         self.batch_size, self.part, self.train = batch_size, part, train
@@ -251,32 +207,98 @@ class WindowDataset(torch.utils.data.IterableDataset):
         count = train_steps if self.train else eval_steps
         return count(self._ordered(), self.part.world, self.workers, self.batch_size)
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        register_gcs_handler()  # in each worker process too
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor] | LoaderFailure]:
         info = torch.utils.data.get_worker_info()
-        worker = info.id if info is not None else 0
+        try:
+            yield from self._batches(info.id if info is not None else 0)
+        except UserError as exc:
+            if info is None:
+                raise
+            yield LoaderFailure(str(exc))
+
+    def _batches(self, worker: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         shards = worker_shards(self._ordered(), self.part, self.workers, worker)
-        samples = tar_samples([s.url for s in shards])
+        samples = tar_samples([s.url for s in shards], [s.count for s in shards], self.max_member)
         if self.train:
             rng = random.Random(f"{self.seed}:samples:{self.epoch}:{self.part.rank}:{worker}")
             samples = shuffle_buffer(samples, self.shuffle_size, rng)
         if self.meta_sink is not None:
-            if info is not None:
+            if torch.utils.data.get_worker_info() is not None:
                 raise RuntimeError("meta_sink needs the dataset iterated in this process (workers=0)")
             samples = record_meta(samples, self.meta_sink)
-        produced = to_float(batches(decode(samples), self.batch_size, pad=not self.train))
-        if self.train:
-            yield from produced
-            return
-        # evaluation: worker 0 also tops this replica up to the common step count
+        produced = to_float(batches(decode(samples, self.sample_shape, self.num_classes), self.batch_size,
+                                    pad=not self.train))
         yield from produced
-        if worker == 0:
+        if not self.train and worker == 0:
+            # evaluation: worker 0 also tops this replica up to the common step count
             mine = replica_batches(self.shards, self.part, self.workers, self.batch_size, pad=True)
             for _ in range(len(self) - mine):
                 yield empty_batch(self.batch_size, self.clip_shape)
 
 
+def _ignore_sigterm(_worker: int) -> None:
+    """Loader workers leave shutdown to the main process: a preemption SIGTERM goes to the
+    whole process group, and a worker that died of it would fail the step being finished.
+    SIGTERM was blocked when the worker was forked, so none can slip in before this."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+
+
 def make_loader(dataset: WindowDataset, workers: int) -> torch.utils.data.DataLoader:
     """A DataLoader over a WindowDataset (batches are made inside the dataset)."""
     return torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=workers,
-                                       persistent_workers=False, pin_memory=False)
+                                       persistent_workers=False, pin_memory=False,
+                                       worker_init_fn=_ignore_sigterm if workers else None)
+
+
+class HostBatches:
+    """One epoch's host batches: ``length`` of them, the first ``skip`` read and dropped
+    (resume), ``on_batch`` called with each one yielded (a progress bar). A loader failure ends
+    the iteration quietly and is raised by ``check()``: the device loader iterates in a thread
+    whose exceptions never reach training."""
+
+    def __init__(self, dataset: WindowDataset, workers: int, length: int, skip: int = 0,
+                 on_batch: Callable[[Any], None] | None = None):
+        self.dataset, self.workers, self.length, self.skip = dataset, workers, length, skip
+        self.on_batch = on_batch
+        self.yielded = 0
+        self.error: UserError | None = None
+
+    def __len__(self) -> int:
+        return self.length - self.skip
+
+    def __iter__(self) -> Iterator:
+        self.yielded, self.error = 0, None
+        loader = make_loader(self.dataset, self.workers)
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # workers fork with it blocked
+        try:
+            iterator = iter(loader)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+        try:
+            for index, batch in enumerate(itertools.islice(iterator, self.length)):
+                if isinstance(batch, LoaderFailure):
+                    self.error = UserError(batch.message)
+                    return
+                if index < self.skip:
+                    continue
+                if self.on_batch is not None:
+                    self.on_batch(batch)
+                self.yielded += 1
+                yield batch
+        except UserError as exc:
+            self.error = exc
+
+    def check(self) -> None:
+        """Raise the loader's failure, or a short epoch (fewer batches than promised)."""
+        if self.error is not None:
+            raise self.error
+        if self.yielded != len(self):
+            raise UserError(f"the data gave {self.yielded} of the {len(self)} batches the manifest promises; "
+                            f"check the shards with pyact inspect")
+
+
+def on_device(host: HostBatches, backend: Any) -> Iterator:
+    """``host``'s batches moved to the device, then ``host.check()``."""
+    yield from backend.device_loader(host)
+    host.check()

@@ -30,14 +30,20 @@ PRESETS = {
 }
 
 
+def check_input(preset: Preset | str, image_size: int) -> None:
+    """Raise ValueError unless the network can take ``image_size`` x ``image_size`` frames."""
+    if image_size < 16 or image_size % 16:
+        raise ValueError(f"ConvNet3D takes frames whose size is a multiple of 16 (four 2x2 poolings), "
+                         f"not {image_size}")
+
+
 class ConvNet3D(nn.Module):
     """pyACT's ConvNet3D; see the module docstring."""
 
     def __init__(self, preset: Preset, in_channels: int, seq_len: int, image_size: int,
                  num_classes: int):
         super().__init__()
-        if image_size % 16:
-            raise ValueError(f"image size must be a multiple of 16 (four 2x2 poolings), got {image_size}")
+        check_input(preset, image_size)
         blocks = []
         channels = in_channels
         for width in preset.filters:

@@ -1,9 +1,13 @@
 """The preprocessing run: raw dataset -> frame cache -> shards -> index files -> manifest.
 
-Resumable at any point: decoded chunks are logged in the local frame cache, finished shards
-exist under their final names (written atomically), and the manifest is written last. A
-re-run with the same inputs and settings continues; with other settings it is refused unless
-``--overwrite``.
+Resumable at any point: decoded chunks are logged in the local frame cache with a CRC of what
+was written and a signature of their source frames, finished shards exist under their final
+names (written atomically) and are logged with their sha256, and the manifest is written last.
+A re-run with the same inputs and settings continues, re-verifying everything it keeps; with
+other settings or changed frames it is refused unless ``--overwrite``.
+
+The frame cache is a folder of its own (``DEST/.pyact-cache``, or ``pyact-cache-<tag>`` inside
+``--cache-dir`` or the temp dir), marked by a file we write; only our files in it are deleted.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import os
 import re
 import tempfile
 import time
+import zlib
 from dataclasses import asdict, dataclass, field
 
 from tqdm import tqdm
@@ -24,14 +29,27 @@ from .errors import UserError
 from .frames import DecodeChunk, FrameCache, FrameSpec, decode_into_cache
 from .labels import BadSequence, Sequence, class_list, scan_dataset
 from .parallel import map_unordered
-from .shards import (FORMAT, MANIFEST, ShardInfo, encode_sample, hash_shard, read_manifest,
+from .labels import needed_kinds
+from .shards import (FORMAT, MANIFEST, ShardInfo, TarFormatError, encode_sample, hash_shard, read_manifest,
                      shard_name, split_entry, write_shard)
 from .windows import SPLITS, Window, class_counts, plan_split, split_sequences, window_length
 
 STATE = ".pyact-preprocess.json"  # DEST's settings while a run is unfinished
 CHUNK_FRAMES = 64
-_OUTPUT = re.compile(r"^((train|eval|test)/)?(manifest\.json|\.pyact-preprocess\.json|index\.json|"
-                     r"(train|eval|test)-\d{6}\.tar|\.[^/]*\.partial)$")
+CACHE_DIR = ".pyact-cache"  # the frame cache inside a local DEST
+CACHE_MARK = ".pyact-cache"  # the file that marks a cache folder as ours
+CACHE_FILES = ("cache.json", "frames.u8", "decoded.log", "shards.log", CACHE_MARK)
+# What preprocessing writes into DEST (and may delete with --overwrite); partial files are
+# ".<one of these>.<pid>.partial" beside it.
+_OUTPUT = re.compile(r"manifest\.json|\.pyact-preprocess\.json|(?P<s>train|eval|test)/(index\.json|(?P=s)-\d{6}\.tar)")
+_PARTIAL = re.compile(r"(?P<dir>(?:train|eval|test)/)?\.(?P<name>[^/]+)\.\d+\.partial")
+
+
+def _is_output(name: str) -> bool:
+    partial = _PARTIAL.fullmatch(name)
+    if partial:
+        name = (partial["dir"] or "") + partial["name"]
+    return _OUTPUT.fullmatch(name) is not None
 
 
 @dataclass
@@ -53,39 +71,90 @@ class Summary:
     already_complete: bool = False
 
 
-def fingerprint(config: PreprocessConfig, sequences: list[Sequence], bad: list[BadSequence]) -> str:
-    """Hash of everything that determines the output: settings (not paths or worker counts)
-    and the dataset's sequences, frame counts and segments."""
+def frame_stats(src: str, sequences: list[Sequence], modality: str) -> dict[str, dict[str, tuple[int, int]]]:
+    """``{sequence path: {frame file: (size, mtime_ns)}}`` of the frame files a modality reads:
+    what tells a fixed or replaced frame from the one decoded before."""
+    kinds = tuple(f"{kind}_" for kind in needed_kinds(modality))
+    stats = {}
+    for seq in sequences:
+        with os.scandir(os.path.join(src, seq.path)) as entries:
+            stats[seq.path] = {e.name: (st.st_size, st.st_mtime_ns) for e in entries
+                               if e.name.startswith(kinds) and (st := e.stat())}
+    return stats
+
+
+def fingerprint(config: PreprocessConfig, sequences: list[Sequence], bad: list[BadSequence],
+                stats: dict | None = None) -> str:
+    """Hash of everything that determines the output: settings (not paths or worker counts),
+    the dataset's sequences, frame counts and segments, and its frame files' sizes and times."""
     settings = {k: v for k, v in output_settings(config).items() if k not in ("src", "dest")}
     listing = [(s.path, s.n_frames, [(g.pos, g.len) for g in s.segments]) for s in sequences]
-    payload = json.dumps([FORMAT, settings, listing, [b.path for b in bad]])
+    payload = json.dumps([FORMAT, settings, listing, [b.path for b in bad],
+                          sorted((p, sorted(f.items())) for p, f in (stats or {}).items())])
     return hashlib.sha256(payload.encode()).hexdigest()
 
 
-def _prepare_dest(config: PreprocessConfig, print_fn, sequences, bad) -> tuple[str, dict | None]:
-    """Check DEST and decide: fresh start, resume, already complete, or refuse."""
+def _cache_token(spec: FrameSpec, sequences: list[Sequence]) -> str:
+    """What the frame cache's layout and contents depend on (not segments or split settings)."""
+    payload = json.dumps([FORMAT, spec.modality, spec.image_size, list(spec.depth_range),
+                          [(s.path, s.n_frames) for s in sequences]])
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def check_plan(config: PreprocessConfig, sequences: list[Sequence]) -> int:
+    """Everything about the inputs that can be checked before decoding: the window length,
+    splits with windows in them, unique sample keys. Returns the window length."""
+    seq_len = config.seq_len or window_length(sequences)
+    if seq_len < 2:
+        raise UserError("the shortest action segment in the label files is 1 frame long; 1-frame windows "
+                        "cannot be labelled by the half-window rule (L // 2 = 0): give --seq-len 2 or more")
+    splits, _ = split_sequences(sequences, config.eval_subjects, config.seed)
+    for name in ("train", "test"):
+        if not any(seq.n_frames >= seq_len for seq in splits[name]):
+            raise UserError(f"the {name} split has no sequence of {seq_len} frames or more "
+                            f"(window length {seq_len}{'' if config.seq_len else ', from the label files'})")
+    for name, members in splits.items():
+        seen: dict[str, str] = {}
+        for seq in members:
+            key = Window(seq, 0, 0, "").key.rsplit("/", 1)[0]
+            if key in seen:
+                raise UserError(f"{os.path.join(config.src, seq.path)} and {os.path.join(config.src, seen[key])} "
+                                f"give the same sample keys ({key}/...) in the {name} split; rename one folder")
+            seen[key] = seq.path
+    return seq_len
+
+
+def _prepare_dest(config: PreprocessConfig, print_fn, token: str, cache: str) -> dict | None:
+    """Check DEST and decide: fresh start, resume, already complete (returns the manifest),
+    or refuse."""
     storage.check_writable(config.dest)
-    token = fingerprint(config, sequences, bad)
-    existing = [name for name in storage.list_files(config.dest) if not name.startswith(".tmp/")]
-    ours = [name for name in existing if _OUTPUT.match(name)]
+    existing = storage.list_files(config.dest)
+    if f"{CACHE_DIR}/{CACHE_MARK}" in existing:  # our own cache inside DEST
+        existing = [name for name in existing if not name.startswith(CACHE_DIR + "/")]
+    ours = [name for name in existing if _is_output(name)]
+    foreign = [name for name in existing if not _is_output(name)]
+    for name in [n for n in ours if n.endswith(storage.PARTIAL_SUFFIX)]:
+        storage.remove(storage.join(config.dest, name))  # left by a killed run
+        ours.remove(name)
     previous, manifest = None, None
     if MANIFEST in ours:
         manifest = read_manifest(config.dest)
         previous = manifest.get("fingerprint")
     elif STATE in ours:
-        previous = storage.read_json(storage.join(config.dest, STATE)).get("fingerprint")
-    foreign = [name for name in existing if not _OUTPUT.match(name)]
-    for name in [n for n in ours if n.endswith(storage.PARTIAL_SUFFIX)]:
-        storage.remove(storage.join(config.dest, name))  # left by a killed run
-        ours.remove(name)
+        try:
+            previous = storage.read_json(storage.join(config.dest, STATE), 1 << 20).get("fingerprint")
+        except (UserError, AttributeError):
+            previous = _read_info(cache).get("dest")  # damaged: the cache knows which run it served
     if previous == token:
         if manifest is not None:
-            return token, manifest
+            return manifest
         print_fn(f"resuming the unfinished run in {config.dest}")
-        return token, None
+        storage.write_json(storage.join(config.dest, STATE), {"fingerprint": token, "settings": output_settings(config)})
+        return None
     if ours or foreign:
         if not config.overwrite:
-            what = "a dataset made from other settings or inputs" if previous else "other files"
+            what = ("a dataset made from other settings or inputs (or frames changed since)" if previous
+                    else "other files")
             raise UserError(f"{config.dest}: already holds {what}; use --overwrite to replace "
                             f"it, or choose another DEST")
         for name in ours:
@@ -93,60 +162,112 @@ def _prepare_dest(config: PreprocessConfig, print_fn, sequences, bad) -> tuple[s
         print_fn(f"--overwrite: removed {len(ours)} files of a previous run from {config.dest}")
     storage.write_json(storage.join(config.dest, STATE),
                        {"fingerprint": token, "settings": output_settings(config)})
-    return token, None
+    return None
 
 
 def _cache_dir(config: PreprocessConfig) -> str:
+    """The frame cache's own folder: never a folder the user named (it is created inside it)."""
+    tag = hashlib.sha256(config.dest.encode()).hexdigest()[:16]
     if config.cache_dir:
-        return config.cache_dir
+        return os.path.join(config.cache_dir, f"pyact-cache-{tag}")
     if storage.is_gcs(config.dest):
-        tag = hashlib.sha256(config.dest.encode()).hexdigest()[:16]
-        return os.path.join(tempfile.gettempdir(), f"pyact-torch-cache-{tag}")
-    return os.path.join(config.dest, ".tmp")
+        return os.path.join(tempfile.gettempdir(), f"pyact-cache-{tag}")
+    return os.path.join(config.dest, CACHE_DIR)
 
 
-def _decode(config: PreprocessConfig, sequences: list[Sequence], spec: FrameSpec, token: str,
-            summary: Summary, progress: bool) -> tuple[str, dict[str, int], list[Sequence]]:
+def _read_info(cache: str) -> dict:
+    """The cache's ``cache.json`` (empty when missing or damaged: the cache is then rebuilt)."""
+    try:
+        with open(os.path.join(cache, "cache.json")) as handle:
+            info = json.load(handle)
+        return info if isinstance(info, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _open_cache(cache: str, cache_token: str, dest_token: str) -> None:
+    """Create or adopt the cache folder; drop what no longer matches the run."""
+    marker = os.path.join(cache, CACHE_MARK)
+    try:
+        if os.path.isdir(cache) and os.listdir(cache) and not os.path.isfile(marker):
+            raise UserError(f"{cache}: exists and is not a pyact-torch frame cache; choose another --cache-dir")
+        os.makedirs(cache, exist_ok=True)
+        info = _read_info(cache)
+        stale = []
+        if info.get("cache") != cache_token:
+            stale += ["frames.u8", "decoded.log"]
+        if info.get("dest") != dest_token:
+            stale.append("shards.log")
+        for name in stale:
+            if os.path.exists(os.path.join(cache, name)):
+                os.remove(os.path.join(cache, name))
+        storage.write_bytes(marker, b"pyact-torch frame cache: deleted when preprocessing finishes\n")
+        storage.write_json(os.path.join(cache, "cache.json"), {"cache": cache_token, "dest": dest_token})
+    except OSError as exc:
+        raise UserError(f"{cache}: cannot use as the frame cache ({exc.strerror}); choose another --cache-dir") from None
+
+
+def _remove_cache(cache: str) -> None:
+    """Delete the cache's files (only ours) and its folder when that leaves it empty."""
+    if not os.path.isfile(os.path.join(cache, CACHE_MARK)):
+        return
+    for name in CACHE_FILES:
+        if os.path.exists(os.path.join(cache, name)):
+            os.remove(os.path.join(cache, name))
+    try:
+        os.rmdir(cache)
+    except OSError:
+        pass  # something else is in it: not ours to delete
+
+
+def _signature(stats: dict[str, tuple[int, int]], seq: Sequence, first: int, count: int, spec: FrameSpec) -> str:
+    """A short hash of the stats of the frame files a chunk decodes."""
+    files = [f"{kind}_{i}.png" for i in range(first, first + count) for kind in needed_kinds(spec.modality)]
+    return hashlib.sha256(json.dumps([(f, stats.get(f)) for f in files]).encode()).hexdigest()[:16]
+
+
+def _decode(config: PreprocessConfig, sequences: list[Sequence], spec: FrameSpec, cache: str,
+            stats: dict, summary: Summary, progress: bool) -> tuple[str, dict[str, int], list[Sequence]]:
     """Decode every frame once into the cache; returns the cache path, each sequence's first
-    cache slot, and the sequences that decoded cleanly."""
-    cache = _cache_dir(config)
-    os.makedirs(cache, exist_ok=True)
-    info_path, frames_path, log_path = (os.path.join(cache, n) for n in ("cache.json", "frames.u8", "decoded.log"))
-    if _cache_fingerprint(info_path) != token:
-        for path in (frames_path, log_path):
-            if os.path.exists(path):
-                os.remove(path)
-        with open(info_path, "w") as handle:
-            json.dump({"fingerprint": token}, handle)
-    slots, chunks, owner = {}, [], {}
+    cache slot, and the sequences that decoded cleanly. Chunks logged by an earlier run are
+    kept only when their source frames are unchanged and the cache still holds what was
+    written (CRC)."""
+    frames_path, log_path = os.path.join(cache, "frames.u8"), os.path.join(cache, "decoded.log")
+    slots, chunks, owner, signatures = {}, [], {}, {}
     total = 0
     for seq in sequences:
         slots[seq.path] = total
         for first in range(0, seq.n_frames, CHUNK_FRAMES):
             count = min(CHUNK_FRAMES, seq.n_frames - first)
             owner[len(chunks)] = seq
+            signatures[len(chunks)] = _signature(stats[seq.path], seq, first, count, spec)
             chunks.append(DecodeChunk(len(chunks), os.path.join(config.src, seq.path), first, count, total + first))
         total += seq.n_frames
     summary.frames = total
-    with open(frames_path, "ab") as handle:
-        handle.truncate(total * spec.frame_bytes)
-    done, failed = _read_log(log_path)
-    bad_paths = {owner[c].path: message for c, message in failed.items()}
+    with _cache_errors(cache):
+        with open(frames_path, "ab") as handle:
+            handle.truncate(total * spec.frame_bytes)
+        done, failed = _read_log(log_path)
+        done = {c: crc for c, (crc, sig) in done.items() if sig == signatures[c]}
+        done = _verified(done, chunks, frames_path, spec)
+    bad_paths = {owner[c].path: message for c, (sig, message) in failed.items() if sig == signatures[c]}
     pending = [c for c in chunks if c.chunk_id not in done and owner[c.chunk_id].path not in bad_paths]
     reused = sum(c.count for c in chunks if c.chunk_id in done)
     started = time.perf_counter()
-    with open(log_path, "a") as log, tqdm(total=total, initial=reused, unit="frame", desc="decode",
-                                          disable=None if progress else True, smoothing=0.05) as bar:
+    with _cache_errors(cache), open(log_path, "a") as log, \
+            tqdm(total=total, initial=reused, unit="frame", desc="decode", disable=None if progress else True,
+                 smoothing=0.05) as bar:
         for result in decode_into_cache(pending, frames_path, spec, config.processes):
             summary.decoded += result.decoded
             chunk = chunks[result.chunk_id]
+            sig = signatures[chunk.chunk_id]
             if result.error is not None:
                 if not config.skip_bad_sequences:
                     raise UserError(str(result.error))
                 bad_paths[owner[chunk.chunk_id].path] = str(result.error)
-                log.write(f"{chunk.chunk_id}\tbad\t{result.error}\n")
+                log.write(f"{chunk.chunk_id}\tbad\t{sig}\t{result.error}\n".replace("\r", " "))
             else:
-                log.write(f"{chunk.chunk_id}\tok\n")
+                log.write(f"{chunk.chunk_id}\tok\t{result.crc}\t{sig}\n")
             log.flush()
             bar.update(chunk.count)
     summary.decode_seconds = time.perf_counter() - started
@@ -156,26 +277,67 @@ def _decode(config: PreprocessConfig, sequences: list[Sequence], spec: FrameSpec
     return frames_path, slots, [s for s in sequences if s.path not in bad_paths]
 
 
-def _cache_fingerprint(info_path: str) -> str | None:
-    if not os.path.exists(info_path):
-        return None
-    with open(info_path) as handle:
-        return json.load(handle).get("fingerprint")
+def _verified(done: dict[int, int], chunks: list[DecodeChunk], frames_path: str, spec: FrameSpec) -> set[int]:
+    """The logged chunks whose bytes in the cache still have the CRC logged for them."""
+    kept = set()
+    cache = FrameCache(frames_path, spec)
+    try:
+        for chunk_id, crc in done.items():
+            chunk = chunks[chunk_id]
+            try:
+                data = cache.read_bytes(chunk.slot, chunk.count)
+            except OSError:
+                continue
+            if zlib.crc32(data) == crc:
+                kept.add(chunk_id)
+    finally:
+        cache.close()
+    return kept
 
 
-def _read_log(path: str) -> tuple[set[int], dict[int, str]]:
-    done, failed = set(), {}
+class _cache_errors:
+    """A full or read-only disk while using the cache: one line naming it."""
+
+    def __init__(self, cache: str):
+        self.cache = cache
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, exc, tb):
+        if isinstance(exc, OSError) and exc.errno in storage.USER_ERRNOS:
+            raise UserError(f"{self.cache}: cannot write the frame cache ({exc.strerror}); free space or "
+                            f"choose another --cache-dir, then run again to continue") from None
+        return False
+
+
+def _read_log(path: str) -> tuple[dict[int, tuple[int, str]], dict[int, tuple[str, str]]]:
+    """``{chunk: (crc, signature)}`` decoded and ``{chunk: (signature, message)}`` failed."""
+    done, failed = {}, {}
     if os.path.exists(path):
-        with open(path) as log:
+        with open(path, errors="replace") as log:
             for line in log:
                 parts = line.rstrip("\n").split("\t")
-                if not line.endswith("\n") or len(parts) < 2:
+                if not line.endswith("\n") or len(parts) < 4 or not parts[0].isdigit():
                     continue  # a line cut short by a kill: that chunk is decoded again
-                if parts[1] == "ok":
-                    done.add(int(parts[0]))
-                elif parts[1] == "bad" and len(parts) == 3:
-                    failed[int(parts[0])] = parts[2]
+                chunk = int(parts[0])
+                if parts[1] == "ok" and parts[2].isdigit():
+                    done[chunk] = (int(parts[2]), parts[3])
+                elif parts[1] == "bad":
+                    failed[chunk] = (parts[2], parts[3])
     return done, failed
+
+
+def _read_shard_log(path: str) -> dict[str, ShardInfo]:
+    """Shards an earlier run of this output wrote, with what they held then."""
+    records = {}
+    if os.path.exists(path):
+        with open(path, errors="replace") as log:
+            for line in log:
+                parts = line.rstrip("\n").split("\t")
+                if line.endswith("\n") and len(parts) == 4 and parts[1].isdigit() and parts[2].isdigit():
+                    records[parts[0]] = ShardInfo(parts[0], int(parts[1]), int(parts[2]), parts[3])
+    return records
 
 
 @dataclass(frozen=True)
@@ -207,32 +369,44 @@ def _window_meta(window: Window) -> dict:
 
 
 def _write_shards(config: PreprocessConfig, plans: dict[str, list[Window]], classes: list[str],
-                  cache_path: str, slots: dict[str, int], spec: FrameSpec, seq_len: int,
-                  summary: Summary, progress: bool) -> dict[str, list[ShardInfo]]:
+                  cache: str, slots: dict[str, int], spec: FrameSpec, seq_len: int,
+                  summary: Summary, progress: bool, print_fn) -> dict[str, list[ShardInfo]]:
     jobs: list[_ShardJob] = []
     infos: dict[str, ShardInfo] = {}
     existing = set(storage.list_files(config.dest))
+    log_path = os.path.join(cache, "shards.log")
+    written = _read_shard_log(log_path)
+    cache_path = os.path.join(cache, "frames.u8")
     index_of = {name: i for i, name in enumerate(classes)}
     for split, windows in plans.items():
         for number, first in enumerate(range(0, len(windows), config.shard_size)):
             name = shard_name(split, number)
             part = windows[first:first + config.shard_size]
-            if name in existing:
-                infos[name] = hash_shard(config.dest, name)
-                summary.shards_reused += 1
-                continue
+            if name in existing and name in written:
+                try:
+                    found = hash_shard(config.dest, name)
+                except TarFormatError:
+                    found = None
+                if found == written[name] and found.count == len(part):
+                    infos[name] = found
+                    summary.shards_reused += 1
+                    continue
+                print_fn(f"{name} changed since it was written; writing it again")
             items = tuple((w.key, slots[w.seq.path] + w.start, index_of[w.label], _window_meta(w))
                           for w in part)
             jobs.append(_ShardJob(config.dest, name, cache_path, spec, seq_len, items))
     total = sum(len(w) for w in plans.values())
     done = sum(info.count for info in infos.values())
-    with tqdm(total=total, initial=done, unit="window", desc="shards", disable=None if progress else True) as bar:
+    with _cache_errors(cache), open(log_path, "a") as log, \
+            tqdm(total=total, initial=done, unit="window", desc="shards", disable=None if progress else True) as bar:
         for info in map_unordered(_write_shard_job, jobs, config.processes):
             infos[info.name] = info
+            log.write(f"{info.name}\t{info.count}\t{info.bytes}\t{info.sha256}\n")
+            log.flush()
             bar.update(info.count)
     summary.shards_written = len(jobs)
-    for cache in _shard_worker.values():
-        cache.close()
+    for frame_cache in _shard_worker.values():
+        frame_cache.close()
     _shard_worker.clear()
     return {split: [infos[shard_name(split, n)] for n in range((len(w) + config.shard_size - 1) // config.shard_size)]
             for split, w in plans.items()}
@@ -247,7 +421,12 @@ def preprocess(config: PreprocessConfig, progress: bool = True, print_fn=print) 
         raise UserError(bad[0].message() + more)
     if not sequences:
         raise UserError(f"{config.src}: no usable sequences")
-    token, manifest = _prepare_dest(config, print_fn, sequences, bad)
+    seq_len = check_plan(config, sequences)  # before anything is written or decoded
+    spec = FrameSpec(config.modality, config.image_size, config.depth_range)
+    stats = frame_stats(config.src, sequences, config.modality)
+    token = fingerprint(config, sequences, bad, stats)
+    cache = _cache_dir(config)
+    manifest = _prepare_dest(config, print_fn, token, cache)
     if manifest is not None:
         counts = {split: entry["class_counts"] for split, entry in manifest["splits"].items()}
         summary = Summary(config.dest, manifest["classes"], manifest["seq_len"], counts,
@@ -256,16 +435,15 @@ def preprocess(config: PreprocessConfig, progress: bool = True, print_fn=print) 
                           already_complete=True)
         summary.elapsed = time.perf_counter() - started
         return summary
-    seq_len = config.seq_len or window_length(sequences)
+    _open_cache(cache, _cache_token(spec, sequences), token)
     classes = class_list([s.action for s in sequences])
-    spec = FrameSpec(config.modality, config.image_size, config.depth_range)
     summary = Summary(config.dest, classes, seq_len, {}, "", skipped=list(bad))
-    cache_path, slots, usable = _decode(config, sequences, spec, token, summary, progress)
+    _, slots, usable = _decode(config, sequences, spec, cache, stats, summary, progress)
     splits, summary.eval_source = split_sequences(usable, config.eval_subjects, config.seed)
     print_fn(f"eval split: {summary.eval_source}")
     plans = {split: plan_split(split, splits[split], seq_len, len(classes), config.seed)
              for split in SPLITS}
-    shards = _write_shards(config, plans, classes, cache_path, slots, spec, seq_len, summary, progress)
+    shards = _write_shards(config, plans, classes, cache, slots, spec, seq_len, summary, progress, print_fn)
     for split, windows in plans.items():
         summary.class_counts[split] = class_counts(windows, classes)
         index = [{"key": w.key, "path": w.seq.path, "start": w.start, "stop": w.stop, "class": w.label}
@@ -289,7 +467,7 @@ def preprocess(config: PreprocessConfig, progress: bool = True, print_fn=print) 
     }
     storage.write_json(storage.join(config.dest, MANIFEST), manifest)
     storage.remove(storage.join(config.dest, STATE))
-    storage.local_scratch(_cache_dir(config))
+    _remove_cache(cache)
     summary.elapsed = time.perf_counter() - started
     return summary
 

@@ -8,8 +8,10 @@ last: its presence means the dataset is complete.
 
 from __future__ import annotations
 
+import functools
 import io
 import json
+import math
 import re
 import tarfile
 from dataclasses import asdict, dataclass
@@ -93,6 +95,9 @@ def write_shard(dest: str, name: str, samples: Iterable[dict]) -> ShardInfo:
 
 
 BLOCK = 512
+READ_PIECE = 1 << 20
+MAX_MEMBER = 1 << 30  # no member of a shard of ours comes near this (a 6x64x64x4 clip is 98 KB)
+PAX_LIMIT = 1 << 20
 _ZERO_BLOCK = bytes(BLOCK)
 _REGULAR = (b"0", b"\0", b"7")
 _IGNORED = (b"1", b"2", b"3", b"4", b"5", b"6", b"g", b"K")  # links, devices, dirs, fifos, pax globals
@@ -113,18 +118,42 @@ def _number(field: bytes) -> int:
 
 
 def _pax_records(data: bytes) -> dict[str, str]:
-    """``"<len> <key>=<value>\\n"`` records of a pax extended header."""
+    """``"<len> <key>=<value>\n"`` records of a pax extended header; each record must advance
+    and fit inside the header (a length of 0 would otherwise loop forever)."""
     records, pos = {}, 0
     while pos < len(data) and data[pos] != 0:
-        space = data.index(b" ", pos)
-        length = int(data[pos:space])
-        key, _, value = data[space + 1:pos + length - 1].partition(b"=")
-        records[key.decode()] = value.decode("utf-8", "surrogateescape")
-        pos += length
+        space = data.find(b" ", pos, pos + 21)
+        try:
+            length = int(data[pos:space]) if space > pos else 0
+        except ValueError:
+            length = 0
+        end = pos + length
+        if length <= space - pos + 1 or end > len(data) or data[end - 1:end] != b"\n":
+            raise TarFormatError(f"malformed pax record at offset {pos} of its header")
+        key, equals, value = data[space + 1:end - 1].partition(b"=")
+        if not equals:
+            raise TarFormatError(f"malformed pax record at offset {pos} of its header")
+        records[key.decode("utf-8", "surrogateescape")] = value.decode("utf-8", "surrogateescape")
+        pos = end
     return records
 
 
-def read_tar(stream: IO[bytes]) -> Iterator[tuple[str, bytes]]:
+def _read_exactly(stream: IO[bytes], size: int) -> bytes:
+    """Up to ``size`` bytes, read in pieces: a header that lies about a member's size cannot
+    make us allocate more than the stream really holds."""
+    if size <= READ_PIECE:
+        return stream.read(size)
+    pieces, left = [], size
+    while left:
+        piece = stream.read(min(left, READ_PIECE))
+        if not piece:
+            break
+        pieces.append(piece)
+        left -= len(piece)
+    return b"".join(pieces)
+
+
+def read_tar(stream: IO[bytes], max_member: int = MAX_MEMBER) -> Iterator[tuple[str, bytes]]:
     """``(name, content)`` of each regular file of a tar stream, in order.
 
     The loader's tar stage: ``tarfile`` spends ~25 µs building a ``TarInfo`` per member, which
@@ -132,7 +161,8 @@ def read_tar(stream: IO[bytes]) -> Iterator[tuple[str, bytes]]:
     headers (``path``/``size``) with two reads per member. Unlike ``tarfile``'s stream mode it
     never stops silently: a bad checksum, a truncated member or a missing end-of-archive block
     raises ``TarFormatError``, because a shard that yields fewer windows than the manifest
-    says would leave replicas with unequal step counts.
+    says would leave replicas with unequal step counts. A member larger than ``max_member``
+    (a clip can only be so big) or a pax header that does not parse is an error too.
     """
     pad, offset = 0, 0
     name_override: str | None = None
@@ -151,12 +181,16 @@ def read_tar(stream: IO[bytes]) -> Iterator[tuple[str, bytes]]:
         size = _number(header[124:136]) if size_override is None else size_override
         if size < 0:
             raise TarFormatError(f"negative member size at byte {offset - BLOCK}")
-        data = stream.read(size)
+        kind = header[156:157]
+        limit = PAX_LIMIT if kind in (b"x", b"L", b"g") else max_member
+        if size > limit:
+            raise TarFormatError(f"member at byte {offset - BLOCK} declares {size} bytes, more than the "
+                                 f"{limit} such a member can have")
+        data = _read_exactly(stream, size)
         if len(data) < size:
             raise TarFormatError(f"truncated member at byte {offset} ({len(data)} of {size} bytes)")
         offset += size
         pad = -size % BLOCK
-        kind = header[156:157]
         if kind in _REGULAR:
             if name_override is not None:
                 name = name_override
@@ -175,16 +209,117 @@ def read_tar(stream: IO[bytes]) -> Iterator[tuple[str, bytes]]:
                 raise TarFormatError("sparse members are not supported")
             name_override = records.get("path", name_override)
             if "size" in records:
-                size_override = int(records["size"])
+                try:
+                    size_override = int(records["size"])
+                except ValueError:
+                    raise TarFormatError(f"bad pax size {records['size'][:20]!r} at byte {offset - size - BLOCK}") from None
             continue
         elif kind not in _IGNORED:
             raise TarFormatError(f"unsupported member type {kind!r} at byte {offset - size - BLOCK}")
         name_override = size_override = None
 
 
+def group_samples(members: Iterable[tuple[str, bytes]]) -> Iterator[dict]:
+    """Consecutive ``<key>.<ext>`` members -> ``{"__key__": key, ext: data, ...}`` samples
+    (the key ends at the first dot of the file name, as in WebDataset)."""
+    sample: dict = {}
+    for name, data in members:
+        folder, _, base = name.rpartition("/")
+        stem, dot, ext = base.partition(".")
+        if not dot:
+            raise TarFormatError(f"member {name[:80]!r} has no extension")
+        key = f"{folder}/{stem}" if folder else stem
+        if sample and sample["__key__"] != key:
+            yield sample
+            sample = {}
+        if ext in sample:
+            raise TarFormatError(f"member {name[:80]!r} appears twice")
+        sample["__key__"] = key
+        sample[ext] = data
+    if sample:
+        yield sample
+
+
+def stream_samples(stream: IO[bytes], url: str, max_member: int = MAX_MEMBER) -> Iterator[dict]:
+    """The samples of an open shard stream; a damaged shard is a ``ShardError`` naming ``url``."""
+    try:
+        for sample in group_samples(read_tar(stream, max_member)):
+            sample["__url__"] = url  # errors further down the pipeline name the shard
+            yield sample
+    except TarFormatError as exc:
+        raise ShardError(f"{url}: not a valid shard: {exc}") from None
+
+
+def read_samples(url: str, expected: int | None = None, max_member: int = MAX_MEMBER) -> Iterator[dict]:
+    """The samples of one shard, streamed; a missing or damaged shard, or one holding another
+    number of windows than ``expected`` (the manifest's count), is a ``ShardError`` naming it."""
+    count = 0
+    try:
+        with storage.open_read(url) as stream:
+            for sample in stream_samples(stream, url, max_member):
+                count += 1
+                yield sample
+    except FileNotFoundError:
+        raise ShardError(f"{url}: missing (listed in the manifest)") from None
+    if expected is not None and count != expected:
+        raise ShardError(f"{url}: holds {count} windows, the manifest says {expected}")
+
+
+@functools.lru_cache(maxsize=64)
+def _npy_header(header: bytes) -> tuple[np.dtype, tuple[int, ...], bool]:
+    stream = io.BytesIO(header)
+    version = np.lib.format.read_magic(stream)
+    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    shape, fortran, dtype = read(stream)
+    return dtype, shape, fortran
+
+
+NPY_HEADER_LIMIT = 4096  # numpy itself writes headers of 128 bytes and reads at most 10 KB
+
+
+def load_npy(data: bytes) -> np.ndarray:
+    """``np.load`` of ``.npy`` bytes, never unpickling; the header is parsed once per distinct
+    header (every clip of a dataset has the same one), which makes this several times faster
+    than ``np.load`` for small clips. Anything but a complete plain array is a ValueError."""
+    if data[:6] != b"\x93NUMPY" or len(data) < 12:
+        raise ValueError("not a .npy member")
+    start = 10 if data[6] == 1 else 12
+    length = int.from_bytes(data[8:start], "little")
+    if length > NPY_HEADER_LIMIT:
+        raise ValueError(f".npy header of {length} bytes")
+    try:
+        dtype, shape, fortran = _npy_header(bytes(data[:start + length]))
+    except (ValueError, SyntaxError, TypeError) as exc:
+        raise ValueError(f"bad .npy header ({exc})") from None
+    if dtype.hasobject:
+        raise ValueError(".npy member with Python objects")
+    if len(data) - start - length != math.prod(shape) * dtype.itemsize:
+        raise ValueError(f".npy member of shape {shape} holds {len(data) - start - length} data bytes")
+    array = np.frombuffer(data, dtype, count=math.prod(shape), offset=start + length)
+    return array.reshape(shape, order="F" if fortran else "C")
+
+
+def decode_sample(sample: dict, url: str, clip_shape: tuple[int, ...], num_classes: int) -> tuple[np.ndarray, int]:
+    """A sample's uint8 ``(T, H, W, C)`` clip and class index, checked against the manifest's
+    clip shape and class count (a damaged window is a ``ShardError`` naming shard and key)."""
+    key = sample.get("__key__", "?")
+    try:
+        clip = load_npy(sample["clip.npy"])
+        label = int(sample["cls"])
+    except KeyError as exc:
+        raise ShardError(f"{url}: window {key} has no {exc.args[0]} member") from None
+    except ValueError as exc:
+        raise ShardError(f"{url}: window {key}: {exc}") from None
+    if clip.dtype != np.uint8 or clip.shape != clip_shape:
+        raise ShardError(f"{url}: window {key}: clip is {clip.dtype} {clip.shape}, the manifest says uint8 {clip_shape}")
+    if not 0 <= label < num_classes:
+        raise ShardError(f"{url}: window {key}: class {label} is not one of the manifest's {num_classes}")
+    return clip, label
+
+
 def hash_shard(dest: str, name: str) -> ShardInfo:
     """Count, size and sha256 of an existing shard, read back in one pass (after a resume)."""
-    with storage.open_read(storage.join(dest, name)) as handle:
+    with storage.open_read(shard_url(dest, name)) as handle:
         reader = storage.HashingReader(handle)
         count = sum(1 for member, _ in read_tar(reader) if member.endswith(".cls"))
         while reader.read(1 << 20):
@@ -199,19 +334,49 @@ def split_entry(shards: list[ShardInfo], class_counts: dict[str, int]) -> dict:
 
 
 def read_manifest(dest: str) -> dict[str, Any]:
-    """The manifest of a preprocessed dataset, checked for the fields every reader needs."""
-    url = storage.join(dest, MANIFEST)
+    """The manifest of a preprocessed dataset, checked for the fields and types every reader
+    needs (a missing split is reported by ``split_shards``)."""
+    url = storage.join(storage.check_location(dest, "--data"), MANIFEST)
     if not storage.exists(url):
+        if storage.is_gcs(dest) and not storage.bucket_exists(dest):
+            raise UserError(f"{dest}: bucket does not exist")
         raise UserError(f"{url}: no manifest; is {dest} a finished preprocessing output?")
-    try:
-        manifest = storage.read_json(url)
-    except ValueError:
-        raise UserError(f"{url}: not valid JSON") from None
-    missing = [k for k in ("format", "classes", "seq_len", "image_size", "modality", "channels", "splits")
-               if k not in manifest]
-    if missing or manifest["format"] != FORMAT:
-        raise UserError(f"{url}: not a {FORMAT} manifest (missing {', '.join(missing) or 'format'})")
+    manifest = storage.read_json(url)
+    fields = {"format": str, "classes": list, "seq_len": int, "image_size": int, "modality": str,
+              "channels": list, "splits": dict}
+    wrong = [k for k, kind in fields.items() if not isinstance(manifest, dict) or not isinstance(manifest.get(k), kind)]
+    if wrong or manifest["format"] != FORMAT:
+        raise UserError(f"{url}: not a {FORMAT} manifest (missing or malformed: {', '.join(wrong) or 'format'})")
+    if (not manifest["classes"] or not all(isinstance(c, str) for c in manifest["classes"])
+            or not 1 <= manifest["seq_len"] <= 10_000 or not 1 <= manifest["image_size"] <= 10_000
+            or not 1 <= len(manifest["channels"]) <= 4):
+        raise UserError(f"{url}: classes, seq_len, image_size or channels out of range")
     return manifest
+
+
+def clip_shape(manifest: dict) -> tuple[int, int, int, int]:
+    """A window's uint8 array shape ``(T, H, W, C)``."""
+    size = manifest["image_size"]
+    return manifest["seq_len"], size, size, len(manifest["channels"])
+
+
+def max_member(manifest: dict) -> int:
+    """The largest tar member a shard of this manifest can hold (a clip plus its .npy header,
+    with room for a long JSON row)."""
+    return math.prod(clip_shape(manifest)) + NPY_HEADER_LIMIT + 65536
+
+
+def split_shards(dest: str, manifest: dict, split: str) -> list[tuple[str, int]]:
+    """``(url, window count)`` of every shard of one split, in manifest order; the names are
+    checked to be shard names of ours inside ``dest``."""
+    entry = manifest["splits"].get(split)
+    if entry is None:
+        raise UserError(f"{storage.join(dest, MANIFEST)}: no {split!r} split "
+                        f"(it has {', '.join(manifest['splits']) or 'none'})")
+    try:
+        return [(shard_url(dest, s["name"]), int(s["count"])) for s in entry["shards"]]
+    except (KeyError, TypeError, ValueError):
+        raise UserError(f"{storage.join(dest, MANIFEST)}: the {split} split's shard list is malformed") from None
 
 
 def data_shape(manifest: dict) -> dict:

@@ -155,6 +155,7 @@ class HashingWriter(io.RawIOBase):
         self.sink = sink
         self.digest = hashlib.sha256()
         self.size = 0
+        self.failure: OSError | None = None  # a write error a caller (torch.save) may wrap and hide
 
     def writable(self) -> bool:
         return True
@@ -162,7 +163,11 @@ class HashingWriter(io.RawIOBase):
     def write(self, data) -> int:
         self.digest.update(data)
         self.size += len(data)
-        self.sink.write(data)
+        try:
+            self.sink.write(data)
+        except OSError as exc:
+            self.failure = exc
+            raise
         return len(data)
 
 
@@ -379,6 +384,8 @@ def check_writable(url: str) -> None:
             pass
         os.remove(probe)
     except OSError as exc:
+        if exc.errno in (errno.EEXIST, errno.ENOTDIR):
+            raise UserError(f"{url}: not writable (it or a folder above it is a file)") from None
         raise UserError(f"{url}: not writable ({exc.strerror or exc})") from None
 
 

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import os
 import signal
-import sys
 import threading
 from typing import Any, Callable, Iterable
 
 import torch
+
+from .parallel import die_with_parent
 
 
 class Backend:
@@ -176,12 +177,8 @@ def launch(fn: Callable[..., Any], args: tuple, kind: str) -> None:
 def _replica_main(index: int, launcher: int, fn: Callable[..., Any], *args: Any) -> None:
     """A replica process dies with the process that launched it: after a ``kill -9`` of the
     launcher an orphan would otherwise go on holding the TPU (and writing to the run dir)."""
-    if os.getpid() != launcher and sys.platform.startswith("linux"):
-        import ctypes
-
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-        if os.getppid() != launcher:  # the launcher died before prctl took effect
-            os._exit(1)
+    if os.getpid() != launcher:
+        die_with_parent(launcher)
     fn(index, *args)
 
 

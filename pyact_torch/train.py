@@ -9,25 +9,24 @@ the loss plot and checkpoints (in the background) to the run directory.
 from __future__ import annotations
 
 import io
-import itertools
 import json
 import math
 import random
 import time
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator
+from typing import Iterable
 
 import torch
 import torch.nn.functional as F
 
 from . import storage
-from .checkpoint import CHECKPOINT_FORMAT, FINAL, CheckpointWriter, check_compatible, restore
+from .checkpoint import CHECKPOINT_FORMAT, FINAL, CheckpointWriter, check_compatible, check_resumable, restore
 from .config import TrainConfig, to_dict
 from .errors import UserError
 from .evaluate import evaluate
-from .loader import Part, WindowDataset, make_loader
-from .model import build_model
-from .shards import data_shape, read_manifest
+from .loader import HostBatches, Part, WindowDataset, on_device, train_steps
+from .model import build_model, check_input
+from .shards import data_shape, read_manifest, split_shards
 from .tpu import Backend, launch, preempted
 
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, clips: torch.Tensor,
@@ -52,19 +51,6 @@ class RunState:
     batch_in_epoch: int = 0
     best_val_loss: float = math.inf
     metrics: list[dict] = field(default_factory=list)
-
-
-class _Remaining:
-    """The rest of an epoch's host batches, with the length MpDeviceLoader asks for."""
-
-    def __init__(self, batches: Iterator, length: int):
-        self._batches, self._length = batches, length
-
-    def __len__(self) -> int:
-        return self._length
-
-    def __iter__(self) -> Iterator:
-        return itertools.islice(self._batches, self._length)
 
 
 class _Logger:
@@ -152,6 +138,7 @@ def _checkpoint_state(model, optimizer, scheduler, state: RunState, config: Trai
         "config": to_dict(config),
         "classes": list(manifest["classes"]),
         "data_shape": data_shape(manifest),
+        "replicas": backend.world,
         "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
         "metrics": json.dumps(state.metrics),
     }
@@ -196,11 +183,10 @@ def _replica(index: int, config: TrainConfig) -> None:
     model = build_model(config.model, len(manifest["channels"]), manifest["seq_len"], manifest["image_size"],
                         len(classes))
     state = RunState()
-    saved = restore(config.run_dir, config.resume, log=print if backend.is_master else (lambda m: None))
     train_set = WindowDataset(config.data, manifest, "train", per_replica, part, train=True, seed=config.seed,
                               workers=config.workers, shuffle_size=config.shuffle_buffer)
-    eval_set = WindowDataset(config.data, manifest, "eval", per_replica, part, train=False,
-                             workers=min(config.workers, 1))
+    eval_set = (WindowDataset(config.data, manifest, "eval", per_replica, part, train=False,
+                              workers=min(config.workers, 1)) if "eval" in manifest["splits"] else None)
     steps_per_epoch = [None] * config.epochs
 
     def epoch_steps(epoch: int) -> int:
@@ -210,12 +196,24 @@ def _replica(index: int, config: TrainConfig) -> None:
         return steps_per_epoch[epoch]
 
     if epoch_steps(0) == 0:
+        readers = backend.world * max(1, config.workers)
+        if train_steps(train_set.shards, backend.world, 0, per_replica):
+            raise UserError(f"{config.data}: split over {readers} readers ({backend.world} replicas x --workers "
+                            f"{config.workers}) the {len(train_set.shards)} train shards leave a reader less than "
+                            f"one batch ({per_replica}); lower --workers")
         raise UserError(f"{config.data}: the train split has fewer windows per replica than one batch "
                         f"({per_replica}); lower --batch-size")
     total_steps = sum(epoch_steps(e) for e in range(config.epochs))
-    if saved is not None:
+    restored = restore(config.run_dir, config.resume, log=print if backend.is_master else (lambda m: None))
+    saved = None
+    if restored is not None:
+        saved, url = restored
         check_compatible(saved, classes, data_shape(manifest))
-        model.load_state_dict(saved["model"])
+        check_resumable(saved, url, to_dict(config), backend.world)
+        try:
+            model.load_state_dict(saved["model"])
+        except RuntimeError:
+            raise UserError(f"{url}: its weights do not fit --model {config.model} on this data") from None
     model.to(backend.device)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
     schedule = (lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total_steps) / total_steps))) \
@@ -248,18 +246,16 @@ def _replica(index: int, config: TrainConfig) -> None:
             epoch = state.epoch
             train_set.set_epoch(epoch)
             steps = epoch_steps(epoch)
-            host = iter(make_loader(train_set, config.workers))
-            for _ in range(state.batch_in_epoch):  # resume: skip what this epoch already trained on
-                next(host)
-            batches = backend.device_loader(_Remaining(host, steps - state.batch_in_epoch))
+            # resume: the batches this epoch already trained on are read and skipped
+            batches = on_device(HostBatches(train_set, config.workers, steps, skip=state.batch_in_epoch), backend)
             if not train_epoch(model, optimizer, scheduler, batches, backend, config, state, logger, checkpoint):
                 if writer is not None:
                     writer.wait()
                     print(f"stopped by SIGTERM at step {state.step}; checkpoint saved", flush=True)
                 return
             result = None
-            if len(eval_set):
-                result = evaluate(model, backend.device_loader(make_loader(eval_set, eval_set.workers)),
+            if eval_set is not None and len(eval_set):
+                result = evaluate(model, on_device(HostBatches(eval_set, eval_set.workers, len(eval_set)), backend),
                                   backend, len(classes))
             state.epoch, state.batch_in_epoch = epoch + 1, 0
             improved = result is not None and result["loss"] < state.best_val_loss
@@ -282,6 +278,15 @@ def _replica(index: int, config: TrainConfig) -> None:
 
 def fit(config: TrainConfig) -> None:
     """Check the inputs, then train on every replica (xmp.spawn, or eager CPU)."""
-    read_manifest(config.data)
+    manifest = read_manifest(config.data)
+    split_shards(config.data, manifest, "train")
+    if "eval" in manifest["splits"]:
+        split_shards(config.data, manifest, "eval")
+    else:
+        print(f"note: {config.data} has no eval split: no validation, and best.json is not written")
+    try:
+        check_input(config.model, manifest["image_size"])
+    except ValueError as exc:
+        raise UserError(f"{config.data}: {exc}; preprocess at another --image-size") from None
     storage.check_writable(config.run_dir)
     launch(_replica, (config,), config.device)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator
 
@@ -20,8 +21,13 @@ from . import storage
 from .config import VideoConfig
 from .errors import UserError
 from .frames import FrameError, load_png
-from .loader import load_npy
+from .shards import load_npy, read_samples, split_shards, read_manifest
 
+# A predictions row's ``sequence`` is a folder of the raw dataset, ``<Split>/<subject>/<action>``:
+# data, never a path; ``path`` names the window's first frame file of one of the three kinds.
+SEQUENCE = re.compile(r"(Train|Eval|Test)/[^/.][^/]{0,254}/[^/.][^/]{0,254}")
+FRAME_KINDS = ("color", "depth", "confi")
+MAX_WINDOW = 1000  # frames in one window; pyACT's are 6
 YELLOW, GREEN, RED, WHITE = (0, 255, 255), (0, 200, 0), (0, 0, 255), (255, 255, 255)  # BGR
 LINE = 22  # banner line height in pixels at scale 1
 
@@ -70,12 +76,16 @@ def clip_frames(clip: np.ndarray, size: int) -> list[np.ndarray]:
     return frames
 
 
-def source_frames(src: str, row: dict, size: int) -> list[np.ndarray]:
-    """The window's frames read from the raw dataset (the kind of its first frame's path)."""
-    kind = os.path.basename(row["path"]).split("_")[0]
+def source_frames(src: str, row: dict, size: int, source: str = "predictions") -> list[np.ndarray]:
+    """The window's frames read from the raw dataset (the kind of its first frame's path);
+    the row's sequence must name a sequence folder inside ``src``."""
+    folder = storage.child(src, row["sequence"], SEQUENCE, source)
+    kind = os.path.basename(str(row["path"])).split("_")[0]
+    if kind not in FRAME_KINDS:
+        raise UserError(f"{source}: {row['key']}: path {str(row['path'])[:80]!r} names no frame kind")
     frames = []
     for index in range(row["start"], row["stop"] + 1):
-        path = os.path.join(src, row["sequence"], f"{kind}_{index}.png")
+        path = os.path.join(folder, f"{kind}_{index}.png")
         try:
             frames.append(to_display(load_png(path), size))
         except FrameError as exc:
@@ -168,9 +178,13 @@ def read_predictions(path: str) -> list[dict]:
         raise UserError(f"{path}: no such file") from None
     except ValueError:
         raise UserError(f"{path}: not valid JSON") from None
-    needed = {"key", "path", "sequence", "start", "stop", "truth", "prediction"}
-    if not isinstance(rows, list) or not rows or not all(isinstance(r, dict) and needed <= set(r) for r in rows):
-        raise UserError(f"{path}: not a predictions file of pyact evaluate (rows need {', '.join(sorted(needed))})")
+    needed = {"key": str, "path": str, "sequence": str, "start": int, "stop": int, "truth": str, "prediction": str}
+    if not isinstance(rows, list) or not rows or not all(
+            isinstance(r, dict) and all(isinstance(r.get(k), kind) for k, kind in needed.items()) for r in rows):
+        raise UserError(f"{path}: not a predictions file of pyact evaluate (rows need {', '.join(needed)})")
+    for row in rows:
+        if not 0 <= row["start"] <= row["stop"] < row["start"] + MAX_WINDOW:
+            raise UserError(f"{path}: {row['key'][:80]}: frames {row['start']}..{row['stop']} are no window")
     return rows
 
 
@@ -189,13 +203,14 @@ def make_video(config: VideoConfig, progress: bool = True, print_fn: Callable[[s
     """``pyact video``: the prediction video and its contact sheet."""
     from tqdm import tqdm
 
+    check_output_file(config.out, "video")
     rows = read_predictions(config.predictions)
     if config.max_windows:
         rows = rows[:config.max_windows]
     if config.src:
         if not os.path.isdir(config.src):
             raise UserError(f"--src {config.src}: no such folder")
-        stream = ((row, Window(source_frames(config.src, row, config.size),
+        stream = ((row, Window(source_frames(config.src, row, config.size, config.predictions),
                                prediction_captions(row["truth"], row["prediction"]))) for row in rows)
     elif config.data:
         stream = shard_windows(_split_samples(config.data, config.split), rows, config.size)
@@ -229,11 +244,17 @@ def make_video(config: VideoConfig, progress: bool = True, print_fn: Callable[[s
 
 
 def _split_samples(data: str, split: str) -> Iterator[dict]:
-    from .loader import register_gcs_handler, split_shards, tar_samples
-    from .shards import read_manifest
-
     manifest = read_manifest(data)
-    if split not in manifest["splits"]:
-        raise UserError(f"{data}: the manifest has no {split!r} split")
-    register_gcs_handler()
-    return tar_samples([s.url for s in split_shards(data, manifest, split)])
+    for url, count in split_shards(data, manifest, split):
+        yield from read_samples(url, count)
+
+
+def check_output_file(out: str, what: str) -> None:
+    """Before any work: ``out`` can become a local file (not a folder, not gs://, its folder
+    writable)."""
+    if storage.is_gcs(out):
+        raise UserError(f"{out}: the {what} is written to a local path")
+    storage.check_location(out, what)
+    if os.path.isdir(out):
+        raise UserError(f"{out}: is a folder; give a file name for the {what}")
+    storage.check_writable(os.path.dirname(os.path.abspath(out)))

@@ -15,7 +15,7 @@ import torch
 from pyact_torch import storage
 from pyact_torch.cli import main
 from pyact_torch.convert import PYACT_CLASS_ORDER
-from pyact_torch.loader import register_gcs_handler, tar_samples
+from pyact_torch.loader import tar_samples
 from pyact_torch.model import build_model
 
 # --- Keras ------------------------------------------------------------------------------------
@@ -222,7 +222,6 @@ def record_folder(tmp_path):
 def read_shards(dest, split):
     manifest = json.loads(storage.read_bytes(storage.join(dest, "manifest.json")))
     urls = [storage.join(dest, s["name"]) for s in manifest["splits"][split]["shards"]]
-    register_gcs_handler()
     samples = list(tar_samples(urls))
     return manifest, [(np.load(io.BytesIO(s["clip.npy"])), int(s["cls"]), s["__key__"]) for s in samples]
 

@@ -15,7 +15,7 @@ from pyact_torch.config import PreprocessConfig
 from pyact_torch.loader import (Part, Shard, WindowDataset, batches, epoch_order, make_loader,
                                 shuffle_buffer, split_shards, tar_samples, train_steps, worker_shards)
 from pyact_torch.preprocess import preprocess
-from pyact_torch.shards import TarFormatError, read_manifest, read_tar
+from pyact_torch.shards import ShardError, TarFormatError, read_manifest, read_tar
 
 SHARDS = [Shard(f"s{i}", count) for i, count in enumerate([8] * 20 + [5, 3, 1])]
 
@@ -196,5 +196,5 @@ def test_read_tar_never_stops_silently_on_a_damaged_shard(shards_dir, tmp_path):
     bad = str(tmp_path / "bad.tar")
     with open(bad, "wb") as handle:
         handle.write(data[:starts[-2]])
-    with pytest.raises(TarFormatError, match=re.escape(bad)):
+    with pytest.raises(ShardError, match=re.escape(bad)):
         list(tar_samples([bad]))

@@ -105,7 +105,7 @@ def test_round_trip_through_webdataset(raw_dataset, local_output):
     test_sequences = [os.path.join(dp) for dp, dn, fn in os.walk(os.path.join(raw_dataset, "Test"))
                       if any(f.startswith("color_") for f in fn)]
     assert manifest["splits"]["test"]["count"] == sum(count_frames(s) - 5 for s in test_sequences)
-    assert not os.path.exists(os.path.join(dest, ".tmp"))
+    assert not os.path.exists(os.path.join(dest, ".pyact-cache"))
     assert summary.decoded == summary.frames == count_frames(raw_dataset)
 
 
@@ -168,7 +168,7 @@ def test_resume_after_kill_gives_identical_output(raw_dataset, tmp_path, phase):
     dest = str(tmp_path / "killed")
     process = subprocess.Popen([sys.executable, SCRIPT, raw_dataset, dest, *flags],
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    log = os.path.join(dest, ".tmp", "decoded.log")
+    log = os.path.join(dest, ".pyact-cache", "decoded.log")
     if phase == "decode":
         ready = lambda: os.path.exists(log) and open(log).read().count("\n") >= 4  # noqa: E731
     else:

@@ -47,7 +47,7 @@ def test_tiny_learns_the_held_out_subject_through_xmp_spawn(learn_shards, tmp_pa
     config = storage.read_json(f"{run_dir}/config.json")
     assert config["replicas"] == 1 and config["config"]["device"] == "xla"
     pointer = storage.read_json(f"{run_dir}/best.json")
-    state = load_object(f"{run_dir}/{pointer['name']}", pointer["sha256"])
+    state = load_object(f"{run_dir}/{pointer['name']}", pointer)
     assert state["classes"][-1] == "no-action"
 
 
@@ -61,7 +61,7 @@ def test_tiny_learns_the_held_out_subject(learn_shards, tmp_path):
     assert accuracy[-1] >= 0.9, accuracy
     best = storage.read_json(f"{run_dir}/best.json")
     assert min(r["loss"] for r in evals(run_dir)) == pytest.approx(
-        load_object(f"{run_dir}/{best['name']}", best["sha256"])["best_val_loss"], abs=1e-5)
+        load_object(f"{run_dir}/{best['name']}", best)["best_val_loss"], abs=1e-5)
 
 
 def test_checkpoints_land_in_gcs_and_load_with_plain_torch_load(learn_shards, gcs):
@@ -150,7 +150,7 @@ def test_sigterm_checkpoints_and_exits_zero(device, learn_shards, small_shards, 
 
 
 def _tiny_state(step):
-    return {"model": {"w": torch.full((3,), float(step))}, "step": step, "classes": ["a", "no-action"]}
+    return {"model": {"w": torch.full((3,), float(step))}, "step": step, "classes": ["a", "no-action"], "config": {"model": "tiny"}}
 
 
 def test_corrupt_latest_checkpoint_falls_back_to_the_previous(tmp_path):
@@ -163,11 +163,11 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous(tmp_path):
         handle.seek(100)
         handle.write(b"garbage")
     messages = []
-    state = restore(run_dir, "auto", log=messages.append)
+    state, _ = restore(run_dir, "auto", log=messages.append)
     assert state["step"] == 20
     assert "ckpt-30.pt" in messages[0] and "sha256" in messages[0]
     os.remove(os.path.join(run_dir, "ckpt-20.pt"))
-    assert restore(run_dir, "auto", log=messages.append)["step"] == 10
+    assert restore(run_dir, "auto", log=messages.append)[0]["step"] == 10
 
 
 def test_upload_retried_when_the_emulator_stops(tmp_path):
@@ -188,7 +188,7 @@ def test_upload_retried_when_the_emulator_stops(tmp_path):
         writer.close()
         pointer = storage.read_json(f"{run_dir}/latest.json")
         assert pointer["name"] == "ckpt-2.pt"
-        assert load_object(f"{run_dir}/ckpt-2.pt", pointer["sha256"])["step"] == 2
+        assert load_object(f"{run_dir}/ckpt-2.pt", pointer)["step"] == 2
 
 
 @pytest.mark.parametrize("case", ["no manifest", "missing bucket", "unwritable run dir"])

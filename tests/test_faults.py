@@ -1,0 +1,764 @@
+"""Faults and hostile input, grouped by class: path escape, deletion, atomicity, bounded
+parsing, signals, one-line errors. Each case failed (lost data, escaped, hung or ended in a
+traceback) before the hardening of issue 11; the table in docs/faults.md counts them.
+
+Cases that could hang run in a subprocess with a timeout. Disk-full cases mount a small tmpfs
+and need root (skipped elsewhere, with the reason).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from contextlib import contextmanager
+
+import numpy as np
+import pytest
+import torch
+
+from pyact_torch import preprocess as preprocess_module
+from pyact_torch import storage
+from pyact_torch.checkpoint import CheckpointWriter, load_checkpoint
+from pyact_torch.cli import main
+from pyact_torch.errors import UserError
+from pyact_torch.shards import TarFormatError, read_manifest, read_tar
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CLI = [sys.executable, "-c", "import sys; from pyact_torch.cli import main; sys.exit(main(sys.argv[1:]))"]
+TRAIN = ["--device", "cpu", "--model", "tiny", "--epochs", "1", "--batch-size", "4", "--workers", "0",
+         "--log-every", "1"]
+
+
+# --- helpers -----------------------------------------------------------------------------------
+
+def one_line(err: str) -> str:
+    """The single ``error:`` line a user-fixable failure must end with."""
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), err[-3000:]
+    return lines[0]
+
+
+def cli(capsys, *args) -> tuple[int, str]:
+    code = main(list(args))
+    return code, capsys.readouterr().err
+
+
+def run(*args, timeout=120, **kwargs) -> subprocess.CompletedProcess:
+    """The command in a subprocess (a hang fails the test instead of stopping the suite)."""
+    return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=timeout, **kwargs)
+
+
+def tree(folder: str) -> dict[str, bytes]:
+    """Every file below ``folder`` with its bytes."""
+    return {os.path.relpath(os.path.join(root, name), folder): open(os.path.join(root, name), "rb").read()
+            for root, _, names in os.walk(folder) for name in names}
+
+
+def write_manifest(dest: str, manifest: dict) -> None:
+    with open(os.path.join(dest, "manifest.json"), "w") as handle:
+        json.dump(manifest, handle)
+
+
+@pytest.fixture
+def shards(small_shards, tmp_path) -> str:
+    """A private copy of small preprocessed shards (16x16, 16 windows a shard) to damage."""
+    copy = str(tmp_path / "shards")
+    shutil.copytree(small_shards, copy)
+    return copy
+
+
+@pytest.fixture(scope="module")
+def small_run(small_shards, tmp_path_factory) -> str:
+    """A finished one-epoch tiny run on the small shards."""
+    run_dir = str(tmp_path_factory.mktemp("run") / "run")
+    assert main(["train", "--data", small_shards, "--run-dir", run_dir, *TRAIN]) == 0
+    return run_dir
+
+
+@contextmanager
+def small_tmpfs(path, size: str):
+    """A tmpfs of ``size`` at ``path`` (root only); yields a function that resizes it."""
+    if os.geteuid() != 0:
+        pytest.skip("disk-full cases mount a tmpfs, which needs root")
+    os.makedirs(path, exist_ok=True)
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                      capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        yield lambda new: subprocess.run(["mount", "-o", f"remount,size={new}", str(path)], check=True)
+    finally:
+        subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
+def crafted_tar(*members: tuple[bytes, bytes]) -> bytes:
+    """A tar of raw (header, data) pairs, headers given as dicts of field -> bytes."""
+    return b"".join(members) + bytes(1024)
+
+
+def header(name: str, size: int, kind: bytes = b"0") -> bytes:
+    info = tarfile.TarInfo(name)
+    info.size, info.type = 0, kind
+    block = bytearray(info.tobuf(format=tarfile.USTAR_FORMAT))
+    block[124:136] = f"{size:011o}\0".encode() if size < 8 ** 11 else b"\x80" + size.to_bytes(11, "big")
+    block[148:156] = b"        "
+    block[148:156] = f"{sum(block):06o}\0 ".encode()
+    return bytes(block)
+
+
+def pad(data: bytes) -> bytes:
+    return data + bytes(-len(data) % 512)
+
+
+# --- path escape: names read from files are data, never paths -------------------------------------
+
+@pytest.mark.parametrize("name", ["/abs/victim.txt", "../../x/victim.txt", "ckpt-1.pt/../../victim.txt"])
+def test_retention_never_deletes_what_a_history_names_outside_the_run(name, tmp_path):
+    run_dir = tmp_path / "runs" / "run"
+    victim = tmp_path / "x" / "victim.txt"
+    victim.parent.mkdir(parents=True)
+    victim.write_text("precious")
+    target = name if name.startswith("/") else name
+    if name.startswith("/"):
+        target = str(victim)
+    writer = CheckpointWriter(str(run_dir), keep=1, log=lambda m: None)
+    writer.save(_state(1), 1, 0)
+    writer.close()
+    pointer = json.load(open(run_dir / "latest.json"))
+    pointer["history"].insert(0, {**pointer["history"][0], "name": target})
+    (run_dir / "latest.json").write_text(json.dumps(pointer))
+    writer = CheckpointWriter(str(run_dir), keep=1, log=lambda m: None)
+    writer.save(_state(2), 2, 0)
+    writer.save(_state(3), 3, 0)
+    writer.close()
+    assert victim.read_text() == "precious"
+    # negative control: retention does delete the run's own expired checkpoints
+    assert not (run_dir / "ckpt-1.pt").exists() and not (run_dir / "ckpt-2.pt").exists()
+    assert (run_dir / "ckpt-3.pt").exists()
+
+
+@pytest.mark.parametrize("target", ["/etc/passwd", "/dev/zero", "fifo", "../outside.pt"])
+def test_a_pointer_naming_anything_but_our_checkpoint_is_ignored(target, small_run, tmp_path):
+    """best.json naming a system file, an endless device, a FIFO or a file outside the run:
+    never read (no hang, no memory blow-up); scoring falls back to final.pt."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(small_run, run_dir)
+    record = json.load(open(run_dir / "best.json"))
+    if target == "fifo":
+        os.remove(run_dir / record["name"])
+        os.mkfifo(run_dir / record["name"])  # a valid name, but no regular file
+    else:
+        record["name"] = target
+        (run_dir / "best.json").write_text(json.dumps(record))
+    code = ("import sys; from pyact_torch.checkpoint import load_checkpoint; "
+            "state, url = load_checkpoint(sys.argv[1]); print(url)")
+    result = subprocess.run([sys.executable, "-c", code, str(run_dir)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip().endswith("final.pt")
+    assert "warning" in result.stdout
+
+
+@pytest.mark.parametrize("name", ["/abs/victim.tar", "../../victim.tar", "/dev/zero",
+                                  "pipe:touch {marker}; cat {real}"])
+@pytest.mark.parametrize("command", ["inspect", "evaluate", "train", "video"])
+def test_shard_names_in_a_manifest_are_never_opened_outside_dest(name, command, shards, small_run, tmp_path):
+    marker = tmp_path / "pwned"
+    manifest = read_manifest(shards)
+    split = {"inspect": "train", "train": "train"}.get(command, "test")
+    real = os.path.join(shards, manifest["splits"][split]["shards"][0]["name"])
+    manifest["splits"][split]["shards"][0]["name"] = name.format(marker=marker, real=real)
+    write_manifest(shards, manifest)
+    predictions = tmp_path / "predictions.json"
+    predictions.write_text(json.dumps([{"key": "k/a/000005", "path": "Test/x/asl-z/color_0.png",
+                                        "sequence": "Test/x/asl-z", "start": 0, "stop": 5, "truth": "asl-z",
+                                        "prediction": "asl-z"}]))
+    args = {
+        "inspect": ["inspect", shards, "--out", str(tmp_path / "grid.png"), "--split", split],
+        "evaluate": ["evaluate", "--checkpoint", small_run, "--data", shards, "--out", str(tmp_path / "scores"),
+                     "--device", "cpu"],
+        "train": ["train", "--data", shards, "--run-dir", str(tmp_path / "r"), *TRAIN],
+        "video": ["video", str(predictions), str(tmp_path / "v.mp4"), "--data", shards],
+    }[command]
+    result = run(*args, timeout=300)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "not a name this project writes" in one_line(result.stderr)
+    assert not marker.exists()
+
+
+def test_empty_or_scheme_locations_are_refused(capsys, tmp_path):
+    marker = tmp_path / "pwned"
+    for args in (["train", "--data", "", "--run-dir", str(tmp_path / "r")],
+                 ["train", "--data", f"pipe:touch {marker}", "--run-dir", str(tmp_path / "r")],
+                 ["evaluate", "--checkpoint", "x", "--data", "http://example.invalid/d", "--out", str(tmp_path)],
+                 ["preprocess", str(tmp_path), ""],
+                 ["inspect", "", "--out", str(tmp_path / "g.png")]):
+        code, err = cli(capsys, *args)
+        assert code == 2 and one_line(err)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("sequence", ["../outside", "/etc", "Test/../../outside", "Test/x/../../../outside"])
+def test_video_never_reads_frames_outside_src(sequence, tiny_dataset, tmp_path, capsys):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    shutil.copy(os.path.join(tiny_dataset, "Test/test00/asl-z/color_0.png"), outside / "color_0.png")
+    rows = [{"key": "k", "path": "Test/x/y/color_0.png", "sequence": sequence, "start": 0, "stop": 0,
+             "truth": "asl-z", "prediction": "asl-z"}]
+    (tmp_path / "p.json").write_text(json.dumps(rows))
+    code, err = cli(capsys, "video", str(tmp_path / "p.json"), str(tmp_path / "v.mp4"), "--src", tiny_dataset)
+    assert code == 2 and "not a name this project writes" in one_line(err)
+    assert not (tmp_path / "v.mp4").exists()
+    # negative control: a sequence inside SRC is read
+    rows[0]["sequence"] = "Test/test00/asl-z"
+    (tmp_path / "p.json").write_text(json.dumps(rows))
+    assert main(["video", str(tmp_path / "p.json"), str(tmp_path / "v.mp4"), "--src", tiny_dataset]) == 0
+
+
+# --- deletion: only what we made and marked -------------------------------------------------------
+
+def test_cache_dir_keeps_what_the_user_had_in_it(tiny_dataset, tmp_path):
+    cache = tmp_path / "scratch"
+    cache.mkdir()
+    (cache / "thesis.tex").write_text("years of work")
+    (cache / "sub").mkdir()
+    (cache / "sub" / "data.bin").write_bytes(b"\1\2")
+    assert main(["preprocess", tiny_dataset, str(tmp_path / "out"), "--cache-dir", str(cache), "--workers", "1",
+                 "--image-size", "16"]) == 0
+    assert (cache / "thesis.tex").read_text() == "years of work" and (cache / "sub" / "data.bin").exists()
+    assert sorted(os.listdir(cache)) == ["sub", "thesis.tex"]  # our own cache folder inside it is gone
+
+
+def test_a_user_folder_named_tmp_in_dest_is_foreign(tiny_dataset, tmp_path, capsys):
+    dest = tmp_path / "out"
+    (dest / ".tmp").mkdir(parents=True)
+    (dest / ".tmp" / "notes.txt").write_text("mine")
+    (dest / ".notes.txt.77.partial").write_text("also mine")
+    code, err = cli(capsys, "preprocess", tiny_dataset, str(dest), "--workers", "1", "--image-size", "16")
+    assert code == 2 and "other files" in one_line(err)
+    assert main(["preprocess", tiny_dataset, str(dest), "--workers", "1", "--image-size", "16", "--overwrite"]) == 0
+    assert (dest / ".tmp" / "notes.txt").read_text() == "mine"
+    assert (dest / ".notes.txt.77.partial").read_text() == "also mine"
+    assert read_manifest(str(dest))["splits"]["train"]["count"] > 0
+
+
+def test_a_cache_folder_that_is_not_ours_is_refused(tiny_dataset, tmp_path, capsys):
+    dest = tmp_path / "out"
+    (dest / ".pyact-cache").mkdir(parents=True)
+    (dest / ".pyact-cache" / "frames.u8").write_text("not a cache of ours")
+    code, err = cli(capsys, "preprocess", tiny_dataset, str(dest), "--workers", "1", "--image-size", "16")
+    assert code == 2 and one_line(err)
+    assert (dest / ".pyact-cache" / "frames.u8").read_text() == "not a cache of ours"
+
+
+# --- atomicity: every write checked, every replace atomic, resume re-verifies --------------------
+
+def _interrupt(monkeypatch, name: str, after: int) -> None:
+    """Make preprocessing stop (as a Ctrl-C would) after ``after`` results of ``name``."""
+    real = getattr(preprocess_module, name)
+
+    def limited(*args, **kwargs):
+        for count, result in enumerate(real(*args, **kwargs)):
+            if count == after:
+                raise KeyboardInterrupt
+            yield result
+
+    monkeypatch.setattr(preprocess_module, name, limited)
+
+
+PRE = ["--workers", "1", "--image-size", "16", "--shard-size", "8"]
+
+
+@pytest.mark.parametrize("damage", ["flip a byte", "truncate", "delete"])
+def test_resume_rewrites_a_kept_shard_damaged_between_runs(damage, tiny_dataset, tmp_path, monkeypatch, capsys):
+    reference = str(tmp_path / "reference")
+    assert main(["preprocess", tiny_dataset, reference, *PRE]) == 0
+    dest = str(tmp_path / "out")
+    _interrupt(monkeypatch, "map_unordered", 4)
+    with pytest.raises(KeyboardInterrupt):
+        preprocess_module.preprocess(preprocess_module.PreprocessConfig(tiny_dataset, dest, workers=1, image_size=16,
+                                                                        shard_size=8), progress=False,
+                                     print_fn=lambda *a: None)
+    monkeypatch.undo()
+    kept = sorted(n for n in storage.list_files(dest) if n.endswith(".tar"))
+    assert len(kept) >= 4  # the last one may be written but not yet logged: also rewritten
+    path = os.path.join(dest, kept[1])
+    data = open(path, "rb").read()
+    if damage == "flip a byte":
+        data = data[:700] + bytes([data[700] ^ 1]) + data[701:]
+        open(path, "wb").write(data)
+    elif damage == "truncate":
+        open(path, "wb").write(data[:1000])
+    else:
+        os.remove(path)
+    assert main(["preprocess", tiny_dataset, dest, *PRE]) == 0
+    assert tree(dest) == tree(reference)
+
+
+def test_resume_re_decodes_frame_chunks_whose_cache_bytes_changed(tiny_dataset, tmp_path, monkeypatch):
+    reference = str(tmp_path / "reference")
+    assert main(["preprocess", tiny_dataset, reference, *PRE]) == 0
+    dest = str(tmp_path / "out")
+    _interrupt(monkeypatch, "map_unordered", 1)  # decoding done, one shard written
+    assert main(["preprocess", tiny_dataset, dest, *PRE]) == 130  # as after a Ctrl-C
+    monkeypatch.undo()
+    frames = os.path.join(dest, ".pyact-cache", "frames.u8")
+    with open(frames, "r+b") as handle:  # what a short write or a bad sector leaves
+        handle.seek(5000)
+        handle.write(bytes(3000))
+    for name in storage.list_files(dest):
+        if name.endswith(".tar"):
+            os.remove(os.path.join(dest, name))
+    assert main(["preprocess", tiny_dataset, dest, *PRE]) == 0
+    assert tree(dest) == tree(reference)
+
+
+def test_a_frame_fixed_after_skip_bad_sequences_is_decoded_again(tiny_dataset, tmp_path, capsys):
+    frame = os.path.join(tiny_dataset, "Train/train00/asl-z/color_3.png")
+    good = open(frame, "rb").read()
+    reference = str(tmp_path / "reference")
+    assert main(["preprocess", tiny_dataset, reference, *PRE]) == 0
+    open(frame, "wb").write(good[:200])
+    dest = str(tmp_path / "out")
+    assert main(["preprocess", tiny_dataset, dest, *PRE, "--skip-bad-sequences"]) == 0
+    assert read_manifest(dest)["skipped_sequences"]
+    open(frame, "wb").write(good)
+    capsys.readouterr()
+    code, err = cli(capsys, "preprocess", tiny_dataset, dest, *PRE, "--skip-bad-sequences")
+    assert code == 2 and "frames changed" in one_line(err)
+    assert main(["preprocess", tiny_dataset, dest, *PRE, "--skip-bad-sequences", "--overwrite"]) == 0
+    assert not read_manifest(dest)["skipped_sequences"]
+    ours, theirs = tree(dest), tree(reference)
+    manifest, expected = json.loads(ours.pop("manifest.json")), json.loads(theirs.pop("manifest.json"))
+    assert ours == theirs  # every shard and index byte-identical to a run on the intact dataset
+    assert manifest["splits"] == expected["splits"]
+
+
+@pytest.mark.parametrize("damage", ["empty cache.json", "cut-off state file"])
+def test_damaged_state_files_do_not_block_resume(damage, tiny_dataset, tmp_path, monkeypatch):
+    reference = str(tmp_path / "reference")
+    assert main(["preprocess", tiny_dataset, reference, *PRE]) == 0
+    dest = str(tmp_path / "out")
+    _interrupt(monkeypatch, "map_unordered", 2)
+    assert main(["preprocess", tiny_dataset, dest, *PRE]) == 130  # as after a Ctrl-C
+    monkeypatch.undo()
+    if damage == "empty cache.json":
+        open(os.path.join(dest, ".pyact-cache", "cache.json"), "w").close()
+    else:
+        state = os.path.join(dest, ".pyact-preprocess.json")
+        data = open(state).read()
+        open(state, "w").write(data[:len(data) // 2])
+    assert main(["preprocess", tiny_dataset, dest, *PRE]) == 0
+    assert tree(dest) == tree(reference)
+
+
+@pytest.mark.parametrize("phase", ["decode", "shards"])
+def test_disk_full_is_one_line_and_the_resumed_output_is_identical(phase, tiny_dataset, tmp_path, capsys):
+    """Root only (tmpfs). Before the fix a short pwrite was logged as decoded and the resumed
+    run published all-black frames."""
+    reference = str(tmp_path / "reference")
+    assert main(["preprocess", tiny_dataset, reference, *PRE]) == 0
+    full = tmp_path / "full"
+    with small_tmpfs(full, "96k" if phase == "decode" else "160k") as resize:
+        if phase == "decode":
+            dest, extra = str(tmp_path / "out"), ["--cache-dir", str(full)]
+        else:
+            dest, extra = str(full / "out"), ["--cache-dir", str(tmp_path / "cache")]
+        code, err = cli(capsys, "preprocess", tiny_dataset, dest, *PRE, *extra)
+        assert code == 2 and "No space left on device" in one_line(err)
+        resize("64m")
+        assert main(["preprocess", tiny_dataset, dest, *PRE, *extra]) == 0
+        assert tree(dest) == tree(reference)
+
+
+def test_a_full_disk_stops_checkpointing_at_once_with_one_line(tmp_path):
+    with small_tmpfs(tmp_path / "full", "64k"):
+        writer = CheckpointWriter(str(tmp_path / "full" / "run"), log=lambda m: None)
+        started = time.monotonic()
+        writer.save({**_state(1), "big": torch.zeros(100_000)}, 1, 0)
+        with pytest.raises(UserError, match="No space left on device"):
+            writer.close()
+        assert time.monotonic() - started < 10  # no 9 retries over minutes
+        assert not os.path.exists(tmp_path / "full" / "run" / "latest.json")
+
+
+# --- bounded parsing -----------------------------------------------------------------------------
+
+HANG_CHECK = """
+import io, sys
+from pyact_torch.shards import read_tar, TarFormatError
+try:
+    list(read_tar(io.BytesIO(open(sys.argv[1], 'rb').read())))
+except TarFormatError as exc:
+    print('refused:', exc)
+"""
+
+
+def _pax(record: bytes) -> bytes:
+    return crafted_tar(header("././@PaxHeader", len(record), b"x") + pad(record), header("a.cls", 1) + pad(b"3"))
+
+
+@pytest.mark.parametrize("case", ["pax length 0", "pax length 1", "pax length past the end", "pax no newline",
+                                  "1 GiB member in 4 KB", "2**40 member", "8 GiB base-256 member"])
+def test_tar_headers_cannot_hang_or_exhaust_memory(case, tmp_path):
+    data = {
+        "pax length 0": _pax(b"0 path=x\n"),
+        "pax length 1": _pax(b"1 path=x\n"),
+        "pax length past the end": _pax(b"99 path=x\n"),
+        "pax no newline": _pax(b"10 path=xy"),
+        "1 GiB member in 4 KB": crafted_tar(header("a.clip.npy", 1 << 30) + bytes(3000)),
+        "2**40 member": crafted_tar(header("a.clip.npy", 1 << 40) + bytes(3000)),
+        "8 GiB base-256 member": crafted_tar(header("a.clip.npy", 8 << 30) + bytes(3000)),
+    }[case]
+    path = tmp_path / "crafted.tar"
+    path.write_bytes(data)
+    result = subprocess.run([sys.executable, "-c", HANG_CHECK, str(path)], capture_output=True, text=True,
+                            timeout=30, env=dict(os.environ, PYTHONMALLOC="malloc"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.startswith("refused:")
+
+
+def test_a_lying_member_size_never_allocates_more_than_the_stream_holds():
+    import tracemalloc
+
+    data = crafted_tar(header("a.clip.npy", 900 << 20) + bytes(4096))
+    tracemalloc.start()
+    with pytest.raises(TarFormatError, match="truncated|more than"):
+        list(read_tar(io.BytesIO(data)))
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 16 << 20
+    # negative control: a member within the bound but cut short is read in pieces, not allocated whole
+    with pytest.raises(TarFormatError, match="truncated"):
+        list(read_tar(io.BytesIO(crafted_tar(header("a.clip.npy", 500 << 20) + bytes(4096)))))
+
+
+def _replace_member(shard: str, ext: str, content: bytes) -> None:
+    """Rewrite a shard with the first window's ``ext`` member replaced."""
+    with tarfile.open(shard) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar]
+    first_key = members[0][0].name.split(".", 1)[0]
+    with tarfile.open(shard, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for info, data in members:
+            if info.name == f"{first_key}.{ext}":
+                data = content
+                info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+NPY = b"\x93NUMPY\x01\x00"
+
+
+@pytest.mark.parametrize("case", ["cls not a number", "cls out of range", "npy wrong shape", "npy huge header",
+                                  "npy object dtype", "npy short data", "missing shard", "half shard",
+                                  "count disagrees"])
+def test_damaged_data_in_training_is_one_line_naming_the_shard(case, shards, tmp_path):
+    manifest = read_manifest(shards)
+    entry = manifest["splits"]["train"]["shards"][0]
+    shard = os.path.join(shards, entry["name"])
+    if case == "cls not a number":
+        _replace_member(shard, "cls", b"seven")
+    elif case == "cls out of range":
+        _replace_member(shard, "cls", b"99")
+    elif case == "npy wrong shape":
+        buffer = io.BytesIO()
+        np.save(buffer, np.zeros((2, 2), np.uint8))
+        _replace_member(shard, "clip.npy", buffer.getvalue())
+    elif case == "npy huge header":
+        _replace_member(shard, "clip.npy", NPY + (60000).to_bytes(2, "little") + b"{" * 100)
+    elif case == "npy object dtype":
+        _replace_member(shard, "clip.npy", NPY + b"\x76\x00" + b"{'descr': '|O', 'fortran_order': False, "
+                        b"'shape': (1,), }".ljust(117) + b"\n")
+    elif case == "npy short data":
+        buffer = io.BytesIO()
+        np.save(buffer, np.zeros((6, 16, 16, 3), np.uint8))
+        _replace_member(shard, "clip.npy", buffer.getvalue()[:-100])
+    elif case == "missing shard":
+        os.remove(shard)
+    elif case == "half shard":
+        data = open(shard, "rb").read()
+        open(shard, "wb").write(data[:len(data) // 2])
+    else:
+        entry["count"] += 1
+        manifest["splits"]["train"]["count"] += 1
+        write_manifest(shards, manifest)
+    for workers in ("0", "2"):
+        result = run("train", "--data", shards, "--run-dir", str(tmp_path / f"run{workers}"), *TRAIN[:-4],
+                     "--workers", workers, timeout=300)
+        assert result.returncode == 2, result.stderr[-3000:]
+        line = one_line(result.stderr)
+        assert entry["name"] in line or "inspect" in line, line
+
+
+def test_evaluate_with_a_missing_split_or_folder_is_one_line(shards, small_run, tmp_path, capsys):
+    shutil.rmtree(os.path.join(shards, "test"))
+    code, err = cli(capsys, "evaluate", "--checkpoint", small_run, "--data", shards, "--out", str(tmp_path / "s"),
+                    "--device", "cpu")
+    assert code == 2 and "missing" in one_line(err)
+    manifest = read_manifest(shards)
+    del manifest["splits"]["test"]
+    write_manifest(shards, manifest)
+    code, err = cli(capsys, "evaluate", "--checkpoint", small_run, "--data", shards, "--out", str(tmp_path / "s"),
+                    "--device", "cpu")
+    assert code == 2 and "no 'test' split" in one_line(err)
+
+
+# --- signals -------------------------------------------------------------------------------------
+
+def test_sigterm_to_the_process_group_checkpoints_and_exits_zero(learn_shards, tmp_path):
+    """A VM shutdown SIGTERMs every process of the group, loader workers included."""
+    run_dir = str(tmp_path / "run")
+    args = ["train", "--data", learn_shards, "--run-dir", run_dir, "--device", "cpu", "--model", "tiny",
+            "--epochs", "3", "--workers", "2", "--log-every", "5", "--ckpt-every", "0"]
+    process = subprocess.Popen([*CLI, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
+    metrics = os.path.join(run_dir, "metrics.jsonl")
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and process.poll() is None and not os.path.exists(metrics):
+        time.sleep(0.05)
+    time.sleep(0.5)  # loader workers are up
+    os.killpg(process.pid, signal.SIGTERM)
+    out, err = process.communicate(timeout=300)
+    assert process.returncode == 0, err[-3000:]
+    assert "stopped by SIGTERM" in out
+    pointer = json.load(open(os.path.join(run_dir, "latest.json")))
+    stopped = int(out.split("stopped by SIGTERM at step ")[1].split(";")[0])
+    assert pointer["step"] == stopped > 0
+    resumed = run(*args, timeout=600)
+    assert resumed.returncode == 0 and "resumed at step" in resumed.stdout, resumed.stderr[-2000:]
+    assert os.path.exists(os.path.join(run_dir, "final.pt"))
+
+
+def _children(pid: int) -> list:
+    import psutil
+
+    return psutil.Process(pid).children(recursive=True)
+
+
+def test_preprocessing_workers_die_with_their_parent(raw_dataset, tmp_path):
+    import psutil
+
+    dest = str(tmp_path / "out")
+    process = subprocess.Popen([*CLI, "preprocess", raw_dataset, dest, "--workers", "2"],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = os.path.join(dest, ".pyact-cache", "decoded.log")
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not (os.path.exists(log) and open(log).read().count("\n") >= 2):
+        time.sleep(0.02)
+    workers = _children(process.pid)
+    assert len(workers) >= 2, "no worker processes to watch"
+    process.kill()
+    process.wait()
+    gone, alive = psutil.wait_procs(workers, timeout=10)
+    assert not alive, f"{len(alive)} workers outlived their killed parent"
+
+
+def test_sigterm_to_preprocessing_stops_cleanly_and_the_rerun_is_identical(raw_dataset, tmp_path):
+    reference = str(tmp_path / "reference")
+    assert main(["preprocess", raw_dataset, reference, "--workers", "2", "--shard-size", "16"]) == 0
+    dest = str(tmp_path / "out")
+    process = subprocess.Popen([*CLI, "preprocess", raw_dataset, dest, "--workers", "2", "--shard-size", "16"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    log = os.path.join(dest, ".pyact-cache", "decoded.log")
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not (os.path.exists(log) and open(log).read().count("\n") >= 2):
+        time.sleep(0.02)
+    os.killpg(process.pid, signal.SIGTERM)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 143, err[-2000:]
+    assert "stopped by SIGTERM" in err and "Traceback" not in err
+    assert not [n for n in storage.list_files(dest) if n.endswith(".partial")]
+    assert main(["preprocess", raw_dataset, dest, "--workers", "2", "--shard-size", "16"]) == 0
+    assert tree(dest) == tree(reference)
+
+
+# --- one line for every user-fixable failure -------------------------------------------------------
+
+def _state(step: int) -> dict:
+    return {"model": {"w": torch.full((3,), float(step))}, "step": step, "classes": ["a", "no-action"],
+            "config": {"model": "tiny"}}
+
+
+class _Exploit:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+@pytest.mark.parametrize("case", ["text file", "folder", "pickle that runs code", "truncated", "weights only",
+                                  "other model", "other batch size", "other workers", "missing"])
+def test_bad_resume_checkpoints_are_one_line(case, small_shards, small_run, tmp_path, capsys):
+    target = str(tmp_path / "resume.pt")
+    final = os.path.join(small_run, "final.pt")
+    extra: list[str] = []
+    if case == "text file":
+        open(target, "w").write("hello")
+    elif case == "folder":
+        os.mkdir(target)
+    elif case == "pickle that runs code":
+        torch.save({"model": _Exploit(tmp_path / "pwned")}, target)
+    elif case == "truncated":
+        open(target, "wb").write(open(final, "rb").read()[:5000])
+    elif case == "weights only":
+        state = torch.load(final, weights_only=True)
+        torch.save({k: v for k, v in state.items() if k not in ("optimizer", "scheduler")}, target)
+    elif case in ("other model", "other batch size", "other workers"):
+        shutil.copy(final, target)
+        extra = {"other model": ["--model", "c3d"], "other batch size": ["--batch-size", "8"],
+                 "other workers": ["--workers", "1"]}[case]
+    else:
+        target = str(tmp_path / "nothing.pt")
+    code, err = cli(capsys, "train", "--data", small_shards, "--run-dir", str(tmp_path / "run"), *TRAIN,
+                    "--resume", target, *extra)
+    assert code == 2
+    one_line(err)
+    assert not (tmp_path / "pwned").exists()
+    assert not os.path.exists(tmp_path / "run" / "latest.json")
+
+
+@pytest.mark.parametrize("damage", ["invalid JSON", "a list", "names a missing file"])
+def test_a_damaged_latest_pointer_falls_back_to_the_checkpoints(damage, small_shards, tmp_path, capsys):
+    """The README promises a fallback to older checkpoints; a damaged pointer must not end the run."""
+    run_dir = tmp_path / "run"
+    args = ["train", "--data", small_shards, "--run-dir", str(run_dir), *TRAIN, "--ckpt-every", "3"]
+    assert main(args) == 0  # one epoch; then it stands for a run preempted after that epoch
+    os.remove(run_dir / "final.pt")
+    os.remove(run_dir / "final.json")
+    pointer = run_dir / "latest.json"
+    good = json.loads(pointer.read_text())
+    pointer.write_text({"invalid JSON": "{not json", "a list": "[]",
+                        "names a missing file": json.dumps({**good, "name": "ckpt-999.pt", "history": []})}[damage])
+    capsys.readouterr()
+    assert main([*args, "--epochs", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "warning" in out and f"resumed at step {good['step']}" in out
+    assert (run_dir / "final.pt").exists()
+
+
+def test_scoring_falls_back_from_a_damaged_best_to_final(small_run, small_shards, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    shutil.copytree(small_run, run_dir)
+    best = json.loads((run_dir / "best.json").read_text())
+    for damage in ({**best, "sha256": "0" * 64}, {k: v for k, v in best.items() if k != "name"}):
+        (run_dir / "best.json").write_text(json.dumps(damage))
+        state, url = load_checkpoint(str(run_dir), log=lambda m: None)
+        assert url.endswith("final.pt")
+    (run_dir / "final.pt").write_bytes((run_dir / "final.pt").read_bytes()[:4000])
+    state, url = load_checkpoint(str(run_dir), log=lambda m: None)
+    assert os.path.basename(url).startswith("ckpt-")
+    for name in os.listdir(run_dir):
+        if name.endswith(".pt"):
+            (run_dir / name).write_bytes(b"junk")
+    code, err = cli(capsys, "evaluate", "--checkpoint", str(run_dir), "--data", small_shards,
+                    "--out", str(tmp_path / "s"), "--device", "cpu")
+    assert code == 2 and "an intact checkpoint" in one_line(err)
+
+
+@pytest.mark.parametrize("flag", [("--lr", "nan"), ("--lr", "inf"), ("--lr", "-1"), ("--epochs", "0")])
+def test_absurd_training_flags_are_refused_before_work(flag, small_shards, tmp_path, capsys):
+    code, err = cli(capsys, "train", "--data", small_shards, "--run-dir", str(tmp_path / "run"), *TRAIN, *flag)
+    assert code == 2 and flag[0] in one_line(err)
+    assert not (tmp_path / "run").exists()
+
+
+def test_data_without_an_eval_split_trains_without_validation(shards, tmp_path, capsys):
+    manifest = read_manifest(shards)
+    del manifest["splits"]["eval"]
+    write_manifest(shards, manifest)
+    assert main(["train", "--data", shards, "--run-dir", str(tmp_path / "run"), *TRAIN]) == 0
+    assert "no eval split" in capsys.readouterr().out
+    assert (tmp_path / "run" / "final.pt").exists() and not (tmp_path / "run" / "best.json").exists()
+
+
+def test_an_image_size_the_model_cannot_take_is_refused_before_work(tiny_dataset, shards, tmp_path, capsys):
+    code, err = cli(capsys, "preprocess", tiny_dataset, str(tmp_path / "out"), "--image-size", "40")
+    assert code == 2 and "--image-size" in one_line(err)
+    assert not (tmp_path / "out").exists()
+    manifest = read_manifest(shards)
+    manifest["image_size"] = 40  # e.g. a conversion of other data
+    write_manifest(shards, manifest)
+    code, err = cli(capsys, "train", "--data", shards, "--run-dir", str(tmp_path / "run"), *TRAIN)
+    assert code == 2 and "multiple of 16" in one_line(err)
+    assert not (tmp_path / "run").exists()
+
+
+def test_too_many_loader_workers_are_named(small_shards, tmp_path, capsys):
+    shards_count = len(read_manifest(small_shards)["splits"]["train"]["shards"])
+    code, err = cli(capsys, "train", "--data", small_shards, "--run-dir", str(tmp_path / "run"), *TRAIN[:-4],
+                    "--batch-size", "24", "--workers", str(shards_count + 3))  # more than a shard holds
+    assert code == 2 and "lower --workers" in one_line(err)
+
+
+@pytest.mark.parametrize("case", ["seq-len 1", "seq-len beyond every sequence", "empty Test split",
+                                  "duplicate keys"])
+def test_preprocessing_checks_before_decoding(case, tiny_dataset, tmp_path, capsys, monkeypatch):
+    extra: list[str] = []
+    if case == "seq-len 1":
+        extra = ["--seq-len", "1"]
+    elif case == "seq-len beyond every sequence":
+        extra = ["--seq-len", "40"]
+    elif case == "empty Test split":
+        for name in os.listdir(os.path.join(tiny_dataset, "Test", "test00")):
+            if name.endswith(".xml"):
+                os.remove(os.path.join(tiny_dataset, "Test", "test00", name))
+        extra = ["--skip-bad-sequences"]
+    else:
+        shutil.copytree(os.path.join(tiny_dataset, "Train", "train00"), os.path.join(tiny_dataset, "Train", "a.b"))
+        shutil.copytree(os.path.join(tiny_dataset, "Train", "train00"), os.path.join(tiny_dataset, "Train", "a_b"))
+        extra = ["--eval-subjects", "train01"]
+    decoded = []
+    monkeypatch.setattr(preprocess_module, "decode_into_cache", lambda *a, **k: decoded.append(1) or iter(()))
+    dest = tmp_path / "out"
+    code, err = cli(capsys, "preprocess", tiny_dataset, str(dest), "--workers", "1", *extra)
+    assert code == 2
+    one_line(err)
+    assert not decoded
+    assert not dest.exists() or not os.listdir(dest)  # nothing that would make the fixed rerun refuse
+
+
+@pytest.mark.parametrize("case", ["invalid bucket name", "endpoint unreachable", "missing bucket as --data"])
+def test_gcs_failures_are_one_line_and_fast(case, small_shards, tmp_path, gcs):
+    env = dict(os.environ, PYACT_GCS_TIMEOUT="3")
+    data = {"invalid bucket name": "gs://Bad_Bucket!!/x", "endpoint unreachable": "gs://pyact-test/x",
+            "missing bucket as --data": "gs://no-such-bucket/shards"}[case]
+    if case == "endpoint unreachable":
+        env["STORAGE_EMULATOR_HOST"] = "http://127.0.0.1:9"  # nothing listens there
+    started = time.monotonic()
+    result = run("train", "--data", data, "--run-dir", str(tmp_path / "run"), *TRAIN, env=env, timeout=120)
+    assert result.returncode == 2
+    line = one_line(result.stderr)
+    assert {"invalid bucket name": "not a valid bucket name", "endpoint unreachable": "cannot reach",
+            "missing bucket as --data": "bucket does not exist"}[case] in line
+    assert time.monotonic() - started < 60
+
+
+@pytest.mark.parametrize("case", ["a folder", "under a file", "the manifest", "not a png"])
+def test_inspect_checks_its_output_before_reading_shards(case, shards, tmp_path, capsys, monkeypatch):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    out = {"a folder": str(tmp_path), "under a file": str(blocker / "grid.png"),
+           "the manifest": os.path.join(shards, "manifest.json"), "not a png": str(tmp_path / "grid.txt")}[case]
+    before = open(os.path.join(shards, "manifest.json"), "rb").read()
+    read = []
+    monkeypatch.setattr("pyact_torch.inspection.stream_samples", lambda *a, **k: read.append(1) or iter(()))
+    code, err = cli(capsys, "inspect", shards, "--out", out)
+    assert code == 2 and one_line(err)
+    assert not read
+    assert open(os.path.join(shards, "manifest.json"), "rb").read() == before
+
+
+def test_video_into_an_unwritable_place_is_named_before_work(small_run, tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    rows = [{"key": "k", "path": "Test/x/y/color_0.png", "sequence": "Test/x/y", "start": 0, "stop": 0,
+             "truth": "a", "prediction": "a"}]
+    (tmp_path / "p.json").write_text(json.dumps(rows))
+    code, err = cli(capsys, "video", str(tmp_path / "p.json"), str(blocker / "v.mp4"), "--src", str(tmp_path))
+    assert code == 2 and "not writable" in one_line(err) and "codec" not in err
