@@ -130,7 +130,7 @@ def raw_read(folder: str) -> float:
 
 def conversion(out: str, records: int) -> dict:
     from pyact_torch.config import TFRecordConfig
-    from pyact_torch.convert import convert_tfrecords
+    from pyact_torch.tfrecords import convert_tfrecords
 
     folder = os.path.join(out, "tfrecords-train")
     if not os.path.isdir(folder):

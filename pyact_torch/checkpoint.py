@@ -154,6 +154,14 @@ class CheckpointWriter:
                 storage.remove(storage.join(self.run_dir, old["name"]))
 
 
+def make_checkpoint(model: dict, config: dict, classes: list[str], data_shape: dict, **extra: Any) -> dict:
+    """The one checkpoint dict, for training and conversion alike: the weights, the settings
+    that built them (at least ``model``, the preset), the class order and clip shape they
+    expect; training adds its own state (``optimizer``, ``step``, ...) through ``extra``."""
+    return {"format": CHECKPOINT_FORMAT, "model": model, "config": config, "classes": list(classes),
+            "data_shape": dict(data_shape), "step": 0, "epoch": 0, "metrics": "[]", **extra}
+
+
 def _valid_record(record: Any) -> bool:
     return (isinstance(record, dict) and isinstance(record.get("name"), str)
             and OBJECT_NAME.fullmatch(record["name"]) is not None
@@ -189,9 +197,9 @@ def load_object(url: str, record: dict | None = None) -> dict:
             AttributeError, TypeError) as exc:
         reason = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
         raise UserError(f"{url}: not a pyact-torch checkpoint ({reason})") from None
-    if (not isinstance(state, dict) or not isinstance(state.get("model"), dict)
+    if (not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT or not isinstance(state.get("model"), dict)
             or not isinstance(state.get("classes"), list) or not isinstance(state.get("config"), dict)):
-        raise UserError(f"{url}: not a pyact-torch checkpoint (no model, classes or config)")
+        raise UserError(f"{url}: not a {CHECKPOINT_FORMAT} checkpoint (format, model, classes or config missing)")
     return state
 
 

@@ -12,7 +12,7 @@ import signal
 import sys
 from typing import Any, Callable
 
-from .config import (DemoConfig, InspectConfig, KerasConfig, PreprocessConfig, ScoreConfig, SynthConfig,
+from .config import (DemoConfig, InspectConfig, KerasConfig, PreprocessConfig, EvaluateConfig, SynthConfig,
                      TFRecordConfig, TrainConfig, VideoConfig, add_arguments, from_namespace)
 from . import __doc__ as package_doc
 from .errors import UserError
@@ -49,11 +49,11 @@ COMMANDS: dict[str, tuple[type, Callable[[Any], Any], str]] = {
     "inspect": (InspectConfig, _lazy("inspection:inspect_split"),
                 "check shards against the manifest, draw sampled windows"),
     "train": (TrainConfig, _lazy("train:fit"), "train ConvNet3D on TPU cores (xmp.spawn) or CPU"),
-    "evaluate": (ScoreConfig, _lazy("evaluate:score_checkpoint"),
+    "evaluate": (EvaluateConfig, _lazy("scoring:evaluate_checkpoint"),
                  "score a checkpoint: metrics, confusion matrix, predictions"),
     "video": (VideoConfig, _lazy("video:make_video"), "prediction video and contact sheet from predictions.json"),
-    "convert-keras": (KerasConfig, _lazy("convert:convert_keras"), "pyACT Keras .h5 weights -> pyact-torch checkpoint"),
-    "convert-tfrecords": (TFRecordConfig, _lazy("convert:convert_tfrecords"), "pyACT TFRecords -> shards + manifest"),
+    "convert-keras": (KerasConfig, _lazy("keras_weights:convert_keras"), "pyACT Keras .h5 weights -> pyact-torch checkpoint"),
+    "convert-tfrecords": (TFRecordConfig, _lazy("tfrecords:convert_tfrecords"), "pyACT TFRecords -> shards + manifest"),
     "demo": (DemoConfig, _lazy("demo:run_demo"), "the whole pipeline on a synthetic dataset, on CPU, in a few minutes"),
 }
 

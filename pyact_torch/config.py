@@ -208,7 +208,7 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
-class ScoreConfig:
+class EvaluateConfig:
     """Score a checkpoint on one split: metrics, per-class table, confusion matrix, one
     prediction row per window (``pyact evaluate``)."""
 

@@ -13,7 +13,7 @@ import time
 from typing import Callable
 
 from . import storage
-from .config import DemoConfig, PreprocessConfig, ScoreConfig, SynthConfig, TrainConfig, VideoConfig
+from .config import DemoConfig, PreprocessConfig, EvaluateConfig, SynthConfig, TrainConfig, VideoConfig
 from .errors import UserError
 
 BUCKET = "pyact-demo"
@@ -23,7 +23,7 @@ MARKER = ".pyact-demo"  # only a folder holding this is emptied by a new demo ru
 def run_demo(config: DemoConfig, print_fn: Callable[[str], None] = print) -> dict:
     """Run the demo; returns the scoring metrics plus where each output is."""
     from .emulator import GCSEmulator
-    from .evaluate import score_checkpoint
+    from .scoring import evaluate_checkpoint
     from .preprocess import format_summary, preprocess
     from .synthetic import make_dataset
     from .train import fit
@@ -55,7 +55,7 @@ def run_demo(config: DemoConfig, print_fn: Callable[[str], None] = print) -> dic
                         lr_schedule="cosine", device=config.device, ckpt_every=0, log_every=20, workers=1,
                         seed=config.seed))
         print_fn(f"[4/5] scoring the test split -> {out}")
-        metrics = score_checkpoint(ScoreConfig(checkpoint=run, data=shards, out=out, device=config.device),
+        metrics = evaluate_checkpoint(EvaluateConfig(checkpoint=run, data=shards, out=out, device=config.device),
                                    print_fn=print_fn)
         print_fn("[5/5] prediction video")
         video, frames = make_video(VideoConfig(predictions=os.path.join(out, "predictions.json"),

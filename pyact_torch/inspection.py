@@ -14,7 +14,7 @@ from .config import InspectConfig
 from .errors import UserError
 from .shards import (MANIFEST, ShardError, clip_shape, decode_sample, load_npy, max_member, read_manifest,
                      shard_url, stream_samples)
-from .video import Window, check_output_file, clip_frames, sheet
+from .video import Window, clip_frames, sheet
 
 
 def inspect_split(config: InspectConfig, progress: bool = True, print_fn: Callable[[str], None] = print) -> dict:
@@ -22,7 +22,7 @@ def inspect_split(config: InspectConfig, progress: bool = True, print_fn: Callab
     grid and the report) when a shard disagrees with the manifest."""
     from tqdm import tqdm
 
-    check_output_file(config.out, "sample grid")
+    storage.check_output_file(config.out, "sample grid")
     if not config.out.lower().endswith(".png"):
         raise UserError(f"--out {config.out}: the sample grid is a PNG; give a name ending in .png")
     manifest = read_manifest(config.data)

@@ -25,7 +25,8 @@ ACTIONS = (
     "ui-screenTap", "ui-swipe",
 )
 
-#: The only class order pyACT ever wrote down (its score.py); converters of pyACT files use it.
+#: The only class order pyACT ever wrote down (its score.py); converters of pyACT files use it by
+#: default (a pyACT model's real order is whatever its own preprocessing listed, hence --classes).
 PYACT_CLASSES = (
     "ui-screenTap", "asl-you", "asl-blue", "ui-doubleclick", "asl-j", "asl-green", "asl-z",
     "ui-keyTap", "asl-scissors", "asl-bathroom", "ui-swipe", "asl-where", "asl-yellow",

@@ -30,8 +30,8 @@ from .frames import DecodeChunk, FrameCache, FrameSpec, decode_into_cache
 from .labels import BadSequence, Sequence, class_list, scan_dataset
 from .parallel import map_unordered
 from .labels import needed_kinds
-from .shards import (FORMAT, MANIFEST, ShardInfo, TarFormatError, encode_sample, hash_shard, read_manifest,
-                     shard_name, split_entry, write_shard)
+from .shards import (FORMAT, MANIFEST, ShardInfo, TarFormatError, encode_sample, hash_shard, index_row,
+                     new_manifest, read_manifest, sample_meta, shard_name, split_entry, write_shard)
 from .windows import SPLITS, Window, class_counts, plan_split, split_sequences, window_length
 
 STATE = ".pyact-preprocess.json"  # DEST's settings while a run is unfinished
@@ -364,8 +364,7 @@ def _write_shard_job(job: _ShardJob) -> ShardInfo:
 
 def _window_meta(window: Window) -> dict:
     seq = window.seq
-    return {"path": seq.path, "start": window.start, "stop": window.stop, "label": window.label,
-            "subject": seq.subject, "action": seq.action}
+    return sample_meta(seq.path, window.start, window.stop, window.label, seq.subject, seq.action)
 
 
 def _write_shards(config: PreprocessConfig, plans: dict[str, list[Window]], classes: list[str],
@@ -446,25 +445,18 @@ def preprocess(config: PreprocessConfig, progress: bool = True, print_fn=print) 
     shards = _write_shards(config, plans, classes, cache, slots, spec, seq_len, summary, progress, print_fn)
     for split, windows in plans.items():
         summary.class_counts[split] = class_counts(windows, classes)
-        index = [{"key": w.key, "path": w.seq.path, "start": w.start, "stop": w.stop, "class": w.label}
-                 for w in windows]
+        index = [index_row(w.key, _window_meta(w)) for w in windows]
         storage.write_json(storage.join(config.dest, split, "index.json"), index)
-    manifest = {
-        "format": FORMAT,
-        "classes": classes,
-        "seq_len": seq_len,
-        "image_size": config.image_size,
-        "modality": config.modality,
-        "channels": list(spec.channels),
-        "clip_layout": "uint8 (T, H, W, C)",
-        "eval_source": summary.eval_source,
-        "eval_subjects": sorted({s.subject for s in splits["eval"]}),
-        "splits": {split: split_entry(shards[split], summary.class_counts[split]) for split in SPLITS},
+    manifest = new_manifest(
+        classes, seq_len, config.image_size, config.modality,
+        eval_source=summary.eval_source, eval_subjects=sorted({s.subject for s in splits["eval"]}))
+    manifest["splits"] = {split: split_entry(shards[split], summary.class_counts[split]) for split in SPLITS}
+    manifest.update({
         "skipped_sequences": [asdict(b) for b in summary.skipped],
         "source": {"sequences": len(usable), "frames": summary.frames},
         "settings": {k: v for k, v in output_settings(config).items() if k not in ("src", "dest")},
         "fingerprint": token,
-    }
+    })
     storage.write_json(storage.join(config.dest, MANIFEST), manifest)
     storage.remove(storage.join(config.dest, STATE))
     _remove_cache(cache)

@@ -21,6 +21,7 @@ import numpy as np
 
 from . import storage
 from .errors import UserError
+from .frames import CHANNELS
 
 MANIFEST = "manifest.json"
 FORMAT = "pyact-torch-shards/1"
@@ -37,6 +38,10 @@ class ShardInfo:
     count: int
     bytes: int
     sha256: str
+
+
+MODALITY_OF = {len(channels): modality for modality, channels in CHANNELS.items()}  # channel count -> modality
+CLIP_LAYOUT = "uint8 (T, H, W, C)"
 
 
 class ShardError(UserError):
@@ -325,6 +330,23 @@ def hash_shard(dest: str, name: str) -> ShardInfo:
         while reader.read(1 << 20):
             pass  # the tar's end padding also counts
     return ShardInfo(name, count, reader.size, reader.digest.hexdigest())
+
+
+def sample_meta(path: str, start: int, stop: int, label: str, subject: str, action: str) -> dict:
+    """A window's ``json`` member: its sequence folder (relative to SRC), first and last frame."""
+    return {"path": path, "start": start, "stop": stop, "label": label, "subject": subject, "action": action}
+
+
+def index_row(key: str, meta: dict) -> dict:
+    """A window's row of ``<split>/index.json`` (pyACT's JSON: path, start, stop, class)."""
+    return {"key": key, "path": meta["path"], "start": meta["start"], "stop": meta["stop"], "class": meta["label"]}
+
+
+def new_manifest(classes: list[str], seq_len: int, image_size: int, modality: str, **extra: Any) -> dict:
+    """A manifest without splits yet; ``extra`` records where the data came from."""
+    return {"format": FORMAT, "classes": list(classes), "seq_len": seq_len, "image_size": image_size,
+            "modality": modality, "channels": list(CHANNELS[modality]), "clip_layout": CLIP_LAYOUT,
+            "splits": {}, **extra}
 
 
 def split_entry(shards: list[ShardInfo], class_counts: dict[str, int]) -> dict:

@@ -389,6 +389,18 @@ def check_writable(url: str) -> None:
         raise UserError(f"{url}: not writable ({exc.strerror or exc})") from None
 
 
+def check_output_file(url: str, what: str) -> None:
+    """Before any work: a ``what`` file can be written at ``url`` (not a folder; its folder
+    writable, or on gs:// its bucket there)."""
+    check_location(url, what)
+    if is_gcs(url):
+        check_writable(url)
+        return
+    if os.path.isdir(url):
+        raise UserError(f"{url}: is a folder; give a file name for the {what}")
+    check_writable(os.path.dirname(os.path.abspath(url)))
+
+
 def bucket_exists(url: str) -> bool:
     bucket, _ = split_gcs(url)
     with _gcs_errors(url):

@@ -18,6 +18,7 @@ import numpy as np
 from tqdm import tqdm
 
 from .config import SynthConfig
+from . import storage
 from .errors import UserError
 from .labels import ACTIONS
 from .parallel import map_unordered
@@ -165,6 +166,7 @@ def make_dataset(config: SynthConfig, progress: bool = True) -> int:
     """Write the dataset to ``config.out``; returns the number of frames written."""
     if os.path.exists(config.out) and (not os.path.isdir(config.out) or os.listdir(config.out)):
         raise UserError(f"{config.out}: already exists and is not an empty folder")
+    storage.check_writable(config.out)
     jobs = [_Job(config.out, split_dir, subject, subject_index, action_index, config)
             for split_dir, subjects in subject_names(config).items()
             for subject_index, subject in enumerate(subjects)

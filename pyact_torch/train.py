@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from . import storage
-from .checkpoint import CHECKPOINT_FORMAT, FINAL, CheckpointWriter, check_compatible, check_resumable, restore
+from .checkpoint import FINAL, CheckpointWriter, check_compatible, check_resumable, make_checkpoint, restore
 from .config import TrainConfig, to_dict
 from .errors import UserError
 from .evaluate import evaluate
@@ -128,20 +128,12 @@ def _stop_agreed(backend: Backend) -> bool:
 
 def _checkpoint_state(model, optimizer, scheduler, state: RunState, config: TrainConfig,
                       manifest: dict, backend: Backend) -> dict:
-    return {
-        "format": CHECKPOINT_FORMAT,
-        "model": backend.to_host(model.state_dict()),
-        "optimizer": backend.to_host(optimizer.state_dict()),
-        "scheduler": scheduler.state_dict(),
-        "step": state.step, "epoch": state.epoch, "batch_in_epoch": state.batch_in_epoch,
-        "best_val_loss": state.best_val_loss,
-        "config": to_dict(config),
-        "classes": list(manifest["classes"]),
-        "data_shape": data_shape(manifest),
-        "replicas": backend.world,
-        "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
-        "metrics": json.dumps(state.metrics),
-    }
+    return make_checkpoint(
+        backend.to_host(model.state_dict()), to_dict(config), manifest["classes"], data_shape(manifest),
+        optimizer=backend.to_host(optimizer.state_dict()), scheduler=scheduler.state_dict(),
+        step=state.step, epoch=state.epoch, batch_in_epoch=state.batch_in_epoch,
+        best_val_loss=state.best_val_loss, replicas=backend.world,
+        rng={"torch": torch.get_rng_state(), "python": random.getstate()}, metrics=json.dumps(state.metrics))
 
 
 def per_replica_batch(global_batch: int, world: int) -> int:
@@ -173,107 +165,164 @@ def train_epoch(model, optimizer, scheduler, batches: Iterable, backend: Backend
     return True
 
 
+@dataclass
+class _Run:
+    """What the steps of one replica's training share."""
+
+    config: TrainConfig
+    backend: Backend
+    manifest: dict
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    state: RunState
+    train_set: WindowDataset
+    eval_set: WindowDataset | None
+    steps: list[int]  # batches per epoch, the same on every replica
+    writer: CheckpointWriter | None  # the master's
+    logger: _Logger
+
+    def checkpoint(self, best: bool, name: str | None = None) -> None:
+        """Copy the state to the host (every replica) and hand it to the writer (the master)."""
+        host_state = _checkpoint_state(self.model, self.optimizer, self.scheduler, self.state, self.config,
+                                       self.manifest, self.backend)
+        if self.writer is not None:
+            self.logger.flush()
+            self.writer.save(host_state, self.state.step, self.state.epoch, best=best, name=name)
+
+
 def _replica(index: int, config: TrainConfig) -> None:
-    backend = Backend(config.device)
+    """One replica: set up (or resume), run the epochs, publish the final weights."""
+    run = _start(config, Backend(config.device))
+    try:
+        if _epochs(run):
+            _finish(run)
+    finally:
+        if run.writer is not None:
+            run.writer.close()  # lets an upload under way finish, also when training failed
+
+
+def _start(config: TrainConfig, backend: Backend) -> _Run:
+    """Data, model, optimizer and schedule, restored from a checkpoint when there is one."""
     manifest = read_manifest(config.data)
-    classes = manifest["classes"]
-    per_replica = per_replica_batch(config.batch_size, backend.world)
-    part = Part(backend.rank, backend.world)
+    train_set, eval_set, steps = _datasets(config, manifest, backend)
     torch.manual_seed(config.seed)
     model = build_model(config.model, len(manifest["channels"]), manifest["seq_len"], manifest["image_size"],
-                        len(classes))
-    state = RunState()
+                        len(manifest["classes"]))
+    saved = _restore_weights(config, manifest, model, backend)
+    model.to(backend.device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+    total = sum(steps)
+    schedule = (lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total))) \
+        if config.lr_schedule == "cosine" else (lambda s: 1.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    state = RunState() if saved is None else _restore_training(saved, optimizer, scheduler, backend)
+    writer = None
+    if backend.is_master:
+        writer = CheckpointWriter(config.run_dir, keep=config.keep)
+        storage.write_json(storage.join(config.run_dir, "config.json"),
+                           {"config": to_dict(config), "classes": manifest["classes"],
+                            "data_shape": data_shape(manifest), "replicas": backend.world,
+                            "per_replica_batch": train_set.batch_size})
+    return _Run(config, backend, manifest, model, optimizer, scheduler, state, train_set, eval_set, steps, writer,
+                _Logger(config, backend, state, config.batch_size))
+
+
+def _datasets(config: TrainConfig, manifest: dict,
+              backend: Backend) -> tuple[WindowDataset, WindowDataset | None, list[int]]:
+    """This replica's train and eval data, and every epoch's step count (refused when an
+    epoch would have no step, naming what to change)."""
+    per_replica = per_replica_batch(config.batch_size, backend.world)
+    part = Part(backend.rank, backend.world)
     train_set = WindowDataset(config.data, manifest, "train", per_replica, part, train=True, seed=config.seed,
                               workers=config.workers, shuffle_size=config.shuffle_buffer)
     eval_set = (WindowDataset(config.data, manifest, "eval", per_replica, part, train=False,
                               workers=min(config.workers, 1)) if "eval" in manifest["splits"] else None)
-    steps_per_epoch = [None] * config.epochs
-
-    def epoch_steps(epoch: int) -> int:
-        if steps_per_epoch[epoch] is None:
-            train_set.set_epoch(epoch)
-            steps_per_epoch[epoch] = len(train_set)
-        return steps_per_epoch[epoch]
-
-    if epoch_steps(0) == 0:
-        readers = backend.world * max(1, config.workers)
+    steps = []
+    for epoch in range(config.epochs):
+        train_set.set_epoch(epoch)
+        steps.append(len(train_set))
+    if steps[0] == 0:
         if train_steps(train_set.shards, backend.world, 0, per_replica):
-            raise UserError(f"{config.data}: split over {readers} readers ({backend.world} replicas x --workers "
-                            f"{config.workers}) the {len(train_set.shards)} train shards leave a reader less than "
-                            f"one batch ({per_replica}); lower --workers")
+            raise UserError(f"{config.data}: split over {backend.world * max(1, config.workers)} readers "
+                            f"({backend.world} replicas x --workers {config.workers}) the {len(train_set.shards)} "
+                            f"train shards leave a reader less than one batch ({per_replica}); lower --workers")
         raise UserError(f"{config.data}: the train split has fewer windows per replica than one batch "
                         f"({per_replica}); lower --batch-size")
-    total_steps = sum(epoch_steps(e) for e in range(config.epochs))
+    return train_set, eval_set, steps
+
+
+def _restore_weights(config: TrainConfig, manifest: dict, model: torch.nn.Module, backend: Backend) -> dict | None:
+    """The checkpoint to continue from (checked to fit this run), its weights loaded."""
     restored = restore(config.run_dir, config.resume, log=print if backend.is_master else (lambda m: None))
-    saved = None
-    if restored is not None:
-        saved, url = restored
-        check_compatible(saved, classes, data_shape(manifest))
-        check_resumable(saved, url, to_dict(config), backend.world)
-        try:
-            model.load_state_dict(saved["model"])
-        except RuntimeError:
-            raise UserError(f"{url}: its weights do not fit --model {config.model} on this data") from None
-    model.to(backend.device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
-    schedule = (lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total_steps) / total_steps))) \
-        if config.lr_schedule == "cosine" else (lambda s: 1.0)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-    if saved is not None:
-        optimizer.load_state_dict(saved["optimizer"])
-        scheduler.load_state_dict(saved["scheduler"])
-        state = RunState(saved["step"], saved["epoch"], saved["batch_in_epoch"], saved["best_val_loss"],
-                         [m for m in json.loads(saved["metrics"]) if m["step"] <= saved["step"]])
-        torch.set_rng_state(saved["rng"]["torch"])
-        random.setstate(saved["rng"]["python"])
-        if backend.is_master:
-            print(f"resumed at step {state.step} (epoch {state.epoch}, batch {state.batch_in_epoch})", flush=True)
-    writer = CheckpointWriter(config.run_dir, keep=config.keep) if backend.is_master else None
-    if backend.is_master:
-        storage.write_json(storage.join(config.run_dir, "config.json"),
-                           {"config": to_dict(config), "classes": classes, "data_shape": data_shape(manifest),
-                            "replicas": backend.world, "per_replica_batch": per_replica})
-    logger = _Logger(config, backend, state, config.batch_size)
-
-    def checkpoint(best: bool, name: str | None = None) -> None:
-        host_state = _checkpoint_state(model, optimizer, scheduler, state, config, manifest, backend)
-        if writer is not None:
-            logger.flush()
-            writer.save(host_state, state.step, state.epoch, best=best, name=name)
-
+    if restored is None:
+        return None
+    saved, url = restored
+    check_compatible(saved, manifest["classes"], data_shape(manifest))
+    check_resumable(saved, url, to_dict(config), backend.world)
     try:
-        while state.epoch < config.epochs:
-            epoch = state.epoch
-            train_set.set_epoch(epoch)
-            steps = epoch_steps(epoch)
-            # resume: the batches this epoch already trained on are read and skipped
-            batches = on_device(HostBatches(train_set, config.workers, steps, skip=state.batch_in_epoch), backend)
-            if not train_epoch(model, optimizer, scheduler, batches, backend, config, state, logger, checkpoint):
-                if writer is not None:
-                    writer.wait()
-                    print(f"stopped by SIGTERM at step {state.step}; checkpoint saved", flush=True)
-                return
-            result = None
-            if eval_set is not None and len(eval_set):
-                result = evaluate(model, on_device(HostBatches(eval_set, eval_set.workers, len(eval_set)), backend),
-                                  backend, len(classes))
-            state.epoch, state.batch_in_epoch = epoch + 1, 0
-            improved = result is not None and result["loss"] < state.best_val_loss
-            if improved:
-                state.best_val_loss = result["loss"]
-            logger.epoch_end(epoch, result)
-            checkpoint(best=improved)
-        checkpoint(best=False, name=FINAL)
-        if writer is not None:
-            writer.close()
-            counts = backend.compile_counts()
-            extra = (f" (XLA: {counts['compiles']} compilations, {counts['cpu_fallbacks']} CPU fallbacks"
-                     f"{': ' + ', '.join(counts['fallback_ops']) if counts['fallback_ops'] else ''})") if counts else ""
-            print(f"training finished at step {state.step}; final weights: "
-                  f"{storage.join(config.run_dir, FINAL)}{extra}", flush=True)
-    finally:
-        if writer is not None:
-            writer.close()  # lets an upload under way finish, also when training failed
+        model.load_state_dict(saved["model"])
+    except RuntimeError:
+        raise UserError(f"{url}: its weights do not fit --model {config.model} on this data") from None
+    return saved
+
+
+def _restore_training(saved: dict, optimizer: torch.optim.Optimizer, scheduler, backend: Backend) -> RunState:
+    """Optimizer, schedule, random generators and position of a saved run."""
+    optimizer.load_state_dict(saved["optimizer"])
+    scheduler.load_state_dict(saved["scheduler"])
+    torch.set_rng_state(saved["rng"]["torch"])
+    random.setstate(saved["rng"]["python"])
+    state = RunState(saved["step"], saved["epoch"], saved["batch_in_epoch"], saved["best_val_loss"],
+                     [m for m in json.loads(saved["metrics"]) if m["step"] <= saved["step"]])
+    if backend.is_master:
+        print(f"resumed at step {state.step} (epoch {state.epoch}, batch {state.batch_in_epoch})", flush=True)
+    return state
+
+
+def _epochs(run: _Run) -> bool:
+    """The epoch loop: train, validate, checkpoint; False when stopped by SIGTERM."""
+    config, state, backend = run.config, run.state, run.backend
+    while state.epoch < config.epochs:
+        epoch = state.epoch
+        run.train_set.set_epoch(epoch)
+        # resume: the batches this epoch already trained on are read and skipped
+        host = HostBatches(run.train_set, config.workers, run.steps[epoch], skip=state.batch_in_epoch)
+        if not train_epoch(run.model, run.optimizer, run.scheduler, on_device(host, backend), backend, config, state,
+                           run.logger, run.checkpoint):
+            if run.writer is not None:
+                run.writer.wait()
+                print(f"stopped by SIGTERM at step {state.step}; checkpoint saved", flush=True)
+            return False
+        result = _validate(run)
+        state.epoch, state.batch_in_epoch = epoch + 1, 0
+        improved = result is not None and result["loss"] < state.best_val_loss
+        if improved:
+            state.best_val_loss = result["loss"]
+        run.logger.epoch_end(epoch, result)
+        run.checkpoint(best=improved)
+    return True
+
+
+def _validate(run: _Run) -> dict | None:
+    """Loss, accuracy and confusion on the eval split (None without one)."""
+    if run.eval_set is None or not len(run.eval_set):
+        return None
+    host = HostBatches(run.eval_set, run.eval_set.workers, len(run.eval_set))
+    return evaluate(run.model, on_device(host, run.backend), run.backend, len(run.manifest["classes"]))
+
+
+def _finish(run: _Run) -> None:
+    """``final.pt``, and the closing line with the XLA compile counts."""
+    run.checkpoint(best=False, name=FINAL)
+    if run.writer is None:
+        return
+    run.writer.close()
+    counts = run.backend.compile_counts()
+    extra = (f" (XLA: {counts['compiles']} compilations, {counts['cpu_fallbacks']} CPU fallbacks"
+             f"{': ' + ', '.join(counts['fallback_ops']) if counts['fallback_ops'] else ''})") if counts else ""
+    print(f"training finished at step {run.state.step}; final weights: "
+          f"{storage.join(run.config.run_dir, FINAL)}{extra}", flush=True)
 
 
 def fit(config: TrainConfig) -> None:

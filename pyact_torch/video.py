@@ -203,7 +203,9 @@ def make_video(config: VideoConfig, progress: bool = True, print_fn: Callable[[s
     """``pyact video``: the prediction video and its contact sheet."""
     from tqdm import tqdm
 
-    check_output_file(config.out, "video")
+    if storage.is_gcs(config.out):
+        raise UserError(f"{config.out}: the video is written to a local path")
+    storage.check_output_file(config.out, "video")
     rows = read_predictions(config.predictions)
     if config.max_windows:
         rows = rows[:config.max_windows]
@@ -247,14 +249,3 @@ def _split_samples(data: str, split: str) -> Iterator[dict]:
     manifest = read_manifest(data)
     for url, count in split_shards(data, manifest, split):
         yield from read_samples(url, count)
-
-
-def check_output_file(out: str, what: str) -> None:
-    """Before any work: ``out`` can become a local file (not a folder, not gs://, its folder
-    writable)."""
-    if storage.is_gcs(out):
-        raise UserError(f"{out}: the {what} is written to a local path")
-    storage.check_location(out, what)
-    if os.path.isdir(out):
-        raise UserError(f"{out}: is a folder; give a file name for the {what}")
-    storage.check_writable(os.path.dirname(os.path.abspath(out)))

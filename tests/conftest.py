@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+from contextlib import contextmanager
 
 import pytest
 
@@ -49,6 +51,27 @@ def gcs(tmp_path_factory):
     emulator.stop()
 
 
+@contextmanager
+def read_only(folder):
+    """``folder`` made read-only for this process: a read-only bind mount when running as root
+    (root ignores mode bits), else mode 0o555."""
+    folder = str(folder)
+    if os.geteuid() != 0:
+        os.chmod(folder, 0o555)
+        try:
+            yield
+        finally:
+            os.chmod(folder, 0o755)
+        return
+    if subprocess.run(["mount", "--bind", folder, folder], capture_output=True).returncode:
+        pytest.skip("cannot bind-mount here to make a read-only folder for root")
+    try:
+        subprocess.run(["mount", "-o", "remount,bind,ro", folder], check=True, capture_output=True)
+        yield
+    finally:
+        subprocess.run(["umount", "-l", folder], capture_output=True)
+
+
 def count_frames(root: str, kind: str = "color") -> int:
     return sum(1 for _, _, files in os.walk(root) for f in files if f.startswith(kind + "_"))
 
@@ -77,3 +100,8 @@ def small_shards(tiny_template, tmp_path_factory) -> str:
     preprocess(PreprocessConfig(tiny_template, dest, image_size=16, shard_size=16, workers=2), progress=False,
                print_fn=lambda *a: None)
     return dest
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: takes more than ~20 s (training, subprocesses); "
+                                       "`make test-quick` runs the rest")

@@ -14,7 +14,7 @@ import torch
 
 from pyact_torch import storage
 from pyact_torch.cli import main
-from pyact_torch.convert import PYACT_CLASS_ORDER
+from pyact_torch.labels import PYACT_CLASSES as PYACT_CLASS_ORDER
 from pyact_torch.loader import tar_samples
 from pyact_torch.model import build_model
 
@@ -283,3 +283,34 @@ def test_corrupt_records_are_named_or_skipped(damage, record_folder, tmp_path, c
     kept = records[:3] + records[4:] if damage == "bit flip" else records[:5] + records[18:]
     assert [label for _, label, _ in samples] == [label for _, label, _ in kept]
     assert manifest["splits"]["train"]["corrupt_records_skipped"] == 1
+
+
+def test_example_decoding_reads_hand_assembled_wire_bytes():
+    """An Example assembled byte by byte from the protobuf wire format, independently of the
+    protobuf library the converter decodes with: packed floats, an unpacked int64, bytes."""
+    from pyact_torch.tfrecords import parse_example
+
+    def varint(value: int) -> bytes:
+        out = b""
+        while True:
+            out += bytes([(value & 0x7F) | (0x80 if value > 0x7F else 0)])
+            value >>= 7
+            if not value:
+                return out
+
+    def field(number: int, wire: int, payload: bytes) -> bytes:
+        return varint(number << 3 | wire) + (varint(len(payload)) if wire == 2 else b"") + payload
+
+    def entry(name: str, feature: bytes) -> bytes:  # one map<string, Feature> entry
+        return field(1, 2, field(1, 2, name.encode()) + field(2, 2, feature))
+
+    feats = field(2, 2, field(1, 2, struct.pack("<3f", 0.0, 0.5, 1.0)))  # Feature.float_list, packed
+    label = field(3, 2, field(1, 0, varint(7)))  # Feature.int64_list, one unpacked value
+    name = field(1, 2, field(1, 2, b"alvin/asl-z"))  # Feature.bytes_list
+    example = field(1, 2, entry("feats", feats) + entry("label", label) + entry("name", name))
+    parsed = parse_example(example)
+    assert parsed["feats"].dtype == np.float32 and parsed["feats"].tolist() == [0.0, 0.5, 1.0]
+    assert parsed["label"].dtype == np.int64 and parsed["label"].tolist() == [7]
+    assert parsed["name"] == [b"alvin/asl-z"]
+    with pytest.raises(ValueError, match="not a tf.train.Example"):
+        parse_example(example[:-3])  # cut inside the last entry

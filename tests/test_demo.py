@@ -44,6 +44,7 @@ def check_demo_output(out: str) -> dict:
     return metrics
 
 
+@pytest.mark.slow
 def test_demo_with_the_gcs_emulator(tmp_path, capsys):
     out = str(tmp_path / "demo")
     assert main(["demo", "--out", out, "--gcs-emulator"]) == 0

@@ -166,6 +166,7 @@ def test_a_pointer_naming_anything_but_our_checkpoint_is_ignored(target, small_r
 
 @pytest.mark.parametrize("name", ["/abs/victim.tar", "../../victim.tar", "/dev/zero",
                                   "pipe:touch {marker}; cat {real}"])
+@pytest.mark.slow
 @pytest.mark.parametrize("command", ["inspect", "evaluate", "train", "video"])
 def test_shard_names_in_a_manifest_are_never_opened_outside_dest(name, command, shards, small_run, tmp_path):
     marker = tmp_path / "pwned"
@@ -376,6 +377,43 @@ def test_disk_full_is_one_line_and_the_resumed_output_is_identical(phase, tiny_d
         assert tree(dest) == tree(reference)
 
 
+def test_an_emulator_outage_mid_run_is_one_line_and_the_resumed_bucket_is_identical(
+        tiny_dataset, tmp_path, monkeypatch, capsys):
+    from pyact_torch.emulator import GCSEmulator
+
+    reference = str(tmp_path / "reference")
+    assert main(["preprocess", tiny_dataset, reference, *PRE]) == 0
+    monkeypatch.setattr(storage, "GCS_DEADLINE", 3.0)
+    with GCSEmulator(str(tmp_path / "gcs"), log=str(tmp_path / "gcs.log")) as emulator:
+        emulator.create_bucket("outage")
+        real = preprocess_module.map_unordered
+
+        def outage_after_three(*args, **kwargs):
+            for count, result in enumerate(real(*args, **kwargs)):
+                if count == 3:
+                    emulator.pause()
+                yield result
+
+        monkeypatch.setattr(preprocess_module, "map_unordered", outage_after_three)
+        dest = "gs://outage/shards"
+        code, err = cli(capsys, "preprocess", tiny_dataset, dest, *PRE, "--cache-dir", str(tmp_path / "cache"))
+        assert code == 2 and "cannot reach" in one_line(err)
+        monkeypatch.setattr(preprocess_module, "map_unordered", real)
+        emulator.start()
+        assert main(["preprocess", tiny_dataset, dest, *PRE, "--cache-dir", str(tmp_path / "cache")]) == 0
+        kept = int(capsys.readouterr().out.split(" kept from an earlier run")[0].rsplit(" ", 1)[1])
+        assert kept >= 3  # the shards uploaded before the outage were verified and kept
+        remote = {name: storage.read_bytes(f"{dest}/{name}") for name in storage.list_files(dest)}
+    assert remote == tree(reference)
+
+
+def test_synth_onto_an_unwritable_place_is_one_line(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    code, err = cli(capsys, "synth", str(blocker / "raw"))
+    assert code == 2 and "not writable" in one_line(err)
+
+
 def test_a_full_disk_stops_checkpointing_at_once_with_one_line(tmp_path):
     with small_tmpfs(tmp_path / "full", "64k"):
         writer = CheckpointWriter(str(tmp_path / "full" / "run"), log=lambda m: None)
@@ -457,6 +495,7 @@ NPY = b"\x93NUMPY\x01\x00"
 @pytest.mark.parametrize("case", ["cls not a number", "cls out of range", "npy wrong shape", "npy huge header",
                                   "npy object dtype", "npy short data", "missing shard", "half shard",
                                   "count disagrees"])
+@pytest.mark.slow
 def test_damaged_data_in_training_is_one_line_naming_the_shard(case, shards, tmp_path):
     manifest = read_manifest(shards)
     entry = manifest["splits"]["train"]["shards"][0]
@@ -495,6 +534,23 @@ def test_damaged_data_in_training_is_one_line_naming_the_shard(case, shards, tmp
         assert entry["name"] in line or "inspect" in line, line
 
 
+@pytest.mark.slow
+def test_a_damaged_shard_under_xla_is_one_line_not_a_short_epoch(shards, tmp_path):
+    """On XLA the device loader reads host batches in a thread whose exceptions never reach
+    training: before, a damaged shard ended the epoch early, the run went on and exited 0."""
+    entry = read_manifest(shards)["splits"]["train"]["shards"][2]
+    shard = os.path.join(shards, entry["name"])
+    data = open(shard, "rb").read()
+    open(shard, "wb").write(data[:len(data) // 2])
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "train_tpu.py"), "--data", shards,
+                             "--run-dir", str(tmp_path / "run"), "--device", "xla", "--model", "tiny", "--epochs", "1",
+                             "--batch-size", "4", "--workers", "1"], capture_output=True, text=True, timeout=600,
+                            env=dict(os.environ, PJRT_DEVICE="CPU"))
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert entry["name"] in one_line(result.stderr)
+    assert not (tmp_path / "run" / "final.pt").exists()
+
+
 def test_evaluate_with_a_missing_split_or_folder_is_one_line(shards, small_run, tmp_path, capsys):
     shutil.rmtree(os.path.join(shards, "test"))
     code, err = cli(capsys, "evaluate", "--checkpoint", small_run, "--data", shards, "--out", str(tmp_path / "s"),
@@ -510,6 +566,7 @@ def test_evaluate_with_a_missing_split_or_folder_is_one_line(shards, small_run, 
 
 # --- signals -------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_sigterm_to_the_process_group_checkpoints_and_exits_zero(learn_shards, tmp_path):
     """A VM shutdown SIGTERMs every process of the group, loader workers included."""
     run_dir = str(tmp_path / "run")
@@ -540,6 +597,7 @@ def _children(pid: int) -> list:
     return psutil.Process(pid).children(recursive=True)
 
 
+@pytest.mark.slow
 def test_preprocessing_workers_die_with_their_parent(raw_dataset, tmp_path):
     import psutil
 
@@ -558,6 +616,7 @@ def test_preprocessing_workers_die_with_their_parent(raw_dataset, tmp_path):
     assert not alive, f"{len(alive)} workers outlived their killed parent"
 
 
+@pytest.mark.slow
 def test_sigterm_to_preprocessing_stops_cleanly_and_the_rerun_is_identical(raw_dataset, tmp_path):
     reference = str(tmp_path / "reference")
     assert main(["preprocess", raw_dataset, reference, "--workers", "2", "--shard-size", "16"]) == 0
@@ -580,8 +639,9 @@ def test_sigterm_to_preprocessing_stops_cleanly_and_the_rerun_is_identical(raw_d
 # --- one line for every user-fixable failure -------------------------------------------------------
 
 def _state(step: int) -> dict:
-    return {"model": {"w": torch.full((3,), float(step))}, "step": step, "classes": ["a", "no-action"],
-            "config": {"model": "tiny"}}
+    from pyact_torch.checkpoint import make_checkpoint
+
+    return make_checkpoint({"w": torch.full((3,), float(step))}, {"model": "tiny"}, ["a", "no-action"], {}, step=step)
 
 
 class _Exploit:
@@ -723,6 +783,7 @@ def test_preprocessing_checks_before_decoding(case, tiny_dataset, tmp_path, caps
     assert not dest.exists() or not os.listdir(dest)  # nothing that would make the fixed rerun refuse
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["invalid bucket name", "endpoint unreachable", "missing bucket as --data"])
 def test_gcs_failures_are_one_line_and_fast(case, small_shards, tmp_path, gcs):
     env = dict(os.environ, PYACT_GCS_TIMEOUT="3")
@@ -752,6 +813,33 @@ def test_inspect_checks_its_output_before_reading_shards(case, shards, tmp_path,
     assert code == 2 and one_line(err)
     assert not read
     assert open(os.path.join(shards, "manifest.json"), "rb").read() == before
+
+
+@pytest.mark.parametrize("command", ["synth", "preprocess", "inspect", "train", "evaluate", "video"])
+def test_a_read_only_output_folder_is_one_line_before_work(command, tiny_dataset, small_shards, small_run, tmp_path,
+                                                          capsys, monkeypatch):
+    from conftest import read_only
+
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    rows = [{"key": "k", "path": "Test/test00/asl-z/color_0.png", "sequence": "Test/test00/asl-z", "start": 0,
+             "stop": 0, "truth": "a", "prediction": "a"}]
+    (tmp_path / "p.json").write_text(json.dumps(rows))
+    args = {
+        "synth": ["synth", str(locked / "raw")],
+        "preprocess": ["preprocess", tiny_dataset, str(locked / "out"), "--workers", "1"],
+        "inspect": ["inspect", small_shards, "--out", str(locked / "grid.png")],
+        "train": ["train", "--data", small_shards, "--run-dir", str(locked / "run"), *TRAIN],
+        "evaluate": ["evaluate", "--checkpoint", small_run, "--data", small_shards, "--out", str(locked / "s"),
+                     "--device", "cpu"],
+        "video": ["video", str(tmp_path / "p.json"), str(locked / "v.mp4"), "--src", tiny_dataset],
+    }[command]
+    decoded = []
+    monkeypatch.setattr(preprocess_module, "decode_into_cache", lambda *a, **k: decoded.append(1) or iter(()))
+    with read_only(locked):
+        code, err = cli(capsys, *args)
+    assert code == 2 and "not writable" in one_line(err) and str(locked) in err
+    assert not decoded and os.listdir(locked) == []
 
 
 def test_video_into_an_unwritable_place_is_named_before_work(small_run, tmp_path, capsys):

@@ -16,7 +16,7 @@ import pytest
 
 from pyact_torch.cli import main
 from pyact_torch import storage
-from pyact_torch.convert import CorruptRecord, tfrecords
+from pyact_torch.tfrecords import CorruptRecord, tfrecords
 from pyact_torch.errors import UserError
 
 # --- helpers ----------------------------------------------------------------------------------
@@ -247,21 +247,18 @@ def test_tfrecords_dest_under_a_file_fails_before_reading(tmp_path, capsys):
 
 
 def test_read_only_outputs_fail_before_reading(tmp_path, capsys):
-    if os.geteuid() == 0:
-        pytest.skip("root writes into a 0o555 folder; the under-a-file tests cover unwritable outputs")
+    from conftest import read_only
+
     h5 = tmp_path / "model.h5"
     h5.write_bytes(b"not an hdf5 file")
     write_records(tmp_path / "records", pyact_records(np.random.default_rng(3), 4), corrupt_at=0)
     locked = tmp_path / "locked"
     locked.mkdir()
-    locked.chmod(0o555)
-    try:
+    with read_only(locked):
         assert main(["convert-keras", str(h5), str(locked / "out.pt")]) == 2
         one_error_line(capsys, str(locked))
         assert main(["convert-tfrecords", str(tmp_path / "records"), str(locked / "shards")]) == 2
         one_error_line(capsys, str(locked))
-    finally:
-        locked.chmod(0o755)
 
 
 # --- TFRecords: bounded reading ---------------------------------------------------------------

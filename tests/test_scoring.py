@@ -55,6 +55,7 @@ def scored(trained_run, learn_shards, tmp_path_factory) -> str:
     return out
 
 
+@pytest.mark.slow
 def test_scoring_outputs_agree_with_each_other_and_the_manifest(scored, learn_shards, trained_run):
     metrics = json.load(open(os.path.join(scored, "metrics.json")))
     rows = json.load(open(os.path.join(scored, "predictions.json")))
@@ -79,6 +80,7 @@ def test_scoring_outputs_agree_with_each_other_and_the_manifest(scored, learn_sh
     assert image is not None and min(image.shape[:2]) >= 500
 
 
+@pytest.mark.slow
 def test_scoring_on_xla_and_through_gcs_gives_the_same_predictions(scored, trained_run, learn_shards, gcs):
     pointer = json.load(open(os.path.join(trained_run, "best.json")))
     storage.write_bytes("gs://pyact-test/scoring/ckpt.pt", open(os.path.join(trained_run, pointer["name"]), "rb").read())
@@ -117,6 +119,7 @@ def _banner_colours(frame):
             "red": bool(((r > 150) & (g < 80) & (b < 80)).sum() > 20)}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("source", ["src", "shards"])
 def test_video_has_every_window_frame_and_coloured_verdicts(scored, learn_shards, tmp_path, source):
     rows = json.load(open(os.path.join(scored, "predictions.json")))[:8]
@@ -172,6 +175,7 @@ def test_inspect_passes_good_shards_and_names_a_damaged_one(learn_shards, tmp_pa
 
 @pytest.mark.parametrize("case", ["no-checkpoint", "no-split", "bad-predictions", "missing-predictions",
                                   "no-frames-source"])
+@pytest.mark.slow
 def test_bad_scoring_input(case, learn_shards, trained_run, scored, tmp_path, capsys):
     bad = tmp_path / "predictions.json"
     bad.write_text("[1, 2")

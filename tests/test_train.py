@@ -30,6 +30,7 @@ def evals(run_dir):
     return [r for r in rows if r["kind"] == "eval"]
 
 
+@pytest.mark.slow
 def test_tiny_learns_the_held_out_subject_through_xmp_spawn(learn_shards, tmp_path):
     """The TPU code path on XLA:CPU (xmp.spawn, one replica): >= 90 % on the held-out subject."""
     run_dir = str(tmp_path / "run")
@@ -51,6 +52,7 @@ def test_tiny_learns_the_held_out_subject_through_xmp_spawn(learn_shards, tmp_pa
     assert state["classes"][-1] == "no-action"
 
 
+@pytest.mark.slow
 def test_tiny_learns_the_held_out_subject(learn_shards, tmp_path):
     """Eager CPU (the same loop as XLA): >= 90 % on the held-out eval subject."""
     run_dir = str(tmp_path / "run")
@@ -64,6 +66,7 @@ def test_tiny_learns_the_held_out_subject(learn_shards, tmp_path):
         load_object(f"{run_dir}/{best['name']}", best)["best_val_loss"], abs=1e-5)
 
 
+@pytest.mark.slow
 def test_checkpoints_land_in_gcs_and_load_with_plain_torch_load(learn_shards, gcs):
     run_dir = "gs://pyact-test/runs/gcs"
     assert main(["train", "--data", learn_shards, "--run-dir", run_dir, "--model", "tiny", "--device", "cpu",
@@ -87,6 +90,7 @@ def test_checkpoints_land_in_gcs_and_load_with_plain_torch_load(learn_shards, gc
     assert storage.read_bytes(f"{run_dir}/loss.png")[:4] == b"\x89PNG"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("device", ["cpu", "xla"])
 def test_kill_and_resume_gives_the_same_final_weights(device, learn_shards, small_shards, tmp_path):
     """Eager CPU: bit-identical weights; XLA:CPU (xmp.spawn, small clips): equal within float tolerance."""
@@ -126,6 +130,7 @@ def test_kill_and_resume_gives_the_same_final_weights(device, learn_shards, smal
             assert torch.allclose(a[key].float(), b[key].float(), rtol=1e-4, atol=1e-5), key
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("device", ["cpu", "xla"])
 def test_sigterm_checkpoints_and_exits_zero(device, learn_shards, small_shards, tmp_path):
     """SIGTERM to the launched command (a TPU VM's preemption notice): the replica finishes its
@@ -150,7 +155,8 @@ def test_sigterm_checkpoints_and_exits_zero(device, learn_shards, small_shards, 
 
 
 def _tiny_state(step):
-    return {"model": {"w": torch.full((3,), float(step))}, "step": step, "classes": ["a", "no-action"], "config": {"model": "tiny"}}
+    return {"model": {"w": torch.full((3,), float(step))}, "step": step, "classes": ["a", "no-action"],
+            "config": {"model": "tiny"}, "format": "pyact-torch-checkpoint/1"}
 
 
 def test_corrupt_latest_checkpoint_falls_back_to_the_previous(tmp_path):
@@ -226,6 +232,7 @@ def test_batch_must_divide_over_replicas():
         per_replica_batch(32, 3)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["batch over 2 replicas", "classes differ"])
 def test_errors_inside_xla_replicas_are_one_line(case, learn_shards, tmp_path):
     """A mistake found inside the spawned replicas (not before the spawn) still ends as one line
@@ -267,6 +274,7 @@ def test_bf16_precision_runs_the_convolutions_in_bfloat16_and_learns():
     assert losses[-1] < 0.5 * losses[0], losses
 
 
+@pytest.mark.slow
 def test_bf16_through_xmp_spawn(small_shards, tmp_path):
     """--precision bf16 on the XLA path (autocast to bfloat16 on the XLA device): trains, with
     finite losses and no CPU fallbacks."""

@@ -1,0 +1,217 @@
+"""``pyact convert-keras``: pyACT's Keras HDF5 weights (``save_weights`` or ``ModelCheckpoint``
+files) -> a pyact-torch checkpoint, without TensorFlow (h5py). Kernels are transposed to torch
+layouts and DENSE_1's rows permuted from Keras' channels-last flatten; every array is checked
+against what ConvNet3D expects before anything is built."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from typing import Callable
+
+import numpy as np
+import torch
+
+from . import storage
+from .checkpoint import make_checkpoint
+from .config import KerasConfig
+from .errors import UserError
+from .labels import PYACT_CLASSES
+from .model import PRESETS, build_model
+from .shards import MODALITY_OF
+
+CONV_LAYERS = ("CONV3D_1", "CONV3D_2", "CONV3D_3", "CONV3D_4")
+NORM_LAYERS = ("BATCH_NORM_1", "BATCH_NORM_2", "BATCH_NORM_3", "BATCH_NORM_4")
+DENSE_LAYERS = ("DENSE_1", "DENSE_2", "DENSE_CLASS")
+KERAS_TO_TORCH = {"kernel": "weight", "bias": "bias", "gamma": "weight", "beta": "bias",
+                  "moving_mean": "running_mean", "moving_variance": "running_var"}
+
+
+MAX_WEIGHT_BYTES = 4 << 30  # one weight array as float32: c3d's DENSE_1 at 64x64 frames is 0.8 GB
+
+
+def _text(value) -> str:
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+
+
+def _names(node, attribute: str) -> list[str]:
+    """A Keras name-list attribute (``layer_names``, ``weight_names``) as strings."""
+    return [_text(name) for name in np.atleast_1d(node.attrs.get(attribute, []))]
+
+
+def read_keras_weights(path: str) -> tuple[dict[str, dict[str, np.ndarray]], dict | None]:
+    """``{layer: {kernel|bias|gamma|...: array}}`` of a legacy Keras HDF5 file, following its
+    own ``layer_names`` / ``weight_names`` attributes; a whole-model file (weights under
+    ``model_weights``) also gives its ``model_config``. Every name must lead to what it should
+    (a group, a floating-point dataset) before anything is read."""
+    import h5py
+
+    try:
+        handle = h5py.File(path, "r")
+    except OSError as exc:
+        raise UserError(f"{path}: not an HDF5 file ({str(exc).splitlines()[0]})") from None
+    with handle:
+        config = None
+        if "model_config" in handle.attrs:
+            try:
+                config = json.loads(_text(handle.attrs["model_config"]))
+            except ValueError:
+                raise UserError(f"{path}: its model_config is not valid JSON") from None
+            if not isinstance(config, dict):
+                raise UserError(f"{path}: its model_config is not a JSON object")
+        group = handle.get("model_weights", handle)
+        if not isinstance(group, h5py.Group):
+            raise UserError(f"{path}: model_weights is not a group")
+        if "layer_names" not in group.attrs:
+            raise UserError(f"{path}: not a Keras weights file (no layer_names attribute)")
+        layers: dict[str, dict[str, np.ndarray]] = {}
+        for layer in _names(group, "layer_names"):
+            node = group.get(layer) if layer else None
+            if not isinstance(node, h5py.Group):
+                raise UserError(f"{path}: layer {layer[:80]!r} of layer_names has no group")
+            weights = {}
+            for name in _names(node, "weight_names"):
+                data = node.get(name) if name else None
+                where = f"{path}: weight {layer[:80]}/{name[:80]}"
+                if not isinstance(data, h5py.Dataset):
+                    raise UserError(f"{where} of weight_names is missing")
+                if data.shape is None or data.dtype.kind != "f":
+                    raise UserError(f"{where} is {data.dtype} {data.shape}, not floating-point numbers")
+                if data.size * 4 > MAX_WEIGHT_BYTES:
+                    raise UserError(f"{where} has {data.size} values, more than any ConvNet3D weight")
+                kind = re.sub(r"(_\d+)?:\d+$", "", name.rsplit("/", 1)[-1])  # "CONV3D_1/kernel:0" -> kernel
+                try:
+                    weights[kind] = np.asarray(data, dtype=np.float32)
+                except OSError as exc:  # damaged chunks
+                    raise UserError(f"{where}: cannot be read ({str(exc).splitlines()[0]})") from None
+            if weights:
+                layers[layer] = weights
+    return layers, config
+
+
+def _configured_input(config: dict, path: str) -> tuple[int, int, int, int] | None:
+    """(T, H, W, C) of the first 5-D ``batch_input_shape`` in a Keras model config, if any."""
+    body = config.get("config", {})
+    entries = body.get("layers", []) if isinstance(body, dict) else body  # Keras < 2.2 Sequential: a bare list
+    for entry in entries if isinstance(entries, list) else []:
+        settings = entry.get("config") if isinstance(entry, dict) else None
+        shape = settings.get("batch_input_shape") if isinstance(settings, dict) else None
+        if isinstance(shape, list) and len(shape) == 5:
+            if not all(type(d) is int and d > 0 for d in shape[1:]):
+                raise UserError(f"{path}: its model_config gives the input shape {shape[1:]}, "
+                                "which is not a positive size")
+            return tuple(shape[1:])
+    return None
+
+
+def _input_shape(layers: dict, config: dict | None, seq_len: int, path: str) -> tuple[int, int, int]:
+    """(T, S, C): from the model config when the file has one, else from DENSE_1's row count
+    (T x S/16 x S/16 x filters) with T = ``seq_len``; either way checked against the weights,
+    so that nothing is built or reshaped for an input the weights cannot take."""
+    channels = layers["CONV3D_1"]["kernel"].shape[3]
+    filters = layers["CONV3D_4"]["kernel"].shape[4]
+    rows = layers["DENSE_1"]["kernel"].shape[0]
+    shape = _configured_input(config, path) if config is not None else None
+    if shape is not None:
+        seq_len, size, width, given = shape
+        if size != width:
+            raise UserError(f"{path}: the model takes {size}x{width} frames; ConvNet3D takes square ones")
+        if given != channels:
+            raise UserError(f"{path}: the model config gives {given} channels, CONV3D_1 takes {channels}")
+    else:
+        cells, remainder = divmod(rows, filters * seq_len)
+        side = math.isqrt(cells)
+        if remainder or not side or side * side != cells:
+            raise UserError(f"{path}: DENSE_1 has {rows} inputs, which is no {seq_len}-frame square input; "
+                            "give --seq-len")
+        size = side * 16
+    if size % 16:
+        raise UserError(f"{path}: the model takes {size}x{size} frames; ConvNet3D needs a multiple of 16")
+    if rows != seq_len * (size // 16) ** 2 * filters:
+        raise UserError(f"{path}: DENSE_1 has {rows} inputs, not the {seq_len * (size // 16) ** 2 * filters} "
+                        f"of a {seq_len}x{size}x{size} input")
+    return seq_len, size, channels
+
+
+def keras_to_state_dict(layers: dict, seq_len: int, image_size: int) -> dict[str, torch.Tensor]:
+    """The torch ``state_dict`` of ConvNet3D for Keras ConvNet3D weights: kernels transposed
+    to torch layouts, DENSE_1's rows permuted from Keras' channels-last flatten (T, H, W, C)
+    to torch's (C, T, H, W)."""
+    state: dict[str, torch.Tensor] = {}
+    for i, (conv, norm) in enumerate(zip(CONV_LAYERS, NORM_LAYERS)):
+        kernel = layers[conv]["kernel"]  # (kT, kH, kW, in, out)
+        state[f"features.{4 * i}.weight"] = torch.from_numpy(kernel.transpose(4, 3, 0, 1, 2).copy())
+        state[f"features.{4 * i}.bias"] = torch.from_numpy(layers[conv]["bias"])
+        for kind in ("gamma", "beta", "moving_mean", "moving_variance"):
+            state[f"features.{4 * i + 3}.{KERAS_TO_TORCH[kind]}"] = torch.from_numpy(layers[norm][kind])
+        state[f"features.{4 * i + 3}.num_batches_tracked"] = torch.tensor(0)
+    side = image_size // 16
+    first = layers["DENSE_1"]["kernel"]  # (T*H*W*C, out)
+    filters = layers["CONV3D_4"]["kernel"].shape[4]
+    first = first.reshape(seq_len, side, side, filters, -1).transpose(4, 3, 0, 1, 2).reshape(first.shape[1], -1)
+    state["classifier.1.weight"] = torch.from_numpy(np.ascontiguousarray(first))
+    state["classifier.1.bias"] = torch.from_numpy(layers["DENSE_1"]["bias"])
+    for index, layer in ((3, "DENSE_2"), (5, "DENSE_CLASS")):
+        state[f"classifier.{index}.weight"] = torch.from_numpy(np.ascontiguousarray(layers[layer]["kernel"].T))
+        state[f"classifier.{index}.bias"] = torch.from_numpy(layers[layer]["bias"])
+    return state
+
+
+def _preset_of(layers: dict, path: str) -> str:
+    needed = {**{n: ("kernel", "bias") for n in CONV_LAYERS + DENSE_LAYERS},
+              **{n: ("gamma", "beta", "moving_mean", "moving_variance") for n in NORM_LAYERS}}
+    missing = [f"{layer}/{kind}" for layer, kinds in needed.items() for kind in kinds
+               if kind not in layers.get(layer, {})]
+    if missing:
+        raise UserError(f"{path}: not a pyACT ConvNet3D weights file (missing {', '.join(missing[:4])}"
+                        f"{' ...' if len(missing) > 4 else ''}; it has {', '.join(layers) or 'no weights'})")
+    for layer, kinds in needed.items():
+        for kind in kinds:
+            rank = 1 if kind != "kernel" else 5 if layer in CONV_LAYERS else 2
+            if layers[layer][kind].ndim != rank:
+                raise UserError(f"{path}: {layer}/{kind} has shape {layers[layer][kind].shape}; "
+                                f"a ConvNet3D {kind} has {rank} dimension{'s' if rank > 1 else ''}")
+    filters = tuple(layers[n]["kernel"].shape[4] for n in CONV_LAYERS)
+    dense = tuple(layers[n]["kernel"].shape[1] for n in DENSE_LAYERS[:2])
+    for name, preset in PRESETS.items():
+        if preset.filters == filters and preset.dense == dense:
+            return name
+    raise UserError(f"{path}: ConvNet3D with filters {filters} and dense {dense} matches no preset")
+
+
+def convert_keras(config: KerasConfig, print_fn: Callable[[str], None] = print) -> dict:
+    """``pyact convert-keras``: a pyACT Keras HDF5 file -> a pyact-torch checkpoint."""
+
+    storage.check_output_file(config.out, "checkpoint")  # before any work
+    if not os.path.isfile(config.h5):
+        raise UserError(f"{config.h5}: no such file")
+    layers, model_config = read_keras_weights(config.h5)
+    preset = _preset_of(layers, config.h5)
+    seq_len, image_size, channels = _input_shape(layers, model_config, config.seq_len, config.h5)
+    if channels not in MODALITY_OF:
+        raise UserError(f"{config.h5}: CONV3D_1 takes {channels} channels; pyact-torch data has 1, 3 or 4")
+    classes = list(config.classes or PYACT_CLASSES)
+    outputs = layers["DENSE_CLASS"]["kernel"].shape[1]
+    if outputs != len(classes):
+        raise UserError(f"{config.h5}: DENSE_CLASS has {outputs} outputs but {len(classes)} classes were given")
+    state_dict = keras_to_state_dict(layers, seq_len, image_size)
+    model = build_model(preset, channels, seq_len, image_size, len(classes))
+    try:
+        model.load_state_dict(state_dict)
+    except RuntimeError as exc:
+        raise UserError(f"{config.h5}: weights do not fit ConvNet3D at {seq_len}x{image_size}x{image_size}x{channels} "
+                        f"({str(exc).splitlines()[-1].strip()})") from None
+    data_shape = {"channels": channels, "seq_len": seq_len, "image_size": image_size,
+                  "modality": MODALITY_OF[channels]}
+    checkpoint = make_checkpoint(model.state_dict(), {"model": preset}, classes, data_shape,
+                                 converted_from=os.path.basename(config.h5))
+    with storage.open_write(config.out) as sink:
+        torch.save(checkpoint, sink)
+    print_fn(f"wrote {config.out}: {preset} at {seq_len}x{image_size}x{image_size}x{channels}, "
+             f"{len(classes)} classes in {'the given' if config.classes else 'pyACT'} order")
+    return checkpoint
+
+
+

@@ -1,0 +1,68 @@
+"""``pyact evaluate``: score a checkpoint on one split and write what a person reads — metrics
+(scikit-learn), the per-class table, the confusion matrix picture and one prediction row per
+window. The numbers come from the same ``evaluate()`` that validates during training."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from tqdm import tqdm
+
+from . import metrics, storage
+from .checkpoint import check_compatible, load_checkpoint
+from .config import EvaluateConfig
+from .errors import UserError
+from .evaluate import evaluate
+from .loader import HostBatches, Part, WindowDataset, on_device
+from .model import build_model, reorder_outputs
+from .shards import data_shape, read_manifest, split_shards
+from .tpu import Backend
+
+
+def evaluate_checkpoint(config: EvaluateConfig, progress: bool = True,
+                        print_fn: Callable[[str], None] = print) -> dict:
+    """``pyact evaluate``: score a checkpoint on one split with the training's ``evaluate()``
+    (one replica, XLA or eager CPU) and write metrics.json, per_class.txt,
+    confusion_matrix.png and predictions.json to ``config.out``; returns the metrics."""
+    manifest = read_manifest(config.data)
+    split_shards(config.data, manifest, config.split)
+    storage.check_writable(config.out)
+    state, url = load_checkpoint(config.checkpoint, log=print_fn)
+    classes = manifest["classes"]
+    if list(state["classes"]) != classes and sorted(state["classes"]) == sorted(classes):
+        print_fn("note: the checkpoint lists the classes in another order; its outputs are reordered "
+                 "to the manifest's")
+        state = {**state, "model": reorder_outputs(state["model"], list(state["classes"]), classes), "classes": classes}
+    check_compatible(state, classes, data_shape(manifest), what="score this data with it")
+    try:
+        model = build_model(state["config"].get("model"), len(manifest["channels"]), manifest["seq_len"],
+                            manifest["image_size"], len(classes))
+    except ValueError as exc:
+        raise UserError(f"{url}: {exc}") from None
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError:
+        raise UserError(f"{url}: its weights do not fit a {state['config']['model']} model on this data") from None
+    backend = Backend(config.device)
+    model.to(backend.device)
+    dataset = WindowDataset(config.data, manifest, config.split, config.batch_size, Part(), train=False)
+    metas: list[dict] = []
+    dataset.meta_sink = metas
+    windows = manifest["splits"][config.split]["count"]
+    bar = tqdm(total=windows, unit="window", desc=f"scoring {config.split}", disable=None if progress else True)
+    host = HostBatches(dataset, 0, len(dataset), on_batch=lambda batch: bar.update(int(batch[2].sum())))
+    result = evaluate(model, on_device(host, backend), backend, len(classes), keep_outputs=True)
+    bar.close()
+    if len(metas) != len(result["labels"]) or result["windows"] != windows:
+        raise RuntimeError(f"scored {result['windows']} windows, the manifest lists {windows}")
+    scores = metrics.score(result["labels"], result["probabilities"], classes)
+    scores.update(loss=result["loss"], split=config.split, checkpoint=url, step=state.get("step"))
+    rows = metrics.prediction_rows(metas, result["labels"], result["probabilities"], classes, manifest["modality"])
+    table = metrics.format_table(scores)
+    storage.write_json(storage.join(config.out, "metrics.json"), scores)
+    storage.write_bytes(storage.join(config.out, "per_class.txt"), table.encode())
+    storage.write_bytes(storage.join(config.out, "confusion_matrix.png"),
+                        metrics.confusion_png(scores["confusion"], classes))
+    storage.write_json(storage.join(config.out, "predictions.json"), rows)
+    print_fn(table + f"outputs in {config.out}: metrics.json, per_class.txt, confusion_matrix.png, predictions.json")
+    return scores
