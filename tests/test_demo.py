@@ -6,10 +6,9 @@ from __future__ import annotations
 import json
 import os
 
-import pytest
-
 import cv2
 import numpy as np
+import pytest
 import torch
 
 from pyact_torch.cli import main
