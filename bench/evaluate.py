@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import os
 import shutil
@@ -33,12 +32,12 @@ def _score_child(args: argparse.Namespace) -> None:
     import torch
 
     from pyact_torch.evaluate import evaluate
-    from pyact_torch.loader import Part, WindowDataset, make_loader
+    from pyact_torch.loader import HostBatches, Part, WindowDataset, on_device
     from pyact_torch.model import build_model
     from pyact_torch.shards import read_manifest
-    from pyact_torch.tpu import Backend
+    from pyact_torch.devices import make_backend
 
-    backend = Backend(args.device)
+    backend = make_backend(args.device)
     manifest = read_manifest(args.data)
     torch.manual_seed(0)
     model = build_model(args.preset, len(manifest["channels"]), manifest["seq_len"], manifest["image_size"],
@@ -46,7 +45,7 @@ def _score_child(args: argparse.Namespace) -> None:
     dataset = WindowDataset(args.data, manifest, "test", args.batch, Part(), train=False)
 
     def batches(count: int):
-        return backend.device_loader(_Sized(itertools.islice(make_loader(dataset, 0), count), count))
+        return on_device(HostBatches(dataset, 0, count), backend)
 
     evaluate(model, batches(2), backend, len(manifest["classes"]), keep_outputs=True)  # warm-up / compile
     started = time.perf_counter()
@@ -55,17 +54,6 @@ def _score_child(args: argparse.Namespace) -> None:
     with open(args.result, "w") as handle:
         json.dump({"preset": args.preset, "device": args.device, "windows": result["windows"], "seconds": elapsed,
                    "windows_per_s": result["windows"] / elapsed, **backend.compile_counts()}, handle)
-
-
-class _Sized:
-    def __init__(self, items, length):
-        self.items, self.length = items, length
-
-    def __len__(self):
-        return self.length
-
-    def __iter__(self):
-        return iter(self.items)
 
 
 def scoring(data: str, preset: str, device: str, batch: int, steps: int) -> dict:

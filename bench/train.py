@@ -3,7 +3,7 @@
 
 Measures on this machine, every figure against a baseline from the same run:
 - training windows/s of ``tiny`` (32x32) and ``c3d`` (pyACT's ConvNet3D, 64x64) on XLA:CPU
-  (through ``tpu.launch`` = xmp.spawn, one replica) and eager CPU, through the real loader,
+  (through ``devices.launch`` = xmp.spawn, one replica) and eager CPU, through the real loader,
   device loader and ``train_step``; XLA as a ratio of eager;
 - after warm-up: new XLA compilations and ``aten::`` CPU fallbacks per step (both must be 0);
 - the loader alone (same WindowDataset + DataLoader as training), from local shards and from
@@ -64,10 +64,10 @@ def _throughput_replica(index: int, data: str, preset: str, device: str, batch: 
     from pyact_torch.loader import Part, WindowDataset, make_loader
     from pyact_torch.model import build_model
     from pyact_torch.shards import read_manifest
-    from pyact_torch.tpu import Backend
+    from pyact_torch.devices import make_backend
     from pyact_torch.train import train_step
 
-    backend = Backend(device)
+    backend = make_backend(device)
     manifest = read_manifest(data)
     torch.manual_seed(0)
     model = build_model(preset, len(manifest["channels"]), manifest["seq_len"], manifest["image_size"],
@@ -104,7 +104,7 @@ def _throughput_replica(index: int, data: str, preset: str, device: str, batch: 
 
 
 def child_throughput(args: argparse.Namespace) -> None:
-    from pyact_torch.tpu import launch
+    from pyact_torch.devices import launch
 
     launch(_throughput_replica, (args.data, args.preset, args.device, args.batch, args.warmup, args.steps,
                                  args.result), args.device)
@@ -116,7 +116,7 @@ def throughput(data: str, preset: str, device: str, batch: int, warmup: int, ste
 
 # --- loader alone ----------------------------------------------------------------------------
 
-REAL_TRAIN_WINDOWS = 49_920  # pyACT's published Train count (DESIGN.md): one real epoch
+REAL_TRAIN_WINDOWS = 49_920  # pyACT's published Train count (README, The dataset): one real epoch
 
 
 def real_size_copy(data: str, out: str) -> str:
@@ -227,9 +227,9 @@ def checkpoint_stall(run_dir: str, repeats: int, image_size: int = 64) -> dict:
     from pyact_torch import storage
     from pyact_torch.checkpoint import CheckpointWriter
     from pyact_torch.model import build_model
-    from pyact_torch.tpu import Backend
+    from pyact_torch.devices import make_backend
 
-    backend = Backend("cpu")
+    backend = make_backend("cpu")
     model = build_model("c3d", 3, 6, image_size, 17)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     for p in model.parameters():

@@ -14,7 +14,7 @@ from .config import InspectConfig
 from .errors import UserError
 from .shards import (MANIFEST, ShardError, clip_shape, decode_sample, load_npy, max_member, read_manifest,
                      shard_url, stream_samples)
-from .video import Window, clip_frames, sheet
+from .video import Panel, clip_frames, sheet
 
 
 def inspect_split(config: InspectConfig, progress: bool = True, print_fn: Callable[[str], None] = print) -> dict:
@@ -79,7 +79,7 @@ def inspect_split(config: InspectConfig, progress: bool = True, print_fn: Callab
         problems.append(f"class counts differ from the manifest: read {dict(counts)}, manifest {expected}")
 
     if chosen:
-        windows = [Window(clip_frames(load_npy(clip), config.size),
+        windows = [Panel(clip_frames(load_npy(clip), config.size),
                           [(f"{key}   {label}", (0, 255, 255))]) for key, label, clip in sorted(chosen)]
         title = f"{config.data} {config.split}: {len(chosen)} of {seen} windows"
         storage.write_bytes(config.out, sheet(windows, title))

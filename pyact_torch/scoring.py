@@ -16,7 +16,7 @@ from .evaluate import evaluate
 from .loader import HostBatches, Part, WindowDataset, on_device
 from .model import build_model, reorder_outputs
 from .shards import data_shape, read_manifest, split_shards
-from .tpu import Backend
+from .devices import make_backend
 
 
 def evaluate_checkpoint(config: EvaluateConfig, progress: bool = True,
@@ -43,7 +43,7 @@ def evaluate_checkpoint(config: EvaluateConfig, progress: bool = True,
         model.load_state_dict(state["model"])
     except RuntimeError:
         raise UserError(f"{url}: its weights do not fit a {state['config']['model']} model on this data") from None
-    backend = Backend(config.device)
+    backend = make_backend(config.device)
     model.to(backend.device)
     dataset = WindowDataset(config.data, manifest, config.split, config.batch_size, Part(), train=False)
     metas: list[dict] = []

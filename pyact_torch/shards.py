@@ -100,7 +100,6 @@ def write_shard(dest: str, name: str, samples: Iterable[dict]) -> ShardInfo:
 
 
 BLOCK = 512
-READ_PIECE = 1 << 20
 MAX_MEMBER = 1 << 30  # no member of a shard of ours comes near this (a 6x64x64x4 clip is 98 KB)
 PAX_LIMIT = 1 << 20
 _ZERO_BLOCK = bytes(BLOCK)
@@ -143,21 +142,6 @@ def _pax_records(data: bytes) -> dict[str, str]:
     return records
 
 
-def _read_exactly(stream: IO[bytes], size: int) -> bytes:
-    """Up to ``size`` bytes, read in pieces: a header that lies about a member's size cannot
-    make us allocate more than the stream really holds."""
-    if size <= READ_PIECE:
-        return stream.read(size)
-    pieces, left = [], size
-    while left:
-        piece = stream.read(min(left, READ_PIECE))
-        if not piece:
-            break
-        pieces.append(piece)
-        left -= len(piece)
-    return b"".join(pieces)
-
-
 def read_tar(stream: IO[bytes], max_member: int = MAX_MEMBER) -> Iterator[tuple[str, bytes]]:
     """``(name, content)`` of each regular file of a tar stream, in order.
 
@@ -191,7 +175,7 @@ def read_tar(stream: IO[bytes], max_member: int = MAX_MEMBER) -> Iterator[tuple[
         if size > limit:
             raise TarFormatError(f"member at byte {offset - BLOCK} declares {size} bytes, more than the "
                                  f"{limit} such a member can have")
-        data = _read_exactly(stream, size)
+        data = storage.read_up_to(stream, size)
         if len(data) < size:
             raise TarFormatError(f"truncated member at byte {offset} ({len(data)} of {size} bytes)")
         offset += size

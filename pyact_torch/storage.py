@@ -288,6 +288,21 @@ def open_read(url: str) -> IO[bytes]:
     return os.fdopen(fd, "rb")
 
 
+def read_up_to(stream: IO[bytes], size: int, piece: int = 1 << 20) -> bytes:
+    """Up to ``size`` bytes of ``stream``, read in pieces: a header or length field that lies
+    about the size cannot make us allocate more than the stream really holds."""
+    if size <= piece:
+        return stream.read(size)
+    pieces, left = [], size
+    while left:
+        data = stream.read(min(left, piece))
+        if not data:
+            break
+        pieces.append(data)
+        left -= len(data)
+    return b"".join(pieces)
+
+
 def size(url: str) -> int:
     """Bytes in a file or object."""
     if is_gcs(url):

@@ -27,7 +27,6 @@ from .shards import (MANIFEST, MODALITY_OF, encode_sample, index_row, new_manife
                      shard_name, shard_url, split_entry, write_shard)
 
 MAX_RECORD = 64 * 1024 * 1024  # bytes in one record: a pyACT window (6x64x64x3 float32) is ~300 KB
-READ_PIECE = 1024 * 1024  # a record's payload is read in pieces of this many bytes
 
 
 class CorruptRecord(Exception):
@@ -40,19 +39,6 @@ def _masked_crc(data: bytes) -> int:
 
     crc = google_crc32c.value(data)
     return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
-
-
-def _read_up_to(handle, size: int) -> bytes:
-    """Up to ``size`` bytes, read in pieces: a length field that lies about a truncated file
-    never makes us allocate more than the file really holds."""
-    pieces, left = [], size
-    while left:
-        piece = handle.read(min(left, READ_PIECE))
-        if not piece:
-            break
-        pieces.append(piece)
-        left -= len(piece)
-    return b"".join(pieces)
 
 
 def tfrecords(handle, url: str) -> Iterator[tuple[int, bytes | None]]:
@@ -71,7 +57,7 @@ def tfrecords(handle, url: str) -> Iterator[tuple[int, bytes | None]]:
             raise CorruptRecord(url, offset, "length CRC mismatch")
         if length > MAX_RECORD:
             raise CorruptRecord(url, offset, f"{length} bytes announced, more than the {MAX_RECORD} a record can have")
-        body = _read_up_to(handle, length + 4)
+        body = storage.read_up_to(handle, length + 4)
         if len(body) < length + 4:
             raise CorruptRecord(url, offset, f"truncated: {length} bytes announced")
         payload, (data_crc,) = body[:length], struct.unpack("<I", body[length:])

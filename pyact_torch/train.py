@@ -27,7 +27,7 @@ from .evaluate import evaluate
 from .loader import HostBatches, Part, WindowDataset, on_device, train_steps
 from .model import build_model, check_input
 from .shards import data_shape, read_manifest, split_shards
-from .tpu import Backend, launch, preempted
+from .devices import Backend, launch, make_backend, preempted
 
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, clips: torch.Tensor,
                labels: torch.Tensor, backend: Backend, precision: str = "fp32") -> torch.Tensor:
@@ -193,7 +193,7 @@ class _Run:
 
 def _replica(index: int, config: TrainConfig) -> None:
     """One replica: set up (or resume), run the epochs, publish the final weights."""
-    run = _start(config, Backend(config.device))
+    run = _start(config, make_backend(config.device))
     try:
         if _epochs(run):
             _finish(run)

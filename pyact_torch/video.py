@@ -33,8 +33,8 @@ LINE = 22  # banner line height in pixels at scale 1
 
 
 @dataclass
-class Window:
-    """Frames of one window (BGR uint8, square) and the lines written over them."""
+class Panel:
+    """What is drawn for one window: its frames (BGR uint8, square) and the caption lines over them."""
 
     frames: list[np.ndarray]
     captions: list[tuple[str, tuple[int, int, int]]]
@@ -103,7 +103,7 @@ def with_banner(frame: np.ndarray, captions: list[tuple[str, tuple[int, int, int
     return np.vstack([banner, frame])
 
 
-def write_video(windows: Iterable[Window], out: str, fps: float) -> tuple[str, int]:
+def write_video(windows: Iterable[Panel], out: str, fps: float) -> tuple[str, int]:
     """Every window's frames with their banner, in order, as an mp4 (MJPG AVI where the mp4
     codec is missing). Written under a temporary name and renamed when complete; returns the
     path written (its suffix tells the container) and the number of frames."""
@@ -143,7 +143,7 @@ def _open_writer(out: str, fps: float, size: tuple[int, int]):
     raise UserError(f"{out}: OpenCV can write neither mp4 (mp4v) nor AVI (MJPG) here")
 
 
-def sheet(windows: list[Window], title: str = "") -> bytes:
+def sheet(windows: list[Panel], title: str = "") -> bytes:
     """A PNG with one row per window: its captions, then its frames side by side."""
     if not windows:
         raise UserError("no windows to draw")
@@ -188,7 +188,7 @@ def read_predictions(path: str) -> list[dict]:
     return rows
 
 
-def shard_windows(samples: Iterable[dict], rows: list[dict], size: int) -> Iterator[tuple[dict, Window]]:
+def shard_windows(samples: Iterable[dict], rows: list[dict], size: int) -> Iterator[tuple[dict, Panel]]:
     """The windows of ``rows`` found in a stream of shard samples, in stream order."""
     by_key = {row["key"]: row for row in rows}
     for sample in samples:
@@ -196,7 +196,7 @@ def shard_windows(samples: Iterable[dict], rows: list[dict], size: int) -> Itera
         if row is None:
             continue
         clip = load_npy(sample["clip.npy"])
-        yield row, Window(clip_frames(clip, size), prediction_captions(row["truth"], row["prediction"]))
+        yield row, Panel(clip_frames(clip, size), prediction_captions(row["truth"], row["prediction"]))
 
 
 def make_video(config: VideoConfig, progress: bool = True, print_fn: Callable[[str], None] = print) -> tuple[str, int]:
@@ -212,18 +212,18 @@ def make_video(config: VideoConfig, progress: bool = True, print_fn: Callable[[s
     if config.src:
         if not os.path.isdir(config.src):
             raise UserError(f"--src {config.src}: no such folder")
-        stream = ((row, Window(source_frames(config.src, row, config.size, config.predictions),
+        stream = ((row, Panel(source_frames(config.src, row, config.size, config.predictions),
                                prediction_captions(row["truth"], row["prediction"]))) for row in rows)
     elif config.data:
         stream = shard_windows(_split_samples(config.data, config.split), rows, config.size)
     else:
         raise UserError("give --src (the raw dataset) or --data (the shards) to take the frames from")
     picked = {row["key"] for row in evenly(rows, config.sheet_windows)}
-    sampled: list[Window] = []
+    sampled: list[Panel] = []
     seen = 0
     bar = tqdm(total=len(rows), unit="window", desc="video", disable=None if progress else True)
 
-    def windows() -> Iterator[Window]:
+    def windows() -> Iterator[Panel]:
         nonlocal seen
         for row, window in stream:
             seen += 1

@@ -72,6 +72,16 @@ def read_only(folder):
         subprocess.run(["umount", "-l", folder], capture_output=True)
 
 
+def tree_bytes(folder) -> dict[str, bytes]:
+    """Every file below ``folder`` with its bytes, by path relative to it."""
+    files = {}
+    for root, _, names in os.walk(folder):
+        for name in names:
+            path = os.path.join(root, name)
+            files[os.path.relpath(path, folder)] = open(path, "rb").read()
+    return files
+
+
 def count_frames(root: str, kind: str = "color") -> int:
     return sum(1 for _, _, files in os.walk(root) for f in files if f.startswith(kind + "_"))
 

@@ -18,6 +18,8 @@ from pyact_torch.cli import main
 from pyact_torch import storage
 from pyact_torch.tfrecords import CorruptRecord, tfrecords
 from pyact_torch.errors import UserError
+from conftest import read_only, tree_bytes
+from test_convert import masked_crc, tfrecord, write_keras_h5  # the same file builders as the converter tests
 
 # --- helpers ----------------------------------------------------------------------------------
 # Self-contained on purpose: test_convert's module imports loader functions that are being
@@ -25,20 +27,9 @@ from pyact_torch.errors import UserError
 # here (test_convert checks the reader against the protobuf library's own encoding).
 
 
-def masked_crc(data: bytes) -> int:
-    import google_crc32c
-
-    crc = google_crc32c.value(data)
-    return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
-
-
 def record_header(length: int) -> bytes:
     head = struct.pack("<Q", length)
     return head + struct.pack("<I", masked_crc(head))
-
-
-def tfrecord(payload: bytes) -> bytes:
-    return record_header(len(payload)) + payload + struct.pack("<I", masked_crc(payload))
 
 
 def varint(value: int) -> bytes:
@@ -86,24 +77,6 @@ def shard_labels(dest, split: str) -> list[int]:
     return labels
 
 
-def write_keras_h5(path, layers, whole_model: bool, input_shape=(6, 16, 16, 3)) -> None:
-    """The legacy Keras 2 HDF5 layout (as test_convert writes it): save_weights, or model.save."""
-    with h5py.File(path, "w") as f:
-        group = f
-        if whole_model:
-            config = {"class_name": "Sequential", "config": {"name": "ConvNet3D", "layers": [
-                {"class_name": "Conv3D", "config": {"name": "CONV3D_1", "batch_input_shape": [None, *input_shape]}}]}}
-            f.attrs["model_config"] = json.dumps(config).encode()
-            group = f.create_group("model_weights")
-        group.attrs["layer_names"] = [name.encode() for name, _ in layers]
-        for name, weights in layers:
-            layer = group.create_group(name)
-            names = [f"{name}/{kind}:0" for kind, _ in weights]
-            layer.attrs["weight_names"] = [n.encode() for n in names]
-            for weight_name, (_, value) in zip(names, weights):
-                layer.create_dataset(weight_name, data=value)
-
-
 def one_error_line(capsys, *names: str) -> str:
     """The single stderr line of a refused command; it names every one of ``names``."""
     lines = capsys.readouterr().err.strip().splitlines()
@@ -111,16 +84,6 @@ def one_error_line(capsys, *names: str) -> str:
     for name in names:
         assert name in lines[0], (name, lines[0])
     return lines[0]
-
-
-def snapshot(folder) -> dict[str, bytes]:
-    """Every file below ``folder``, by relative path."""
-    files = {}
-    for root, _, names in os.walk(folder):
-        for name in names:
-            path = os.path.join(root, name)
-            files[os.path.relpath(path, folder)] = open(path, "rb").read()
-    return files
 
 
 def write_records(folder, records, corrupt_at: int | None = None) -> str:
@@ -247,8 +210,6 @@ def test_tfrecords_dest_under_a_file_fails_before_reading(tmp_path, capsys):
 
 
 def test_read_only_outputs_fail_before_reading(tmp_path, capsys):
-    from conftest import read_only
-
     h5 = tmp_path / "model.h5"
     h5.write_bytes(b"not an hdf5 file")
     write_records(tmp_path / "records", pyact_records(np.random.default_rng(3), 4), corrupt_at=0)
@@ -306,7 +267,7 @@ def test_malformed_example_is_one_line(payload, tmp_path, capsys):
     dest = tmp_path / "shards"
     assert main(["convert-tfrecords", str(folder), str(dest)]) == 2
     one_error_line(capsys, str(path), "byte 0")
-    assert snapshot(dest) == {}
+    assert tree_bytes(dest) == {}
 
 
 def test_frames_not_a_multiple_of_16_are_refused_before_any_shard(tmp_path, capsys):
@@ -314,7 +275,7 @@ def test_frames_not_a_multiple_of_16_are_refused_before_any_shard(tmp_path, caps
     dest = tmp_path / "shards"
     assert main(["convert-tfrecords", str(tmp_path / "records"), str(dest)]) == 2
     assert "16" in one_error_line(capsys, path, "byte 0")
-    assert snapshot(dest) == {}
+    assert tree_bytes(dest) == {}
 
 
 def test_failed_first_conversion_leaves_no_shards(tmp_path, capsys):
@@ -322,7 +283,7 @@ def test_failed_first_conversion_leaves_no_shards(tmp_path, capsys):
     dest = tmp_path / "shards"
     assert main(["convert-tfrecords", str(tmp_path / "records"), str(dest), "--shard-size", "8"]) == 2
     one_error_line(capsys, path)
-    assert snapshot(dest) == {}
+    assert tree_bytes(dest) == {}
 
 
 # --- re-conversion into an existing DEST --------------------------------------------------------
@@ -350,36 +311,36 @@ def test_manifest_shard_names_are_not_paths(case, converted, tmp_path, capsys):
     entry = manifest["splits"].setdefault(split, {"count": 0, "class_counts": {}, "shards": []})
     entry["shards"].append({"name": name, "count": 1, "bytes": 8, "sha256": "0" * 64})
     manifest_path.write_text(json.dumps(manifest))
-    before = snapshot(dest)
+    before = tree_bytes(dest)
     assert main(["convert-tfrecords", str(tmp_path / "first"), str(dest), "--shard-size", "8"]) == 2
     one_error_line(capsys, str(manifest_path))
     assert victim.read_text() == "not ours"
-    assert snapshot(dest) == before
+    assert tree_bytes(dest) == before
 
 
 def test_failed_reconversion_leaves_dest_as_it_was(converted, tmp_path, capsys):
     dest, _ = converted
-    before = snapshot(dest)
+    before = tree_bytes(dest)
     path = write_records(tmp_path / "second", pyact_records(np.random.default_rng(11), 30), corrupt_at=20)
     assert main(["convert-tfrecords", str(tmp_path / "second"), str(dest), "--shard-size", "8"]) == 2
     one_error_line(capsys, path)
-    assert snapshot(dest) == before
+    assert tree_bytes(dest) == before
 
 
 def test_reconversion_of_another_shape_leaves_dest_as_it_was(converted, tmp_path, capsys):
     dest, _ = converted
-    before = snapshot(dest)
+    before = tree_bytes(dest)
     write_records(tmp_path / "bigger", pyact_records(np.random.default_rng(11), 10, shape=(6, 32, 32, 3)))
     assert main(["convert-tfrecords", str(tmp_path / "bigger"), str(dest), "--split", "test"]) == 2
     one_error_line(capsys, str(dest))
-    assert snapshot(dest) == before
+    assert tree_bytes(dest) == before
 
 
 def test_failure_at_the_commit_point_leaves_dest_as_it_was(converted, tmp_path, capsys, monkeypatch):
     """The manifest cannot be written (say the disk filled up): the new shards are removed and
     the split's index.json is put back."""
     dest, _ = converted
-    before = snapshot(dest)
+    before = tree_bytes(dest)
     write_records(tmp_path / "second", pyact_records(np.random.default_rng(11), 20))
     write_json = storage.write_json
 
@@ -391,7 +352,7 @@ def test_failure_at_the_commit_point_leaves_dest_as_it_was(converted, tmp_path, 
     monkeypatch.setattr(storage, "write_json", full_disk)
     assert main(["convert-tfrecords", str(tmp_path / "second"), str(dest), "--shard-size", "8"]) == 2
     one_error_line(capsys, str(dest / "manifest.json"))
-    assert snapshot(dest) == before
+    assert tree_bytes(dest) == before
 
 
 def check_dest(dest) -> dict:
@@ -400,7 +361,7 @@ def check_dest(dest) -> dict:
     manifest = json.loads((dest / "manifest.json").read_text())
     listed = {s["name"]: s for entry in manifest["splits"].values() for s in entry["shards"]}
     indexes = {f"{s}/index.json" for s in manifest["splits"]}
-    assert set(snapshot(dest)) == set(listed) | indexes | {"manifest.json"}
+    assert set(tree_bytes(dest)) == set(listed) | indexes | {"manifest.json"}
     for name, shard in listed.items():
         data = (dest / name).read_bytes()
         assert (len(data), hashlib.sha256(data).hexdigest()) == (shard["bytes"], shard["sha256"])

@@ -24,7 +24,7 @@ def test_c3d_matches_pyact_parameter_count_and_shapes():
     assert count_parameters(model) == 206_510_225
     bn_stats = sum(b.numel() for name, b in model.named_buffers() if "running" in name)
     assert bn_stats == 1_920  # Keras: 206,512,145 params = 206,510,225 trainable + 1,920 moving statistics
-    # Keras (T, H, W, C) shapes of DESIGN.md, here (C, T, H, W)
+    # pyACT's Keras summary gives (T, H, W, C) shapes; here they are (C, T, H, W)
     assert shapes == [
         ("BatchNorm3d", (2, 64, 6, 32, 32)), ("BatchNorm3d", (2, 128, 6, 16, 16)),
         ("BatchNorm3d", (2, 256, 6, 8, 8)), ("BatchNorm3d", (2, 512, 6, 4, 4)),

@@ -20,7 +20,7 @@ from pyact_torch.config import PreprocessConfig
 from pyact_torch.preprocess import preprocess
 from pyact_torch.shards import read_manifest
 
-from conftest import count_frames
+from conftest import count_frames, tree_bytes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "scripts", "preprocess.py")
@@ -36,15 +36,6 @@ def read_split(dest: str, manifest: dict, split: str) -> list[dict]:
     if not urls:
         return []
     return list(wds.WebDataset(urls, shardshuffle=False).decode())
-
-
-def tree_bytes(root: str) -> dict[str, bytes]:
-    out = {}
-    for folder, _, files in os.walk(root):
-        for name in files:
-            path = os.path.join(folder, name)
-            out[os.path.relpath(path, root)] = open(path, "rb").read()
-    return out
 
 
 def expected_clip(src: str, path: str, start: int, stop: int, size: int = 64) -> np.ndarray:

@@ -257,11 +257,11 @@ def test_errors_inside_xla_replicas_are_one_line(case, learn_shards, tmp_path):
 
 def test_bf16_precision_runs_the_convolutions_in_bfloat16_and_learns():
     from pyact_torch.model import build_model
-    from pyact_torch.tpu import Backend
+    from pyact_torch.devices import Backend
     from pyact_torch.train import train_step
 
     torch.manual_seed(0)
-    backend = Backend("cpu")
+    backend = Backend()
     model = build_model("tiny", 3, 6, 32, 17)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     clips, labels = torch.rand(8, 3, 6, 32, 32), torch.randint(0, 17, (8,))

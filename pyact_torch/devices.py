@@ -1,0 +1,120 @@
+"""The device layer: what the training loop and scoring need from a device, preemption
+(SIGTERM), and launching one replica per device.
+
+``Backend`` is plain eager PyTorch on the CPU (one replica); ``tpu.XlaBackend`` maps the same
+names to torch_xla (TPU cores, or XLA:CPU with ``PJRT_DEVICE=CPU``), so the training loop has
+one code path. ``tpu.py`` is the only module that imports torch_xla, and only when asked for.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+from typing import Any, Callable, Iterable
+
+import torch
+
+
+class Backend:
+    """Eager PyTorch on the CPU: one replica, no collectives, no graph to cut."""
+
+    kind = "cpu"
+
+    def __init__(self) -> None:
+        self.device = torch.device("cpu")
+
+    @property
+    def rank(self) -> int:
+        """Global ordinal of this replica (across all hosts of a pod)."""
+        return 0
+
+    @property
+    def world(self) -> int:
+        """Number of replicas (all cores of all hosts)."""
+        return 1
+
+    @property
+    def is_master(self) -> bool:
+        return self.rank == 0
+
+    def device_loader(self, loader: Iterable) -> Iterable:
+        """Batches moved to the device."""
+        return loader
+
+    def optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Step, after summing gradients over replicas when there are several (no host sync)."""
+        optimizer.step()
+
+    def sync(self) -> None:
+        """Cut and run the pending graph (nothing to do eagerly)."""
+
+    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum over replicas (every replica must call it)."""
+        return tensor
+
+    def add_step_closure(self, fn: Callable, args: tuple = ()) -> None:
+        """Run ``fn(*args)`` once this step's tensors are computed."""
+        fn(*args)
+
+    def to_host(self, value: Any) -> Any:
+        """A CPU copy of (nested) tensors: the only part of a checkpoint that blocks training."""
+        self.sync()
+        return _host_copy(value)
+
+    def compile_counts(self) -> dict[str, Any]:
+        """Graph compilations and CPU fallbacks so far (none eagerly)."""
+        return {}
+
+
+def make_backend(kind: str) -> Backend:
+    """``cpu``: eager PyTorch; ``xla``: torch_xla on this replica's device."""
+    if kind == "cpu":
+        return Backend()
+    if kind == "xla":
+        from .tpu import XlaBackend
+
+        return XlaBackend()
+    raise ValueError(f"unknown device {kind!r}")
+
+
+def _host_copy(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.detach().to("cpu", copy=True)
+    if isinstance(value, dict):
+        return {k: _host_copy(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_host_copy(v) for v in value)
+    return value
+
+
+# --- preemption (SIGTERM) ---------------------------------------------------------------------
+# A TPU VM's preemption notice is a SIGTERM. Training finishes its step, checkpoints and exits 0.
+
+_PREEMPTED = threading.Event()
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    _PREEMPTED.set()
+
+
+def preempted() -> bool:
+    """True once this process received SIGTERM."""
+    return _PREEMPTED.is_set()
+
+
+def watch_sigterm() -> None:
+    """Turn SIGTERM into ``preempted()`` (a handler can only be set from the main thread)."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _on_sigterm)
+
+
+def launch(fn: Callable[..., Any], args: tuple, kind: str) -> None:
+    """Run ``fn(index, *args)`` on every replica: xmp.spawn over all local XLA devices, or
+    once in this process for eager CPU."""
+    if kind == "xla":
+        from .tpu import spawn
+
+        spawn(fn, args)
+        return
+    watch_sigterm()
+    fn(0, *args)
