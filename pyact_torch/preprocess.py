@@ -83,14 +83,19 @@ def frame_stats(src: str, sequences: list[Sequence], modality: str) -> dict[str,
     return stats
 
 
-def fingerprint(config: PreprocessConfig, sequences: list[Sequence], bad: list[BadSequence],
-                stats: dict | None = None) -> str:
-    """Hash of everything that determines the output: settings (not paths or worker counts),
-    the dataset's sequences, frame counts and segments, and its frame files' sizes and times."""
+def fingerprint(config: PreprocessConfig, sequences: list[Sequence], bad: list[BadSequence]) -> str:
+    """Hash of everything that determines the output: settings (not paths or worker counts)
+    and the dataset's sequences, frame counts and segments."""
     settings = {k: v for k, v in output_settings(config).items() if k not in ("src", "dest")}
     listing = [(s.path, s.n_frames, [(g.pos, g.len) for g in s.segments]) for s in sequences]
-    payload = json.dumps([FORMAT, settings, listing, [b.path for b in bad],
-                          sorted((p, sorted(f.items())) for p, f in (stats or {}).items())])
+    payload = json.dumps([FORMAT, settings, listing, [b.path for b in bad]])
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def frames_fingerprint(stats: dict[str, dict[str, tuple[int, int]]]) -> str:
+    """Hash of the frame files' sizes and modification times: a frame fixed or replaced since
+    changes it (recorded beside ``fingerprint``; outputs of earlier versions lack it)."""
+    payload = json.dumps(sorted((path, sorted(files.items())) for path, files in stats.items()))
     return hashlib.sha256(payload.encode()).hexdigest()
 
 
@@ -124,9 +129,9 @@ def check_plan(config: PreprocessConfig, sequences: list[Sequence]) -> int:
     return seq_len
 
 
-def _prepare_dest(config: PreprocessConfig, print_fn, token: str, cache: str) -> dict | None:
+def _prepare_dest(config: PreprocessConfig, print_fn, run: dict[str, str], cache: str) -> dict | None:
     """Check DEST and decide: fresh start, resume, already complete (returns the manifest),
-    or refuse."""
+    or refuse. ``run`` is this run's ``fingerprint`` and ``frames_fingerprint``."""
     storage.check_writable(config.dest)
     existing = storage.list_files(config.dest)
     if f"{CACHE_DIR}/{CACHE_MARK}" in existing:  # our own cache inside DEST
@@ -136,20 +141,24 @@ def _prepare_dest(config: PreprocessConfig, print_fn, token: str, cache: str) ->
     for name in [n for n in ours if n.endswith(storage.PARTIAL_SUFFIX)]:
         storage.remove(storage.join(config.dest, name))  # left by a killed run
         ours.remove(name)
-    previous, manifest = None, None
+    previous: dict = {}
+    manifest = None
     if MANIFEST in ours:
-        manifest = read_manifest(config.dest)
-        previous = manifest.get("fingerprint")
+        manifest = previous = read_manifest(config.dest)
     elif STATE in ours:
         try:
-            previous = storage.read_json(storage.join(config.dest, STATE), 1 << 20).get("fingerprint")
-        except (UserError, AttributeError):
-            previous = _read_info(cache).get("dest")  # damaged: the cache knows which run it served
-    if previous == token:
+            previous = storage.read_json(storage.join(config.dest, STATE), 1 << 20)
+        except UserError:
+            pass
+        if not isinstance(previous, dict) or "fingerprint" not in previous:
+            previous = _read_info(cache).get("dest") or {}  # damaged: the cache knows which run it served
+    state = {**run, "settings": output_settings(config)}
+    if previous.get("fingerprint") == run["fingerprint"] and \
+            previous.get("frames_fingerprint", run["frames_fingerprint"]) == run["frames_fingerprint"]:
         if manifest is not None:
             return manifest
         print_fn(f"resuming the unfinished run in {config.dest}")
-        storage.write_json(storage.join(config.dest, STATE), {"fingerprint": token, "settings": output_settings(config)})
+        storage.write_json(storage.join(config.dest, STATE), state)
         return None
     if ours or foreign:
         if not config.overwrite:
@@ -160,8 +169,7 @@ def _prepare_dest(config: PreprocessConfig, print_fn, token: str, cache: str) ->
         for name in ours:
             storage.remove(storage.join(config.dest, name))
         print_fn(f"--overwrite: removed {len(ours)} files of a previous run from {config.dest}")
-    storage.write_json(storage.join(config.dest, STATE),
-                       {"fingerprint": token, "settings": output_settings(config)})
+    storage.write_json(storage.join(config.dest, STATE), state)
     return None
 
 
@@ -185,7 +193,7 @@ def _read_info(cache: str) -> dict:
         return {}
 
 
-def _open_cache(cache: str, cache_token: str, dest_token: str) -> None:
+def _open_cache(cache: str, cache_token: str, run: dict[str, str]) -> None:
     """Create or adopt the cache folder; drop what no longer matches the run."""
     marker = os.path.join(cache, CACHE_MARK)
     try:
@@ -196,13 +204,13 @@ def _open_cache(cache: str, cache_token: str, dest_token: str) -> None:
         stale = []
         if info.get("cache") != cache_token:
             stale += ["frames.u8", "decoded.log"]
-        if info.get("dest") != dest_token:
+        if info.get("dest") != run:
             stale.append("shards.log")
         for name in stale:
             if os.path.exists(os.path.join(cache, name)):
                 os.remove(os.path.join(cache, name))
         storage.write_bytes(marker, b"pyact-torch frame cache: deleted when preprocessing finishes\n")
-        storage.write_json(os.path.join(cache, "cache.json"), {"cache": cache_token, "dest": dest_token})
+        storage.write_json(os.path.join(cache, "cache.json"), {"cache": cache_token, "dest": run})
     except OSError as exc:
         raise UserError(f"{cache}: cannot use as the frame cache ({exc.strerror}); choose another --cache-dir") from None
 
@@ -423,9 +431,9 @@ def preprocess(config: PreprocessConfig, progress: bool = True, print_fn=print) 
     seq_len = check_plan(config, sequences)  # before anything is written or decoded
     spec = FrameSpec(config.modality, config.image_size, config.depth_range)
     stats = frame_stats(config.src, sequences, config.modality)
-    token = fingerprint(config, sequences, bad, stats)
+    run = {"fingerprint": fingerprint(config, sequences, bad), "frames_fingerprint": frames_fingerprint(stats)}
     cache = _cache_dir(config)
-    manifest = _prepare_dest(config, print_fn, token, cache)
+    manifest = _prepare_dest(config, print_fn, run, cache)
     if manifest is not None:
         counts = {split: entry["class_counts"] for split, entry in manifest["splits"].items()}
         summary = Summary(config.dest, manifest["classes"], manifest["seq_len"], counts,
@@ -434,7 +442,7 @@ def preprocess(config: PreprocessConfig, progress: bool = True, print_fn=print) 
                           already_complete=True)
         summary.elapsed = time.perf_counter() - started
         return summary
-    _open_cache(cache, _cache_token(spec, sequences), token)
+    _open_cache(cache, _cache_token(spec, sequences), run)
     classes = class_list([s.action for s in sequences])
     summary = Summary(config.dest, classes, seq_len, {}, "", skipped=list(bad))
     _, slots, usable = _decode(config, sequences, spec, cache, stats, summary, progress)
@@ -455,7 +463,7 @@ def preprocess(config: PreprocessConfig, progress: bool = True, print_fn=print) 
         "skipped_sequences": [asdict(b) for b in summary.skipped],
         "source": {"sequences": len(usable), "frames": summary.frames},
         "settings": {k: v for k, v in output_settings(config).items() if k not in ("src", "dest")},
-        "fingerprint": token,
+        **run,
     })
     storage.write_json(storage.join(config.dest, MANIFEST), manifest)
     storage.remove(storage.join(config.dest, STATE))

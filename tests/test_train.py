@@ -288,3 +288,13 @@ def test_bf16_through_xmp_spawn(small_shards, tmp_path):
     assert len(losses) >= 5 and all(0 < loss < 10 for loss in losses)
     assert "0 CPU fallbacks" in result.stdout
     assert storage.read_json(f"{run_dir}/config.json")["config"]["precision"] == "bf16"
+
+
+@pytest.mark.parametrize("module, loads_sklearn", [("pyact_torch.train", False), ("pyact_torch.scoring", True)])
+def test_training_does_not_import_the_scoring_stack(module, loads_sklearn):
+    """Every training replica imports pyact_torch.train: scikit-learn (scoring's metrics) must not
+    come with it. pyact_torch.scoring is the control that shows the check sees an import."""
+    code = f"import sys, {module}; print('sklearn' in sys.modules, 'torch_xla' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split() == [str(loads_sklearn), "False"]
