@@ -61,10 +61,10 @@ def make_shards(out: str) -> dict[int, str]:
 
 def _throughput_replica(index: int, data: str, preset: str, device: str, batch: int, warmup: int, steps: int,
                         result_path: str) -> None:
-    from pyact_torch.loader import Part, WindowDataset, make_loader
+    from pyact_torch.devices import make_backend
+    from pyact_torch.loader import Part, WindowDataset, make_loader, model_input
     from pyact_torch.model import build_model
     from pyact_torch.shards import read_manifest
-    from pyact_torch.devices import make_backend
     from pyact_torch.train import train_step
 
     backend = make_backend(device)
@@ -81,14 +81,14 @@ def _throughput_replica(index: int, data: str, preset: str, device: str, batch: 
     model.train()
     for _ in range(warmup):
         clips, labels, _ = next(batches)
-        loss = train_step(model, optimizer, clips, labels, backend)
+        loss = train_step(model, optimizer, model_input(clips), labels, backend)
     backend.sync()  # the same graph cut as the device loader's at every step
     loss.cpu()
     before = backend.compile_counts()
     started = time.perf_counter()
     for _ in range(steps):
         clips, labels, _ = next(batches)
-        loss = train_step(model, optimizer, clips, labels, backend)
+        loss = train_step(model, optimizer, model_input(clips), labels, backend)
     backend.sync()
     loss.cpu()  # waits for the last step
     elapsed = time.perf_counter() - started

@@ -289,7 +289,8 @@ def check_resumable(state: dict, url: str, config: dict, replicas: int) -> None:
         raise UserError(f"{url}: holds weights but no training state ({', '.join(missing[:3])} missing); "
                         f"it can be scored with pyact evaluate, not resumed")
     saved = state["config"]
-    for key, flag in (("model", "--model"), ("batch_size", "--batch-size"), ("workers", "--workers")):
+    for key, flag in (("model", "--model"), ("batch_size", "--batch-size"), ("workers", "--workers"),
+                      ("parallel", "--parallel")):
         if key in saved and saved[key] != config[key]:
             raise UserError(f"{url}: was trained with {flag} {saved[key]}, this run has {flag} {config[key]}; "
                             f"resume with the same {flag}, or start over with --resume none")

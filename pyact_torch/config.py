@@ -180,8 +180,12 @@ class TrainConfig:
     lr_schedule: str = field(default="constant", metadata=_arg(
         "constant (pyACT) or cosine decay to 0 over all steps", choices=("constant", "cosine")))
     device: str = field(default="xla", metadata=_arg(
-        "xla: torch_xla on every local core via xmp.spawn (TPU, or CPU with PJRT_DEVICE=CPU); "
+        "xla: torch_xla on every local core (TPU, or CPU with PJRT_DEVICE=CPU); "
         "cpu: plain eager PyTorch, one process", choices=("xla", "cpu"), output=False))
+    parallel: str = field(default="xmp", metadata=_arg(
+        "with --device xla: xmp = one process per device (xmp.spawn), BatchNorm statistics per device; "
+        "spmd = one process per host sharding the global batch over every device, BatchNorm statistics "
+        "over the global batch", choices=("xmp", "spmd"), output=False))
     precision: str = field(default="fp32", metadata=_arg("fp32, or bf16 autocast (TPU)", choices=("fp32", "bf16")))
     ckpt_every: int = field(default=1000, metadata=_arg(
         "checkpoint every N steps as well as at each epoch end; 0 = epoch ends only", metavar="N", output=False))
@@ -205,6 +209,13 @@ class TrainConfig:
             raise UserError(f"--lr must be a positive number, got {self.lr}")
         if self.ckpt_every < 0 or self.workers < 0 or self.shuffle_buffer < 0:
             raise UserError("--ckpt-every, --workers and --shuffle-buffer must be 0 or positive")
+        if self.parallel == "spmd" and self.device != "xla":
+            raise UserError("--parallel spmd needs --device xla")
+
+    @property
+    def backend(self) -> str:
+        """The device backend to run: ``cpu``, ``xla`` (xmp.spawn) or ``spmd``."""
+        return "spmd" if self.device == "xla" and self.parallel == "spmd" else self.device
 
 
 @dataclass(frozen=True)

@@ -37,6 +37,15 @@ class Backend:
     def is_master(self) -> bool:
         return self.rank == 0
 
+    @property
+    def devices_per_reader(self) -> int:
+        """Devices one reader's batch is split over (SPMD: every device of the host)."""
+        return 1
+
+    def any_reader(self, flag: bool) -> bool:
+        """True on every reader when ``flag`` is true on any (every reader must call it)."""
+        return flag
+
     def device_loader(self, loader: Iterable) -> Iterable:
         """Batches moved to the device."""
         return loader
@@ -67,13 +76,18 @@ class Backend:
 
 
 def make_backend(kind: str) -> Backend:
-    """``cpu``: eager PyTorch; ``xla``: torch_xla on this replica's device."""
+    """``cpu``: eager PyTorch; ``xla``: torch_xla on this replica's device (one process per
+    device, xmp.spawn); ``spmd``: torch_xla SPMD over every device (one process per host)."""
     if kind == "cpu":
         return Backend()
     if kind == "xla":
         from .tpu import XlaBackend
 
         return XlaBackend()
+    if kind == "spmd":
+        from .tpu import SpmdBackend
+
+        return SpmdBackend()
     raise ValueError(f"unknown device {kind!r}")
 
 
@@ -110,7 +124,7 @@ def watch_sigterm() -> None:
 
 def launch(fn: Callable[..., Any], args: tuple, kind: str) -> None:
     """Run ``fn(index, *args)`` on every replica: xmp.spawn over all local XLA devices, or
-    once in this process for eager CPU."""
+    once in this process (eager CPU; SPMD, where one process drives every device of its host)."""
     if kind == "xla":
         from .tpu import spawn
 

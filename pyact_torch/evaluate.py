@@ -11,12 +11,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .loader import model_input
+
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, batches: Iterable, backend: Any, num_classes: int,
              keep_outputs: bool = False) -> dict:
     """Mean cross-entropy, accuracy and the ``num_classes x num_classes`` confusion matrix
-    (rows: truth, columns: prediction) over the masked windows of ``batches``. With
+    (rows: truth, columns: prediction) over the masked windows of ``batches`` (the loader's
+    uint8 clips). With
     ``keep_outputs`` (scoring, one replica) also ``labels`` and softmax ``probabilities`` of
     every real window, in order, as numpy arrays."""
     model.eval()
@@ -25,7 +28,7 @@ def evaluate(model: torch.nn.Module, batches: Iterable, backend: Any, num_classe
     confusion = torch.zeros(num_classes, num_classes, device=device)
     kept: list[tuple[np.ndarray, np.ndarray]] = []
     for clips, labels, mask in batches:
-        logits = model(clips).float()
+        logits = model(model_input(clips)).float()
         if keep_outputs:  # read after the step's graph ran: no extra compile on XLA
             backend.add_step_closure(_keep, (kept, F.softmax(logits, dim=1), labels, mask))
         weight = mask.float()

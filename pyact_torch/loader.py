@@ -3,7 +3,8 @@
 shard list (from the manifest) -> per-epoch seeded shard order -> this replica's shards (by the
 XLA ordinal, never by RANK/WORLD_SIZE) -> this DataLoader worker's shards -> samples (local or
 gs://, opened through ``storage`` and read by ``shards.read_samples``) -> seeded shuffle buffer
--> decode (uint8, checked against the manifest) -> batches -> float.
+-> decode (uint8, checked against the manifest) -> uint8 batches; ``model_input`` makes them
+float on the device.
 
 Every replica runs the same number of steps: training counts, from the manifest, the full
 batches each replica can make this epoch and all take the smallest; evaluation pads and masks
@@ -124,8 +125,8 @@ def record_meta(samples: Iterable[dict], sink: list) -> Iterator[dict]:
 
 
 def decode(samples: Iterable[dict], clip_shape: tuple[int, ...], num_classes: int) -> Iterator[tuple[np.ndarray, int]]:
-    """``clip.npy`` -> uint8 ``(T, H, W, C)`` array (converted to float per batch, see
-    ``to_float``); ``cls`` -> int; both checked against the manifest."""
+    """``clip.npy`` -> uint8 ``(T, H, W, C)`` array (converted to float on the device, see
+    ``model_input``); ``cls`` -> int; both checked against the manifest."""
     for sample in samples:
         yield decode_sample(sample, sample.get("__url__", "shard"), clip_shape, num_classes)
 
@@ -156,16 +157,16 @@ def batches(items: Iterable[tuple[Any, int]], size: int,
         yield clips, labels, mask
 
 
-def to_float(batches: Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> Iterator[tuple]:
-    """uint8 ``(N, T, H, W, C)`` clips -> float ``(N, C, T, H, W)`` in [0, 1], one conversion
-    per batch."""
-    for clips, labels, mask in batches:
-        yield clips.permute(0, 4, 1, 2, 3).contiguous().float().div_(255.0), labels, mask
+def model_input(clips: torch.Tensor) -> torch.Tensor:
+    """uint8 ``(N, T, H, W, C)`` clips as the loader sends them -> float ``(N, C, T, H, W)`` in
+    [0, 1], as the model takes them. Done on the device, inside the step: uint8 crosses from the
+    loader workers to the device at a quarter of float32's bytes."""
+    return clips.permute(0, 4, 1, 2, 3).float() / 255.0
 
 
 def empty_batch(size: int, clip_shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """A fully masked batch (evaluation padding for replicas with fewer windows)."""
-    return (torch.zeros((size,) + clip_shape), torch.zeros(size, dtype=torch.long),
+    return (torch.zeros((size,) + clip_shape, dtype=torch.uint8), torch.zeros(size, dtype=torch.long),
             torch.zeros(size, dtype=torch.bool))
 
 
@@ -187,11 +188,9 @@ class WindowDataset(torch.utils.data.IterableDataset):
     def __init__(self, data_dir: str, manifest: dict, split: str, batch_size: int, part: Part,
                  train: bool, seed: int = 0, workers: int = 0, shuffle_size: int = 1000):
         self.shards = split_shards(data_dir, manifest, split)
-        self.sample_shape = shard_format.clip_shape(manifest)
+        self.clip_shape = shard_format.clip_shape(manifest)  # uint8 (T, H, W, C)
         self.num_classes = len(manifest["classes"])
         self.max_member = shard_format.max_member(manifest)
-        self.clip_shape = (len(manifest["channels"]), manifest["seq_len"], manifest["image_size"],
-                           manifest["image_size"])
         self.batch_size, self.part, self.train = batch_size, part, train
         self.seed, self.workers, self.shuffle_size = seed, workers, shuffle_size
         self.epoch = 0
@@ -226,8 +225,7 @@ class WindowDataset(torch.utils.data.IterableDataset):
             if torch.utils.data.get_worker_info() is not None:
                 raise RuntimeError("meta_sink needs the dataset iterated in this process (workers=0)")
             samples = record_meta(samples, self.meta_sink)
-        produced = to_float(batches(decode(samples, self.sample_shape, self.num_classes), self.batch_size,
-                                    pad=not self.train))
+        produced = batches(decode(samples, self.clip_shape, self.num_classes), self.batch_size, pad=not self.train)
         yield from produced
         if not self.train and worker == 0:
             # evaluation: worker 0 also tops this replica up to the common step count

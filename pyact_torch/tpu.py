@@ -1,14 +1,17 @@
 """The only module that imports torch_xla: ``XlaBackend`` (the ``devices.Backend`` interface on
-a TPU core, or XLA:CPU with ``PJRT_DEVICE=CPU``) and ``spawn`` (xmp.spawn, one replica per
-local device). torch_xla is imported lazily: nothing may touch the XLA runtime before xmp.spawn.
+a TPU core, or XLA:CPU with ``PJRT_DEVICE=CPU``), ``spawn`` (xmp.spawn, one replica per local
+device), and ``SpmdBackend`` (one process per host drives every device: a 1-D ``data`` mesh,
+the batch sharded on it, parameters replicated, XLA inserting the gradient reduction).
+torch_xla is imported lazily: nothing may touch the XLA runtime before xmp.spawn or use_spmd.
 """
 
 from __future__ import annotations
 
+import itertools
 import os
 import signal
 import threading
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 
@@ -54,6 +57,11 @@ class XlaBackend(Backend):
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         return self._xm.all_reduce(self._xm.REDUCE_SUM, tensor) if self.world > 1 else tensor
 
+    def any_reader(self, flag: bool) -> bool:
+        if self.world == 1:
+            return flag
+        return float(self.all_reduce_sum(torch.tensor(float(flag), device=self.device)).cpu()) > 0
+
     def add_step_closure(self, fn: Callable, args: tuple = ()) -> None:
         """After the graph runs, so reading the tensors forces no extra compile or mid-step transfer."""
         self._xm.add_step_closure(fn, args=args)
@@ -66,6 +74,86 @@ class XlaBackend(Backend):
                      if name.startswith("aten::")}
         return {"compiles": int(met.counter_value("UncachedCompile") or 0),
                 "cpu_fallbacks": sum(fallbacks.values()), "fallback_ops": sorted(fallbacks)}
+
+
+class SpmdBackend(XlaBackend):
+    """SPMD data parallelism: this process is one reader (one per host) whose batches are
+    sharded over all of its devices; the model code is unchanged. BatchNorm statistics are
+    therefore over the global batch, as on a single device."""
+
+    kind = "spmd"
+
+    def __init__(self) -> None:
+        import numpy as np
+        import torch_xla.distributed.spmd as xs
+        import torch_xla.runtime as xr
+
+        xr.use_spmd()  # before anything touches a device
+        super().__init__()
+        self._xs = xs
+        self.mesh = xs.Mesh(np.arange(xr.global_runtime_device_count()), (xr.global_runtime_device_count(),),
+                            ("data",))
+
+    @property
+    def rank(self) -> int:
+        """This host's index: data is split by host, not by device."""
+        return self._xr.process_index()
+
+    @property
+    def world(self) -> int:
+        """Hosts (readers); every device of a host shares its reader's batch."""
+        return self._xr.process_count()
+
+    @property
+    def devices_per_reader(self) -> int:
+        return self._xr.global_runtime_device_count() // self.world
+
+    def _spec(self, dims: int):
+        """Shard the first (batch) dimension over ``data``; across hosts each host's batch is
+        its own part of the global one (``minibatch``)."""
+        return self._xs.ShardingSpec(self.mesh, ("data",) + (None,) * (dims - 1), minibatch=self.world > 1)
+
+    def device_loader(self, loader: Iterable) -> Iterator:
+        """Every tensor of each batch sharded on its batch dimension over all devices."""
+        import torch_xla.distributed.parallel_loader as pl
+
+        batches = iter(loader)
+        first = next(batches, None)
+        if first is None:
+            return iter(())
+        shardings = {str(i): self._spec(t.dim()) for i, t in enumerate(first)}
+        named = _Named(itertools.chain([first], batches), len(loader))  # per-tensor specs need a dict
+        device = pl.MpDeviceLoader(named, self.device, input_sharding=shardings)
+        return (tuple(batch[str(i)] for i in range(len(shardings))) for batch in device)
+
+    def optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """The gradients are already global: XLA reduced them across devices inside the step."""
+        optimizer.step()
+
+    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Values computed from sharded batches are already global arrays."""
+        return tensor
+
+    def any_reader(self, flag: bool) -> bool:
+        if self.world == 1:
+            return flag
+        # each host contributes its flag on each of its devices; the sum is global
+        local = torch.full((self.devices_per_reader,), float(flag)).to(self.device)
+        self._xs.mark_sharding(local, self.mesh, ("data",))
+        return float(local.sum().cpu()) > 0
+
+
+class _Named:
+    """Tuple batches as ``{"0": ..., "1": ...}`` dicts, with the length MpDeviceLoader asks for."""
+
+    def __init__(self, batches: Iterator, length: int):
+        self.batches, self.length = batches, length
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __iter__(self) -> Iterator[dict]:
+        return ({str(i): tensor for i, tensor in enumerate(batch)} for batch in self.batches)
 
 
 # --- launch (xmp.spawn) ------------------------------------------------------------------------

@@ -24,7 +24,7 @@ from .checkpoint import FINAL, CheckpointWriter, check_compatible, check_resumab
 from .config import TrainConfig, to_dict
 from .errors import UserError
 from .evaluate import evaluate
-from .loader import HostBatches, Part, WindowDataset, on_device, train_steps
+from .loader import HostBatches, Part, WindowDataset, model_input, on_device
 from .model import build_model, check_input
 from .shards import data_shape, read_manifest, split_shards
 from .devices import Backend, launch, make_backend, preempted
@@ -119,11 +119,8 @@ def loss_plot(metrics: list[dict]) -> bytes:
 
 
 def _stop_agreed(backend: Backend) -> bool:
-    """Every replica must stop at the same step: with several, agree through a reduction."""
-    if backend.world == 1:
-        return preempted()
-    votes = backend.all_reduce_sum(torch.tensor(float(preempted()), device=backend.device))
-    return float(votes.cpu()) > 0
+    """Every replica must stop at the same step: with several, they agree through a reduction."""
+    return backend.any_reader(preempted())
 
 
 def _checkpoint_state(model, optimizer, scheduler, state: RunState, config: TrainConfig,
@@ -136,10 +133,14 @@ def _checkpoint_state(model, optimizer, scheduler, state: RunState, config: Trai
         rng={"torch": torch.get_rng_state(), "python": random.getstate()}, metrics=json.dumps(state.metrics))
 
 
-def per_replica_batch(global_batch: int, world: int) -> int:
-    """Each replica's share of the global batch, which must divide evenly."""
+def per_replica_batch(global_batch: int, world: int, devices_per_reader: int = 1) -> int:
+    """Each reader's share of the global batch, which must divide evenly (under SPMD, also over
+    the devices of each reader)."""
     if global_batch % world:
         raise UserError(f"--batch-size {global_batch} does not divide evenly over {world} replicas")
+    if (global_batch // world) % devices_per_reader:
+        raise UserError(f"--batch-size {global_batch} does not divide evenly over {world * devices_per_reader} "
+                        f"devices ({world} hosts x {devices_per_reader})")
     return global_batch // world
 
 
@@ -148,7 +149,7 @@ def train_epoch(model, optimizer, scheduler, batches: Iterable, backend: Backend
     """Run the epoch's remaining batches; returns False when stopped by SIGTERM."""
     model.train()
     for clips, labels, _ in batches:
-        loss = train_step(model, optimizer, clips, labels, backend, config.precision)
+        loss = train_step(model, optimizer, model_input(clips), labels, backend, config.precision)
         scheduler.step()
         state.step += 1
         state.batch_in_epoch += 1
@@ -193,7 +194,7 @@ class _Run:
 
 def _replica(index: int, config: TrainConfig) -> None:
     """One replica: set up (or resume), run the epochs, publish the final weights."""
-    run = _start(config, make_backend(config.device))
+    run = _start(config, make_backend(config.backend))
     try:
         if _epochs(run):
             _finish(run)
@@ -230,26 +231,43 @@ def _start(config: TrainConfig, backend: Backend) -> _Run:
 
 def _datasets(config: TrainConfig, manifest: dict,
               backend: Backend) -> tuple[WindowDataset, WindowDataset | None, list[int]]:
-    """This replica's train and eval data, and every epoch's step count (refused when an
-    epoch would have no step, naming what to change)."""
-    per_replica = per_replica_batch(config.batch_size, backend.world)
+    """This reader's train and eval data, and every epoch's step count (the same on every
+    reader; refused when an epoch would have no step, naming what to change)."""
+    per_reader = per_replica_batch(config.batch_size, backend.world, backend.devices_per_reader)
     part = Part(backend.rank, backend.world)
-    train_set = WindowDataset(config.data, manifest, "train", per_replica, part, train=True, seed=config.seed,
+    train_set = WindowDataset(config.data, manifest, "train", per_reader, part, train=True, seed=config.seed,
                               workers=config.workers, shuffle_size=config.shuffle_buffer)
-    eval_set = (WindowDataset(config.data, manifest, "eval", per_replica, part, train=False,
+    eval_set = (WindowDataset(config.data, manifest, "eval", per_reader, part, train=False,
                               workers=min(config.workers, 1)) if "eval" in manifest["splits"] else None)
     steps = []
     for epoch in range(config.epochs):
         train_set.set_epoch(epoch)
         steps.append(len(train_set))
-    if steps[0] == 0:
-        if train_steps(train_set.shards, backend.world, 0, per_replica):
-            raise UserError(f"{config.data}: split over {backend.world * max(1, config.workers)} readers "
-                            f"({backend.world} replicas x --workers {config.workers}) the {len(train_set.shards)} "
-                            f"train shards leave a reader less than one batch ({per_replica}); lower --workers")
-        raise UserError(f"{config.data}: the train split has fewer windows per replica than one batch "
-                        f"({per_replica}); lower --batch-size")
+    check_readers(len(train_set.shards), manifest["splits"]["train"]["count"], backend.world, config.workers,
+                  per_reader, steps[0], config.data)
+    if backend.is_master:
+        used = steps[0] * config.batch_size / manifest["splits"]["train"]["count"]
+        print(f"{backend.world} readers ({backend.kind}{', ' + str(backend.devices_per_reader) + ' devices each' if backend.kind == 'spmd' else ''}) "
+              f"x {max(1, config.workers)} loader workers over {len(train_set.shards)} train shards: "
+              f"{steps[0]} steps of {config.batch_size} windows use {used:.1%} of the epoch's windows", flush=True)
     return train_set, eval_set, steps
+
+
+def check_readers(shards: int, windows: int, readers: int, workers: int, batch: int, steps: int, data: str) -> None:
+    """Refuse, before any work, readers (replicas or hosts, times loader workers) left without
+    a shard, which would set every replica's step count by the poorest and silently drop the
+    rest of each epoch, and an epoch without a step. Names the counts and the ``--shard-size``
+    that fixes it."""
+    streams = readers * max(1, workers)
+    if shards < streams:
+        fits = max(1, windows // streams)
+        raise UserError(f"{data}: {shards} train shards for {streams} readers ({readers} replicas/hosts x "
+                        f"--workers {max(1, workers)}): a reader without a shard makes every replica stop where the poorest "
+                        f"does, dropping the rest of each epoch; "
+                        f"preprocess with --shard-size {fits} or less, or lower --workers")
+    if not steps:
+        raise UserError(f"{data}: the train split has fewer windows per reader than one batch "
+                        f"({batch}); lower --batch-size")
 
 
 def _restore_weights(config: TrainConfig, manifest: dict, model: torch.nn.Module, backend: Backend) -> dict | None:
@@ -338,4 +356,4 @@ def fit(config: TrainConfig) -> None:
     except ValueError as exc:
         raise UserError(f"{config.data}: {exc}; preprocess at another --image-size") from None
     storage.check_writable(config.run_dir)
-    launch(_replica, (config,), config.device)
+    launch(_replica, (config,), config.backend)

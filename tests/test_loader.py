@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from pyact_torch.config import PreprocessConfig
-from pyact_torch.loader import (Part, Shard, WindowDataset, batches, epoch_order, make_loader,
+from pyact_torch.loader import (Part, Shard, WindowDataset, batches, epoch_order, make_loader, model_input,
                                 shuffle_buffer, split_shards, tar_samples, train_steps, worker_shards)
 from pyact_torch.preprocess import preprocess
 from pyact_torch.shards import ShardError, TarFormatError, read_manifest, read_tar
@@ -91,7 +91,7 @@ def test_evaluation_counts_every_window_once_whatever_the_replica_count(shards_d
         got = list(dataset)
         lengths.add((len(got), len(dataset)))
         for clips, label, mask in got:
-            assert clips.shape == (4, 3, 6, 16, 16)
+            assert clips.dtype == torch.uint8 and model_input(clips).shape == (4, 3, 6, 16, 16)
             labels.update(classes[i] for i in label[mask].tolist())
     assert len(lengths) == 1 and len({a for a, b in lengths} | {b for a, b in lengths}) == 1
     expected = {k: v for k, v in manifest["splits"]["test"]["class_counts"].items() if v}
@@ -106,7 +106,10 @@ def test_training_batches_through_dataloader_workers(shards_dir):
     got = list(make_loader(dataset, workers=2))
     assert len(got) >= len(dataset) > 0
     clips, labels, mask = got[0]
-    assert clips.dtype == torch.float32 and 0.0 <= clips.min() and clips.max() <= 1.0
+    assert clips.dtype == torch.uint8 and clips.shape[1:] == (6, 16, 16, 3)  # made float on the device
+    inputs = model_input(clips)
+    assert inputs.dtype == torch.float32 and inputs.shape[1:] == (3, 6, 16, 16)
+    assert torch.equal(inputs[:, 1, 2], clips[:, 2, ..., 1].float() / 255)  # channel 1 of frame 2
     assert mask.all() and labels.shape == (4,)
 
 
