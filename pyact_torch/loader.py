@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import random
 import signal
+import threading
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator
 
@@ -234,19 +236,29 @@ class WindowDataset(torch.utils.data.IterableDataset):
                 yield empty_batch(self.batch_size, self.clip_shape)
 
 
-def _ignore_sigterm(_worker: int) -> None:
-    """Loader workers leave shutdown to the main process: a preemption SIGTERM goes to the
-    whole process group, and a worker that died of it would fail the step being finished.
-    SIGTERM was blocked when the worker was forked, so none can slip in before this."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+def _watch_sigterm(_worker: int) -> None:
+    """Loader workers leave preemption to the main process: a SIGTERM sent to the whole process
+    group (a VM shutdown) is ignored here, since a worker that died of it would fail the step
+    being finished. A SIGTERM from the main process itself (how it ends leftover workers when
+    it exits) ends the worker, as torch's own handler does. SIGTERM stays blocked (it was when
+    the worker was forked, so none slips in before this) and a thread takes each one with its
+    sender."""
+    parent = os.getppid()
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+
+    def watch() -> None:
+        while True:
+            if signal.sigwaitinfo({signal.SIGTERM}).si_pid == parent:
+                os._exit(0)
+
+    threading.Thread(target=watch, name="sigterm-watch", daemon=True).start()
 
 
 def make_loader(dataset: WindowDataset, workers: int) -> torch.utils.data.DataLoader:
     """A DataLoader over a WindowDataset (batches are made inside the dataset)."""
     return torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=workers,
                                        persistent_workers=False, pin_memory=False,
-                                       worker_init_fn=_ignore_sigterm if workers else None)
+                                       worker_init_fn=_watch_sigterm if workers else None)
 
 
 class HostBatches:

@@ -593,6 +593,26 @@ def test_sigterm_to_the_process_group_checkpoints_and_exits_zero(learn_shards, t
     assert os.path.exists(os.path.join(run_dir, "final.pt"))
 
 
+EXIT_WITH_A_LIVE_LOADER = """
+import sys
+from pyact_torch.loader import HostBatches, Part, WindowDataset
+from pyact_torch.shards import read_manifest
+dataset = WindowDataset(sys.argv[1], read_manifest(sys.argv[1]), "train", 4, Part(), train=True, workers=1)
+batches = iter(HostBatches(dataset, 1, len(dataset)))
+next(batches)  # a loader worker runs, its iterator still referenced: as when an error stops a step
+raise SystemExit(2)
+"""
+
+
+def test_a_command_that_fails_mid_epoch_still_exits(small_shards):
+    """At exit, multiprocessing ends leftover loader workers with SIGTERM from the main process:
+    workers ignore only SIGTERMs from others (a process-group preemption). With every SIGTERM
+    ignored, this exit hung forever (measured: killed by the timeout)."""
+    result = subprocess.run([sys.executable, "-c", EXIT_WITH_A_LIVE_LOADER, small_shards], capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 2, result.stderr[-2000:]
+
+
 def _children(pid: int) -> list:
     import psutil
 
