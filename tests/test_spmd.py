@@ -115,7 +115,7 @@ def _train(data, run_dir, *extra, **kwargs):
 @pytest.mark.slow
 def test_spmd_training_learns_the_held_out_subject(learn_shards, tmp_path):
     run_dir = str(tmp_path / "run")
-    result = subprocess.run(_train(learn_shards, run_dir, "--epochs", "5", "--batch-size", "32", "--lr", "2e-3",
+    result = subprocess.run(_train(learn_shards, run_dir, "--epochs", "4", "--batch-size", "32", "--lr", "2e-3",
                                    "--lr-schedule", "cosine", "--workers", "1", "--log-every", "20"),
                             capture_output=True, text=True, env=SPMD_ENV, timeout=1200)
     assert result.returncode == 0, result.stderr[-3000:]
