@@ -133,9 +133,8 @@ def real_size_copy(data: str, out: str) -> str:
     os.makedirs(os.path.join(out, "train"))
     shards = []
     for copy in range(copies):
-        for shard in train["shards"]:
-            folder, name = os.path.split(shard["name"])
-            renamed = f"{folder}/copy{copy:02d}-{name}"
+        for number, shard in enumerate(train["shards"]):
+            renamed = f"train/train-{copy:08x}-{number:06d}.tar"  # a tagged shard name, as a re-conversion writes
             os.link(os.path.join(data, shard["name"]), os.path.join(out, renamed))
             shards.append(dict(shard, name=renamed))
     counts = {k: v * copies for k, v in train["class_counts"].items()}
