@@ -30,6 +30,7 @@ KERAS_TO_TORCH = {"kernel": "weight", "bias": "bias", "gamma": "weight", "beta":
 
 
 MAX_WEIGHT_BYTES = 4 << 30  # one weight array as float32: c3d's DENSE_1 at 64x64 frames is 0.8 GB
+MAX_TOTAL_BYTES = 8 << 30  # all of them: c3d at 64x64 frames holds 0.83 GB
 
 
 def _text(value) -> str:
@@ -67,20 +68,24 @@ def read_keras_weights(path: str) -> tuple[dict[str, dict[str, np.ndarray]], dic
         if "layer_names" not in group.attrs:
             raise UserError(f"{path}: not a Keras weights file (no layer_names attribute)")
         layers: dict[str, dict[str, np.ndarray]] = {}
+        total = 0
         for layer in _names(group, "layer_names"):
             node = group.get(layer) if layer else None
-            if not isinstance(node, h5py.Group):
-                raise UserError(f"{path}: layer {layer[:80]!r} of layer_names has no group")
+            if not isinstance(node, h5py.Group) or isinstance(group.get(layer, getlink=True), h5py.ExternalLink):
+                raise UserError(f"{path}: layer {layer[:80]!r} of layer_names has no group in this file")
+            if layer not in CONV_LAYERS + NORM_LAYERS + DENSE_LAYERS:
+                continue  # only ConvNet3D's arrays are read: at most 44, whatever the file lists
             weights = {}
             for name in _names(node, "weight_names"):
                 data = node.get(name) if name else None
                 where = f"{path}: weight {layer[:80]}/{name[:80]}"
-                if not isinstance(data, h5py.Dataset):
-                    raise UserError(f"{where} of weight_names is missing")
+                if not isinstance(data, h5py.Dataset) or isinstance(node.get(name, getlink=True), h5py.ExternalLink):
+                    raise UserError(f"{where} of weight_names is missing (or in another file)")
                 if data.shape is None or data.dtype.kind != "f":
                     raise UserError(f"{where} is {data.dtype} {data.shape}, not floating-point numbers")
-                if data.size * 4 > MAX_WEIGHT_BYTES:
-                    raise UserError(f"{where} has {data.size} values, more than any ConvNet3D weight")
+                total += data.size * 4
+                if data.size * 4 > MAX_WEIGHT_BYTES or total > MAX_TOTAL_BYTES:
+                    raise UserError(f"{where} has {data.size} values, more than ConvNet3D's weights can have")
                 kind = re.sub(r"(_\d+)?:\d+$", "", name.rsplit("/", 1)[-1])  # "CONV3D_1/kernel:0" -> kernel
                 try:
                     weights[kind] = np.asarray(data, dtype=np.float32)

@@ -118,9 +118,17 @@ def shuffle_buffer(samples: Iterable, size: int, rng: random.Random) -> Iterator
 
 
 def record_meta(samples: Iterable[dict], sink: list) -> Iterator[dict]:
-    """Pass samples through, appending each one's ``json`` metadata (plus its key) to ``sink``."""
+    """Pass samples through, appending each one's ``json`` metadata (plus its key) to ``sink``;
+    metadata without the sequence path and frame range is a ``ShardError`` naming the shard."""
     for sample in samples:
-        meta = json.loads(sample["json"])
+        try:
+            meta = json.loads(sample["json"])
+        except (KeyError, ValueError):
+            meta = None
+        if not (isinstance(meta, dict) and isinstance(meta.get("path"), str)
+                and all(isinstance(meta.get(k), int) for k in ("start", "stop"))):
+            raise shard_format.ShardError(f"{sample.get('__url__', 'shard')}: window {sample.get('__key__', '?')}: "
+                                          f"its json member is not the window's metadata")
         meta["key"] = sample["__key__"]
         sink.append(meta)
         yield sample

@@ -54,7 +54,8 @@ def evaluate_checkpoint(config: EvaluateConfig, progress: bool = True,
     result = evaluate(model, on_device(host, backend), backend, len(classes), keep_outputs=True)
     bar.close()
     if len(metas) != len(result["labels"]) or result["windows"] != windows:
-        raise RuntimeError(f"scored {result['windows']} windows, the manifest lists {windows}")
+        raise UserError(f"{config.data}: scored {result['windows']} windows of the {config.split} split, its manifest "
+                        f"lists {windows}; check the shards with pyact inspect")
     scores = metrics.score(result["labels"], result["probabilities"], classes)
     scores.update(loss=result["loss"], split=config.split, checkpoint=url, step=state.get("step"))
     rows = metrics.prediction_rows(metas, result["labels"], result["probabilities"], classes, manifest["modality"])

@@ -357,7 +357,23 @@ def read_manifest(dest: str) -> dict[str, Any]:
             or not 1 <= manifest["seq_len"] <= 10_000 or not 1 <= manifest["image_size"] <= 10_000
             or not 1 <= len(manifest["channels"]) <= 4):
         raise UserError(f"{url}: classes, seq_len, image_size or channels out of range")
+    for split, entry in manifest["splits"].items():
+        if not _valid_split(entry):
+            raise UserError(f"{url}: the {str(split)[:20]!r} split is malformed (it needs shards with names and "
+                            f"window counts that add up to its count, and class counts)")
     return manifest
+
+
+def _valid_split(entry: Any) -> bool:
+    def count(value: Any) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+    return (isinstance(entry, dict) and count(entry.get("count")) and isinstance(entry.get("shards"), list)
+            and all(isinstance(s, dict) and isinstance(s.get("name"), str) and count(s.get("count"))
+                    for s in entry["shards"])
+            and entry["count"] == sum(s["count"] for s in entry["shards"])
+            and isinstance(entry.get("class_counts"), dict)
+            and all(isinstance(k, str) and count(v) for k, v in entry["class_counts"].items()))
 
 
 def clip_shape(manifest: dict) -> tuple[int, int, int, int]:

@@ -70,7 +70,7 @@ def check_location(url: str, flag: str) -> str:
 def child(base: str, name: Any, pattern: re.Pattern, source: str) -> str:
     """``base/name`` for a ``name`` read from a file (``source``): it must be a relative name of
     the form this project writes (``pattern``), so it cannot leave ``base``."""
-    if (not isinstance(name, str) or not pattern.fullmatch(name)
+    if (not isinstance(name, str) or not pattern.fullmatch(name) or "\0" in name
             or any(part in ("", ".", "..") for part in name.split("/"))):
         raise UserError(f"{source}: {str(name)[:80]!r} is not a name this project writes; refusing to use it")
     return join(base, name)

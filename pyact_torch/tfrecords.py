@@ -158,6 +158,9 @@ def convert_tfrecords(config: TFRecordConfig, progress: bool = True, print_fn: C
     index: list[dict] = []
     manifest_url = storage.join(config.dest, MANIFEST)
     previous = read_manifest(config.dest) if storage.exists(manifest_url) else None
+    if previous is None and storage.list_files(config.dest):
+        raise UserError(f"{config.dest}: holds files but no manifest (another tool's output, or an unfinished "
+                        f"run); convert into an empty DEST or one that holds converted splits")
     if previous is not None and previous["classes"] != classes:
         raise UserError(f"{config.dest}: its manifest has other classes; convert into a new DEST")
     published = _published_shards(previous, config.dest) if previous is not None else {}
@@ -278,7 +281,7 @@ def _publish(index_url: str, index: list[dict], manifest_url: str, manifest: dic
     """Write a split's index.json, then the manifest: the commit point. If the manifest cannot
     be written, the split's index.json is put back as it was."""
     # Held in memory: no bigger than the index this run already holds (one row per window).
-    old_index = storage.read_bytes(index_url) if storage.is_file(index_url) else None
+    old_index = storage.read_bytes(index_url, storage.JSON_LIMIT) if storage.is_file(index_url) else None
     storage.write_json(index_url, index)
     try:
         storage.write_json(manifest_url, manifest)

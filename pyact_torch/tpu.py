@@ -106,7 +106,7 @@ class SpmdBackend(XlaBackend):
 
     @property
     def devices_per_reader(self) -> int:
-        return self._xr.global_runtime_device_count() // self.world
+        return self._xr.addressable_runtime_device_count()
 
     def _spec(self, dims: int):
         """Shard the first (batch) dimension over ``data``; across hosts each host's batch is
@@ -137,10 +137,11 @@ class SpmdBackend(XlaBackend):
     def any_reader(self, flag: bool) -> bool:
         if self.world == 1:
             return flag
-        # each host contributes its flag on each of its devices; the sum is global
-        local = torch.full((self.devices_per_reader,), float(flag)).to(self.device)
-        self._xs.mark_sharding(local, self.mesh, ("data",))
-        return float(local.sum().cpu()) > 0
+        # each host's flag, once per device, becomes its part of one global array, as its
+        # batches do (minibatch input); the sum over that array is every host's vote
+        local = torch.full((self.devices_per_reader,), float(flag))
+        votes = self._xm.send_cpu_data_to_device([local], self.device, self._spec(1))[0]
+        return float(votes.sum().cpu()) > 0
 
 
 class _Named:

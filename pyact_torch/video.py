@@ -8,7 +8,6 @@ Frames come from the raw dataset (SRC) or, without it, from the shards themselve
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from dataclasses import dataclass
@@ -135,7 +134,7 @@ def _open_writer(out: str, fps: float, size: tuple[int, int]):
     stem = os.path.splitext(os.path.basename(out))[0]
     for suffix, codec in ((os.path.splitext(out)[1] or ".mp4", "mp4v"), (".avi", "MJPG")):
         path = os.path.join(folder, stem + (suffix if codec == "mp4v" else ".avi"))
-        partial = os.path.join(folder, f".{stem}.partial{os.path.splitext(path)[1]}")
+        partial = os.path.join(folder, f".{stem}.{os.getpid()}.partial{os.path.splitext(path)[1]}")
         writer = cv2.VideoWriter(partial, cv2.VideoWriter_fourcc(*codec), fps, size)
         if writer.isOpened():
             return writer, path, partial
@@ -173,11 +172,9 @@ def evenly(items: list, n: int) -> list:
 def read_predictions(path: str) -> list[dict]:
     """Rows written by ``pyact evaluate`` (predictions.json)."""
     try:
-        rows = json.loads(storage.read_bytes(path))
+        rows = storage.read_json(path)
     except FileNotFoundError:
         raise UserError(f"{path}: no such file") from None
-    except ValueError:
-        raise UserError(f"{path}: not valid JSON") from None
     needed = {"key": str, "path": str, "sequence": str, "start": int, "stop": int, "truth": str, "prediction": str}
     if not isinstance(rows, list) or not rows or not all(
             isinstance(r, dict) and all(isinstance(r.get(k), kind) for k, kind in needed.items()) for r in rows):

@@ -204,7 +204,8 @@ def test_empty_or_scheme_locations_are_refused(capsys, tmp_path):
     assert not marker.exists()
 
 
-@pytest.mark.parametrize("sequence", ["../outside", "/etc", "Test/../../outside", "Test/x/../../../outside"])
+@pytest.mark.parametrize("sequence", ["../outside", "/etc", "Test/../../outside", "Test/x/../../../outside",
+                                      "Test/a\u0000b/asl-z"])
 def test_video_never_reads_frames_outside_src(sequence, tiny_dataset, tmp_path, capsys):
     outside = tmp_path / "outside"
     outside.mkdir()
@@ -551,6 +552,42 @@ def test_a_damaged_shard_under_xla_is_one_line_not_a_short_epoch(shards, tmp_pat
     assert result.returncode == 2, result.stderr[-3000:]
     assert entry["name"] in one_line(result.stderr)
     assert not (tmp_path / "run" / "final.pt").exists()
+
+
+@pytest.mark.parametrize("damage", ["count 0", "count missing", "count disagrees with the shards", "not a dict",
+                                    "shard count not a number"])
+@pytest.mark.parametrize("command", ["inspect", "train", "evaluate"])
+def test_a_malformed_split_entry_is_one_line(damage, command, shards, small_run, tmp_path, capsys):
+    manifest = read_manifest(shards)
+    split = "test" if command == "evaluate" else "train"
+    entry = manifest["splits"][split]
+    if damage == "count 0":
+        entry["count"] = 0
+    elif damage == "count missing":
+        del entry["count"]
+    elif damage == "count disagrees with the shards":
+        entry["count"] += 5
+    elif damage == "not a dict":
+        manifest["splits"][split] = ["x"]
+    else:
+        entry["shards"][0]["count"] = "12"
+    write_manifest(shards, manifest)
+    args = {"inspect": ["inspect", shards, "--out", str(tmp_path / "g.png"), "--split", split],
+            "train": ["train", "--data", shards, "--run-dir", str(tmp_path / "run"), *TRAIN],
+            "evaluate": ["evaluate", "--checkpoint", small_run, "--data", shards, "--out", str(tmp_path / "s"),
+                         "--device", "cpu"]}[command]
+    code, err = cli(capsys, *args)
+    assert code == 2 and "malformed" in one_line(err)
+
+
+def test_a_json_member_that_is_not_the_metadata_is_one_line(shards, small_run, tmp_path, capsys):
+    entry = read_manifest(shards)["splits"]["test"]["shards"][0]
+    _replace_member(os.path.join(shards, entry["name"]), "json", b"not json")
+    code, err = cli(capsys, "evaluate", "--checkpoint", small_run, "--data", shards, "--out", str(tmp_path / "s"),
+                    "--device", "cpu")
+    line = one_line(err)
+    assert code == 2 and entry["name"] in line and "json" in line
+    assert not (tmp_path / "s" / "predictions.json").exists()
 
 
 def test_evaluate_with_a_missing_split_or_folder_is_one_line(shards, small_run, tmp_path, capsys):

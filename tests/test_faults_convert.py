@@ -163,10 +163,14 @@ def _damage_h5(h5: str, case: str) -> list[str]:
             weights["CONV3D_1"].create_dataset("CONV3D_1/bias:0", data="zeros")
         elif case == "missing weight":
             del weights["CONV3D_1/CONV3D_1/bias:0"]
+        elif case == "weight in another file":  # an HDF5 external link: never followed
+            del weights["CONV3D_1/CONV3D_1/bias:0"]
+            weights["CONV3D_1/CONV3D_1/bias:0"] = h5py.ExternalLink(os.path.abspath(h5) + ".other", "/bias")
     return ["--seq-len", "5"] if case == "wrong --seq-len" else []
 
 
-@pytest.mark.parametrize("case", ["layer without a group", "model_config not JSON", "model_config not an object",
+@pytest.mark.parametrize("case", ["layer without a group", "weight in another file", "model_config not JSON",
+                                  "model_config not an object",
                                   "zero-size input shape", "input not a multiple of 16", "1-D conv kernel",
                                   "1-D dense kernel", "string weight", "missing weight", "wrong --seq-len",
                                   "empty DENSE_1"])
@@ -198,6 +202,18 @@ def test_keras_output_that_is_a_folder_fails_before_reading(tmp_path, capsys):
     assert main(["convert-keras", str(h5), str(out)]) == 2
     line = one_error_line(capsys, str(out))
     assert str(h5) not in line and os.listdir(out) == []
+
+
+def test_tfrecords_into_a_dest_of_other_files_is_refused(tmp_path, capsys):
+    """Files but no manifest (another tool's output, an unfinished preprocessing run): never
+    written over or deleted."""
+    write_records(tmp_path / "records", pyact_records(np.random.default_rng(3), 4))
+    dest = tmp_path / "dest"
+    (dest / "train").mkdir(parents=True)
+    (dest / "train" / "train-000000.tar").write_bytes(b"someone else's shard")
+    assert main(["convert-tfrecords", str(tmp_path / "records"), str(dest), "--split", "train"]) == 2
+    one_error_line(capsys, str(dest))
+    assert (dest / "train" / "train-000000.tar").read_bytes() == b"someone else's shard"
 
 
 def test_tfrecords_dest_under_a_file_fails_before_reading(tmp_path, capsys):
