@@ -228,7 +228,12 @@ def _remove_cache(cache: str) -> None:
         pass  # something else is in it: not ours to delete
 
 
-def _signature(stats: dict[str, tuple[int, int]], seq: Sequence, first: int, count: int, spec: FrameSpec) -> str:
+def _cache_errors(cache: str):
+    """A full or read-only disk while using the frame cache: one line saying what to do."""
+    return storage.write_errors(cache, "free space or choose another --cache-dir, then run again to continue")
+
+
+def _signature(stats: dict[str, tuple[int, int]], first: int, count: int, spec: FrameSpec) -> str:
     """A short hash of the stats of the frame files a chunk decodes."""
     files = [f"{kind}_{i}.png" for i in range(first, first + count) for kind in needed_kinds(spec.modality)]
     return hashlib.sha256(json.dumps([(f, stats.get(f)) for f in files]).encode()).hexdigest()[:16]
@@ -248,7 +253,7 @@ def _decode(config: PreprocessConfig, sequences: list[Sequence], spec: FrameSpec
         for first in range(0, seq.n_frames, CHUNK_FRAMES):
             count = min(CHUNK_FRAMES, seq.n_frames - first)
             owner[len(chunks)] = seq
-            signatures[len(chunks)] = _signature(stats[seq.path], seq, first, count, spec)
+            signatures[len(chunks)] = _signature(stats[seq.path], first, count, spec)
             chunks.append(DecodeChunk(len(chunks), os.path.join(config.src, seq.path), first, count, total + first))
         total += seq.n_frames
     summary.frames = total
@@ -301,22 +306,6 @@ def _verified(done: dict[int, int], chunks: list[DecodeChunk], frames_path: str,
     finally:
         cache.close()
     return kept
-
-
-class _cache_errors:
-    """A full or read-only disk while using the cache: one line naming it."""
-
-    def __init__(self, cache: str):
-        self.cache = cache
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, kind, exc, tb):
-        if isinstance(exc, OSError) and exc.errno in storage.USER_ERRNOS:
-            raise UserError(f"{self.cache}: cannot write the frame cache ({exc.strerror}); free space or "
-                            f"choose another --cache-dir, then run again to continue") from None
-        return False
 
 
 def _read_log(path: str) -> tuple[dict[int, tuple[int, str]], dict[int, tuple[str, str]]]:

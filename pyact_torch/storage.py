@@ -125,7 +125,7 @@ def open_write(url: str) -> Iterator[IO[bytes]]:
     folder, name = os.path.split(os.path.abspath(url))
     partial = os.path.join(folder, f".{name}.{os.getpid()}{PARTIAL_SUFFIX}")
     try:
-        with _local_errors(url):
+        with write_errors(url):
             os.makedirs(folder, exist_ok=True)
             with open(partial, "wb") as handle:
                 yield handle
@@ -138,13 +138,14 @@ def open_write(url: str) -> Iterator[IO[bytes]]:
 
 
 @contextlib.contextmanager
-def _local_errors(url: str) -> Iterator[None]:
-    """A full or read-only disk, or a path that cannot be a file: one line naming ``url``."""
+def write_errors(url: str, hint: str = "") -> Iterator[None]:
+    """A full or read-only disk, or a path that cannot be a file: one line naming ``url``
+    (and ``hint``, what the user can do about it)."""
     try:
         yield
     except OSError as exc:
         if exc.errno in USER_ERRNOS:
-            raise UserError(f"{url}: cannot write ({exc.strerror})") from None
+            raise UserError(f"{url}: cannot write ({exc.strerror}){'; ' + hint if hint else ''}") from None
         raise
 
 
