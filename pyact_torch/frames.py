@@ -90,26 +90,44 @@ def load_png(path: str) -> np.ndarray:
     return image
 
 
-def read_frame(folder: str, index: int, spec: FrameSpec) -> np.ndarray:
-    """Frame ``index`` of a sequence folder as uint8 ``(S, S, C)`` (channels RGB[D])."""
-    size = (spec.image_size, spec.image_size)
+def color_plane(image: np.ndarray, size: int, source: str) -> np.ndarray:
+    """An 8-bit BGR(A) colour image (a PNG, a video frame) as uint8 RGB ``(size, size, 3)``."""
+    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] not in (3, 4):
+        raise FrameError(source, f"expected an 8-bit colour image, got {image.dtype} {image.shape}")
+    image = cv2.cvtColor(image, cv2.COLOR_BGR2RGB if image.shape[2] == 3 else cv2.COLOR_BGRA2RGB)
+    return cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA)
+
+
+def depth_plane(depth: np.ndarray, spec: FrameSpec, source: str) -> np.ndarray:
+    """A 16-bit depth image as uint8 ``(size, size, 1)``, nearer is brighter."""
+    if depth.dtype != np.uint16 or depth.ndim != 2:
+        raise FrameError(source, f"expected a 16-bit single-channel depth image, got {depth.dtype} {depth.shape}")
+    # Nearest neighbour: averaging would blend 0 ("no reading") into real depths at edges.
+    depth = cv2.resize(depth, (spec.image_size, spec.image_size), interpolation=cv2.INTER_NEAREST)
+    return depth_to_uint8(depth, spec.depth_range)[..., None]
+
+
+def prepare(raw: dict[str, np.ndarray], spec: FrameSpec, sources: dict[str, str]) -> np.ndarray:
+    """Decoded frame files (``{"color": BGR, "depth": uint16}``) as the model's uint8
+    ``(S, S, C)`` frame (channels RGB[D]): the one preprocessing of shards and of detection.
+    ``sources`` names each kind's file (or stream) for errors."""
     planes = []
     if "color" in needed_kinds(spec.modality):
-        path = os.path.join(folder, f"color_{index}.png")
-        image = load_png(path)
-        if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] not in (3, 4):
-            raise FrameError(path, f"expected an 8-bit colour image, got {image.dtype} {image.shape}")
-        image = cv2.cvtColor(image, cv2.COLOR_BGR2RGB if image.shape[2] == 3 else cv2.COLOR_BGRA2RGB)
-        planes.append(cv2.resize(image, size, interpolation=cv2.INTER_AREA))
+        planes.append(color_plane(raw["color"], spec.image_size, sources["color"]))
     if "depth" in needed_kinds(spec.modality):
-        path = os.path.join(folder, f"depth_{index}.png")
-        depth = load_png(path)
-        if depth.dtype != np.uint16 or depth.ndim != 2:
-            raise FrameError(path, f"expected a 16-bit single-channel depth image, got {depth.dtype} {depth.shape}")
-        # Nearest neighbour: averaging would blend 0 ("no reading") into real depths at edges.
-        depth = cv2.resize(depth, size, interpolation=cv2.INTER_NEAREST)
-        planes.append(depth_to_uint8(depth, spec.depth_range)[..., None])
+        planes.append(depth_plane(raw["depth"], spec, sources["depth"]))
     return planes[0] if len(planes) == 1 else np.concatenate(planes, axis=2)
+
+
+def frame_files(folder: str, index: int, modality: str) -> dict[str, str]:
+    """The PNG files of frame ``index`` that ``modality`` reads."""
+    return {kind: os.path.join(folder, f"{kind}_{index}.png") for kind in needed_kinds(modality)}
+
+
+def read_frame(folder: str, index: int, spec: FrameSpec) -> np.ndarray:
+    """Frame ``index`` of a sequence folder as uint8 ``(S, S, C)`` (channels RGB[D])."""
+    files = frame_files(folder, index, spec.modality)
+    return prepare({kind: load_png(path) for kind, path in files.items()}, spec, files)
 
 
 @dataclass(frozen=True)
