@@ -62,7 +62,8 @@ def make_shards(out: str) -> dict[int, str]:
 def _throughput_replica(index: int, data: str, preset: str, device: str, batch: int, warmup: int, steps: int,
                         result_path: str) -> None:
     from pyact_torch.devices import make_backend
-    from pyact_torch.loader import Part, WindowDataset, make_loader, model_input
+    from pyact_torch.loader import Part, WindowDataset, make_loader
+    from pyact_torch.model import model_input
     from pyact_torch.model import build_model
     from pyact_torch.shards import read_manifest
     from pyact_torch.train import train_step

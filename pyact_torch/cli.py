@@ -12,7 +12,7 @@ import signal
 import sys
 from typing import Any, Callable
 
-from .config import (DemoConfig, InspectConfig, KerasConfig, PreprocessConfig, EvaluateConfig, SynthConfig,
+from .config import (DemoConfig, DetectConfig, ExportConfig, InspectConfig, KerasConfig, PreprocessConfig, EvaluateConfig, SynthConfig,
                      TFRecordConfig, TrainConfig, VideoConfig, add_arguments, from_namespace)
 from . import __doc__ as package_doc
 from .errors import UserError
@@ -52,6 +52,9 @@ COMMANDS: dict[str, tuple[type, Callable[[Any], Any], str]] = {
     "evaluate": (EvaluateConfig, _lazy("scoring:evaluate_checkpoint"),
                  "score a checkpoint: metrics, confusion matrix, predictions"),
     "video": (VideoConfig, _lazy("video:make_video"), "prediction video and contact sheet from predictions.json"),
+    "detect": (DetectConfig, _lazy("detect:run_detect"),
+               "find actions in sequences, a video or a camera: segments, metrics, timeline, annotated video"),
+    "export": (ExportConfig, _lazy("export:export_model"), "checkpoint -> ONNX or torch.export file, checked on real windows"),
     "convert-keras": (KerasConfig, _lazy("keras_weights:convert_keras"), "pyACT Keras .h5 weights -> pyact-torch checkpoint"),
     "convert-tfrecords": (TFRecordConfig, _lazy("tfrecords:convert_tfrecords"), "pyACT TFRecords -> shards + manifest"),
     "demo": (DemoConfig, _lazy("demo:run_demo"), "the whole pipeline on a synthetic dataset, on CPU, in a few minutes"),

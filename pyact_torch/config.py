@@ -14,6 +14,8 @@ from .errors import UserError
 from .storage import check_location
 
 MODALITIES = ("color", "depth", "rgbd")
+# pyact detect's defaults, chosen on the synthetic eval split (docs/benchmarks.md, bench/detect.py)
+DETECT_SMOOTH, DETECT_MIN_LENGTH = 3, 3
 
 
 def _arg(help: str, *, positional: bool = False, required: bool = False, parse: Callable[[str], Any] | None = None,
@@ -270,6 +272,105 @@ class VideoConfig:
         _positive(size=self.size, sheet_windows=self.sheet_windows)
         if not (math.isfinite(self.fps) and self.fps > 0) or self.max_windows < 0:
             raise UserError("--fps must be positive and --max-windows 0 or positive")
+
+
+@dataclass(frozen=True)
+class DetectConfig:
+    """Find hand actions in whole sequences, a video file or a live camera, frame by frame:
+    segments, metrics against the label files, timeline and annotated video (``pyact detect``)."""
+
+    checkpoint: str = field(default="", metadata=_arg(
+        "the model: a checkpoint object (.pt) or run directory (folder or gs://), run with eager PyTorch on "
+        "the CPU", metavar="CKPT"))
+    model: str = field(default="", metadata=_arg(
+        "instead of --checkpoint: a file written by pyact export (.onnx runs on ONNX Runtime without "
+        "torch; .pt2 is a torch.export program)", metavar="FILE"))
+    src: str = field(default="", metadata=_arg(
+        "a raw dataset folder (every sequence of --split) or one sequence folder (its color_<i>.png "
+        "frames; its <folder>.xml label file is used when present)", metavar="SRC"))
+    split: str = field(default="test", metadata=_arg(
+        "with a dataset --src: the split to run over (eval = the Eval/ folder plus the Train subjects "
+        "the checkpoint's data moved there)", choices=("train", "eval", "test")))
+    video: str = field(default="", metadata=_arg("a video file (colour only)", metavar="FILE"))
+    camera: int = field(default=-1, metadata=_arg(
+        "a camera index for OpenCV (colour only); segments are printed as they are found; Ctrl-C "
+        "stops", metavar="N"))
+    out: str = field(default="", metadata=_arg(
+        "folder (or gs://) for detections.json, probabilities.npz, metrics.json, timeline.png and "
+        "detections.mp4 (local folders only); optional with --camera", metavar="DIR"))
+    smooth: int = field(default=DETECT_SMOOTH, metadata=_arg(
+        "average each window's class probabilities with the K-1 windows before it (causal) before "
+        "taking the label; chosen on the synthetic eval split", metavar="K"))
+    min_length: int = field(default=DETECT_MIN_LENGTH, metadata=_arg(
+        "an action run of fewer windows is background; chosen on the synthetic eval split", metavar="N"))
+    batch_size: int = field(default=32, metadata=_arg(
+        "windows per forward pass for folders and splits (the same probabilities as one at a time, up "
+        "to float rounding); video and camera go one frame at a time", metavar="N"))
+    streaming: bool = field(default=False, metadata=_arg(
+        "classify folders and splits one frame at a time too, exactly as a camera (measures latency)"))
+    depth_range: tuple[int, int] | tuple[()] = field(default=(), metadata=_arg(
+        "depth range for depth/rgbd models whose checkpoint does not record it", parse=parse_range,
+        metavar="MIN:MAX"))
+    max_frames: int = field(default=0, metadata=_arg("video/camera: stop after N frames; 0 = until it ends",
+                                                     metavar="N"))
+    no_video: bool = field(default=False, metadata=_arg("do not write the annotated video"))
+    video_size: int = field(default=256, metadata=_arg("frames of the annotated video are SIZE x SIZE",
+                                                       metavar="SIZE"))
+
+    def __post_init__(self) -> None:
+        if bool(self.checkpoint) == bool(self.model):
+            raise UserError("give one of --checkpoint (a checkpoint or run directory) or --model (an exported file)")
+        sources = [flag for flag, given in (("--src", self.src), ("--video", self.video),
+                                            ("--camera", self.camera >= 0)) if given]
+        if len(sources) != 1:
+            raise UserError("give exactly one source: --src (dataset or sequence folder), --video FILE or --camera N"
+                            + (f" (got {', '.join(sources)})" if sources else ""))
+        for flag, value in (("--checkpoint", self.checkpoint), ("--src", self.src), ("--video", self.video),
+                            ("--out", self.out), ("--model", self.model)):
+            if value:
+                _locations(**{flag: value})
+        if not self.out and self.camera < 0:
+            raise UserError("--out is required (only --camera may run without it)")
+        if storage_is_gcs(self.src) or storage_is_gcs(self.video) or storage_is_gcs(self.model):
+            raise UserError("--src, --video and --model are read from local paths")
+        if storage_is_gcs(self.out) and not self.no_video:
+            raise UserError(f"--out {self.out}: the annotated video is written to a local folder; add --no-video")
+        _positive(smooth=self.smooth, min_length=self.min_length, batch_size=self.batch_size,
+                  video_size=self.video_size)
+        if self.max_frames < 0:
+            raise UserError("--max-frames must be 0 or positive")
+        if self.depth_range and not 0 <= self.depth_range[0] < self.depth_range[1] <= 65535:
+            raise UserError(f"--depth-range {self.depth_range[0]}:{self.depth_range[1]}: need 0 <= MIN < MAX <= 65535")
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """Export a checkpoint as ONNX (dynamic batch) or a torch.export program, checked against
+    the checkpoint on real windows before it is written (``pyact export``)."""
+
+    checkpoint: str = field(metadata=_arg("checkpoint object (.pt) or run directory (folder or gs://)",
+                                          required=True, metavar="CKPT"))
+    out: str = field(metadata=_arg("file to write: .onnx (ONNX, run by ONNX Runtime) or .pt2 (torch.export)",
+                                   required=True, metavar="FILE"))
+    src: str = field(default="", metadata=_arg(
+        "raw dataset folder (or one sequence folder) whose first windows check the export", metavar="SRC"))
+    data: str = field(default="", metadata=_arg(
+        "instead of --src: shards (folder or gs://) whose first test windows check the export", metavar="DEST"))
+    windows: int = field(default=8, metadata=_arg("real windows the export is checked on", metavar="N"))
+    depth_range: tuple[int, int] | tuple[()] = field(default=(), metadata=_arg(
+        "depth range for depth/rgbd models whose checkpoint does not record it", parse=parse_range,
+        metavar="MIN:MAX"))
+
+    def __post_init__(self) -> None:
+        _locations(**{"--checkpoint": self.checkpoint, "--out": self.out})
+        if storage_is_gcs(self.out) or os.path.splitext(self.out)[1] not in (".onnx", ".pt2"):
+            raise UserError(f"--out {self.out}: give a local .onnx or .pt2 file")
+        if bool(self.src) == bool(self.data):
+            raise UserError("give one of --src (raw frames) or --data (shards) for the windows that check the export")
+        for flag, value in (("--src", self.src), ("--data", self.data)):
+            if value:
+                _locations(**{flag: value})
+        _positive(windows=self.windows)
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .loader import model_input
+from .model import model_input
 
 
 @torch.no_grad()

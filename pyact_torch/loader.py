@@ -167,13 +167,6 @@ def batches(items: Iterable[tuple[Any, int]], size: int,
         yield clips, labels, mask
 
 
-def model_input(clips: torch.Tensor) -> torch.Tensor:
-    """uint8 ``(N, T, H, W, C)`` clips as the loader sends them -> float ``(N, C, T, H, W)`` in
-    [0, 1], as the model takes them. Done on the device, inside the step: uint8 crosses from the
-    loader workers to the device at a quarter of float32's bytes."""
-    return clips.permute(0, 4, 1, 2, 3).float() / 255.0
-
-
 def empty_batch(size: int, clip_shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """A fully masked batch (evaluation padding for replicas with fewer windows)."""
     return (torch.zeros((size,) + clip_shape, dtype=torch.uint8), torch.zeros(size, dtype=torch.long),

@@ -70,6 +70,25 @@ class ConvNet3D(nn.Module):
         return self.classifier(self.features(clips))
 
 
+def model_input(clips: torch.Tensor) -> torch.Tensor:
+    """uint8 ``(N, T, H, W, C)`` clips as the loader and detection send them -> float
+    ``(N, C, T, H, W)`` in [0, 1], as the network takes them. Done on the device, inside the
+    step: uint8 crosses from the loader workers to the device at a quarter of float32's bytes."""
+    return clips.permute(0, 4, 1, 2, 3).float() / 255.0
+
+
+class Deployed(nn.Module):
+    """The network as detection and export run it: uint8 ``(N, T, H, W, C)`` clips -> logits,
+    in evaluation mode (BatchNorm uses its running statistics)."""
+
+    def __init__(self, network: ConvNet3D):
+        super().__init__()
+        self.network = network.eval()
+
+    def forward(self, clips: torch.Tensor) -> torch.Tensor:
+        return self.network(model_input(clips))
+
+
 def build_model(preset: str, in_channels: int, seq_len: int, image_size: int,
                 num_classes: int) -> ConvNet3D:
     """A ConvNet3D of the named preset (``c3d`` or ``tiny``) for the given input shape."""

@@ -52,6 +52,7 @@ class Segmenter:
         self._label, self._first_stop, self._last_stop, self._scores = -1, -1, -1, []  # the current run
         self._seen_at = -1
         self._stream_start = -1
+        self.now: tuple[str, float] | None = None  # the latest smoothed label and its probability
 
     def push(self, stop: int, probabilities: np.ndarray) -> list[tuple[str, Detection]]:
         """Add the window ending at frame ``stop``; returns what was decided there:
@@ -62,6 +63,7 @@ class Segmenter:
         self._recent.append(np.asarray(probabilities, np.float64))
         smoothed = np.mean(self._recent, axis=0)
         label = int(np.argmax(smoothed))
+        self.now = (self.classes[label], float(smoothed[label]))
         events = []
         if label != self._label:
             events += self._close(stop)
@@ -76,7 +78,7 @@ class Segmenter:
     def finish(self, stop: int) -> list[tuple[str, Detection]]:
         """The end of the stream after frame ``stop``: closes the run in progress."""
         events = self._close(stop, at_end=True)
-        self._label, self._stream_start = -1, -1
+        self._label, self._stream_start, self.now = -1, -1, None
         self._recent.clear()
         return events
 

@@ -405,3 +405,10 @@ def data_shape(manifest: dict) -> dict:
     """What a model trained on this data depends on, besides the classes."""
     return {"channels": len(manifest["channels"]), "seq_len": manifest["seq_len"],
             "image_size": manifest["image_size"], "modality": manifest["modality"]}
+
+
+def source_settings(manifest: dict) -> dict:
+    """What else detection needs to read raw frames as this data's were read: the depth range
+    and the Train subjects moved to the eval split (absent from converted data)."""
+    settings = manifest.get("settings") if isinstance(manifest.get("settings"), dict) else {}
+    return {"depth_range": settings.get("depth_range"), "eval_subjects": manifest.get("eval_subjects")}

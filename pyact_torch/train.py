@@ -24,9 +24,9 @@ from .checkpoint import FINAL, CheckpointWriter, check_compatible, check_resumab
 from .config import TrainConfig, to_dict
 from .errors import UserError
 from .evaluate import evaluate
-from .loader import HostBatches, Part, WindowDataset, model_input, on_device
-from .model import build_model, check_input
-from .shards import data_shape, read_manifest, split_shards
+from .loader import HostBatches, Part, WindowDataset, on_device
+from .model import build_model, check_input, model_input
+from .shards import data_shape, read_manifest, source_settings, split_shards
 from .devices import Backend, launch, make_backend, preempted
 
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, clips: torch.Tensor,
@@ -129,7 +129,7 @@ def _checkpoint_state(model, optimizer, scheduler, state: RunState, config: Trai
         backend.to_host(model.state_dict()), to_dict(config), manifest["classes"], data_shape(manifest),
         optimizer=backend.to_host(optimizer.state_dict()), scheduler=scheduler.state_dict(),
         step=state.step, epoch=state.epoch, batch_in_epoch=state.batch_in_epoch,
-        best_val_loss=state.best_val_loss, replicas=backend.world,
+        best_val_loss=state.best_val_loss, replicas=backend.world, source=source_settings(manifest),
         rng={"torch": torch.get_rng_state(), "python": random.getstate()}, metrics=json.dumps(state.metrics))
 
 

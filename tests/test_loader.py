@@ -12,8 +12,9 @@ import pytest
 import torch
 
 from pyact_torch.config import PreprocessConfig
-from pyact_torch.loader import (Part, Shard, WindowDataset, batches, epoch_order, make_loader, model_input,
+from pyact_torch.loader import (Part, Shard, WindowDataset, batches, epoch_order, make_loader,
                                 shuffle_buffer, split_shards, tar_samples, train_steps, worker_shards)
+from pyact_torch.model import model_input
 from pyact_torch.preprocess import preprocess
 from pyact_torch.shards import ShardError, TarFormatError, read_manifest, read_tar
 

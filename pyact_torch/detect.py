@@ -1,0 +1,232 @@
+"""``pyact detect``: hand actions found in whole sequences, video files and live cameras.
+
+Each source is read frame by frame (``stream``), each window ending at a frame is classified
+(``runners``), and the probabilities become segments online (``segments``); a segment is
+printed once when it starts and once when it ends for a video or camera, and all of them are
+written to ``detections.json``. Against the label files, ``detection_metrics`` scores them.
+With ``--model FILE.onnx`` nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import time
+from dataclasses import dataclass, replace
+from typing import Callable, Iterator
+
+import numpy as np
+
+from . import storage
+from .config import DetectConfig
+from .detection_metrics import SequenceResult, Truth, detection_metrics, format_table
+from .errors import UserError
+from .labels import NO_ACTION, LabelFileError, needed_kinds, parse_label_file, scan_dataset
+from .plots import timeline_png
+from .runners import ModelInfo, Runner, load_checkpoint_runner, load_exported
+from .segments import Detection, Segmenter
+from .stream import Frame, batched, capture_frames, count_frames, folder_frames, open_capture, streamed
+from .video import GREEN, WHITE, YELLOW, Panel, to_display, write_video
+
+FRAME_PERIOD_MS = 1000 / 30  # a 30 fps camera
+FOLDER_FPS = 15.0  # the annotated video of frame folders
+
+
+@dataclass
+class Source:
+    """One stream to run over: ``frames(keep_raw)`` yields its frames; ``truths`` are its label
+    file's segments (None: no labels); ``live`` sources go one frame at a time."""
+
+    name: str
+    frames: Callable[[bool], Iterator[Frame]]
+    truths: tuple[Truth, ...] | None
+    fps: float
+    live: bool
+    n_frames: int | None = None  # known before reading (folders)
+
+
+def run_detect(config: DetectConfig, progress: bool = True, print_fn: Callable[[str], None] = print) -> dict:
+    """Run ``pyact detect``; returns what metrics.json holds."""
+    from tqdm import tqdm
+
+    if config.out:
+        storage.check_writable(config.out)
+    runner = load_exported(config.model) if config.model else \
+        load_checkpoint_runner(config.checkpoint, log=print_fn)
+    if config.depth_range:
+        runner.info = replace(runner.info, depth_range=tuple(config.depth_range))
+    sources = plan_sources(config, runner.info, print_fn)
+    run = _Detection(runner, config, print_fn)
+    keep_raw = bool(config.out) and not config.no_video
+    frames_total = None if sources[0].live else sum(s.n_frames or 0 for s in sources)
+
+    bar = tqdm(total=frames_total, unit="frame", desc="detect", disable=None if progress and not sources[0].live else True)
+    run.on_frame = lambda: bar.update(1)
+    panels = (panel for source in sources for panel in run.source(source, keep_raw))
+    if keep_raw:
+        write_video(panels, storage.join(config.out, "detections.mp4"), sources[0].fps)
+    else:
+        for _ in panels:
+            pass
+    bar.close()
+    return run.finish()
+
+
+def plan_sources(config: DetectConfig, info: ModelInfo, print_fn: Callable[[str], None]) -> list[Source]:
+    """The sources named by the flags, checked before any frame is classified."""
+    where = config.model or config.checkpoint
+    if (config.video or config.camera >= 0) and info.modality != "color":
+        raise UserError(f"{where}: takes {info.modality} frames; a video or camera gives colour only "
+                        f"(use a color model, or --src with the dataset's depth frames)")
+    spec = info.spec(where)
+    if config.video or config.camera >= 0:
+        capture = open_capture(config.video, config.camera)
+        name = os.path.basename(config.video) if config.video else f"camera {config.camera}"
+        fps = float(capture.get(5) or 0) or FOLDER_FPS  # cv2.CAP_PROP_FPS
+        return [Source(name, lambda keep: capture_frames(capture, spec, name, config.max_frames), None, fps, True)]
+    src = os.path.normpath(config.src)
+    if os.path.isdir(os.path.join(src, "Train")) or os.path.isdir(os.path.join(src, "Test")):
+        return _split_sources(src, config.split, info, spec, print_fn)
+    n_frames = count_frames(src, info.modality)
+    truths = None
+    if os.path.isfile(src + ".xml"):
+        try:
+            truths = tuple(Truth(os.path.basename(src), s.pos, s.pos + s.len - 1) for s in parse_label_file(src + ".xml"))
+        except LabelFileError as exc:
+            raise UserError(f"{src}.xml: {exc}") from None
+    name = "/".join(src.split(os.sep)[-3:])
+    return [Source(name, lambda keep: folder_frames(src, n_frames, spec, keep), truths, FOLDER_FPS, False, n_frames)]
+
+
+def _split_sources(src: str, split: str, info: ModelInfo, spec, print_fn: Callable[[str], None]) -> list[Source]:
+    sequences, bad = scan_dataset(src, info.modality)
+    moved = set(info.eval_subjects or ())
+    if split != "test" and info.eval_subjects is None and not any(s.split_dir == "Eval" for s in sequences):
+        raise UserError(f"the model does not record which Train subjects were its eval split; use --split test")
+
+    def in_split(split_dir: str, subject: str) -> bool:
+        if split == "test":
+            return split_dir == "Test"
+        is_eval = split_dir == "Eval" or (split_dir == "Train" and subject in moved)
+        return is_eval if split == "eval" else split_dir == "Train" and not is_eval
+
+    chosen = [s for s in sequences if in_split(s.split_dir, s.subject)]
+    broken = [b for b in bad if in_split(*b.path.split("/")[:2])]
+    if broken:
+        print_fn(f"warning: skipping {len(broken)} broken sequence(s) of the {split} split; first: {broken[0].message()}")
+    if not chosen:
+        raise UserError(f"{src}: no usable sequence in the {split} split")
+    sources = []
+    for seq in chosen:
+        folder = os.path.join(src, seq.path)
+        truths = tuple(Truth(seq.action, s.pos, s.pos + s.len - 1) for s in seq.segments)
+        sources.append(Source(seq.path, lambda keep, f=folder, n=seq.n_frames: folder_frames(f, n, spec, keep),
+                              truths, FOLDER_FPS, False, seq.n_frames))
+    return sources
+
+
+class _Detection:
+    """What one ``pyact detect`` run collects across its sources."""
+
+    def __init__(self, runner: Runner, config: DetectConfig, print_fn: Callable[[str], None]):
+        self.runner, self.config, self.print = runner, config, print_fn
+        self.info = runner.info
+        self.classes = list(runner.info.classes)
+        self.results: list[SequenceResult] = []
+        self.probabilities: dict[str, np.ndarray] = {}
+        self.latencies: list[float] = []
+        self.has_truth = True  # every source has labels
+        self.on_frame: Callable[[], None] = lambda: None
+
+    def source(self, source: Source, keep_raw: bool) -> Iterator[Panel]:
+        """Run over one source, yielding its annotated frames when ``keep_raw``."""
+        one_at_a_time = source.live or self.config.streaming
+        segmenter = Segmenter(self.classes, NO_ACTION, self.info.seq_len, self.config.smooth, self.config.min_length)
+        frames = source.frames(keep_raw)
+        pairs = streamed(frames, self.runner, self.info.seq_len) if one_at_a_time else \
+            batched(frames, self.runner, self.info.seq_len, self.config.batch_size)
+        found: list[Detection] = []
+        rows: list[np.ndarray] = []
+        last = -1
+        try:
+            for frame, probabilities, seconds in pairs:
+                last = frame.index
+                self.on_frame()
+                if probabilities is not None:
+                    rows.append(probabilities.astype(np.float32))
+                    if one_at_a_time:
+                        self.latencies.append(seconds)
+                    found += self._events(source, segmenter.push(frame.index, probabilities))
+                if keep_raw:
+                    yield self._panel(source, frame, segmenter)
+        except KeyboardInterrupt:
+            if not source.live:
+                raise
+            self.print(f"{source.name}: stopped by Ctrl-C after {last + 1} frames")
+        if last >= 0:
+            found += self._events(source, segmenter.finish(last))
+        if last + 1 < self.info.seq_len:
+            raise UserError(f"{source.name}: {last + 1} frames, fewer than the model's window of {self.info.seq_len}")
+        self.results.append(SequenceResult(source.name, last + 1, source.truths or (), tuple(found)))
+        self.probabilities[source.name] = np.stack(rows)
+        self.has_truth = self.has_truth and source.truths is not None
+
+    def _events(self, source: Source, events: list[tuple[str, Detection]]) -> list[Detection]:
+        for kind, det in events:
+            if source.live and kind == "start":
+                self.print(f"[frame {det.seen_at}] {det.label} started at frame {det.first}")
+            elif source.live:
+                self.print(f"[frame {det.decided_at}] {det.label}: frames {det.first}-{det.last} (score {det.score:.2f})")
+        return [det for kind, det in events if kind == "end"]
+
+    def _panel(self, source: Source, frame: Frame, segmenter: Segmenter) -> Panel:
+        captions = []
+        if segmenter.now is None:
+            captions.append((f"frame {frame.index}: filling the first window", WHITE))
+        else:
+            label, probability = segmenter.now
+            captions.append((f"frame {frame.index}: {label} {probability:.2f}", WHITE if label == NO_ACTION else GREEN))
+        active = segmenter.active
+        captions.append((f"segment: {active.label} from frame {active.first}" if active else "segment: -", GREEN))
+        if source.truths is not None:
+            truth = next((t.label for t in source.truths if t.first <= frame.index <= t.last), NO_ACTION)
+            captions.append((f"truth: {truth}", YELLOW))
+        return Panel([to_display(frame.raw, self.config.video_size)], captions)
+
+    def finish(self) -> dict:
+        """Write the outputs and print the summary; returns metrics.json's content."""
+        config = self.config
+        latency = None
+        if self.latencies:
+            p50, p99 = (float(np.percentile(self.latencies, q) * 1000) for q in (50, 99))
+            latency = {"p50_ms": p50, "p99_ms": p99, "frames": len(self.latencies),
+                       "p50_frame_periods_30fps": p50 / FRAME_PERIOD_MS, "p99_frame_periods_30fps": p99 / FRAME_PERIOD_MS}
+        detection = detection_metrics(self.results, NO_ACTION) if self.has_truth else None
+        report = {"model": self.runner.name, "smooth": config.smooth, "min_length": config.min_length,
+                  "latency": latency, "detection": detection}
+        segments = sum(len(r.detections) for r in self.results)
+        if config.out:
+            storage.write_json(storage.join(config.out, "detections.json"), {
+                "model": self.runner.name, "classes": self.classes, "seq_len": self.info.seq_len,
+                "smooth": config.smooth, "min_length": config.min_length,
+                "sequences": [{"name": r.name, "frames": r.n_frames, "segments": [d.as_dict() for d in r.detections]}
+                              for r in self.results]})
+            buffer = io.BytesIO()
+            np.savez_compressed(buffer, **self.probabilities)
+            storage.write_bytes(storage.join(config.out, "probabilities.npz"), buffer.getvalue())
+            storage.write_json(storage.join(config.out, "metrics.json"), report)
+            rows = [(r.name, r.n_frames, None if not self.has_truth else [(t.label, t.first, t.last) for t in r.truths],
+                     [(d.label, d.first, d.last) for d in r.detections]) for r in self.results]
+            storage.write_bytes(storage.join(config.out, "timeline.png"), timeline_png(rows, self.classes, NO_ACTION))
+        lines = [f"{segments} segments in {len(self.results)} sequence(s), {sum(r.n_frames for r in self.results)} frames"]
+        if detection is not None:
+            lines.append(format_table(detection).rstrip())
+        if latency is not None:
+            lines.append(f"latency per frame (prepare + model): p50 {latency['p50_ms']:.1f} ms, p99 {latency['p99_ms']:.1f} ms "
+                         f"over {latency['frames']} frames = {latency['p99_frame_periods_30fps']:.2f}x a 30 fps frame "
+                         f"period at p99")
+        if config.out:
+            video = "" if config.no_video else ", detections.mp4"
+            lines.append(f"outputs in {config.out}: detections.json, probabilities.npz, metrics.json, timeline.png{video}")
+        self.print("\n".join(lines))
+        return report

@@ -1,0 +1,133 @@
+"""``pyact export``: a checkpoint as an ONNX file (dynamic batch, run by ONNX Runtime) or a
+``torch.export`` program (.pt2), checked before it is published.
+
+The exported graph is ``model.Deployed``: uint8 ``(batch, T, H, W, C)`` clips -> logits, so a
+deployment feeds frames as ``stream`` prepares them and needs no torch. What frames it takes
+(``runners.ModelInfo``) travels inside the file (ONNX metadata / a .pt2 extra file). The file
+is written under a temporary name, loaded back, and its logits on real windows (as one batch
+and one window alone) must equal the checkpoint's within ``TOLERANCE``; only then is it renamed
+to ``--out``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+import warnings
+from typing import Callable
+
+import numpy as np
+import torch
+
+from . import storage
+from .config import ExportConfig
+from .errors import UserError
+from .runners import METADATA_KEY, ModelInfo, OnnxRunner, TorchRunner, load_checkpoint_runner, load_exported
+from .shards import load_npy, read_manifest, read_samples, split_shards
+from .stream import count_frames, folder_frames
+from .labels import scan_dataset
+
+TOLERANCE = 1e-4
+MAX_BATCH = 4096
+
+
+def export_model(config: ExportConfig, print_fn: Callable[[str], None] = print) -> dict:
+    """Run ``pyact export``; returns what was checked (windows, largest logit difference)."""
+    storage.check_output_file(config.out, "--out")
+    runner = load_checkpoint_runner(config.checkpoint, tuple(config.depth_range) or None, log=print_fn)
+    assert isinstance(runner, TorchRunner)
+    windows = real_windows(config, runner.info)
+    expected = runner.logits(windows)
+    folder, name = os.path.split(os.path.abspath(config.out))
+    partial = os.path.join(folder, f".{name}.{os.getpid()}.partial{os.path.splitext(name)[1]}")
+    try:
+        _write(runner.module, runner.info, windows, partial)
+        exported = load_exported(partial)
+        if exported.info != runner.info:
+            raise UserError(f"{config.out}: the exported metadata does not read back as written")
+        difference = max(float(np.abs(exported.logits(windows) - expected).max()),
+                         float(np.abs(exported.logits(windows[:1]) - expected[:1]).max()))
+        if not difference <= TOLERANCE:
+            raise UserError(f"{config.out}: the export's logits differ from the checkpoint's by {difference:.3g} "
+                            f"(more than {TOLERANCE:g}) on real windows; nothing written")
+        os.replace(partial, config.out)
+    finally:
+        if os.path.exists(partial):
+            os.remove(partial)
+    kind = "ONNX (ONNX Runtime)" if isinstance(exported, OnnxRunner) else "torch.export program"
+    print_fn(f"wrote {config.out}: {kind}, input uint8 [batch, {', '.join(map(str, runner.info.clip_shape))}] -> "
+             f"logits [batch, {len(runner.info.classes)}]; checked on {len(windows)} real windows (as a batch and "
+             f"alone): largest logit difference {difference:.2g} (limit {TOLERANCE:g})")
+    return {"windows": len(windows), "max_difference": difference, "out": config.out}
+
+
+def _write(module: torch.nn.Module, info: ModelInfo, windows: np.ndarray, path: str) -> None:
+    example = torch.from_numpy(np.ascontiguousarray(windows[:2] if len(windows) >= 2 else np.repeat(windows, 2, 0)))
+    # batch 2 in the example: a batch of 1 would be specialised into the graph
+    dynamic = {"clips": {0: torch.export.Dim("batch", min=1, max=MAX_BATCH)}}
+    with _quiet():
+        if path.endswith(".onnx"):
+            program = torch.onnx.export(module, (example,), dynamo=True, input_names=["clips"],
+                                        output_names=["logits"], dynamic_shapes=dynamic, verbose=False)
+            program.model.metadata_props[METADATA_KEY] = info.to_json()
+            program.save(path)
+        else:
+            program = torch.export.export(module, (example,), dynamic_shapes=dynamic)
+            torch.export.save(program, path, extra_files={METADATA_KEY + ".json": info.to_json()})
+
+
+@contextlib.contextmanager
+def _quiet():
+    """The exporters print progress and warnings of their own; a failure still raises."""
+    loggers = [logging.getLogger(name) for name in ("torch.onnx", "torch.export", "torch._dynamo", "onnxscript")]
+    levels = [logger.level for logger in loggers]
+    try:
+        for logger in loggers:
+            logger.setLevel(logging.ERROR)
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+
+
+def real_windows(config: ExportConfig, info: ModelInfo) -> np.ndarray:
+    """The first ``config.windows`` windows of the shards' test split (else any split), or of
+    the first test sequence of a raw dataset (or of a sequence folder), as uint8 clips."""
+    clips: list[np.ndarray] = []
+    if config.data:
+        manifest = read_manifest(config.data)
+        split = "test" if "test" in manifest["splits"] else next(iter(manifest["splits"]), "test")
+        for url, count in split_shards(config.data, manifest, split):
+            for sample in read_samples(url, count):
+                clips.append(load_npy(sample["clip.npy"]))
+                if len(clips) == config.windows:
+                    break
+            if len(clips) == config.windows:
+                break
+        where = config.data
+    else:
+        spec = info.spec(config.checkpoint)
+        folder = config.src
+        if os.path.isdir(os.path.join(folder, "Test")):
+            sequences, _ = scan_dataset(folder, info.modality)
+            tests = [s for s in sequences if s.split_dir == "Test"] or sequences
+            if not tests:
+                raise UserError(f"--src {folder}: no usable sequence")
+            folder = os.path.join(folder, tests[0].path)
+        n_frames = count_frames(folder, info.modality)
+        frames = np.stack([f.model for f in folder_frames(folder, min(n_frames, info.seq_len - 1 + config.windows),
+                                                          spec, False)])
+        for stop in range(info.seq_len - 1, min(n_frames, info.seq_len - 1 + config.windows)):
+            clips.append(frames[stop - info.seq_len + 1:stop + 1])
+        where = folder
+    if not clips:
+        raise UserError(f"{where}: no window to check the export on")
+    stack = np.stack(clips)
+    if stack.shape[1:] != info.clip_shape:
+        raise UserError(f"{where}: its windows are {list(stack.shape[1:])}, the checkpoint takes "
+                        f"{list(info.clip_shape)}")
+    return stack

@@ -1,0 +1,195 @@
+"""What classifies windows for detection: a checkpoint (eager PyTorch on CPU), or an exported
+file (ONNX through ONNX Runtime, or a ``torch.export`` program). Each takes uint8
+``(N, T, H, W, C)`` clips and gives class probabilities ``(N, classes)`` (float64, one softmax
+for all), and carries :class:`ModelInfo`: what frames it takes.
+
+This module imports neither torch nor torch_xla at the top: an ONNX model runs with
+onnxruntime and numpy only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass
+from typing import Any, Callable
+
+import numpy as np
+
+from .errors import UserError
+from .frames import CHANNELS, FrameSpec
+from .labels import NO_ACTION
+
+METADATA_KEY = "pyact"  # the ONNX metadata_props key / the .pt2 extra file holding ModelInfo
+INFO_FORMAT = "pyact-torch-model/1"
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What a model takes and gives: frames prepared as ``modality`` at ``image_size`` (depth
+    mapped from ``depth_range``), windows of ``seq_len``, one output per class."""
+
+    classes: tuple[str, ...]
+    seq_len: int
+    image_size: int
+    modality: str
+    depth_range: tuple[int, int] | None
+    eval_subjects: tuple[str, ...] | None = None
+
+    @property
+    def clip_shape(self) -> tuple[int, int, int, int]:
+        return self.seq_len, self.image_size, self.image_size, len(CHANNELS[self.modality])
+
+    def spec(self, where: str) -> FrameSpec:
+        """How to prepare raw frames for this model."""
+        if self.modality != "color" and self.depth_range is None:
+            raise UserError(f"{where}: does not record the depth range its frames were made with; "
+                            f"give --depth-range MIN:MAX")
+        return FrameSpec(self.modality, self.image_size, tuple(self.depth_range or (0, 1)))
+
+    def to_json(self) -> str:
+        return json.dumps({"format": INFO_FORMAT, **asdict(self)})
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str) -> "ModelInfo":
+        """Validated: a model file's metadata is data, like any other file's."""
+        try:
+            info = cls(tuple(data["classes"]), data["seq_len"], data["image_size"], data["modality"],
+                       None if data.get("depth_range") is None else tuple(data["depth_range"]),
+                       None if data.get("eval_subjects") is None else tuple(data["eval_subjects"]))
+        except (KeyError, TypeError, ValueError):
+            raise UserError(f"{where}: its pyact metadata is malformed") from None
+        ok = (2 <= len(info.classes) <= 1000 and all(isinstance(c, str) and 0 < len(c) <= 100 for c in info.classes)
+              and NO_ACTION in info.classes and isinstance(info.seq_len, int) and 2 <= info.seq_len <= 1000
+              and isinstance(info.image_size, int) and 16 <= info.image_size <= 4096
+              and info.modality in CHANNELS
+              and (info.depth_range is None or (len(info.depth_range) == 2 and all(isinstance(v, int) for v in info.depth_range)
+                                               and 0 <= info.depth_range[0] < info.depth_range[1] <= 65535))
+              and (info.eval_subjects is None or all(isinstance(s, str) for s in info.eval_subjects)))
+        if not ok:
+            raise UserError(f"{where}: its pyact metadata is out of range (classes, seq_len, image_size, modality "
+                            f"or depth_range)")
+        return info
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Row-wise softmax in float64 (one implementation for every runner)."""
+    values = np.asarray(logits, np.float64)
+    values = np.exp(values - values.max(axis=1, keepdims=True))
+    return values / values.sum(axis=1, keepdims=True)
+
+
+class Runner:
+    """Probabilities for uint8 clips; ``info`` says what the clips must be."""
+
+    info: ModelInfo
+    name: str
+
+    def logits(self, clips: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def __call__(self, clips: np.ndarray) -> np.ndarray:
+        return softmax(self.logits(clips))
+
+
+class TorchRunner(Runner):
+    """A ``Deployed`` network in eager PyTorch on the CPU."""
+
+    def __init__(self, module: Any, info: ModelInfo, name: str):
+        import torch
+
+        self._torch, self.module, self.info, self.name = torch, module, info, name
+
+    def logits(self, clips: np.ndarray) -> np.ndarray:
+        with self._torch.inference_mode():
+            return self.module(self._torch.from_numpy(np.ascontiguousarray(clips))).float().numpy()
+
+
+class OnnxRunner(Runner):
+    """An exported ONNX file through ONNX Runtime (CPU)."""
+
+    def __init__(self, path: str):
+        try:
+            import onnxruntime
+        except ImportError:
+            raise UserError(f"{path}: running an ONNX model needs onnxruntime: pip install -e '.[export]'") from None
+        options = onnxruntime.SessionOptions()
+        options.log_severity_level = 3  # its warnings are not the user's business
+        try:
+            self.session = onnxruntime.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+        except Exception as exc:  # onnxruntime's own exception classes are not importable by name
+            raise UserError(f"{path}: ONNX Runtime cannot load it ({str(exc).splitlines()[0][:200]})") from None
+        metadata = self.session.get_modelmeta().custom_metadata_map.get(METADATA_KEY)
+        if metadata is None:
+            raise UserError(f"{path}: not a model written by pyact export (no {METADATA_KEY!r} metadata)")
+        try:
+            self.info = ModelInfo.from_dict(json.loads(metadata), path)
+        except json.JSONDecodeError:
+            raise UserError(f"{path}: its pyact metadata is not JSON") from None
+        self.name = path
+        inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
+        if len(inputs) != 1 or len(outputs) != 1:
+            raise UserError(f"{path}: expected one input and one output, found {len(inputs)} and {len(outputs)}")
+        expected = list(self.info.clip_shape)
+        shape = inputs[0].shape
+        if inputs[0].type != "tensor(uint8)" or len(shape) != 5 or list(shape[1:]) != expected \
+                or isinstance(shape[0], int) or list(outputs[0].shape[1:]) != [len(self.info.classes)]:
+            raise UserError(f"{path}: takes {inputs[0].type} clips of shape {shape} and gives {outputs[0].shape}; its "
+                            f"metadata says uint8 [batch, {', '.join(map(str, expected))}] -> "
+                            f"[batch, {len(self.info.classes)}]: not this model's shape")
+        self._input = inputs[0].name
+
+    def logits(self, clips: np.ndarray) -> np.ndarray:
+        return self.session.run(None, {self._input: np.ascontiguousarray(clips, np.uint8)})[0]
+
+
+def load_exported(path: str) -> Runner:
+    """The runner of an exported file: ``.onnx`` (ONNX Runtime) or ``.pt2`` (torch.export)."""
+    if not os.path.isfile(path):
+        raise UserError(f"--model {path}: no such file")
+    suffix = os.path.splitext(path)[1]
+    if suffix == ".onnx":
+        return OnnxRunner(path)
+    if suffix == ".pt2":
+        return _load_program(path)
+    raise UserError(f"--model {path}: expected a .onnx or .pt2 file written by pyact export")
+
+
+def _load_program(path: str) -> Runner:
+    import torch
+
+    extra = {METADATA_KEY + ".json": ""}
+    try:
+        program = torch.export.load(path, extra_files=extra)
+    except Exception as exc:  # a damaged archive fails in many ways inside torch
+        raise UserError(f"{path}: not a torch.export program ({str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__})") from None
+    try:
+        info = ModelInfo.from_dict(json.loads(extra[METADATA_KEY + ".json"]), path)
+    except json.JSONDecodeError:
+        raise UserError(f"{path}: not a model written by pyact export (no {METADATA_KEY} metadata)") from None
+    return TorchRunner(program.module(), info, path)
+
+
+def load_checkpoint_runner(url: str, depth_range: tuple[int, int] | None = None,
+                           log: Callable[[str], None] = print) -> Runner:
+    """The checkpoint's network on the CPU with what it was trained on (classes, clip shape,
+    the depth range and eval subjects its data recorded)."""
+    from .checkpoint import load_checkpoint
+    from .model import Deployed, build_model
+
+    state, url = load_checkpoint(url, log=log)
+    shape = state.get("data_shape")
+    if not isinstance(shape, dict):
+        raise UserError(f"{url}: records no clip shape; it cannot say what frames it takes")
+    source = state.get("source") if isinstance(state.get("source"), dict) else {}
+    info = ModelInfo.from_dict({"classes": state["classes"], "seq_len": shape.get("seq_len"),
+                                "image_size": shape.get("image_size"), "modality": shape.get("modality"),
+                                "depth_range": depth_range or source.get("depth_range"),
+                                "eval_subjects": source.get("eval_subjects")}, url)
+    try:
+        network = build_model(state["config"].get("model"), len(CHANNELS[info.modality]), info.seq_len,
+                              info.image_size, len(info.classes))
+        network.load_state_dict(state["model"])
+    except (ValueError, RuntimeError):
+        raise UserError(f"{url}: its weights do not fit a {state['config'].get('model')} model of its recorded shape") from None
+    return TorchRunner(Deployed(network), info, url)
