@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from dataclasses import asdict, dataclass
 from typing import Any, Callable
 
@@ -160,7 +161,9 @@ def _load_program(path: str) -> Runner:
 
     extra = {METADATA_KEY + ".json": ""}
     try:
-        program = torch.export.load(path, extra_files=extra)
+        with warnings.catch_warnings():  # torch warns about its own read-only weight buffers
+            warnings.simplefilter("ignore", UserWarning)
+            program = torch.export.load(path, extra_files=extra)
     except Exception as exc:  # a damaged archive fails in many ways inside torch
         raise UserError(f"{path}: not a torch.export program ({str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__})") from None
     try:

@@ -115,3 +115,15 @@ def small_shards(tiny_template, tmp_path_factory) -> str:
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: takes more than ~20 s (training, subprocesses); "
                                        "`make test-quick` runs the rest")
+
+
+@pytest.fixture(scope="session")
+def detector_run(learn_shards, tmp_path_factory) -> str:
+    """``tiny`` trained on ``learn_shards`` with the demo's settings (the demo's dataset too)."""
+    from pyact_torch.cli import main
+
+    run_dir = str(tmp_path_factory.mktemp("detector") / "run")
+    assert main(["train", "--data", learn_shards, "--run-dir", run_dir, "--model", "tiny", "--device", "cpu",
+                 "--epochs", "10", "--lr", "2e-3", "--lr-schedule", "cosine", "--ckpt-every", "0",
+                 "--log-every", "1000", "--workers", "1", "--seed", "3"]) == 0
+    return run_dir
