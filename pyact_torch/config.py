@@ -15,7 +15,7 @@ from .storage import check_location
 
 MODALITIES = ("color", "depth", "rgbd")
 # pyact detect's defaults, chosen on the synthetic eval split (docs/benchmarks.md, bench/detect.py)
-DETECT_SMOOTH, DETECT_MIN_LENGTH = 3, 3
+DETECT_SMOOTH, DETECT_MIN_LENGTH = 1, 3
 
 
 def _arg(help: str, *, positional: bool = False, required: bool = False, parse: Callable[[str], Any] | None = None,
@@ -355,7 +355,8 @@ class ExportConfig:
     src: str = field(default="", metadata=_arg(
         "raw dataset folder (or one sequence folder) whose first windows check the export", metavar="SRC"))
     data: str = field(default="", metadata=_arg(
-        "instead of --src: shards (folder or gs://) whose first test windows check the export", metavar="DEST"))
+        "instead of --src: shards (folder or gs://) whose first test windows check the export; with "
+        "neither, the shards the checkpoint was trained on (its recorded --data)", metavar="DEST"))
     windows: int = field(default=8, metadata=_arg("real windows the export is checked on", metavar="N"))
     depth_range: tuple[int, int] | tuple[()] = field(default=(), metadata=_arg(
         "depth range for depth/rgbd models whose checkpoint does not record it", parse=parse_range,
@@ -365,7 +366,7 @@ class ExportConfig:
         _locations(**{"--checkpoint": self.checkpoint, "--out": self.out})
         if storage_is_gcs(self.out) or os.path.splitext(self.out)[1] not in (".onnx", ".pt2"):
             raise UserError(f"--out {self.out}: give a local .onnx or .pt2 file")
-        if bool(self.src) == bool(self.data):
+        if self.src and self.data:
             raise UserError("give one of --src (raw frames) or --data (shards) for the windows that check the export")
         for flag, value in (("--src", self.src), ("--data", self.data)):
             if value:

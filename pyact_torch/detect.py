@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import io
 import os
-import time
 from dataclasses import dataclass, replace
 from typing import Callable, Iterator
 
@@ -21,7 +20,7 @@ from . import storage
 from .config import DetectConfig
 from .detection_metrics import SequenceResult, Truth, detection_metrics, format_table
 from .errors import UserError
-from .labels import NO_ACTION, LabelFileError, needed_kinds, parse_label_file, scan_dataset
+from .labels import NO_ACTION, LabelFileError, parse_label_file, scan_dataset
 from .plots import timeline_png
 from .runners import ModelInfo, Runner, load_checkpoint_runner, load_exported
 from .segments import Detection, Segmenter
@@ -56,7 +55,7 @@ def run_detect(config: DetectConfig, progress: bool = True, print_fn: Callable[[
     if config.depth_range:
         runner.info = replace(runner.info, depth_range=tuple(config.depth_range))
     sources = plan_sources(config, runner.info, print_fn)
-    run = _Detection(runner, config, print_fn)
+    run = DetectionRun(runner, config, print_fn)
     keep_raw = bool(config.out) and not config.no_video
     frames_total = None if sources[0].live else sum(s.n_frames or 0 for s in sources)
 
@@ -102,7 +101,7 @@ def _split_sources(src: str, split: str, info: ModelInfo, spec, print_fn: Callab
     sequences, bad = scan_dataset(src, info.modality)
     moved = set(info.eval_subjects or ())
     if split != "test" and info.eval_subjects is None and not any(s.split_dir == "Eval" for s in sequences):
-        raise UserError(f"the model does not record which Train subjects were its eval split; use --split test")
+        raise UserError("the model does not record which Train subjects were its eval split; use --split test")
 
     def in_split(split_dir: str, subject: str) -> bool:
         if split == "test":
@@ -125,7 +124,7 @@ def _split_sources(src: str, split: str, info: ModelInfo, spec, print_fn: Callab
     return sources
 
 
-class _Detection:
+class DetectionRun:
     """What one ``pyact detect`` run collects across its sources."""
 
     def __init__(self, runner: Runner, config: DetectConfig, print_fn: Callable[[str], None]):

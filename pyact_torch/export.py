@@ -16,6 +16,7 @@ import io
 import logging
 import os
 import warnings
+from dataclasses import replace
 from typing import Callable
 
 import numpy as np
@@ -38,6 +39,12 @@ def export_model(config: ExportConfig, print_fn: Callable[[str], None] = print) 
     storage.check_output_file(config.out, "--out")
     runner = load_checkpoint_runner(config.checkpoint, tuple(config.depth_range) or None, log=print_fn)
     assert isinstance(runner, TorchRunner)
+    if not config.src and not config.data:
+        if not runner.trained_on:
+            raise UserError(f"{runner.name}: records no training data; give --data (shards) or --src (raw frames) "
+                            f"for the windows that check the export")
+        print_fn(f"checking the export on the data the checkpoint was trained on: {runner.trained_on}")
+        config = replace(config, data=runner.trained_on)
     windows = real_windows(config, runner.info)
     expected = runner.logits(windows)
     folder, name = os.path.split(os.path.abspath(config.out))

@@ -7,10 +7,10 @@ manifest's order, so classes that never occur still have their place.
 
 from __future__ import annotations
 
-import io
-
 import numpy as np
 from sklearn import metrics as skm
+
+from .plots import figure_png, pyplot
 
 
 def score(truth: np.ndarray, probabilities: np.ndarray, classes: list[str]) -> dict:
@@ -60,11 +60,7 @@ def format_table(result: dict) -> str:
 
 def confusion_png(confusion: list[list[int]], classes: list[str]) -> bytes:
     """The confusion matrix as PNG: rows normalised to 1 (colour), counts written in the cells."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     counts = np.asarray(confusion, dtype=np.int64)
     totals = counts.sum(axis=1, keepdims=True)
     normalised = np.divide(counts, totals, out=np.zeros(counts.shape, dtype=np.float64), where=totals > 0)
@@ -85,10 +81,7 @@ def confusion_png(confusion: list[list[int]], classes: list[str]) -> bytes:
                           color=colour)
     axis.set_title("confusion matrix (rows normalised, cells are counts)")
     figure.tight_layout()
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png")
-    plt.close(figure)
-    return buffer.getvalue()
+    return figure_png(figure)
 
 
 def prediction_rows(metas: list[dict], truth: np.ndarray, probabilities: np.ndarray, classes: list[str],

@@ -85,6 +85,7 @@ class Runner:
 
     info: ModelInfo
     name: str
+    trained_on: str = ""  # a checkpoint's recorded --data (the shards it was trained on)
 
     def logits(self, clips: np.ndarray) -> np.ndarray:
         raise NotImplementedError
@@ -195,4 +196,7 @@ def load_checkpoint_runner(url: str, depth_range: tuple[int, int] | None = None,
         network.load_state_dict(state["model"])
     except (ValueError, RuntimeError):
         raise UserError(f"{url}: its weights do not fit a {state['config'].get('model')} model of its recorded shape") from None
-    return TorchRunner(Deployed(network), info, url)
+    runner = TorchRunner(Deployed(network), info, url)
+    data = state["config"].get("data")
+    runner.trained_on = data if isinstance(data, str) and 0 < len(data) <= 4096 else ""
+    return runner

@@ -8,7 +8,6 @@ the loss plot and checkpoints (in the background) to the run directory.
 
 from __future__ import annotations
 
-import io
 import json
 import math
 import random
@@ -26,6 +25,7 @@ from .errors import UserError
 from .evaluate import evaluate
 from .loader import HostBatches, Part, WindowDataset, on_device
 from .model import build_model, check_input, model_input
+from .plots import figure_png, pyplot
 from .shards import data_shape, read_manifest, source_settings, split_shards
 from .devices import Backend, launch, make_backend, preempted
 
@@ -93,12 +93,7 @@ class _Logger:
 
 def loss_plot(metrics: list[dict]) -> bytes:
     """pyACT's loss history plot (training loss per logged step, eval loss per epoch) as PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axis = plt.subplots(figsize=(7, 4), dpi=100)
+    figure, axis = pyplot().subplots(figsize=(7, 4), dpi=100)
     train = [(m["step"], m["loss"]) for m in metrics if m["kind"] == "train"]
     evals = [(m["step"], m["loss"]) for m in metrics if m["kind"] == "eval"]
     if train:
@@ -111,11 +106,8 @@ def loss_plot(metrics: list[dict]) -> bytes:
     if train or evals:
         axis.legend()
     axis.grid(alpha=0.3)
-    buffer = io.BytesIO()
     figure.tight_layout()
-    figure.savefig(buffer, format="png")
-    plt.close(figure)
-    return buffer.getvalue()
+    return figure_png(figure)
 
 
 def _stop_agreed(backend: Backend) -> bool:

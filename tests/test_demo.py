@@ -42,6 +42,11 @@ def check_demo_output(out: str) -> dict:
     assert final, "no final.pt among the demo's outputs"
     state = torch.load(final[0], weights_only=True)
     assert state["classes"][-1] == "no-action" and state["config"]["model"] == "tiny"
+    detection = json.load(open(os.path.join(out, "detection", "metrics.json")))["detection"]
+    found = json.load(open(os.path.join(out, "detection", "detections.json")))["sequences"]
+    assert detection["sequences"] == len(found) > 10
+    assert detection["segments"]["0.5"]["f1"] >= 0.7, detection["segments"]["0.5"]
+    assert _frames(os.path.join(out, "detection", "detections.mp4")) == detection["frames"] == sum(s["frames"] for s in found)
     return metrics
 
 

@@ -129,7 +129,8 @@ def without_scores(segments: list[dict]) -> list[dict]:
 
 
 @pytest.mark.slow
-def test_a_video_of_the_frames_gives_the_folders_detections(detector_run, raw, tmp_path):
+def test_a_video_of_the_frames_gives_the_folders_detections(detector_run, raw, tmp_path, capsys):
+    """And a video, a live source, announces each segment as it starts and as it ends."""
     folder = os.path.join(raw, SEQUENCE)
     video = str(tmp_path / "clip.mp4")
     n = write_video(folder, video, "mp4v")
@@ -139,7 +140,7 @@ def test_a_video_of_the_frames_gives_the_folders_detections(detector_run, raw, t
         assert main(["detect", "--checkpoint", detector_run, flag, value, "--out", out, "--streaming"]) == 0
         results[flag] = (json.load(open(os.path.join(out, "detections.json")))["sequences"][0],
                          np.load(os.path.join(out, "probabilities.npz")), json.load(open(os.path.join(out, "metrics.json"))))
-    (folder_seq, folder_p, folder_m), (video_seq, video_p, video_m) = results["--src"], results["--video"]
+    (folder_seq, folder_p, _), (video_seq, video_p, video_m) = results["--src"], results["--video"]
     assert folder_seq["frames"] == video_seq["frames"] == n
     p_folder, p_video = folder_p[folder_seq["name"]], video_p[video_seq["name"]]
     # mp4v is lossy: the frames differ (measured: 1.9 grey levels mean, 0.24 largest probability change)
@@ -156,15 +157,21 @@ def test_a_video_of_the_frames_gives_the_folders_detections(detector_run, raw, t
     for a, b in pairs:
         assert a["label"] == b["label"] and tiou(a["first"], a["last"], b["first"], b["last"]) >= 0.7
     assert video_m["latency"]["frames"] == n - 5 and video_m["latency"]["p50_ms"] > 0
+    printed = capsys.readouterr().out
+    for segment in video_seq["segments"]:
+        assert f"[frame {segment['seen_at']}] {segment['label']} started at frame {segment['first']}" in printed
+        assert f"[frame {segment['decided_at']}] {segment['label']}: frames {segment['first']}-{segment['last']}" in printed
+    assert "latency per frame" in printed
 
 
 @pytest.fixture(scope="module")
 def exported(detector_run, learn_shards, tmp_path_factory) -> dict:
     folder = tmp_path_factory.mktemp("export")
     paths = {}
-    for suffix in (".onnx", ".pt2"):
+    for suffix, windows_from in ((".onnx", ["--data", learn_shards]), (".pt2", [])):  # [] = its training data
         paths[suffix] = str(folder / f"model{suffix}")
-        assert main(["export", "--checkpoint", detector_run, "--out", paths[suffix], "--data", learn_shards]) == 0
+        assert main(["export", "--checkpoint", detector_run, "--out", paths[suffix], *windows_from]) == 0
+    assert sorted(os.listdir(folder)) == ["model.onnx", "model.pt2"]  # no partial file left
     return paths
 
 
