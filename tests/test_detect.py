@@ -143,7 +143,7 @@ def test_a_video_of_the_frames_gives_the_folders_detections(detector_run, raw, t
     (folder_seq, folder_p, _), (video_seq, video_p, video_m) = results["--src"], results["--video"]
     assert folder_seq["frames"] == video_seq["frames"] == n
     p_folder, p_video = folder_p[folder_seq["name"]], video_p[video_seq["name"]]
-    # mp4v is lossy: the frames differ (measured: 1.9 grey levels mean, 0.24 largest probability change)
+    # mp4v is lossy: the frames differ (measured: 2.4 grey levels mean, 0.24 largest probability change)
     spec = FrameSpec("color", 32, (150, 1000))
     from pyact_torch.stream import capture_frames, open_capture
     pixels = [np.abs(a.model.astype(int) - b.model.astype(int)).mean() for a, b in
