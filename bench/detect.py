@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import json
 import os
 import sys
 import tempfile
@@ -50,37 +51,44 @@ def tune(demo: str, smooths: list[int], lengths: list[int]) -> list[tuple[int, i
     quiet(run_detect, DetectConfig(checkpoint=os.path.join(demo, "run"), src=os.path.join(demo, "raw"), split="eval",
                                    out=out, smooth=1, min_length=1, no_video=True), progress=False)
     probabilities = np.load(os.path.join(out, "probabilities.npz"))
+    names = {s["probabilities"]: s["name"] for s in json.load(open(os.path.join(out, "detections.json")))["sequences"]}
     classes = list(quiet(load_checkpoint_runner, os.path.join(demo, "run")).info.classes)
     sequences = {s.path: s for s in scan_dataset(os.path.join(demo, "raw"))[0]}
     grid = []
     for smooth in smooths:
         for length in lengths:
             results = []
-            for name in probabilities.files:
+            for key in probabilities.files:
+                name = names[key]
                 seq = sequences[name]
-                found = detect_segments(probabilities[name], 5, classes, NO_ACTION, 6, smooth, length)
+                found = detect_segments(probabilities[key], 5, classes, NO_ACTION, 6, smooth, length)
                 truths = tuple(Truth(seq.action, s.pos, s.pos + s.len - 1) for s in seq.segments)
                 results.append(SequenceResult(name, seq.n_frames, truths, tuple(found)))
             grid.append((smooth, length, detection_metrics(results, NO_ACTION)["segments"]["0.5"]["f1"]))
     return grid
 
 
-def latency(demo: str, preset: str, size: int, frames: int) -> dict:
-    """Per-frame streaming latency over the test sequences' frames."""
+def eager_runner(demo: str, preset: str, size: int):
+    """The demo's trained ``tiny``, or an untrained ``preset`` network at ``size`` (same cost)."""
     import torch
 
-    from pyact_torch.frames import FrameSpec
-    from pyact_torch.labels import scan_dataset
     from pyact_torch.model import Deployed, build_model
     from pyact_torch.runners import ModelInfo, TorchRunner, load_checkpoint_runner
-    from pyact_torch.stream import folder_frames, streamed
 
     if preset == "tiny":
-        runner = quiet(load_checkpoint_runner, os.path.join(demo, "run"))
-    else:
-        torch.manual_seed(0)
-        info = ModelInfo(tuple(f"c{i}" for i in range(16)) + ("no-action",), 6, size, "color", None)
-        runner = TorchRunner(Deployed(build_model(preset, 3, 6, size, 17)), info, preset)
+        return quiet(load_checkpoint_runner, os.path.join(demo, "run"))
+    torch.manual_seed(0)
+    info = ModelInfo(tuple(f"c{i}" for i in range(16)) + ("no-action",), 6, size, "color", None)
+    return TorchRunner(Deployed(build_model(preset, 3, 6, size, 17)), info, preset)
+
+
+def latency(demo: str, preset: str, size: int, frames: int) -> dict:
+    """Per-frame streaming latency over the test sequences' frames."""
+    from pyact_torch.frames import FrameSpec
+    from pyact_torch.labels import scan_dataset
+    from pyact_torch.stream import folder_frames, streamed
+
+    runner = eager_runner(demo, preset, size)
     spec = FrameSpec("color", size, (150, 1000))
     raw = os.path.join(demo, "raw")
     sequences = [s for s in scan_dataset(raw)[0] if s.split_dir == "Test"]
@@ -151,22 +159,14 @@ def throughput(demo: str) -> dict:
 
 def onnx_vs_eager(demo: str, preset: str, size: int, count: int, batch: int) -> dict:
     """Windows/s of ONNX Runtime and eager PyTorch on the same windows."""
-    import torch
+    from pyact_torch.export import write_export
+    from pyact_torch.runners import OnnxRunner
 
-    from pyact_torch.export import _write
-    from pyact_torch.model import Deployed, build_model
-    from pyact_torch.runners import ModelInfo, OnnxRunner, TorchRunner, load_checkpoint_runner
-
-    if preset == "tiny":
-        eager = quiet(load_checkpoint_runner, os.path.join(demo, "run"))
-    else:
-        torch.manual_seed(0)
-        info = ModelInfo(tuple(f"c{i}" for i in range(16)) + ("no-action",), 6, size, "color", None)
-        eager = TorchRunner(Deployed(build_model(preset, 3, 6, size, 17)), info, preset)
+    eager = eager_runner(demo, preset, size)
     windows = np.random.default_rng(0).integers(0, 256, (count,) + eager.info.clip_shape, dtype=np.uint8)
     with tempfile.TemporaryDirectory() as folder:
         path = os.path.join(folder, "model.onnx")
-        _write(eager.module, eager.info, windows[:2], path)
+        write_export(eager.module, eager.info, windows[:2], path)
         onnx = OnnxRunner(path)
 
         def run_all(runner):

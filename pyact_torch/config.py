@@ -16,6 +16,7 @@ from .storage import check_location
 MODALITIES = ("color", "depth", "rgbd")
 # pyact detect's defaults, chosen on the synthetic eval split (docs/benchmarks.md, bench/detect.py)
 DETECT_SMOOTH, DETECT_MIN_LENGTH = 1, 3
+MAX_BATCH = 4096  # the largest batch detection sends and an exported program takes
 
 
 def _arg(help: str, *, positional: bool = False, required: bool = False, parse: Callable[[str], Any] | None = None,
@@ -293,14 +294,14 @@ class DetectConfig:
         "the checkpoint's data moved there)", choices=("train", "eval", "test")))
     video: str = field(default="", metadata=_arg("a video file (colour only)", metavar="FILE"))
     camera: int = field(default=-1, metadata=_arg(
-        "a camera index for OpenCV (colour only); segments are printed as they are found; Ctrl-C "
-        "stops", metavar="N"))
+        "a camera index for OpenCV (colour only; -1 = none); segments are printed as they are found; "
+        "Ctrl-C stops and writes what was found", metavar="N"))
     out: str = field(default="", metadata=_arg(
         "folder (or gs://) for detections.json, probabilities.npz, metrics.json, timeline.png and "
         "detections.mp4 (local folders only); optional with --camera", metavar="DIR"))
     smooth: int = field(default=DETECT_SMOOTH, metadata=_arg(
         "average each window's class probabilities with the K-1 windows before it (causal) before "
-        "taking the label; chosen on the synthetic eval split", metavar="K"))
+        "taking the label; odd, so the lag is whole frames; chosen on the synthetic eval split", metavar="K"))
     min_length: int = field(default=DETECT_MIN_LENGTH, metadata=_arg(
         "an action run of fewer windows is background; chosen on the synthetic eval split", metavar="N"))
     batch_size: int = field(default=32, metadata=_arg(
@@ -337,6 +338,10 @@ class DetectConfig:
             raise UserError(f"--out {self.out}: the annotated video is written to a local folder; add --no-video")
         _positive(smooth=self.smooth, min_length=self.min_length, batch_size=self.batch_size,
                   video_size=self.video_size)
+        if self.smooth % 2 == 0 or self.smooth > 999 or self.min_length > 100_000:
+            raise UserError(f"--smooth must be odd and at most 999 (got {self.smooth}), --min-length at most 100000")
+        if self.batch_size > MAX_BATCH or self.video_size > 2048:
+            raise UserError(f"--batch-size at most {MAX_BATCH} and --video-size at most 2048")
         if self.max_frames < 0:
             raise UserError("--max-frames must be 0 or positive")
         if self.depth_range and not 0 <= self.depth_range[0] < self.depth_range[1] <= 65535:
@@ -372,6 +377,8 @@ class ExportConfig:
             if value:
                 _locations(**{flag: value})
         _positive(windows=self.windows)
+        if self.windows > MAX_BATCH:
+            raise UserError(f"--windows at most {MAX_BATCH}")
 
 
 @dataclass(frozen=True)

@@ -1,9 +1,9 @@
 """``pyact detect``: hand actions found in whole sequences, video files and live cameras.
 
 Each source is read frame by frame (``stream``), each window ending at a frame is classified
-(``runners``), and the probabilities become segments online (``segments``); a segment is
-printed once when it starts and once when it ends for a video or camera, and all of them are
-written to ``detections.json``. Against the label files, ``detection_metrics`` scores them.
+(``runners``), and the probabilities become segments online (``segments``); with a single
+source (a camera, a video, a folder) a segment is printed once when it starts and once when it
+ends, and all of them are written to ``detections.json``. Against the label files, ``detection_metrics`` scores them.
 With ``--model FILE.onnx`` nothing here imports torch.
 """
 
@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import io
 import os
+import shutil
+import signal
+import zipfile
 from dataclasses import dataclass, replace
 from typing import Callable, Iterator
 
@@ -45,34 +48,92 @@ class Source:
 
 
 def run_detect(config: DetectConfig, progress: bool = True, print_fn: Callable[[str], None] = print) -> dict:
-    """Run ``pyact detect``; returns what metrics.json holds."""
+    """Run ``pyact detect``; returns what metrics.json holds. The sources, the model and
+    ``--out`` are checked before any frame is classified; the outputs are written to a
+    staging folder and published together when all of them are complete."""
     from tqdm import tqdm
 
-    if config.out:
-        storage.check_writable(config.out)
     runner = load_exported(config.model) if config.model else \
         load_checkpoint_runner(config.checkpoint, log=print_fn)
     if config.depth_range:
         runner.info = replace(runner.info, depth_range=tuple(config.depth_range))
-    sources = plan_sources(config, runner.info, print_fn)
+    stopped = [False]
+    sources = plan_sources(config, runner.info, print_fn, stop=lambda: stopped[0])
+    if config.out:
+        storage.check_writable(config.out)
     run = DetectionRun(runner, config, print_fn)
-    keep_raw = bool(config.out) and not config.no_video
-    frames_total = None if sources[0].live else sum(s.n_frames or 0 for s in sources)
+    run.announce = len(sources) == 1
+    live = sources[0].live
+    staging = "" if storage.is_gcs(config.out) or not config.out else \
+        os.path.join(config.out, f".pyact-detect-{os.getpid()}")
+    previous = signal.signal(signal.SIGINT, _stop_once(stopped, print_fn)) if live else None
+    try:
+        bar = tqdm(total=None if live else sum(s.n_frames or 0 for s in sources), unit="frame", desc="detect",
+                   disable=None if progress and not live else True)
+        run.on_frame = lambda: bar.update(1)
+        keep_raw = bool(config.out) and not config.no_video
+        panels = (panel for source in sources for panel in run.source(source, keep_raw))
+        staged = {}
+        if keep_raw:
+            os.makedirs(staging, exist_ok=True)
+            staged["detections.mp4"] = write_video(panels, os.path.join(staging, "detections.mp4"), sources[0].fps)[0]
+        else:
+            for _ in panels:
+                pass
+        bar.close()
+        if previous is not None:  # a Ctrl-C from here on interrupts, as anywhere else
+            signal.signal(signal.SIGINT, previous)
+            previous = None
+        report, files = run.finish()
+        if config.out:
+            publish(config.out, files, staged, staging)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
+        if staging and os.path.isdir(staging):
+            shutil.rmtree(staging)  # ours (named with our pid): whatever was not published
+    return report
 
-    bar = tqdm(total=frames_total, unit="frame", desc="detect", disable=None if progress and not sources[0].live else True)
-    run.on_frame = lambda: bar.update(1)
-    panels = (panel for source in sources for panel in run.source(source, keep_raw))
-    if keep_raw:
-        write_video(panels, storage.join(config.out, "detections.mp4"), sources[0].fps)
-    else:
-        for _ in panels:
-            pass
-    bar.close()
-    return run.finish()
+
+def _stop_once(stopped: list[bool], print_fn: Callable[[str], None]) -> Callable:
+    """A SIGINT handler for live sources: the first Ctrl-C ends the stream after the current
+    frame (what was found is written), a second one interrupts."""
+    def handler(signum: int, frame: object) -> None:
+        if stopped[0]:
+            raise KeyboardInterrupt
+        stopped[0] = True
+        print_fn("stopping after this frame (Ctrl-C again to abandon the run)")
+    return handler
 
 
-def plan_sources(config: DetectConfig, info: ModelInfo, print_fn: Callable[[str], None]) -> list[Source]:
-    """The sources named by the flags, checked before any frame is classified."""
+def publish(out: str, files: dict[str, bytes], staged: dict[str, str], staging: str) -> None:
+    """Put every output in ``out`` only once all of them are complete: ``files`` (name ->
+    bytes) are written to ``staging`` beside ``staged`` (name -> path there), then each is
+    renamed into place; if that fails, the outputs this call already placed are removed.
+    On gs:// (no staging folder) the objects are written one by one, with the same undo."""
+    placed: list[str] = []
+    try:
+        if staging:
+            for name, data in files.items():
+                staged[name] = os.path.join(staging, name)
+                storage.write_bytes(staged[name], data)
+            for name, path in staged.items():
+                os.replace(path, os.path.join(out, name))
+                placed.append(os.path.join(out, name))
+        else:
+            for name, data in files.items():
+                storage.write_bytes(storage.join(out, name), data)
+                placed.append(storage.join(out, name))
+    except BaseException:
+        for url in placed:
+            storage.remove(url)
+        raise
+
+
+def plan_sources(config: DetectConfig, info: ModelInfo, print_fn: Callable[[str], None],
+                 stop: Callable[[], bool] = lambda: False) -> list[Source]:
+    """The sources named by the flags, checked before any frame is classified; a video or
+    camera ends early when ``stop()`` says so."""
     where = config.model or config.checkpoint
     if (config.video or config.camera >= 0) and info.modality != "color":
         raise UserError(f"{where}: takes {info.modality} frames; a video or camera gives colour only "
@@ -82,19 +143,36 @@ def plan_sources(config: DetectConfig, info: ModelInfo, print_fn: Callable[[str]
         capture = open_capture(config.video, config.camera)
         name = os.path.basename(config.video) if config.video else f"camera {config.camera}"
         fps = float(capture.get(5) or 0) or FOLDER_FPS  # cv2.CAP_PROP_FPS
-        return [Source(name, lambda keep: capture_frames(capture, spec, name, config.max_frames), None, fps, True)]
+        return [Source(name, lambda keep: capture_frames(capture, spec, name, config.max_frames, stop), None, fps, True)]
     src = os.path.normpath(config.src)
     if os.path.isdir(os.path.join(src, "Train")) or os.path.isdir(os.path.join(src, "Test")):
         return _split_sources(src, config.split, info, spec, print_fn)
     n_frames = count_frames(src, info.modality)
-    truths = None
-    if os.path.isfile(src + ".xml"):
-        try:
-            truths = tuple(Truth(os.path.basename(src), s.pos, s.pos + s.len - 1) for s in parse_label_file(src + ".xml"))
-        except LabelFileError as exc:
-            raise UserError(f"{src}.xml: {exc}") from None
+    if n_frames < info.seq_len:
+        raise UserError(f"{src}: {n_frames} frames, fewer than the model's window of {info.seq_len}")
+    truths = _folder_truths(src, n_frames, info, print_fn)
     name = "/".join(src.split(os.sep)[-3:])
     return [Source(name, lambda keep: folder_frames(src, n_frames, spec, keep), truths, FOLDER_FPS, False, n_frames)]
+
+
+def _folder_truths(folder: str, n_frames: int, info: ModelInfo, print_fn: Callable[[str], None]) -> tuple[Truth, ...] | None:
+    """The segments of a sequence folder's label file (``<folder>.xml``), labelled with the
+    folder's name, as in a dataset; None without one, or when the name is not a class."""
+    label_file, action = folder + ".xml", os.path.basename(folder)
+    if not os.path.isfile(label_file):
+        return None
+    if action not in info.classes:
+        print_fn(f"note: {label_file} is not scored: {action!r} is not one of the model's classes")
+        return None
+    try:
+        segments = parse_label_file(label_file)
+    except LabelFileError as exc:
+        raise UserError(f"{label_file}: {exc}") from None
+    for segment in segments:
+        if segment.pos + segment.len > n_frames:
+            raise UserError(f"{label_file}: segment pos={segment.pos} len={segment.len} ends beyond the last frame "
+                            f"({n_frames - 1})")
+    return tuple(Truth(action, s.pos, s.pos + s.len - 1) for s in segments)
 
 
 def _split_sources(src: str, split: str, info: ModelInfo, spec, print_fn: Callable[[str], None]) -> list[Source]:
@@ -110,6 +188,11 @@ def _split_sources(src: str, split: str, info: ModelInfo, spec, print_fn: Callab
         return is_eval if split == "eval" else split_dir == "Train" and not is_eval
 
     chosen = [s for s in sequences if in_split(s.split_dir, s.subject)]
+    short = [s for s in chosen if s.n_frames < info.seq_len]
+    if short:
+        print_fn(f"warning: skipping {len(short)} sequence(s) shorter than the model's window of {info.seq_len} "
+                 f"frames; first: {short[0].path}")
+        chosen = [s for s in chosen if s.n_frames >= info.seq_len]
     broken = [b for b in bad if in_split(*b.path.split("/")[:2])]
     if broken:
         print_fn(f"warning: skipping {len(broken)} broken sequence(s) of the {split} split; first: {broken[0].message()}")
@@ -132,9 +215,10 @@ class DetectionRun:
         self.info = runner.info
         self.classes = list(runner.info.classes)
         self.results: list[SequenceResult] = []
-        self.probabilities: dict[str, np.ndarray] = {}
+        self.probabilities: list[np.ndarray] = []  # per source, in order
         self.latencies: list[float] = []
         self.has_truth = True  # every source has labels
+        self.announce = False  # print segments as they start and end (a single source)
         self.on_frame: Callable[[], None] = lambda: None
 
     def source(self, source: Source, keep_raw: bool) -> Iterator[Panel]:
@@ -147,34 +231,31 @@ class DetectionRun:
         found: list[Detection] = []
         rows: list[np.ndarray] = []
         last = -1
-        try:
-            for frame, probabilities, seconds in pairs:
-                last = frame.index
-                self.on_frame()
-                if probabilities is not None:
-                    rows.append(probabilities.astype(np.float32))
-                    if one_at_a_time:
-                        self.latencies.append(seconds)
-                    found += self._events(source, segmenter.push(frame.index, probabilities))
-                if keep_raw:
-                    yield self._panel(source, frame, segmenter)
-        except KeyboardInterrupt:
-            if not source.live:
-                raise
-            self.print(f"{source.name}: stopped by Ctrl-C after {last + 1} frames")
+        for frame, probabilities, seconds in pairs:
+            last = frame.index
+            self.on_frame()
+            if probabilities is not None:
+                rows.append(probabilities.astype(np.float32))
+                if one_at_a_time:
+                    self.latencies.append(seconds)
+                found += self._events(segmenter.push(frame.index, probabilities))
+            if keep_raw:
+                yield self._panel(source, frame, segmenter)
         if last >= 0:
-            found += self._events(source, segmenter.finish(last))
+            found += self._events(segmenter.finish(last))
         if last + 1 < self.info.seq_len:
             raise UserError(f"{source.name}: {last + 1} frames, fewer than the model's window of {self.info.seq_len}")
         self.results.append(SequenceResult(source.name, last + 1, source.truths or (), tuple(found)))
-        self.probabilities[source.name] = np.stack(rows)
+        self.probabilities.append(np.stack(rows))
         self.has_truth = self.has_truth and source.truths is not None
 
-    def _events(self, source: Source, events: list[tuple[str, Detection]]) -> list[Detection]:
+    def _events(self, events: list[tuple[str, Detection]]) -> list[Detection]:
         for kind, det in events:
-            if source.live and kind == "start":
+            if not self.announce:
+                break
+            if kind == "start":
                 self.print(f"[frame {det.seen_at}] {det.label} started at frame {det.first}")
-            elif source.live:
+            else:
                 self.print(f"[frame {det.decided_at}] {det.label}: frames {det.first}-{det.last} (score {det.score:.2f})")
         return [det for kind, det in events if kind == "end"]
 
@@ -192,8 +273,8 @@ class DetectionRun:
             captions.append((f"truth: {truth}", YELLOW))
         return Panel([to_display(frame.raw, self.config.video_size)], captions)
 
-    def finish(self) -> dict:
-        """Write the outputs and print the summary; returns metrics.json's content."""
+    def finish(self) -> tuple[dict, dict[str, bytes]]:
+        """Print the summary; returns metrics.json's content and every output file's bytes."""
         config = self.config
         latency = None
         if self.latencies:
@@ -203,20 +284,18 @@ class DetectionRun:
         detection = detection_metrics(self.results, NO_ACTION) if self.has_truth else None
         report = {"model": self.runner.name, "smooth": config.smooth, "min_length": config.min_length,
                   "latency": latency, "detection": detection}
-        segments = sum(len(r.detections) for r in self.results)
+        files = {}
         if config.out:
-            storage.write_json(storage.join(config.out, "detections.json"), {
+            detections = {
                 "model": self.runner.name, "classes": self.classes, "seq_len": self.info.seq_len,
                 "smooth": config.smooth, "min_length": config.min_length,
-                "sequences": [{"name": r.name, "frames": r.n_frames, "segments": [d.as_dict() for d in r.detections]}
-                              for r in self.results]})
-            buffer = io.BytesIO()
-            np.savez_compressed(buffer, **self.probabilities)
-            storage.write_bytes(storage.join(config.out, "probabilities.npz"), buffer.getvalue())
-            storage.write_json(storage.join(config.out, "metrics.json"), report)
+                "sequences": [{"name": r.name, "frames": r.n_frames, "probabilities": str(i),
+                               "segments": [d.as_dict() for d in r.detections]} for i, r in enumerate(self.results)]}
             rows = [(r.name, r.n_frames, None if not self.has_truth else [(t.label, t.first, t.last) for t in r.truths],
                      [(d.label, d.first, d.last) for d in r.detections]) for r in self.results]
-            storage.write_bytes(storage.join(config.out, "timeline.png"), timeline_png(rows, self.classes, NO_ACTION))
+            files = {"detections.json": storage.json_bytes(detections), "probabilities.npz": npz_bytes(self.probabilities),
+                     "metrics.json": storage.json_bytes(report), "timeline.png": timeline_png(rows, self.classes, NO_ACTION)}
+        segments = sum(len(r.detections) for r in self.results)
         lines = [f"{segments} segments in {len(self.results)} sequence(s), {sum(r.n_frames for r in self.results)} frames"]
         if detection is not None:
             lines.append(format_table(detection).rstrip())
@@ -228,4 +307,15 @@ class DetectionRun:
             video = "" if config.no_video else ", detections.mp4"
             lines.append(f"outputs in {config.out}: detections.json, probabilities.npz, metrics.json, timeline.png{video}")
         self.print("\n".join(lines))
-        return report
+        return report, files
+
+
+def npz_bytes(arrays: list[np.ndarray]) -> bytes:
+    """An ``.npz`` (what ``np.load`` reads) of ``arrays`` named "0", "1", ...: sequence names
+    are data and never become member names or keyword arguments."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
+        for index, array in enumerate(arrays):
+            with archive.open(f"{index}.npy", "w") as member:
+                np.lib.format.write_array(member, np.ascontiguousarray(array))
+    return buffer.getvalue()

@@ -23,15 +23,14 @@ import numpy as np
 import torch
 
 from . import storage
-from .config import ExportConfig
+from .config import MAX_BATCH, ExportConfig
 from .errors import UserError
+from .labels import scan_dataset
 from .runners import METADATA_KEY, ModelInfo, OnnxRunner, TorchRunner, load_checkpoint_runner, load_exported
 from .shards import load_npy, read_manifest, read_samples, split_shards
 from .stream import count_frames, folder_frames
-from .labels import scan_dataset
 
 TOLERANCE = 1e-4
-MAX_BATCH = 4096
 
 
 def export_model(config: ExportConfig, print_fn: Callable[[str], None] = print) -> dict:
@@ -50,7 +49,7 @@ def export_model(config: ExportConfig, print_fn: Callable[[str], None] = print) 
     folder, name = os.path.split(os.path.abspath(config.out))
     partial = os.path.join(folder, f".{name}.{os.getpid()}.partial{os.path.splitext(name)[1]}")
     try:
-        _write(runner.module, runner.info, windows, partial)
+        write_export(runner.module, runner.info, windows, partial)
         exported = load_exported(partial)
         if exported.info != runner.info:
             raise UserError(f"{config.out}: the exported metadata does not read back as written")
@@ -70,7 +69,10 @@ def export_model(config: ExportConfig, print_fn: Callable[[str], None] = print) 
     return {"windows": len(windows), "max_difference": difference, "out": config.out}
 
 
-def _write(module: torch.nn.Module, info: ModelInfo, windows: np.ndarray, path: str) -> None:
+def write_export(module: torch.nn.Module, info: ModelInfo, windows: np.ndarray, path: str) -> None:
+    """``module`` as ONNX (``.onnx``) or a torch.export program (otherwise) at ``path``, with a
+    dynamic batch and ``info`` inside; ``windows`` are example inputs. Unchecked: see
+    :func:`export_model`."""
     example = torch.from_numpy(np.ascontiguousarray(windows[:2] if len(windows) >= 2 else np.repeat(windows, 2, 0)))
     # batch 2 in the example: a batch of 1 would be specialised into the graph
     dynamic = {"clips": {0: torch.export.Dim("batch", min=1, max=MAX_BATCH)}}
@@ -82,7 +84,8 @@ def _write(module: torch.nn.Module, info: ModelInfo, windows: np.ndarray, path: 
             program.save(path)
         else:
             program = torch.export.export(module, (example,), dynamic_shapes=dynamic)
-            torch.export.save(program, path, extra_files={METADATA_KEY + ".json": info.to_json()})
+            with open(path, "wb") as handle:  # a file object: the archive's folder is not named after the path
+                torch.export.save(program, handle, extra_files={METADATA_KEY + ".json": info.to_json()})
 
 
 @contextlib.contextmanager

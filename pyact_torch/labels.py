@@ -85,9 +85,14 @@ def class_list(actions: set[str] | list[str] | tuple[str, ...]) -> list[str]:
     return sorted(set(actions)) + [NO_ACTION]
 
 
+LABEL_FILE_LIMIT = 1 << 20  # bytes: a real label file is well under 1 KB
+
+
 def parse_label_file(path: str) -> tuple[Segment, ...]:
     """The action segments of one label file, in file order."""
     try:
+        if os.path.getsize(path) > LABEL_FILE_LIMIT:
+            raise LabelFileError(f"larger than {LABEL_FILE_LIMIT} bytes: not a label file")
         root = ElementTree.parse(path).getroot()
     except ElementTree.ParseError as exc:
         raise LabelFileError(f"not a valid XML label file ({exc})") from None

@@ -39,10 +39,13 @@ def timeline_png(rows: list[tuple[str, int, list[tuple[str, int, int]] | None, l
         top = len(rows) - 1 - i
         axis.add_patch(plt.Rectangle((0, top + 0.08), frames, 0.84, color="0.93", lw=0))
         for spans, y in ((truth or [], top + 0.52), (predicted, top + 0.12)):
+            by_label: dict[str, list[tuple[int, int]]] = {}
             for label, first, last in spans:
                 if label != background:
-                    axis.broken_barh([(first, last - first + 1)], (y, 0.36), color=colour.get(label, "0.3"))
-                    used.add(label)
+                    by_label.setdefault(label, []).append((first, last - first + 1))
+            for label, bars in by_label.items():  # one artist per class and band: fast for many segments
+                axis.broken_barh(bars, (y, 0.36), color=colour.get(label, "0.3"))
+                used.add(label)
         if truth is None:
             axis.text(2, top + 0.69, "no labels", fontsize=6, va="center", color="0.4")
     axis.set_xlim(0, longest)

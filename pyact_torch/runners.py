@@ -10,7 +10,9 @@ onnxruntime and numpy only.
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
 import warnings
 from dataclasses import asdict, dataclass
 from typing import Any, Callable
@@ -23,6 +25,9 @@ from .labels import NO_ACTION
 
 METADATA_KEY = "pyact"  # the ONNX metadata_props key / the .pt2 extra file holding ModelInfo
 INFO_FORMAT = "pyact-torch-model/1"
+METADATA_LIMIT = 1 << 16  # bytes: 17 class names and a few settings take about 500
+CLASS_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,99}")  # printed and drawn: no paths, no control characters
+SUBJECT_NAME = re.compile(r"[^/\x00-\x1f\x7f.][^/\x00-\x1f\x7f]{0,254}")
 
 
 @dataclass(frozen=True)
@@ -60,17 +65,29 @@ class ModelInfo:
                        None if data.get("eval_subjects") is None else tuple(data["eval_subjects"]))
         except (KeyError, TypeError, ValueError):
             raise UserError(f"{where}: its pyact metadata is malformed") from None
-        ok = (2 <= len(info.classes) <= 1000 and all(isinstance(c, str) and 0 < len(c) <= 100 for c in info.classes)
+        ok = (2 <= len(info.classes) <= 1000 and all(isinstance(c, str) and CLASS_NAME.fullmatch(c) for c in info.classes)
+              and len(set(info.classes)) == len(info.classes)
               and NO_ACTION in info.classes and isinstance(info.seq_len, int) and 2 <= info.seq_len <= 1000
               and isinstance(info.image_size, int) and 16 <= info.image_size <= 4096
               and info.modality in CHANNELS
               and (info.depth_range is None or (len(info.depth_range) == 2 and all(isinstance(v, int) for v in info.depth_range)
                                                and 0 <= info.depth_range[0] < info.depth_range[1] <= 65535))
-              and (info.eval_subjects is None or all(isinstance(s, str) for s in info.eval_subjects)))
+              and (info.eval_subjects is None or (len(info.eval_subjects) <= 10_000 and all(
+                  isinstance(s, str) and SUBJECT_NAME.fullmatch(s) for s in info.eval_subjects))))
         if not ok:
-            raise UserError(f"{where}: its pyact metadata is out of range (classes, seq_len, image_size, modality "
-                            f"or depth_range)")
+            raise UserError(f"{where}: its pyact metadata is out of range (classes: distinct names of letters, digits "
+                            f"and _.+-, with no-action; seq_len, image_size, modality, depth_range or eval_subjects)")
         return info
+
+    @classmethod
+    def from_json(cls, text: str, where: str) -> "ModelInfo":
+        """From a model file's metadata text, bounded before it is parsed."""
+        if len(text) > METADATA_LIMIT:
+            raise UserError(f"{where}: its pyact metadata is larger than {METADATA_LIMIT} bytes")
+        try:
+            return cls.from_dict(json.loads(text), where)
+        except (json.JSONDecodeError, RecursionError):
+            raise UserError(f"{where}: its pyact metadata is not JSON") from None
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -124,10 +141,7 @@ class OnnxRunner(Runner):
         metadata = self.session.get_modelmeta().custom_metadata_map.get(METADATA_KEY)
         if metadata is None:
             raise UserError(f"{path}: not a model written by pyact export (no {METADATA_KEY!r} metadata)")
-        try:
-            self.info = ModelInfo.from_dict(json.loads(metadata), path)
-        except json.JSONDecodeError:
-            raise UserError(f"{path}: its pyact metadata is not JSON") from None
+        self.info = ModelInfo.from_json(metadata, path)
         self.name = path
         inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
         if len(inputs) != 1 or len(outputs) != 1:
@@ -161,17 +175,29 @@ def _load_program(path: str) -> Runner:
     import torch
 
     extra = {METADATA_KEY + ".json": ""}
+    logger = logging.getLogger("torch.export")
+    level = logger.level
     try:
+        logger.setLevel(logging.CRITICAL)  # it logs a failed load as well as raising it
         with warnings.catch_warnings():  # torch warns about its own read-only weight buffers
             warnings.simplefilter("ignore", UserWarning)
             program = torch.export.load(path, extra_files=extra)
     except Exception as exc:  # a damaged archive fails in many ways inside torch
-        raise UserError(f"{path}: not a torch.export program ({str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__})") from None
-    try:
-        info = ModelInfo.from_dict(json.loads(extra[METADATA_KEY + ".json"]), path)
-    except json.JSONDecodeError:
-        raise UserError(f"{path}: not a model written by pyact export (no {METADATA_KEY} metadata)") from None
-    return TorchRunner(program.module(), info, path)
+        reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+        raise UserError(f"{path}: not a torch.export program ({reason})") from None
+    finally:
+        logger.setLevel(level)
+    if not extra[METADATA_KEY + ".json"]:
+        raise UserError(f"{path}: not a model written by pyact export (no {METADATA_KEY} metadata)")
+    runner = TorchRunner(program.module(), ModelInfo.from_json(extra[METADATA_KEY + ".json"], path), path)
+    try:  # the metadata must describe what the graph takes and gives (ONNX's is checked statically)
+        shape = runner.logits(np.zeros((1,) + runner.info.clip_shape, np.uint8)).shape
+    except Exception:  # a guard of the program: another input shape
+        shape = None
+    if shape != (1, len(runner.info.classes)):
+        raise UserError(f"{path}: its graph does not take uint8 [batch, {', '.join(map(str, runner.info.clip_shape))}] "
+                        f"clips to {len(runner.info.classes)} outputs as its metadata says: not this model's shape")
+    return runner
 
 
 def load_checkpoint_runner(url: str, depth_range: tuple[int, int] | None = None,

@@ -43,8 +43,8 @@ class Segmenter:
     """Smooths each window's probabilities and cuts the stream into :class:`Detection` s."""
 
     def __init__(self, classes: list[str], background: str, seq_len: int, smooth: int, min_length: int):
-        if smooth < 1 or min_length < 1:
-            raise ValueError("smoothing window and minimum length must be at least 1")
+        if smooth < 1 or smooth % 2 == 0 or min_length < 1:
+            raise ValueError("the smoothing window must be odd (its lag whole frames) and the minimum length at least 1")
         self.classes, self.background = list(classes), classes.index(background)
         self.need, self.seq_len = seq_len // 2, seq_len
         self.lag, self.min_length = (smooth - 1) // 2, min_length

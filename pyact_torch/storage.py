@@ -342,9 +342,13 @@ def read_json(url: str, limit: int = JSON_LIMIT) -> Any:
         raise UserError(f"{url}: not valid JSON") from None
 
 
-def write_json(url: str, value: Any) -> None:
+def json_bytes(value: Any) -> bytes:
     """Deterministic, readable JSON (sorted keys are not used: field order is meaningful)."""
-    write_bytes(url, (json.dumps(value, indent=1) + "\n").encode())
+    return (json.dumps(value, indent=1) + "\n").encode()
+
+
+def write_json(url: str, value: Any) -> None:
+    write_bytes(url, json_bytes(value))
 
 
 def exists(url: str) -> bool:

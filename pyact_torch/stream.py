@@ -21,6 +21,7 @@ import numpy as np
 from .errors import UserError
 from .frames import FrameError, FrameSpec, frame_files, load_png, prepare
 from .labels import frame_indices, needed_kinds
+from .video import quiet_ffmpeg
 
 
 @dataclass
@@ -69,6 +70,7 @@ def folder_frames(folder: str, n_frames: int, spec: FrameSpec, keep_raw: bool) -
 
 def open_capture(video: str = "", camera: int = -1) -> cv2.VideoCapture:
     """An opened ``VideoCapture`` of a video file or a camera index (one-line errors)."""
+    quiet_ffmpeg()
     if video:
         if not os.path.isfile(video):
             raise UserError(f"--video {video}: no such file")
@@ -77,26 +79,24 @@ def open_capture(video: str = "", camera: int = -1) -> cv2.VideoCapture:
             capture.release()
             raise UserError(f"--video {video}: OpenCV cannot open it as a video")
         return capture
-    previous = os.environ.get("OPENCV_LOG_LEVEL")
-    os.environ["OPENCV_LOG_LEVEL"] = "OFF"  # "can't open camera by index" is our one line, not OpenCV's
+    level = cv2.utils.logging.getLogLevel()
+    cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)  # "can't open camera by index" is our one line
     try:
         capture = cv2.VideoCapture(camera)
     finally:
-        if previous is None:
-            os.environ.pop("OPENCV_LOG_LEVEL", None)
-        else:
-            os.environ["OPENCV_LOG_LEVEL"] = previous
+        cv2.utils.logging.setLogLevel(level)
     if not capture.isOpened():
         capture.release()
         raise UserError(f"--camera {camera}: no camera with this index can be opened")
     return capture
 
 
-def capture_frames(capture: cv2.VideoCapture, spec: FrameSpec, name: str, max_frames: int = 0) -> Iterator[Frame]:
-    """Frames of a video or camera until it ends (or ``max_frames``); colour only."""
+def capture_frames(capture: cv2.VideoCapture, spec: FrameSpec, name: str, max_frames: int = 0,
+                   stop: Callable[[], bool] = lambda: False) -> Iterator[Frame]:
+    """Frames of a video or camera until it ends, ``max_frames`` or ``stop()``; colour only."""
     index = 0
     try:
-        while not max_frames or index < max_frames:
+        while (not max_frames or index < max_frames) and not stop():
             ok, image = capture.read()
             if not ok:
                 break

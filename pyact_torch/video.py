@@ -102,13 +102,23 @@ def with_banner(frame: np.ndarray, captions: list[tuple[str, tuple[int, int, int
     return np.vstack([banner, frame])
 
 
+def quiet_ffmpeg() -> None:
+    """Keep FFmpeg's own messages ("moov atom not found", ...) off stderr: ours are one line.
+    Read by OpenCV when FFmpeg is first used, so call it before any VideoCapture/VideoWriter."""
+    os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")
+
+
 def write_video(windows: Iterable[Panel], out: str, fps: float) -> tuple[str, int]:
     """Every window's frames with their banner, in order, as an mp4 (MJPG AVI where the mp4
-    codec is missing). Written under a temporary name and renamed when complete; returns the
-    path written (its suffix tells the container) and the number of frames."""
+    codec is missing). Written under a temporary name, read back to count its frames (a full
+    disk makes OpenCV drop frames silently) and renamed when complete; returns the path
+    written (its suffix tells the container) and the number of frames."""
     if storage.is_gcs(out):
         raise UserError(f"{out}: the video is written to a local path")
+    quiet_ffmpeg()
     writer, path, partial, count = None, out, "", 0
+    level = cv2.utils.logging.getLogLevel()
+    cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)  # a failed write warns once per frame
     try:
         for window in windows:
             for frame in window.frames:
@@ -120,8 +130,12 @@ def write_video(windows: Iterable[Panel], out: str, fps: float) -> tuple[str, in
         if writer is None:
             raise UserError("no windows to put in the video")
         writer.release()
+        written = int(cv2.VideoCapture(partial).get(cv2.CAP_PROP_FRAME_COUNT))
+        if written != count:
+            raise UserError(f"{path}: only {written} of its {count} frames could be written (is the disk full?)")
         os.replace(partial, path)
     finally:
+        cv2.utils.logging.setLogLevel(level)
         if writer is not None and os.path.exists(partial):
             writer.release()
             os.remove(partial)

@@ -6,8 +6,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import signal
 import subprocess
 import sys
+import time
+import zipfile
 
 import cv2
 import numpy as np
@@ -89,8 +93,9 @@ def test_detection_finds_the_actions_of_the_test_split(detector_run, raw, tmp_pa
     assert metrics["frame_accuracy"] >= 0.85
     assert metrics["false_alarms_per_1000_background_frames"] < 30
     probabilities = np.load(os.path.join(out, "probabilities.npz"))
-    name = detections["sequences"][0]["name"]
-    assert probabilities[name].shape == (detections["sequences"][0]["frames"] - 5, 17)
+    assert sorted(probabilities.files) == sorted(s["probabilities"] for s in detections["sequences"])
+    first = detections["sequences"][0]
+    assert probabilities[first["probabilities"]].shape == (first["frames"] - 5, 17)
     capture = cv2.VideoCapture(os.path.join(out, "detections.mp4"))
     assert int(capture.get(cv2.CAP_PROP_FRAME_COUNT)) == metrics["frames"]
     assert cv2.imread(os.path.join(out, "timeline.png")).shape[0] > 32 * 30  # a band pair per sequence
@@ -142,7 +147,7 @@ def test_a_video_of_the_frames_gives_the_folders_detections(detector_run, raw, t
                          np.load(os.path.join(out, "probabilities.npz")), json.load(open(os.path.join(out, "metrics.json"))))
     (folder_seq, folder_p, _), (video_seq, video_p, video_m) = results["--src"], results["--video"]
     assert folder_seq["frames"] == video_seq["frames"] == n
-    p_folder, p_video = folder_p[folder_seq["name"]], video_p[video_seq["name"]]
+    p_folder, p_video = folder_p[folder_seq["probabilities"]], video_p[video_seq["probabilities"]]
     # mp4v is lossy: the frames differ (measured: 2.4 grey levels mean, 0.24 largest probability change)
     spec = FrameSpec("color", 32, (150, 1000))
     from pyact_torch.stream import capture_frames, open_capture
@@ -213,16 +218,27 @@ def test_detect_with_onnx_imports_no_torch_and_matches_the_checkpoint(exported, 
     assert result.stdout.strip().splitlines()[-1] == "['onnxruntime']"
     assert main(["detect", "--checkpoint", detector_run, "--src", folder, "--out", str(tmp_path / "ckpt"), "--no-video"]) == 0
     onnx_p, torch_p = (np.load(str(tmp_path / name / "probabilities.npz")) for name in ("onnx", "ckpt"))
-    (key,) = onnx_p.files
-    assert np.abs(onnx_p[key] - torch_p[key]).max() < 1e-5
+    assert onnx_p.files == torch_p.files == ["0"]
+    assert np.abs(onnx_p["0"] - torch_p["0"]).max() < 1e-5
     found = [json.load(open(str(tmp_path / name / "detections.json")))["sequences"][0]["segments"]
              for name in ("onnx", "ckpt")]
     assert len(found[0]) >= 1 and without_scores(found[0]) == without_scores(found[1])
     assert [s["score"] for s in found[0]] == pytest.approx([s["score"] for s in found[1]], abs=1e-5)
 
 
-def one_error_line(capsys) -> str:
-    err = capsys.readouterr().err.strip().splitlines()
+def rewrite_pt2(source: str, target: str, change) -> None:
+    """A copy of a .pt2 archive with its pyact metadata changed by ``change(dict) -> dict``."""
+    with zipfile.ZipFile(source) as old, zipfile.ZipFile(target, "w") as new:
+        for item in old.infolist():
+            data = old.read(item)
+            if item.filename.endswith("extra/pyact.json"):
+                data = json.dumps(change(json.loads(data))).encode()
+            new.writestr(item, data)
+
+
+def one_error_line(capture) -> str:
+    """The one stderr line; with ``capfd``, what OpenCV and FFmpeg print from C counts too."""
+    err = capture.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: "), err
     return err[0]
 
@@ -245,7 +261,7 @@ def depth_checkpoint(tmp_path_factory) -> str:
 
 
 @pytest.mark.slow
-def test_bad_detect_input_is_one_line_and_writes_nothing(detector_run, exported, depth_checkpoint, raw, tmp_path, capsys):
+def test_bad_detect_input_is_one_line_and_writes_nothing(detector_run, exported, depth_checkpoint, raw, tmp_path, capfd):
     import onnx
 
     empty = tmp_path / "empty-seq"
@@ -258,6 +274,21 @@ def test_bad_detect_input_is_one_line_and_writes_nothing(detector_run, exported,
     onnx.save(model, tampered)
     garbage = tmp_path / "garbage.onnx"
     garbage.write_bytes(b"\x08\x07garbage")
+    deep, twins = str(tmp_path / "deep.onnx"), str(tmp_path / "twins.onnx")
+    for path, text in ((deep, "[" * 10_000 + "]" * 10_000),
+                       (twins, json.dumps({**json.loads(model.metadata_props[0].value), "classes": ["no-action"] * 17}))):
+        changed = onnx.load(exported[".onnx"])
+        changed.metadata_props[0].value = text
+        onnx.save(changed, path)
+    wrong_pt2 = str(tmp_path / "wrong.pt2")
+    rewrite_pt2(exported[".pt2"], wrong_pt2, lambda info: {**info, "seq_len": 8})
+    short, beyond = tmp_path / "short", tmp_path / "labelled" / "asl-where"  # named as a class: it is scored
+    shutil.copytree(os.path.join(raw, SEQUENCE), short)
+    for i in range(5, 100):
+        for kind in ("color", "depth", "confi"):
+            (short / f"{kind}_{i}.png").unlink(missing_ok=True)
+    shutil.copytree(os.path.join(raw, SEQUENCE), beyond)
+    (tmp_path / "labelled" / "asl-where.xml").write_text("<opencv_storage><_><pos>30</pos><len>99</len></_></opencv_storage>")
     cases = {
         "no frames": (["--checkpoint", detector_run, "--src", str(empty)], "no color_<i>.png frames"),
         "video does not open": (["--checkpoint", detector_run, "--video", str(not_video)], "cannot open it as a video"),
@@ -266,11 +297,18 @@ def test_bad_detect_input_is_one_line_and_writes_nothing(detector_run, exported,
         "onnx of another shape": (["--model", tampered, "--src", os.path.join(raw, SEQUENCE)], "not this model's shape"),
         "not onnx": (["--model", str(garbage), "--src", os.path.join(raw, SEQUENCE)], "ONNX Runtime cannot load it"),
         "two sources": (["--checkpoint", detector_run, "--src", raw, "--camera", "0"], "exactly one source"),
+        "short sequence": (["--checkpoint", detector_run, "--src", str(short)], "fewer than the model's window of 6"),
+        "segment beyond the frames": (["--checkpoint", detector_run, "--src", str(beyond)], "ends beyond the last frame"),
+        "deep metadata": (["--model", deep, "--src", os.path.join(raw, SEQUENCE)], "metadata is not JSON"),
+        "duplicate classes": (["--model", twins, "--src", os.path.join(raw, SEQUENCE)], "metadata is out of range"),
+        "pt2 of another shape": (["--model", wrong_pt2, "--src", os.path.join(raw, SEQUENCE)], "not this model's shape"),
+        "even smoothing": (["--checkpoint", detector_run, "--src", raw, "--smooth", "4"], "--smooth must be odd"),
+        "huge batch": (["--checkpoint", detector_run, "--src", raw, "--batch-size", "5000"], "--batch-size at most"),
     }
     for name, (args, message) in cases.items():
         out = tmp_path / f"out-{name.replace(' ', '-')}"
         assert main(["detect", *args, "--out", str(out)]) == 2, name
-        assert message in one_error_line(capsys), name
+        assert message in one_error_line(capfd), name
         assert not out.exists() or not any(out.iterdir()), name
 
 
@@ -287,3 +325,68 @@ def test_export_refuses_bad_input_in_one_line(detector_run, depth_checkpoint, ra
         assert main(["export", *args]) == 2, name
         assert message in one_error_line(capsys), name
     assert sorted(os.listdir(tmp_path)) == []
+
+
+@pytest.mark.slow
+def test_sequence_names_are_data_in_the_outputs(detector_run, raw, tmp_path):
+    """A folder named like an argument of numpy's savez once emptied or broke probabilities.npz."""
+    folder = tmp_path / "file"
+    shutil.copytree(os.path.join(raw, SEQUENCE), folder)
+    out = tmp_path / "out"
+    assert main(["detect", "--checkpoint", detector_run, "--src", str(folder), "--out", str(out), "--no-video"]) == 0
+    probabilities = np.load(str(out / "probabilities.npz"))
+    assert probabilities.files == ["0"] and probabilities["0"].shape == (count_frames(str(folder), "color") - 5, 17)
+    assert json.load(open(out / "detections.json"))["sequences"][0]["name"].endswith("/file")
+
+
+@pytest.mark.slow
+def test_a_full_disk_leaves_no_output_behind(detector_run, raw, tmp_path, capsys):
+    """Root only (tmpfs). The video needs more room than there is: no file is published, and
+    the earlier run's outputs in --out are left as they were."""
+    from test_faults import small_tmpfs
+
+    full = tmp_path / "full"
+    with small_tmpfs(full, "1m"):
+        out = full / "det"
+        assert main(["detect", "--checkpoint", detector_run, "--src", os.path.join(raw, SEQUENCE), "--out", str(out),
+                     "--no-video"]) == 0
+        before = {name: (out / name).read_bytes() for name in os.listdir(out)}
+        assert sorted(before) == ["detections.json", "metrics.json", "probabilities.npz", "timeline.png"]
+        capsys.readouterr()
+        assert main(["detect", "--checkpoint", detector_run, "--src", raw, "--out", str(out)]) == 2
+        line = one_error_line(capsys).lower()
+        assert "disk" in line or "space" in line, line
+        assert {name: (out / name).read_bytes() for name in os.listdir(out)} == before  # no staging folder either
+
+
+@pytest.mark.slow
+def test_ctrl_c_ends_a_live_source_and_keeps_what_was_found(detector_run, raw, tmp_path):
+    folder = os.path.join(raw, SEQUENCE)
+    video = str(tmp_path / "long.avi")
+    first = cv2.imread(os.path.join(folder, "color_0.png"))
+    writer = cv2.VideoWriter(video, cv2.VideoWriter_fourcc(*"MJPG"), 15, (first.shape[1], first.shape[0]))
+    n = count_frames(folder, "color")
+    images = [cv2.imread(os.path.join(folder, f"color_{j}.png")) for j in range(n)]
+    for i in range(20_000 // n):  # long enough not to end before the signal
+        for image in images:
+            writer.write(image)
+    writer.release()
+    out = tmp_path / "out"
+    process = subprocess.Popen([sys.executable, "-c", "import sys; from pyact_torch.cli import main; sys.exit(main())",
+                                "detect", "--checkpoint", detector_run,
+                                "--video", video, "--out", str(out)], cwd=ROOT, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (out.exists() and any(p.name.startswith(".pyact-detect") for p in out.iterdir())) and time.time() < deadline:
+        time.sleep(0.2)  # the run has checked everything and started writing
+    time.sleep(2)
+    process.send_signal(signal.SIGINT)
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 0, stderr
+    assert "stopping after this frame" in stdout
+    report = json.load(open(out / "metrics.json"))
+    frames = json.load(open(out / "detections.json"))["sequences"][0]["frames"]
+    assert 5 < frames < 20_000 // n * n and report["latency"]["frames"] == frames - 5
+    assert int(cv2.VideoCapture(str(out / "detections.mp4")).get(cv2.CAP_PROP_FRAME_COUNT)) == frames
+    assert sorted(os.listdir(out)) == ["detections.json", "detections.mp4", "metrics.json", "probabilities.npz",
+                                       "timeline.png"]
