@@ -304,6 +304,7 @@ def test_bad_detect_input_is_one_line_and_writes_nothing(detector_run, exported,
         "pt2 of another shape": (["--model", wrong_pt2, "--src", os.path.join(raw, SEQUENCE)], "not this model's shape"),
         "even smoothing": (["--checkpoint", detector_run, "--src", raw, "--smooth", "4"], "--smooth must be odd"),
         "huge batch": (["--checkpoint", detector_run, "--src", raw, "--batch-size", "5000"], "--batch-size at most"),
+        "huge video frames": (["--checkpoint", detector_run, "--src", raw, "--video-size", "100000"], "--video-size at most"),
     }
     for name, (args, message) in cases.items():
         out = tmp_path / f"out-{name.replace(' ', '-')}"
@@ -390,3 +391,22 @@ def test_ctrl_c_ends_a_live_source_and_keeps_what_was_found(detector_run, raw, t
     assert int(cv2.VideoCapture(str(out / "detections.mp4")).get(cv2.CAP_PROP_FRAME_COUNT)) == frames
     assert sorted(os.listdir(out)) == ["detections.json", "detections.mp4", "metrics.json", "probabilities.npz",
                                        "timeline.png"]
+
+
+@pytest.mark.slow
+def test_a_split_skips_a_sequence_shorter_than_the_window(detector_run, raw, tmp_path, capsys):
+    copy = tmp_path / "raw"
+    shutil.copytree(raw, copy, ignore=shutil.ignore_patterns("Train", "Eval"))
+    (copy / "Train").mkdir()
+    short = copy / "Test" / "test00" / "asl-blue"
+    for path in short.iterdir():
+        if int(path.stem.split("_")[1]) >= 5:
+            path.unlink()
+    (copy / "Test" / "test00" / "asl-blue.xml").write_text(
+        "<opencv_storage><_><pos>1</pos><len>3</len></_></opencv_storage>")
+    out = tmp_path / "out"
+    assert main(["detect", "--checkpoint", detector_run, "--src", str(copy), "--out", str(out), "--no-video"]) == 0
+    assert "skipping 1 sequence(s) shorter than the model's window of 6 frames; first: Test/test00/asl-blue" in \
+        capsys.readouterr().out
+    names = [s["name"] for s in json.load(open(out / "detections.json"))["sequences"]]
+    assert len(names) == 31 and "Test/test00/asl-blue" not in names

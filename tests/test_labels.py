@@ -52,3 +52,13 @@ def test_depth_mapping_is_linear_near_bright_and_zero_outside():
     got = depth_to_uint8(depth, (150, 1000))
     # 255 * (1000 - d) / 850, rounded; no reading and out of range -> 0
     assert got.tolist() == [[255, 0, 128, 0, 0, 0, 204]]
+
+
+def test_a_label_file_is_bounded_before_it_is_parsed(tmp_path):
+    path = tmp_path / "huge.xml"
+    segment = "<_><pos>1</pos><len>2</len></_>"
+    path.write_text("<opencv_storage>" + segment * 40_000 + "</opencv_storage>")  # 1.3 MB
+    with pytest.raises(LabelFileError, match="larger than"):
+        parse_label_file(str(path))
+    path.write_text("<opencv_storage>" + segment * 30_000 + "</opencv_storage>")  # 0.99 MB: still read
+    assert len(parse_label_file(str(path))) == 30_000
