@@ -1,10 +1,10 @@
 """``pyact detect``: hand actions found in whole sequences, video files and live cameras.
 
 Each source is read frame by frame (``stream``), each window ending at a frame is classified
-(``runners``), and the probabilities become segments online (``segments``); with a single
+(``runners``), and the probabilities become segments online (``segments``). With a single
 source (a camera, a video, a folder) a segment is printed once when it starts and once when it
-ends, and all of them are written to ``detections.json``. Against the label files, ``detection_metrics`` scores them.
-With ``--model FILE.onnx`` nothing here imports torch.
+ends; all of them are written to ``detections.json`` and, against the label files, scored by
+``detection_metrics``. With ``--model FILE.onnx`` nothing here imports torch.
 """
 
 from __future__ import annotations
