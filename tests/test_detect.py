@@ -410,3 +410,25 @@ def test_a_split_skips_a_sequence_shorter_than_the_window(detector_run, raw, tmp
         capsys.readouterr().out
     names = [s["name"] for s in json.load(open(out / "detections.json"))["sequences"]]
     assert len(names) == 31 and "Test/test00/asl-blue" not in names
+
+
+@pytest.mark.slow
+def test_detect_reads_a_checkpoint_from_and_writes_to_a_bucket(detector_run, raw, gcs, tmp_path):
+    from pyact_torch import storage
+
+    storage.write_bytes("gs://pyact-test/detect/ckpt.pt", open(os.path.join(detector_run, "final.pt"), "rb").read())
+    folder = os.path.join(raw, SEQUENCE)
+    local = str(tmp_path / "local")
+    assert main(["detect", "--checkpoint", os.path.join(detector_run, "final.pt"), "--src", folder, "--out", local,
+                 "--no-video"]) == 0
+    assert main(["detect", "--checkpoint", "gs://pyact-test/detect/ckpt.pt", "--src", folder,
+                 "--out", "gs://pyact-test/detect/out", "--no-video"]) == 0
+    names = ["detections.json", "metrics.json", "probabilities.npz", "timeline.png"]
+    assert storage.list_files("gs://pyact-test/detect/out") == names
+    remote = json.loads(storage.read_bytes("gs://pyact-test/detect/out/detections.json"))
+    here = json.load(open(os.path.join(local, "detections.json")))
+    assert remote["sequences"] == here["sequences"] and len(here["sequences"][0]["segments"]) >= 1
+    # the video needs a local folder: refused before any work
+    assert main(["detect", "--checkpoint", "gs://pyact-test/detect/ckpt.pt", "--src", folder,
+                 "--out", "gs://pyact-test/detect/out2"]) == 2
+    assert storage.list_files("gs://pyact-test/detect/out2") == []
