@@ -61,6 +61,10 @@ COMMANDS: dict[str, tuple[type, Callable[[Any], Any], str]] = {
 }
 
 
+# commands that continue from where an interrupted run stopped
+RESUMABLE = ("preprocess", "train")
+
+
 def build_parser(only: str | None = None, prog: str | None = None) -> argparse.ArgumentParser:
     """The ``pyact`` parser, or the parser of one subcommand (for ``scripts/``)."""
     if only is not None:
@@ -104,11 +108,13 @@ def main(argv: list[str] | None = None, only: str | None = None, prog: str | Non
         print(f"error: {exc.filename or args.command}: {exc.strerror}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted; run the same command again to continue where it stopped", file=sys.stderr)
+        again = "run the same command again to continue where it stopped" if args.command in RESUMABLE else \
+            "nothing half-written was left"
+        print(f"interrupted; {again}", file=sys.stderr)
         return 130
     except Terminated:
-        print("stopped by SIGTERM; nothing half-written was left; run the same command again to continue",
-              file=sys.stderr)
+        again = "run the same command again to continue" if args.command in RESUMABLE else "run it again to redo it"
+        print(f"stopped by SIGTERM; nothing half-written was left; {again}", file=sys.stderr)
         return 143
     finally:
         if previous is not None:

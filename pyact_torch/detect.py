@@ -13,6 +13,7 @@ import io
 import os
 import shutil
 import signal
+import tempfile
 import zipfile
 from dataclasses import dataclass, replace
 from typing import Callable, Iterator
@@ -51,48 +52,65 @@ def run_detect(config: DetectConfig, progress: bool = True, print_fn: Callable[[
     """Run ``pyact detect``; returns what metrics.json holds. The sources, the model and
     ``--out`` are checked before any frame is classified; the outputs are written to a
     staging folder and published together when all of them are complete."""
-    from tqdm import tqdm
-
     runner = load_exported(config.model) if config.model else \
         load_checkpoint_runner(config.checkpoint, log=print_fn)
     if config.depth_range:
+        if runner.info.modality == "color":
+            print_fn("note: --depth-range is not used: this model takes colour frames only")
         runner.info = replace(runner.info, depth_range=tuple(config.depth_range))
     stopped = [False]
     sources = plan_sources(config, runner.info, print_fn, stop=lambda: stopped[0])
+    local = bool(config.out) and not storage.is_gcs(config.out)
+    created = local and not os.path.exists(config.out)
     if config.out:
         storage.check_writable(config.out)
-    run = DetectionRun(runner, config, print_fn)
-    run.announce = len(sources) == 1
-    live = sources[0].live
-    staging = "" if storage.is_gcs(config.out) or not config.out else \
-        os.path.join(config.out, f".pyact-detect-{os.getpid()}")
-    previous = signal.signal(signal.SIGINT, _stop_once(stopped, print_fn)) if live else None
+    staging, done = "", False
+    previous = signal.signal(signal.SIGINT, _stop_once(stopped, print_fn)) if sources[0].live else None
     try:
-        bar = tqdm(total=None if live else sum(s.n_frames or 0 for s in sources), unit="frame", desc="detect",
-                   disable=None if progress and not live else True)
-        run.on_frame = lambda: bar.update(1)
-        keep_raw = bool(config.out) and not config.no_video
-        panels = (panel for source in sources for panel in run.source(source, keep_raw))
-        staged = {}
-        if keep_raw:
-            os.makedirs(staging, exist_ok=True)
-            staged["detections.mp4"] = write_video(panels, os.path.join(staging, "detections.mp4"), sources[0].fps)[0]
-        else:
-            for _ in panels:
-                pass
-        bar.close()
+        if local:  # always a new folder of our own, whatever is in --out
+            staging = tempfile.mkdtemp(prefix=".pyact-detect-", dir=config.out)
+        run = DetectionRun(runner, config, print_fn)
+        run.announce = len(sources) == 1
+        staged = _run_sources(run, sources, config, staging, progress)
         if previous is not None:  # a Ctrl-C from here on interrupts, as anywhere else
             signal.signal(signal.SIGINT, previous)
             previous = None
         report, files = run.finish()
         if config.out:
             publish(config.out, files, staged, staging)
+            print_fn(f"outputs in {config.out}: {', '.join(sorted(files) + sorted(staged.keys() - files.keys()))}")
+        done = True
     finally:
         if previous is not None:
             signal.signal(signal.SIGINT, previous)
         if staging and os.path.isdir(staging):
-            shutil.rmtree(staging)  # ours (named with our pid): whatever was not published
+            shutil.rmtree(staging)  # made by mkdtemp above: ours, with whatever was not published
+        if created and not done and os.path.isdir(config.out) and not os.listdir(config.out):
+            os.rmdir(config.out)  # the empty folder this failed run made
     return report
+
+
+def _run_sources(run: "DetectionRun", sources: list[Source], config: DetectConfig, staging: str,
+                 progress: bool) -> dict[str, str]:
+    """Every source through ``run``; the annotated video goes to ``staging``. Returns the
+    staged files (name -> path)."""
+    from tqdm import tqdm
+
+    live = sources[0].live
+    bar = tqdm(total=None if live else sum(s.n_frames or 0 for s in sources), unit="frame", desc="detect",
+               disable=None if progress and not live else True)
+    run.on_frame = lambda: bar.update(1)
+    keep_raw = bool(staging) and not config.no_video
+    panels = (panel for source in sources for panel in run.source(source, keep_raw))
+    staged = {}
+    if keep_raw:
+        path, _ = write_video(panels, os.path.join(staging, "detections.mp4"), sources[0].fps)
+        staged[os.path.basename(path)] = path  # detections.avi where OpenCV cannot write mp4
+    else:
+        for _ in panels:
+            pass
+    bar.close()
+    return staged
 
 
 def _stop_once(stopped: list[bool], print_fn: Callable[[str], None]) -> Callable:
@@ -107,26 +125,48 @@ def _stop_once(stopped: list[bool], print_fn: Callable[[str], None]) -> Callable
 
 
 def publish(out: str, files: dict[str, bytes], staged: dict[str, str], staging: str) -> None:
-    """Put every output in ``out`` only once all of them are complete: ``files`` (name ->
-    bytes) are written to ``staging`` beside ``staged`` (name -> path there), then each is
-    renamed into place; if that fails, the outputs this call already placed are removed.
-    On gs:// (no staging folder) the objects are written one by one, with the same undo."""
-    placed: list[str] = []
-    try:
-        if staging:
-            for name, data in files.items():
-                staged[name] = os.path.join(staging, name)
-                storage.write_bytes(staged[name], data)
-            for name, path in staged.items():
-                os.replace(path, os.path.join(out, name))
-                placed.append(os.path.join(out, name))
-        else:
+    """Put every output in ``out`` only once all of them are complete. Locally, ``files``
+    (name -> bytes) are written to ``staging`` beside ``staged`` (name -> path there); each
+    one replaces its earlier version, which is kept in ``staging`` until all are in place and
+    put back if any fails. On gs:// the objects are written one by one and removed again if one
+    fails."""
+    if not staging:
+        written: list[str] = []
+        try:
             for name, data in files.items():
                 storage.write_bytes(storage.join(out, name), data)
-                placed.append(storage.join(out, name))
+                written.append(storage.join(out, name))
+        except BaseException:
+            try:
+                for url in written:
+                    storage.remove(url)
+            except Exception:
+                raise UserError(f"{out}: writing the outputs failed, and {', '.join(written)} could not be removed "
+                                f"again; delete them or run again") from None
+            raise
+        return
+    for name, data in files.items():
+        staged[name] = os.path.join(staging, name)
+        storage.write_bytes(staged[name], data)
+    for name in staged:
+        target = os.path.join(out, name)
+        if os.path.lexists(target) and (os.path.islink(target) or not os.path.isfile(target)):
+            raise UserError(f"{target}: exists and is not a file; move it away to write the outputs")
+    earlier: dict[str, str] = {}
+    placed: list[str] = []
+    try:
+        for name, path in staged.items():
+            target = os.path.join(out, name)
+            if os.path.lexists(target):
+                earlier[target] = os.path.join(staging, "earlier-" + name)
+                os.replace(target, earlier[target])
+            os.replace(path, target)
+            placed.append(target)
     except BaseException:
-        for url in placed:
-            storage.remove(url)
+        for target in placed:
+            os.remove(target)
+        for target, kept in earlier.items():
+            os.replace(kept, target)
         raise
 
 
@@ -139,6 +179,8 @@ def plan_sources(config: DetectConfig, info: ModelInfo, print_fn: Callable[[str]
         raise UserError(f"{where}: takes {info.modality} frames; a video or camera gives colour only "
                         f"(use a color model, or --src with the dataset's depth frames)")
     spec = info.spec(where)
+    if config.max_frames and config.max_frames < info.seq_len:
+        raise UserError(f"--max-frames {config.max_frames}: fewer than the model's window of {info.seq_len} frames")
     if config.video or config.camera >= 0:
         capture = open_capture(config.video, config.camera)
         name = os.path.basename(config.video) if config.video else f"camera {config.camera}"
@@ -198,10 +240,14 @@ def _split_sources(src: str, split: str, info: ModelInfo, spec, print_fn: Callab
         print_fn(f"warning: skipping {len(broken)} broken sequence(s) of the {split} split; first: {broken[0].message()}")
     if not chosen:
         raise UserError(f"{src}: no usable sequence in the {split} split")
+    unknown = [s for s in chosen if s.action not in info.classes or s.action == NO_ACTION]
+    if unknown:
+        print_fn(f"note: {len(unknown)} sequence(s) are not scored: their action is not one of the model's "
+                 f"classes; first: {unknown[0].path}")
     sources = []
     for seq in chosen:
         folder = os.path.join(src, seq.path)
-        truths = tuple(Truth(seq.action, s.pos, s.pos + s.len - 1) for s in seq.segments)
+        truths = None if seq in unknown else tuple(Truth(seq.action, s.pos, s.pos + s.len - 1) for s in seq.segments)
         sources.append(Source(seq.path, lambda keep, f=folder, n=seq.n_frames: folder_frames(f, n, spec, keep),
                               truths, FOLDER_FPS, False, seq.n_frames))
     return sources
@@ -217,7 +263,7 @@ class DetectionRun:
         self.results: list[SequenceResult] = []
         self.probabilities: list[np.ndarray] = []  # per source, in order
         self.latencies: list[float] = []
-        self.has_truth = True  # every source has labels
+        self.scored: list[bool] = []  # per source: has labels to score against
         self.announce = False  # print segments as they start and end (a single source)
         self.on_frame: Callable[[], None] = lambda: None
 
@@ -247,7 +293,7 @@ class DetectionRun:
             raise UserError(f"{source.name}: {last + 1} frames, fewer than the model's window of {self.info.seq_len}")
         self.results.append(SequenceResult(source.name, last + 1, source.truths or (), tuple(found)))
         self.probabilities.append(np.stack(rows))
-        self.has_truth = self.has_truth and source.truths is not None
+        self.scored.append(source.truths is not None)
 
     def _events(self, events: list[tuple[str, Detection]]) -> list[Detection]:
         for kind, det in events:
@@ -281,7 +327,8 @@ class DetectionRun:
             p50, p99 = (float(np.percentile(self.latencies, q) * 1000) for q in (50, 99))
             latency = {"p50_ms": p50, "p99_ms": p99, "frames": len(self.latencies),
                        "p50_frame_periods_30fps": p50 / FRAME_PERIOD_MS, "p99_frame_periods_30fps": p99 / FRAME_PERIOD_MS}
-        detection = detection_metrics(self.results, NO_ACTION) if self.has_truth else None
+        scored = [r for r, labelled in zip(self.results, self.scored) if labelled]
+        detection = detection_metrics(scored, NO_ACTION) if scored else None
         report = {"model": self.runner.name, "smooth": config.smooth, "min_length": config.min_length,
                   "latency": latency, "detection": detection}
         files = {}
@@ -291,8 +338,8 @@ class DetectionRun:
                 "smooth": config.smooth, "min_length": config.min_length,
                 "sequences": [{"name": r.name, "frames": r.n_frames, "probabilities": str(i),
                                "segments": [d.as_dict() for d in r.detections]} for i, r in enumerate(self.results)]}
-            rows = [(r.name, r.n_frames, None if not self.has_truth else [(t.label, t.first, t.last) for t in r.truths],
-                     [(d.label, d.first, d.last) for d in r.detections]) for r in self.results]
+            rows = [(r.name, r.n_frames, [(t.label, t.first, t.last) for t in r.truths] if labelled else None,
+                     [(d.label, d.first, d.last) for d in r.detections]) for r, labelled in zip(self.results, self.scored)]
             files = {"detections.json": storage.json_bytes(detections), "probabilities.npz": npz_bytes(self.probabilities),
                      "metrics.json": storage.json_bytes(report), "timeline.png": timeline_png(rows, self.classes, NO_ACTION)}
         segments = sum(len(r.detections) for r in self.results)
@@ -303,9 +350,6 @@ class DetectionRun:
             lines.append(f"latency per frame (prepare + model): p50 {latency['p50_ms']:.1f} ms, p99 {latency['p99_ms']:.1f} ms "
                          f"over {latency['frames']} frames = {latency['p99_frame_periods_30fps']:.2f}x a 30 fps frame "
                          f"period at p99")
-        if config.out:
-            video = "" if config.no_video else ", detections.mp4"
-            lines.append(f"outputs in {config.out}: detections.json, probabilities.npz, metrics.json, timeline.png{video}")
         self.print("\n".join(lines))
         return report, files
 

@@ -49,7 +49,8 @@ def export_model(config: ExportConfig, print_fn: Callable[[str], None] = print) 
     folder, name = os.path.split(os.path.abspath(config.out))
     partial = os.path.join(folder, f".{name}.{os.getpid()}.partial{os.path.splitext(name)[1]}")
     try:
-        write_export(runner.module, runner.info, windows, partial)
+        with storage.write_errors(config.out):  # named as the user gave it, not by its temporary name
+            write_export(runner.module, runner.info, windows, partial)
         exported = load_exported(partial)
         if exported.info != runner.info:
             raise UserError(f"{config.out}: the exported metadata does not read back as written")
@@ -58,7 +59,8 @@ def export_model(config: ExportConfig, print_fn: Callable[[str], None] = print) 
         if not difference <= TOLERANCE:
             raise UserError(f"{config.out}: the export's logits differ from the checkpoint's by {difference:.3g} "
                             f"(more than {TOLERANCE:g}) on real windows; nothing written")
-        os.replace(partial, config.out)
+        with storage.write_errors(config.out):
+            os.replace(partial, config.out)
     finally:
         if os.path.exists(partial):
             os.remove(partial)
@@ -84,8 +86,11 @@ def write_export(module: torch.nn.Module, info: ModelInfo, windows: np.ndarray, 
             program.save(path)
         else:
             program = torch.export.export(module, (example,), dynamic_shapes=dynamic)
-            with open(path, "wb") as handle:  # a file object: the archive's folder is not named after the path
-                torch.export.save(program, handle, extra_files={METADATA_KEY + ".json": info.to_json()})
+            # into memory first: torch's archive writer aborts the process when the disk is full
+            buffer = io.BytesIO()
+            torch.export.save(program, buffer, extra_files={METADATA_KEY + ".json": info.to_json()})
+            with open(path, "wb") as handle:
+                handle.write(buffer.getbuffer())
 
 
 @contextlib.contextmanager

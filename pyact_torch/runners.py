@@ -108,7 +108,19 @@ class Runner:
         raise NotImplementedError
 
     def __call__(self, clips: np.ndarray) -> np.ndarray:
-        return softmax(self.logits(clips))
+        """Probabilities; a model whose outputs are not one finite row per clip and class is
+        refused in one line (an exported graph's declared shapes are data, not a promise)."""
+        try:
+            logits = np.asarray(self.logits(clips))
+        except UserError:
+            raise
+        except Exception as exc:  # ONNX Runtime's and torch's own errors while running the graph
+            raise UserError(f"{self.name}: failed on clips of shape {list(clips.shape)} "
+                            f"({str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__})") from None
+        if logits.shape != (len(clips), len(self.info.classes)) or not np.isfinite(logits).all():
+            raise UserError(f"{self.name}: gave outputs of shape {list(logits.shape)} (or non-finite values) for "
+                            f"{len(clips)} clips; its metadata says {len(self.info.classes)} classes")
+        return softmax(logits)
 
 
 class TorchRunner(Runner):

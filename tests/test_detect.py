@@ -432,3 +432,78 @@ def test_detect_reads_a_checkpoint_from_and_writes_to_a_bucket(detector_run, raw
     assert main(["detect", "--checkpoint", "gs://pyact-test/detect/ckpt.pt", "--src", folder,
                  "--out", "gs://pyact-test/detect/out2"]) == 2
     assert storage.list_files("gs://pyact-test/detect/out2") == []
+
+
+def test_a_model_whose_outputs_disagree_with_its_metadata_is_refused_in_one_line():
+    """An exported graph's declared shapes are data: what it really gives is checked on every call."""
+    from pyact_torch.errors import UserError
+    from pyact_torch.runners import ModelInfo, Runner
+
+    class Lying(Runner):
+        def __init__(self, logits):
+            self.info = ModelInfo(("x", "no-action"), 6, 32, "color", None)
+            self.name, self._logits = "lying.onnx", logits
+
+        def logits(self, clips):
+            return self._logits(clips)
+
+    clips = np.zeros((3, 6, 32, 32, 3), np.uint8)
+    assert Lying(lambda c: np.zeros((len(c), 2)))(clips).shape == (3, 2)  # control: a truthful one runs
+    for wrong in (lambda c: np.zeros((len(c), 5)), lambda c: np.zeros((1, 2)), lambda c: np.full((len(c), 2), np.nan)):
+        with pytest.raises(UserError, match="lying.onnx: gave outputs of shape"):
+            Lying(wrong)(clips)
+    with pytest.raises(UserError, match="lying.onnx: failed on clips"):
+        Lying(lambda c: 1 / 0)(clips)
+
+
+@pytest.mark.slow
+def test_publishing_never_loses_the_earlier_outputs_or_touches_other_files(detector_run, raw, tmp_path, capfd):
+    folder = os.path.join(raw, SEQUENCE)
+    out = tmp_path / "out"
+    assert main(["detect", "--checkpoint", detector_run, "--src", folder, "--out", str(out)]) == 0
+    before = {name: (out / name).read_bytes() for name in os.listdir(out)}
+    # a user's folder named like our staging folder, and a folder where an output goes
+    mine = out / ".pyact-detect-1234"
+    mine.mkdir()
+    (mine / "precious").write_text("mine")
+    (out / "detections.json").unlink()
+    (out / "detections.json").mkdir()
+    capfd.readouterr()
+    assert main(["detect", "--checkpoint", detector_run, "--src", folder, "--out", str(out), "--smooth", "3"]) == 2
+    assert one_error_line(capfd) == f"error: {out / 'detections.json'}: exists and is not a file; move it away to " \
+                                    f"write the outputs"
+    assert (mine / "precious").read_text() == "mine"
+    after = {name: (out / name).read_bytes() for name in os.listdir(out) if (out / name).is_file()}
+    assert after == {k: v for k, v in before.items() if k != "detections.json"}  # the earlier outputs, untouched
+    assert sorted(os.listdir(out)) == sorted(before.keys() | {".pyact-detect-1234"})
+
+
+@pytest.mark.slow
+def test_a_split_does_not_score_sequences_of_actions_the_model_does_not_know(detector_run, raw, tmp_path, capsys):
+    copy = tmp_path / "raw"
+    shutil.copytree(raw, copy, ignore=shutil.ignore_patterns("Train", "Eval"))
+    (copy / "Train").mkdir()
+    subject = copy / "Test" / "test00"
+    (subject / "asl-where").rename(subject / "new-action")
+    (subject / "asl-where.xml").rename(subject / "new-action.xml")
+    out = tmp_path / "out"
+    assert main(["detect", "--checkpoint", detector_run, "--src", str(copy), "--out", str(out), "--no-video"]) == 0
+    assert "note: 1 sequence(s) are not scored" in capsys.readouterr().out
+    metrics = json.load(open(out / "metrics.json"))["detection"]
+    assert metrics["sequences"] == 31 and "new-action" not in metrics["per_class"]
+    assert len(json.load(open(out / "detections.json"))["sequences"]) == 32
+
+
+@pytest.mark.slow
+def test_export_on_a_full_disk_is_one_line_and_leaves_nothing(detector_run, tmp_path, capfd):
+    """Root only (tmpfs). torch's .pt2 writer used to abort the process with a C++ error."""
+    from test_faults import small_tmpfs
+
+    with small_tmpfs(tmp_path / "small", "200k"):
+        for suffix in (".pt2", ".onnx"):
+            out = tmp_path / "small" / f"model{suffix}"
+            capfd.readouterr()
+            assert main(["export", "--checkpoint", detector_run, "--out", str(out)]) == 2, suffix
+            line = one_error_line(capfd)
+            assert line == f"error: {out}: cannot write (No space left on device)"
+            assert os.listdir(tmp_path / "small") == []
