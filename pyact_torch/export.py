@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import itertools
 import logging
 import os
 import warnings
@@ -26,8 +27,8 @@ from . import storage
 from .config import MAX_BATCH, ExportConfig
 from .errors import UserError
 from .labels import scan_dataset
-from .runners import METADATA_KEY, ModelInfo, OnnxRunner, TorchRunner, load_checkpoint_runner, load_exported
-from .shards import load_npy, read_manifest, read_samples, split_shards
+from .runners import METADATA_KEY, ModelInfo, OnnxRunner, load_checkpoint_runner, load_exported
+from .shards import clip_shape, decode_sample, read_manifest, read_samples, split_shards
 from .stream import count_frames, folder_frames
 
 TOLERANCE = 1e-4
@@ -37,7 +38,6 @@ def export_model(config: ExportConfig, print_fn: Callable[[str], None] = print) 
     """Run ``pyact export``; returns what was checked (windows, largest logit difference)."""
     storage.check_output_file(config.out, "--out")
     runner = load_checkpoint_runner(config.checkpoint, tuple(config.depth_range) or None, log=print_fn)
-    assert isinstance(runner, TorchRunner)
     if not config.src and not config.data:
         if not runner.trained_on:
             raise UserError(f"{runner.name}: records no training data; give --data (shards) or --src (raw frames) "
@@ -116,13 +116,11 @@ def real_windows(config: ExportConfig, info: ModelInfo) -> np.ndarray:
     if config.data:
         manifest = read_manifest(config.data)
         split = "test" if "test" in manifest["splits"] else next(iter(manifest["splits"]), "test")
-        for url, count in split_shards(config.data, manifest, split):
-            for sample in read_samples(url, count):
-                clips.append(load_npy(sample["clip.npy"]))
-                if len(clips) == config.windows:
-                    break
-            if len(clips) == config.windows:
-                break
+        shape, classes = clip_shape(manifest), len(manifest["classes"])
+        samples = ((url, sample) for url, count in split_shards(config.data, manifest, split)
+                   for sample in read_samples(url, count))
+        clips = [decode_sample(sample, url, shape, classes)[0]  # a damaged window is one line naming its shard
+                 for url, sample in itertools.islice(samples, config.windows)]
         where = config.data
     else:
         spec = info.spec(config.checkpoint)

@@ -213,7 +213,7 @@ def _load_program(path: str) -> Runner:
 
 
 def load_checkpoint_runner(url: str, depth_range: tuple[int, int] | None = None,
-                           log: Callable[[str], None] = print) -> Runner:
+                           log: Callable[[str], None] = print) -> TorchRunner:
     """The checkpoint's network on the CPU with what it was trained on (classes, clip shape,
     the depth range and eval subjects its data recorded)."""
     from .checkpoint import load_checkpoint

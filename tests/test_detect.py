@@ -507,3 +507,28 @@ def test_export_on_a_full_disk_is_one_line_and_leaves_nothing(detector_run, tmp_
             line = one_error_line(capfd)
             assert line == f"error: {out}: cannot write (No space left on device)"
             assert os.listdir(tmp_path / "small") == []
+
+
+@pytest.mark.slow
+def test_export_checks_the_windows_it_reads_from_shards(detector_run, learn_shards, tmp_path, capfd):
+    """A damaged window in the shards is one line naming its shard (it was read unchecked)."""
+    import io
+    import tarfile
+
+    copy = tmp_path / "shards"
+    shutil.copytree(learn_shards, copy)
+    manifest = json.load(open(copy / "manifest.json"))
+    shard = copy / manifest["splits"]["test"]["shards"][0]["name"]
+    with tarfile.open(shard) as old:
+        members = [(m, old.extractfile(m).read()) for m in old.getmembers()]
+    with tarfile.open(shard, "w") as new:
+        for member, data in members:
+            if member.name.endswith(".clip.npy") and not any(m.name.endswith(".clip.npy") for m in new.getmembers()):
+                data = data[:len(data) // 2]  # the first window's clip, cut short
+            member.size = len(data)
+            new.addfile(member, io.BytesIO(data))
+    out = tmp_path / "model.onnx"
+    capfd.readouterr()
+    assert main(["export", "--checkpoint", detector_run, "--out", str(out), "--data", str(copy)]) == 2
+    line = one_error_line(capfd)
+    assert line.startswith(f"error: {shard}: window ") and not out.exists(), line
