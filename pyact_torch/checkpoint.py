@@ -290,7 +290,7 @@ def check_resumable(state: dict, url: str, config: dict, replicas: int) -> None:
                         f"it can be scored with pyact evaluate, not resumed")
     saved = state["config"]
     for key, flag in (("model", "--model"), ("batch_size", "--batch-size"), ("workers", "--workers"),
-                      ("parallel", "--parallel")):
+                      ("parallel", "--parallel"), ("sync_bn", "--sync-bn")):
         if key in saved and saved[key] != config[key]:
             raise UserError(f"{url}: was trained with {flag} {saved[key]}, this run has {flag} {config[key]}; "
                             f"resume with the same {flag}, or start over with --resume none")

@@ -15,7 +15,7 @@ from typing import Any, Callable
 from .config import (DemoConfig, DetectConfig, ExportConfig, InspectConfig, KerasConfig, PreprocessConfig, EvaluateConfig, SynthConfig,
                      TFRecordConfig, TrainConfig, VideoConfig, add_arguments, from_namespace)
 from . import __doc__ as package_doc
-from .errors import UserError
+from .errors import UserError, printed_here
 from .storage import USER_ERRNOS
 
 
@@ -100,7 +100,8 @@ def main(argv: list[str] | None = None, only: str | None = None, prog: str | Non
         cls, run, _ = COMMANDS[args.command]
         run(from_namespace(cls, args))
     except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        if printed_here(exc):  # under torchrun, an error every rank meets is printed once
+            print(f"error: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:
         if exc.errno not in USER_ERRNOS:

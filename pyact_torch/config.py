@@ -10,7 +10,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from .errors import UserError
+from .errors import UserError, under_torchrun
 from .storage import check_location
 
 MODALITIES = ("color", "depth", "rgbd")
@@ -167,7 +167,8 @@ class SynthConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Train ConvNet3D on every replica (TPU cores via xmp.spawn, or eager CPU) (``pyact train``)."""
+    """Train ConvNet3D on every replica: TPU cores (xmp.spawn or SPMD), or CPUs and GPUs (one
+    process, or one per device under torchrun) (``pyact train``)."""
 
     data: str = field(metadata=_arg("preprocessed dataset (folder or gs://) holding manifest.json",
                                     required=True, metavar="DEST"))
@@ -184,12 +185,25 @@ class TrainConfig:
         "constant (pyACT) or cosine decay to 0 over all steps", choices=("constant", "cosine")))
     device: str = field(default="xla", metadata=_arg(
         "xla: torch_xla on every local core (TPU, or CPU with PJRT_DEVICE=CPU); "
-        "cpu: plain eager PyTorch, one process", choices=("xla", "cpu"), output=False))
+        "cpu: plain eager PyTorch; cuda: a GPU. cpu and cuda run one replica, or under torchrun one per "
+        "process (gloo between CPU processes, NCCL between GPUs, the GPU of each process set by LOCAL_RANK)",
+        choices=("xla", "cpu", "cuda"), output=False))
     parallel: str = field(default="xmp", metadata=_arg(
         "with --device xla: xmp = one process per device (xmp.spawn), BatchNorm statistics per device; "
         "spmd = one process per host sharding the global batch over every device, BatchNorm statistics "
         "over the global batch", choices=("xmp", "spmd"), output=False))
-    precision: str = field(default="fp32", metadata=_arg("fp32, or bf16 autocast (TPU)", choices=("fp32", "bf16")))
+    precision: str = field(default="fp32", metadata=_arg(
+        "fp32, or bf16 autocast (TPU, GPU; the loss stays fp32)", choices=("fp32", "bf16")))
+    sync_bn: bool = field(default=False, metadata=_arg(
+        "with --device cuda under torchrun: BatchNorm statistics over the global batch (SyncBatchNorm, as "
+        "under --parallel spmd) instead of per replica (as under xmp.spawn and pyACT)"))
+    compile: bool = field(default=False, metadata=_arg(
+        "with --device cpu or cuda: run the model through torch.compile (slower start, faster steps)",
+        output=False))
+    collective_timeout: float = field(default=600.0, metadata=_arg(
+        "under torchrun: seconds a replica waits in a collective for the others before it gives up with "
+        "one line (a replica died or hangs); long enough for a checkpoint upload", metavar="SECONDS",
+        output=False))
     ckpt_every: int = field(default=1000, metadata=_arg(
         "checkpoint every N steps as well as at each epoch end; 0 = epoch ends only", metavar="N", output=False))
     keep: int = field(default=3, metadata=_arg("checkpoints kept besides the best", metavar="N", output=False))
@@ -214,11 +228,26 @@ class TrainConfig:
             raise UserError("--ckpt-every, --workers and --shuffle-buffer must be 0 or positive")
         if self.parallel == "spmd" and self.device != "xla":
             raise UserError("--parallel spmd needs --device xla")
+        if self.sync_bn and self.device != "cuda":
+            raise UserError("--sync-bn needs --device cuda (SyncBatchNorm runs on GPUs only); on TPUs "
+                            "--parallel spmd computes BatchNorm statistics over the global batch")
+        if self.compile and self.device == "xla":
+            raise UserError("--compile is for --device cpu or cuda (XLA compiles every step already)")
+        if not (math.isfinite(self.collective_timeout) and 1 <= self.collective_timeout <= 86400):
+            raise UserError(f"--collective-timeout must be 1 to 86400 seconds, got {self.collective_timeout}")
+        if self.distributed and self.device == "xla":
+            raise UserError("torchrun runs --device cpu or cuda; on TPUs run the command itself on every host "
+                            "(xmp.spawn or --parallel spmd starts the replicas)")
 
     @property
     def backend(self) -> str:
-        """The device backend to run: ``cpu``, ``xla`` (xmp.spawn) or ``spmd``."""
+        """The device backend to run: ``cpu``, ``cuda``, ``xla`` (xmp.spawn) or ``spmd``."""
         return "spmd" if self.device == "xla" and self.parallel == "spmd" else self.device
+
+    @property
+    def distributed(self) -> bool:
+        """One replica of a torchrun launch (torch.distributed)."""
+        return under_torchrun()
 
 
 @dataclass(frozen=True)
@@ -235,8 +264,8 @@ class EvaluateConfig:
                                    "and predictions.json", required=True, metavar="DIR"))
     split: str = field(default="test", metadata=_arg("split to score", choices=("train", "eval", "test")))
     device: str = field(default="xla", metadata=_arg(
-        "xla: one XLA device (TPU, or CPU with PJRT_DEVICE=CPU); cpu: plain eager PyTorch",
-        choices=("xla", "cpu")))
+        "xla: one XLA device (TPU, or CPU with PJRT_DEVICE=CPU); cpu: plain eager PyTorch; cuda: one GPU",
+        choices=("xla", "cpu", "cuda")))
     batch_size: int = field(default=32, metadata=_arg("windows per forward pass", metavar="N"))
 
     def __post_init__(self) -> None:
@@ -317,6 +346,9 @@ class DetectConfig:
     no_video: bool = field(default=False, metadata=_arg("do not write the annotated video"))
     video_size: int = field(default=256, metadata=_arg("frames of the annotated video are SIZE x SIZE",
                                                        metavar="SIZE"))
+    device: str = field(default="cpu", metadata=_arg(
+        "with --checkpoint: cpu, or cuda to run the network on a GPU (--model files run on the CPU)",
+        choices=("cpu", "cuda")))
 
     def __post_init__(self) -> None:
         if bool(self.checkpoint) == bool(self.model):
@@ -344,6 +376,9 @@ class DetectConfig:
             raise UserError(f"--batch-size at most {MAX_BATCH} and --video-size at most 2048")
         if self.max_frames < 0:
             raise UserError("--max-frames must be 0 or positive")
+        if self.device == "cuda" and self.model:
+            raise UserError("--device cuda runs a --checkpoint; a --model file runs on the CPU (ONNX Runtime or "
+                            "torch.export as exported)")
         if self.depth_range and not 0 <= self.depth_range[0] < self.depth_range[1] <= 65535:
             raise UserError(f"--depth-range {self.depth_range[0]}:{self.depth_range[1]}: need 0 <= MIN < MAX <= 65535")
 
@@ -363,6 +398,9 @@ class ExportConfig:
         "instead of --src: shards (folder or gs://) whose first test windows check the export; with "
         "neither, the shards the checkpoint was trained on (its recorded --data)", metavar="DEST"))
     windows: int = field(default=8, metadata=_arg("real windows the export is checked on", metavar="N"))
+    device: str = field(default="cpu", metadata=_arg(
+        "cpu, or cuda to run the checkpoint's reference logits on a GPU (without TF32); the file itself is "
+        "traced on the CPU and runs anywhere", choices=("cpu", "cuda")))
     depth_range: tuple[int, int] | tuple[()] = field(default=(), metadata=_arg(
         "depth range for depth/rgbd models whose checkpoint does not record it", parse=parse_range,
         metavar="MIN:MAX"))

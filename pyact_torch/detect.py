@@ -53,7 +53,7 @@ def run_detect(config: DetectConfig, progress: bool = True, print_fn: Callable[[
     ``--out`` are checked before any frame is classified; the outputs are written to a
     staging folder and published together when all of them are complete."""
     runner = load_exported(config.model) if config.model else \
-        load_checkpoint_runner(config.checkpoint, log=print_fn)
+        load_checkpoint_runner(config.checkpoint, log=print_fn, device=config.device)
     if config.depth_range:
         if runner.info.modality == "color":
             print_fn("note: --depth-range is not used: this model takes colour frames only")

@@ -1,9 +1,12 @@
 """The device layer: what the training loop and scoring need from a device, preemption
 (SIGTERM), and launching one replica per device.
 
-``Backend`` is plain eager PyTorch on the CPU (one replica); ``tpu.XlaBackend`` maps the same
-names to torch_xla (TPU cores, or XLA:CPU with ``PJRT_DEVICE=CPU``), so the training loop has
-one code path. ``tpu.py`` is the only module that imports torch_xla, and only when asked for.
+``Backend`` is plain eager PyTorch on the CPU or one GPU (one replica); ``tpu.XlaBackend`` maps
+the same names to torch_xla (TPU cores, or XLA:CPU with ``PJRT_DEVICE=CPU``) and
+``distributed.DistBackend`` to torch.distributed (one process per CPU or GPU under torchrun:
+gloo or NCCL), so the training loop has one code path. ``tpu.py`` is the only module that
+imports torch_xla and ``distributed.py`` the only one that sets up a process group, each only
+when asked for.
 """
 
 from __future__ import annotations
@@ -16,12 +19,18 @@ import torch
 
 
 class Backend:
-    """Eager PyTorch on the CPU: one replica, no collectives, no graph to cut."""
+    """Eager PyTorch on the CPU or one GPU: one replica, no collectives, no graph to cut."""
 
     kind = "cpu"
+    # whether a replica may ask the others every step if one of them was stopped (cheap on a
+    # process group; on XLA a reduction's result costs a host sync, so only at log steps)
+    vote_every_step = True
 
-    def __init__(self) -> None:
-        self.device = torch.device("cpu")
+    def __init__(self, device: str = "cpu") -> None:
+        self.kind = device
+        self.device = torch.device(device)
+        if device == "cuda":
+            self.device = cuda_device(0)
 
     @property
     def rank(self) -> int:
@@ -48,7 +57,25 @@ class Backend:
 
     def device_loader(self, loader: Iterable) -> Iterable:
         """Batches moved to the device."""
-        return loader
+        if self.device.type == "cpu":
+            return loader
+        return (tuple(t.to(self.device, non_blocking=True) for t in batch) for batch in loader)
+
+    def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
+        """The module the training step runs (data-parallel wrappers go here); its weights stay
+        those of ``model``, which is what checkpoints save."""
+        return model
+
+    def same_everywhere(self, value: int) -> bool:
+        """Whether ``value`` is the same on every replica (every replica must call it)."""
+        if self.world == 1:
+            return True
+        both = self.all_reduce_sum(torch.tensor([float(value), float(value) ** 2], device=self.device)).cpu()
+        # equal values are the only ones whose sum and sum of squares fit n*v and n*v^2
+        return bool(both[0] == value * self.world and both[1] == float(value) ** 2 * self.world)
+
+    def close(self) -> None:
+        """Release what the backend holds (a process group)."""
 
     def optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """Step, after summing gradients over replicas when there are several (no host sync)."""
@@ -75,11 +102,31 @@ class Backend:
         return {}
 
 
-def make_backend(kind: str) -> Backend:
-    """``cpu``: eager PyTorch; ``xla``: torch_xla on this replica's device (one process per
-    device, xmp.spawn); ``spmd``: torch_xla SPMD over every device (one process per host)."""
-    if kind == "cpu":
-        return Backend()
+def cuda_device(index: int) -> torch.device:
+    """GPU ``index`` of this machine, or a UserError saying why there is none."""
+    from .errors import UserError
+
+    if not torch.cuda.is_available():
+        raise UserError("--device cuda: this machine has no usable GPU (torch.cuda.is_available() is False"
+                        f"{'' if torch.version.cuda else '; this torch is a CPU-only build'}); use --device cpu")
+    if index >= torch.cuda.device_count():
+        raise UserError(f"--device cuda: this process is local rank {index} but the machine has "
+                        f"{torch.cuda.device_count()} GPUs; start at most that many processes per machine")
+    torch.cuda.set_device(index)
+    return torch.device("cuda", index)
+
+
+def make_backend(kind: str, distributed: bool = False, **options: Any) -> Backend:
+    """``cpu``/``cuda``: eager PyTorch, one replica, or with ``distributed`` one replica per
+    process of a torchrun launch (gloo/NCCL, ``options`` as ``DistBackend`` takes them);
+    ``xla``: torch_xla on this replica's device (one process per device, xmp.spawn); ``spmd``:
+    torch_xla SPMD over every device (one process per host)."""
+    if kind in ("cpu", "cuda"):
+        if distributed:
+            from .distributed import DistBackend
+
+            return DistBackend(kind, **options)
+        return Backend(kind)
     if kind == "xla":
         from .tpu import XlaBackend
 
@@ -122,13 +169,19 @@ def watch_sigterm() -> None:
         signal.signal(signal.SIGTERM, _on_sigterm)
 
 
-def launch(fn: Callable[..., Any], args: tuple, kind: str) -> None:
+def launch(fn: Callable[..., Any], args: tuple, kind: str, distributed: bool = False) -> None:
     """Run ``fn(index, *args)`` on every replica: xmp.spawn over all local XLA devices, or
-    once in this process (eager CPU; SPMD, where one process drives every device of its host)."""
+    once in this process (eager CPU or GPU; one process of a torchrun launch; SPMD, where one
+    process drives every device of its host)."""
     if kind == "xla":
         from .tpu import spawn
 
         spawn(fn, args)
         return
     watch_sigterm()
+    if distributed:
+        from .distributed import run_replica
+
+        run_replica(fn, args)
+        return
     fn(0, *args)

@@ -12,6 +12,7 @@ to ``--out``.
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 import itertools
 import logging
@@ -37,7 +38,8 @@ TOLERANCE = 1e-4
 def export_model(config: ExportConfig, print_fn: Callable[[str], None] = print) -> dict:
     """Run ``pyact export``; returns what was checked (windows, largest logit difference)."""
     storage.check_output_file(config.out, "--out")
-    runner = load_checkpoint_runner(config.checkpoint, tuple(config.depth_range) or None, log=print_fn)
+    runner = load_checkpoint_runner(config.checkpoint, tuple(config.depth_range) or None, log=print_fn,
+                                    device=config.device)
     if not config.src and not config.data:
         if not runner.trained_on:
             raise UserError(f"{runner.name}: records no training data; give --data (shards) or --src (raw frames) "
@@ -50,7 +52,8 @@ def export_model(config: ExportConfig, print_fn: Callable[[str], None] = print) 
     partial = os.path.join(folder, f".{name}.{os.getpid()}.partial{os.path.splitext(name)[1]}")
     try:
         with storage.write_errors(config.out):  # named as the user gave it, not by its temporary name
-            write_export(runner.module, runner.info, windows, partial)
+            # traced on the CPU: the file runs anywhere; --device only moves the reference
+            write_export(copy.deepcopy(runner.module).cpu(), runner.info, windows, partial)
         exported = load_exported(partial)
         if exported.info != runner.info:
             raise UserError(f"{config.out}: the exported metadata does not read back as written")

@@ -124,16 +124,25 @@ class Runner:
 
 
 class TorchRunner(Runner):
-    """A ``Deployed`` network in eager PyTorch on the CPU."""
+    """A ``Deployed`` network in eager PyTorch on the CPU or a GPU (``device``)."""
 
-    def __init__(self, module: Any, info: ModelInfo, name: str):
+    def __init__(self, module: Any, info: ModelInfo, name: str, device: str = "cpu"):
         import torch
 
-        self._torch, self.module, self.info, self.name = torch, module, info, name
+        self._torch, self.info, self.name = torch, info, name
+        self.device = torch.device("cpu")
+        if device == "cuda":
+            from .devices import cuda_device
+
+            self.device = cuda_device(0)
+            # float32 stays float32 (no TF32 convolutions): the logits agree with the CPU's
+            torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+        self.module = module.to(self.device)
 
     def logits(self, clips: np.ndarray) -> np.ndarray:
         with self._torch.inference_mode():
-            return self.module(self._torch.from_numpy(np.ascontiguousarray(clips))).float().numpy()
+            clips = self._torch.from_numpy(np.ascontiguousarray(clips)).to(self.device)
+            return self.module(clips).float().cpu().numpy()
 
 
 class OnnxRunner(Runner):
@@ -213,8 +222,8 @@ def _load_program(path: str) -> Runner:
 
 
 def load_checkpoint_runner(url: str, depth_range: tuple[int, int] | None = None,
-                           log: Callable[[str], None] = print) -> TorchRunner:
-    """The checkpoint's network on the CPU with what it was trained on (classes, clip shape,
+                           log: Callable[[str], None] = print, device: str = "cpu") -> TorchRunner:
+    """The checkpoint's network on ``device`` (cpu or cuda) with what it was trained on (classes, clip shape,
     the depth range and eval subjects its data recorded)."""
     from .checkpoint import load_checkpoint
     from .model import Deployed, build_model
@@ -234,7 +243,7 @@ def load_checkpoint_runner(url: str, depth_range: tuple[int, int] | None = None,
         network.load_state_dict(state["model"])
     except (ValueError, RuntimeError):
         raise UserError(f"{url}: its weights do not fit a {state['config'].get('model')} model of its recorded shape") from None
-    runner = TorchRunner(Deployed(network), info, url)
+    runner = TorchRunner(Deployed(network), info, url, device)
     data = state["config"].get("data")
     runner.trained_on = data if isinstance(data, str) and 0 < len(data) <= 4096 else ""
     return runner

@@ -46,13 +46,29 @@ class StorageUnreachable(UserError):
 
 
 def split_gcs(url: str) -> tuple[str, str]:
-    """``gs://bucket/a/b`` -> ``("bucket", "a/b")``."""
+    """``gs://bucket/a/b`` -> ``("bucket", "a/b")``; a UserError naming the package when
+    google-cloud-storage is not installed (a bare GPU box), before any work."""
+    _require_client_library(url)
     bucket, _, name = url[len("gs://"):].partition("/")
     if not bucket:
         raise UserError(f"{url}: no bucket name in gs:// URL")
     if not _BUCKET.fullmatch(bucket) or ".." in bucket:
         raise UserError(f"{url}: {bucket!r} is not a valid bucket name (lower-case letters, digits, '-', '_', '.')")
     return bucket, name.strip("/")
+
+
+def _require_client_library(url: str) -> None:
+    import importlib.util
+
+    if _clients:  # a client exists: the package is there
+        return
+    try:
+        found = importlib.util.find_spec("google.cloud.storage") is not None
+    except ImportError:  # no google namespace package at all
+        found = False
+    if not found:
+        raise UserError(f"{url}: gs:// needs the google-cloud-storage package (pip install google-cloud-storage), "
+                        f"or use a local folder")
 
 
 def check_location(url: str, flag: str) -> str:

@@ -23,8 +23,10 @@ class XlaBackend(Backend):
     """torch_xla on this replica's device (a TPU core, or XLA:CPU)."""
 
     kind = "xla"
+    vote_every_step = False
 
     def __init__(self) -> None:
+        require_torch_xla()
         import torch_xla
         import torch_xla.core.xla_model as xm
         import torch_xla.runtime as xr
@@ -84,6 +86,7 @@ class SpmdBackend(XlaBackend):
     kind = "spmd"
 
     def __init__(self) -> None:
+        require_torch_xla()
         import numpy as np
         import torch_xla.distributed.spmd as xs
         import torch_xla.runtime as xr
@@ -176,8 +179,24 @@ if os.environ.get(_LAUNCHER_ENV) == str(os.getppid()):  # imported in a replica 
     watch_sigterm()
 
 
+def require_torch_xla() -> None:
+    """A UserError naming the package when torch_xla is not installed (a GPU box)."""
+    import importlib.util
+
+    try:
+        found = importlib.util.find_spec("torch_xla") is not None
+    except ImportError:
+        found = False
+    if not found:
+        from .errors import UserError
+
+        raise UserError("--device xla needs torch_xla (pip install torch_xla, matching this torch); "
+                        "on a GPU use --device cuda, on a CPU --device cpu")
+
+
 def spawn(fn: Callable[..., Any], args: tuple) -> None:
     """Run ``fn(index, *args)`` on every local XLA device through xmp.spawn."""
+    require_torch_xla()
     os.environ.setdefault("PJRT_DEVICE", "CPU" if not _has_tpu() else "TPU")
     import torch_xla.distributed.xla_multiprocessing as xmp
 

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from . import storage
 from .checkpoint import FINAL, CheckpointWriter, check_compatible, check_resumable, make_checkpoint, restore
 from .config import TrainConfig, to_dict
-from .errors import UserError
+from .errors import UserError, launch_rank
 from .evaluate import evaluate
 from .loader import HostBatches, Part, WindowDataset, on_device
 from .model import build_model, check_input, model_input
@@ -145,8 +145,10 @@ def train_epoch(model, optimizer, scheduler, batches: Iterable, backend: Backend
         scheduler.step()
         state.step += 1
         state.batch_in_epoch += 1
-        if state.step % config.log_every == 0:
+        logged = state.step % config.log_every == 0
+        if logged:
             backend.add_step_closure(logger.step, (loss, state.step, state.epoch))
+        if logged or backend.vote_every_step:
             if _stop_agreed(backend):
                 on_checkpoint(best=False)
                 return False
@@ -165,7 +167,8 @@ class _Run:
     config: TrainConfig
     backend: Backend
     manifest: dict
-    model: torch.nn.Module
+    model: torch.nn.Module  # the weights (what checkpoints save)
+    net: torch.nn.Module  # what the steps run: the model, data-parallel or compiled
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
     state: RunState
@@ -186,13 +189,22 @@ class _Run:
 
 def _replica(index: int, config: TrainConfig) -> None:
     """One replica: set up (or resume), run the epochs, publish the final weights."""
-    run = _start(config, make_backend(config.backend))
+    backend = make_backend(config.backend, distributed=config.distributed, timeout=config.collective_timeout,
+                           sync_bn=config.sync_bn)
     try:
-        if _epochs(run):
-            _finish(run)
+        try:
+            run = _start(config, backend)
+        except UserError as exc:
+            exc.every_rank = True  # settings and files every replica reads alike: one line, not one a rank
+            raise
+        try:
+            if _epochs(run):
+                _finish(run)
+        finally:
+            if run.writer is not None:
+                run.writer.close()  # lets an upload under way finish, also when training failed
     finally:
-        if run.writer is not None:
-            run.writer.close()  # lets an upload under way finish, also when training failed
+        backend.close()
 
 
 def _start(config: TrainConfig, backend: Backend) -> _Run:
@@ -203,7 +215,13 @@ def _start(config: TrainConfig, backend: Backend) -> _Run:
     model = build_model(config.model, len(manifest["channels"]), manifest["seq_len"], manifest["image_size"],
                         len(manifest["classes"]))
     saved = _restore_weights(config, manifest, model, backend)
+    if not backend.same_everywhere(saved["step"] if saved is not None else -1):
+        raise UserError(f"{config.run_dir}: the replicas found different checkpoints to resume from (was a "
+                        f"checkpoint written while they started?); run the same command again")
     model.to(backend.device)
+    net = backend.wrap(model)
+    if config.compile:
+        net = torch.compile(net)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
     total = sum(steps)
     schedule = (lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total))) \
@@ -217,7 +235,7 @@ def _start(config: TrainConfig, backend: Backend) -> _Run:
                            {"config": to_dict(config), "classes": manifest["classes"],
                             "data_shape": data_shape(manifest), "replicas": backend.world,
                             "per_replica_batch": train_set.batch_size})
-    return _Run(config, backend, manifest, model, optimizer, scheduler, state, train_set, eval_set, steps, writer,
+    return _Run(config, backend, manifest, model, net, optimizer, scheduler, state, train_set, eval_set, steps, writer,
                 _Logger(config, backend, state, config.batch_size))
 
 
@@ -298,7 +316,7 @@ def _epochs(run: _Run) -> bool:
         run.train_set.set_epoch(epoch)
         # resume: the batches this epoch already trained on are read and skipped
         host = HostBatches(run.train_set, config.workers, run.steps[epoch], skip=state.batch_in_epoch)
-        if not train_epoch(run.model, run.optimizer, run.scheduler, on_device(host, backend), backend, config, state,
+        if not train_epoch(run.net, run.optimizer, run.scheduler, on_device(host, backend), backend, config, state,
                            run.logger, run.checkpoint):
             if run.writer is not None:
                 run.writer.wait()
@@ -319,7 +337,7 @@ def _validate(run: _Run) -> dict | None:
     if run.eval_set is None or not len(run.eval_set):
         return None
     host = HostBatches(run.eval_set, run.eval_set.workers, len(run.eval_set))
-    return evaluate(run.model, on_device(host, run.backend), run.backend, len(run.manifest["classes"]))
+    return evaluate(run.net, on_device(host, run.backend), run.backend, len(run.manifest["classes"]))
 
 
 def _finish(run: _Run) -> None:
@@ -341,11 +359,11 @@ def fit(config: TrainConfig) -> None:
     split_shards(config.data, manifest, "train")
     if "eval" in manifest["splits"]:
         split_shards(config.data, manifest, "eval")
-    else:
+    elif launch_rank() == 0:
         print(f"note: {config.data} has no eval split: no validation, and best.json is not written")
     try:
         check_input(config.model, manifest["image_size"])
     except ValueError as exc:
         raise UserError(f"{config.data}: {exc}; preprocess at another --image-size") from None
     storage.check_writable(config.run_dir)
-    launch(_replica, (config,), config.backend)
+    launch(_replica, (config,), config.backend, distributed=config.distributed)
