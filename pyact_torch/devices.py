@@ -102,13 +102,29 @@ class Backend:
         return {}
 
 
-def cuda_device(index: int) -> torch.device:
-    """GPU ``index`` of this machine, or a UserError saying why there is none."""
+def check_device(kind: str) -> None:
+    """Before any work: a UserError when the machine or this Python cannot run ``kind``."""
+    if kind == "cuda":
+        _check_cuda()
+    elif kind in ("xla", "spmd"):
+        from .tpu import require_torch_xla
+
+        require_torch_xla()
+
+
+def _check_cuda() -> None:
     from .errors import UserError
 
     if not torch.cuda.is_available():
         raise UserError("--device cuda: this machine has no usable GPU (torch.cuda.is_available() is False"
                         f"{'' if torch.version.cuda else '; this torch is a CPU-only build'}); use --device cpu")
+
+
+def cuda_device(index: int) -> torch.device:
+    """GPU ``index`` of this machine, or a UserError saying why there is none."""
+    from .errors import UserError
+
+    _check_cuda()
     if index >= torch.cuda.device_count():
         raise UserError(f"--device cuda: this process is local rank {index} but the machine has "
                         f"{torch.cuda.device_count()} GPUs; start at most that many processes per machine")

@@ -16,7 +16,7 @@ from .evaluate import evaluate
 from .loader import HostBatches, Part, WindowDataset, on_device
 from .model import build_model, reorder_outputs
 from .shards import data_shape, read_manifest, split_shards
-from .devices import make_backend
+from .devices import check_device, make_backend
 
 
 def evaluate_checkpoint(config: EvaluateConfig, progress: bool = True,
@@ -24,6 +24,7 @@ def evaluate_checkpoint(config: EvaluateConfig, progress: bool = True,
     """``pyact evaluate``: score a checkpoint on one split with the training's ``evaluate()``
     (one replica, XLA or eager CPU) and write metrics.json, per_class.txt,
     confusion_matrix.png and predictions.json to ``config.out``; returns the metrics."""
+    check_device(config.device)
     manifest = read_manifest(config.data)
     split_shards(config.data, manifest, config.split)
     storage.check_writable(config.out)

@@ -27,7 +27,7 @@ from .loader import HostBatches, Part, WindowDataset, on_device
 from .model import build_model, check_input, model_input
 from .plots import figure_png, pyplot
 from .shards import data_shape, read_manifest, source_settings, split_shards
-from .devices import Backend, launch, make_backend, preempted
+from .devices import Backend, check_device, launch, make_backend, preempted
 
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, clips: torch.Tensor,
                labels: torch.Tensor, backend: Backend, precision: str = "fp32") -> torch.Tensor:
@@ -365,5 +365,6 @@ def fit(config: TrainConfig) -> None:
         check_input(config.model, manifest["image_size"])
     except ValueError as exc:
         raise UserError(f"{config.data}: {exc}; preprocess at another --image-size") from None
+    check_device(config.backend)
     storage.check_writable(config.run_dir)
     launch(_replica, (config,), config.backend, distributed=config.distributed)

@@ -115,6 +115,7 @@ def small_shards(tiny_template, tmp_path_factory) -> str:
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: takes more than ~20 s (training, subprocesses); "
                                        "`make test-quick` runs the rest")
+    config.addinivalue_line("markers", "cuda: needs a GPU; skipped without one (bench/gpu_check.sh runs them)")
 
 
 @pytest.fixture(scope="session")
