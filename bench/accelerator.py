@@ -516,6 +516,9 @@ def print_table(report: dict[str, Any]) -> None:
                 print(f"{'':<6} failed: {arm['error']}")
         print("MFU: FLOPs/window x windows/s / this run's matmul rate of the arm's precision "
               f"(fp32 arms against '{arms[0]['derived'].get('mfu_against')}')")
+        if any((arm["derived"].get("mfu") or 0) > 1 for arm in arms):
+            print("MFU over 100%: that precision's matmul rate understates its convolutions (on a CPU without "
+                  "native bf16 the bf16 matmul is emulated; the bf16 rate is then a 512x512 probe)")
     for row in report.get("skipped", []):
         what = f"{row['preset']} " + (f"b{row['batch']} {row['precision']}" if "batch" in row else "compiled")
         print(f"skipped: {what}: {row['reason']}")

@@ -108,13 +108,15 @@ def test_device_flags_that_do_not_fit_are_one_line(flags, says, learn_shards, tm
 @pytest.mark.slow
 def test_compiled_steps_equal_eager_steps():
     """--compile (torch.compile, inductor on the CPU) against eager: the same losses and weights
-    after 3 Adam steps, to float32 rounding (fused kernels sum in another order)."""
+    after 3 steps, to float32 rounding (fused kernels sum in another order). SGD, not Adam:
+    Adam turns rounding-sized gradients of a dead channel into whole learning-rate steps
+    (measured: one conv bias 2.8e-3 apart after 3 steps), which says nothing about compile."""
     torch.manual_seed(0)
     eager = build_model("tiny", 3, 6, 16, 17)
     compiled = build_model("tiny", 3, 6, 16, 17)
     compiled.load_state_dict(eager.state_dict())
     backend = make_backend("cpu")
-    optimizers = [torch.optim.Adam(m.parameters(), lr=1e-3) for m in (eager, compiled)]
+    optimizers = [torch.optim.SGD(m.parameters(), lr=0.1) for m in (eager, compiled)]
     net = torch.compile(compiled)
     generator = torch.Generator().manual_seed(1)
     for _ in range(3):
