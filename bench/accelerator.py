@@ -372,13 +372,38 @@ def derive(arms: list[Arm], flops: dict[str, float], matmul: dict[str, dict], de
 
 # --- 2 processes vs 1 ------------------------------------------------------------------------
 
-def _dist_replica(index: int, device: str, batch: int, warmup: int, steps: int, result: str) -> None:
-    """One torchrun worker: tiny through DDP (``Backend.wrap``) at ``batch`` windows per process;
+class _AllReduceAfterBackward:
+    """The alternative to DDP: ``xm.optimizer_step``'s semantics, every gradient all-reduced
+    (one call per parameter) and averaged after the whole backward pass, then the step."""
+
+    def __init__(self, backend: Backend):
+        self.backend = backend
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.backend, name)
+
+    def optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        import torch.distributed as dist
+
+        for group in optimizer.param_groups:
+            for parameter in group["params"]:
+                if parameter.grad is not None:
+                    dist.all_reduce(parameter.grad)
+                    parameter.grad /= self.backend.world
+        optimizer.step()
+
+
+def _dist_replica(index: int, device: str, batch: int, warmup: int, steps: int, result: str,
+                  reduction: str = "ddp") -> None:
+    """One torchrun worker: tiny through DDP (``Backend.wrap``), or with ``reduction="manual"``
+    an all-reduce of every gradient after the backward pass, at ``batch`` windows per process;
     rank 0 writes its steps/s to ``result``."""
     backend = make_backend(device, distributed=True, timeout=120)
     try:
         model = new_model("tiny", backend.device)
-        net = backend.wrap(model)
+        net = backend.wrap(model) if reduction == "ddp" else model
+        if reduction != "ddp":
+            backend = _AllReduceAfterBackward(backend)  # type: ignore[assignment]
         step = make_step(net, model, batch, IMAGE_SIZE["tiny"], backend)
 
         def barrier() -> None:
@@ -396,17 +421,17 @@ def child_dist(args: argparse.Namespace) -> None:
     """``--child-dist``: run as one worker of a torchrun launch."""
     from pyact_torch.devices import launch
 
-    launch(_dist_replica, (args.child_device, args.batch, args.warmup, args.steps, args.result), args.child_device,
-           distributed=True)
+    launch(_dist_replica, (args.child_device, args.batch, args.warmup, args.steps, args.result, args.reduction),
+           args.child_device, distributed=True)
 
 
-def two_processes(device: str, global_batch: int, warmup: int, steps: int) -> dict[str, Any]:
+def two_processes(device: str, global_batch: int, warmup: int, steps: int, reduction: str = "ddp") -> dict[str, Any]:
     """steps/s of 2 torchrun workers at ``global_batch // 2`` each (rank 0's figure)."""
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as handle:
         result = handle.name
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                os.path.abspath(__file__), "--child-dist", "--child-device", device, "--batch", str(global_batch // 2),
-               "--warmup", str(warmup), "--steps", str(steps), "--result", result]
+               "--warmup", str(warmup), "--steps", str(steps), "--result", result, "--reduction", reduction]
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=300)
         if done.returncode:
@@ -429,6 +454,13 @@ def measure_distributed(device: torch.device, quick: bool) -> dict[str, Any]:
         report["two_processes"] = two_processes(device.type, global_batch, warmup, steps)
     except Exception as exc:  # noqa: BLE001
         report["two_processes"] = {"steps_per_s": None, "error": reason(exc)}
+    try:  # DDP's choice against the all-reduce after the backward pass
+        report["two_processes_manual_all_reduce"] = two_processes(device.type, global_batch, warmup, steps, "manual")
+    except Exception as exc:  # noqa: BLE001
+        report["two_processes_manual_all_reduce"] = {"steps_per_s": None, "error": reason(exc)}
+    manual = report["two_processes_manual_all_reduce"].get("steps_per_s")
+    ddp = report["two_processes"].get("steps_per_s")
+    report["ddp_vs_manual_all_reduce"] = ddp / manual if ddp and manual else None
     backend = make_backend(device.type)
     saved = torch.get_num_threads()
     baselines = {"one_process": None} if device.type == "cuda" else {"one_process_2_threads": 2,
@@ -537,6 +569,10 @@ def print_table(report: dict[str, Any]) -> None:
                     print(f"  {name.replace('_', ' ')} (baseline), {dist['global_batch']} windows: "
                           f"{dist[name]['steps_per_s']:.2f} steps/s   2 processes / this = "
                           f"{_fmt(dist[f'two_vs_{name}'], '.2f')}")
+            manual = dist.get("two_processes_manual_all_reduce", {})
+            print(f"  2 processes, gradients all-reduced after the backward pass instead of DDP: "
+                  f"{_fmt(manual.get('steps_per_s'), '.2f')} steps/s   DDP / this = "
+                  f"{_fmt(dist.get('ddp_vs_manual_all_reduce'), '.2f')}")
             if "one_process_2_threads" in dist:
                 print("  the fair baseline is 1 process with 2 threads (the two workers' cores); "
                       "1 thread shows the per-core scaling")
@@ -555,6 +591,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--steps", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
+    parser.add_argument("--reduction", choices=("ddp", "manual"), default="ddp", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child_dist:
         child_dist(args)
