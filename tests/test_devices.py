@@ -158,7 +158,7 @@ def test_detect_and_export_on_a_gpu_match_the_cpu(detector_run, learn_shards, tm
     cpu = load_checkpoint_runner(detector_run, log=lambda *a: None)
     windows = np.random.default_rng(0).integers(0, 256, (8, *cpu.info.clip_shape), dtype=np.uint8)
     assert np.abs(gpu.logits(windows) - cpu.logits(windows)).max() < 1e-3
-    assert main(["export", "--checkpoint", detector_run, "--out", str(tmp_path / "m.onnx"), "--device", "cuda"]) == 0
+    assert main(["export", "--checkpoint", detector_run, "--out", str(tmp_path / "m.pt2"), "--device", "cuda"]) == 0
     raw = os.path.join(os.path.dirname(learn_shards), "raw")
     assert main(["detect", "--checkpoint", detector_run, "--src", raw, "--out", str(tmp_path / "det"),
                  "--device", "cuda", "--no-video"]) == 0
