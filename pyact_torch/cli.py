@@ -15,7 +15,7 @@ from typing import Any, Callable
 from .config import (DemoConfig, DetectConfig, ExportConfig, InspectConfig, KerasConfig, PreprocessConfig, EvaluateConfig, SynthConfig,
                      TFRecordConfig, TrainConfig, VideoConfig, add_arguments, from_namespace)
 from . import __doc__ as package_doc
-from .errors import UserError, printed_here
+from .errors import UserError, launch_rank, printed_here
 from .storage import USER_ERRNOS
 
 
@@ -109,6 +109,8 @@ def main(argv: list[str] | None = None, only: str | None = None, prog: str | Non
         print(f"error: {exc.filename or args.command}: {exc.strerror}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        if launch_rank():  # under torchrun every worker gets it: rank 0 says it
+            return 130
         again = "run the same command again to continue where it stopped" if args.command in RESUMABLE else \
             "nothing half-written was left"
         print(f"interrupted; {again}", file=sys.stderr)

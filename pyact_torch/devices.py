@@ -67,12 +67,14 @@ class Backend:
         return model
 
     def same_everywhere(self, value: int) -> bool:
-        """Whether ``value`` is the same on every replica (every replica must call it)."""
+        """Whether the integer ``value`` (below 2**31 / world) is the same on every replica
+        (every replica must call it). Integers: a TPU would round float sums of large steps."""
         if self.world == 1:
             return True
-        both = self.all_reduce_sum(torch.tensor([float(value), float(value) ** 2], device=self.device)).cpu()
-        # equal values are the only ones whose sum and sum of squares fit n*v and n*v^2
-        return bool(both[0] == value * self.world and both[1] == float(value) ** 2 * self.world)
+        mine = torch.tensor([value], dtype=torch.int32, device=self.device)
+        total = self.all_reduce_sum(mine)
+        # each replica's distance from the mean, summed: 0 only when every value is the same
+        return int(self.all_reduce_sum((mine * self.world - total).abs()).cpu()) == 0
 
     def close(self) -> None:
         """Release what the backend holds (a process group)."""

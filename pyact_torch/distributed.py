@@ -41,6 +41,8 @@ class DistBackend(Backend):
         self.kind = f"{device}, torch.distributed"
         self.sync_bn = sync_bn
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        if device == "cuda":
+            _check_gpu_count(int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
         self.device = cuda_device(local_rank) if device == "cuda" else torch.device("cpu")
         if not dist.is_initialized():
             dist.init_process_group("nccl" if device == "cuda" else "gloo",
@@ -84,6 +86,16 @@ class DistBackend(Backend):
             self._dist.destroy_process_group()
 
 
+def _check_gpu_count(processes: int) -> None:
+    """One GPU per process: more processes than GPUs is refused by every rank alike (before
+    the process group, which would otherwise wait for the rank that failed)."""
+    if torch.cuda.is_available() and processes > torch.cuda.device_count():
+        error = UserError(f"torchrun starts {processes} processes on this machine but it has "
+                          f"{torch.cuda.device_count()} GPUs: use --nproc_per_node {torch.cuda.device_count()}")
+        error.every_rank = True  # type: ignore[attr-defined]
+        raise error
+
+
 def run_replica(fn: Callable[..., Any], args: tuple) -> None:
     """``fn(rank, *args)`` as one process of a torchrun launch. The process dies with torchrun
     (which starts it in a session of its own, so a ``kill -9`` of torchrun would leave it
@@ -96,8 +108,10 @@ def run_replica(fn: Callable[..., Any], args: tuple) -> None:
             raise
         raise ReplicaError(f"rank {launch_rank()}: {exc}") from None
     except RuntimeError as exc:
+        import torch.distributed as dist
+
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        if not _LOST_PEER.search(message):
+        if not (isinstance(exc, dist.DistError) or _LOST_PEER.search(message)):
             raise
         raise ReplicaError(f"rank {launch_rank()}: lost contact with another replica ({message[:200]}); "
                            f"it died or stopped answering within --collective-timeout. Every checkpoint "
