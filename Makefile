@@ -28,6 +28,7 @@ bench: $(STAMP)
 	$(PY) bench/train.py
 	$(PY) bench/evaluate.py
 	$(PY) bench/detect.py
+	$(PY) bench/accelerator.py --device cpu --out bench-accelerator.json
 
 clean:
 	rm -rf $(VENV) $(DEMO) *.egg-info

@@ -1,7 +1,8 @@
 """Reading shards for training and evaluation: a pipeline of small stages.
 
 shard list (from the manifest) -> per-epoch seeded shard order -> this replica's shards (by the
-XLA ordinal, never by RANK/WORLD_SIZE) -> this DataLoader worker's shards -> samples (local or
+backend's ordinal: the XLA ordinal or the torch.distributed rank, never webdataset's reading of
+RANK/WORLD_SIZE) -> this DataLoader worker's shards -> samples (local or
 gs://, opened through ``storage`` and read by ``shards.read_samples``) -> seeded shuffle buffer
 -> decode (uint8, checked against the manifest) -> uint8 batches; ``model_input`` makes them
 float on the device.

@@ -64,6 +64,11 @@ def workers_of(launcher: int) -> list[psutil.Process]:
     return psutil.Process(launcher).children(recursive=True)
 
 
+def replicas_of(launcher: int) -> dict[int, psutil.Process]:
+    """torchrun's replica processes (its direct children; loader workers inherit RANK too) by rank."""
+    return {rank_of(p): p for p in psutil.Process(launcher).children() if rank_of(p) is not None}
+
+
 def rank_of(process: psutil.Process) -> int | None:
     try:
         return int(process.environ().get("RANK", ""))
@@ -151,7 +156,7 @@ def test_kill_9_of_torchrun_then_the_same_command_gives_the_same_final_weights(s
                                stderr=subprocess.DEVNULL, start_new_session=True)
     wait_for_step(run_dir, 20, process)
     replicas = workers_of(process.pid)
-    assert len([p for p in replicas if rank_of(p) is not None]) >= 2
+    assert sorted(replicas_of(process.pid)) == [0, 1]
     process.send_signal(signal.SIGKILL)
     assert process.wait() == -signal.SIGKILL
     _, alive = psutil.wait_procs(replicas, timeout=15)
@@ -164,15 +169,22 @@ def test_kill_9_of_torchrun_then_the_same_command_gives_the_same_final_weights(s
 
 
 @pytest.mark.slow
-def test_sigterm_to_the_process_group_stops_every_replica_at_one_step(small_shards, reference_run, tmp_path):
-    """A preemption notice to torchrun's process group: torchrun passes SIGTERM to every worker;
-    they agree on one step, rank 0 writes one checkpoint there, every worker exits 0 (torchrun
-    itself then ends with its own SignalException, status 1); the rerun resumes exactly."""
+@pytest.mark.parametrize("target", ["torchrun's process group", "every process"])
+def test_sigterm_to_the_process_group_stops_every_replica_at_one_step(target, small_shards, reference_run, tmp_path):
+    """A preemption notice to torchrun's process group (torchrun passes SIGTERM on to every
+    worker), or to every process at once (a VM shutdown: systemd signals the whole cgroup, loader
+    workers included): the replicas agree on one step, rank 0 writes one checkpoint there, every
+    worker exits 0 (torchrun itself then ends with its own SignalException, status 1); the rerun
+    resumes exactly."""
     run_dir = str(tmp_path / "run")
     process = subprocess.Popen(train(2, small_shards, run_dir, *SMALL, "--epochs", "50"), stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True, start_new_session=True)
     wait_for_step(run_dir, 10, process)
-    replicas = [p for p in workers_of(process.pid) if rank_of(p) is not None]
+    replicas = list(replicas_of(process.pid).values())
+    assert len(replicas) == 2
+    if target == "every process":  # each worker leads a process group of its own, with its loaders
+        for replica in replicas:
+            os.killpg(replica.pid, signal.SIGTERM)
     os.killpg(process.pid, signal.SIGTERM)
     out, err = process.communicate(timeout=120)
     assert process.returncode == 1 and "SignalException" in err  # torchrun's own, documented
@@ -200,7 +212,7 @@ def test_kill_9_of_one_worker_ends_the_other_with_one_line(small_shards, tmp_pat
     process = subprocess.Popen(train(2, small_shards, run_dir, *SMALL, "--epochs", "50"), stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True, start_new_session=True)
     wait_for_step(run_dir, 10, process)
-    victim = next(p for p in workers_of(process.pid) if rank_of(p) == 1)
+    victim = replicas_of(process.pid)[1]
     started = time.monotonic()
     victim.send_signal(signal.SIGKILL)
     out, err = process.communicate(timeout=120)
