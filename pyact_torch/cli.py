@@ -6,7 +6,9 @@ Mistakes a user can fix end with one line on stderr and exit status 2, never a t
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import io
 import re
 import signal
 import sys
@@ -15,7 +17,7 @@ from typing import Any, Callable
 from .config import (DemoConfig, DetectConfig, ExportConfig, InspectConfig, KerasConfig, PreprocessConfig, EvaluateConfig, SynthConfig,
                      TFRecordConfig, TrainConfig, VideoConfig, add_arguments, from_namespace)
 from . import __doc__ as package_doc
-from .errors import UserError, launch_rank, printed_here
+from .errors import UserError, local_rank, printed_here
 from .storage import USER_ERRNOS
 
 
@@ -92,7 +94,12 @@ def _terminate(signum: int, frame: Any) -> None:
 
 def main(argv: list[str] | None = None, only: str | None = None, prog: str | None = None) -> int:
     """Parse ``argv`` and run; returns the exit status."""
-    args = build_parser(only, prog).parse_args(argv)
+    parser = build_parser(only, prog)
+    if local_rank():  # under torchrun the first process of each machine prints help and usage errors
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            args = parser.parse_args(argv)
+    else:
+        args = parser.parse_args(argv)
     previous = None
     if args.command != "train":  # training handles SIGTERM itself: finish the step, checkpoint, exit 0
         previous = signal.signal(signal.SIGTERM, _terminate)
@@ -106,10 +113,11 @@ def main(argv: list[str] | None = None, only: str | None = None, prog: str | Non
     except OSError as exc:
         if exc.errno not in USER_ERRNOS:
             raise
-        print(f"error: {exc.filename or args.command}: {exc.strerror}", file=sys.stderr)
+        if printed_here(exc):
+            print(f"error: {exc.filename or args.command}: {exc.strerror}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        if launch_rank():  # under torchrun every worker gets it: rank 0 says it
+        if local_rank():  # under torchrun every worker of a machine gets it: its first says it
             return 130
         again = "run the same command again to continue where it stopped" if args.command in RESUMABLE else \
             "nothing half-written was left"

@@ -196,10 +196,10 @@ def launch(fn: Callable[..., Any], args: tuple, kind: str, distributed: bool = F
 
         spawn(fn, args)
         return
-    watch_sigterm()
-    if distributed:
+    if distributed:  # SIGTERM becomes a stop request once the process group is up
         from .distributed import run_replica
 
         run_replica(fn, args)
         return
+    watch_sigterm()
     fn(0, *args)

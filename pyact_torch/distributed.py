@@ -23,12 +23,13 @@ from typing import Any, Callable
 
 import torch
 
-from .devices import Backend, cuda_device
-from .errors import ReplicaError, UserError, launch_rank
-from .parallel import die_with_parent
+from .devices import Backend, cuda_device, watch_sigterm
+from .errors import ExplainedElsewhere, ReplicaError, UserError, launch_rank
+from .parallel import PARENT_AT_START, die_with_parent
 
-# gloo and NCCL report a lost peer or a timeout as a plain RuntimeError
-_LOST_PEER = re.compile(r"gloo|nccl|connection (reset|closed)|timed? ?out|peer|socket", re.IGNORECASE)
+# gloo reports a lost peer or a timeout as a plain RuntimeError (NCCL's are DistErrors)
+_LOST_PEER = re.compile(r"gloo/transport|connection (reset|closed) by peer|wait timeout after|"
+                        r"Timed out waiting", re.IGNORECASE)
 
 
 class DistBackend(Backend):
@@ -48,6 +49,8 @@ class DistBackend(Backend):
             dist.init_process_group("nccl" if device == "cuda" else "gloo",
                                     timeout=datetime.timedelta(seconds=timeout),
                                     device_id=self.device if device == "cuda" else None)
+        # only now: a worker still joining the group must die of torchrun's SIGTERM, not wait on
+        watch_sigterm()
         # stop votes travel on the CPU: a GPU tensor would make every step wait for the GPU
         self._votes = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=timeout)) \
             if device == "cuda" else None
@@ -100,11 +103,11 @@ def run_replica(fn: Callable[..., Any], args: tuple) -> None:
     """``fn(rank, *args)`` as one process of a torchrun launch. The process dies with torchrun
     (which starts it in a session of its own, so a ``kill -9`` of torchrun would leave it
     training on), and a lost peer or a collective past its timeout is one UserError."""
-    die_with_parent(os.getppid())
+    die_with_parent(PARENT_AT_START)
     try:
         fn(launch_rank(), *args)
     except UserError as exc:
-        if getattr(exc, "every_rank", False):  # the same on every rank: rank 0 says it
+        if getattr(exc, "every_rank", False) or isinstance(exc, (ReplicaError, ExplainedElsewhere)):
             raise
         raise ReplicaError(f"rank {launch_rank()}: {exc}") from None
     except RuntimeError as exc:

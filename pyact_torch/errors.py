@@ -16,6 +16,10 @@ class ReplicaError(UserError):
     Other UserErrors under torchrun come from settings and files every rank reads alike."""
 
 
+class ExplainedElsewhere(UserError):
+    """This replica stops because another one failed and said why: exit 2, print nothing."""
+
+
 def under_torchrun() -> bool:
     """True in a process started by torchrun (or another launcher that sets its variables)."""
     return all(name in os.environ for name in TORCHRUN_VARIABLES)
@@ -29,6 +33,18 @@ def launch_rank() -> int:
         return 0
 
 
+def local_rank() -> int:
+    """This process's rank on its machine in a torchrun launch (0 outside one)."""
+    try:
+        return int(os.environ["LOCAL_RANK"]) if under_torchrun() else 0
+    except ValueError:
+        return 0
+
+
 def printed_here(exc: BaseException) -> bool:
-    """Under torchrun an error every rank meets alike is printed by rank 0 alone."""
-    return launch_rank() == 0 or isinstance(exc, ReplicaError)
+    """Under torchrun an error every rank meets alike (settings, files) is printed by the first
+    process of each machine (each machine reads its own files); one replica's own failure by
+    that replica; a replica stopped by another's failure prints nothing."""
+    if isinstance(exc, ExplainedElsewhere):
+        return False
+    return local_rank() == 0 or isinstance(exc, ReplicaError)

@@ -30,6 +30,7 @@ import torch
 
 from . import shards as shard_format
 from .errors import UserError
+from .parallel import die_with_parent
 from .shards import decode_sample, read_samples
 
 
@@ -244,8 +245,10 @@ def _watch_sigterm(_worker: int) -> None:
     being finished. A SIGTERM from the main process itself (how it ends leftover workers when
     it exits) ends the worker, as torch's own handler does. SIGTERM stays blocked (it was when
     the worker was forked, so none slips in before this) and a thread takes each one with its
-    sender."""
+    sender. A worker dies with its replica (a ``kill -9`` of it), instead of noticing seconds
+    later."""
     parent = os.getppid()
+    die_with_parent(parent)
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
 
     def watch() -> None:

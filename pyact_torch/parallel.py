@@ -9,6 +9,11 @@ import sys
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from typing import Callable, Iterator, Sequence, TypeVar
 
+# the process that started this one, read when this module is first imported (``python -m
+# pyact_torch`` imports it first thing): a launcher killed before a replica asks for it later
+# would otherwise read as init (pid 1), and the replica would never learn of its death
+PARENT_AT_START = os.getppid()
+
 T = TypeVar("T")
 R = TypeVar("R")
 

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from . import storage
 from .checkpoint import FINAL, CheckpointWriter, check_compatible, check_resumable, make_checkpoint, restore
 from .config import TrainConfig, to_dict
-from .errors import UserError, launch_rank
+from .errors import ExplainedElsewhere, ReplicaError, UserError, local_rank
 from .evaluate import evaluate
 from .loader import HostBatches, Part, WindowDataset, on_device
 from .model import build_model, check_input, model_input
@@ -187,16 +187,17 @@ class _Run:
             self.writer.save(host_state, self.state.step, self.state.epoch, best=best, name=name)
 
 
-def _replica(index: int, config: TrainConfig) -> None:
-    """One replica: set up (or resume), run the epochs, publish the final weights."""
-    backend = make_backend(config.backend, distributed=config.distributed, timeout=config.collective_timeout,
-                           sync_bn=config.sync_bn)
+def _replica(index: int, config: TrainConfig, failed: UserError | None = None) -> None:
+    """One replica: set up (or resume), run the epochs, publish the final weights. ``failed``:
+    this replica's inputs failed their checks (it joins the others only to tell them)."""
     try:
-        try:
-            run = _start(config, backend)
-        except UserError as exc:
-            exc.every_rank = True  # settings and files every replica reads alike: one line, not one a rank
-            raise
+        backend = make_backend(config.backend, distributed=config.distributed, timeout=config.collective_timeout,
+                               sync_bn=config.sync_bn)
+    except UserError as exc:  # the machine or its Python: the same for every process on it
+        exc.every_rank = True  # type: ignore[attr-defined]
+        raise
+    try:
+        run = _start(config, backend, failed)
         try:
             if _epochs(run):
                 _finish(run)
@@ -207,17 +208,26 @@ def _replica(index: int, config: TrainConfig) -> None:
         backend.close()
 
 
-def _start(config: TrainConfig, backend: Backend) -> _Run:
+def _start(config: TrainConfig, backend: Backend, failed: UserError | None = None) -> _Run:
     """Data, model, optimizer and schedule, restored from a checkpoint when there is one."""
-    manifest = read_manifest(config.data)
-    train_set, eval_set, steps = _datasets(config, manifest, backend)
-    torch.manual_seed(config.seed)
-    model = build_model(config.model, len(manifest["channels"]), manifest["seq_len"], manifest["image_size"],
-                        len(manifest["classes"]))
-    saved = _restore_weights(config, manifest, model, backend)
-    if not backend.same_everywhere(saved["step"] if saved is not None else -1):
-        raise UserError(f"{config.run_dir}: the replicas found different checkpoints to resume from (was a "
-                        f"checkpoint written while they started?); run the same command again")
+    try:  # everything each replica reads on its own, before the first collective
+        if failed is not None:
+            raise failed
+        manifest = read_manifest(config.data)
+        train_set, eval_set, steps = _datasets(config, manifest, backend)
+        torch.manual_seed(config.seed)
+        model = build_model(config.model, len(manifest["channels"]), manifest["seq_len"], manifest["image_size"],
+                            len(manifest["classes"]))
+        saved = _restore_weights(config, manifest, model, backend)
+    except UserError as exc:
+        _setup_agreed(backend, exc)
+        raise
+    _setup_agreed(backend, None)
+    step = saved["step"] if saved is not None else -1
+    if not backend.same_everywhere(step):
+        raise ReplicaError(f"rank {backend.rank}: found {f'the checkpoint of step {step}' if saved else 'no checkpoint'} "
+                           f"in {config.run_dir}, another replica found another: --run-dir must be one location "
+                           f"every machine sees (a bucket or a shared file system)")
     model.to(backend.device)
     net = backend.wrap(model)
     if config.compile:
@@ -237,6 +247,22 @@ def _start(config: TrainConfig, backend: Backend) -> _Run:
                             "per_replica_batch": train_set.batch_size})
     return _Run(config, backend, manifest, model, net, optimizer, scheduler, state, train_set, eval_set, steps, writer,
                 _Logger(config, backend, state, config.batch_size))
+
+
+def _setup_agreed(backend: Backend, error: UserError | None) -> None:
+    """Every replica learns whether any failed to set up before the first collective of
+    training, where a healthy one would wait for a failed one until the collective timeout.
+    All failed: the same cause on every replica (settings, shared files), said once; some:
+    each says its own (a machine missing a file); the others stop without a word."""
+    someone_failed = backend.any_reader(error is not None)
+    everyone_failed = not backend.any_reader(error is None)
+    if error is not None:
+        if everyone_failed:
+            error.every_rank = True  # type: ignore[attr-defined]
+            raise error
+        raise ReplicaError(f"rank {backend.rank}: {error}") from None
+    if someone_failed:
+        raise ExplainedElsewhere("another replica failed to start")
 
 
 def _datasets(config: TrainConfig, manifest: dict,
@@ -354,12 +380,26 @@ def _finish(run: _Run) -> None:
 
 
 def fit(config: TrainConfig) -> None:
-    """Check the inputs, then train on every replica (xmp.spawn, or eager CPU)."""
+    """Check the inputs, then train on every replica (xmp.spawn, torchrun's processes, or one
+    eager process). Under torchrun a process whose inputs fail still joins the others with its
+    error, so that they learn of it instead of waiting for it (``_setup_agreed``)."""
+    try:
+        _check_inputs(config)
+    except UserError as exc:
+        if not config.distributed:
+            raise
+        launch(_replica, (config, exc), config.backend, distributed=True)
+        return
+    launch(_replica, (config,), config.backend, distributed=config.distributed)
+
+
+def _check_inputs(config: TrainConfig) -> None:
+    """The data, the model's fit to it, the device and the run directory, before any work."""
     manifest = read_manifest(config.data)
     split_shards(config.data, manifest, "train")
     if "eval" in manifest["splits"]:
         split_shards(config.data, manifest, "eval")
-    elif launch_rank() == 0:
+    elif local_rank() == 0:
         print(f"note: {config.data} has no eval split: no validation, and best.json is not written")
     try:
         check_input(config.model, manifest["image_size"])
@@ -367,4 +407,3 @@ def fit(config: TrainConfig) -> None:
         raise UserError(f"{config.data}: {exc}; preprocess at another --image-size") from None
     check_device(config.backend)
     storage.check_writable(config.run_dir)
-    launch(_replica, (config,), config.backend, distributed=config.distributed)

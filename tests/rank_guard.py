@@ -1,6 +1,9 @@
-"""``pyact`` as one torchrun worker whose rank ``PYACT_TEST_NO_WRITES_ON_RANK`` may read storage
-but not write it: any write or delete there fails the run. tests/test_distributed.py runs it to
-show that only rank 0 writes a run directory (and, with rank 0 guarded, that the guard bites)."""
+"""``pyact`` as one torchrun worker, as if each rank were a machine of its own: ``{rank}`` in an
+argument becomes the worker's rank (its own data folder, say), and the rank named by
+``PYACT_TEST_NO_WRITES_ON_RANK`` may read storage but not write it: any write or delete there
+fails the run. tests/test_distributed.py runs it to show that only rank 0 writes a run
+directory (and, with rank 0 guarded, that the guard bites), and that a failure on one rank
+alone is reported by that rank."""
 
 import os
 import sys
@@ -13,8 +16,8 @@ def _refuse(*args, **kwargs):
     raise AssertionError(f"rank {os.environ['RANK']} wrote to storage: {args[:1]}")
 
 
-if os.environ["RANK"] == os.environ["PYACT_TEST_NO_WRITES_ON_RANK"]:
+if os.environ["RANK"] == os.environ.get("PYACT_TEST_NO_WRITES_ON_RANK"):
     for name in ("open_write", "write_bytes", "write_json", "remove"):
         setattr(storage, name, _refuse)
 
-sys.exit(main(sys.argv[1:]))
+sys.exit(main([arg.replace("{rank}", os.environ["RANK"]) for arg in sys.argv[1:]]))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -261,3 +262,47 @@ def test_only_rank_0_writes_a_bucket_run_dir_and_every_rank_restores(guarded, sm
     assert again.returncode == 0, again.stderr[-3000:]
     assert "resumed at step" in again.stdout
     assert storage.read_json(f"{run_dir}/latest.json")["epoch"] == 2
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["data missing on rank 1", "data missing everywhere", "bad flag"])
+def test_a_failure_at_start_is_said_once_by_the_rank_that_met_it(case, small_shards, tmp_path):
+    """Each rank as a machine of its own (tests/rank_guard.py gives it data-<rank>): a rank that
+    cannot start still joins the others to tell them, so they stop at once instead of waiting
+    for it until torchrun kills them (30 s), and its own line names it. A cause every rank
+    meets is said once; so is a usage error."""
+    if case == "data missing on rank 1":
+        shutil.copytree(small_shards, tmp_path / "data-0")
+    extra = ["--bogus"] if case == "bad flag" else []
+    command = [*TORCHRUN, "--nproc_per_node", "2", os.path.join(ROOT, "tests", "rank_guard.py"), "train",
+               "--data", str(tmp_path / "data-{rank}"), "--run-dir", str(tmp_path / "run"), *SMALL, *extra]
+    started = time.monotonic()
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    assert time.monotonic() - started < 28, "a rank waited to be killed by torchrun"
+    if case == "bad flag":
+        assert result.stderr.count("unrecognized arguments: --bogus") == 1, result.stderr[-2000:]
+        return
+    lines = errors(result.stderr)
+    assert len(lines) == 1, result.stderr[-3000:]
+    if case == "data missing on rank 1":
+        assert lines[0].startswith("error: rank 1: ") and "data-1" in lines[0] and "manifest" in lines[0]
+    else:
+        assert not lines[0].startswith("error: rank") and "manifest" in lines[0]
+
+
+@pytest.mark.slow
+def test_kill_9_of_torchrun_while_its_workers_start_leaves_no_process(small_shards, tmp_path):
+    """Killed before its workers have even imported torch: they learn of it from the launcher's
+    pid recorded when they started (later, the parent they see is init)."""
+    process = subprocess.Popen(train(2, small_shards, str(tmp_path / "run"), *SMALL), stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 60
+    while len(replicas_of(process.pid)) < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    replicas = list(replicas_of(process.pid).values())
+    assert len(replicas) == 2
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    _, alive = psutil.wait_procs(replicas, timeout=45)
+    assert not alive, f"replicas outlived torchrun: {alive}"
