@@ -9,7 +9,6 @@ summary at the end. It calls the same functions as the other subcommands.
 from __future__ import annotations
 
 import os
-import shutil
 import time
 from typing import Callable
 
@@ -18,7 +17,11 @@ from .config import DemoConfig, DetectConfig, PreprocessConfig, EvaluateConfig, 
 from .errors import UserError
 
 BUCKET = "pyact-demo"
-MARKER = ".pyact-demo"  # only a folder holding this is emptied by a new demo run
+# the record of what a demo wrote in its folder: a new run deletes exactly those files, and
+# refuses to start while the folder holds anything else
+MARKER = ".pyact-demo"
+RECORD_FORMAT = "pyact-demo-files/1"
+RECORD_LIMIT = 16 << 20
 
 
 def run_demo(config: DemoConfig, print_fn: Callable[[str], None] = print) -> dict:
@@ -32,21 +35,17 @@ def run_demo(config: DemoConfig, print_fn: Callable[[str], None] = print) -> dic
     from .video import make_video
 
     started = time.perf_counter()
-    out = os.path.abspath(config.out)
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise UserError(f"--out {config.out}: exists and is not a folder")
-    if os.path.isdir(out) and os.listdir(out) and not os.path.exists(os.path.join(out, MARKER)):
-        raise UserError(f"--out {config.out}: not empty and not an earlier demo's output; choose another folder")
-    shutil.rmtree(out, ignore_errors=True)  # an earlier demo's output (or an empty folder)
-    os.makedirs(out)
-    open(os.path.join(out, MARKER), "w").close()
+    out = os.path.realpath(config.out)  # a link to an earlier demo's folder: that folder
+    clear_earlier_demo(out, config.out)
+    os.makedirs(out, exist_ok=True)
+    _write_record(out)
     emulator = None
-    if config.gcs_emulator:
-        emulator = GCSEmulator(os.path.join(out, "gcs"), log=os.path.join(out, "gcs-server.log")).start()
-        emulator.create_bucket(BUCKET)
-    base = f"gs://{BUCKET}" if emulator else out
+    base = f"gs://{BUCKET}" if config.gcs_emulator else out
     raw, shards, run = os.path.join(out, "raw"), storage.join(base, "shards"), storage.join(base, "run")
     try:
+        if config.gcs_emulator:
+            emulator = GCSEmulator(os.path.join(out, "gcs"), log=os.path.join(out, "gcs-server.log")).start()
+            emulator.create_bucket(BUCKET)
         print_fn(f"[1/6] synthetic dataset (6 Train, 1 Eval, 2 Test subjects) -> {raw}")
         make_dataset(SynthConfig(raw, subjects=(6, 1, 2), frames=(40, 60), size=(96, 72), seed=config.seed))
         print_fn(f"[2/6] preprocessing -> {shards}")
@@ -70,6 +69,7 @@ def run_demo(config: DemoConfig, print_fn: Callable[[str], None] = print) -> dic
     finally:
         if emulator is not None:
             emulator.stop()
+        _write_record(out)  # also after a failure or Ctrl-C: the next run removes what this one wrote
     where = {
         "metrics": os.path.join(out, "metrics.json"),
         "per-class table": os.path.join(out, "per_class.txt"),
@@ -89,3 +89,74 @@ def run_demo(config: DemoConfig, print_fn: Callable[[str], None] = print) -> dic
     lines += [f"  {name:<{width}}  {path}" for name, path in where.items()]
     print_fn("\n".join(lines))
     return {**metrics, "outputs": where, "video_frames": frames, "detection": found["detection"]}
+
+
+def _files_under(folder: str) -> set[str]:
+    """Every file and link below ``folder`` (links not followed), relative to it."""
+    found = set()
+    for root, dirs, files in os.walk(folder):
+        links = [d for d in dirs if os.path.islink(os.path.join(root, d))]
+        dirs[:] = [d for d in dirs if d not in links]
+        found.update(os.path.relpath(os.path.join(root, name), folder) for name in files + links)
+    return found
+
+
+def _write_record(out: str) -> None:
+    """Record every file now in ``out`` (the demo's, since it started from an empty folder)."""
+    files = sorted(_files_under(out) - {MARKER})
+    storage.write_json(os.path.join(out, MARKER), {"format": RECORD_FORMAT, "files": files})
+
+
+def _recorded(out: str, shown: str) -> set[str]:
+    """The files an earlier demo recorded, as names inside ``out`` (never a path outside it)."""
+    marker = os.path.join(out, MARKER)
+    if os.path.islink(marker) or not os.path.isfile(marker):
+        raise UserError(f"--out {shown}: not empty and not an earlier demo's output; choose another folder")
+    try:
+        record = storage.read_json(marker, RECORD_LIMIT)
+    except UserError:
+        record = None
+    if not (isinstance(record, dict) and record.get("format") == RECORD_FORMAT
+            and isinstance(record.get("files"), list) and all(isinstance(f, str) for f in record["files"])):
+        raise UserError(f"--out {shown}: an earlier demo's output without a readable record of its files (made by an "
+                        f"older pyact-torch, or edited); delete it yourself or choose another --out")
+    names = set()
+    for name in record["files"]:
+        parts = name.split(os.sep)
+        if os.path.isabs(name) or "\0" in name or any(p in ("", ".", "..") for p in parts):
+            raise UserError(f"--out {shown}: its record names {name[:80]!r}, not a file inside it; delete the folder "
+                            f"yourself or choose another --out")
+        names.add(os.path.normpath(name))
+    return names
+
+
+def clear_earlier_demo(out: str, shown: str) -> None:
+    """Make ``out`` ready for a demo: absent or empty as it is, or an earlier demo's folder
+    holding nothing but what that demo recorded, whose files are then deleted (and the folders
+    they leave empty). A folder holding anything else is refused before anything is deleted."""
+    if os.path.lexists(out) and not os.path.isdir(out):
+        raise UserError(f"--out {shown}: exists and is not a folder")
+    if not os.path.isdir(out) or not os.listdir(out):
+        return
+    recorded = _recorded(out, shown)
+    present = _files_under(out)  # never through a link: a recorded name behind one is not deleted
+    foreign = sorted(present - recorded - {MARKER})
+    if foreign:
+        listed = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        raise UserError(f"--out {shown}: holds files no demo wrote ({listed}); a new demo deletes only its own "
+                        f"files, so move them, or choose another --out")
+    for name in sorted(recorded & present):
+        path = os.path.join(out, name)
+        if os.path.islink(path) or os.path.isfile(path):
+            os.remove(path)
+    parents = set()  # the folders holding recorded files, and theirs: the demo made them
+    for name in recorded:
+        folder = os.path.dirname(name)
+        while folder:
+            parents.add(folder)
+            folder = os.path.dirname(folder)
+    for folder in sorted(parents, key=lambda p: p.count(os.sep), reverse=True):
+        path = os.path.join(out, folder)
+        if os.path.isdir(path) and not os.path.islink(path) and not os.listdir(path):
+            os.rmdir(path)
+    os.remove(os.path.join(out, MARKER))
