@@ -448,6 +448,8 @@ class KerasConfig:
         parse=parse_names, metavar="NAME,..."))
     seq_len: int = field(default=6, metadata=_arg(
         "frames per window, used when the file has no model config to read the input shape from", metavar="T"))
+    overwrite: bool = field(default=False, metadata=_arg(
+        "replace OUT when it exists; only a pyact-torch checkpoint is ever replaced", output=False))
 
     def __post_init__(self) -> None:
         _locations(H5=self.h5, OUT=self.out)

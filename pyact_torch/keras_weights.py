@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from . import storage
-from .checkpoint import make_checkpoint
+from .checkpoint import load_object, make_checkpoint
 from .config import KerasConfig
 from .errors import UserError
 from .labels import PYACT_CLASSES
@@ -192,6 +192,7 @@ def convert_keras(config: KerasConfig, print_fn: Callable[[str], None] = print) 
     storage.check_output_file(config.out, "checkpoint")  # before any work
     if not os.path.isfile(config.h5):
         raise UserError(f"{config.h5}: no such file")
+    check_replaceable(config.out, config.overwrite, source=config.h5)
     layers, model_config = read_keras_weights(config.h5)
     preset = _preset_of(layers, config.h5)
     seq_len, image_size, channels = _input_shape(layers, model_config, config.seq_len, config.h5)
@@ -220,3 +221,19 @@ def convert_keras(config: KerasConfig, print_fn: Callable[[str], None] = print) 
 
 
 
+
+
+def check_replaceable(out: str, overwrite: bool, source: str = "") -> None:
+    """Before any work: ``out`` may be written. Never the input itself; an existing file only
+    with ``--overwrite``, and only when it is a pyact-torch checkpoint (a file of ours)."""
+    if source and not storage.is_gcs(out) and os.path.exists(out) and os.path.samefile(out, source):
+        raise UserError(f"{out}: is the input file itself; give another output name")
+    if not storage.exists(out):
+        return
+    if not overwrite:
+        raise UserError(f"{out}: exists; add --overwrite to replace it (only a pyact-torch checkpoint is replaced)")
+    try:
+        load_object(out)
+    except UserError:
+        raise UserError(f"{out}: exists and is not a pyact-torch checkpoint; refusing to replace it even with "
+                        f"--overwrite (move it, or give another name)") from None

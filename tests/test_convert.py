@@ -124,7 +124,7 @@ def test_keras_class_order_can_be_given(keras_layers, tmp_path):
     order = sorted(PYACT_CLASS_ORDER)
     assert main(["convert-keras", h5, out, "--classes", ",".join(order)]) == 0
     assert torch.load(out, weights_only=True)["classes"] == order
-    assert main(["convert-keras", h5, out, "--classes", "a,b,c"]) == 2
+    assert main(["convert-keras", h5, out, "--classes", "a,b,c", "--overwrite"]) == 2
 
 
 @pytest.mark.parametrize("case", ["not-hdf5", "other-model"])
@@ -314,3 +314,30 @@ def test_example_decoding_reads_hand_assembled_wire_bytes():
     assert parsed["name"] == [b"alvin/asl-z"]
     with pytest.raises(ValueError, match="not a tf.train.Example"):
         parse_example(example[:-3])  # cut inside the last entry
+
+
+@pytest.mark.parametrize("case", ["onto its input", "onto a user's file", "onto a checkpoint without --overwrite",
+                                  "onto a checkpoint with --overwrite"])
+def test_convert_keras_replaces_only_its_own_checkpoints(case, keras_layers, tmp_path, capsys):
+    """On main before the fix, the first three replaced the file (exit 0), the input included."""
+    h5 = str(tmp_path / "weights.h5")
+    write_keras_h5(h5, keras_layers, whole_model=False)
+    out = {"onto its input": h5, "onto a user's file": str(tmp_path / "notes.txt")}.get(case, str(tmp_path / "c.pt"))
+    if case == "onto a user's file":
+        open(out, "w").write("my notes")
+    elif case != "onto its input":
+        assert main(["convert-keras", h5, out]) == 0
+    before = open(out, "rb").read()
+    capsys.readouterr()
+    code = main(["convert-keras", h5, out] + (["--overwrite"] if case.endswith("with --overwrite") else []))
+    err = capsys.readouterr().err
+    if case == "onto a checkpoint with --overwrite":
+        assert code == 0 and torch.load(out, weights_only=True)["classes"] == list(PYACT_CLASS_ORDER)
+        return
+    assert code == 2 and err.startswith("error: ") and err.count("\n") == 1, err
+    assert open(out, "rb").read() == before
+    assert {"onto its input": "is the input file itself", "onto a user's file": "exists; add --overwrite",
+            "onto a checkpoint without --overwrite": "exists; add --overwrite"}[case] in err
+    if case == "onto a user's file":  # --overwrite does not make a user's file ours
+        assert main(["convert-keras", h5, out, "--overwrite"]) == 2
+        assert "not a pyact-torch checkpoint" in capsys.readouterr().err and open(out, "rb").read() == before
