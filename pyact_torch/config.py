@@ -466,7 +466,9 @@ class TFRecordConfig:
     dest: str = field(metadata=_arg("output folder or gs://bucket/prefix; converting another split into the "
                                     "same DEST adds it to the manifest", positional=True))
     split: str = field(default="", metadata=_arg(
-        "split the records belong to; none = test or eval when SRC's name says so, else train",
+        "split the records belong to; none = the split the folders name (a folder or file name with a word "
+        "train, eval/val/validation or test, the nearest to the records), else train. A SRC whose records fall "
+        "in several splits is refused",
         choices=("train", "eval", "test")))
     classes: tuple[str, ...] = field(default=(), metadata=_arg(
         "class names of the label indices, comma-separated; none = the order of pyACT's score.py",
@@ -479,10 +481,6 @@ class TFRecordConfig:
     def __post_init__(self) -> None:
         _locations(SRC=self.src, DEST=self.dest)
         _positive(seq_len=self.seq_len, shard_size=self.shard_size)
-        if not self.split:
-            name = os.path.basename(self.src.rstrip("/")).lower()
-            guess = "test" if "test" in name else "eval" if ("eval" in name or "val" in name) else "train"
-            object.__setattr__(self, "split", guess)
 
 
 @dataclass(frozen=True)

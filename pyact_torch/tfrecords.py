@@ -14,7 +14,7 @@ import re
 import secrets
 import struct
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import replace, dataclass, field
 from typing import Callable, Iterator
 
 import numpy as np
@@ -128,6 +128,41 @@ class TFRecordSummary:
     files: int = 0
 
 
+# words that name a split in a folder or file name (any case): pyACT wrote TFRECORD/Train/ and
+# TFRECORD/Eval/ side by side
+SPLIT_WORDS = {"train": "train", "training": "train", "eval": "eval", "val": "eval", "valid": "eval",
+               "validation": "eval", "test": "test", "testing": "test"}
+
+
+def named_split(name: str) -> str | None:
+    """The split a folder or file name names by one of its words (``TFRECORD-Eval``,
+    ``test_records``), or None."""
+    found = {SPLIT_WORDS[w] for w in re.split(r"[^a-z0-9]+", name.lower()) if w in SPLIT_WORDS}
+    return found.pop() if len(found) == 1 else None
+
+
+def split_of(src: str, files: list[str], given: str) -> str:
+    """The one rule for a record's split: the nearest folder (or, for one file, its name) from
+    the record up to SRC itself that names a split; ``given`` (--split) when none does, else
+    train. Records of several splits under one SRC, or of a split other than ``given``, are
+    refused naming where they are: converting them together would merge splits."""
+    base = src.rstrip("/")
+    where: dict[str, set[str]] = {}
+    for url in files:
+        names = [os.path.basename(base)] + url[len(base):].strip("/").split("/")[:-1]
+        if url == base:  # SRC is one file
+            names = [os.path.basename(base)]
+        split = next((s for s in map(named_split, reversed(names)) if s), None)
+        folder = os.path.dirname(url[len(base):].strip("/")) or os.path.basename(base)
+        where.setdefault(split or given or "train", set()).add(folder)
+    if len(where) > 1 or (given and set(where) != {given}):
+        listed = "; ".join(f"{s}: {', '.join(sorted(f)[:3])}" for s, f in sorted(where.items()))
+        raise UserError(f"{src}: holds records of {'several splits' if len(where) > 1 else 'another split'} "
+                        f"({listed}{'; --split ' + given if given and len(where) == 1 else ''}); converting them "
+                        f"together would merge splits: convert each split's folder on its own into the same DEST")
+    return next(iter(where))
+
+
 def _record_files(src: str) -> list[str]:
     if storage.is_gcs(src) or os.path.isdir(src):
         names = [n for n in storage.list_files(src) if not n.startswith(".")]
@@ -150,6 +185,7 @@ def convert_tfrecords(config: TFRecordConfig, progress: bool = True, print_fn: C
     files = _record_files(config.src)
     if not files:
         raise UserError(f"{config.src}: no record files")
+    config = replace(config, split=split_of(config.src, files, config.split))
     storage.check_writable(config.dest)  # before reading any record
     classes = list(config.classes or PYACT_CLASSES)
     summary = TFRecordSummary(files=len(files))

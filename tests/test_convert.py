@@ -14,6 +14,7 @@ import torch
 
 from pyact_torch import storage
 from pyact_torch.cli import main
+from pyact_torch.errors import UserError
 from pyact_torch.labels import PYACT_CLASSES as PYACT_CLASS_ORDER
 from pyact_torch.loader import tar_samples
 from pyact_torch.model import build_model
@@ -341,3 +342,42 @@ def test_convert_keras_replaces_only_its_own_checkpoints(case, keras_layers, tmp
     if case == "onto a user's file":  # --overwrite does not make a user's file ours
         assert main(["convert-keras", h5, out, "--overwrite"]) == 2
         assert "not a pyact-torch checkpoint" in capsys.readouterr().err and open(out, "rb").read() == before
+
+
+@pytest.mark.parametrize("layout", [("Train", "Eval"), ("train", "test"), ("", "TEST")])
+def test_a_folder_holding_several_splits_is_refused_naming_them(layout, tmp_path, capsys):
+    """pyACT writes TFRECORD/Train/ and TFRECORD/Eval/ side by side; on main before the fix the
+    folder's records were all written as one split (train)."""
+    records = pyact_records(np.random.default_rng(5), 8)
+    src = tmp_path / "TFRECORD"
+    for name, chunk in zip(layout, (records[:4], records[4:])):
+        (src / name).mkdir(parents=True, exist_ok=True)
+        (src / name / "data.tfrecords").write_bytes(b"".join(tfrecord(p) for _, _, p in chunk))
+    dest = str(tmp_path / "shards")
+    assert main(["convert-tfrecords", str(src), dest]) == 2
+    err = capsys.readouterr().err
+    assert "holds records of several splits" in err and err.count("\n") == 1
+    assert all(name in err for name in layout if name)
+    assert not os.path.exists(dest)
+    if "" in layout:  # records beside a split's folder: move them into one of their own
+        return
+    for name in layout:  # each split's folder on its own is the way
+        assert main(["convert-tfrecords", str(src / name), dest]) == 0
+    manifest = json.loads(storage.read_bytes(storage.join(dest, "manifest.json")))
+    named = {"train": "train", "eval": "eval", "test": "test", "": "train"}
+    assert sorted(manifest["splits"]) == sorted(named[n.lower()] for n in layout)
+    assert all(manifest["splits"][s]["count"] == 4 for s in manifest["splits"])
+
+
+def test_the_split_rule():
+    from pyact_torch.tfrecords import named_split, split_of
+
+    assert [named_split(n) for n in ("Train", "TFRECORD-Eval", "val", "test_records", "contest", "train_test")] == \
+        ["train", "eval", "eval", "test", None, None]
+    assert split_of("/r/Eval", ["/r/Eval/a.tfrecords"], "") == "eval"
+    assert split_of("/r/x", ["/r/x/Test/a", "/r/x/Test/b"], "") == "test"  # the nearest folder
+    assert split_of("/r/pyact-test-0.tfrecords", ["/r/pyact-test-0.tfrecords"], "") == "test"  # one file: its name
+    assert split_of("/r/records", ["/r/records/a"], "eval") == "eval"  # --split where no folder names one
+    assert split_of("/r/records", ["/r/records/a"], "") == "train"
+    with pytest.raises(UserError, match="another split"):
+        split_of("/r/Test", ["/r/Test/a"], "train")  # --split against the folder's own name
