@@ -463,3 +463,11 @@ def _gcs_errors(url: str) -> Iterator[None]:
 
 def _first_line(exc: Exception) -> str:
     return str(exc).splitlines()[0][:200]
+
+
+def gcs_blob(url: str):
+    """The google-cloud-storage blob of a ``gs://`` URL (for conditional writes: ``locks``)."""
+    return _blob(url)
+
+
+gcs_errors = _gcs_errors

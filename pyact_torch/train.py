@@ -23,6 +23,7 @@ from .checkpoint import FINAL, CheckpointWriter, check_compatible, check_resumab
 from .config import TrainConfig, to_dict
 from .errors import ExplainedElsewhere, ReplicaError, UserError, local_rank
 from .evaluate import evaluate
+from .locks import Lock
 from .loader import HostBatches, Part, WindowDataset, on_device
 from .model import build_model, check_input, model_input
 from .plots import figure_png, pyplot
@@ -177,9 +178,12 @@ class _Run:
     steps: list[int]  # batches per epoch, the same on every replica
     writer: CheckpointWriter | None  # the master's
     logger: _Logger
+    lock: Lock | None  # the master's hold on the run directory
 
     def checkpoint(self, best: bool, name: str | None = None) -> None:
         """Copy the state to the host (every replica) and hand it to the writer (the master)."""
+        if self.lock is not None:
+            self.lock.check()
         host_state = _checkpoint_state(self.model, self.optimizer, self.scheduler, self.state, self.config,
                                        self.manifest, self.backend)
         if self.writer is not None:
@@ -202,13 +206,34 @@ def _replica(index: int, config: TrainConfig, failed: UserError | None = None) -
             if _epochs(run):
                 _finish(run)
         finally:
-            if run.writer is not None:
-                run.writer.close()  # lets an upload under way finish, also when training failed
+            try:
+                if run.writer is not None:
+                    run.writer.close()  # lets an upload under way finish, also when training failed
+            finally:
+                if run.lock is not None:
+                    run.lock.release()
     finally:
         backend.close()
 
 
 def _start(config: TrainConfig, backend: Backend, failed: UserError | None = None) -> _Run:
+    """The run's lock (the master's: one writer per run directory, taken before anything in it
+    is read), then everything else of ``_build``; the lock is let go if that fails."""
+    lock = None
+    if failed is None and backend.is_master:
+        try:
+            lock = Lock(config.run_dir, "train").acquire()
+        except UserError as exc:
+            failed = exc
+    try:
+        return _build(config, backend, failed, lock)
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+
+
+def _build(config: TrainConfig, backend: Backend, failed: UserError | None, lock: Lock | None) -> _Run:
     """Data, model, optimizer and schedule, restored from a checkpoint when there is one."""
     try:  # everything each replica reads on its own, before the first collective
         if failed is not None:
@@ -246,7 +271,7 @@ def _start(config: TrainConfig, backend: Backend, failed: UserError | None = Non
                             "data_shape": data_shape(manifest), "replicas": backend.world,
                             "per_replica_batch": train_set.batch_size})
     return _Run(config, backend, manifest, model, net, optimizer, scheduler, state, train_set, eval_set, steps, writer,
-                _Logger(config, backend, state, config.batch_size))
+                _Logger(config, backend, state, config.batch_size), lock)
 
 
 def _setup_agreed(backend: Backend, error: UserError | None) -> None:

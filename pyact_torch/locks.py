@@ -1,0 +1,178 @@
+"""One writer per run directory or dataset: a lock object ``.pyact-lock.json`` inside it, local
+or ``gs://``, naming its holder (host, pid, command, since when).
+
+Local folders: the lock file is held with ``flock`` for as long as the holder lives. The
+kernel releases it when the holder dies (``kill -9``, a crash), so a dead holder never blocks;
+the file itself stays (it is ours, and unlinking a locked file races with the next taker).
+
+``gs://``: the lock object is created with the precondition ``if_generation_match=0`` (only
+when absent), the usual GCS lock: of two runs starting together exactly one creates it. The
+holder rewrites it every ``HEARTBEAT`` seconds, each time on the condition that it still holds
+the generation it wrote; a lock whose heartbeat is older than ``STALE_AFTER`` (its holder was
+preempted or killed) is taken over with a precondition on that stale generation, so of two
+takers one wins. A holder that finds its lock taken (it was stalled for longer than
+``STALE_AFTER``) stops writing (``check``). Releasing deletes the object on the condition that
+it is still ours.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import threading
+import time
+from typing import Any
+
+from . import storage
+from .errors import UserError
+
+LOCK_NAME = ".pyact-lock.json"
+HEARTBEAT = float(os.environ.get("PYACT_LOCK_HEARTBEAT", "60"))
+STALE_AFTER = float(os.environ.get("PYACT_LOCK_STALE_AFTER", "600"))
+_LIMIT = 64 * 1024
+
+
+class Lock:
+    """The lock of ``location`` (a folder or ``gs://`` prefix) for ``command``."""
+
+    def __init__(self, location: str, command: str):
+        self.location, self.command = location, command
+        self.url = storage.join(location, LOCK_NAME)
+        self.since = time.time()
+        self._fd: int | None = None
+        self._generation: int | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.lost = False
+
+    def _record(self) -> bytes:
+        return json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "command": self.command,
+                           "since": self.since, "heartbeat": time.time()}).encode()
+
+    def acquire(self) -> "Lock":
+        """Take the lock, or a UserError naming its live holder."""
+        if storage.is_gcs(self.url):
+            self._acquire_gcs()
+        else:
+            self._acquire_local()
+        return self
+
+    def __enter__(self) -> "Lock":
+        return self.acquire()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.release()
+
+    # --- local: flock ---------------------------------------------------------------------
+
+    def _acquire_local(self) -> None:
+        import fcntl
+
+        with storage.write_errors(self.url):
+            os.makedirs(self.location, exist_ok=True)
+            fd = os.open(self.url, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _parse(os.pread(fd, _LIMIT, 0))
+            os.close(fd)
+            raise UserError(f"{self.location}: in use by {_describe(holder)}; wait for it to finish, stop it, "
+                            f"or use another location") from None
+        with storage.write_errors(self.url):
+            record = self._record()
+            os.ftruncate(fd, 0)
+            if os.pwrite(fd, record, 0) != len(record):
+                raise OSError(28, "short write", self.url)
+        self._fd = fd
+
+    # --- gs://: generation preconditions and a heartbeat ------------------------------------
+
+    def _acquire_gcs(self) -> None:
+        from google.api_core.exceptions import PreconditionFailed
+
+        blob = storage.gcs_blob(self.url)
+        with storage.gcs_errors(self.url):
+            try:
+                blob.upload_from_string(self._record(), if_generation_match=0)
+            except PreconditionFailed:
+                self._take_over_if_stale(blob)
+            self._generation = blob.generation
+        self._thread = threading.Thread(target=self._heartbeat, name="lock-heartbeat", daemon=True)
+        self._thread.start()
+
+    def _take_over_if_stale(self, blob: Any) -> None:
+        from google.api_core.exceptions import NotFound, PreconditionFailed
+
+        try:
+            blob.reload()
+            holder = _parse(blob.download_as_bytes(if_generation_match=blob.generation)[:_LIMIT])
+        except (NotFound, PreconditionFailed):  # released or renewed meanwhile: look again next time
+            raise UserError(f"{self.location}: its lock changed hands while this run started; run it again") from None
+        age = time.time() - float(holder.get("heartbeat", 0) if isinstance(holder.get("heartbeat"), (int, float)) else 0)
+        if age < STALE_AFTER:
+            raise UserError(f"{self.location}: in use by {_describe(holder)} (its last heartbeat {age:.0f} s ago); "
+                            f"wait for it to finish, stop it, or use another location")
+        try:
+            blob.upload_from_string(self._record(), if_generation_match=blob.generation)
+        except PreconditionFailed:
+            raise UserError(f"{self.location}: another run took over its stale lock first") from None
+        print(f"note: took over the lock of {self.location} from {_describe(holder)}, silent for {age:.0f} s")
+
+    def _heartbeat(self) -> None:
+        from google.api_core.exceptions import NotFound, PreconditionFailed
+
+        while not self._stop.wait(HEARTBEAT):
+            blob = storage.gcs_blob(self.url)
+            try:
+                blob.upload_from_string(self._record(), if_generation_match=self._generation)
+                self._generation = blob.generation
+            except (PreconditionFailed, NotFound):
+                self.lost = True
+                return
+            except Exception:  # a passing network fault: the next beat tries again
+                continue
+
+    def check(self) -> None:
+        """A UserError when another run took the lock over (this one was silent too long)."""
+        if self.lost:
+            raise UserError(f"{self.location}: another run took over this run's lock (this run was silent for over "
+                            f"{STALE_AFTER:.0f} s); stopping without writing more")
+
+    def release(self) -> None:
+        """Give the lock up (idempotent)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._fd is not None:
+            os.close(self._fd)  # closing drops the flock
+            self._fd = None
+        if self._generation is not None and not self.lost:
+            from google.api_core.exceptions import NotFound, PreconditionFailed
+
+            try:
+                storage.gcs_blob(self.url).delete(if_generation_match=self._generation)
+            except (NotFound, PreconditionFailed):
+                pass
+            except Exception:  # unreachable now: the lock goes stale and is taken over later
+                pass
+            self._generation = None
+
+
+def _parse(data: bytes) -> dict:
+    try:
+        value = json.loads(data.decode("utf-8", "replace"))
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def _describe(holder: dict) -> str:
+    """``pyact train (pid 123 on host-a, since 2026-11-30 14:01:09)``, from what the lock says."""
+    def text(key: str) -> str:
+        return str(holder.get(key, "?"))[:80]
+
+    since = holder.get("since")
+    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(since)) if isinstance(since, (int, float)) else "?"
+    return f"pyact {text('command')} (pid {text('pid')} on {text('host')}, since {when})"

@@ -1,0 +1,106 @@
+"""One writer per run directory: a second training on a live run's directory is refused in one
+line naming the holder; a dead holder never blocks (local: flock, released by the kernel;
+gs://: a lock object created only when absent, a heartbeat, a stale lock taken over by one
+taker alone)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from pyact_torch import locks, storage
+from pyact_torch.errors import UserError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TRAIN = [sys.executable, "-m", "pyact_torch", "train", "--model", "tiny", "--device", "cpu", "--batch-size", "8",
+         "--workers", "1", "--log-every", "5"]
+
+
+@pytest.mark.slow
+def test_a_second_training_on_a_live_run_dir_is_refused_naming_the_holder(small_shards, tmp_path):
+    """On main before the fix both ran to 'training finished', their checkpoints, pointers and
+    metrics mixed in one directory."""
+    run_dir = str(tmp_path / "run")
+    first = subprocess.Popen([*TRAIN, "--data", small_shards, "--run-dir", run_dir, "--epochs", "40"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not os.path.exists(os.path.join(run_dir, "config.json")) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    second = subprocess.run([*TRAIN, "--data", small_shards, "--run-dir", run_dir, "--epochs", "2", "--lr", "5e-4"],
+                            capture_output=True, text=True, timeout=300)
+    first.terminate()  # SIGTERM: checkpoints and exits 0
+    out, err = first.communicate(timeout=300)
+    assert first.returncode == 0, err[-2000:]
+    assert second.returncode == 2
+    assert second.stderr.startswith(f"error: {run_dir}: in use by pyact train (pid {first.pid} on ")
+    assert second.stderr.count("\n") == 1
+    config = json.load(open(os.path.join(run_dir, "config.json")))
+    assert config["config"]["lr"] == 1e-3 and config["config"]["epochs"] == 40  # the first run's own
+    locks.Lock(run_dir, "train").acquire().release()  # the holder gone, the directory is free again
+
+
+def test_a_local_lock_dies_with_its_holder(tmp_path):
+    code = ("import sys, time; from pyact_torch.locks import Lock; Lock(sys.argv[1], 'train').acquire(); "
+            "print('held', flush=True); time.sleep(60)")
+    holder = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE, text=True,
+                              env=dict(os.environ, PYTHONPATH=ROOT))
+    assert holder.stdout.readline().strip() == "held"
+    with pytest.raises(UserError, match=f"in use by pyact train \\(pid {holder.pid} on "):
+        locks.Lock(str(tmp_path), "train").acquire()
+    holder.kill()
+    holder.wait()
+    lock = locks.Lock(str(tmp_path), "train").acquire()  # kill -9 released it
+    lock.release()
+
+
+def test_a_bucket_lock_is_exclusive_and_taken_over_only_when_stale(gcs, monkeypatch):
+    monkeypatch.setattr(locks, "HEARTBEAT", 0.2)
+    where = f"gs://pyact-test/lock-{os.getpid()}"
+    first = locks.Lock(where, "train").acquire()
+    with pytest.raises(UserError, match="in use by pyact train"):
+        locks.Lock(where, "preprocess").acquire()
+    time.sleep(0.6)  # heartbeats keep it fresh
+    with pytest.raises(UserError, match="last heartbeat 0 s ago"):
+        locks.Lock(where, "train").acquire()
+    first._stop.set()  # the holder stalls (a preempted VM): no more heartbeats
+    first._thread.join()
+    monkeypatch.setattr(locks, "STALE_AFTER", 0.3)
+    time.sleep(0.5)
+    second = locks.Lock(where, "train").acquire()  # taken over
+    first._stop.clear()
+    thread = threading.Thread(target=first._heartbeat)  # the stalled holder wakes up and beats
+    thread.start()
+    thread.join(timeout=10)
+    assert first.lost
+    with pytest.raises(UserError, match="another run took over"):
+        first.check()
+    first.release()  # does not delete the new holder's lock
+    assert storage.exists(f"{where}/.pyact-lock.json")
+    second.release()
+    assert not storage.exists(f"{where}/.pyact-lock.json")
+
+
+def test_of_many_runs_starting_together_on_a_bucket_exactly_one_gets_the_lock(gcs):
+    where = f"gs://pyact-test/race-{os.getpid()}"
+    results: list = []
+
+    def start() -> None:
+        try:
+            results.append(locks.Lock(where, "train").acquire())
+        except UserError as exc:
+            results.append(exc)
+
+    threads = [threading.Thread(target=start) for _ in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    held = [r for r in results if isinstance(r, locks.Lock)]
+    assert len(held) == 1 and len(results) == 6
+    held[0].release()
