@@ -2,8 +2,9 @@
 or ``gs://``, naming its holder (host, pid, command, since when).
 
 Local folders: the lock file is held with ``flock`` for as long as the holder lives. The
-kernel releases it when the holder dies (``kill -9``, a crash), so a dead holder never blocks;
-the file itself stays (it is ours, and unlinking a locked file races with the next taker).
+kernel releases it when the holder dies (``kill -9``, a crash), so a dead holder never blocks
+(its file stays until the next holder takes it). The holder unlinks the file before letting go,
+and a taker checks that the file it locked is still the one named, so two never both hold it.
 
 ``gs://``: the lock object is created with the precondition ``if_generation_match=0`` (only
 when absent), the usual GCS lock: of two runs starting together exactly one creates it. The
@@ -69,16 +70,25 @@ class Lock:
     def _acquire_local(self) -> None:
         import fcntl
 
-        with storage.write_errors(self.url):
-            os.makedirs(self.location, exist_ok=True)
-            fd = os.open(self.url, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = _parse(os.pread(fd, _LIMIT, 0))
+        for _ in range(10):
+            with storage.write_errors(self.url):
+                os.makedirs(self.location, exist_ok=True)
+                fd = os.open(self.url, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = _parse(os.pread(fd, _LIMIT, 0))
+                os.close(fd)
+                raise UserError(f"{self.location}: in use by {_describe(holder)}; wait for it to finish, stop it, "
+                                f"or use another location") from None
+            try:  # the holder before us unlinks the file as it lets go: ours must still be the named one
+                if os.stat(self.url, follow_symlinks=False).st_ino == os.fstat(fd).st_ino:
+                    break
+            except FileNotFoundError:
+                pass
             os.close(fd)
-            raise UserError(f"{self.location}: in use by {_describe(holder)}; wait for it to finish, stop it, "
-                            f"or use another location") from None
+        else:
+            raise UserError(f"{self.location}: its lock file keeps changing; is another run starting there?")
         with storage.write_errors(self.url):
             record = self._record()
             os.ftruncate(fd, 0)
@@ -91,6 +101,7 @@ class Lock:
     def _acquire_gcs(self) -> None:
         from google.api_core.exceptions import PreconditionFailed
 
+        storage.check_writable(self.location)  # a missing bucket: its own one-line message
         blob = storage.gcs_blob(self.url)
         with storage.gcs_errors(self.url):
             try:
@@ -146,6 +157,10 @@ class Lock:
             self._thread.join()
             self._thread = None
         if self._fd is not None:
+            try:  # unlinked while still held, so a new taker never locks a file that is going away
+                os.unlink(self.url)
+            except OSError:
+                pass
             os.close(self._fd)  # closing drops the flock
             self._fd = None
         if self._generation is not None and not self.lost:

@@ -26,6 +26,7 @@ from tqdm import tqdm
 from . import storage
 from .config import PreprocessConfig, output_settings
 from .errors import UserError
+from .locks import LOCK_NAME, Lock
 from .frames import DecodeChunk, FrameCache, FrameSpec, decode_into_cache
 from .labels import BadSequence, Sequence, class_list, scan_dataset
 from .parallel import map_unordered
@@ -133,7 +134,7 @@ def _prepare_dest(config: PreprocessConfig, print_fn, run: dict[str, str], cache
     """Check DEST and decide: fresh start, resume, already complete (returns the manifest),
     or refuse. ``run`` is this run's ``fingerprint`` and ``frames_fingerprint``."""
     storage.check_writable(config.dest)
-    existing = storage.list_files(config.dest)
+    existing = [name for name in storage.list_files(config.dest) if name != LOCK_NAME]
     if f"{CACHE_DIR}/{CACHE_MARK}" in existing:  # our own cache inside DEST
         existing = [name for name in existing if not name.startswith(CACHE_DIR + "/")]
     ours = [name for name in existing if _is_output(name)]
@@ -418,6 +419,13 @@ def preprocess(config: PreprocessConfig, progress: bool = True, print_fn=print) 
     if not sequences:
         raise UserError(f"{config.src}: no usable sequences")
     seq_len = check_plan(config, sequences)  # before anything is written or decoded
+    with Lock(config.dest, "preprocess"):  # one run per DEST: a second is refused naming this one
+        return _preprocess_locked(config, sequences, bad, seq_len, started, progress, print_fn)
+
+
+def _preprocess_locked(config: PreprocessConfig, sequences: list, bad: list, seq_len: int, started: float,
+                       progress: bool, print_fn) -> Summary:
+    """The run itself, holding DEST's lock."""
     spec = FrameSpec(config.modality, config.image_size, config.depth_range)
     stats = frame_stats(config.src, sequences, config.modality)
     run = {"fingerprint": fingerprint(config, sequences, bad), "frames_fingerprint": frames_fingerprint(stats)}

@@ -22,6 +22,7 @@ import numpy as np
 from . import storage
 from .config import TFRecordConfig
 from .errors import UserError
+from .locks import LOCK_NAME, Lock
 from .labels import PYACT_CLASSES
 from .shards import (MANIFEST, MODALITY_OF, encode_sample, index_row, new_manifest, read_manifest, sample_meta,
                      shard_name, shard_url, split_entry, write_shard)
@@ -177,9 +178,6 @@ def convert_tfrecords(config: TFRecordConfig, progress: bool = True, print_fn: C
     (one record in memory at a time). Runs for other splits add to the same manifest. A split
     the manifest already has is written under new shard names and its old shards are deleted
     only after the new manifest is: a run that fails leaves DEST as it was."""
-    from tqdm import tqdm
-
-
     storage.check_location(config.src, "SRC")
     storage.check_location(config.dest, "DEST")
     files = _record_files(config.src)
@@ -187,6 +185,15 @@ def convert_tfrecords(config: TFRecordConfig, progress: bool = True, print_fn: C
         raise UserError(f"{config.src}: no record files")
     config = replace(config, split=split_of(config.src, files, config.split))
     storage.check_writable(config.dest)  # before reading any record
+    with Lock(config.dest, "convert-tfrecords"):  # one writer per DEST (preprocess takes the same lock)
+        return _convert_locked(config, files, progress, print_fn)
+
+
+def _convert_locked(config: TFRecordConfig, files: list[str], progress: bool,
+                    print_fn: Callable[[str], None]) -> TFRecordSummary:
+    """The conversion itself, holding DEST's lock."""
+    from tqdm import tqdm
+
     classes = list(config.classes or PYACT_CLASSES)
     summary = TFRecordSummary(files=len(files))
     shape: list[int] = []  # (T, S, S, C) once known
@@ -194,7 +201,7 @@ def convert_tfrecords(config: TFRecordConfig, progress: bool = True, print_fn: C
     index: list[dict] = []
     manifest_url = storage.join(config.dest, MANIFEST)
     previous = read_manifest(config.dest) if storage.exists(manifest_url) else None
-    if previous is None and storage.list_files(config.dest):
+    if previous is None and [name for name in storage.list_files(config.dest) if name != LOCK_NAME]:
         raise UserError(f"{config.dest}: holds files but no manifest (another tool's output, or an unfinished "
                         f"run); convert into an empty DEST or one that holds converted splits")
     if previous is not None and previous["classes"] != classes:

@@ -104,3 +104,32 @@ def test_of_many_runs_starting_together_on_a_bucket_exactly_one_gets_the_lock(gc
     held = [r for r in results if isinstance(r, locks.Lock)]
     assert len(held) == 1 and len(results) == 6
     held[0].release()
+
+
+@pytest.mark.parametrize("command", ["preprocess", "convert-tfrecords"])
+def test_a_second_writer_of_a_dataset_is_refused_before_work(command, tiny_dataset, tmp_path, capsys):
+    """On main before the fix, two preprocessing runs into one DEST raced (one deleted the
+    other's live .partial: a traceback in 2 of 5 tries)."""
+    from pyact_torch.cli import main
+
+    dest = tmp_path / "dest"
+    code = ("import sys, time; from pyact_torch.locks import Lock; Lock(sys.argv[1], 'preprocess').acquire(); "
+            "print('held', flush=True); time.sleep(60)")
+    holder = subprocess.Popen([sys.executable, "-c", code, str(dest)], stdout=subprocess.PIPE, text=True,
+                              env=dict(os.environ, PYTHONPATH=ROOT))
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        if command == "preprocess":
+            args = ["preprocess", tiny_dataset, str(dest), "--image-size", "16", "--workers", "1"]
+        else:
+            records = tmp_path / "records-train"
+            records.mkdir()
+            (records / "a.tfrecords").write_bytes(b"")
+            args = ["convert-tfrecords", str(records), str(dest)]
+        assert main(args) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {dest}: in use by pyact preprocess (pid {holder.pid} on ") and err.count("\n") == 1
+        assert os.listdir(dest) == [".pyact-lock.json"]  # the holder's, untouched
+    finally:
+        holder.kill()
+        holder.wait()
