@@ -9,11 +9,13 @@ summary at the end. It calls the same functions as the other subcommands.
 from __future__ import annotations
 
 import os
+import signal
 import time
 from typing import Callable
 
 from . import storage
 from .config import DemoConfig, DetectConfig, PreprocessConfig, EvaluateConfig, SynthConfig, TrainConfig, VideoConfig
+from .devices import preempted
 from .errors import UserError
 
 BUCKET = "pyact-demo"
@@ -38,7 +40,7 @@ def run_demo(config: DemoConfig, print_fn: Callable[[str], None] = print) -> dic
     out = os.path.realpath(config.out)  # a link to an earlier demo's folder: that folder
     clear_earlier_demo(out, config.out)
     os.makedirs(out, exist_ok=True)
-    _write_record(out)
+    _write_record(out, complete=False)
     emulator = None
     base = f"gs://{BUCKET}" if config.gcs_emulator else out
     raw, shards, run = os.path.join(out, "raw"), storage.join(base, "shards"), storage.join(base, "run")
@@ -48,13 +50,24 @@ def run_demo(config: DemoConfig, print_fn: Callable[[str], None] = print) -> dic
             emulator.create_bucket(BUCKET)
         print_fn(f"[1/6] synthetic dataset (6 Train, 1 Eval, 2 Test subjects) -> {raw}")
         make_dataset(SynthConfig(raw, subjects=(6, 1, 2), frames=(40, 60), size=(96, 72), seed=config.seed))
+        _write_record(out, complete=False)  # after each step: a kill -9 leaves at most one step unrecorded
         print_fn(f"[2/6] preprocessing -> {shards}")
         print_fn(format_summary(preprocess(PreprocessConfig(raw, shards, image_size=32, shard_size=64),
                                            print_fn=print_fn)))
+        _write_record(out, complete=False)
         print_fn(f"[3/6] training tiny for {config.epochs} epochs on {config.device} -> {run}")
-        fit(TrainConfig(data=shards, run_dir=run, model="tiny", epochs=config.epochs, lr=2e-3,
-                        lr_schedule="cosine", device=config.device, ckpt_every=0, log_every=20, workers=1,
-                        seed=config.seed))
+        handler = signal.getsignal(signal.SIGTERM)
+        try:  # training turns SIGTERM into a checkpoint and a clean stop; the demo then stops too
+            fit(TrainConfig(data=shards, run_dir=run, model="tiny", epochs=config.epochs, lr=2e-3,
+                            lr_schedule="cosine", device=config.device, ckpt_every=0, log_every=20, workers=1,
+                            seed=config.seed))
+        finally:
+            signal.signal(signal.SIGTERM, handler)
+        if preempted():
+            from .cli import Terminated
+
+            raise Terminated()
+        _write_record(out, complete=False)
         print_fn(f"[4/6] scoring the test split -> {out}")
         metrics = evaluate_checkpoint(EvaluateConfig(checkpoint=run, data=shards, out=out, device=config.device),
                                    print_fn=print_fn)
@@ -69,7 +82,7 @@ def run_demo(config: DemoConfig, print_fn: Callable[[str], None] = print) -> dic
     finally:
         if emulator is not None:
             emulator.stop()
-        _write_record(out)  # also after a failure or Ctrl-C: the next run removes what this one wrote
+        _write_record(out, complete=True)  # also after a failure or Ctrl-C: the next run removes what this one wrote
     where = {
         "metrics": os.path.join(out, "metrics.json"),
         "per-class table": os.path.join(out, "per_class.txt"),
@@ -101,13 +114,14 @@ def _files_under(folder: str) -> set[str]:
     return found
 
 
-def _write_record(out: str) -> None:
-    """Record every file now in ``out`` (the demo's, since it started from an empty folder)."""
+def _write_record(out: str, complete: bool = True) -> None:
+    """Record every file now in ``out`` (the demo's, since it started from an empty folder);
+    ``complete=False`` while the demo still runs (a kill -9 leaves it so)."""
     files = sorted(_files_under(out) - {MARKER})
-    storage.write_json(os.path.join(out, MARKER), {"format": RECORD_FORMAT, "files": files})
+    storage.write_json(os.path.join(out, MARKER), {"format": RECORD_FORMAT, "files": files, "complete": complete})
 
 
-def _recorded(out: str, shown: str) -> set[str]:
+def _recorded(out: str, shown: str) -> tuple[set[str], bool]:
     """The files an earlier demo recorded, as names inside ``out`` (never a path outside it)."""
     marker = os.path.join(out, MARKER)
     if os.path.islink(marker) or not os.path.isfile(marker):
@@ -127,7 +141,7 @@ def _recorded(out: str, shown: str) -> set[str]:
             raise UserError(f"--out {shown}: its record names {name[:80]!r}, not a file inside it; delete the folder "
                             f"yourself or choose another --out")
         names.add(os.path.normpath(name))
-    return names
+    return names - {MARKER}, record.get("complete", True) is not False
 
 
 def clear_earlier_demo(out: str, shown: str) -> None:
@@ -138,11 +152,14 @@ def clear_earlier_demo(out: str, shown: str) -> None:
         raise UserError(f"--out {shown}: exists and is not a folder")
     if not os.path.isdir(out) or not os.listdir(out):
         return
-    recorded = _recorded(out, shown)
+    recorded, complete = _recorded(out, shown)
     present = _files_under(out)  # never through a link: a recorded name behind one is not deleted
     foreign = sorted(present - recorded - {MARKER})
     if foreign:
         listed = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        if not complete:
+            raise UserError(f"--out {shown}: an earlier demo was killed before it recorded all its files ({listed} are "
+                            f"not in its record, and may be yours); delete the folder yourself, or choose another --out")
         raise UserError(f"--out {shown}: holds files no demo wrote ({listed}); a new demo deletes only its own "
                         f"files, so move them, or choose another --out")
     for name in sorted(recorded & present):

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from . import storage
-from .checkpoint import load_object, make_checkpoint
+from .checkpoint import CHECKPOINT_FORMAT, load_object, make_checkpoint
 from .config import KerasConfig
 from .errors import UserError
 from .labels import PYACT_CLASSES
@@ -223,6 +223,23 @@ def convert_keras(config: KerasConfig, print_fn: Callable[[str], None] = print) 
 
 
 
+def _check_checkpoint(url: str) -> None:
+    """A UserError unless ``url`` is a pyact-torch checkpoint. A local file is mapped, not read
+    (a multi-GB file that is not ours must not fill the memory to be refused)."""
+    if storage.is_gcs(url):
+        load_object(url)
+        return
+    with open(url, "rb") as handle:
+        if handle.read(4) != b"PK\x03\x04":  # torch.save writes a zip archive
+            raise UserError(f"{url}: not a zip archive")
+    try:
+        state = torch.load(url, mmap=True, weights_only=True, map_location="cpu")
+    except Exception:  # torch raises many types for files that are not its own
+        raise UserError(f"{url}: not a checkpoint") from None
+    if not (isinstance(state, dict) and state.get("format") == CHECKPOINT_FORMAT):
+        raise UserError(f"{url}: not a {CHECKPOINT_FORMAT} checkpoint")
+
+
 def check_replaceable(out: str, overwrite: bool, source: str = "") -> None:
     """Before any work: ``out`` may be written. Never the input itself; an existing file only
     with ``--overwrite``, and only when it is a pyact-torch checkpoint (a file of ours)."""
@@ -233,7 +250,7 @@ def check_replaceable(out: str, overwrite: bool, source: str = "") -> None:
     if not overwrite:
         raise UserError(f"{out}: exists; add --overwrite to replace it (only a pyact-torch checkpoint is replaced)")
     try:
-        load_object(out)
+        _check_checkpoint(out)
     except UserError:
         raise UserError(f"{out}: exists and is not a pyact-torch checkpoint; refusing to replace it even with "
                         f"--overwrite (move it, or give another name)") from None

@@ -30,6 +30,7 @@ import torch
 
 from . import shards as shard_format
 from .errors import UserError
+from .locks import forget_in_child
 from .parallel import die_with_parent
 from .shards import decode_sample, read_samples
 
@@ -249,6 +250,7 @@ def _watch_sigterm(_worker: int) -> None:
     later."""
     parent = os.getppid()
     die_with_parent(parent)
+    forget_in_child()  # the run dir's lock goes with the replica, not with a worker it forked
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
 
     def watch() -> None:

@@ -70,10 +70,25 @@ class Lock:
     def _acquire_local(self) -> None:
         import fcntl
 
+        import errno
+        import stat
+
         for _ in range(10):
             with storage.write_errors(self.url):
                 os.makedirs(self.location, exist_ok=True)
-                fd = os.open(self.url, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
+                try:
+                    fd = os.open(self.url, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK,
+                                 0o644)
+                except OSError as exc:
+                    if exc.errno not in (errno.ELOOP, errno.ENXIO, errno.EISDIR):
+                        raise
+                    fd = -1
+            info = os.fstat(fd) if fd >= 0 else None
+            if info is None or not stat.S_ISREG(info.st_mode) or info.st_nlink != 1:
+                if fd >= 0:
+                    os.close(fd)  # a link, folder, FIFO or a hard link to another file: not ours to write
+                raise UserError(f"{self.url}: not a lock file pyact-torch wrote (a link, folder or special file); "
+                                f"remove it and run again")
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -89,12 +104,17 @@ class Lock:
             os.close(fd)
         else:
             raise UserError(f"{self.location}: its lock file keeps changing; is another run starting there?")
-        with storage.write_errors(self.url):
-            record = self._record()
-            os.ftruncate(fd, 0)
-            if os.pwrite(fd, record, 0) != len(record):
-                raise OSError(28, "short write", self.url)
+        try:
+            with storage.write_errors(self.url):
+                record = self._record()
+                os.ftruncate(fd, 0)
+                if os.pwrite(fd, record, 0) != len(record):
+                    raise OSError(28, "short write", self.url)
+        except BaseException:
+            os.close(fd)
+            raise
         self._fd = fd
+        _HELD.add(fd)
 
     # --- gs://: generation preconditions and a heartbeat ------------------------------------
 
@@ -157,10 +177,14 @@ class Lock:
             self._thread.join()
             self._thread = None
         if self._fd is not None:
-            try:  # unlinked while still held, so a new taker never locks a file that is going away
-                os.unlink(self.url)
+            try:  # unlinked while still held (so a new taker never locks a file going away), if still ours
+                named = os.stat(self.url, follow_symlinks=False)
+                mine = os.fstat(self._fd)
+                if (named.st_ino, named.st_dev) == (mine.st_ino, mine.st_dev):
+                    os.unlink(self.url)
             except OSError:
                 pass
+            _HELD.discard(self._fd)
             os.close(self._fd)  # closing drops the flock
             self._fd = None
         if self._generation is not None and not self.lost:
@@ -173,6 +197,20 @@ class Lock:
             except Exception:  # unreachable now: the lock goes stale and is taken over later
                 pass
             self._generation = None
+
+
+_HELD: set[int] = set()  # this process's local lock descriptors
+
+
+def forget_in_child() -> None:
+    """In a forked child (a loader worker): close the inherited lock descriptors, so that the
+    lock goes with its holder and not with a child that outlives it."""
+    for fd in list(_HELD):
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _HELD.clear()
 
 
 def _parse(data: bytes) -> dict:

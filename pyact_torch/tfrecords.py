@@ -137,9 +137,14 @@ SPLIT_WORDS = {"train": "train", "training": "train", "eval": "eval", "val": "ev
 
 def named_split(name: str) -> str | None:
     """The split a folder or file name names by one of its words (``TFRECORD-Eval``,
-    ``test_records``), or None."""
-    found = {SPLIT_WORDS[w] for w in re.split(r"[^a-z0-9]+", name.lower()) if w in SPLIT_WORDS}
-    return found.pop() if len(found) == 1 else None
+    ``test_records``, ``TestRecords``, ``val2017``), or None; a name of two splits
+    (``Train_and_Test``) is refused: which one it means is anyone's guess."""
+    words = re.findall(r"[A-Z]?[a-z]+|[A-Z]+(?![a-z])|[0-9]+", name)
+    found = {SPLIT_WORDS[w.lower()] for w in words if w.lower() in SPLIT_WORDS}
+    if len(found) > 1:
+        raise UserError(f"{name}: names several splits ({', '.join(sorted(found))}); rename it, or move each "
+                        f"split's records into a folder of its own")
+    return found.pop() if found else None
 
 
 def split_of(src: str, files: list[str], given: str) -> str:
@@ -150,9 +155,10 @@ def split_of(src: str, files: list[str], given: str) -> str:
     base = src.rstrip("/")
     where: dict[str, set[str]] = {}
     for url in files:
-        names = [os.path.basename(base)] + url[len(base):].strip("/").split("/")[:-1]
-        if url == base:  # SRC is one file
-            names = [os.path.basename(base)]
+        if url == base:  # SRC is one file: its name, then its folder's
+            names = [os.path.basename(os.path.dirname(os.path.abspath(base))), os.path.basename(base)]
+        else:  # SRC's name, the folders below it, the file's own name
+            names = [os.path.basename(base)] + url[len(base):].strip("/").split("/")
         split = next((s for s in map(named_split, reversed(names)) if s), None)
         folder = os.path.dirname(url[len(base):].strip("/")) or os.path.basename(base)
         where.setdefault(split or given or "train", set()).add(folder)
@@ -160,7 +166,8 @@ def split_of(src: str, files: list[str], given: str) -> str:
         listed = "; ".join(f"{s}: {', '.join(sorted(f)[:3])}" for s, f in sorted(where.items()))
         raise UserError(f"{src}: holds records of {'several splits' if len(where) > 1 else 'another split'} "
                         f"({listed}{'; --split ' + given if given and len(where) == 1 else ''}); converting them "
-                        f"together would merge splits: convert each split's folder on its own into the same DEST")
+                        f"together would merge splits: convert each split's folder on its own into the same DEST "
+                        f"(a folder or file misnamed: rename it; names outrank --split)")
     return next(iter(where))
 
 

@@ -372,8 +372,15 @@ def test_a_folder_holding_several_splits_is_refused_naming_them(layout, tmp_path
 def test_the_split_rule():
     from pyact_torch.tfrecords import named_split, split_of
 
-    assert [named_split(n) for n in ("Train", "TFRECORD-Eval", "val", "test_records", "contest", "train_test")] == \
-        ["train", "eval", "eval", "test", None, None]
+    assert [named_split(n) for n in ("Train", "TFRECORD-Eval", "val", "test_records", "contest", "TestRecords",
+                                     "val2017", "part-00000")] == ["train", "eval", "eval", "test", None, "test", "eval", None]
+    for ambiguous in ("train_test", "Train_and_Test", "pyACT_train_val"):
+        with pytest.raises(UserError, match="names several splits"):
+            named_split(ambiguous)
+    assert split_of("/r/flat", ["/r/flat/train.tfrecords", "/r/flat/b"], "") == "train"
+    with pytest.raises(UserError, match="several splits"):  # file names count: a flat folder of two splits
+        split_of("/r/flat", ["/r/flat/train.tfrecords", "/r/flat/test.tfrecords"], "")
+    assert split_of("/r/TFRECORD/Test/part-00000", ["/r/TFRECORD/Test/part-00000"], "") == "test"  # its folder
     assert split_of("/r/Eval", ["/r/Eval/a.tfrecords"], "") == "eval"
     assert split_of("/r/x", ["/r/x/Test/a", "/r/x/Test/b"], "") == "test"  # the nearest folder
     assert split_of("/r/pyact-test-0.tfrecords", ["/r/pyact-test-0.tfrecords"], "") == "test"  # one file: its name

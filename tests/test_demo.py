@@ -132,3 +132,22 @@ def test_a_demo_record_never_reaches_through_a_link(tmp_path):
     (out / ".pyact-demo").write_text('{"format": "pyact-demo-files/1", "files": ["raw", "raw/x"]}')
     clear_earlier_demo(str(out), str(out))
     assert (elsewhere / "x").read_text() == "keep" and not os.path.lexists(out / "raw")
+
+
+def test_a_killed_demo_is_named_as_such_and_its_record_never_names_itself(tmp_path, capsys):
+    from pyact_torch.demo import _write_record, clear_earlier_demo
+
+    out = tmp_path / "demo"
+    _earlier_demo(out)
+    _write_record(str(out), complete=False)  # a step's boundary; then kill -9 in the next step
+    (out / "shards").mkdir()
+    (out / "shards" / "train-000000.tar").write_text("unrecorded")
+    assert main(["demo", "--out", str(out)]) == 2
+    assert "an earlier demo was killed before it recorded all its files" in capsys.readouterr().err
+    assert (out / "shards" / "train-000000.tar").exists()
+    (out / ".pyact-demo").write_text('{"format": "pyact-demo-files/1", "files": ["metrics.json", ".pyact-demo"]}')
+    (out / "shards" / "train-000000.tar").unlink()
+    for name in ("raw/Train/s0/asl-z/color_0.png", "run/final.pt"):
+        (out / name).unlink()
+    clear_earlier_demo(str(out), str(out))  # the record naming the marker itself is harmless
+    assert not [p for p in out.rglob("*") if not p.is_dir()]  # empty folders it did not record may stay

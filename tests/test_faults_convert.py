@@ -346,7 +346,8 @@ def test_failed_reconversion_leaves_dest_as_it_was(converted, tmp_path, capsys):
 def test_reconversion_of_another_shape_leaves_dest_as_it_was(converted, tmp_path, capsys):
     dest, _ = converted
     before = tree_bytes(dest)
-    write_records(tmp_path / "bigger", pyact_records(np.random.default_rng(11), 10, shape=(6, 32, 32, 3)))
+    path = write_records(tmp_path / "bigger", pyact_records(np.random.default_rng(11), 10, shape=(6, 32, 32, 3)))
+    os.rename(path, os.path.join(tmp_path / "bigger", "part-00000"))  # a file name naming no split: --split says
     assert main(["convert-tfrecords", str(tmp_path / "bigger"), str(dest), "--split", "test"]) == 2
     one_error_line(capsys, str(dest))
     assert tree_bytes(dest) == before

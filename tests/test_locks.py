@@ -133,3 +133,30 @@ def test_a_second_writer_of_a_dataset_is_refused_before_work(command, tiny_datas
     finally:
         holder.kill()
         holder.wait()
+
+
+@pytest.mark.parametrize("kind", ["symlink", "dangling symlink", "fifo", "folder", "hard link"])
+def test_a_lock_path_that_is_not_our_file_is_refused_and_left_alone(kind, tmp_path):
+    """A link would be followed, a FIFO truncated, a hard link would overwrite the user's file
+    (found by a review; a traceback or a clobbered file before the fix)."""
+    notes = tmp_path / "notes.txt"
+    notes.write_text("mine")
+    run = tmp_path / "run"
+    run.mkdir()
+    path = run / ".pyact-lock.json"
+    {"symlink": lambda: path.symlink_to(notes), "dangling symlink": lambda: path.symlink_to(tmp_path / "nothing"),
+     "fifo": lambda: os.mkfifo(path), "folder": lambda: path.mkdir(),
+     "hard link": lambda: os.link(notes, path)}[kind]()
+    with pytest.raises(UserError, match="not a lock file pyact-torch wrote"):
+        locks.Lock(str(run), "train").acquire()
+    assert notes.read_text() == "mine" and os.path.lexists(path)
+
+
+def test_releasing_never_removes_a_later_holders_lock(tmp_path):
+    first = locks.Lock(str(tmp_path), "train").acquire()
+    os.unlink(tmp_path / ".pyact-lock.json")  # someone removes the file under the holder
+    second = locks.Lock(str(tmp_path), "train").acquire()
+    first.release()
+    with pytest.raises(UserError, match="in use by"):
+        locks.Lock(str(tmp_path), "train").acquire()
+    second.release()
