@@ -73,6 +73,7 @@ class Lock:
         import errno
         import stat
 
+        storage.check_writable(self.location)  # a read-only or missing folder: its own one-line message
         for _ in range(10):
             with storage.write_errors(self.url):
                 os.makedirs(self.location, exist_ok=True)

@@ -91,12 +91,15 @@ def facts(request, small_shards) -> dict:
 @pytest.mark.slow
 def test_distributed_steps_equal_the_one_process_computation(facts):
     """DDP over gloo against one process computing the same N-replica step (each replica's
-    share through the model on its own; losses averaged), float64: equal to rounding (measured
-    0.0, bit for bit). Negative controls: every replica fed replica 0's share, and BatchNorm
-    over the whole batch, both differ by ~8e-3, so the comparison can fail."""
+    share through the model on its own; losses averaged), float64: equal to rounding. Measured
+    0.0 (bit for bit) with 2 processes and 4e-11 with 4, where gloo adds the 4 shares in
+    another order and the float32 loss (as train_step computes it) can round a logit the other
+    way; the bound is a thousandth of the learning rate. Negative controls: every replica fed
+    replica 0's share, and BatchNorm over the whole batch, both differ by ~8e-3, so the
+    comparison can fail."""
     assert facts["world"] in (2, 4)  # a real process group, not a world of one
-    assert facts["weights_vs_reference"] < 1e-9
-    assert facts["adam_state_vs_reference"] < 1e-9
+    assert facts["weights_vs_reference"] < 1e-6
+    assert facts["adam_state_vs_reference"] < 1e-6
     assert facts["rank_spread"] == 0.0  # every rank holds the same weights
     assert facts["same_share_vs_reference"] > 1e-4
     assert facts["whole_batch_bn_vs_distributed"] > 1e-4
