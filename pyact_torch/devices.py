@@ -182,7 +182,9 @@ def preempted() -> bool:
 
 
 def watch_sigterm() -> None:
-    """Turn SIGTERM into ``preempted()`` (a handler can only be set from the main thread)."""
+    """Turn SIGTERM into ``preempted()`` for the run starting now (a handler can only be set
+    from the main thread): a stop requested of an earlier run in this process is not this one's."""
+    _PREEMPTED.clear()
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _on_sigterm)
 

@@ -41,6 +41,7 @@ class Lock:
         self.location, self.command = location, command
         self.url = storage.join(location, LOCK_NAME)
         self.since = time.time()
+        self.token = os.urandom(8).hex()
         self._fd: int | None = None
         self._generation: int | None = None
         self._stop = threading.Event()
@@ -49,7 +50,7 @@ class Lock:
 
     def _record(self) -> bytes:
         return json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "command": self.command,
-                           "since": self.since, "heartbeat": time.time()}).encode()
+                           "since": self.since, "heartbeat": time.time(), "token": self.token}).encode()
 
     def acquire(self) -> "Lock":
         """Take the lock, or a UserError naming its live holder."""
@@ -126,7 +127,7 @@ class Lock:
         blob = storage.gcs_blob(self.url)
         with storage.gcs_errors(self.url):
             try:
-                blob.upload_from_string(self._record(), if_generation_match=0)
+                blob.upload_from_string(self._record(), if_generation_match=0, retry=storage.gcs_retry())
             except PreconditionFailed:
                 self._take_over_if_stale(blob)
             self._generation = blob.generation
@@ -137,16 +138,16 @@ class Lock:
         from google.api_core.exceptions import NotFound, PreconditionFailed
 
         try:
-            blob.reload()
+            blob.reload(retry=storage.gcs_retry())
             holder = _parse(blob.download_as_bytes(if_generation_match=blob.generation)[:_LIMIT])
         except (NotFound, PreconditionFailed):  # released or renewed meanwhile: look again next time
             raise UserError(f"{self.location}: its lock changed hands while this run started; run it again") from None
         age = time.time() - float(holder.get("heartbeat", 0) if isinstance(holder.get("heartbeat"), (int, float)) else 0)
-        if age < STALE_AFTER:
+        if age < STALE_AFTER and not _gone(holder):
             raise UserError(f"{self.location}: in use by {_describe(holder)} (its last heartbeat {age:.0f} s ago); "
                             f"wait for it to finish, stop it, or use another location")
         try:
-            blob.upload_from_string(self._record(), if_generation_match=blob.generation)
+            blob.upload_from_string(self._record(), if_generation_match=blob.generation, retry=storage.gcs_retry())
         except PreconditionFailed:
             raise UserError(f"{self.location}: another run took over its stale lock first") from None
         print(f"note: took over the lock of {self.location} from {_describe(holder)}, silent for {age:.0f} s")
@@ -157,7 +158,7 @@ class Lock:
         while not self._stop.wait(HEARTBEAT):
             blob = storage.gcs_blob(self.url)
             try:
-                blob.upload_from_string(self._record(), if_generation_match=self._generation)
+                blob.upload_from_string(self._record(), if_generation_match=self._generation, retry=storage.gcs_retry())
                 self._generation = blob.generation
             except (PreconditionFailed, NotFound):
                 self.lost = True
@@ -192,15 +193,16 @@ class Lock:
             from google.api_core.exceptions import NotFound, PreconditionFailed
 
             try:
-                storage.gcs_blob(self.url).delete(if_generation_match=self._generation)
+                storage.gcs_blob(self.url).delete(if_generation_match=self._generation, retry=storage.gcs_retry())
             except (NotFound, PreconditionFailed):
                 pass
-            except Exception:  # unreachable now: the lock goes stale and is taken over later
-                pass
+            except Exception:  # unreachable now: another process waits for it to go stale, this one need not
+                _ABANDONED.add(self.token)
             self._generation = None
 
 
 _HELD: set[int] = set()  # this process's local lock descriptors
+_ABANDONED: set[str] = set()  # tokens of bucket locks this process let go of but could not delete
 
 
 def forget_in_child() -> None:
@@ -212,6 +214,25 @@ def forget_in_child() -> None:
         except OSError:
             pass
     _HELD.clear()
+
+
+def _gone(holder: dict) -> bool:
+    """Whether the holder is known dead without waiting for its heartbeat to age: a process of
+    this machine that no longer runs, or this very process (a run of it that could not delete
+    its lock, say during a storage outage)."""
+    if holder.get("token") in _ABANDONED:
+        return True
+    if holder.get("host") != socket.gethostname() or not isinstance(holder.get("pid"), int):
+        return False
+    if holder["pid"] == os.getpid():
+        return False  # a lock of this process's that it still holds
+    try:
+        os.kill(holder["pid"], 0)
+    except ProcessLookupError:
+        return True
+    except OSError:
+        return False
+    return False
 
 
 def _parse(data: bytes) -> dict:

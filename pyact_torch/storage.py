@@ -471,3 +471,8 @@ def gcs_blob(url: str):
 
 
 gcs_errors = _gcs_errors
+
+
+def gcs_retry():
+    """The retry policy of every gs:// call here: gives up after ``PYACT_GCS_TIMEOUT`` seconds."""
+    return _retry()
