@@ -25,6 +25,9 @@ class Backend:
     # whether a replica may ask the others every step if one of them was stopped (cheap on a
     # process group; on XLA a reduction's result costs a host sync, so only at log steps)
     vote_every_step = True
+    # whether the replicas ask each other, before training, if any failed to set up (a rank
+    # whose machine lacks a file would otherwise leave the others waiting in a collective)
+    agrees_at_setup = True
 
     def __init__(self, device: str = "cpu") -> None:
         self.kind = device

@@ -39,6 +39,12 @@ class XlaBackend(Backend):
         return self._xr.global_ordinal()
 
     @property
+    def agrees_at_setup(self) -> bool:  # type: ignore[override]
+        """Not on XLA:CPU: its replicas share one host (they meet the same errors) and its
+        cross-process collectives cannot run there (pytorch/xla#9089); they would hang."""
+        return self._xr.device_type() != "CPU"
+
+    @property
     def world(self) -> int:
         return self._xr.world_size()
 

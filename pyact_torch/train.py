@@ -279,6 +279,10 @@ def _setup_agreed(backend: Backend, error: UserError | None) -> None:
     training, where a healthy one would wait for a failed one until the collective timeout.
     All failed: the same cause on every replica (settings, shared files), said once; some:
     each says its own (a machine missing a file); the others stop without a word."""
+    if not backend.agrees_at_setup:
+        if error is not None:
+            raise error
+        return
     someone_failed = backend.any_reader(error is not None)
     everyone_failed = not backend.any_reader(error is None)
     if error is not None:

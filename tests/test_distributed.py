@@ -70,6 +70,17 @@ def replicas_of(launcher: int) -> dict[int, psutil.Process]:
     return {rank_of(p): p for p in psutil.Process(launcher).children() if rank_of(p) is not None}
 
 
+def importing_torch(process: psutil.Process) -> bool:
+    """Whether the replica has begun loading torch: its Python code runs (a replica can only
+    record its launcher once its interpreter is up; a kill before that is a window of a few
+    milliseconds that no code of ours can close), and it is still far from meeting the others."""
+    try:
+        with open(f"/proc/{process.pid}/maps") as maps:
+            return "libtorch" in maps.read()
+    except OSError:
+        return False
+
+
 def rank_of(process: psutil.Process) -> int | None:
     try:
         return int(process.environ().get("RANK", ""))
@@ -296,15 +307,16 @@ def test_a_failure_at_start_is_said_once_by_the_rank_that_met_it(case, small_sha
 
 @pytest.mark.slow
 def test_kill_9_of_torchrun_while_its_workers_start_leaves_no_process(small_shards, tmp_path):
-    """Killed before its workers have even imported torch: they learn of it from the launcher's
-    pid recorded when they started (later, the parent they see is init)."""
+    """Killed while its workers are still importing torch: they learn of it from the launcher's
+    pid recorded first thing when they started (later, the parent they see is init)."""
     process = subprocess.Popen(train(2, small_shards, str(tmp_path / "run"), *SMALL), stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.monotonic() + 60
-    while len(replicas_of(process.pid)) < 2 and time.monotonic() < deadline:
+    while not (len(replicas_of(process.pid)) == 2 and all(map(importing_torch, replicas_of(process.pid).values()))) \
+            and time.monotonic() < deadline:
         time.sleep(0.01)
     replicas = list(replicas_of(process.pid).values())
-    assert len(replicas) == 2
+    assert len(replicas) == 2 and all(map(importing_torch, replicas))
     process.send_signal(signal.SIGKILL)
     process.wait()
     _, alive = psutil.wait_procs(replicas, timeout=45)
