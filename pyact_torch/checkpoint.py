@@ -280,18 +280,23 @@ def restore(run_dir: str, resume: str, log: Callable[[str], None] = print) -> tu
     return found
 
 
-def check_resumable(state: dict, url: str, config: dict, replicas: int) -> None:
+def check_resumable(state: dict, url: str, config: dict, replicas: int, data: str | None = None) -> None:
     """Refuse a checkpoint that cannot continue this run: not a training checkpoint, another
-    model, or another batch size, loader count or replica count (the saved position in the
-    epoch would then name other windows)."""
+    model, other data (``data``: ``shards.training_data_fingerprint``; a moved copy is the
+    same), or any setting that changes which windows a step sees (batch size, seed, shuffle
+    buffer, loader count, replica count): the saved position in the epoch would name others."""
     missing = [key for key in TRAINING_KEYS if key not in state]
     if missing:
         raise UserError(f"{url}: holds weights but no training state ({', '.join(missing[:3])} missing); "
                         f"it can be scored with pyact evaluate, not resumed")
+    if data is not None and state.get("data_fingerprint") not in (None, data):
+        raise UserError(f"{url}: was trained on other data than --data {config['data']} (other shards, windows "
+                        f"or classes); resume with the data it was trained on, or start over with --resume none")
     saved = state["config"]
-    for key, flag in (("model", "--model"), ("batch_size", "--batch-size"), ("workers", "--workers"),
+    for key, flag in (("model", "--model"), ("batch_size", "--batch-size"), ("seed", "--seed"),
+                      ("shuffle_buffer", "--shuffle-buffer"), ("workers", "--workers"),
                       ("parallel", "--parallel"), ("sync_bn", "--sync-bn")):
-        if key in saved and saved[key] != config[key]:
+        if key in saved and key in config and saved[key] != config[key]:
             raise UserError(f"{url}: was trained with {flag} {saved[key]}, this run has {flag} {config[key]}; "
                             f"resume with the same {flag}, or start over with --resume none")
     if "replicas" in state and state["replicas"] != replicas:

@@ -407,6 +407,17 @@ def data_shape(manifest: dict) -> dict:
             "image_size": manifest["image_size"], "modality": manifest["modality"]}
 
 
+def training_data_fingerprint(manifest: dict) -> str:
+    """What a training run read, independent of where the data lies: the classes and every
+    train and eval shard's name, window count and sha256. A moved copy has the same one."""
+    import hashlib
+
+    splits = {split: [[shard["name"], shard["count"], shard.get("sha256")] for shard in manifest["splits"][split]["shards"]]
+              for split in ("train", "eval") if split in manifest["splits"]}
+    text = json.dumps({"classes": manifest["classes"], "splits": splits}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
 def source_settings(manifest: dict) -> dict:
     """What else detection needs to read raw frames as this data's were read: the depth range
     and the Train subjects moved to the eval split (absent from converted data)."""

@@ -27,7 +27,7 @@ from .locks import Lock
 from .loader import HostBatches, Part, WindowDataset, on_device
 from .model import build_model, check_input, model_input
 from .plots import figure_png, pyplot
-from .shards import data_shape, read_manifest, source_settings, split_shards
+from .shards import data_shape, read_manifest, source_settings, split_shards, training_data_fingerprint
 from .devices import Backend, check_device, launch, make_backend, preempted
 
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, clips: torch.Tensor,
@@ -123,6 +123,7 @@ def _checkpoint_state(model, optimizer, scheduler, state: RunState, config: Trai
         optimizer=backend.to_host(optimizer.state_dict()), scheduler=scheduler.state_dict(),
         step=state.step, epoch=state.epoch, batch_in_epoch=state.batch_in_epoch,
         best_val_loss=state.best_val_loss, replicas=backend.world, source=source_settings(manifest),
+        data_fingerprint=training_data_fingerprint(manifest),
         rng={"torch": torch.get_rng_state(), "python": random.getstate()}, metrics=json.dumps(state.metrics))
 
 
@@ -342,7 +343,7 @@ def _restore_weights(config: TrainConfig, manifest: dict, model: torch.nn.Module
         return None
     saved, url = restored
     check_compatible(saved, manifest["classes"], data_shape(manifest))
-    check_resumable(saved, url, to_dict(config), backend.world)
+    check_resumable(saved, url, to_dict(config), backend.world, training_data_fingerprint(manifest))
     try:
         model.load_state_dict(saved["model"])
     except RuntimeError:

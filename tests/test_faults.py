@@ -712,7 +712,8 @@ class _Exploit:
 
 
 @pytest.mark.parametrize("case", ["text file", "folder", "pickle that runs code", "truncated", "weights only",
-                                  "other model", "other batch size", "other workers", "missing"])
+                                  "other model", "other batch size", "other workers", "other seed",
+                                  "other shuffle buffer", "other data", "missing"])
 def test_bad_resume_checkpoints_are_one_line(case, small_shards, small_run, tmp_path, capsys):
     target = str(tmp_path / "resume.pt")
     final = os.path.join(small_run, "final.pt")
@@ -728,18 +729,47 @@ def test_bad_resume_checkpoints_are_one_line(case, small_shards, small_run, tmp_
     elif case == "weights only":
         state = torch.load(final, weights_only=True)
         torch.save({k: v for k, v in state.items() if k not in ("optimizer", "scheduler")}, target)
-    elif case in ("other model", "other batch size", "other workers"):
+    elif case in ("other model", "other batch size", "other workers", "other seed", "other shuffle buffer"):
         shutil.copy(final, target)
         extra = {"other model": ["--model", "c3d"], "other batch size": ["--batch-size", "8"],
-                 "other workers": ["--workers", "1"]}[case]
+                 "other workers": ["--workers", "1"], "other seed": ["--seed", "1"],
+                 "other shuffle buffer": ["--shuffle-buffer", "10"]}[case]
+    elif case == "other data":  # the same shapes and classes, one train shard fewer
+        shutil.copy(final, target)
+        data = str(tmp_path / "other")
+        shutil.copytree(small_shards, data)
+        manifest = json.load(open(os.path.join(data, "manifest.json")))
+        dropped = manifest["splits"]["train"]["shards"].pop()
+        manifest["splits"]["train"]["count"] -= dropped["count"]
+        write_manifest(data, manifest)
+        extra = ["--data", data]  # the last --data wins
     else:
         target = str(tmp_path / "nothing.pt")
     code, err = cli(capsys, "train", "--data", small_shards, "--run-dir", str(tmp_path / "run"), *TRAIN,
                     "--resume", target, *extra)
     assert code == 2
-    one_line(err)
+    line = one_line(err)
+    if case.startswith("other") and case != "other data":
+        assert extra[0] in line, line  # names the setting
+    if case == "other data":
+        assert "other data" in line and "--resume none" in line, line
     assert not (tmp_path / "pwned").exists()
     assert not os.path.exists(tmp_path / "run" / "latest.json")
+
+
+def test_a_moved_copy_of_the_data_resumes(small_shards, small_run, tmp_path, capsys):
+    """The data is recognised by its shards (names, counts, sha256s), not by its path; the
+    negative control is the "other data" case above."""
+    data = str(tmp_path / "elsewhere" / "shards")
+    shutil.copytree(small_shards, data)
+    run_dir = tmp_path / "run"
+    shutil.copytree(small_run, run_dir)
+    for name in ("final.pt", "final.json"):
+        os.remove(run_dir / name)
+    step = json.loads((run_dir / "latest.json").read_text())["step"]
+    capsys.readouterr()
+    assert main(["train", "--data", data, "--run-dir", str(run_dir), *TRAIN]) == 0
+    assert f"resumed at step {step}" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("damage", ["invalid JSON", "a list", "names a missing file"])
