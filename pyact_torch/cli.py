@@ -18,6 +18,7 @@ from .config import (DemoConfig, DetectConfig, ExportConfig, InspectConfig, Kera
                      TFRecordConfig, TrainConfig, VideoConfig, add_arguments, from_namespace)
 from . import __doc__ as package_doc
 from .errors import UserError, local_rank, printed_here
+from .interrupts import Terminated, raise_terminated
 from .storage import USER_ERRNOS
 
 
@@ -84,14 +85,6 @@ def build_parser(only: str | None = None, prog: str | None = None) -> argparse.A
     return parser
 
 
-class Terminated(BaseException):
-    """SIGTERM outside training: unwind (removing partial files, stopping workers) and exit."""
-
-
-def _terminate(signum: int, frame: Any) -> None:
-    raise Terminated()
-
-
 def main(argv: list[str] | None = None, only: str | None = None, prog: str | None = None) -> int:
     """Parse ``argv`` and run; returns the exit status."""
     parser = build_parser(only, prog)
@@ -102,7 +95,7 @@ def main(argv: list[str] | None = None, only: str | None = None, prog: str | Non
         args = parser.parse_args(argv)
     previous = None
     if args.command != "train":  # training handles SIGTERM itself: finish the step, checkpoint, exit 0
-        previous = signal.signal(signal.SIGTERM, _terminate)
+        previous = signal.signal(signal.SIGTERM, raise_terminated)
     try:
         cls, run, _ = COMMANDS[args.command]
         run(from_namespace(cls, args))

@@ -64,7 +64,7 @@ def run_demo(config: DemoConfig, print_fn: Callable[[str], None] = print) -> dic
         finally:
             signal.signal(signal.SIGTERM, handler)
         if preempted():
-            from .cli import Terminated
+            from .interrupts import Terminated
 
             raise Terminated()
         _write_record(out, complete=False)

@@ -9,11 +9,10 @@ ends; all of them are written to ``detections.json`` and, against the label file
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
-import shutil
 import signal
-import tempfile
 import zipfile
 from dataclasses import dataclass, replace
 from typing import Callable, Iterator
@@ -24,6 +23,7 @@ from . import storage
 from .config import DetectConfig
 from .detection_metrics import SequenceResult, Truth, detection_metrics, format_table
 from .errors import UserError
+from .outputs import publish, staging
 from .labels import NO_ACTION, LabelFileError, parse_label_file, scan_dataset
 from .plots import timeline_png
 from .runners import ModelInfo, Runner, load_checkpoint_runner, load_exported
@@ -60,39 +60,31 @@ def run_detect(config: DetectConfig, progress: bool = True, print_fn: Callable[[
         runner.info = replace(runner.info, depth_range=tuple(config.depth_range))
     stopped = [False]
     sources = plan_sources(config, runner.info, print_fn, stop=lambda: stopped[0])
-    local = bool(config.out) and not storage.is_gcs(config.out)
-    created = local and not os.path.exists(config.out)
+    created = bool(config.out) and not storage.is_gcs(config.out) and not os.path.exists(config.out)
     if config.out:
         storage.check_writable(config.out)
-    staging, done = "", False
     previous = signal.signal(signal.SIGINT, _stop_once(stopped, print_fn)) if sources[0].live else None
     try:
-        if local:  # always a new folder of our own, whatever is in --out
-            staging = tempfile.mkdtemp(prefix=".pyact-detect-", dir=config.out)
-        run = DetectionRun(runner, config, print_fn)
-        run.announce = len(sources) == 1
-        staged = _run_sources(run, sources, config, staging, progress)
-        if previous is not None:  # a Ctrl-C from here on interrupts, as anywhere else
-            signal.signal(signal.SIGINT, previous)
-            previous = None
-        report, files = run.finish()
-        if config.out:
-            publish(config.out, files, staged, staging)
-            print_fn(f"outputs in {config.out}: {', '.join(sorted(files) + sorted(staged.keys() - files.keys()))}")
-        done = True
+        with staging(config.out, "detect", created) if config.out else contextlib.nullcontext("") as folder:
+            run = DetectionRun(runner, config, print_fn)
+            run.announce = len(sources) == 1
+            staged = _run_sources(run, sources, config, folder, progress)
+            if previous is not None:  # a Ctrl-C from here on interrupts, as anywhere else
+                signal.signal(signal.SIGINT, previous)
+                previous = None
+            report, files = run.finish()
+            if config.out:
+                publish(config.out, files, staged, folder)
+                print_fn(f"outputs in {config.out}: {', '.join(sorted(files) + sorted(staged.keys() - files.keys()))}")
     finally:
         if previous is not None:
             signal.signal(signal.SIGINT, previous)
-        if staging and os.path.isdir(staging):
-            shutil.rmtree(staging)  # made by mkdtemp above: ours, with whatever was not published
-        if created and not done and os.path.isdir(config.out) and not os.listdir(config.out):
-            os.rmdir(config.out)  # the empty folder this failed run made
     return report
 
 
-def _run_sources(run: "DetectionRun", sources: list[Source], config: DetectConfig, staging: str,
+def _run_sources(run: "DetectionRun", sources: list[Source], config: DetectConfig, folder: str,
                  progress: bool) -> dict[str, str]:
-    """Every source through ``run``; the annotated video goes to ``staging``. Returns the
+    """Every source through ``run``; the annotated video goes to the staging ``folder``. Returns the
     staged files (name -> path)."""
     from tqdm import tqdm
 
@@ -100,11 +92,11 @@ def _run_sources(run: "DetectionRun", sources: list[Source], config: DetectConfi
     bar = tqdm(total=None if live else sum(s.n_frames or 0 for s in sources), unit="frame", desc="detect",
                disable=None if progress and not live else True)
     run.on_frame = lambda: bar.update(1)
-    keep_raw = bool(staging) and not config.no_video
+    keep_raw = bool(folder) and not config.no_video
     panels = (panel for source in sources for panel in run.source(source, keep_raw))
     staged = {}
     if keep_raw:
-        path, _ = write_video(panels, os.path.join(staging, "detections.mp4"), sources[0].fps)
+        path, _ = write_video(panels, os.path.join(folder, "detections.mp4"), sources[0].fps)
         staged[os.path.basename(path)] = path  # detections.avi where OpenCV cannot write mp4
     else:
         for _ in panels:
@@ -122,52 +114,6 @@ def _stop_once(stopped: list[bool], print_fn: Callable[[str], None]) -> Callable
         stopped[0] = True
         print_fn("stopping after this frame (Ctrl-C again to abandon the run)")
     return handler
-
-
-def publish(out: str, files: dict[str, bytes], staged: dict[str, str], staging: str) -> None:
-    """Put every output in ``out`` only once all of them are complete. Locally, ``files``
-    (name -> bytes) are written to ``staging`` beside ``staged`` (name -> path there); each
-    one replaces its earlier version, which is kept in ``staging`` until all are in place and
-    put back if any fails. On gs:// the objects are written one by one and removed again if one
-    fails."""
-    if not staging:
-        written: list[str] = []
-        try:
-            for name, data in files.items():
-                storage.write_bytes(storage.join(out, name), data)
-                written.append(storage.join(out, name))
-        except BaseException:
-            try:
-                for url in written:
-                    storage.remove(url)
-            except Exception:
-                raise UserError(f"{out}: writing the outputs failed, and {', '.join(written)} could not be removed "
-                                f"again; delete them or run again") from None
-            raise
-        return
-    for name, data in files.items():
-        staged[name] = os.path.join(staging, name)
-        storage.write_bytes(staged[name], data)
-    for name in staged:
-        target = os.path.join(out, name)
-        if os.path.lexists(target) and (os.path.islink(target) or not os.path.isfile(target)):
-            raise UserError(f"{target}: exists and is not a file; move it away to write the outputs")
-    earlier: dict[str, str] = {}
-    placed: list[str] = []
-    try:
-        for name, path in staged.items():
-            target = os.path.join(out, name)
-            if os.path.lexists(target):
-                earlier[target] = os.path.join(staging, "earlier-" + name)
-                os.replace(target, earlier[target])
-            os.replace(path, target)
-            placed.append(target)
-    except BaseException:
-        for target in placed:
-            os.remove(target)
-        for target, kept in earlier.items():
-            os.replace(kept, target)
-        raise
 
 
 def plan_sources(config: DetectConfig, info: ModelInfo, print_fn: Callable[[str], None],

@@ -27,6 +27,7 @@ import torch
 from . import storage
 from .config import MAX_BATCH, ExportConfig
 from .errors import UserError
+from .interrupts import uninterrupted
 from .labels import scan_dataset
 from .runners import METADATA_KEY, ModelInfo, OnnxRunner, load_checkpoint_runner, load_exported
 from .shards import clip_shape, decode_sample, read_manifest, read_samples, split_shards
@@ -81,7 +82,7 @@ def write_export(module: torch.nn.Module, info: ModelInfo, windows: np.ndarray, 
     example = torch.from_numpy(np.ascontiguousarray(windows[:2] if len(windows) >= 2 else np.repeat(windows, 2, 0)))
     # batch 2 in the example: a batch of 1 would be specialised into the graph
     dynamic = {"clips": {0: torch.export.Dim("batch", min=1, max=MAX_BATCH)}}
-    with _quiet():
+    with _quiet(), uninterrupted("the exporter has finished"):
         if path.endswith(".onnx"):
             program = torch.onnx.export(module, (example,), dynamo=True, input_names=["clips"],
                                         output_names=["logits"], dynamic_shapes=dynamic, verbose=False)

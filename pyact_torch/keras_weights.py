@@ -18,6 +18,7 @@ from . import storage
 from .checkpoint import CHECKPOINT_FORMAT, load_object, make_checkpoint
 from .config import KerasConfig
 from .errors import UserError
+from .interrupts import uninterrupted
 from .labels import PYACT_CLASSES
 from .model import PRESETS, build_model
 from .shards import MODALITY_OF
@@ -213,7 +214,7 @@ def convert_keras(config: KerasConfig, print_fn: Callable[[str], None] = print) 
                   "modality": MODALITY_OF[channels]}
     checkpoint = make_checkpoint(model.state_dict(), {"model": preset}, classes, data_shape,
                                  converted_from=os.path.basename(config.h5))
-    with storage.open_write(config.out) as sink:
+    with storage.open_write(config.out) as sink, uninterrupted("the checkpoint is written"):
         torch.save(checkpoint, sink)
     print_fn(f"wrote {config.out}: {preset} at {seq_len}x{image_size}x{image_size}x{channels}, "
              f"{len(classes)} classes in {'the given' if config.classes else 'pyACT'} order")

@@ -35,6 +35,13 @@ def map_unordered(fn: Callable[[T], R], items: Sequence[T], processes: int,
         futures = [executor.submit(fn, item) for item in items]
         for future in as_completed(futures):
             yield future.result()
+    except BaseException:
+        # stopped early: the running tasks too, and they are gone before the caller cleans up
+        # (a worker still writing into a folder being removed would leave files behind)
+        for process in list((getattr(executor, "_processes", None) or {}).values()):
+            process.terminate()
+        executor.shutdown(wait=True, cancel_futures=True)
+        raise
     finally:
         executor.shutdown(wait=False, cancel_futures=True)
 

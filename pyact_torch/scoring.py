@@ -4,6 +4,7 @@ window. The numbers come from the same ``evaluate()`` that validates during trai
 
 from __future__ import annotations
 
+import os
 from typing import Callable
 
 from tqdm import tqdm
@@ -15,6 +16,7 @@ from .errors import UserError
 from .evaluate import evaluate
 from .loader import HostBatches, Part, WindowDataset, on_device
 from .model import build_model, reorder_outputs
+from .outputs import publish, staging
 from .shards import data_shape, read_manifest, split_shards
 from .devices import check_device, make_backend
 
@@ -27,6 +29,7 @@ def evaluate_checkpoint(config: EvaluateConfig, progress: bool = True,
     check_device(config.device)
     manifest = read_manifest(config.data)
     split_shards(config.data, manifest, config.split)
+    created = not storage.is_gcs(config.out) and not os.path.exists(config.out)
     storage.check_writable(config.out)
     state, url = load_checkpoint(config.checkpoint, log=print_fn)
     classes = manifest["classes"]
@@ -61,10 +64,10 @@ def evaluate_checkpoint(config: EvaluateConfig, progress: bool = True,
     scores.update(loss=result["loss"], split=config.split, checkpoint=url, step=state.get("step"))
     rows = metrics.prediction_rows(metas, result["labels"], result["probabilities"], classes, manifest["modality"])
     table = metrics.format_table(scores)
-    storage.write_json(storage.join(config.out, "metrics.json"), scores)
-    storage.write_bytes(storage.join(config.out, "per_class.txt"), table.encode())
-    storage.write_bytes(storage.join(config.out, "confusion_matrix.png"),
-                        metrics.confusion_png(scores["confusion"], classes))
-    storage.write_json(storage.join(config.out, "predictions.json"), rows)
-    print_fn(table + f"outputs in {config.out}: metrics.json, per_class.txt, confusion_matrix.png, predictions.json")
+    files = {"metrics.json": storage.json_bytes(scores), "per_class.txt": table.encode(),
+             "confusion_matrix.png": metrics.confusion_png(scores["confusion"], classes),
+             "predictions.json": storage.json_bytes(rows)}
+    with staging(config.out, "evaluate", created) as folder:
+        publish(config.out, files, {}, folder)
+    print_fn(table + f"outputs in {config.out}: {', '.join(files)}")
     return scores

@@ -10,7 +10,10 @@ amplitude. Depth and confidence frames are half the colour size, as on the real 
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
+import tempfile
 from dataclasses import dataclass
 
 import cv2
@@ -155,25 +158,42 @@ def _write_sequence(job: _Job) -> int:
                          if pos <= frame < pos + length), None)
         colour, depth, confi = render_frame(style, job.action_index, progress, width, height,
                                             frame, rng)
-        cv2.imwrite(os.path.join(folder, f"color_{frame}.png"), cv2.cvtColor(colour, cv2.COLOR_RGB2BGR))
-        cv2.imwrite(os.path.join(folder, f"depth_{frame}.png"), depth)
-        cv2.imwrite(os.path.join(folder, f"confi_{frame}.png"), confi)
+        for kind, image in (("color", cv2.cvtColor(colour, cv2.COLOR_RGB2BGR)), ("depth", depth), ("confi", confi)):
+            path = os.path.join(folder, f"{kind}_{frame}.png")
+            if not cv2.imwrite(path, image):  # OpenCV says False, not why: a full disk is the usual cause
+                raise UserError(f"{path}: could not be written (is the disk full?)")
     write_label_file(folder + ".xml", action, segments, n_frames)
     return n_frames
 
 
 def make_dataset(config: SynthConfig, progress: bool = True) -> int:
-    """Write the dataset to ``config.out``; returns the number of frames written."""
+    """Write the dataset to ``config.out``; returns the number of frames written. It is made
+    in a hidden folder beside ``config.out`` and renamed into place when complete, so a stop
+    leaves nothing behind and a rerun starts clean."""
     if os.path.exists(config.out) and (not os.path.isdir(config.out) or os.listdir(config.out)):
         raise UserError(f"{config.out}: already exists and is not an empty folder")
+    created = not os.path.exists(config.out)
     storage.check_writable(config.out)
-    jobs = [_Job(config.out, split_dir, subject, subject_index, action_index, config)
-            for split_dir, subjects in subject_names(config).items()
-            for subject_index, subject in enumerate(subjects)
-            for action_index in range(len(ACTIONS))]
-    total = 0
-    with tqdm(total=len(jobs), unit="seq", desc="synthetic", disable=None if progress else True) as bar:
-        for n in map_unordered(_write_sequence, jobs, config.processes):
-            total += n
-            bar.update()
+    parent, name = os.path.split(os.path.abspath(config.out))
+    staging = tempfile.mkdtemp(prefix=f".{name}.pyact-synth-", dir=parent)
+    try:
+        jobs = [_Job(staging, split_dir, subject, subject_index, action_index, config)
+                for split_dir, subjects in subject_names(config).items()
+                for subject_index, subject in enumerate(subjects)
+                for action_index in range(len(ACTIONS))]
+        total = 0
+        with tqdm(total=len(jobs), unit="seq", desc="synthetic", disable=None if progress else True) as bar, \
+                contextlib.closing(map_unordered(_write_sequence, jobs, config.processes)) as written:
+            for n in written:
+                total += n
+                bar.update()
+        if os.path.isdir(config.out):
+            os.rmdir(config.out)  # empty (checked above); rename cannot replace it otherwise
+        os.rename(staging, config.out)
+        staging = ""
+    finally:
+        if staging:
+            shutil.rmtree(staging, ignore_errors=True)  # made by mkdtemp above: ours
+            if created and os.path.isdir(config.out) and not os.listdir(config.out):
+                os.rmdir(config.out)
     return total

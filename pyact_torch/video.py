@@ -19,6 +19,7 @@ import numpy as np
 from . import storage
 from .config import VideoConfig
 from .errors import UserError
+from .outputs import publish, staging
 from .frames import FrameError, load_png
 from .shards import load_npy, read_samples, split_shards, read_manifest
 
@@ -216,6 +217,8 @@ def make_video(config: VideoConfig, progress: bool = True, print_fn: Callable[[s
 
     if storage.is_gcs(config.out):
         raise UserError(f"{config.out}: the video is written to a local path")
+    folder = os.path.dirname(os.path.abspath(config.out))
+    created = not os.path.exists(folder)
     storage.check_output_file(config.out, "video")
     rows = read_predictions(config.predictions)
     if config.max_windows:
@@ -243,15 +246,17 @@ def make_video(config: VideoConfig, progress: bool = True, print_fn: Callable[[s
                 sampled.append(window)
             yield window
 
-    path, frames = write_video(windows(), config.out, config.fps)
-    bar.close()
-    if seen != len(rows):
-        os.remove(path)
-        raise UserError(f"only {seen} of the {len(rows)} windows of {config.predictions} are in "
-                        f"{config.data} ({config.split} split)")
-    right = sum(row["truth"] == row["prediction"] for row in rows)
-    sheet_path = os.path.splitext(path)[0] + "-sheet.png"
-    storage.write_bytes(sheet_path, sheet(sampled, f"{right}/{len(rows)} windows right"))
+    with staging(folder, "video", created) as stage:  # the video and its sheet replace the earlier ones together
+        staged, frames = write_video(windows(), os.path.join(stage, os.path.basename(config.out)), config.fps)
+        bar.close()
+        if seen != len(rows):
+            raise UserError(f"only {seen} of the {len(rows)} windows of {config.predictions} are in "
+                            f"{config.data} ({config.split} split)")
+        right = sum(row["truth"] == row["prediction"] for row in rows)
+        name = os.path.basename(staged)  # .avi where OpenCV cannot write mp4
+        sheet_name = os.path.splitext(name)[0] + "-sheet.png"
+        publish(folder, {sheet_name: sheet(sampled, f"{right}/{len(rows)} windows right")}, {name: staged}, stage)
+    path, sheet_path = os.path.join(folder, name), os.path.join(folder, sheet_name)
     print_fn(f"wrote {path} ({frames} frames, {len(rows)} windows at {config.fps:g} fps) and {sheet_path}")
     return path, frames
 

@@ -1,0 +1,202 @@
+"""Ctrl-C and SIGTERM in every command but training (issue 19): 130 or 143, one line, no
+partial output, the earlier outputs whole, and a rerun that works. Each signal is sent by the
+process to itself from inside the step it must interrupt (torch.save's archive writer, the
+exporter, the video encoder, publishing), so the moment is exact, not a race."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+
+import numpy as np
+import pytest
+import torch
+
+from pyact_torch.cli import main
+
+from test_convert import keras_weights, write_keras_h5
+
+CODES = {signal.SIGTERM: 143, signal.SIGINT: 130}
+
+
+def signal_on_call(function, signum: int, call: int = 1):
+    """``function`` that sends ``signum`` to this process on its ``call``-th call, then runs."""
+    calls = [0]
+
+    def wrapped(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] == call:
+            os.kill(os.getpid(), signum)
+        return function(*args, **kwargs)
+    return wrapped
+
+
+def stopped(capsys, signum: int, *args) -> str:
+    """Runs the command, which must end as a stop does; returns its one line."""
+    assert main(list(args)) == CODES[signum]
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip() and "stopping once" not in line]
+    assert len(lines) == 1 and ("interrupted" in lines[0] or "stopped by SIGTERM" in lines[0]), lines
+    return lines[0]
+
+
+def files_in(folder) -> dict[str, bytes]:
+    """Every file under ``folder``, hidden ones included (a staging folder or partial left)."""
+    found = {}
+    for root, _, names in os.walk(folder):
+        for name in names:
+            path = os.path.join(root, name)
+            found[os.path.relpath(path, folder)] = open(path, "rb").read()
+    return found
+
+
+@pytest.fixture(scope="module")
+def h5(tmp_path_factory) -> str:
+    path = str(tmp_path_factory.mktemp("keras") / "weights.h5")
+    write_keras_h5(path, keras_weights(np.random.default_rng(0)), whole_model=False)
+    return path
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_convert_keras_stopped_inside_torch_save(signum, h5, tmp_path, capsys, monkeypatch):
+    """torch.save's writer turned the signal into a C++ error (a traceback) or lost it (rc 0)."""
+    out = tmp_path / "converted.pt"
+    real_save = torch.save
+
+    def save(obj, sink, *args, **kwargs):  # the signal arrives on the archive's first write
+        class Sink:
+            def __init__(self):
+                self.signalled = False
+
+            def write(self, data):
+                if not self.signalled:
+                    self.signalled = True
+                    os.kill(os.getpid(), signum)
+                return sink.write(data)
+
+            def flush(self):
+                return sink.flush()
+        return real_save(obj, Sink(), *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", save)
+    stopped(capsys, signum, "convert-keras", h5, str(out))
+    assert files_in(tmp_path) == {}
+    monkeypatch.setattr(torch, "save", real_save)
+    assert main(["convert-keras", h5, str(out)]) == 0
+    assert torch.load(str(out), weights_only=True)["format"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("suffix", [".onnx", ".pt2"])
+def test_export_stopped_inside_the_exporter(suffix, detector_run, learn_shards, tmp_path, capsys, monkeypatch):
+    """Stopped inside torch.onnx.export / torch.export.export: a traceback from a half-imported
+    torch._dynamo before; now the exporter finishes, then nothing is written."""
+    out = tmp_path / f"model{suffix}"
+    args = ["export", "--checkpoint", detector_run, "--data", learn_shards, "--windows", "4", "--out", str(out)]
+    name = "export" if suffix == ".pt2" else None
+    target = (torch.export, "export") if name else (torch.onnx, "export")
+    monkeypatch.setattr(*target, signal_on_call(getattr(*target), signal.SIGTERM))
+    stopped(capsys, signal.SIGTERM, *args)
+    assert files_in(tmp_path) == {}
+    monkeypatch.undo()
+    assert main(args) == 0 and out.stat().st_size > 0
+
+
+@pytest.fixture(scope="module")
+def scored(detector_run, learn_shards, tmp_path_factory) -> str:
+    """``pyact evaluate`` outputs for the eval split."""
+    out = str(tmp_path_factory.mktemp("scored") / "scored")
+    assert main(["evaluate", "--checkpoint", detector_run, "--data", learn_shards, "--split", "eval",
+                 "--device", "cpu", "--out", out]) == 0
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("moment", ["scoring", "publishing"])
+def test_evaluate_stopped_keeps_the_earlier_outputs_whole(moment, scored, detector_run, learn_shards, tmp_path,
+                                                          capsys, monkeypatch):
+    """The new metrics.json and per_class.txt were left beside the earlier checkpoint's
+    confusion_matrix.png and predictions.json. Stopped while publishing (after the first
+    output is in place), the earlier ones are put back."""
+    import shutil
+
+    from pyact_torch import metrics, outputs
+
+    out = tmp_path / "scored"
+    shutil.copytree(scored, out)
+    (out / "notes.txt").write_text("mine")
+    before = files_in(out)
+    if moment == "scoring":
+        monkeypatch.setattr(metrics, "confusion_png", signal_on_call(metrics.confusion_png, signal.SIGTERM))
+    else:
+        monkeypatch.setattr(outputs.os, "replace", signal_on_call(os.replace, signal.SIGTERM, call=7))  # after metrics.json is in place
+    stopped(capsys, signal.SIGTERM, "evaluate", "--checkpoint", detector_run, "--data", learn_shards,
+            "--split", "test", "--device", "cpu", "--out", str(out))
+    assert files_in(out) == before
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_video_stopped_keeps_the_earlier_video_and_sheet(signum, scored, learn_shards, tmp_path, capsys,
+                                                         monkeypatch):
+    from pyact_torch import video
+
+    predictions = os.path.join(scored, "predictions.json")
+    out = tmp_path / "predictions.mp4"
+    args = ["video", predictions, str(out), "--data", learn_shards, "--split", "eval", "--max-windows", "20",
+            "--size", "48"]
+    assert main(args) == 0
+    before = files_in(tmp_path)
+    assert set(before) == {"predictions.mp4", "predictions-sheet.png"}
+    monkeypatch.setattr(video, "with_banner", signal_on_call(video.with_banner, signum, call=30))
+    stopped(capsys, signum, *args[:-2], "--size", "64")  # another size: other bytes if anything were replaced
+    assert files_in(tmp_path) == before
+    monkeypatch.undo()
+    capsys.readouterr()
+    assert main([*args[:-2], "--size", "64"]) == 0
+    assert set(files_in(tmp_path)) == set(before) and files_in(tmp_path) != before
+
+
+def test_inspect_stopped_writes_nothing(small_shards, tmp_path, capsys, monkeypatch):
+    from pyact_torch import inspection
+
+    out = tmp_path / "grid.png"
+    monkeypatch.setattr(inspection, "sheet", signal_on_call(inspection.sheet, signal.SIGTERM))
+    stopped(capsys, signal.SIGTERM, "inspect", small_shards, "--out", str(out), "--n", "4")
+    assert files_in(tmp_path) == {}
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_synth_stopped_leaves_nothing_and_reruns(signum, tmp_path, capsys, monkeypatch):
+    """It left 5,497 files and refused the rerun ("not an empty folder")."""
+    from pyact_torch import synthetic
+
+    out = tmp_path / "raw"
+    args = ["synth", str(out), "--subjects", "1,0,1", "--frames", "14:16", "--size", "64x48", "--workers", "1"]
+    monkeypatch.setattr(synthetic, "render_frame", signal_on_call(synthetic.render_frame, signum, call=40))
+    stopped(capsys, signum, *args)
+    assert os.listdir(tmp_path) == []
+    monkeypatch.undo()
+    assert main(args) == 0
+    assert sorted(os.listdir(out)) == ["Test", "Train"]
+
+
+@pytest.mark.slow
+def test_synth_with_worker_processes_stopped_by_sigterm(tmp_path):
+    """The same with its worker processes writing: they are stopped before the staging folder
+    is removed (one still writing would leave files behind)."""
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "raw"
+    process = subprocess.Popen([sys.executable, "-m", "pyact_torch", "synth", str(out), "--size", "320x240",
+                                "--workers", "2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and sum(len(f) for _, _, f in os.walk(tmp_path)) < 50:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 143, err[-2000:]
+    assert os.listdir(tmp_path) == []
+    assert json.dumps(err.strip().splitlines()[-1:]).count("stopped by SIGTERM") == 1
