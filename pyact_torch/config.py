@@ -222,8 +222,8 @@ class TrainConfig:
         if self.resume not in ("auto", "none"):
             _locations(**{"--resume": self.resume})
         _positive(epochs=self.epochs, batch_size=self.batch_size, keep=self.keep, log_every=self.log_every)
-        if not (math.isfinite(self.lr) and self.lr > 0):
-            raise UserError(f"--lr must be a positive number, got {self.lr}")
+        if not (math.isfinite(self.lr) and 0 < self.lr <= 1e3):  # float32 overflows inside Adam near 1e38
+            raise UserError(f"--lr must be a positive number up to 1000, got {self.lr:g}")
         if self.ckpt_every < 0 or self.workers < 0 or self.shuffle_buffer < 0:
             raise UserError("--ckpt-every, --workers and --shuffle-buffer must be 0 or positive")
         if self.parallel == "spmd" and self.device != "xla":

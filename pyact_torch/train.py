@@ -111,6 +111,27 @@ def loss_plot(metrics: list[dict]) -> bytes:
     return figure_png(figure)
 
 
+class Divergence:
+    """Whether every training loss so far was finite, kept on the device (reading each step's
+    loss would force a host sync): checked at log steps and before every checkpoint, so a
+    diverged run stops naming the step, and never saves NaN weights over good ones."""
+
+    def __init__(self, backend: Backend, lr: float):
+        self.backend, self.lr, self.finite = backend, lr, None
+
+    def add(self, loss: torch.Tensor) -> None:
+        finite = torch.isfinite(loss)
+        self.finite = finite if self.finite is None else self.finite & finite
+
+    def check(self, step: int) -> None:
+        """A UserError on every replica when any saw a loss that is NaN or infinite."""
+        bad = self.finite is not None and not bool(self.finite.cpu())
+        if self.backend.any_reader(bad):
+            raise UserError(f"the training loss was not finite (NaN or infinite) by step {step}: training diverged; "
+                            f"lower --lr (now {self.lr:g}) and run again (it resumes from the last checkpoint, "
+                            f"saved before), or start over with --resume none")
+
+
 def _stop_agreed(backend: Backend) -> bool:
     """Every replica must stop at the same step: with several, they agree through a reduction."""
     return backend.any_reader(preempted())
@@ -139,17 +160,19 @@ def per_replica_batch(global_batch: int, world: int, devices_per_reader: int = 1
 
 
 def train_epoch(model, optimizer, scheduler, batches: Iterable, backend: Backend, config: TrainConfig,
-                state: RunState, logger: _Logger, on_checkpoint) -> bool:
+                state: RunState, logger: _Logger, on_checkpoint, divergence: Divergence) -> bool:
     """Run the epoch's remaining batches; returns False when stopped by SIGTERM."""
     model.train()
     for clips, labels, _ in batches:
         loss = train_step(model, optimizer, model_input(clips), labels, backend, config.precision)
+        divergence.add(loss)
         scheduler.step()
         state.step += 1
         state.batch_in_epoch += 1
         logged = state.step % config.log_every == 0
         if logged:
             backend.add_step_closure(logger.step, (loss, state.step, state.epoch))
+            divergence.check(state.step)
         if logged or backend.vote_every_step:
             if _stop_agreed(backend):
                 on_checkpoint(best=False)
@@ -180,9 +203,11 @@ class _Run:
     writer: CheckpointWriter | None  # the master's
     logger: _Logger
     lock: Lock | None  # the master's hold on the run directory
+    divergence: Divergence
 
     def checkpoint(self, best: bool, name: str | None = None) -> None:
         """Copy the state to the host (every replica) and hand it to the writer (the master)."""
+        self.divergence.check(self.state.step)
         if self.lock is not None:
             self.lock.check()
         host_state = _checkpoint_state(self.model, self.optimizer, self.scheduler, self.state, self.config,
@@ -272,7 +297,7 @@ def _build(config: TrainConfig, backend: Backend, failed: UserError | None, lock
                             "data_shape": data_shape(manifest), "replicas": backend.world,
                             "per_replica_batch": train_set.batch_size})
     return _Run(config, backend, manifest, model, net, optimizer, scheduler, state, train_set, eval_set, steps, writer,
-                _Logger(config, backend, state, config.batch_size), lock)
+                _Logger(config, backend, state, config.batch_size), lock, Divergence(backend, config.lr))
 
 
 def _setup_agreed(backend: Backend, error: UserError | None) -> None:
@@ -373,7 +398,7 @@ def _epochs(run: _Run) -> bool:
         # resume: the batches this epoch already trained on are read and skipped
         host = HostBatches(run.train_set, config.workers, run.steps[epoch], skip=state.batch_in_epoch)
         if not train_epoch(run.net, run.optimizer, run.scheduler, on_device(host, backend), backend, config, state,
-                           run.logger, run.checkpoint):
+                           run.logger, run.checkpoint, run.divergence):
             if run.writer is not None:
                 run.writer.wait()
                 print(f"stopped by SIGTERM at step {state.step}; checkpoint saved", flush=True)

@@ -772,6 +772,33 @@ def test_a_moved_copy_of_the_data_resumes(small_shards, small_run, tmp_path, cap
     assert f"resumed at step {step}" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("log_every", ["1", "50"])
+def test_a_diverged_loss_stops_training_before_a_checkpoint(log_every, small_shards, tmp_path, capsys, monkeypatch):
+    """A NaN loss trained on and exited 0 without a word. Now the run stops at the next log
+    step or checkpoint, naming the step and --lr, and no checkpoint holds the diverged weights
+    (with --log-every 50 it is the checkpoint of step 6 that finds it)."""
+    import torch.nn.functional as F
+
+    from pyact_torch import train
+
+    real, calls = F.cross_entropy, [0]
+
+    def cross_entropy(*args, **kwargs):
+        calls[0] += 1
+        loss = real(*args, **kwargs)
+        return loss * float("nan") if calls[0] == 5 else loss
+
+    monkeypatch.setattr(train.F, "cross_entropy", cross_entropy)
+    run_dir = tmp_path / "run"
+    code, err = cli(capsys, "train", "--data", small_shards, "--run-dir", str(run_dir), *TRAIN,
+                    "--log-every", log_every, "--ckpt-every", "3")
+    assert code == 2
+    line = one_line(err)
+    assert f"by step {5 if log_every == '1' else 6}" in line and "--lr" in line, line
+    assert json.loads((run_dir / "latest.json").read_text())["step"] == 3
+    assert sorted(p.name for p in run_dir.glob("*.pt")) == ["ckpt-3.pt"]
+
+
 @pytest.mark.parametrize("damage", ["invalid JSON", "a list", "names a missing file"])
 def test_a_damaged_latest_pointer_falls_back_to_the_checkpoints(damage, small_shards, tmp_path, capsys):
     """The README promises a fallback to older checkpoints; a damaged pointer must not end the run."""
