@@ -34,6 +34,20 @@ def parse_names(text: str) -> tuple[str, ...]:
     return tuple(part.strip() for part in text.split(",") if part.strip())
 
 
+def parse_class_names(text: str) -> tuple[str, ...]:
+    """``--classes``: distinct names of the form the project writes (letters, digits, ``_.+-``)."""
+    from .labels import CLASS_NAME
+
+    names = parse_names(text)
+    odd = [name for name in names if not CLASS_NAME.fullmatch(name)]
+    if odd:
+        raise argparse.ArgumentTypeError(f"{odd[0][:40]!r} is not a class name (letters, digits and '_.+-', "
+                                         f"starting with a letter or digit)")
+    if len(set(names)) != len(names):
+        raise argparse.ArgumentTypeError(f"a class is named twice in {text[:80]!r}")
+    return names
+
+
 def parse_range(text: str) -> tuple[int, int]:
     """``"150:1000"`` -> ``(150, 1000)``."""
     try:
@@ -445,7 +459,7 @@ class KerasConfig:
     out: str = field(metadata=_arg("checkpoint to write (.pt; local or gs://)", positional=True))
     classes: tuple[str, ...] = field(default=(), metadata=_arg(
         "the model's output classes in order, comma-separated; none = the order of pyACT's score.py",
-        parse=parse_names, metavar="NAME,..."))
+        parse=parse_class_names, metavar="NAME,..."))
     seq_len: int = field(default=6, metadata=_arg(
         "frames per window, used when the file has no model config to read the input shape from", metavar="T"))
     overwrite: bool = field(default=False, metadata=_arg(
@@ -472,7 +486,7 @@ class TFRecordConfig:
         choices=("train", "eval", "test")))
     classes: tuple[str, ...] = field(default=(), metadata=_arg(
         "class names of the label indices, comma-separated; none = the order of pyACT's score.py",
-        parse=parse_names, metavar="NAME,..."))
+        parse=parse_class_names, metavar="NAME,..."))
     seq_len: int = field(default=6, metadata=_arg("frames per window (pyACT: 6)", metavar="T"))
     shard_size: int = field(default=512, metadata=_arg("windows per shard", metavar="N"))
     skip_corrupt: bool = field(default=False, metadata=_arg(

@@ -15,6 +15,10 @@ from dataclasses import dataclass
 
 from .errors import UserError
 
+# a class name as the project writes it (the actions' own names): printed, drawn and used as a
+# key, so no paths, spaces or control characters
+CLASS_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,99}")
+
 NO_ACTION = "no-action"
 
 #: The 16 actions of the real dataset (for reference and for the synthetic dataset; the class

@@ -20,13 +20,13 @@ from typing import Any, Callable
 import numpy as np
 
 from .errors import UserError
+from .labels import CLASS_NAME
 from .frames import CHANNELS, FrameSpec
 from .labels import NO_ACTION
 
 METADATA_KEY = "pyact"  # the ONNX metadata_props key / the .pt2 extra file holding ModelInfo
 INFO_FORMAT = "pyact-torch-model/1"
 METADATA_LIMIT = 1 << 16  # bytes: 17 class names and a few settings take about 500
-CLASS_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,99}")  # printed and drawn: no paths, no control characters
 SUBJECT_NAME = re.compile(r"[^/\x00-\x1f\x7f.][^/\x00-\x1f\x7f]{0,254}")
 
 

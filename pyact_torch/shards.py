@@ -22,6 +22,7 @@ import numpy as np
 from . import storage
 from .errors import UserError
 from .frames import CHANNELS
+from .labels import CLASS_NAME
 
 MANIFEST = "manifest.json"
 FORMAT = "pyact-torch-shards/1"
@@ -353,10 +354,16 @@ def read_manifest(dest: str) -> dict[str, Any]:
     wrong = [k for k, kind in fields.items() if not isinstance(manifest, dict) or not isinstance(manifest.get(k), kind)]
     if wrong or manifest["format"] != FORMAT:
         raise UserError(f"{url}: not a {FORMAT} manifest (missing or malformed: {', '.join(wrong) or 'format'})")
-    if (not manifest["classes"] or not all(isinstance(c, str) for c in manifest["classes"])
-            or not 1 <= manifest["seq_len"] <= 10_000 or not 1 <= manifest["image_size"] <= 10_000
+    if (not 1 <= manifest["seq_len"] <= 10_000 or not 1 <= manifest["image_size"] <= 10_000
             or not 1 <= len(manifest["channels"]) <= 4):
-        raise UserError(f"{url}: classes, seq_len, image_size or channels out of range")
+        raise UserError(f"{url}: seq_len, image_size or channels out of range")
+    classes = manifest["classes"]
+    odd = [c for c in classes if not isinstance(c, str) or not CLASS_NAME.fullmatch(c)]
+    if not 2 <= len(classes) <= 1000 or odd or len(set(classes)) != len(classes):
+        problem = (f"a class name is not of the form the project writes ({str(odd[0])[:40]!r}: letters, digits, "
+                   f"'_.+-')" if odd else "a class is named twice" if len(set(classes)) != len(classes)
+                   else f"{len(classes)} classes (2 to 1000 are allowed)")
+        raise UserError(f"{url}: {problem}; re-create the data with pyact preprocess or convert-tfrecords")
     for split, entry in manifest["splits"].items():
         if not _valid_split(entry):
             raise UserError(f"{url}: the {str(split)[:20]!r} split is malformed (it needs shards with names and "

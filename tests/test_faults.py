@@ -772,6 +772,34 @@ def test_a_moved_copy_of_the_data_resumes(small_shards, small_run, tmp_path, cap
     assert f"resumed at step {step}" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("classes", ["a class twice", "a path", "a newline", "one class"])
+@pytest.mark.parametrize("command", ["train", "evaluate"])
+def test_class_names_in_a_manifest_are_checked(classes, command, shards, small_run, tmp_path, capsys):
+    """Duplicate or odd class names passed train and evaluate: a name twice makes two outputs
+    one class; a name is printed and drawn, and a path or control character has no place."""
+    manifest = json.load(open(os.path.join(shards, "manifest.json")))
+    names = manifest["classes"]
+    manifest["classes"] = {"a class twice": names[:-1] + names[:1], "a path": ["../../x"] + names[1:],
+                           "a newline": [names[0] + "\nerror: forged"] + names[1:], "one class": names[:1]}[classes]
+    write_manifest(shards, manifest)
+    args = {"train": ["train", "--data", shards, "--run-dir", str(tmp_path / "run"), *TRAIN],
+            "evaluate": ["evaluate", "--checkpoint", small_run, "--data", shards, "--out", str(tmp_path / "out"),
+                         "--device", "cpu"]}[command]
+    code, err = cli(capsys, *args)
+    assert code == 2
+    line = one_line(err)
+    assert "manifest.json" in line and ("class" in line)  # one line: a newline in a name is escaped
+    assert not (tmp_path / "run").exists() and not (tmp_path / "out").exists()
+
+
+def test_class_names_given_on_the_command_line_are_checked(capsys):
+    for given in ("a,b,a", "a,../b", "a,b c"):
+        with pytest.raises(SystemExit) as stop:
+            main(["convert-tfrecords", "src", "dest", "--classes", given])
+        assert stop.value.code == 2
+        assert "--classes" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("log_every", ["1", "50"])
 def test_a_diverged_loss_stops_training_before_a_checkpoint(log_every, small_shards, tmp_path, capsys, monkeypatch):
     """A NaN loss trained on and exited 0 without a word. Now the run stops at the next log
