@@ -127,7 +127,7 @@ class Lock:
         blob = storage.gcs_blob(self.url)
         with storage.gcs_errors(self.url):
             try:
-                blob.upload_from_string(self._record(), if_generation_match=0, retry=storage.gcs_retry())
+                blob.upload_from_string(self._record(), if_generation_match=0, **storage.gcs_bounded())
             except PreconditionFailed:
                 self._take_over_if_stale(blob)
             self._generation = blob.generation
@@ -138,7 +138,7 @@ class Lock:
         from google.api_core.exceptions import NotFound, PreconditionFailed
 
         try:
-            blob.reload(retry=storage.gcs_retry())
+            blob.reload(**storage.gcs_bounded())
             holder = _parse(blob.download_as_bytes(if_generation_match=blob.generation)[:_LIMIT])
         except (NotFound, PreconditionFailed):  # released or renewed meanwhile: look again next time
             raise UserError(f"{self.location}: its lock changed hands while this run started; run it again") from None
@@ -147,7 +147,7 @@ class Lock:
             raise UserError(f"{self.location}: in use by {_describe(holder)} (its last heartbeat {age:.0f} s ago); "
                             f"wait for it to finish, stop it, or use another location")
         try:
-            blob.upload_from_string(self._record(), if_generation_match=blob.generation, retry=storage.gcs_retry())
+            blob.upload_from_string(self._record(), if_generation_match=blob.generation, **storage.gcs_bounded())
         except PreconditionFailed:
             raise UserError(f"{self.location}: another run took over its stale lock first") from None
         print(f"note: took over the lock of {self.location} from {_describe(holder)}, silent for {age:.0f} s")
@@ -158,7 +158,7 @@ class Lock:
         while not self._stop.wait(HEARTBEAT):
             blob = storage.gcs_blob(self.url)
             try:
-                blob.upload_from_string(self._record(), if_generation_match=self._generation, retry=storage.gcs_retry())
+                blob.upload_from_string(self._record(), if_generation_match=self._generation, **storage.gcs_bounded())
                 self._generation = blob.generation
             except (PreconditionFailed, NotFound):
                 self.lost = True
@@ -193,7 +193,7 @@ class Lock:
             from google.api_core.exceptions import NotFound, PreconditionFailed
 
             try:
-                storage.gcs_blob(self.url).delete(if_generation_match=self._generation, retry=storage.gcs_retry())
+                storage.gcs_blob(self.url).delete(if_generation_match=self._generation, **storage.gcs_bounded())
             except (NotFound, PreconditionFailed):
                 pass
             except Exception:  # unreachable now: another process waits for it to go stale, this one need not

@@ -14,9 +14,11 @@ import errno
 import hashlib
 import io
 import json
+import math
 import os
 import re
 import stat
+import time
 import urllib.parse
 from typing import IO, Any, Iterator
 
@@ -26,8 +28,19 @@ GCS_CHUNK = 16 * 1024 * 1024  # resumable-upload chunk: a multiple of 256 KiB
 READ_BUFFER = 1024 * 1024  # gs:// reads: bytes asked of the HTTP stream at a time
 PARTIAL_SUFFIX = ".partial"
 JSON_LIMIT = 64 * 1024 * 1024  # the largest JSON file read (predictions of a real Test split: ~7 MB)
-# How long a gs:// call keeps retrying an unreachable endpoint before giving up with one line.
-GCS_DEADLINE = float(os.environ.get("PYACT_GCS_TIMEOUT", "30"))
+
+
+def _deadline(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    return value if 1 <= value <= 3600 else 30.0  # a nonsense value: the default, not a traceback at import
+
+
+# How long a gs:// call keeps retrying an unreachable endpoint before giving up with one line;
+# each request waits at most this long to connect and for each answer, too.
+GCS_DEADLINE = _deadline(os.environ.get("PYACT_GCS_TIMEOUT", "30"))
 _SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")
 _BUCKET = re.compile(r"^[a-z0-9][a-z0-9._-]{1,220}[a-z0-9]$")
 # Local write failures a user can fix (a full or read-only disk, no permission): one line, no retry.
@@ -129,11 +142,18 @@ def _retry():
     return DEFAULT_RETRY.with_timeout(GCS_DEADLINE)
 
 
+def _bounded() -> dict:
+    """The retry and timeout of every gs:// call: retried until ``GCS_DEADLINE``, and no request
+    waiting longer than that to connect or for an answer (the library's own timeout is 60 s, so
+    an endpoint that accepts connections and never answers held a call for a minute)."""
+    return {"retry": _retry(), "timeout": (GCS_DEADLINE, GCS_DEADLINE)}
+
+
 @contextlib.contextmanager
 def open_write(url: str) -> Iterator[IO[bytes]]:
     """A binary writer whose content appears at ``url`` only if the block ends without error."""
     if is_gcs(url):
-        writer = _blob(url).open("wb", ignore_flush=True, chunk_size=GCS_CHUNK, retry=_retry())
+        writer = _blob(url).open("wb", ignore_flush=True, chunk_size=GCS_CHUNK, **_bounded())
         with _gcs_errors(url):
             with writer:  # BlobWriter cancels the upload when the block raises
                 yield writer
@@ -247,7 +267,7 @@ class _ObjectStream(io.RawIOBase):
             # the client's own authorised session: credentials and token refresh as for its calls
             headers = {"Range": f"bytes={self.position}-"} if self.position else {}
             response = client()._http.get(self.link, headers={**headers, "Accept-Encoding": "identity"},
-                                          stream=True, timeout=(60, 120))
+                                          stream=True, timeout=(GCS_DEADLINE, GCS_DEADLINE))
             if response.status_code != (206 if self.position else 200):
                 response.close()
                 if response.status_code == 404 and self.position:
@@ -290,11 +310,11 @@ def open_read(url: str) -> IO[bytes]:
         with _gcs_errors(url):
             blob = _blob(url)
             try:
-                blob.reload(retry=_retry())  # one metadata request: existence and size
+                blob.reload(**_bounded())  # one metadata request: existence and size
             except NotFound:
                 raise FileNotFoundError(url) from None
             if blob.content_encoding:  # stored compressed: GCS may transcode, sizes and ranges differ
-                return blob.open("rb", chunk_size=GCS_CHUNK, retry=_retry())
+                return blob.open("rb", chunk_size=GCS_CHUNK, **_bounded())
             return io.BufferedReader(_ObjectStream(url, _pinned(blob.media_link, blob.generation), blob.size),
                                      READ_BUFFER)
     fd = os.open(url, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)  # a FIFO opens without waiting
@@ -328,7 +348,7 @@ def size(url: str) -> int:
         with _gcs_errors(url):
             blob = _blob(url)
             try:
-                blob.reload(retry=_retry())
+                blob.reload(**_bounded())
             except NotFound:
                 raise FileNotFoundError(url) from None
             return blob.size
@@ -370,7 +390,7 @@ def write_json(url: str, value: Any) -> None:
 def exists(url: str) -> bool:
     if is_gcs(url):
         with _gcs_errors(url):
-            return _blob(url).exists(retry=_retry())
+            return _blob(url).exists(**_bounded())
     return os.path.exists(url)
 
 
@@ -385,7 +405,7 @@ def list_files(url: str) -> list[str]:
         bucket, prefix = split_gcs(url)
         prefix = prefix + "/" if prefix else ""
         with _gcs_errors(url):
-            return sorted(b.name[len(prefix):] for b in client().list_blobs(bucket, prefix=prefix, retry=_retry()))
+            return sorted(b.name[len(prefix):] for b in client().list_blobs(bucket, prefix=prefix, **_bounded()))
     if not os.path.isdir(url):
         return []
     names = []
@@ -400,7 +420,7 @@ def remove(url: str) -> None:
         from google.api_core.exceptions import NotFound
 
         with contextlib.suppress(NotFound), _gcs_errors(url):
-            _blob(url).delete(retry=_retry())
+            _blob(url).delete(**_bounded())
     elif os.path.exists(url):
         os.remove(url)
 
@@ -410,7 +430,7 @@ def check_writable(url: str) -> None:
     if is_gcs(url):
         bucket, _ = split_gcs(url)
         with _gcs_errors(url):
-            if not client().bucket(bucket).exists(retry=_retry()):
+            if not client().bucket(bucket).exists(**_bounded()):
                 raise UserError(f"gs://{bucket}: bucket does not exist")
         return
     try:
@@ -440,7 +460,7 @@ def check_output_file(url: str, what: str) -> None:
 def bucket_exists(url: str) -> bool:
     bucket, _ = split_gcs(url)
     with _gcs_errors(url):
-        return client().bucket(bucket).exists(retry=_retry())
+        return client().bucket(bucket).exists(**_bounded())
 
 
 @contextlib.contextmanager
@@ -449,12 +469,13 @@ def _gcs_errors(url: str) -> Iterator[None]:
     import requests
     from google.api_core import exceptions
 
+    started = time.monotonic()
     try:
         yield
-    except (exceptions.RetryError, requests.ConnectionError) as exc:
+    except (exceptions.RetryError, requests.ConnectionError, requests.Timeout) as exc:
         where = os.environ.get("STORAGE_EMULATOR_HOST") or "Google Cloud Storage"
-        raise StorageUnreachable(f"{url}: cannot reach {where} (gave up after {GCS_DEADLINE:.0f} s; "
-                                 f"PYACT_GCS_TIMEOUT sets how long): {_first_line(exc)}") from None
+        raise StorageUnreachable(f"{url}: cannot reach {where} (gave up after {time.monotonic() - started:.0f} s; "
+                                 f"PYACT_GCS_TIMEOUT={GCS_DEADLINE:g} sets how long): {_first_line(exc)}") from None
     except exceptions.NotFound as exc:
         raise UserError(f"{url}: not found ({_first_line(exc)})") from None
     except exceptions.Forbidden as exc:
@@ -473,6 +494,6 @@ def gcs_blob(url: str):
 gcs_errors = _gcs_errors
 
 
-def gcs_retry():
-    """The retry policy of every gs:// call here: gives up after ``PYACT_GCS_TIMEOUT`` seconds."""
-    return _retry()
+def gcs_bounded() -> dict:
+    """``retry`` and ``timeout`` for a gs:// call made elsewhere (``locks``): see ``_bounded``."""
+    return _bounded()
