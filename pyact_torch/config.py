@@ -116,7 +116,7 @@ class PreprocessConfig:
         "skip broken sequences (bad label file, missing or unreadable frames) instead of "
         "stopping; they are listed at the end and recorded in the manifest"))
     cache_dir: str = field(default="", metadata=_arg(
-        "local scratch folder for the decoded-frame cache; default DEST/.tmp for a local "
+        "local scratch folder for the decoded-frame cache; default DEST/.pyact-cache for a local "
         "DEST, a folder under the system temp dir for gs://", metavar="DIR", output=False))
 
     def __post_init__(self) -> None:

@@ -30,6 +30,7 @@ from .locks import LOCK_NAME, Lock
 from .frames import DecodeChunk, FrameCache, FrameSpec, decode_into_cache
 from .labels import BadSequence, Sequence, class_list, scan_dataset
 from .parallel import map_unordered
+from .resources import free_space, human, size_of
 from .labels import needed_kinds
 from .shards import (FORMAT, MANIFEST, ShardInfo, TarFormatError, encode_sample, hash_shard, index_row,
                      new_manifest, read_manifest, sample_meta, shard_name, split_entry, write_shard)
@@ -128,6 +129,40 @@ def check_plan(config: PreprocessConfig, sequences: list[Sequence]) -> int:
                                 f"give the same sample keys ({key}/...) in the {name} split; rename one folder")
             seen[key] = seq.path
     return seq_len
+
+
+def check_space(config: PreprocessConfig, sequences: list[Sequence], seq_len: int) -> None:
+    """Refuse before any work when the frame cache and (for a local DEST) the shards would not
+    fit on their disks: ``--image-size`` grows both with its square (4096 wrote 46 GB of cache
+    in two minutes from 17 MB of frames). What an earlier run left is reused, so it counts as
+    space already had. The estimate is an upper bound: one window per frame."""
+    height, width, channels = FrameSpec(config.modality, config.image_size, tuple(config.depth_range)).shape
+    frame = height * width * channels
+    frames = sum(seq.n_frames for seq in sequences)
+    windows = sum(max(0, seq.n_frames - seq_len + 1) for seq in sequences)
+    cache = _cache_dir(config)
+    needs = [(cache, frames * frame - size_of(cache), f"the frame cache ({frames} frames of {height}x{width}x{channels})")]
+    if not storage.is_gcs(config.dest):
+        inside = os.path.abspath(cache).startswith(os.path.abspath(config.dest) + os.sep)
+        kept = size_of(config.dest) - (size_of(cache) if inside else 0)
+        needs.append((config.dest, windows * seq_len * frame - kept, f"the shards (up to {windows} windows)"))
+    by_disk: dict[int, list] = {}
+    for path, need, what in needs:
+        by_disk.setdefault(_device_of(path), []).append((path, max(need, 0), what))
+    for entries in by_disk.values():
+        need, free = sum(e[1] for e in entries), free_space(entries[0][0])
+        if need > free:
+            parts = " and ".join(f"{human(e[1])} for {e[2]}" for e in entries)
+            raise UserError(f"--image-size {config.image_size}: preprocessing needs about {parts}, but the disk of "
+                            f"{entries[0][0]} has {human(free)} free; lower --image-size or free space"
+                            f"{'' if config.cache_dir else ' (--cache-dir puts the cache on another disk)'}")
+
+
+def _device_of(path: str) -> int:
+    path = os.path.abspath(path)
+    while not os.path.exists(path) and os.path.dirname(path) != path:
+        path = os.path.dirname(path)
+    return os.stat(path).st_dev
 
 
 def _prepare_dest(config: PreprocessConfig, print_fn, run: dict[str, str], cache: str) -> dict | None:
@@ -419,6 +454,7 @@ def preprocess(config: PreprocessConfig, progress: bool = True, print_fn=print) 
     if not sequences:
         raise UserError(f"{config.src}: no usable sequences")
     seq_len = check_plan(config, sequences)  # before anything is written or decoded
+    check_space(config, sequences, seq_len)
     with Lock(config.dest, "preprocess"):  # one run per DEST: a second is refused naming this one
         return _preprocess_locked(config, sequences, bad, seq_len, started, progress, print_fn)
 

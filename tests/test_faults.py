@@ -360,22 +360,48 @@ def test_damaged_state_files_do_not_block_resume(damage, tiny_dataset, tmp_path,
 
 
 @pytest.mark.parametrize("phase", ["decode", "shards"])
-def test_disk_full_is_one_line_and_the_resumed_output_is_identical(phase, tiny_dataset, tmp_path, capsys):
+def test_disk_full_is_one_line_and_the_resumed_output_is_identical(phase, tiny_dataset, tmp_path, capsys,
+                                                                     monkeypatch):
     """Root only (tmpfs). Before the fix a short pwrite was logged as decoded and the resumed
-    run published all-black frames."""
+    run published all-black frames. The disk fills after the space check (another program
+    wrote to it): the check itself is the next test."""
     reference = str(tmp_path / "reference")
     assert main(["preprocess", tiny_dataset, reference, *PRE]) == 0
     full = tmp_path / "full"
-    with small_tmpfs(full, "96k" if phase == "decode" else "160k") as resize:
+    with small_tmpfs(full, "64m") as resize:
         if phase == "decode":
             dest, extra = str(tmp_path / "out"), ["--cache-dir", str(full)]
         else:
             dest, extra = str(full / "out"), ["--cache-dir", str(tmp_path / "cache")]
+        real_check = preprocess_module.check_space
+
+        def then_the_disk_fills(*args):
+            real_check(*args)
+            resize("96k" if phase == "decode" else "160k")
+
+        monkeypatch.setattr(preprocess_module, "check_space", then_the_disk_fills)
         code, err = cli(capsys, "preprocess", tiny_dataset, dest, *PRE, *extra)
+        monkeypatch.undo()
         assert code == 2 and "No space left on device" in one_line(err)
         resize("64m")
         assert main(["preprocess", tiny_dataset, dest, *PRE, *extra]) == 0
         assert tree_bytes(dest) == tree_bytes(reference)
+
+
+@pytest.mark.parametrize("where", ["cache", "dest"])
+def test_an_image_size_the_disk_cannot_hold_is_refused_before_work(where, tiny_dataset, tmp_path, capsys):
+    """--image-size 4096 wrote 46 GB of cache in two minutes from 17 MB of frames. Root only
+    (tmpfs). The negative control: the same disk holds --image-size 16."""
+    disk = tmp_path / "disk"
+    with small_tmpfs(disk, "4m"):
+        dest, extra = ((str(tmp_path / "out"), ["--cache-dir", str(disk)]) if where == "cache"
+                       else (str(disk / "out"), ["--cache-dir", str(tmp_path / "cache")]))
+        code, err = cli(capsys, "preprocess", tiny_dataset, dest, "--workers", "1", "--image-size", "128", *extra)
+        assert code == 2
+        line = one_line(err)
+        assert "--image-size 128" in line and "free" in line and ("cache" if where == "cache" else "shards") in line
+        assert os.listdir(disk) == []
+        assert main(["preprocess", tiny_dataset, dest, *PRE, *extra]) == 0
 
 
 def test_an_emulator_outage_mid_run_is_one_line_and_the_resumed_bucket_is_identical(

@@ -1,0 +1,68 @@
+"""What the machine can hold: settings that would need more memory or disk than there is are
+refused before any work, with the estimate, instead of failing (or swapping) halfway."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+from .errors import UserError
+
+
+def human(count: float) -> str:
+    """``1536`` -> ``"1.5 KB"`` (powers of 1024, as free and df print them)."""
+    for unit in ("bytes", "KB", "MB", "GB", "TB", "PB"):
+        if abs(count) < 1024 or unit == "PB":
+            return f"{count:.0f} {unit}" if unit == "bytes" else f"{count:.1f} {unit}"
+        count /= 1024
+    return f"{count:.1f} PB"
+
+
+def available_memory() -> int:
+    """Bytes of memory that can be allocated without swapping (MemAvailable; all of it where
+    the kernel does not say)."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 1 << 62  # unknown: nothing is refused
+
+
+def check_memory(needed: int, what: str, change: str) -> None:
+    """Refuse when ``what`` needs more than the available memory: "``what`` needs at least
+    N of memory, this machine has M available; ``change``"."""
+    available = available_memory()
+    if needed > available:
+        raise UserError(f"{what} needs at least {human(needed)} of memory, this machine has {human(available)} "
+                        f"available; {change}")
+
+
+def free_space(path: str) -> int:
+    """Free bytes on the file system that holds ``path`` (or would, once created)."""
+    path = os.path.abspath(path)
+    while not os.path.exists(path):
+        parent = os.path.dirname(path)
+        if parent == path:
+            break
+        path = parent
+    return shutil.disk_usage(path).free
+
+
+def size_of(path: str) -> int:
+    """Bytes in the files under ``path`` (0 when absent): space a rerun gets back or reuses."""
+    if not os.path.isdir(path):
+        return os.path.getsize(path) if os.path.isfile(path) else 0
+    total = 0
+    for root, _, names in os.walk(path):
+        for name in names:
+            try:
+                total += os.lstat(os.path.join(root, name)).st_size
+            except OSError:
+                pass
+    return total
