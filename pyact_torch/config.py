@@ -17,6 +17,7 @@ MODALITIES = ("color", "depth", "rgbd")
 # pyact detect's defaults, chosen on the synthetic eval split (docs/benchmarks.md, bench/detect.py)
 DETECT_SMOOTH, DETECT_MIN_LENGTH = 1, 3
 MAX_BATCH = 4096  # the largest batch detection sends and an exported program takes
+MAX_DISPLAY = 2048  # the largest frame drawn for a person (a screen's width)
 
 
 def _arg(help: str, *, positional: bool = False, required: bool = False, parse: Callable[[str], Any] | None = None,
@@ -280,11 +281,13 @@ class EvaluateConfig:
     device: str = field(default="xla", metadata=_arg(
         "xla: one XLA device (TPU, or CPU with PJRT_DEVICE=CPU); cpu: plain eager PyTorch; cuda: one GPU",
         choices=("xla", "cpu", "cuda")))
-    batch_size: int = field(default=32, metadata=_arg("windows per forward pass", metavar="N"))
+    batch_size: int = field(default=32, metadata=_arg(f"windows per forward pass (at most {MAX_BATCH})", metavar="N"))
 
     def __post_init__(self) -> None:
         _locations(**{"--checkpoint": self.checkpoint, "--data": self.data, "--out": self.out})
         _positive(batch_size=self.batch_size)
+        if self.batch_size > MAX_BATCH:
+            raise UserError(f"--batch-size at most {MAX_BATCH}, got {self.batch_size}")
 
 
 @dataclass(frozen=True)
@@ -314,8 +317,10 @@ class VideoConfig:
             if value:
                 _locations(**{flag: value})
         _positive(size=self.size, sheet_windows=self.sheet_windows)
-        if not (math.isfinite(self.fps) and self.fps > 0) or self.max_windows < 0:
-            raise UserError("--fps must be positive and --max-windows 0 or positive")
+        _at_most(MAX_DISPLAY, size=self.size)
+        _at_most(1000, sheet_windows=self.sheet_windows)
+        if not (math.isfinite(self.fps) and 0 < self.fps <= 240) or self.max_windows < 0:
+            raise UserError("--fps must be positive (at most 240) and --max-windows 0 or positive")
 
 
 @dataclass(frozen=True)
@@ -386,8 +391,8 @@ class DetectConfig:
                   video_size=self.video_size)
         if self.smooth % 2 == 0 or self.smooth > 999 or self.min_length > 100_000:
             raise UserError(f"--smooth must be odd and at most 999 (got {self.smooth}), --min-length at most 100000")
-        if self.batch_size > MAX_BATCH or self.video_size > 2048:
-            raise UserError(f"--batch-size at most {MAX_BATCH} and --video-size at most 2048")
+        if self.batch_size > MAX_BATCH or self.video_size > MAX_DISPLAY:
+            raise UserError(f"--batch-size at most {MAX_BATCH} and --video-size at most {MAX_DISPLAY}")
         if self.max_frames < 0:
             raise UserError("--max-frames must be 0 or positive")
         if self.device == "cuda" and self.model:
@@ -448,6 +453,8 @@ class InspectConfig:
     def __post_init__(self) -> None:
         _locations(DEST=self.data, **{"--out": self.out})
         _positive(n=self.n, size=self.size)
+        _at_most(MAX_DISPLAY, size=self.size)
+        _at_most(1000, n=self.n)
 
 
 @dataclass(frozen=True)
@@ -535,6 +542,12 @@ def _positive(**values: int) -> None:
     for name, value in values.items():
         if value <= 0:
             raise UserError(f"--{name.replace('_', '-')} must be positive, got {value}")
+
+
+def _at_most(limit: int, **values: int) -> None:
+    for name, value in values.items():
+        if value > limit:
+            raise UserError(f"--{name.replace('_', '-')} at most {limit}, got {value}")
 
 
 def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:

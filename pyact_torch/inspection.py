@@ -4,6 +4,7 @@ count, size, sha256, class counts) and draw a seeded sample of windows with thei
 
 from __future__ import annotations
 
+import math
 import os
 import random
 from collections import Counter
@@ -12,6 +13,7 @@ from typing import Callable
 from . import storage
 from .config import InspectConfig
 from .errors import UserError
+from .resources import check_memory
 from .shards import (MANIFEST, ShardError, clip_shape, decode_sample, load_npy, max_member, read_manifest,
                      shard_url, stream_samples)
 from .video import Panel, clip_frames, sheet
@@ -33,6 +35,9 @@ def inspect_split(config: InspectConfig, progress: bool = True, print_fn: Callab
         raise UserError(f"--out {config.out}: that is the dataset's manifest")
     classes = manifest["classes"]
     shape, limit = clip_shape(manifest), max_member(manifest)
+    # the grid (RGB, and its PNG encoding) plus the chosen windows' bytes
+    check_memory(config.n * shape[0] * (2 * 3 * (config.size + 8) ** 2 + math.prod(shape[1:])),
+                 f"a grid of --n {config.n} windows at --size {config.size}", "lower --n or --size")
     rng = random.Random(config.seed)
     chosen: list[tuple[str, str, bytes]] = []  # reservoir of (key, label, clip bytes)
     counts: Counter = Counter()

@@ -4,6 +4,7 @@ window. The numbers come from the same ``evaluate()`` that validates during trai
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Callable
 
@@ -17,7 +18,8 @@ from .evaluate import evaluate
 from .loader import HostBatches, Part, WindowDataset, on_device
 from .model import build_model, reorder_outputs
 from .outputs import publish, staging
-from .shards import data_shape, read_manifest, split_shards
+from .resources import check_memory
+from .shards import clip_shape, data_shape, read_manifest, split_shards
 from .devices import check_device, make_backend
 
 
@@ -29,6 +31,9 @@ def evaluate_checkpoint(config: EvaluateConfig, progress: bool = True,
     check_device(config.device)
     manifest = read_manifest(config.data)
     split_shards(config.data, manifest, config.split)
+    shape = clip_shape(manifest)
+    check_memory(config.batch_size * math.prod(shape) * (1 + 4),  # the batch as read (uint8) and as input (float32)
+                 f"--batch-size {config.batch_size} (windows of {'x'.join(map(str, shape))})", "lower --batch-size")
     created = not storage.is_gcs(config.out) and not os.path.exists(config.out)
     storage.check_writable(config.out)
     state, url = load_checkpoint(config.checkpoint, log=print_fn)

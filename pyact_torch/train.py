@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import time
 from dataclasses import dataclass, field
@@ -27,7 +28,8 @@ from .locks import Lock
 from .loader import HostBatches, Part, WindowDataset, on_device
 from .model import build_model, check_input, model_input
 from .plots import figure_png, pyplot
-from .shards import data_shape, read_manifest, source_settings, split_shards, training_data_fingerprint
+from .shards import clip_shape, data_shape, read_manifest, source_settings, split_shards, training_data_fingerprint
+from .resources import check_memory
 from .devices import Backend, check_device, launch, make_backend, preempted
 
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, clips: torch.Tensor,
@@ -448,6 +450,20 @@ def fit(config: TrainConfig) -> None:
     launch(_replica, (config,), config.backend, distributed=config.distributed)
 
 
+def _check_memory(config: TrainConfig, manifest: dict) -> None:
+    """The host memory one machine's loaders need: each loader process holds a shuffle buffer of
+    windows, and each replica a batch as read (uint8) and as model input (float32). Replicas of
+    one machine: torchrun's LOCAL_WORLD_SIZE (xmp and SPMD: counted as one)."""
+    window = math.prod(clip_shape(manifest))
+    replicas = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
+    loaders = max(config.workers, 1) * replicas
+    batch = -(-config.batch_size // max(int(os.environ.get("WORLD_SIZE", "1") or 1), 1))
+    check_memory(window * (config.shuffle_buffer * loaders + 5 * batch * replicas),
+                 f"--shuffle-buffer {config.shuffle_buffer} in each of {loaders} loader processes and --batch-size "
+                 f"{config.batch_size} (windows of {'x'.join(map(str, clip_shape(manifest)))})",
+                 "lower --shuffle-buffer, --workers or --batch-size")
+
+
 def _check_inputs(config: TrainConfig) -> None:
     """The data, the model's fit to it, the device and the run directory, before any work."""
     manifest = read_manifest(config.data)
@@ -461,4 +477,5 @@ def _check_inputs(config: TrainConfig) -> None:
     except ValueError as exc:
         raise UserError(f"{config.data}: {exc}; preprocess at another --image-size") from None
     check_device(config.backend)
+    _check_memory(config, manifest)
     storage.check_writable(config.run_dir)

@@ -20,6 +20,7 @@ from . import storage
 from .config import VideoConfig
 from .errors import UserError
 from .outputs import publish, staging
+from .resources import check_memory
 from .frames import FrameError, load_png
 from .shards import load_npy, read_samples, split_shards, read_manifest
 
@@ -232,6 +233,10 @@ def make_video(config: VideoConfig, progress: bool = True, print_fn: Callable[[s
         stream = shard_windows(_split_samples(config.data, config.split), rows, config.size)
     else:
         raise UserError("give --src (the raw dataset) or --data (the shards) to take the frames from")
+    frames = max((row["stop"] - row["start"] + 1 for row in rows[:1000]), default=1)
+    check_memory(min(config.sheet_windows, len(rows)) * frames * 2 * 3 * (config.size + 8) ** 2,
+                 f"a contact sheet of --sheet-windows {config.sheet_windows} at --size {config.size}",
+                 "lower --sheet-windows or --size")  # its frames (RGB) and their PNG encoding
     picked = {row["key"] for row in evenly(rows, config.sheet_windows)}
     sampled: list[Panel] = []
     seen = 0

@@ -826,6 +826,36 @@ def test_class_names_given_on_the_command_line_are_checked(capsys):
         assert "--classes" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("case", ["evaluate --batch-size", "train --shuffle-buffer", "inspect --size", "inspect --n",
+                                  "video --size", "video --sheet-windows"])
+def test_sizes_beyond_the_machine_are_refused_with_the_figure(case, small_shards, small_run, tmp_path, capsys):
+    """They tried to allocate tens of GB to TB (evaluate --batch-size 100000000, inspect and
+    video --size 100000). A bound where a person's use has one (a displayed frame, a batch an
+    exported program takes); the memory estimate, named, where it depends on the machine."""
+    predictions = tmp_path / "predictions.json"
+    predictions.write_text(json.dumps([{"key": f"k{i}", "path": "p/color_0.png", "sequence": "p", "start": 0,
+                                        "stop": 5, "truth": "a", "prediction": "a", "probability": 1.0}
+                                       for i in range(2000)]))
+    args = {"evaluate --batch-size": ["evaluate", "--checkpoint", small_run, "--data", small_shards, "--out",
+                                      str(tmp_path / "out"), "--device", "cpu", "--batch-size", "100000000"],
+            "train --shuffle-buffer": ["train", "--data", small_shards, "--run-dir", str(tmp_path / "run"), *TRAIN,
+                                       "--shuffle-buffer", "1000000000000"],
+            "inspect --size": ["inspect", small_shards, "--out", str(tmp_path / "g.png"), "--size", "100000"],
+            "inspect --n": ["inspect", small_shards, "--out", str(tmp_path / "g.png"), "--n", "100000"],
+            "video --size": ["video", str(predictions), str(tmp_path / "v.mp4"), "--data", small_shards,
+                             "--size", "100000"],
+            "video --sheet-windows": ["video", str(predictions), str(tmp_path / "v.mp4"), "--data", small_shards,
+                                      "--sheet-windows", "1000", "--size", "2048"]}[case]
+    code, err = cli(capsys, *args)
+    assert code == 2
+    line = one_line(err)
+    assert case.split()[1] in line, line
+    if case in ("train --shuffle-buffer", "video --sheet-windows"):
+        assert "of memory" in line and "available" in line, line
+    assert not (tmp_path / "run").exists() and not (tmp_path / "out").exists()
+    assert sorted(os.listdir(tmp_path)) == ["predictions.json"]
+
+
 @pytest.mark.parametrize("log_every", ["1", "50"])
 def test_a_diverged_loss_stops_training_before_a_checkpoint(log_every, small_shards, tmp_path, capsys, monkeypatch):
     """A NaN loss trained on and exited 0 without a word. Now the run stops at the next log
