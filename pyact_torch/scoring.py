@@ -19,7 +19,7 @@ from .loader import HostBatches, Part, WindowDataset, on_device
 from .model import build_model, reorder_outputs
 from .outputs import publish, staging
 from .resources import check_memory
-from .shards import clip_shape, data_shape, read_manifest, split_shards
+from .shards import MANIFEST, clip_shape, data_shape, read_manifest, split_shards
 from .devices import check_device, make_backend
 
 
@@ -31,6 +31,9 @@ def evaluate_checkpoint(config: EvaluateConfig, progress: bool = True,
     check_device(config.device)
     manifest = read_manifest(config.data)
     split_shards(config.data, manifest, config.split)
+    if not manifest["splits"][config.split]["count"]:
+        raise UserError(f"{storage.join(config.data, MANIFEST)}: the {config.split} split has no windows to score; "
+                        f"choose another --split")
     shape = clip_shape(manifest)
     check_memory(config.batch_size * math.prod(shape) * (1 + 4),  # the batch as read (uint8) and as input (float32)
                  f"--batch-size {config.batch_size} (windows of {'x'.join(map(str, shape))})", "lower --batch-size")

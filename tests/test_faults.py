@@ -856,6 +856,17 @@ def test_sizes_beyond_the_machine_are_refused_with_the_figure(case, small_shards
     assert sorted(os.listdir(tmp_path)) == ["predictions.json"]
 
 
+def test_an_empty_split_is_one_line_in_evaluate(shards, small_run, tmp_path, capsys):
+    """A manifest whose test split has no windows: a ValueError traceback ("no windows to score")."""
+    manifest = json.load(open(os.path.join(shards, "manifest.json")))
+    manifest["splits"]["test"] = {"count": 0, "class_counts": {c: 0 for c in manifest["classes"]}, "shards": []}
+    write_manifest(shards, manifest)
+    code, err = cli(capsys, "evaluate", "--checkpoint", small_run, "--data", shards, "--out", str(tmp_path / "out"),
+                    "--device", "cpu")
+    assert code == 2 and "no windows" in one_line(err) and "--split" in one_line(err)
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("log_every", ["1", "50"])
 def test_a_diverged_loss_stops_training_before_a_checkpoint(log_every, small_shards, tmp_path, capsys, monkeypatch):
     """A NaN loss trained on and exited 0 without a word. Now the run stops at the next log
