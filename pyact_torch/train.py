@@ -328,20 +328,27 @@ def _datasets(config: TrainConfig, manifest: dict,
     reader; refused when an epoch would have no step, naming what to change)."""
     per_reader = per_replica_batch(config.batch_size, backend.world, backend.devices_per_reader)
     part = Part(backend.rank, backend.world)
+    workers, shards = config.workers, len(manifest["splits"]["train"]["shards"])
+    if backend.world == 1 and workers > max(shards, 1):
+        # a lone reader's workers share out the shards: more workers than shards would idle,
+        # and the same number on a resume (it depends on the data and the flag only)
+        workers = max(shards, 1)
+        print(f"note: {workers} loader worker{'s' if workers > 1 else ''} instead of --workers {config.workers}: "
+              f"the train split has {shards} shard{'s' if shards > 1 else ''} (a worker reads whole shards)", flush=True)
     train_set = WindowDataset(config.data, manifest, "train", per_reader, part, train=True, seed=config.seed,
-                              workers=config.workers, shuffle_size=config.shuffle_buffer)
+                              workers=workers, shuffle_size=config.shuffle_buffer)
     eval_set = (WindowDataset(config.data, manifest, "eval", per_reader, part, train=False,
                               workers=min(config.workers, 1)) if "eval" in manifest["splits"] else None)
     steps = []
     for epoch in range(config.epochs):
         train_set.set_epoch(epoch)
         steps.append(len(train_set))
-    check_readers(len(train_set.shards), manifest["splits"]["train"]["count"], backend.world, config.workers,
+    check_readers(len(train_set.shards), manifest["splits"]["train"]["count"], backend.world, workers,
                   per_reader, steps[0], config.data)
     if backend.is_master:
         used = steps[0] * config.batch_size / manifest["splits"]["train"]["count"]
         print(f"{backend.world} readers ({backend.kind}{', ' + str(backend.devices_per_reader) + ' devices each' if backend.kind == 'spmd' else ''}) "
-              f"x {max(1, config.workers)} loader workers over {len(train_set.shards)} train shards: "
+              f"x {max(1, workers)} loader workers over {len(train_set.shards)} train shards: "
               f"{steps[0]} steps of {config.batch_size} windows use {used:.1%} of the epoch's windows", flush=True)
     return train_set, eval_set, steps
 
@@ -398,7 +405,7 @@ def _epochs(run: _Run) -> bool:
         epoch = state.epoch
         run.train_set.set_epoch(epoch)
         # resume: the batches this epoch already trained on are read and skipped
-        host = HostBatches(run.train_set, config.workers, run.steps[epoch], skip=state.batch_in_epoch)
+        host = HostBatches(run.train_set, run.train_set.workers, run.steps[epoch], skip=state.batch_in_epoch)
         if not train_epoch(run.net, run.optimizer, run.scheduler, on_device(host, backend), backend, config, state,
                            run.logger, run.checkpoint, run.divergence):
             if run.writer is not None:
