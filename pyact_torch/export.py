@@ -46,6 +46,9 @@ def export_model(config: ExportConfig, print_fn: Callable[[str], None] = print) 
             raise UserError(f"{runner.name}: records no training data; give --data (shards) or --src (raw frames) "
                             f"for the windows that check the export")
         print_fn(f"checking the export on the data the checkpoint was trained on: {runner.trained_on}")
+        if not storage.is_gcs(runner.trained_on) and not os.path.isdir(runner.trained_on):
+            raise UserError(f"{runner.name}: was trained on {runner.trained_on}, which is not there any more; give "
+                            f"--data (shards) or --src (raw frames) for the windows that check the export")
         config = replace(config, data=runner.trained_on)
     windows = real_windows(config, runner.info)
     expected = runner.logits(windows)

@@ -142,12 +142,22 @@ def _stop_agreed(backend: Backend) -> bool:
 def _checkpoint_state(model, optimizer, scheduler, state: RunState, config: TrainConfig,
                       manifest: dict, backend: Backend) -> dict:
     return make_checkpoint(
-        backend.to_host(model.state_dict()), to_dict(config), manifest["classes"], data_shape(manifest),
+        backend.to_host(model.state_dict()), recorded_settings(config), manifest["classes"], data_shape(manifest),
         optimizer=backend.to_host(optimizer.state_dict()), scheduler=scheduler.state_dict(),
         step=state.step, epoch=state.epoch, batch_in_epoch=state.batch_in_epoch,
         best_val_loss=state.best_val_loss, replicas=backend.world, source=source_settings(manifest),
         data_fingerprint=training_data_fingerprint(manifest),
         rng={"torch": torch.get_rng_state(), "python": random.getstate()}, metrics=json.dumps(state.metrics))
+
+
+def recorded_settings(config: TrainConfig) -> dict:
+    """The settings as a checkpoint and config.json record them: local paths absolute, so that
+    a command run from another folder (``pyact export``) finds the data."""
+    settings = to_dict(config)
+    for key in ("data", "run_dir"):
+        if not storage.is_gcs(settings[key]):
+            settings[key] = os.path.abspath(settings[key])
+    return settings
 
 
 def per_replica_batch(global_batch: int, world: int, devices_per_reader: int = 1) -> int:
@@ -295,7 +305,7 @@ def _build(config: TrainConfig, backend: Backend, failed: UserError | None, lock
     if backend.is_master:
         writer = CheckpointWriter(config.run_dir, keep=config.keep)
         storage.write_json(storage.join(config.run_dir, "config.json"),
-                           {"config": to_dict(config), "classes": manifest["classes"],
+                           {"config": recorded_settings(config), "classes": manifest["classes"],
                             "data_shape": data_shape(manifest), "replicas": backend.world,
                             "per_replica_batch": train_set.batch_size})
     return _Run(config, backend, manifest, model, net, optimizer, scheduler, state, train_set, eval_set, steps, writer,

@@ -1077,3 +1077,22 @@ def test_video_into_an_unwritable_place_is_named_before_work(small_run, tmp_path
     (tmp_path / "p.json").write_text(json.dumps(rows))
     code, err = cli(capsys, "video", str(tmp_path / "p.json"), str(blocker / "v.mp4"), "--src", str(tmp_path))
     assert code == 2 and "not writable" in one_line(err) and "codec" not in err
+
+
+@pytest.mark.slow
+def test_export_from_another_folder_finds_the_recorded_data(small_shards, tmp_path, capsys, monkeypatch):
+    """The checkpoint recorded --data as typed ("shards"): export from another folder said
+    "shards/manifest.json: no manifest" without suggesting --data. Local paths are recorded
+    absolute now; a recorded path that is gone names the flags that replace it."""
+    shutil.copytree(small_shards, tmp_path / "shards")
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "--data", "shards", "--run-dir", "run", *TRAIN]) == 0
+    recorded = json.loads((tmp_path / "run" / "config.json").read_text())["config"]
+    assert recorded["data"] == str(tmp_path / "shards") and recorded["run_dir"] == str(tmp_path / "run")
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    capsys.readouterr()
+    assert main(["export", "--checkpoint", "../run", "--out", "model.pt2", "--windows", "2"]) == 0
+    os.rename(tmp_path / "shards", tmp_path / "moved")
+    code, err = cli(capsys, "export", "--checkpoint", "../run", "--out", "again.pt2", "--windows", "2")
+    assert code == 2 and "--data" in one_line(err) and "not there any more" in one_line(err)
