@@ -198,11 +198,12 @@ class TrainConfig:
     lr: float = field(default=1e-3, metadata=_arg("Adam learning rate (pyACT: Keras default 1e-3)"))
     lr_schedule: str = field(default="constant", metadata=_arg(
         "constant (pyACT) or cosine decay to 0 over all steps", choices=("constant", "cosine")))
-    device: str = field(default="xla", metadata=_arg(
-        "xla: torch_xla on every local core (TPU, or CPU with PJRT_DEVICE=CPU); "
+    device: str = field(default="auto", metadata=_arg(
+        "auto: xla when a TPU is attached or PJRT_DEVICE is set, else cuda when there is a GPU, else cpu "
+        "(the choice is printed); xla: torch_xla on every local core (TPU, or CPU with PJRT_DEVICE=CPU); "
         "cpu: plain eager PyTorch; cuda: a GPU. cpu and cuda run one replica, or under torchrun one per "
         "process (gloo between CPU processes, NCCL between GPUs, the GPU of each process set by LOCAL_RANK)",
-        choices=("xla", "cpu", "cuda"), output=False))
+        choices=("auto", "xla", "cpu", "cuda"), output=False))
     parallel: str = field(default="xmp", metadata=_arg(
         "with --device xla: xmp = one process per device (xmp.spawn), BatchNorm statistics per device; "
         "spmd = one process per host sharding the global batch over every device, BatchNorm statistics "
@@ -241,9 +242,9 @@ class TrainConfig:
             raise UserError(f"--lr must be a positive number up to 1000, got {self.lr:g}")
         if self.ckpt_every < 0 or self.workers < 0 or self.shuffle_buffer < 0:
             raise UserError("--ckpt-every, --workers and --shuffle-buffer must be 0 or positive")
-        if self.parallel == "spmd" and self.device != "xla":
+        if self.parallel == "spmd" and self.device not in ("xla", "auto"):
             raise UserError("--parallel spmd needs --device xla")
-        if self.sync_bn and self.device != "cuda":
+        if self.sync_bn and self.device not in ("cuda", "auto"):
             raise UserError("--sync-bn needs --device cuda (SyncBatchNorm runs on GPUs only); on TPUs "
                             "--parallel spmd computes BatchNorm statistics over the global batch")
         if self.compile and self.device == "xla":
@@ -278,9 +279,10 @@ class EvaluateConfig:
     out: str = field(metadata=_arg("folder (or gs://) for metrics.json, per_class.txt, confusion_matrix.png "
                                    "and predictions.json", required=True, metavar="DIR"))
     split: str = field(default="test", metadata=_arg("split to score", choices=("train", "eval", "test")))
-    device: str = field(default="xla", metadata=_arg(
-        "xla: one XLA device (TPU, or CPU with PJRT_DEVICE=CPU); cpu: plain eager PyTorch; cuda: one GPU",
-        choices=("xla", "cpu", "cuda")))
+    device: str = field(default="auto", metadata=_arg(
+        "auto: xla when a TPU is attached or PJRT_DEVICE is set, else cuda when there is a GPU, else cpu "
+        "(the choice is printed); xla: one XLA device (TPU, or CPU with PJRT_DEVICE=CPU); cpu: plain eager "
+        "PyTorch; cuda: one GPU", choices=("auto", "xla", "cpu", "cuda")))
     batch_size: int = field(default=32, metadata=_arg(f"windows per forward pass (at most {MAX_BATCH})", metavar="N"))
 
     def __post_init__(self) -> None:

@@ -107,6 +107,41 @@ class Backend:
         return {}
 
 
+def auto_device(distributed: bool = False) -> tuple[str, str]:
+    """``--device auto``: the device this machine is for, and why. A TPU when one is attached or
+    ``PJRT_DEVICE`` is set (and torch_xla is installed; never under torchrun, which runs cpu or
+    cuda), else a GPU when there is one, else eager CPU (XLA:CPU is several times slower)."""
+    import importlib.util
+    import os
+
+    from .tpu import _has_tpu
+
+    try:
+        has_xla = importlib.util.find_spec("torch_xla") is not None
+    except ImportError:
+        has_xla = False
+    if not distributed and has_xla:
+        if os.environ.get("PJRT_DEVICE"):
+            return "xla", f"PJRT_DEVICE={os.environ['PJRT_DEVICE']}"
+        if _has_tpu():
+            return "xla", "a TPU is attached"
+    if torch.cuda.is_available():
+        return "cuda", f"{torch.cuda.device_count()} GPU(s) found"
+    return "cpu", "no TPU or GPU found, and PJRT_DEVICE is not set"
+
+
+def chosen_device(requested: str, distributed: bool = False, say: Callable[[str], None] = print) -> str:
+    """``requested``, or for ``auto`` the ``auto_device`` choice, said once per machine."""
+    if requested != "auto":
+        return requested
+    from .errors import local_rank
+
+    device, why = auto_device(distributed)
+    if not local_rank():
+        say(f"device: {device} (--device auto: {why}; --device chooses another)")
+    return device
+
+
 def check_device(kind: str) -> None:
     """Before any work: a UserError when the machine or this Python cannot run ``kind``."""
     if kind == "cuda":

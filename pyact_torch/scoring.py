@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import os
+from dataclasses import replace
 from typing import Callable
 
 from tqdm import tqdm
@@ -20,7 +21,7 @@ from .model import build_model, reorder_outputs
 from .outputs import publish, staging
 from .resources import check_memory
 from .shards import MANIFEST, clip_shape, data_shape, read_manifest, split_shards
-from .devices import check_device, make_backend
+from .devices import check_device, chosen_device, make_backend
 
 
 def evaluate_checkpoint(config: EvaluateConfig, progress: bool = True,
@@ -28,6 +29,7 @@ def evaluate_checkpoint(config: EvaluateConfig, progress: bool = True,
     """``pyact evaluate``: score a checkpoint on one split with the training's ``evaluate()``
     (one replica, XLA or eager CPU) and write metrics.json, per_class.txt,
     confusion_matrix.png and predictions.json to ``config.out``; returns the metrics."""
+    config = replace(config, device=chosen_device(config.device, say=print_fn))
     check_device(config.device)
     manifest = read_manifest(config.data)
     split_shards(config.data, manifest, config.split)

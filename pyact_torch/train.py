@@ -13,7 +13,7 @@ import math
 import os
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Iterable
 
 import torch
@@ -30,7 +30,7 @@ from .model import build_model, check_input, model_input
 from .plots import figure_png, pyplot
 from .shards import clip_shape, data_shape, read_manifest, source_settings, split_shards, training_data_fingerprint
 from .resources import check_memory
-from .devices import Backend, check_device, launch, make_backend, preempted
+from .devices import Backend, check_device, chosen_device, launch, make_backend, preempted
 
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, clips: torch.Tensor,
                labels: torch.Tensor, backend: Backend, precision: str = "fp32") -> torch.Tensor:
@@ -457,6 +457,8 @@ def fit(config: TrainConfig) -> None:
     """Check the inputs, then train on every replica (xmp.spawn, torchrun's processes, or one
     eager process). Under torchrun a process whose inputs fail still joins the others with its
     error, so that they learn of it instead of waiting for it (``_setup_agreed``)."""
+    if config.device == "auto":
+        config = replace(config, device=chosen_device("auto", config.distributed))
     try:
         _check_inputs(config)
     except UserError as exc:

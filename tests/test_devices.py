@@ -179,3 +179,19 @@ def test_torchrun_on_gpus_with_and_without_sync_bn(sync_bn, small_shards, tmp_pa
     assert result.returncode == 0, result.stderr[-3000:]
     config = json.load(open(os.path.join(run_dir, "config.json")))
     assert config["replicas"] == gpus and config["config"]["sync_bn"] is sync_bn
+
+
+@pytest.mark.skipif(HAS_GPU, reason="this machine has a GPU: auto picks it")
+def test_device_auto_picks_eager_cpu_here_and_says_so(small_shards, tmp_path, capsys, monkeypatch):
+    """The default was xla: without PJRT_DEVICE it ran XLA:CPU at a fraction of eager speed
+    without a word. The negative control: PJRT_DEVICE set means a TPU (or XLA:CPU) was asked for."""
+    from pyact_torch.devices import auto_device
+
+    monkeypatch.delenv("PJRT_DEVICE", raising=False)
+    assert main(["train", "--data", small_shards, "--run-dir", str(tmp_path / "run"), *SMALL[:-2]]) == 0
+    out = capsys.readouterr().out
+    assert "device: cpu (--device auto: no TPU or GPU found" in out
+    assert "1 readers (cpu)" in out
+    monkeypatch.setenv("PJRT_DEVICE", "CPU")
+    assert auto_device() == ("xla", "PJRT_DEVICE=CPU")
+    assert auto_device(distributed=True)[0] == "cpu"  # torchrun runs cpu or cuda
