@@ -18,7 +18,7 @@ from .config import (DemoConfig, DetectConfig, ExportConfig, InspectConfig, Kera
                      TFRecordConfig, TrainConfig, VideoConfig, add_arguments, from_namespace)
 from . import __doc__ as package_doc
 from .errors import UserError, local_rank, printed_here
-from .interrupts import Terminated, raise_terminated
+from .interrupts import Interrupted, Terminated, raise_terminated
 from .storage import USER_ERRNOS
 
 
@@ -109,11 +109,16 @@ def main(argv: list[str] | None = None, only: str | None = None, prog: str | Non
         if printed_here(exc):
             print(f"error: {exc.filename or args.command}: {exc.strerror}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         if local_rank():  # under torchrun every worker of a machine gets it: its first says it
             return 130
-        again = "run the same command again to continue where it stopped" if args.command in RESUMABLE else \
-            "nothing half-written was left"
+        if isinstance(exc, Interrupted):
+            print(exc, file=sys.stderr)
+            return 130
+        again = {"train": "nothing half-written was left; run the same command again: it continues from the "
+                          "last checkpoint saved, if there is one, else starts over"}.get(
+            args.command, "run the same command again to continue where it stopped" if args.command in RESUMABLE
+            else "nothing half-written was left")
         print(f"interrupted; {again}", file=sys.stderr)
         return 130
     except Terminated:

@@ -11,6 +11,10 @@ import threading
 from typing import Any, Iterator
 
 
+class Interrupted(KeyboardInterrupt):
+    """A Ctrl-C that ended a command in a known state; the message says what a rerun does."""
+
+
 class Terminated(BaseException):
     """SIGTERM outside training: unwind (removing partial files, stopping workers) and exit."""
 

@@ -241,7 +241,7 @@ class WindowDataset(torch.utils.data.IterableDataset):
 
 
 def _watch_sigterm(_worker: int) -> None:
-    """Loader workers leave preemption to the main process: a SIGTERM sent to the whole process
+    """Loader workers leave preemption and Ctrl-C to the main process: a SIGTERM sent to the whole process
     group (a VM shutdown) is ignored here, since a worker that died of it would fail the step
     being finished. A SIGTERM from the main process itself (how it ends leftover workers when
     it exits) ends the worker, as torch's own handler does. SIGTERM stays blocked (it was when
@@ -252,6 +252,10 @@ def _watch_sigterm(_worker: int) -> None:
     die_with_parent(parent)
     forget_in_child()  # the run dir's lock goes with the replica, not with a worker it forked
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    # a terminal's Ctrl-C reaches the whole process group: the replica stops with a checkpoint,
+    # and its workers must live to finish the step (SIGINT was blocked since the fork too)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
 
     def watch() -> None:
         while True:
@@ -287,7 +291,7 @@ class HostBatches:
     def __iter__(self) -> Iterator:
         self.yielded, self.error = 0, None
         loader = make_loader(self.dataset, self.workers)
-        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # workers fork with it blocked
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})  # workers fork with them blocked
         try:
             iterator = iter(loader)
         finally:

@@ -10,12 +10,13 @@ from __future__ import annotations
 import itertools
 import os
 import signal
+import sys
 import threading
 from typing import Any, Callable, Iterable, Iterator
 
 import torch
 
-from .devices import Backend, watch_sigterm
+from .devices import Backend, interrupted, note_interrupt, watch_sigterm
 from .parallel import die_with_parent
 
 
@@ -181,6 +182,17 @@ def _forward_to_replicas(signum: int, frame: Any) -> None:
         os.kill(child.pid, signum)
 
 
+def _interrupt_replicas(signum: int, frame: Any) -> None:
+    """The launcher's first Ctrl-C stops the replicas as a SIGTERM does (the replicas of a
+    terminal's Ctrl-C have it too: a stop is idempotent); a second abandons the run."""
+    if interrupted():
+        raise KeyboardInterrupt
+    note_interrupt()
+    print("stopping after this step, with a checkpoint (Ctrl-C again to abandon the step)", file=sys.stderr,
+          flush=True)
+    _forward_to_replicas(signal.SIGTERM, frame)
+
+
 if os.environ.get(_LAUNCHER_ENV) == str(os.getppid()):  # imported in a replica process
     watch_sigterm()
 
@@ -210,11 +222,13 @@ def spawn(fn: Callable[..., Any], args: tuple) -> None:
     forwarding = threading.current_thread() is threading.main_thread()
     if forwarding:
         previous = signal.signal(signal.SIGTERM, _forward_to_replicas)
+        previous_int = signal.signal(signal.SIGINT, _interrupt_replicas)
     try:
         xmp.spawn(_replica_main, args=(os.getpid(), fn, *args))
     finally:
         if forwarding:
             signal.signal(signal.SIGTERM, previous)
+            signal.signal(signal.SIGINT, previous_int)
         os.environ.pop(_LAUNCHER_ENV, None)
 
 

@@ -24,13 +24,15 @@ from .checkpoint import FINAL, CheckpointWriter, check_compatible, check_resumab
 from .config import TrainConfig, to_dict
 from .errors import ExplainedElsewhere, ReplicaError, UserError, local_rank
 from .evaluate import evaluate
+from .interrupts import Interrupted
 from .locks import Lock
 from .loader import HostBatches, Part, WindowDataset, on_device
 from .model import build_model, check_input, model_input
 from .plots import figure_png, pyplot
 from .shards import clip_shape, data_shape, read_manifest, source_settings, split_shards, training_data_fingerprint
 from .resources import check_memory
-from .devices import Backend, check_device, chosen_device, launch, make_backend, preempted
+from .devices import (Backend, check_device, chosen_device, in_xmp_replica, interrupted, launch, make_backend,
+                      preempted)
 
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, clips: torch.Tensor,
                labels: torch.Tensor, backend: Backend, precision: str = "fp32") -> torch.Tensor:
@@ -420,7 +422,11 @@ def _epochs(run: _Run) -> bool:
                            run.logger, run.checkpoint, run.divergence):
             if run.writer is not None:
                 run.writer.wait()
-                print(f"stopped by SIGTERM at step {state.step}; checkpoint saved", flush=True)
+                print(f"{'interrupted' if interrupted() else 'stopped by SIGTERM'} at step {state.step}; "
+                      f"checkpoint saved", flush=True)
+            if interrupted() and not in_xmp_replica():  # xmp: the launcher says it (``fit``)
+                raise Interrupted(f"interrupted at step {state.step}; its checkpoint was saved: run the same "
+                                  f"command again to continue from it")
             return False
         result = _validate(run)
         state.epoch, state.batch_in_epoch = epoch + 1, 0
@@ -467,6 +473,9 @@ def fit(config: TrainConfig) -> None:
         launch(_replica, (config, exc), config.backend, distributed=True)
         return
     launch(_replica, (config,), config.backend, distributed=config.distributed)
+    if config.backend == "xla" and interrupted():
+        raise Interrupted("interrupted; the replicas saved a checkpoint at the step they reached: run the same "
+                          "command again to continue from it")
 
 
 def _check_memory(config: TrainConfig, manifest: dict) -> None:

@@ -154,6 +154,36 @@ def test_sigterm_checkpoints_and_exits_zero(device, learn_shards, small_shards, 
     assert pointer["step"] > 0 and not os.path.exists(os.path.join(run_dir, "final.pt"))
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("device", ["cpu", "xla"])
+def test_ctrl_c_checkpoints_the_step_reached_and_the_rerun_resumes_from_it(device, small_shards, tmp_path):
+    """Ctrl-C (SIGINT to the terminal's process group: the command, its loader workers and,
+    on XLA, the replica process) said "run the same command again to continue" but only SIGTERM
+    checkpointed: the rerun resumed from an older checkpoint or started over. Now the first
+    Ctrl-C finishes the step, checkpoints it and exits 130 saying so."""
+    run_dir = str(tmp_path / "run")
+    flags = ["--device", device, "--batch-size", "8", "--workers", "1", "--log-every", "2", "--ckpt-every", "0"]
+    process = subprocess.Popen(train_command(small_shards, run_dir, "--epochs", "50", *flags),
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                               env=dict(os.environ, PJRT_DEVICE="CPU"))
+    metrics = os.path.join(run_dir, "metrics.jsonl")
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and not os.path.exists(metrics):
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGINT)
+    out, err = process.communicate(timeout=300)
+    assert process.returncode == 130, err[-2000:]
+    step = json.load(open(os.path.join(run_dir, "latest.json")))["step"]
+    assert f"interrupted at step {step}; checkpoint saved" in out or device == "xla"
+    assert err.strip().splitlines()[-1].startswith("interrupted"), err[-2000:]
+    assert "checkpoint" in err.strip().splitlines()[-1] and "Traceback" not in err, err[-2000:]
+    assert step > 0 and not os.path.exists(os.path.join(run_dir, "final.pt"))
+    rerun = subprocess.run(train_command(small_shards, run_dir, "--epochs", "1", *flags), capture_output=True,
+                           text=True, env=dict(os.environ, PJRT_DEVICE="CPU"), timeout=600)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert f"resumed at step {step}" in rerun.stdout
+
+
 def _tiny_state(step):
     return {"model": {"w": torch.full((3,), float(step))}, "step": step, "classes": ["a", "no-action"],
             "config": {"model": "tiny"}, "format": "pyact-torch-checkpoint/1"}
