@@ -308,9 +308,20 @@ def check_compatible(state: dict, classes: list[str], data_shape: dict,
                      what: str = "resume (use another --run-dir or --resume none)") -> None:
     """Refuse to use a checkpoint whose classes or clip shape differ from the data's."""
     if list(state["classes"]) != list(classes):
-        raise UserError(f"the data's classes differ from the checkpoint's: {state['classes']} vs {classes}; "
-                        f"cannot {what}")
+        mine, theirs = list(state["classes"]), list(classes)
+        parts = [f"only the checkpoint has {', '.join(c for c in mine if c not in theirs)[:300]}"
+                 if set(mine) - set(theirs) else "",
+                 f"only the data has {', '.join(c for c in theirs if c not in mine)[:300]}"
+                 if set(theirs) - set(mine) else ""]
+        differ = "; ".join(p for p in parts if p) or "the same names in another order"
+        raise UserError(f"the data's classes differ from the checkpoint's ({differ}); cannot {what}")
     saved = state.get("data_shape")
     if saved is not None and dict(saved) != dict(data_shape):
+        flags = {"image_size": "--image-size", "seq_len": "--seq-len", "modality": "--modality"}
+        differ = [f"{flags[key]} {saved[key]} (this data: {data_shape.get(key)})" for key in flags
+                  if key in saved and saved[key] != data_shape.get(key)]
+        if differ:
+            raise UserError(f"the checkpoint was trained on data made with {', '.join(differ)}; cannot {what}: "
+                            f"preprocess with {', '.join(d.split(' (')[0] for d in differ)} to match")
         raise UserError(f"the data's clip shape {data_shape} differs from the checkpoint's {dict(saved)}; "
                         f"cannot {what}")

@@ -20,6 +20,7 @@ import tempfile
 import time
 import zlib
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 from tqdm import tqdm
 
@@ -198,8 +199,7 @@ def _prepare_dest(config: PreprocessConfig, print_fn, run: dict[str, str], cache
         return None
     if ours or foreign:
         if not config.overwrite:
-            what = ("a dataset made from other settings or inputs (or frames changed since)" if previous
-                    else "other files")
+            what = _difference(previous, output_settings(config)) if previous else "other files"
             raise UserError(f"{config.dest}: already holds {what}; use --overwrite to replace "
                             f"it, or choose another DEST")
         for name in ours:
@@ -207,6 +207,24 @@ def _prepare_dest(config: PreprocessConfig, print_fn, run: dict[str, str], cache
         print_fn(f"--overwrite: removed {len(ours)} files of a previous run from {config.dest}")
     storage.write_json(storage.join(config.dest, STATE), state)
     return None
+
+
+def _difference(previous: dict, settings: dict) -> str:
+    """What differs between an earlier run in DEST and this one, in flags."""
+    earlier = previous.get("settings") if isinstance(previous.get("settings"), dict) else {}
+    flags = [f"--{key.replace('_', '-')} {_flag_value(earlier[key])} (this run: {_flag_value(value)})"
+             for key, value in settings.items()
+             if key not in ("src", "dest") and key in earlier and earlier[key] != value]
+    if flags:
+        return f"a dataset made with {', '.join(flags)}"
+    return "a dataset made from other inputs (other sequences, or frames changed since)"
+
+
+def _flag_value(value: Any) -> str:
+    if isinstance(value, (list, tuple)):
+        return ":".join(map(str, value)) if len(value) == 2 and all(isinstance(v, int) for v in value) \
+            else ",".join(map(str, value)) or "none"
+    return str(value)
 
 
 def _cache_dir(config: PreprocessConfig) -> str:

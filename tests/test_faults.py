@@ -1096,3 +1096,12 @@ def test_export_from_another_folder_finds_the_recorded_data(small_shards, tmp_pa
     os.rename(tmp_path / "shards", tmp_path / "moved")
     code, err = cli(capsys, "export", "--checkpoint", "../run", "--out", "again.pt2", "--windows", "2")
     assert code == 2 and "--data" in one_line(err) and "not there any more" in one_line(err)
+
+
+def test_data_of_another_shape_names_the_flag_to_preprocess_with(small_run, learn_shards, tmp_path, capsys):
+    """It printed both shape dicts but not the --image-size to preprocess with."""
+    code, err = cli(capsys, "evaluate", "--checkpoint", small_run, "--data", learn_shards, "--out",
+                    str(tmp_path / "out"), "--device", "cpu")
+    assert code == 2
+    line = one_line(err)
+    assert "--image-size 16 (this data: 32)" in line and "preprocess with --image-size 16" in line, line

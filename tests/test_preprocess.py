@@ -193,6 +193,7 @@ def test_rerun_is_a_no_op_and_other_settings_are_refused(tiny_dataset, tmp_path,
     assert main(["preprocess", tiny_dataset, dest, "--image-size", "32"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and dest in err and "--overwrite" in err
+    assert "--image-size 64 (this run: 32)" in err  # it said "other settings or inputs": which?
     assert read_manifest(dest)["image_size"] == 64
     assert main(["preprocess", tiny_dataset, dest, "--image-size", "32", "--overwrite"]) == 0
     manifest = read_manifest(dest)
