@@ -46,6 +46,8 @@ def parse_class_names(text: str) -> tuple[str, ...]:
                                          f"starting with a letter or digit)")
     if len(set(names)) != len(names):
         raise argparse.ArgumentTypeError(f"a class is named twice in {text[:80]!r}")
+    if len(names) == 1:
+        raise argparse.ArgumentTypeError("give at least 2 class names (a classifier of one class says nothing)")
     return names
 
 

@@ -28,6 +28,7 @@ from . import storage
 from .config import MAX_BATCH, ExportConfig
 from .errors import UserError
 from .interrupts import uninterrupted
+from .outputs import remove_empty_up_to, topmost_missing
 from .labels import scan_dataset
 from .runners import METADATA_KEY, ModelInfo, OnnxRunner, load_checkpoint_runner, load_exported
 from .shards import clip_shape, decode_sample, read_manifest, read_samples, split_shards
@@ -38,7 +39,16 @@ TOLERANCE = 1e-4
 
 def export_model(config: ExportConfig, print_fn: Callable[[str], None] = print) -> dict:
     """Run ``pyact export``; returns what was checked (windows, largest logit difference)."""
+    created = "" if storage.is_gcs(config.out) else topmost_missing(os.path.dirname(os.path.abspath(config.out)))
     storage.check_output_file(config.out, "--out")
+    try:
+        return _export(config, print_fn)
+    except BaseException:
+        remove_empty_up_to(os.path.dirname(os.path.abspath(config.out)), created)
+        raise
+
+
+def _export(config: ExportConfig, print_fn: Callable[[str], None]) -> dict:
     runner = load_checkpoint_runner(config.checkpoint, tuple(config.depth_range) or None, log=print_fn,
                                     device=config.device)
     if not config.src and not config.data:

@@ -37,7 +37,7 @@ def uninterrupted(what: str) -> Iterator[None]:
 
     def hold(signum: int, frame: Any) -> None:
         if not received:
-            print(f"stopping once {what} is done", file=sys.stderr, flush=True)
+            print(f"stopping once {what}", file=sys.stderr, flush=True)
         received.append(signum)
 
     handlers = {signum: signal.signal(signum, hold) for signum in (signal.SIGINT, signal.SIGTERM)}

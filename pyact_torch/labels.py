@@ -143,6 +143,11 @@ def _check_sequence(src: str, split_dir: str, subject: str, action: str,
     rel = f"{split_dir}/{subject}/{action}"
     folder = os.path.join(src, rel)
     label_file = folder + ".xml"
+    if action == NO_ACTION or not CLASS_NAME.fullmatch(action):  # a class name: printed, drawn, a key
+        why = (f"'{NO_ACTION}' is the class of frames outside every segment, not an action" if action == NO_ACTION
+               else "not a class name (letters, digits and '_.+-', starting with a letter or digit)")
+        return BadSequence(rel, folder, f"the action folder's name {action[:60]!r} is {why}; rename the folder "
+                                        f"and its label file")
     if not os.path.isfile(label_file):
         return BadSequence(rel, label_file, "label file missing for this sequence folder")
     if not os.path.isdir(folder):

@@ -139,7 +139,7 @@ class Lock:
 
         try:
             blob.reload(**storage.gcs_bounded())
-            holder = _parse(blob.download_as_bytes(if_generation_match=blob.generation)[:_LIMIT])
+            holder = _parse(blob.download_as_bytes(if_generation_match=blob.generation, **storage.gcs_bounded())[:_LIMIT])
         except (NotFound, PreconditionFailed):  # released or renewed meanwhile: look again next time
             raise UserError(f"{self.location}: its lock changed hands while this run started; run it again") from None
         age = time.time() - float(holder.get("heartbeat", 0) if isinstance(holder.get("heartbeat"), (int, float)) else 0)

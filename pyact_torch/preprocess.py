@@ -137,6 +137,8 @@ def check_space(config: PreprocessConfig, sequences: list[Sequence], seq_len: in
     fit on their disks: ``--image-size`` grows both with its square (4096 wrote 46 GB of cache
     in two minutes from 17 MB of frames). What an earlier run left is reused, so it counts as
     space already had. The estimate is an upper bound: one window per frame."""
+    if not config.overwrite and storage.exists(storage.join(config.dest, MANIFEST)):
+        return  # complete already (nothing to write), or refused by DEST's own check
     height, width, channels = FrameSpec(config.modality, config.image_size, tuple(config.depth_range)).shape
     frame = height * width * channels
     frames = sum(seq.n_frames for seq in sequences)
@@ -146,7 +148,8 @@ def check_space(config: PreprocessConfig, sequences: list[Sequence], seq_len: in
     if not storage.is_gcs(config.dest):
         inside = os.path.abspath(cache).startswith(os.path.abspath(config.dest) + os.sep)
         kept = size_of(config.dest) - (size_of(cache) if inside else 0)
-        needs.append((config.dest, windows * seq_len * frame - kept, f"the shards (up to {windows} windows)"))
+        # a window's frames, its other members and their tar headers and padding
+        needs.append((config.dest, windows * (seq_len * frame + 4096) - kept, f"the shards (up to {windows} windows)"))
     by_disk: dict[int, list] = {}
     for path, need, what in needs:
         by_disk.setdefault(_device_of(path), []).append((path, max(need, 0), what))

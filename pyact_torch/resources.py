@@ -57,12 +57,12 @@ def free_space(path: str) -> int:
 def size_of(path: str) -> int:
     """Bytes in the files under ``path`` (0 when absent): space a rerun gets back or reuses."""
     if not os.path.isdir(path):
-        return os.path.getsize(path) if os.path.isfile(path) else 0
+        return os.lstat(path).st_blocks * 512 if os.path.isfile(path) else 0
     total = 0
     for root, _, names in os.walk(path):
         for name in names:
-            try:
-                total += os.lstat(os.path.join(root, name)).st_size
+            try:  # blocks in use, not the apparent size: a sparse cache file is mostly holes
+                total += os.lstat(os.path.join(root, name)).st_blocks * 512
             except OSError:
                 pass
     return total

@@ -18,7 +18,7 @@ from .errors import UserError
 from .evaluate import evaluate
 from .loader import HostBatches, Part, WindowDataset, on_device
 from .model import build_model, reorder_outputs
-from .outputs import publish, staging
+from .outputs import publish, remove_if_empty, staging
 from .resources import check_memory
 from .shards import MANIFEST, clip_shape, data_shape, read_manifest, split_shards
 from .devices import check_device, chosen_device, make_backend
@@ -41,6 +41,15 @@ def evaluate_checkpoint(config: EvaluateConfig, progress: bool = True,
                  f"--batch-size {config.batch_size} (windows of {'x'.join(map(str, shape))})", "lower --batch-size")
     created = not storage.is_gcs(config.out) and not os.path.exists(config.out)
     storage.check_writable(config.out)
+    try:
+        return _score(config, manifest, created, progress, print_fn)
+    except BaseException:
+        remove_if_empty(config.out, created)  # a failure before the outputs: no empty folder of ours left
+        raise
+
+
+def _score(config: EvaluateConfig, manifest: dict, created: bool, progress: bool,
+           print_fn: Callable[[str], None]) -> dict:
     state, url = load_checkpoint(config.checkpoint, log=print_fn)
     classes = manifest["classes"]
     if list(state["classes"]) != classes and sorted(state["classes"]) == sorted(classes):

@@ -363,7 +363,8 @@ def read_manifest(dest: str) -> dict[str, Any]:
         problem = (f"a class name is not of the form the project writes ({str(odd[0])[:40]!r}: letters, digits, "
                    f"'_.+-')" if odd else "a class is named twice" if len(set(classes)) != len(classes)
                    else f"{len(classes)} classes (2 to 1000 are allowed)")
-        raise UserError(f"{url}: {problem}; re-create the data with pyact preprocess or convert-tfrecords")
+        raise UserError(f"{url}: {problem}; this data cannot be used: re-create it (pyact preprocess and "
+                        f"convert-tfrecords now refuse such names before any work, naming the folder or flag)")
     for split, entry in manifest["splits"].items():
         if not _valid_split(entry):
             raise UserError(f"{url}: the {str(split)[:20]!r} split is malformed (it needs shards with names and "

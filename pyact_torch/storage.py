@@ -35,7 +35,8 @@ def _deadline(text: str) -> float:
         value = float(text)
     except ValueError:
         value = math.nan
-    return value if 1 <= value <= 3600 else 30.0  # a nonsense value: the default, not a traceback at import
+    # not a number: the default (not a traceback at import); out of range: the nearest bound
+    return min(max(value, 1.0), 3600.0) if math.isfinite(value) else 30.0
 
 
 # How long a gs:// call keeps retrying an unreachable endpoint before giving up with one line;

@@ -24,6 +24,8 @@ from .config import SynthConfig
 from . import storage
 from .errors import UserError
 from .labels import ACTIONS
+from .interrupts import uninterrupted
+from .outputs import remove_empty_up_to, topmost_missing
 from .parallel import map_unordered
 
 SHAPES = ("circle", "square", "triangle", "cross")
@@ -168,14 +170,13 @@ def _write_sequence(job: _Job) -> int:
 
 def make_dataset(config: SynthConfig, progress: bool = True) -> int:
     """Write the dataset to ``config.out``; returns the number of frames written. It is made
-    in a hidden folder beside ``config.out`` and renamed into place when complete, so a stop
-    leaves nothing behind and a rerun starts clean."""
+    in a hidden folder inside ``config.out`` whose contents are moved up when complete, so a
+    stop leaves nothing behind and a rerun starts clean."""
     if os.path.exists(config.out) and (not os.path.isdir(config.out) or os.listdir(config.out)):
         raise UserError(f"{config.out}: already exists and is not an empty folder")
-    created = not os.path.exists(config.out)
+    created = topmost_missing(config.out)
     storage.check_writable(config.out)
-    parent, name = os.path.split(os.path.abspath(config.out))
-    staging = tempfile.mkdtemp(prefix=f".{name}.pyact-synth-", dir=parent)
+    staging = tempfile.mkdtemp(prefix=".pyact-synth-", dir=config.out)
     try:
         jobs = [_Job(staging, split_dir, subject, subject_index, action_index, config)
                 for split_dir, subjects in subject_names(config).items()
@@ -187,13 +188,13 @@ def make_dataset(config: SynthConfig, progress: bool = True) -> int:
             for n in written:
                 total += n
                 bar.update()
-        if os.path.isdir(config.out):
-            os.rmdir(config.out)  # empty (checked above); rename cannot replace it otherwise
-        os.rename(staging, config.out)
-        staging = ""
+        with uninterrupted("the dataset is in place"):
+            for name in sorted(os.listdir(staging)):
+                os.rename(os.path.join(staging, name), os.path.join(config.out, name))
+            os.rmdir(staging)
+            staging = ""
     finally:
         if staging:
             shutil.rmtree(staging, ignore_errors=True)  # made by mkdtemp above: ours
-            if created and os.path.isdir(config.out) and not os.listdir(config.out):
-                os.rmdir(config.out)
+            remove_empty_up_to(config.out, created)
     return total

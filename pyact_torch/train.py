@@ -302,7 +302,7 @@ def _build(config: TrainConfig, backend: Backend, failed: UserError | None, lock
     schedule = (lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total))) \
         if config.lr_schedule == "cosine" else (lambda s: 1.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-    state = RunState() if saved is None else _restore_training(saved, optimizer, scheduler, backend)
+    state = RunState() if saved is None else _restore_training(saved, optimizer, scheduler, backend, config.lr)
     writer = None
     if backend.is_master:
         writer = CheckpointWriter(config.run_dir, keep=config.keep)
@@ -397,10 +397,19 @@ def _restore_weights(config: TrainConfig, manifest: dict, model: torch.nn.Module
     return saved
 
 
-def _restore_training(saved: dict, optimizer: torch.optim.Optimizer, scheduler, backend: Backend) -> RunState:
-    """Optimizer, schedule, random generators and position of a saved run."""
+def _restore_training(saved: dict, optimizer: torch.optim.Optimizer, scheduler, backend: Backend,
+                      lr: float) -> RunState:
+    """Optimizer, schedule, random generators and position of a saved run. ``lr`` (this run's
+    --lr) replaces the saved one: the way on after a diverged loss is a lower --lr."""
     optimizer.load_state_dict(saved["optimizer"])
     scheduler.load_state_dict(saved["scheduler"])
+    if any(base != lr for base in scheduler.base_lrs):
+        if backend.is_master:
+            print(f"note: --lr {lr:g} from here on (the run so far used {scheduler.base_lrs[0]:g})", flush=True)
+        scheduler.base_lrs = [lr] * len(scheduler.base_lrs)
+        for group, factor in zip(optimizer.param_groups, [f(scheduler.last_epoch) for f in scheduler.lr_lambdas]):
+            group["initial_lr"] = lr
+            group["lr"] = lr * factor
     torch.set_rng_state(saved["rng"]["torch"])
     random.setstate(saved["rng"]["python"])
     state = RunState(saved["step"], saved["epoch"], saved["batch_in_epoch"], saved["best_val_loss"],
@@ -483,13 +492,22 @@ def _check_memory(config: TrainConfig, manifest: dict) -> None:
     windows, and each replica a batch as read (uint8) and as model input (float32). Replicas of
     one machine: torchrun's LOCAL_WORLD_SIZE (xmp and SPMD: counted as one)."""
     window = math.prod(clip_shape(manifest))
-    replicas = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
+    replicas, world = _env_count("LOCAL_WORLD_SIZE"), _env_count("WORLD_SIZE")
     loaders = max(config.workers, 1) * replicas
-    batch = -(-config.batch_size // max(int(os.environ.get("WORLD_SIZE", "1") or 1), 1))
-    check_memory(window * (config.shuffle_buffer * loaders + 5 * batch * replicas),
+    batch = -(-config.batch_size // world)
+    # a buffer never holds more than its loader's share of the split
+    buffer = min(config.shuffle_buffer, -(-manifest["splits"]["train"]["count"] // (max(config.workers, 1) * world)))
+    check_memory(window * (buffer * loaders + 5 * batch * replicas),
                  f"--shuffle-buffer {config.shuffle_buffer} in each of {loaders} loader processes and --batch-size "
                  f"{config.batch_size} (windows of {'x'.join(map(str, clip_shape(manifest)))})",
                  "lower --shuffle-buffer, --workers or --batch-size")
+
+
+def _env_count(name: str) -> int:
+    try:
+        return max(int(os.environ.get(name, "1")), 1)
+    except ValueError:
+        return 1
 
 
 def _check_inputs(config: TrainConfig) -> None:

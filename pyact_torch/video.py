@@ -19,7 +19,7 @@ import numpy as np
 from . import storage
 from .config import VideoConfig
 from .errors import UserError
-from .outputs import publish, staging
+from .outputs import publish, remove_empty_up_to, staging, topmost_missing
 from .resources import check_memory
 from .frames import FrameError, load_png
 from .shards import load_npy, read_samples, split_shards, read_manifest
@@ -214,13 +214,22 @@ def shard_windows(samples: Iterable[dict], rows: list[dict], size: int) -> Itera
 
 def make_video(config: VideoConfig, progress: bool = True, print_fn: Callable[[str], None] = print) -> tuple[str, int]:
     """``pyact video``: the prediction video and its contact sheet."""
-    from tqdm import tqdm
-
     if storage.is_gcs(config.out):
         raise UserError(f"{config.out}: the video is written to a local path")
     folder = os.path.dirname(os.path.abspath(config.out))
-    created = not os.path.exists(folder)
+    created = topmost_missing(folder)
     storage.check_output_file(config.out, "video")
+    try:
+        return _make_video(config, folder, progress, print_fn)
+    except BaseException:
+        remove_empty_up_to(folder, created)  # a failure before the video: no empty folder of ours left
+        raise
+
+
+def _make_video(config: VideoConfig, folder: str, progress: bool,
+                print_fn: Callable[[str], None]) -> tuple[str, int]:
+    from tqdm import tqdm
+
     rows = read_predictions(config.predictions)
     if config.max_windows:
         rows = rows[:config.max_windows]
@@ -251,7 +260,7 @@ def make_video(config: VideoConfig, progress: bool = True, print_fn: Callable[[s
                 sampled.append(window)
             yield window
 
-    with staging(folder, "video", created) as stage:  # the video and its sheet replace the earlier ones together
+    with staging(folder, "video", False) as stage:  # the video and its sheet replace the earlier ones together
         staged, frames = write_video(windows(), os.path.join(stage, os.path.basename(config.out)), config.fps)
         bar.close()
         if seen != len(rows):

@@ -818,15 +818,30 @@ def test_class_names_in_a_manifest_are_checked(classes, command, shards, small_r
     assert not (tmp_path / "run").exists() and not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("name", ["asl blue", "no-action"])
+def test_action_folders_that_are_no_class_name_are_refused_before_preprocessing(name, tiny_dataset, tmp_path, capsys):
+    """Preprocessing wrote them into the manifest, which every reader then refused (a space),
+    or named no-action twice."""
+    subject = os.path.join(tiny_dataset, "Train", sorted(os.listdir(os.path.join(tiny_dataset, "Train")))[0])
+    action = sorted(n for n in os.listdir(subject) if not n.endswith(".xml"))[0]
+    os.rename(os.path.join(subject, action), os.path.join(subject, name))
+    os.rename(os.path.join(subject, action + ".xml"), os.path.join(subject, name + ".xml"))
+    code, err = cli(capsys, "preprocess", tiny_dataset, str(tmp_path / "out"), *PRE)
+    assert code == 2
+    line = one_line(err)
+    assert repr(name) in line and "rename the folder" in line, line
+    assert not (tmp_path / "out").exists()
+
+
 def test_class_names_given_on_the_command_line_are_checked(capsys):
-    for given in ("a,b,a", "a,../b", "a,b c"):
+    for given in ("a,b,a", "a,../b", "a,b c", "a"):
         with pytest.raises(SystemExit) as stop:
             main(["convert-tfrecords", "src", "dest", "--classes", given])
         assert stop.value.code == 2
         assert "--classes" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("case", ["evaluate --batch-size", "train --shuffle-buffer", "inspect --size", "inspect --n",
+@pytest.mark.parametrize("case", ["evaluate --batch-size", "train --batch-size", "inspect --size", "inspect --n",
                                   "video --size", "video --sheet-windows"])
 def test_sizes_beyond_the_machine_are_refused_with_the_figure(case, small_shards, small_run, tmp_path, capsys):
     """They tried to allocate tens of GB to TB (evaluate --batch-size 100000000, inspect and
@@ -838,8 +853,8 @@ def test_sizes_beyond_the_machine_are_refused_with_the_figure(case, small_shards
                                        for i in range(2000)]))
     args = {"evaluate --batch-size": ["evaluate", "--checkpoint", small_run, "--data", small_shards, "--out",
                                       str(tmp_path / "out"), "--device", "cpu", "--batch-size", "100000000"],
-            "train --shuffle-buffer": ["train", "--data", small_shards, "--run-dir", str(tmp_path / "run"), *TRAIN,
-                                       "--shuffle-buffer", "1000000000000"],
+            "train --batch-size": ["train", "--data", small_shards, "--run-dir", str(tmp_path / "run"), *TRAIN,
+                                   "--batch-size", "1000000000"],
             "inspect --size": ["inspect", small_shards, "--out", str(tmp_path / "g.png"), "--size", "100000"],
             "inspect --n": ["inspect", small_shards, "--out", str(tmp_path / "g.png"), "--n", "100000"],
             "video --size": ["video", str(predictions), str(tmp_path / "v.mp4"), "--data", small_shards,
@@ -850,7 +865,7 @@ def test_sizes_beyond_the_machine_are_refused_with_the_figure(case, small_shards
     assert code == 2
     line = one_line(err)
     assert case.split()[1] in line, line
-    if case in ("train --shuffle-buffer", "video --sheet-windows"):
+    if case in ("train --batch-size", "video --sheet-windows"):
         assert "of memory" in line and "available" in line, line
     assert not (tmp_path / "run").exists() and not (tmp_path / "out").exists()
     assert sorted(os.listdir(tmp_path)) == ["predictions.json"]
@@ -892,6 +907,17 @@ def test_a_diverged_loss_stops_training_before_a_checkpoint(log_every, small_sha
     assert f"by step {5 if log_every == '1' else 6}" in line and "--lr" in line, line
     assert json.loads((run_dir / "latest.json").read_text())["step"] == 3
     assert sorted(p.name for p in run_dir.glob("*.pt")) == ["ckpt-3.pt"]
+    if log_every == "50":
+        return
+    # the advice works: the rerun with a lower --lr continues from step 3 at that rate (the saved
+    # optimizer and schedule brought the old one back)
+    monkeypatch.undo()
+    lr = float(TRAIN[TRAIN.index("--lr") + 1]) / 10 if "--lr" in TRAIN else 1e-4
+    assert main(["train", "--data", small_shards, "--run-dir", str(run_dir), *TRAIN, "--lr", str(lr)]) == 0
+    out = capsys.readouterr().out
+    assert "resumed at step 3" in out and f"note: --lr {lr:g} from here on" in out
+    final = torch.load(run_dir / "final.pt", weights_only=True)
+    assert final["optimizer"]["param_groups"][0]["lr"] == pytest.approx(lr)
 
 
 @pytest.mark.parametrize("damage", ["invalid JSON", "a list", "names a missing file"])

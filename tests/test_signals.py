@@ -112,12 +112,14 @@ def scored(detector_run, learn_shards, tmp_path_factory) -> str:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("moment", ["scoring", "publishing"])
+@pytest.mark.parametrize("moment", ["scoring", "a move fails", "a stop while publishing"])
 def test_evaluate_stopped_keeps_the_earlier_outputs_whole(moment, scored, detector_run, learn_shards, tmp_path,
                                                           capsys, monkeypatch):
     """The new metrics.json and per_class.txt were left beside the earlier checkpoint's
-    confusion_matrix.png and predictions.json. Stopped while publishing (after the first
-    output is in place), the earlier ones are put back."""
+    confusion_matrix.png and predictions.json. A move that fails after the first output is in
+    place puts the earlier ones back; a stop while the outputs are moved waits for the moves
+    (a second stop must not cut a rollback short): either set is whole, never a mix."""
+    import errno
     import shutil
 
     from pyact_torch import metrics, outputs
@@ -126,13 +128,33 @@ def test_evaluate_stopped_keeps_the_earlier_outputs_whole(moment, scored, detect
     shutil.copytree(scored, out)
     (out / "notes.txt").write_text("mine")
     before = files_in(out)
+    real_replace, calls = os.replace, [0]
+
+    def failing_replace(*args):  # the 7th move: after metrics.json is in place
+        calls[0] += 1
+        if calls[0] == 7:
+            raise OSError(errno.ENOSPC, "No space left on device", args[1])
+        return real_replace(*args)
+
+    args = ["evaluate", "--checkpoint", detector_run, "--data", learn_shards, "--split", "test", "--device", "cpu",
+            "--out", str(out)]
     if moment == "scoring":
         monkeypatch.setattr(metrics, "confusion_png", signal_on_call(metrics.confusion_png, signal.SIGTERM))
+        stopped(capsys, signal.SIGTERM, *args)
+    elif moment == "a move fails":
+        monkeypatch.setattr(outputs.os, "replace", failing_replace)
+        code, err = main(args), capsys.readouterr().err
+        assert code == 2 and "No space left on device" in err and len(err.strip().splitlines()) == 1, err
     else:
-        monkeypatch.setattr(outputs.os, "replace", signal_on_call(os.replace, signal.SIGTERM, call=7))  # after metrics.json is in place
-    stopped(capsys, signal.SIGTERM, "evaluate", "--checkpoint", detector_run, "--data", learn_shards,
-            "--split", "test", "--device", "cpu", "--out", str(out))
-    assert files_in(out) == before
+        monkeypatch.setattr(outputs.os, "replace", signal_on_call(os.replace, signal.SIGTERM, call=7))
+        stopped(capsys, signal.SIGTERM, *args)
+    after = files_in(out)
+    if moment == "a stop while publishing":
+        assert set(after) == set(before)
+        assert all(after[name] != before[name] for name in before if name != "notes.txt")  # all new
+        assert json.loads(after["metrics.json"])["split"] == "test"
+    else:
+        assert after == before
 
 
 @pytest.mark.slow
