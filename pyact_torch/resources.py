@@ -19,8 +19,24 @@ def human(count: float) -> str:
 
 
 def available_memory() -> int:
-    """Bytes of memory that can be allocated without swapping (MemAvailable; all of it where
-    the kernel does not say)."""
+    """Bytes of memory that can be allocated without swapping: the machine's MemAvailable, or
+    less where a container's memory limit (cgroup v2 or v1) leaves less; all of it where
+    neither says."""
+    machine = _meminfo_available()
+    for limit_file, usage_file in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+                                   ("/sys/fs/cgroup/memory/memory.limit_in_bytes",
+                                    "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
+        try:
+            with open(limit_file) as limit, open(usage_file) as usage:
+                text = limit.read().strip()
+                if text != "max" and int(text) < 1 << 60:  # v1 writes a huge number for "no limit"
+                    return min(machine, max(int(text) - int(usage.read().strip()), 0))
+        except (OSError, ValueError):
+            continue
+    return machine
+
+
+def _meminfo_available() -> int:
     try:
         with open("/proc/meminfo") as meminfo:
             for line in meminfo:
