@@ -36,6 +36,17 @@ class Frame:
     prepare_seconds: float
 
 
+def _hint(folder: str) -> str:
+    """Where ``folder`` is a split or subject folder of the dataset, the flags that read it."""
+    parts = os.path.normpath(os.path.abspath(folder)).split(os.sep)
+    splits = {"train": "train", "test": "test", "eval": "eval"}
+    for depth in (1, 2):  # SRC/Test, or SRC/Test/subject
+        if len(parts) > depth and parts[-depth].lower() in splits:
+            src = os.sep.join(parts[:-depth]) or os.sep
+            return f"; for every sequence of that split give --src {src} --split {splits[parts[-depth].lower()]}"
+    return ""
+
+
 def count_frames(folder: str, modality: str) -> int:
     """Frames of a sequence folder (its ``color_<i>.png``), checked for the files ``modality``
     reads; a folder without them is a one-line error."""
@@ -44,7 +55,7 @@ def count_frames(folder: str, modality: str) -> int:
     found = frame_indices(folder)
     n_frames = len(found["color"])
     if n_frames == 0:
-        raise UserError(f"{folder}: no color_<i>.png frames: not a sequence folder")
+        raise UserError(f"{folder}: no color_<i>.png frames: not a sequence folder{_hint(folder)}")
     for kind in ("color",) + needed_kinds(modality):
         missing = sorted(set(range(n_frames)) - found[kind])
         if missing:

@@ -104,6 +104,9 @@ def with_banner(frame: np.ndarray, captions: list[tuple[str, tuple[int, int, int
     return np.vstack([banner, frame])
 
 
+VIDEO_SUFFIXES = (".mp4", ".m4v", ".mov", ".avi")  # the containers of the codecs written here (mp4v, MJPG)
+
+
 def quiet_ffmpeg() -> None:
     """Keep FFmpeg's own messages ("moov atom not found", ...) off stderr: ours are one line.
     Read by OpenCV when FFmpeg is first used, so call it before any VideoCapture/VideoWriter."""
@@ -216,6 +219,10 @@ def make_video(config: VideoConfig, progress: bool = True, print_fn: Callable[[s
     """``pyact video``: the prediction video and its contact sheet."""
     if storage.is_gcs(config.out):
         raise UserError(f"{config.out}: the video is written to a local path")
+    suffix = os.path.splitext(config.out)[1].lower()
+    if suffix not in VIDEO_SUFFIXES:
+        raise UserError(f"{config.out}: OpenCV writes videos as {', '.join(VIDEO_SUFFIXES)} (mp4 falls back to .avi "
+                        f"where its encoder is missing); give a name ending in one of them")
     folder = os.path.dirname(os.path.abspath(config.out))
     created = topmost_missing(folder)
     storage.check_output_file(config.out, "video")

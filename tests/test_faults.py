@@ -1131,3 +1131,21 @@ def test_data_of_another_shape_names_the_flag_to_preprocess_with(small_run, lear
     assert code == 2
     line = one_line(err)
     assert "--image-size 16 (this data: 32)" in line and "preprocess with --image-size 16" in line, line
+
+
+def test_a_video_suffix_opencv_cannot_write_is_refused_before_work(small_shards, tmp_path, capsys):
+    """`pyact video … out.gif` blamed a full disk after reading every window."""
+    (tmp_path / "p.json").write_text("[]")
+    code, err = cli(capsys, "video", str(tmp_path / "p.json"), str(tmp_path / "out.gif"), "--data", small_shards)
+    assert code == 2
+    line = one_line(err)
+    assert "out.gif" in line and ".mp4" in line and ".avi" in line and "disk" not in line, line
+
+
+@pytest.mark.parametrize("folder", ["Test", "Test/test00"])
+def test_detect_on_a_split_or_subject_folder_points_to_split(folder, tiny_dataset, small_run, tmp_path, capsys):
+    """It said "not a sequence folder" without saying how to run over a split."""
+    code, err = cli(capsys, "detect", "--checkpoint", small_run, "--src", os.path.join(tiny_dataset, folder),
+                    "--out", str(tmp_path / "det"))
+    assert code == 2
+    assert f"--src {tiny_dataset} --split test" in one_line(err)
