@@ -240,15 +240,23 @@ def interrupted() -> bool:
     return _INTERRUPTED.is_set()
 
 
-def watch_sigterm() -> None:
+def watch_sigterm() -> dict:
     """Turn SIGTERM and a first Ctrl-C into ``preempted()`` for the run starting now (a handler
     can only be set from the main thread): a stop requested of an earlier run in this process
-    is not this one's."""
+    is not this one's. Returns the handlers replaced, for ``restore_handlers``."""
     _PREEMPTED.clear()
     _INTERRUPTED.clear()
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _on_sigterm)
-        signal.signal(signal.SIGINT, _on_sigint)
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    return {signal.SIGTERM: signal.signal(signal.SIGTERM, _on_sigterm),
+            signal.SIGINT: signal.signal(signal.SIGINT, _on_sigint)}
+
+
+def restore_handlers(previous: dict) -> None:
+    """Put back what ``watch_sigterm`` replaced: after training, a Ctrl-C interrupts again (the
+    demo goes on to score, and an in-process caller keeps its own handlers)."""
+    for signum, handler in previous.items():
+        signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
 
 
 def in_xmp_replica() -> bool:
@@ -275,5 +283,8 @@ def launch(fn: Callable[..., Any], args: tuple, kind: str, distributed: bool = F
 
         run_replica(fn, args)
         return
-    watch_sigterm()
-    fn(0, *args)
+    previous = watch_sigterm()
+    try:
+        fn(0, *args)
+    finally:
+        restore_handlers(previous)

@@ -222,3 +222,13 @@ def test_synth_with_worker_processes_stopped_by_sigterm(tmp_path):
     assert process.returncode == 143, err[-2000:]
     assert os.listdir(tmp_path) == []
     assert json.dumps(err.strip().splitlines()[-1:]).count("stopped by SIGTERM") == 1
+
+
+def test_training_in_process_gives_back_the_signal_handlers(small_shards, tmp_path):
+    """Training turns Ctrl-C into "checkpoint and stop"; after it returns, Ctrl-C interrupts
+    again. It did not: the demo's scoring after training could not be interrupted, and a later
+    convert-keras in the same process lost its Ctrl-C (seen in the full suite)."""
+    before = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    assert main(["train", "--data", small_shards, "--run-dir", str(tmp_path / "run"), "--model", "tiny",
+                 "--epochs", "1", "--batch-size", "8", "--workers", "0", "--device", "cpu"]) == 0
+    assert {signum: signal.getsignal(signum) for signum in before} == before

