@@ -15,6 +15,7 @@ import torch
 
 from pyact_torch.cli import main
 
+from conftest import tree_bytes
 from test_convert import keras_weights, write_keras_h5
 
 CODES = {signal.SIGTERM: 143, signal.SIGINT: 130}
@@ -38,16 +39,6 @@ def stopped(capsys, signum: int, *args) -> str:
     lines = [line for line in capsys.readouterr().err.splitlines() if line.strip() and "stopping once" not in line]
     assert len(lines) == 1 and ("interrupted" in lines[0] or "stopped by SIGTERM" in lines[0]), lines
     return lines[0]
-
-
-def files_in(folder) -> dict[str, bytes]:
-    """Every file under ``folder``, hidden ones included (a staging folder or partial left)."""
-    found = {}
-    for root, _, names in os.walk(folder):
-        for name in names:
-            path = os.path.join(root, name)
-            found[os.path.relpath(path, folder)] = open(path, "rb").read()
-    return found
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +71,7 @@ def test_convert_keras_stopped_inside_torch_save(signum, h5, tmp_path, capsys, m
 
     monkeypatch.setattr(torch, "save", save)
     stopped(capsys, signum, "convert-keras", h5, str(out))
-    assert files_in(tmp_path) == {}
+    assert tree_bytes(tmp_path) == {}
     monkeypatch.setattr(torch, "save", real_save)
     assert main(["convert-keras", h5, str(out)]) == 0
     assert torch.load(str(out), weights_only=True)["format"]
@@ -97,7 +88,7 @@ def test_export_stopped_inside_the_exporter(suffix, detector_run, learn_shards, 
     target = (torch.export, "export") if name else (torch.onnx, "export")
     monkeypatch.setattr(*target, signal_on_call(getattr(*target), signal.SIGTERM))
     stopped(capsys, signal.SIGTERM, *args)
-    assert files_in(tmp_path) == {}
+    assert tree_bytes(tmp_path) == {}
     monkeypatch.undo()
     assert main(args) == 0 and out.stat().st_size > 0
 
@@ -127,7 +118,7 @@ def test_evaluate_stopped_keeps_the_earlier_outputs_whole(moment, scored, detect
     out = tmp_path / "scored"
     shutil.copytree(scored, out)
     (out / "notes.txt").write_text("mine")
-    before = files_in(out)
+    before = tree_bytes(out)
     real_replace, calls = os.replace, [0]
 
     def failing_replace(*args):  # the 7th move: after metrics.json is in place
@@ -148,7 +139,7 @@ def test_evaluate_stopped_keeps_the_earlier_outputs_whole(moment, scored, detect
     else:
         monkeypatch.setattr(outputs.os, "replace", signal_on_call(os.replace, signal.SIGTERM, call=7))
         stopped(capsys, signal.SIGTERM, *args)
-    after = files_in(out)
+    after = tree_bytes(out)
     if moment == "a stop while publishing":
         assert set(after) == set(before)
         assert all(after[name] != before[name] for name in before if name != "notes.txt")  # all new
@@ -168,15 +159,15 @@ def test_video_stopped_keeps_the_earlier_video_and_sheet(signum, scored, learn_s
     args = ["video", predictions, str(out), "--data", learn_shards, "--split", "eval", "--max-windows", "20",
             "--size", "48"]
     assert main(args) == 0
-    before = files_in(tmp_path)
+    before = tree_bytes(tmp_path)
     assert set(before) == {"predictions.mp4", "predictions-sheet.png"}
     monkeypatch.setattr(video, "with_banner", signal_on_call(video.with_banner, signum, call=30))
     stopped(capsys, signum, *args[:-2], "--size", "64")  # another size: other bytes if anything were replaced
-    assert files_in(tmp_path) == before
+    assert tree_bytes(tmp_path) == before
     monkeypatch.undo()
     capsys.readouterr()
     assert main([*args[:-2], "--size", "64"]) == 0
-    assert set(files_in(tmp_path)) == set(before) and files_in(tmp_path) != before
+    assert set(tree_bytes(tmp_path)) == set(before) and tree_bytes(tmp_path) != before
 
 
 def test_inspect_stopped_writes_nothing(small_shards, tmp_path, capsys, monkeypatch):
@@ -185,7 +176,7 @@ def test_inspect_stopped_writes_nothing(small_shards, tmp_path, capsys, monkeypa
     out = tmp_path / "grid.png"
     monkeypatch.setattr(inspection, "sheet", signal_on_call(inspection.sheet, signal.SIGTERM))
     stopped(capsys, signal.SIGTERM, "inspect", small_shards, "--out", str(out), "--n", "4")
-    assert files_in(tmp_path) == {}
+    assert tree_bytes(tmp_path) == {}
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
