@@ -114,7 +114,6 @@ def auto_device(distributed: bool = False) -> tuple[str, str]:
     ``PJRT_DEVICE`` is set (and torch_xla is installed; never under torchrun, which runs cpu or
     cuda), else a GPU when there is one, else eager CPU (XLA:CPU is several times slower)."""
     import importlib.util
-    import os
 
     from .tpu import _has_tpu
 

@@ -64,8 +64,8 @@ def remove_empty_up_to(folder: str, top: str) -> None:
 def remove_if_empty(folder: str, created: bool) -> None:
     """Remove ``folder`` when this command ``created`` it (its checks before work do) and a
     failure left it empty."""
-    if created and not storage.is_gcs(folder) and os.path.isdir(folder) and not os.listdir(folder):
-        os.rmdir(folder)
+    if created and not storage.is_gcs(folder):
+        remove_empty_up_to(folder, os.path.abspath(folder))
 
 
 def publish(out: str, files: dict[str, bytes], staged: dict[str, str], folder: str) -> None:

@@ -31,7 +31,7 @@ from .locks import LOCK_NAME, Lock
 from .frames import DecodeChunk, FrameCache, FrameSpec, decode_into_cache
 from .labels import BadSequence, Sequence, class_list, scan_dataset
 from .parallel import map_unordered
-from .resources import free_space, human, size_of
+from .resources import device_of, free_space, human, size_of
 from .labels import needed_kinds
 from .shards import (FORMAT, MANIFEST, ShardInfo, TarFormatError, encode_sample, hash_shard, index_row,
                      new_manifest, read_manifest, sample_meta, shard_name, split_entry, write_shard)
@@ -152,7 +152,7 @@ def check_space(config: PreprocessConfig, sequences: list[Sequence], seq_len: in
         needs.append((config.dest, windows * (seq_len * frame + 4096) - kept, f"the shards (up to {windows} windows)"))
     by_disk: dict[int, list] = {}
     for path, need, what in needs:
-        by_disk.setdefault(_device_of(path), []).append((path, max(need, 0), what))
+        by_disk.setdefault(device_of(path), []).append((path, max(need, 0), what))
     for entries in by_disk.values():
         need, free = sum(e[1] for e in entries), free_space(entries[0][0])
         if need > free:
@@ -160,13 +160,6 @@ def check_space(config: PreprocessConfig, sequences: list[Sequence], seq_len: in
             raise UserError(f"--image-size {config.image_size}: preprocessing needs about {parts}, but the disk of "
                             f"{entries[0][0]} has {human(free)} free; lower --image-size or free space"
                             f"{'' if config.cache_dir else ' (--cache-dir puts the cache on another disk)'}")
-
-
-def _device_of(path: str) -> int:
-    path = os.path.abspath(path)
-    while not os.path.exists(path) and os.path.dirname(path) != path:
-        path = os.path.dirname(path)
-    return os.stat(path).st_dev
 
 
 def _prepare_dest(config: PreprocessConfig, print_fn, run: dict[str, str], cache: str) -> dict | None:

@@ -59,15 +59,22 @@ def check_memory(needed: int, what: str, change: str) -> None:
                         f"available; {change}")
 
 
+def existing_ancestor(path: str) -> str:
+    """``path``, or its nearest folder that exists: where it would be created."""
+    path = os.path.abspath(path)
+    while not os.path.exists(path) and os.path.dirname(path) != path:
+        path = os.path.dirname(path)
+    return path
+
+
 def free_space(path: str) -> int:
     """Free bytes on the file system that holds ``path`` (or would, once created)."""
-    path = os.path.abspath(path)
-    while not os.path.exists(path):
-        parent = os.path.dirname(path)
-        if parent == path:
-            break
-        path = parent
-    return shutil.disk_usage(path).free
+    return shutil.disk_usage(existing_ancestor(path)).free
+
+
+def device_of(path: str) -> int:
+    """The file system that holds ``path`` (or would, once created)."""
+    return os.stat(existing_ancestor(path)).st_dev
 
 
 def size_of(path: str) -> int:
