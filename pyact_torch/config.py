@@ -228,8 +228,8 @@ class TrainConfig:
     resume: str = field(default="auto", metadata=_arg(
         "auto: continue from RUN_DIR/latest.json if present; none: start over; or a checkpoint path",
         metavar="auto|none|PATH", output=False))
-    log_every: int = field(default=50, metadata=_arg("log loss and windows/s every N steps", metavar="N",
-                                                      output=False))
+    log_every: int = field(default=50, metadata=_arg(
+        "log loss and windows/s every N steps, and at the last step of every epoch", metavar="N", output=False))
     workers: int = field(default=2, metadata=_arg("data-loading processes per replica", metavar="N",
                                                   output=False))
     shuffle_buffer: int = field(default=1000, metadata=_arg("windows in each loader's shuffle buffer", metavar="N"))
@@ -296,24 +296,32 @@ class EvaluateConfig:
 
 @dataclass(frozen=True)
 class VideoConfig:
-    """The prediction video: every window's frames with truth and prediction, plus a PNG
-    contact sheet (``pyact video``)."""
+    """The prediction video, sequence by sequence in frame order, each frame once with the
+    sequence, the frame number and the truth and prediction of the window ending at it; plus a
+    PNG contact sheet of windows, the classes in turn (``pyact video``)."""
 
     predictions: str = field(metadata=_arg("predictions.json written by pyact evaluate", positional=True))
-    out: str = field(metadata=_arg("video file to write (.mp4; an .avi with MJPG where mp4 is missing); "
-                                   "the contact sheet goes next to it as <name>-sheet.png", positional=True))
+    out: str = field(metadata=_arg("video file to write (.mp4, .m4v, .mov or .avi; an .avi with MJPG where mp4 is "
+                                   "missing); the contact sheet goes next to it as <name>-sheet.png", positional=True))
     src: str = field(default="", metadata=_arg(
         "raw dataset folder to take full-size frames from", metavar="SRC"))
     data: str = field(default="", metadata=_arg(
         "without --src: the shards (folder or gs://) to take the frames from", metavar="DEST"))
     split: str = field(default="test", metadata=_arg("with --data: the split that was scored",
                                                      choices=("train", "eval", "test")))
-    fps: float = field(default=4.0, metadata=_arg("frames per second of the video"))
+    sequences: tuple[str, ...] = field(default=(), metadata=_arg(
+        "only these sequences: comma-separated names or patterns with * and ?, e.g. 'Test/alvin/*,*/asl-z'",
+        parse=parse_names, metavar="PATTERNS"))
+    wrong: bool = field(default=False, metadata=_arg(
+        "only the wrongly classified windows (each shown with its frames, once)"))
+    fps: float = field(default=30.0, metadata=_arg("frames per second of the video (the camera's: 30)"))
     size: int = field(default=256, metadata=_arg("frames are padded to a square and shown at SIZE x SIZE",
                                                  metavar="SIZE"))
-    sheet_windows: int = field(default=12, metadata=_arg("windows on the contact sheet, spread evenly",
-                                                         metavar="N"))
-    max_windows: int = field(default=0, metadata=_arg("only the first N windows; 0 = all", metavar="N"))
+    sheet_windows: int = field(default=16, metadata=_arg(
+        "windows on the contact sheet, the truth classes in turn, each spread evenly", metavar="N"))
+    max_windows: int = field(default=0, metadata=_arg(
+        "only the first N windows in sequence and frame order (after --sequences and --wrong); 0 = all",
+        metavar="N"))
 
     def __post_init__(self) -> None:
         _locations(PREDICTIONS=self.predictions, OUT=self.out)

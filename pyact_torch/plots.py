@@ -24,20 +24,41 @@ def figure_png(figure: Any) -> bytes:
     return buffer.getvalue()
 
 
+# One colour per class, chosen greedily to be as far apart as possible in CIELAB from each other,
+# from the blank band (0.93 grey) and from black and white text (every pair > 37 delta E); after
+# 20 classes they repeat.
+CLASS_COLOURS = ("#5d00ff", "#00e800", "#ff0000", "#d1008b", "#e8b900", "#008bff", "#00742e", "#8b4617", "#00e8d1",
+                 "#a274a2", "#ff17ff", "#742eb9", "#2eb9e8", "#b9d174", "#ff5d74", "#ffb98b", "#e87400", "#ff8bff",
+                 "#00e88b", "#a2d100")
+BLANK = "0.93"  # the band where nothing (or the background class) is
+
+
+def class_colours(classes: list[str], background: str) -> dict[str, str]:
+    """The colour of each class but the background (which is left blank)."""
+    return {name: CLASS_COLOURS[i % len(CLASS_COLOURS)] for i, name in enumerate(c for c in classes if c != background)}
+
+
 def timeline_png(rows: list[tuple[str, int, list[tuple[str, int, int]] | None, list[tuple[str, int, int]]]],
                  classes: list[str], background: str) -> bytes:
+    """``timeline_figure`` as PNG."""
+    return figure_png(timeline_figure(rows, classes, background))
+
+
+def timeline_figure(rows: list[tuple[str, int, list[tuple[str, int, int]] | None, list[tuple[str, int, int]]]],
+                    classes: list[str], background: str) -> Any:
     """One row per sequence ``(name, frames, truth spans or None, predicted spans)``: the truth
-    band above the prediction band, one colour per class, background left blank; stacked for a
-    split (readable at 50 rows: each row keeps its height and the figure grows)."""
+    band above the prediction band, one colour per class and its name on every span wide enough
+    to hold it, background left blank; stacked for a split (readable at 50 rows: each row keeps
+    its height and the figure grows)."""
     plt = pyplot()
-    colours = plt.get_cmap("tab20")
-    colour = {name: colours(i % 20) for i, name in enumerate(c for c in classes if c != background)}
+    colour = class_colours(classes, background)
     longest = max((frames for _, frames, _, _ in rows), default=1)
-    figure, axis = plt.subplots(figsize=(12, 1.4 + 0.42 * len(rows)), dpi=100)
+    width = 12.0
+    figure, axis = plt.subplots(figsize=(width, 1.4 + 0.42 * len(rows)), dpi=100)
     used: set[str] = set()
     for i, (name, frames, truth, predicted) in enumerate(rows):
         top = len(rows) - 1 - i
-        axis.add_patch(plt.Rectangle((0, top + 0.08), frames, 0.84, color="0.93", lw=0))
+        axis.add_patch(plt.Rectangle((0, top + 0.08), frames, 0.84, color=BLANK, lw=0))
         for spans, y in ((truth or [], top + 0.52), (predicted, top + 0.12)):
             by_label: dict[str, list[tuple[int, int]]] = {}
             for label, first, last in spans:
@@ -46,6 +67,10 @@ def timeline_png(rows: list[tuple[str, int, list[tuple[str, int, int]] | None, l
             for label, bars in by_label.items():  # one artist per class and band: fast for many segments
                 axis.broken_barh(bars, (y, 0.36), color=colour.get(label, "0.3"))
                 used.add(label)
+                for first, length in bars:  # ~0.055 inch per character at fontsize 5
+                    if length / longest * width * 0.8 >= 0.055 * len(label):
+                        axis.text(first + length / 2, y + 0.18, label, fontsize=5, ha="center", va="center",
+                                  color="white" if _dark(colour.get(label, "0.3")) else "black", clip_on=True)
         if truth is None:
             axis.text(2, top + 0.69, "no labels", fontsize=6, va="center", color="0.4")
     axis.set_xlim(0, longest)
@@ -57,4 +82,11 @@ def timeline_png(rows: list[tuple[str, int, list[tuple[str, int, int]] | None, l
         axis.legend(handles, [c for c in classes if c in used], ncol=min(6, len(handles)), fontsize=7,
                     loc="lower left", bbox_to_anchor=(0, 1.0), frameon=False)
     figure.tight_layout()
-    return figure_png(figure)
+    return figure
+
+
+def _dark(colour: str) -> bool:
+    from matplotlib.colors import to_rgb
+
+    r, g, b = to_rgb(colour)
+    return 0.299 * r + 0.587 * g + 0.114 * b < 0.5

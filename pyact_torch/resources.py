@@ -89,3 +89,13 @@ def size_of(path: str) -> int:
             except OSError:
                 pass
     return total
+
+
+def duration(seconds: float) -> str:
+    """``125`` -> ``"2 min 05 s"``: a length of time as a person reads it."""
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds} s"
+    if seconds < 3600:
+        return f"{seconds // 60} min {seconds % 60:02d} s"
+    return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"

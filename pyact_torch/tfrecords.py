@@ -42,6 +42,12 @@ def _masked_crc(data: bytes) -> int:
     return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
 
 
+def tfrecord(payload: bytes) -> bytes:
+    """One record in TFRecord framing (what ``tfrecords`` reads; TensorBoard's event files too)."""
+    header = struct.pack("<Q", len(payload))
+    return header + struct.pack("<I", _masked_crc(header)) + payload + struct.pack("<I", _masked_crc(payload))
+
+
 def tfrecords(handle, url: str) -> Iterator[tuple[int, bytes | None]]:
     """``(offset, payload)`` of each record of a TFRecord stream, CRCs checked. A record whose
     payload fails its CRC comes as ``(offset, None)`` (the next one is still found); a bad or

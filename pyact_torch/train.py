@@ -28,7 +28,7 @@ from .interrupts import Interrupted
 from .locks import Lock
 from .loader import HostBatches, Part, WindowDataset, on_device
 from .model import build_model, check_input, model_input
-from .plots import figure_png, pyplot
+from .run_log import RunLog
 from .shards import clip_shape, data_shape, read_manifest, source_settings, split_shards, training_data_fingerprint
 from .resources import check_memory
 from .devices import (Backend, check_device, chosen_device, in_xmp_replica, interrupted, launch, make_backend,
@@ -57,62 +57,10 @@ class RunState:
     best_val_loss: float = math.inf
     metrics: list[dict] = field(default_factory=list)
 
-
-class _Logger:
-    """Master-only log lines, metrics.jsonl and the loss plot."""
-
-    def __init__(self, config: TrainConfig, backend: Backend, state: RunState, global_batch: int):
-        self.config, self.backend, self.state, self.global_batch = config, backend, state, global_batch
-        self.last_time, self.last_step = time.perf_counter(), state.step
-
-    def step(self, loss: torch.Tensor, step: int, epoch: int) -> None:
-        """Called as an XLA step closure: the loss has been computed by then."""
-        if not self.backend.is_master:
-            return
-        now = time.perf_counter()
-        rate = (step - self.last_step) * self.global_batch / max(now - self.last_time, 1e-9)
-        self.last_time, self.last_step = now, step
-        row = {"kind": "train", "step": step, "epoch": epoch, "loss": round(float(loss.cpu()), 6),
-               "windows_per_s": round(rate, 1)}
-        self.state.metrics.append(row)
-        print(f"step {step:>7}  epoch {epoch:>4}  loss {row['loss']:.4f}  {rate:8.1f} windows/s", flush=True)
-
-    def epoch_end(self, epoch: int, result: dict | None) -> None:
-        if not self.backend.is_master:
-            return
-        if result is not None:
-            row = {"kind": "eval", "step": self.state.step, "epoch": epoch, "loss": round(result["loss"], 6),
-                   "accuracy": round(result["accuracy"], 6), "windows": result["windows"]}
-            self.state.metrics.append(row)
-            print(f"epoch {epoch:>4} done: eval loss {row['loss']:.4f}  accuracy {row['accuracy']:.4f} "
-                  f"({row['windows']} windows)", flush=True)
-        self.flush()
-
-    def flush(self) -> None:
-        if not self.backend.is_master:
-            return
-        lines = "".join(json.dumps(row) + "\n" for row in self.state.metrics)
-        storage.write_bytes(storage.join(self.config.run_dir, "metrics.jsonl"), lines.encode())
-        storage.write_bytes(storage.join(self.config.run_dir, "loss.png"), loss_plot(self.state.metrics))
-
-
-def loss_plot(metrics: list[dict]) -> bytes:
-    """pyACT's loss history plot (training loss per logged step, eval loss per epoch) as PNG."""
-    figure, axis = pyplot().subplots(figsize=(7, 4), dpi=100)
-    train = [(m["step"], m["loss"]) for m in metrics if m["kind"] == "train"]
-    evals = [(m["step"], m["loss"]) for m in metrics if m["kind"] == "eval"]
-    if train:
-        axis.plot(*zip(*train), label="train loss", linewidth=1)
-    if evals:
-        axis.plot(*zip(*evals), "o-", label="eval loss")
-    axis.set_xlabel("step")
-    axis.set_ylabel("cross-entropy")
-    axis.set_title("loss history")
-    if train or evals:
-        axis.legend()
-    axis.grid(alpha=0.3)
-    figure.tight_layout()
-    return figure_png(figure)
+    @property
+    def displayed_epoch(self) -> int:
+        """The 1-based epoch of the last step trained (0 before the first): what people read."""
+        return self.epoch + (1 if self.batch_in_epoch else 0)
 
 
 class Divergence:
@@ -174,18 +122,21 @@ def per_replica_batch(global_batch: int, world: int, devices_per_reader: int = 1
 
 
 def train_epoch(model, optimizer, scheduler, batches: Iterable, backend: Backend, config: TrainConfig,
-                state: RunState, logger: _Logger, on_checkpoint, divergence: Divergence) -> bool:
-    """Run the epoch's remaining batches; returns False when stopped by SIGTERM."""
+                state: RunState, log: RunLog, on_checkpoint, divergence: Divergence, epoch_steps: int) -> bool:
+    """Run the epoch's remaining batches (``epoch_steps`` in all); returns False when stopped by
+    SIGTERM or Ctrl-C. The loss is logged every ``--log-every`` steps and at the epoch's last."""
     model.train()
     for clips, labels, _ in batches:
+        lr = scheduler.get_last_lr()[0]
         loss = train_step(model, optimizer, model_input(clips), labels, backend, config.precision)
         divergence.add(loss)
         scheduler.step()
         state.step += 1
         state.batch_in_epoch += 1
-        logged = state.step % config.log_every == 0
+        log.advance()
+        logged = state.step % config.log_every == 0 or state.batch_in_epoch == epoch_steps
         if logged:
-            backend.add_step_closure(logger.step, (loss, state.step, state.epoch))
+            backend.add_step_closure(log.step, (loss, state.step, state.epoch, lr))
             divergence.check(state.step)
         if logged or backend.vote_every_step:
             if _stop_agreed(backend):
@@ -215,7 +166,7 @@ class _Run:
     eval_set: WindowDataset | None
     steps: list[int]  # batches per epoch, the same on every replica
     writer: CheckpointWriter | None  # the master's
-    logger: _Logger
+    log: RunLog
     lock: Lock | None  # the master's hold on the run directory
     divergence: Divergence
 
@@ -227,8 +178,8 @@ class _Run:
         host_state = _checkpoint_state(self.model, self.optimizer, self.scheduler, self.state, self.config,
                                        self.manifest, self.backend)
         if self.writer is not None:
-            self.logger.flush()
-            self.writer.save(host_state, self.state.step, self.state.epoch, best=best, name=name)
+            self.log.flush()
+            self.writer.save(host_state, self.state.step, self.state.displayed_epoch, best=best, name=name)
 
 
 def _replica(index: int, config: TrainConfig, failed: UserError | None = None) -> None:
@@ -310,8 +261,9 @@ def _build(config: TrainConfig, backend: Backend, failed: UserError | None, lock
                            {"config": recorded_settings(config), "classes": manifest["classes"],
                             "data_shape": data_shape(manifest), "replicas": backend.world,
                             "per_replica_batch": train_set.batch_size})
+    log = RunLog(config.run_dir, state.metrics, steps, config.batch_size, backend.is_master)
     return _Run(config, backend, manifest, model, net, optimizer, scheduler, state, train_set, eval_set, steps, writer,
-                _Logger(config, backend, state, config.batch_size), lock, Divergence(backend, config.lr))
+                log, lock, Divergence(backend, config.lr))
 
 
 def _setup_agreed(backend: Backend, error: UserError | None) -> None:
@@ -422,17 +374,22 @@ def _restore_training(saved: dict, optimizer: torch.optim.Optimizer, scheduler, 
 def _epochs(run: _Run) -> bool:
     """The epoch loop: train, validate, checkpoint; False when stopped by SIGTERM."""
     config, state, backend = run.config, run.state, run.backend
+    if backend.kind in ("xla", "spmd") and state.epoch < config.epochs:
+        run.log.note("note: XLA compiles the training step during the first steps and the evaluation step at the first "
+                     "validation; nothing moves meanwhile (tens of seconds on a CPU, less on a TPU)")
     while state.epoch < config.epochs:
         epoch = state.epoch
         run.train_set.set_epoch(epoch)
         # resume: the batches this epoch already trained on are read and skipped
         host = HostBatches(run.train_set, run.train_set.workers, run.steps[epoch], skip=state.batch_in_epoch)
+        run.log.epoch_start(epoch, state.batch_in_epoch, state.step)
         if not train_epoch(run.net, run.optimizer, run.scheduler, on_device(host, backend), backend, config, state,
-                           run.logger, run.checkpoint, run.divergence):
+                           run.log, run.checkpoint, run.divergence, run.steps[epoch]):
+            run.log.stop()
             if run.writer is not None:
                 run.writer.wait()
-                print(f"{'interrupted' if interrupted() else 'stopped by SIGTERM'} at step {state.step}; "
-                      f"checkpoint saved", flush=True)
+                print(f"{'interrupted' if interrupted() else 'stopped by SIGTERM'} at step {state.step} "
+                      f"(epoch {state.displayed_epoch}/{config.epochs}); checkpoint saved", flush=True)
             if interrupted() and not in_xmp_replica():  # xmp: the launcher says it (``fit``)
                 raise Interrupted(f"interrupted at step {state.step}; its checkpoint was saved: run the same "
                                   f"command again to continue from it")
@@ -442,7 +399,7 @@ def _epochs(run: _Run) -> bool:
         improved = result is not None and result["loss"] < state.best_val_loss
         if improved:
             state.best_val_loss = result["loss"]
-        run.logger.epoch_end(epoch, result)
+        run.log.epoch_end(epoch, state.step, result)
         run.checkpoint(best=improved)
     return True
 
@@ -464,8 +421,7 @@ def _finish(run: _Run) -> None:
     counts = run.backend.compile_counts()
     extra = (f" (XLA: {counts['compiles']} compilations, {counts['cpu_fallbacks']} CPU fallbacks"
              f"{': ' + ', '.join(counts['fallback_ops']) if counts['fallback_ops'] else ''})") if counts else ""
-    print(f"training finished at step {run.state.step}; final weights: "
-          f"{storage.join(run.config.run_dir, FINAL)}{extra}", flush=True)
+    run.log.closing(run.state.step, storage.join(run.config.run_dir, FINAL), run.writer.best, extra)
 
 
 def fit(config: TrainConfig) -> None:

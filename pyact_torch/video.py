@@ -8,6 +8,8 @@ Frames come from the raw dataset (SRC) or, without it, from the shards themselve
 
 from __future__ import annotations
 
+import fnmatch
+import math
 import os
 import re
 from dataclasses import dataclass
@@ -20,16 +22,16 @@ from . import storage
 from .config import VideoConfig
 from .errors import UserError
 from .outputs import publish, remove_empty_up_to, staging, topmost_missing
-from .resources import check_memory
+from .resources import check_memory, duration
 from .frames import FrameError, load_png
-from .shards import load_npy, read_samples, split_shards, read_manifest
+from .shards import clip_shape, load_npy, read_samples, split_shards, read_manifest
 
 # A predictions row's ``sequence`` is a folder of the raw dataset, ``<Split>/<subject>/<action>``:
 # data, never a path; ``path`` names the window's first frame file of one of the three kinds.
 SEQUENCE = re.compile(r"(Train|Eval|Test)/[^/.][^/]{0,254}/[^/.][^/]{0,254}")
 FRAME_KINDS = ("color", "depth", "confi")
 MAX_WINDOW = 1000  # frames in one window; pyACT's are 6
-YELLOW, GREEN, RED, WHITE = (0, 255, 255), (0, 200, 0), (0, 0, 255), (255, 255, 255)  # BGR
+YELLOW, GREEN, RED, WHITE, GREY = (0, 255, 255), (0, 200, 0), (0, 0, 255), (255, 255, 255), (150, 150, 150)  # BGR
 LINE = 22  # banner line height in pixels at scale 1
 
 
@@ -74,23 +76,6 @@ def clip_frames(clip: np.ndarray, size: int) -> list[np.ndarray]:
         if frame.shape[2] >= 3:
             frame = frame[..., 2::-1]  # RGB -> BGR
         frames.append(to_display(frame, size))
-    return frames
-
-
-def source_frames(src: str, row: dict, size: int, source: str = "predictions") -> list[np.ndarray]:
-    """The window's frames read from the raw dataset (the kind of its first frame's path);
-    the row's sequence must name a sequence folder inside ``src``."""
-    folder = storage.child(src, row["sequence"], SEQUENCE, source)
-    kind = os.path.basename(str(row["path"])).split("_")[0]
-    if kind not in FRAME_KINDS:
-        raise UserError(f"{source}: {row['key']}: path {str(row['path'])[:80]!r} names no frame kind")
-    frames = []
-    for index in range(row["start"], row["stop"] + 1):
-        path = os.path.join(folder, f"{kind}_{index}.png")
-        try:
-            frames.append(to_display(load_png(path), size))
-        except FrameError as exc:
-            raise UserError(str(exc)) from None
     return frames
 
 
@@ -161,24 +146,50 @@ def _open_writer(out: str, fps: float, size: tuple[int, int]):
     raise UserError(f"{out}: OpenCV can write neither mp4 (mp4v) nor AVI (MJPG) here")
 
 
+SHEET_THUMB = 128  # pixels per frame on the contact sheet
+SHEET_TEXT = 0.8  # caption font scale: ~17 px capitals, readable with the sheet fitted to a 1080p screen
+SHEET_CAPTION_WIDTH = 460
+
+
 def sheet(windows: list[Panel], title: str = "") -> bytes:
-    """A PNG with one row per window: its captions, then its frames side by side."""
+    """A PNG with one row per window: its caption lines in a column on the left (large enough
+    to read with the sheet fitted to a screen), then its frames side by side as thumbnails."""
     if not windows:
         raise UserError("no windows to draw")
+    line = int(30 * SHEET_TEXT)
     rows = []
     for window in windows:
-        strip = np.hstack(window.frames)
-        rows.append(with_banner(strip, window.captions))
+        strip = np.hstack([cv2.resize(f, (SHEET_THUMB, SHEET_THUMB), interpolation=cv2.INTER_AREA)
+                           if f.shape[0] > SHEET_THUMB else
+                           cv2.resize(f, (SHEET_THUMB, SHEET_THUMB), interpolation=cv2.INTER_NEAREST)
+                           for f in window.frames])
+        height = max(SHEET_THUMB, line * len(window.captions) + 8)
+        caption = np.zeros((height, SHEET_CAPTION_WIDTH, 3), np.uint8)
+        for i, (text, colour) in enumerate(window.captions):
+            cv2.putText(caption, _fit(text, SHEET_CAPTION_WIDTH - 8, SHEET_TEXT), (4, line * (i + 1)),
+                        cv2.FONT_HERSHEY_SIMPLEX, SHEET_TEXT, colour, 2, cv2.LINE_AA)
+        strip = cv2.copyMakeBorder(strip, 0, height - strip.shape[0], 0, 0, cv2.BORDER_CONSTANT)
+        rows.append(np.hstack([caption, strip]))
     width = max(r.shape[1] for r in rows)
     rows = [cv2.copyMakeBorder(r, 0, 6, 0, width - r.shape[1], cv2.BORDER_CONSTANT, value=(40, 40, 40))
             for r in rows]
     image = np.vstack(rows)
     if title:
-        image = with_banner(image, [(title, WHITE)])
+        banner = np.zeros((line + 12, width, 3), np.uint8)
+        cv2.putText(banner, _fit(title, width - 8, SHEET_TEXT), (4, line + 2), cv2.FONT_HERSHEY_SIMPLEX, SHEET_TEXT,
+                    WHITE, 2, cv2.LINE_AA)
+        image = np.vstack([banner, image])
     ok, data = cv2.imencode(".png", image)
     if not ok:
         raise RuntimeError("PNG encoding failed")
     return data.tobytes()
+
+
+def _fit(text: str, width: int, scale: float) -> str:
+    """``text`` shortened with "..." until it fits ``width`` pixels at ``scale``."""
+    while len(text) > 4 and cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, scale, 2)[0][0] > width:
+        text = text[:-4] + "..."
+    return text
 
 
 def evenly(items: list, n: int) -> list:
@@ -186,6 +197,23 @@ def evenly(items: list, n: int) -> list:
     if n >= len(items):
         return list(items)
     return [items[round(i * (len(items) - 1) / max(n - 1, 1))] for i in range(n)]
+
+
+def by_class(rows: list[dict], n: int) -> list[dict]:
+    """``n`` rows shared out over their truth classes in turn (each class's spread evenly over
+    it), so that a split of mostly one class still shows every class: in the rows' order."""
+    groups: dict[str, list[dict]] = {}
+    for row in rows:
+        groups.setdefault(row["truth"], []).append(row)
+    share = {label: 0 for label in groups}
+    left = min(n, len(rows))
+    while left:
+        for label, group in groups.items():
+            if left and share[label] < len(group):
+                share[label] += 1
+                left -= 1
+    picked = {id(row) for label, group in groups.items() for row in evenly(group, share[label])}
+    return [row for row in rows if id(row) in picked]
 
 
 def read_predictions(path: str) -> list[dict]:
@@ -204,15 +232,98 @@ def read_predictions(path: str) -> list[dict]:
     return rows
 
 
-def shard_windows(samples: Iterable[dict], rows: list[dict], size: int) -> Iterator[tuple[dict, Panel]]:
-    """The windows of ``rows`` found in a stream of shard samples, in stream order."""
+@dataclass
+class Shot:
+    """One frame of the video: a frame of a sequence and the window that ends at it (if any)."""
+
+    sequence: str
+    frame: int
+    window: dict | None
+
+
+def video_frames(rows: list[dict], sequences: tuple[str, ...] = (), wrong: bool = False,
+                 max_windows: int = 0) -> tuple[list[Shot], list[dict]]:
+    """The frames the video shows, sequence by sequence (sorted by name), in frame order, each
+    frame once: the frames of the chosen windows (those of sequences matching one of the
+    ``sequences`` patterns, only the wrong ones with ``wrong``, the first ``max_windows``),
+    each with the window ending at it. A window spans several frames and its neighbours
+    overlap it: shown window by window, every frame came back once per window holding it.
+    Returns the frames and the chosen windows."""
+    if sequences:
+        rows = [r for r in rows if any(fnmatch.fnmatchcase(r["sequence"], p) for p in sequences)]
+        if not rows:
+            raise UserError(f"--sequences {' '.join(sequences)}: matches no sequence of the predictions "
+                            f"(names look like Test/<subject>/<action>; patterns take * and ?)")
+    ordered = sorted(rows, key=lambda r: (r["sequence"], r["stop"], r["start"]))
+    chosen = [r for r in ordered if r["truth"] != r["prediction"]] if wrong else ordered
+    if max_windows:
+        chosen = chosen[:max_windows]
+    ending = {}
+    for row in ordered:
+        ending.setdefault((row["sequence"], row["stop"]), row)
+    spans: dict[str, list[list[int]]] = {}
+    for row in chosen:  # the chosen windows' frames, overlapping and touching ones merged
+        merged = spans.setdefault(row["sequence"], [])
+        if merged and row["start"] <= merged[-1][1] + 1:
+            merged[-1][1] = max(merged[-1][1], row["stop"])
+        else:
+            merged.append([row["start"], row["stop"]])
+    shots = [Shot(sequence, frame, ending.get((sequence, frame)))
+             for sequence in sorted(spans) for first, last in spans[sequence] for frame in range(first, last + 1)]
+    return shots, chosen
+
+
+def shot_captions(shot: Shot) -> list[tuple[str, tuple[int, int, int]]]:
+    """The sequence and frame number, then the truth and prediction of the window ending here
+    (three lines on every frame: a video's frames all have one size)."""
+    head = (f"{shot.sequence}  frame {shot.frame}", WHITE)
+    if shot.window is None:
+        return [head, ("truth: -", YELLOW), ("prediction: - (no window ends at this frame)", GREY)]
+    return [head, *prediction_captions(shot.window["truth"], shot.window["prediction"])]
+
+
+def source_frame(src: str, shot: Shot, kind: str, size: int, source: str) -> np.ndarray:
+    """One frame of a sequence read from the raw dataset; the sequence must name a sequence
+    folder inside ``src``."""
+    folder = storage.child(src, shot.sequence, SEQUENCE, source)
+    try:
+        return to_display(load_png(os.path.join(folder, f"{kind}_{shot.frame}.png")), size)
+    except FrameError as exc:
+        raise UserError(str(exc)) from None
+
+
+def frame_kind(row: dict, source: str) -> str:
+    """The kind of frame file (color, depth, confi) a predictions row's path names."""
+    kind = os.path.basename(str(row["path"])).split("_")[0]
+    if kind not in FRAME_KINDS:
+        raise UserError(f"{source}: {row['key'][:80]}: path {str(row['path'])[:80]!r} names no frame kind")
+    return kind
+
+
+def shard_frames(samples: Iterable[dict], rows: list[dict], shots: list[Shot]) -> dict[tuple[str, int], np.ndarray]:
+    """The shots' frames (as stored, uint8 H x W x C) taken from the windows of ``rows`` found in
+    a stream of shard samples; each frame is kept once, from the first window holding it."""
+    needed = {(shot.sequence, shot.frame) for shot in shots}
     by_key = {row["key"]: row for row in rows}
+    found: dict[tuple[str, int], np.ndarray] = {}
     for sample in samples:
         row = by_key.get(sample["__key__"])
         if row is None:
             continue
-        clip = load_npy(sample["clip.npy"])
-        yield row, Panel(clip_frames(clip, size), prediction_captions(row["truth"], row["prediction"]))
+        wanted = [(i, (row["sequence"], f)) for i, f in enumerate(range(row["start"], row["stop"] + 1))
+                  if (row["sequence"], f) in needed and (row["sequence"], f) not in found]
+        if wanted:
+            clip = load_npy(sample["clip.npy"])
+            for i, key in wanted:
+                if i < len(clip):
+                    found[key] = np.ascontiguousarray(clip[i])
+        if len(found) == len(needed):
+            break
+    return found
+
+
+def _display(frame: np.ndarray, size: int) -> np.ndarray:
+    return clip_frames(frame[None], size)[0]
 
 
 def make_video(config: VideoConfig, progress: bool = True, print_fn: Callable[[str], None] = print) -> tuple[str, int]:
@@ -238,48 +349,60 @@ def _make_video(config: VideoConfig, folder: str, progress: bool,
     from tqdm import tqdm
 
     rows = read_predictions(config.predictions)
-    if config.max_windows:
-        rows = rows[:config.max_windows]
+    shots, in_video = video_frames(rows, config.sequences, config.wrong, config.max_windows)
+    if not shots:
+        raise UserError(f"{config.predictions}: no wrong window to show" if config.wrong else "no windows to show")
+    picked = by_class(in_video, config.sheet_windows)
+    frames = max((row["stop"] - row["start"] + 1 for row in picked), default=1)
+    check_memory(len(picked) * frames * 2 * 3 * (config.size + SHEET_THUMB) ** 2,
+                 f"a contact sheet of --sheet-windows {config.sheet_windows} at --size {config.size}",
+                 "lower --sheet-windows or --size")  # its frames (RGB) and their PNG encoding
     if config.src:
         if not os.path.isdir(config.src):
             raise UserError(f"--src {config.src}: no such folder")
-        stream = ((row, Panel(source_frames(config.src, row, config.size, config.predictions),
-                               prediction_captions(row["truth"], row["prediction"]))) for row in rows)
+        kinds = {row["sequence"]: frame_kind(row, config.predictions) for row in rows}
+        frame_of = lambda shot: source_frame(config.src, shot, kinds[shot.sequence], config.size, config.predictions)
     elif config.data:
-        stream = shard_windows(_split_samples(config.data, config.split), rows, config.size)
+        manifest = read_manifest(config.data)
+        check_memory(len(shots) * math.prod(clip_shape(manifest)[1:]),
+                     f"the {len(shots)} frames of the video, as stored in the shards", "limit the video with "
+                     "--sequences, --wrong or --max-windows, or give --src")
+        stored = shard_frames(_split_samples(config.data, config.split), rows, shots)
+        missing = sorted({shot.sequence for shot in shots if (shot.sequence, shot.frame) not in stored})
+        if missing:
+            raise UserError(f"{config.data} ({config.split} split) lacks frames of {len(missing)} sequence(s) of "
+                            f"{config.predictions}, e.g. {missing[0][:120]}: were they scored on these shards?")
+        frame_of = lambda shot: _display(stored[(shot.sequence, shot.frame)], config.size)
     else:
         raise UserError("give --src (the raw dataset) or --data (the shards) to take the frames from")
-    frames = max((row["stop"] - row["start"] + 1 for row in rows[:1000]), default=1)
-    check_memory(min(config.sheet_windows, len(rows)) * frames * 2 * 3 * (config.size + 8) ** 2,
-                 f"a contact sheet of --sheet-windows {config.sheet_windows} at --size {config.size}",
-                 "lower --sheet-windows or --size")  # its frames (RGB) and their PNG encoding
-    picked = {row["key"] for row in evenly(rows, config.sheet_windows)}
-    sampled: list[Panel] = []
-    seen = 0
-    bar = tqdm(total=len(rows), unit="window", desc="video", disable=None if progress else True)
+    bar = tqdm(total=len(shots), unit="frame", desc="video", disable=None if progress else True)
+    cache: dict[tuple[str, int], np.ndarray] = {}
+    wanted = {(row["sequence"], f) for row in picked for f in range(row["start"], row["stop"] + 1)}
 
-    def windows() -> Iterator[Panel]:
-        nonlocal seen
-        for row, window in stream:
-            seen += 1
+    def panels() -> Iterator[Panel]:
+        for shot in shots:
+            image = frame_of(shot)
+            if (shot.sequence, shot.frame) in wanted:
+                cache[(shot.sequence, shot.frame)] = image
             bar.update(1)
-            if row["key"] in picked:
-                sampled.append(window)
-            yield window
+            yield Panel([image], shot_captions(shot))
 
     with staging(folder, "video", False) as stage:  # the video and its sheet replace the earlier ones together
-        staged, frames = write_video(windows(), os.path.join(stage, os.path.basename(config.out)), config.fps)
+        staged, count = write_video(panels(), os.path.join(stage, os.path.basename(config.out)), config.fps)
         bar.close()
-        if seen != len(rows):
-            raise UserError(f"only {seen} of the {len(rows)} windows of {config.predictions} are in "
-                            f"{config.data} ({config.split} split)")
-        right = sum(row["truth"] == row["prediction"] for row in rows)
+        sheet_rows = [Panel([cache[(row["sequence"], f)] for f in range(row["start"], row["stop"] + 1)],
+                            [(row["sequence"], WHITE), (f"frames {row['start']}-{row['stop']}", WHITE),
+                             *prediction_captions(row["truth"], row["prediction"])]) for row in picked]
+        right = sum(row["truth"] == row["prediction"] for row in in_video)
         name = os.path.basename(staged)  # .avi where OpenCV cannot write mp4
         sheet_name = os.path.splitext(name)[0] + "-sheet.png"
-        publish(folder, {sheet_name: sheet(sampled, f"{right}/{len(rows)} windows right")}, {name: staged}, stage)
+        title = f"{right}/{len(in_video)} windows right; one row per class in turn"
+        publish(folder, {sheet_name: sheet(sheet_rows, title)}, {name: staged}, stage)
     path, sheet_path = os.path.join(folder, name), os.path.join(folder, sheet_name)
-    print_fn(f"wrote {path} ({frames} frames, {len(rows)} windows at {config.fps:g} fps) and {sheet_path}")
-    return path, frames
+    sequences = len({shot.sequence for shot in shots})
+    print_fn(f"wrote {path}: {count} frames of {sequences} sequence{'s' if sequences > 1 else ''} "
+             f"({len(in_video)} windows), {duration(count / config.fps)} at {config.fps:g} fps; and {sheet_path}")
+    return path, count
 
 
 def _split_samples(data: str, split: str) -> Iterator[dict]:

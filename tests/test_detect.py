@@ -532,3 +532,37 @@ def test_export_checks_the_windows_it_reads_from_shards(detector_run, learn_shar
     assert main(["export", "--checkpoint", detector_run, "--out", str(out), "--data", str(copy)]) == 2
     line = one_error_line(capfd)
     assert line.startswith(f"error: {shard}: window ") and not out.exists(), line
+
+
+def _lab(colour):
+    from matplotlib.colors import to_rgb
+
+    return cv2.cvtColor(np.array([[to_rgb(colour)]], np.float32), cv2.COLOR_RGB2Lab)[0, 0]
+
+
+def test_timeline_colours_stay_apart_for_17_classes():
+    """pyACT's 17 classes: every class colour at least 30 delta E (CIELAB) from every other and
+    from the blank band. Before (tab20), two classes came in greys, one 14 from the blank band."""
+    from itertools import combinations
+
+    from pyact_torch.labels import PYACT_CLASSES
+    from pyact_torch.plots import BLANK, class_colours
+
+    colours = list(class_colours(list(PYACT_CLASSES), "no-action").values()) + [BLANK]
+    assert len(colours) == 17
+    distances = [float(np.linalg.norm(_lab(a) - _lab(b))) for a, b in combinations(colours, 2)]
+    assert min(distances) >= 30, min(distances)
+    # the control: the measure sees tab20's light grey next to the blank band
+    assert np.linalg.norm(_lab("#c7c7c7") - _lab(BLANK)) < 30
+
+
+def test_timeline_names_the_class_on_each_wide_band():
+    from pyact_torch.plots import pyplot, timeline_figure
+
+    classes = ["asl-z", "ui-swipe", "no-action"]
+    rows = [("Test/s/asl-z", 400, [("asl-z", 10, 150), ("ui-swipe", 200, 202)], [("asl-z", 12, 160)])]
+    figure = timeline_figure(rows, classes, "no-action")
+    texts = [t.get_text() for t in figure.axes[0].texts]
+    pyplot().close(figure)
+    assert texts.count("asl-z") == 2  # the truth band and the prediction band
+    assert "ui-swipe" not in texts  # 3 frames of 400: too narrow for its name (the legend has it)

@@ -13,7 +13,11 @@ import pytest
 
 from pyact_torch import storage
 from pyact_torch.cli import main
+from pyact_torch.errors import UserError
+from pyact_torch.frames import load_png
 from pyact_torch.metrics import score
+from pyact_torch.shards import load_npy, read_manifest, read_samples, split_shards
+from pyact_torch.video import clip_frames, to_display
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -119,27 +123,128 @@ def _banner_colours(frame):
             "red": bool(((r > 150) & (g < 80) & (b < 80)).sum() > 20)}
 
 
+def _picture(frame, size):
+    """A video frame without its banner (the bottom size x size pixels), as int."""
+    return frame[-size:].astype(int)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("source", ["src", "shards"])
-def test_video_has_every_window_frame_and_coloured_verdicts(scored, learn_shards, tmp_path, source):
-    rows = json.load(open(os.path.join(scored, "predictions.json")))[:8]
-    rows[0]["prediction"] = rows[0]["truth"]
-    rows[1]["prediction"] = next(c for c in ("asl-z", "asl-j") if c != rows[1]["truth"])
+def test_video_shows_each_frame_once_per_sequence_in_order(scored, learn_shards, tmp_path, source, capsys,
+                                                         monkeypatch):
+    """Before: every window's frames in turn, in shard order, so each frame came back once per
+    window holding it (6 times), with nothing naming the sequence. Now: sequence by sequence,
+    frame by frame, each frame once: checked by the frame count and by the pictures, each
+    nearest to the raw frame it should be and not to its neighbours (the negative control)."""
+    rows = json.load(open(os.path.join(scored, "predictions.json")))
+    names = sorted({r["sequence"] for r in rows})[:2]
+    rows = [r for r in rows if r["sequence"] in names]
+    for r in rows:  # one wrong window in each sequence, the rest right
+        r["prediction"] = r["truth"]
+    wrong = [min((r for r in rows if r["sequence"] == name), key=lambda r: r["stop"]) for name in names]
+    for r in wrong:
+        r["prediction"] = next(c for c in ("asl-z", "asl-j") if c != r["truth"])
     predictions = tmp_path / "predictions.json"
-    predictions.write_text(json.dumps(rows))
-    out = str(tmp_path / "video.mp4")
-    flag = ["--src", os.path.join(os.path.dirname(learn_shards), "raw")] if source == "src" else ["--data", learn_shards]
-    assert main(["video", str(predictions), out, "--size", "128", "--sheet-windows", "4", *flag]) == 0
-    written = out if os.path.exists(out) else out[:-4] + ".avi"
-    frames = _read_video(written)
-    seq_len = rows[0]["stop"] - rows[0]["start"] + 1
-    assert len(frames) == len(rows) * seq_len
-    assert frames[0].shape[1] == 128 and frames[0].shape[0] > 128
-    assert _banner_colours(frames[0]) == {"green": True, "red": False}
-    assert _banner_colours(frames[seq_len]) == {"green": False, "red": True}
-    sheet = cv2.imread(written[:-4] + "-sheet.png")
-    assert sheet is not None and sheet.shape[1] >= seq_len * 128
-    assert not [f for f in os.listdir(tmp_path) if "partial" in f]
+    predictions.write_text(json.dumps(rows[::-1]))  # any order in the file
+    out = str(tmp_path / "video.avi")
+    raw = os.path.join(os.path.dirname(learn_shards), "raw")
+    flag = ["--src", raw] if source == "src" else ["--data", learn_shards]
+    size = 64
+    from pyact_torch import video
+
+    drawn = []  # (picture, captions) of each video frame, as handed to the encoder
+    def record(frame, captions):
+        drawn.append((frame.copy(), captions))
+        return original(frame, captions)
+    original = video.with_banner
+    monkeypatch.setattr(video, "with_banner", record)
+    assert main(["video", str(predictions), out, "--size", str(size), "--sheet-windows", "4", "--fps", "30",
+                 *flag]) == 0
+    frames = _read_video(out)
+    expected = [(name, f) for name in names
+                for f in sorted({f for r in rows if r["sequence"] == name for f in range(r["start"], r["stop"] + 1)})]
+    assert len(frames) == len(expected)  # each frame once (before: 6x the windows)
+    printed = capsys.readouterr().out
+    assert f"{len(expected)} frames of 2 sequences" in printed and f"{len(expected) / 30:.0f} s at 30 fps" in printed
+    # order: the pictures handed to the encoder (exact, before its compression) are the expected
+    # frames one by one, each named on its banner; the raw frames differ from their neighbours
+    assert [c[0][0] for _, c in drawn] == [f"{n}  frame {f}" for n, f in expected]
+    if source == "src":
+        kind = os.path.basename(rows[0]["path"]).split("_")[0]
+        reference = [to_display(load_png(os.path.join(raw, n, f"{kind}_{f}.png")), size) for n, f in expected]
+    else:
+        clips = {s["__key__"]: load_npy(s["clip.npy"]) for url, count in
+                 split_shards(learn_shards, read_manifest(learn_shards), "test") for s in read_samples(url, count)}
+        window = {(r["sequence"], f): (r["key"], f - r["start"]) for r in rows for f in range(r["start"], r["stop"] + 1)}
+        reference = [clip_frames(clips[window[k][0]][window[k][1]][None], size)[0] for k in expected]
+    assert all(np.array_equal(picture, ref) for (picture, _), ref in zip(drawn, reference))
+    assert not np.array_equal(drawn[1][0], reference[0])  # the control: neighbouring frames differ
+    # the frame where each wrong window ends says so in red; the first frames of a sequence have no window
+    first = {name: expected.index((name, min(f for n, f in expected if n == name))) for name in names}
+    for r in wrong:
+        at = expected.index((r["sequence"], r["stop"]))
+        assert _banner_colours(frames[at]) == {"green": False, "red": True}
+        assert _banner_colours(frames[at + 1]) == {"green": True, "red": False}
+        assert _banner_colours(frames[first[r["sequence"]]]) == {"green": False, "red": False}
+
+
+def test_video_frames_choose_sequences_and_wrong_windows():
+    """--sequences and --wrong: which frames are shown, each once (the windows of a sequence
+    overlap), in frame order; hand-made rows, so the expectation is known."""
+    from pyact_torch.video import video_frames
+
+    def row(sequence, start, truth="a", prediction=None):
+        return {"key": f"{sequence}:{start}", "path": "x/color_0.png", "sequence": sequence, "start": start,
+                "stop": start + 2, "truth": truth, "prediction": prediction or truth}
+
+    rows = [row("Test/s2/a", 0), row("Test/s2/a", 1), row("Test/s1/b", 5, "b", "a"), row("Test/s1/b", 4, "b"),
+            row("Test/s1/b", 9, "b", "a")]
+    shots, chosen = video_frames(rows)
+    assert [(s.sequence, s.frame) for s in shots] == [("Test/s1/b", f) for f in (4, 5, 6, 7, 9, 10, 11)] + \
+        [("Test/s2/a", f) for f in (0, 1, 2, 3)]
+    assert [s.window["start"] if s.window else None for s in shots] == [None, None, 4, 5, None, None, 9,
+                                                                        None, None, 0, 1]
+    shots, chosen = video_frames(rows, wrong=True)
+    assert [s.frame for s in shots] == [5, 6, 7, 9, 10, 11] and len(chosen) == 2
+    shots, _ = video_frames(rows, sequences=("Test/s2/*",))
+    assert {s.sequence for s in shots} == {"Test/s2/a"} and len(shots) == 4
+    with pytest.raises(UserError, match="--sequences"):
+        video_frames(rows, sequences=("Test/nobody/*",))
+
+
+def test_the_contact_sheet_takes_the_classes_in_turn():
+    """A split of mostly one class (as most test windows are) still shows every class; before,
+    windows spread evenly over the split were mostly that class."""
+    from pyact_torch.video import by_class
+
+    rows = [{"truth": "no-action", "i": i} for i in range(90)] + [{"truth": c, "i": 100 + i}
+                                                                    for i, c in enumerate("abcdefghij")]
+    picked = by_class(rows, 12)
+    assert len(picked) == 12 and {r["truth"] for r in picked} == set("abcdefghij") | {"no-action"}
+    assert sum(r["truth"] == "no-action" for r in picked) == 2
+    assert [r["i"] for r in picked] == sorted(r["i"] for r in picked)  # in the rows' order
+
+
+def test_contact_sheet_captions_are_readable_fitted_to_a_screen():
+    """Measured on the picture: the caption text's height once a 16-window sheet of 6-frame
+    windows at --size 256 is scaled to fit 1920 x 1080 (before: about 3 pixels)."""
+    from pyact_torch.video import Panel, sheet
+
+    frame = np.full((256, 256, 3), 60, np.uint8)
+    windows = [Panel([frame] * 6, [("Test/subject/asl-z", (255, 255, 255)), ("frames 10-15", (255, 255, 255)),
+                                   ("truth: asl-z", (0, 255, 255)), ("prediction: asl-z", (0, 200, 0))])] * 16
+    image = cv2.imdecode(np.frombuffer(sheet(windows, "title"), np.uint8), cv2.IMREAD_COLOR)
+    fit = min(1920 / image.shape[1], 1080 / image.shape[0])
+    column = image[:, :40].max(axis=(1, 2)) > 128  # rows of pixels with text at the left edge
+    runs, length = [], 0
+    for lit in column:
+        if lit:
+            length += 1
+        elif length:
+            runs.append(length)
+            length = 0
+    assert len(runs) >= 16 * 4  # every caption line of every row
+    assert np.median(runs) * fit >= 8, (np.median(runs), fit)
 
 
 def test_inspect_passes_good_shards_and_names_a_damaged_one(learn_shards, tmp_path, capsys):

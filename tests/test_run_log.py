@@ -1,0 +1,142 @@
+"""What a run shows and records: epochs counted from 1, a loss line per epoch, the progress bar
+on a terminal, the closing lines, the loss plot and TensorBoard's event file."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from pyact_torch import storage
+from pyact_torch.cli import main
+from pyact_torch.events import EVENT_FILE, event_file
+from pyact_torch.run_log import loss_plot
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--model", "tiny", "--device", "cpu", "--batch-size", "8", "--workers", "1"]
+
+
+def scalars(folder: str) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar as TensorBoard itself reads the folder."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    reader = EventAccumulator(folder)
+    reader.Reload()
+    return {tag: [(e.step, e.value) for e in reader.Scalars(tag)] for tag in reader.Tags()["scalars"]}
+
+
+@pytest.fixture(scope="module")
+def two_epochs(small_shards, tmp_path_factory):
+    """Two eager epochs with --log-every far above an epoch's steps; the run dir and its output."""
+    run_dir = str(tmp_path_factory.mktemp("runlog") / "run")
+    capture = subprocess.run([sys.executable, "-m", "pyact_torch", "train", "--data", small_shards, "--run-dir",
+                              run_dir, *TINY, "--epochs", "2", "--log-every", "1000"],
+                             capture_output=True, text=True, timeout=600)
+    assert capture.returncode == 0, capture.stderr[-2000:]
+    rows = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
+    return run_dir, capture.stdout, rows, capture.stderr
+
+
+def test_epochs_count_from_1_with_a_loss_line_each_whatever_log_every(two_epochs):
+    """Before: no loss line at all when an epoch was shorter than --log-every, "epoch 0 done"
+    for the first epoch, and metrics.jsonl and latest.json counting from 0."""
+    run_dir, out, rows, _ = two_epochs
+    train = [r for r in rows if r["kind"] == "train"]
+    evals = [r for r in rows if r["kind"] == "eval"]
+    assert [r["epoch"] for r in train] == [1, 2] and [r["epoch"] for r in evals] == [1, 2]
+    assert [r["step"] for r in train] == [r["step"] for r in evals]  # each epoch's last step
+    for r in train:
+        assert re.search(rf"step +{r['step']}  epoch {r['epoch']}/2  loss {r['loss']:.4f}", out), out
+    for r in evals:
+        assert f"epoch {r['epoch']}/2 done at step {r['step']}: eval loss {r['loss']:.4f}" in out, out
+    assert "about" in out.split("epoch 1/2 done")[1].splitlines()[0]  # the time left, after the first epoch
+    latest = storage.read_json(f"{run_dir}/latest.json")
+    assert latest["epoch"] == 2 and latest["step"] == evals[-1]["step"]
+
+
+def test_the_closing_lines_name_the_best_checkpoint_its_accuracy_and_the_plot(two_epochs):
+    run_dir, out, rows, _ = two_epochs
+    best = storage.read_json(f"{run_dir}/best.json")
+    row = next(r for r in rows if r["kind"] == "eval" and r["step"] == best["step"])
+    assert row["loss"] == min(r["loss"] for r in rows if r["kind"] == "eval") and best["epoch"] == row["epoch"]
+    tail = out.strip().splitlines()[-3:]
+    assert tail[0].startswith(f"training finished at step {rows[-1]['step']} (epoch 2/2)")
+    assert tail[1] == (f"best checkpoint (lowest eval loss): {run_dir}/{best['name']}, epoch {row['epoch']}, "
+                       f"eval accuracy {row['accuracy']:.4f} (named by {run_dir}/best.json)")
+    assert f"{run_dir}/loss.png" in tail[2] and f"tensorboard --logdir {run_dir}" in tail[2]
+
+
+def test_tensorboard_reads_every_scalar_back(two_epochs):
+    run_dir, _, rows, _ = two_epochs
+    seen = scalars(run_dir)
+    train = [r for r in rows if r["kind"] == "train"]
+    evals = [r for r in rows if r["kind"] == "eval"]
+    assert set(seen) == {"train/loss", "train/learning_rate", "train/windows_per_s", "eval/loss", "eval/accuracy"}
+    for tag, key, source in (("train/loss", "loss", train), ("eval/loss", "loss", evals),
+                             ("eval/accuracy", "accuracy", evals)):
+        assert [s for s, _ in seen[tag]] == [r["step"] for r in source]
+        assert [v for _, v in seen[tag]] == pytest.approx([r[key] for r in source], rel=1e-6)
+    assert [v for _, v in seen["train/learning_rate"]] == pytest.approx([1e-3, 1e-3])  # the default --lr
+    assert all(v > 0 for _, v in seen["train/windows_per_s"])
+
+
+def test_event_file_holds_only_the_rows_given(tmp_path):
+    """A resume restores the rows up to its checkpoint: the file made from them must not keep
+    a later step (the control: a file made with that step does show it)."""
+    rows = [{"kind": "train", "step": s, "epoch": 1, "loss": 1.0 / s, "lr": 0.1, "windows_per_s": 5.0}
+            for s in (10, 20, 30)]
+    for name, kept in (("resumed", rows[:2]), ("control", rows)):
+        os.makedirs(tmp_path / name)
+        (tmp_path / name / EVENT_FILE).write_bytes(event_file(kept, 1.0e9))
+        assert [s for s, _ in scalars(str(tmp_path / name))["train/loss"]] == [r["step"] for r in kept]
+
+
+def test_the_loss_plot_draws_the_eval_accuracy():
+    """Two histories that differ only in eval accuracy give different plots (before: the same)."""
+    rows = [{"kind": "train", "step": 5, "epoch": 1, "loss": 2.0},
+            {"kind": "eval", "step": 5, "epoch": 1, "loss": 1.5, "accuracy": 0.2},
+            {"kind": "train", "step": 10, "epoch": 2, "loss": 1.0},
+            {"kind": "eval", "step": 10, "epoch": 2, "loss": 1.2, "accuracy": 0.4}]
+    other = [dict(r, accuracy=0.9) if r["kind"] == "eval" else r for r in rows]
+    assert loss_plot(rows)[:4] == b"\x89PNG"
+    assert loss_plot(rows) != loss_plot(other)
+    assert loss_plot(rows) == loss_plot([dict(r) for r in rows])  # the control: same rows, same bytes
+
+
+@pytest.mark.slow
+def test_a_terminal_gets_a_progress_bar_and_a_pipe_plain_lines(small_shards, tmp_path):
+    """On a terminal: a bar per epoch with the epoch, windows/s and the ETA; through a pipe
+    (the fixture's run) no bar characters at all."""
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    run_dir = str(tmp_path / "run")
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: the training command on the terminal
+        os.execv(sys.executable, [sys.executable, "-m", "pyact_torch", "train", "--data", small_shards,
+                                  "--run-dir", run_dir, *TINY, "--epochs", "1"])
+    fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
+    screen = b""
+    while True:
+        try:
+            data = os.read(fd, 65536)
+        except OSError:
+            break
+        if not data:
+            break
+        screen += data
+    _, status = os.waitpid(pid, 0)
+    text = screen.decode(errors="replace")
+    assert os.waitstatus_to_exitcode(status) == 0, text[-2000:]
+    assert re.search(r"epoch 1/1: +\d+%\|.*\| *\d+/\d+ \[\d\d:\d\d<\d\d:\d\d, +[\d.]+window/s", text), text[-2000:]
+
+
+def test_a_pipe_gets_no_bar(two_epochs):
+    _, out, _, err = two_epochs
+    assert "%|" not in out + err and "\r" not in out + err
