@@ -23,6 +23,7 @@ setup(
         "protobuf>=4.21",  # tf.train.Example (convert-tfrecords)
         "requests>=2.28",  # gs:// reads through the storage client's session
         "tqdm>=4.60",
+        "tensorboard>=2.14",  # the run's event file (its protos; `tensorboard --logdir RUN_DIR` to view)
         "matplotlib>=3.7",
         "scikit-learn>=1.3",
         "h5py>=3.8",
