@@ -380,8 +380,13 @@ class DetectConfig:
     device: str = field(default="cpu", metadata=_arg(
         "with --checkpoint: cpu, or cuda to run the network on a GPU (--model files run on the CPU)",
         choices=("cpu", "cuda")))
+    threads: int = field(default=0, metadata=_arg(
+        "intra-op threads of the network on the CPU; 0 = one window at a time (--streaming, --video, --camera): "
+        "the fastest of 1, 2, 4, ... measured at the start and printed; batches: one per core", metavar="N"))
 
     def __post_init__(self) -> None:
+        if self.threads < 0 or self.threads > 1024:
+            raise UserError(f"--threads must be 0 (choose by measurement) or 1 to 1024, got {self.threads}")
         if bool(self.checkpoint) == bool(self.model):
             raise UserError("give one of --checkpoint (a checkpoint or run directory) or --model (an exported file)")
         sources = [flag for flag, given in (("--src", self.src), ("--video", self.video),

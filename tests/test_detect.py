@@ -566,3 +566,52 @@ def test_timeline_names_the_class_on_each_wide_band():
     pyplot().close(figure)
     assert texts.count("asl-z") == 2  # the truth band and the prediction band
     assert "ui-swipe" not in texts  # 3 frames of 400: too narrow for its name (the legend has it)
+
+
+class _Timed:
+    """A stand-in runner whose time per window depends on its thread count (``cost[threads]``
+    seconds), so which count is fastest is known."""
+
+    def __init__(self, cost):
+        from pyact_torch.runners import ModelInfo
+
+        self.cost, self.threads = cost, None
+        self.info = ModelInfo(("a", "no-action"), 2, 8, "color", None)
+
+    def set_threads(self, threads):
+        self.threads = threads
+
+    def __call__(self, clips):
+        time.sleep(self.cost[self.threads])
+        return np.full((len(clips), 2), 0.5)
+
+
+@pytest.mark.parametrize("fastest", [1, 2])
+def test_the_thread_count_for_one_window_is_the_fastest_measured(fastest, monkeypatch):
+    """Each parameter is the other's control: the pick follows the measurement, not a constant."""
+    from pyact_torch import runners
+
+    monkeypatch.setattr(runners, "cores", lambda: 2)
+    timed = _Timed({1: 0.002 if fastest == 1 else 0.006, 2: 0.002 if fastest == 2 else 0.006})
+    best, seconds = runners.choose_threads(timed, per_count_s=0.02)
+    assert best == fastest and timed.threads == fastest and set(seconds) == {1, 2}
+
+
+def test_streaming_detection_says_its_thread_count_and_takes_threads(runner, detector_run, raw, tmp_path, capsys):
+    """Before: batch-1 windows ran on one intra-op thread per core (131.7 ms per frame on a
+    loaded 2-core machine, 2.6 ms with one thread)."""
+    import torch
+
+    source = os.path.join(raw, SEQUENCE)
+    before = torch.get_num_threads()
+    try:
+        assert main(["detect", "--checkpoint", detector_run, "--src", source, "--streaming", "--no-video",
+                     "--out", str(tmp_path / "a")]) == 0
+        line = next(l for l in capsys.readouterr().out.splitlines() if "intra-op thread" in l)
+        chosen = int(line.split(": ")[1].split()[0])
+        assert torch.get_num_threads() == chosen and "1: " in line and "--threads N sets it" in line
+        assert main(["detect", "--checkpoint", detector_run, "--src", source, "--streaming", "--no-video",
+                     "--threads", "3", "--out", str(tmp_path / "b")]) == 0
+        assert "intra-op thread" not in capsys.readouterr().out and torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(before)
