@@ -51,7 +51,7 @@ COMMANDS: dict[str, tuple[type, Callable[[Any], Any], str]] = {
     "preprocess": (PreprocessConfig, _preprocess, "raw dataset -> WebDataset shards + manifest"),
     "inspect": (InspectConfig, _lazy("inspection:inspect_split"),
                 "check shards against the manifest, draw sampled windows"),
-    "train": (TrainConfig, _lazy("train:fit"), "train ConvNet3D on TPU cores (xmp.spawn) or CPU"),
+    "train": (TrainConfig, _lazy("train:fit"), "train ConvNet3D on TPU cores (xmp.spawn or SPMD), CPUs or GPUs (torchrun for several)"),
     "evaluate": (EvaluateConfig, _lazy("scoring:evaluate_checkpoint"),
                  "score a checkpoint: metrics, confusion matrix, predictions"),
     "video": (VideoConfig, _lazy("video:make_video"), "prediction video and contact sheet from predictions.json"),

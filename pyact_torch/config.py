@@ -93,7 +93,7 @@ class PreprocessConfig:
                                    positional=True))
     dest: str = field(metadata=_arg("output folder or gs://bucket/prefix", positional=True))
     image_size: int = field(default=64, metadata=_arg(
-        "frames are resized to SIZE x SIZE pixels (pyACT trained at 64)", metavar="SIZE"))
+        "frames are resized to SIZE x SIZE pixels, a multiple of 16 (pyACT trained at 64)", metavar="SIZE"))
     seq_len: int = field(default=0, metadata=_arg(
         "window length in frames; 0 = the smallest segment length over all label files, "
         "pyACT's rule (6 on the real dataset)", metavar="T"))
@@ -101,8 +101,8 @@ class PreprocessConfig:
     workers: int = field(default=0, metadata=_arg(
         "processes decoding frames and writing shards; 0 = all cores", metavar="N", output=False))
     eval_subjects: tuple[str, ...] = field(default=(), metadata=_arg(
-        "Train subjects to move to the eval split (comma-separated). Without it the Eval/ "
-        "folder is used; with neither, one Train subject is chosen by --seed",
+        "Train subjects to move to the eval split (comma-separated), added to the Eval/ folder's sequences "
+        "if there is one; with neither, one Train subject is chosen by --seed",
         parse=parse_names, metavar="NAME[,NAME]"))
     modality: str = field(default="color", metadata=_arg(
         "frames to use: color (RGB, as pyACT), depth (16-bit depth mapped to 8 bits), "
@@ -114,13 +114,15 @@ class PreprocessConfig:
     seed: int = field(default=0, metadata=_arg(
         "seed for the eval subject choice, no-action sampling and shard order"))
     overwrite: bool = field(default=False, metadata=_arg(
-        "delete DEST's previous output when it was made with other settings", output=False))
+        "replace DEST's previous output when it was made with other settings or inputs (only pyact's own "
+        "files are deleted)", output=False))
     skip_bad_sequences: bool = field(default=False, metadata=_arg(
         "skip broken sequences (bad label file, missing or unreadable frames) instead of "
         "stopping; they are listed at the end and recorded in the manifest"))
     cache_dir: str = field(default="", metadata=_arg(
-        "local scratch folder for the decoded-frame cache; default DEST/.pyact-cache for a local "
-        "DEST, a folder under the system temp dir for gs://", metavar="DIR", output=False))
+        "local folder in which the decoded-frame cache (a pyact-cache-<hash> folder, deleted when done) is "
+        "made; without it DEST/.pyact-cache for a local DEST, the system temp dir for gs://", metavar="DIR",
+        output=False))
 
     def __post_init__(self) -> None:
         _locations(SRC=self.src, DEST=self.dest)
@@ -157,8 +159,8 @@ class SynthConfig:
         "color frame size; depth and confidence frames are half of it, as on the real camera",
         parse=parse_size, metavar="WxH"))
     min_segment: int = field(default=6, metadata=_arg(
-        "shortest action segment; one segment has exactly this length, so it becomes the "
-        "window length", metavar="N"))
+        "shortest action segment; the first segment of each subject's first action has exactly this "
+        "length, so it becomes the window length (--frames MIN must be at least 2N+2)", metavar="N"))
     seed: int = field(default=0, metadata=_arg("random seed; the same seed gives the same files"))
     workers: int = field(default=0, metadata=_arg("processes writing frames; 0 = all cores",
                                                   metavar="N", output=False))
@@ -192,7 +194,8 @@ class TrainConfig:
     run_dir: str = field(metadata=_arg("where checkpoints, metrics.jsonl, config.json and the loss plot "
                                        "go (folder or gs://bucket/prefix)", required=True, metavar="DIR"))
     model: str = field(default="c3d", metadata=_arg(
-        "network: c3d (pyACT's ConvNet3D, 206.5M parameters) or tiny (same layers, narrow)",
+        "network: c3d (pyACT's ConvNet3D, 206.5M parameters at its 6x64x64 RGB input) or tiny (same layers, "
+        "narrow)",
         choices=("c3d", "tiny")))
     epochs: int = field(default=250, metadata=_arg("passes over the training split (pyACT: 250)", metavar="N"))
     batch_size: int = field(default=32, metadata=_arg(
@@ -201,8 +204,9 @@ class TrainConfig:
     lr_schedule: str = field(default="constant", metadata=_arg(
         "constant (pyACT) or cosine decay to 0 over all steps", choices=("constant", "cosine")))
     device: str = field(default="auto", metadata=_arg(
-        "auto: xla when a TPU is attached or PJRT_DEVICE is set, else cuda when there is a GPU, else cpu "
-        "(the choice is printed); xla: torch_xla on every local core (TPU, or CPU with PJRT_DEVICE=CPU); "
+        "auto: xla when torch_xla is installed and a TPU is attached or PJRT_DEVICE is set (never under "
+        "torchrun), else cuda when there is a GPU, else cpu (the choice is printed); xla: torch_xla on every "
+        "local core (the TPU's, else XLA:CPU); "
         "cpu: plain eager PyTorch; cuda: a GPU. cpu and cuda run one replica, or under torchrun one per "
         "process (gloo between CPU processes, NCCL between GPUs, the GPU of each process set by LOCAL_RANK)",
         choices=("auto", "xla", "cpu", "cuda"), output=False))
@@ -226,13 +230,18 @@ class TrainConfig:
         "checkpoint every N steps as well as at each epoch end; 0 = epoch ends only", metavar="N", output=False))
     keep: int = field(default=3, metadata=_arg("checkpoints kept besides the best", metavar="N", output=False))
     resume: str = field(default="auto", metadata=_arg(
-        "auto: continue from RUN_DIR/latest.json if present; none: start over; or a checkpoint path",
+        "auto: continue from RUN_DIR/latest.json if present; none: start over; or the path of a training "
+        "checkpoint to continue (same data and settings; weights-only files are refused)",
         metavar="auto|none|PATH", output=False))
     log_every: int = field(default=50, metadata=_arg(
         "log loss and windows/s every N steps, and at the last step of every epoch", metavar="N", output=False))
-    workers: int = field(default=2, metadata=_arg("data-loading processes per replica", metavar="N",
-                                                  output=False))
-    shuffle_buffer: int = field(default=1000, metadata=_arg("windows in each loader's shuffle buffer", metavar="N"))
+    workers: int = field(default=2, metadata=_arg(
+        "data-loading processes per replica (0 = load in the training process); a lone replica uses at most "
+        "one per train shard; several need replicas x workers shards; keep it to resume", metavar="N",
+        output=False))
+    shuffle_buffer: int = field(default=1000, metadata=_arg(
+        "windows in each loader's shuffle buffer (0 or 1 = no window shuffle; shard order is still shuffled)",
+        metavar="N"))
     seed: int = field(default=0, metadata=_arg("seed for weights, shard order and shuffling"))
 
     def __post_init__(self) -> None:
@@ -274,16 +283,16 @@ class EvaluateConfig:
     prediction row per window (``pyact evaluate``)."""
 
     checkpoint: str = field(metadata=_arg(
-        "a checkpoint object (.pt), or a run directory (its best.json, else final.pt, else latest.json); "
-        "folder or gs://", required=True, metavar="CKPT"))
+        "a checkpoint object (.pt), or a run directory (its best.json, else final.json, else latest.json, "
+        "else the newest ckpt-<step>.pt); folder or gs://", required=True, metavar="CKPT"))
     data: str = field(metadata=_arg("preprocessed dataset (folder or gs://) holding manifest.json",
                                     required=True, metavar="DEST"))
     out: str = field(metadata=_arg("folder (or gs://) for metrics.json, per_class.txt, confusion_matrix.png "
                                    "and predictions.json", required=True, metavar="DIR"))
     split: str = field(default="test", metadata=_arg("split to score", choices=("train", "eval", "test")))
     device: str = field(default="auto", metadata=_arg(
-        "auto: xla when a TPU is attached or PJRT_DEVICE is set, else cuda when there is a GPU, else cpu "
-        "(the choice is printed); xla: one XLA device (TPU, or CPU with PJRT_DEVICE=CPU); cpu: plain eager "
+        "auto: xla when torch_xla is installed and a TPU is attached or PJRT_DEVICE is set, else cuda when "
+        "there is a GPU, else cpu (the choice is printed); xla: one XLA device (TPU, else XLA:CPU); cpu: plain eager "
         "PyTorch; cuda: one GPU", choices=("auto", "xla", "cpu", "cuda")))
     batch_size: int = field(default=32, metadata=_arg(f"windows per forward pass (at most {MAX_BATCH})", metavar="N"))
 
@@ -314,11 +323,12 @@ class VideoConfig:
         parse=parse_names, metavar="PATTERNS"))
     wrong: bool = field(default=False, metadata=_arg(
         "only the wrongly classified windows (each shown with its frames, once)"))
-    fps: float = field(default=30.0, metadata=_arg("frames per second of the video (the camera's: 30)"))
-    size: int = field(default=256, metadata=_arg("frames are padded to a square and shown at SIZE x SIZE",
+    fps: float = field(default=30.0, metadata=_arg("frames per second of the video (the camera's: 30; at most 240)"))
+    size: int = field(default=256, metadata=_arg("video frames are padded to a square and shown at SIZE x SIZE "
+                                                 "(the contact sheet's are 128)",
                                                  metavar="SIZE"))
     sheet_windows: int = field(default=16, metadata=_arg(
-        "windows on the contact sheet, the truth classes in turn, each spread evenly", metavar="N"))
+        "windows on the contact sheet (at most 1000), the truth classes in turn, each spread evenly", metavar="N"))
     max_windows: int = field(default=0, metadata=_arg(
         "only the first N windows in sequence and frame order (after --sequences and --wrong); 0 = all",
         metavar="N"))
@@ -341,8 +351,8 @@ class DetectConfig:
     segments, metrics against the label files, timeline and annotated video (``pyact detect``)."""
 
     checkpoint: str = field(default="", metadata=_arg(
-        "the model: a checkpoint object (.pt) or run directory (folder or gs://), run with eager PyTorch on "
-        "the CPU", metavar="CKPT"))
+        "the model: a checkpoint object (.pt) or run directory (folder or gs://), run with eager PyTorch (on "
+        "the CPU, or a GPU with --device cuda)", metavar="CKPT"))
     model: str = field(default="", metadata=_arg(
         "instead of --checkpoint: a file written by pyact export (.onnx runs on ONNX Runtime without "
         "torch; .pt2 is a torch.export program)", metavar="FILE"))
@@ -358,20 +368,22 @@ class DetectConfig:
         "Ctrl-C stops and writes what was found", metavar="N"))
     out: str = field(default="", metadata=_arg(
         "folder (or gs://) for detections.json, probabilities.npz, metrics.json, timeline.png and "
-        "detections.mp4 (local folders only); optional with --camera", metavar="DIR"))
+        "detections.mp4 (local folders only; .avi where OpenCV cannot write mp4); optional with --camera",
+        metavar="DIR"))
     smooth: int = field(default=DETECT_SMOOTH, metadata=_arg(
         "average each window's class probabilities with the K-1 windows before it (causal) before "
-        "taking the label; odd, so the lag is whole frames; chosen on the synthetic eval split", metavar="K"))
+        "taking the label; odd (at most 999; 1 = none), so the lag is whole frames; chosen on the synthetic "
+        "eval split", metavar="K"))
     min_length: int = field(default=DETECT_MIN_LENGTH, metadata=_arg(
         "an action run of fewer windows is background; chosen on the synthetic eval split", metavar="N"))
     batch_size: int = field(default=32, metadata=_arg(
-        "windows per forward pass for folders and splits (the same probabilities as one at a time, up "
-        "to float rounding); video and camera go one frame at a time", metavar="N"))
+        f"windows per forward pass (at most {MAX_BATCH}) for folders and splits (the same probabilities as one "
+        "at a time, up to float rounding); video and camera go one frame at a time", metavar="N"))
     streaming: bool = field(default=False, metadata=_arg(
         "classify folders and splits one frame at a time too, exactly as a camera (measures latency)"))
     depth_range: tuple[int, int] | tuple[()] = field(default=(), metadata=_arg(
-        "depth range for depth/rgbd models whose checkpoint does not record it", parse=parse_range,
-        metavar="MIN:MAX"))
+        "depth range of depth/rgbd frames: needed when the checkpoint (or exported file) records none, used "
+        "instead of the recorded one when given", parse=parse_range, metavar="MIN:MAX"))
     max_frames: int = field(default=0, metadata=_arg("video/camera: stop after N frames; 0 = until it ends",
                                                      metavar="N"))
     no_video: bool = field(default=False, metadata=_arg("do not write the annotated video"))
@@ -381,8 +393,9 @@ class DetectConfig:
         "with --checkpoint: cpu, or cuda to run the network on a GPU (--model files run on the CPU)",
         choices=("cpu", "cuda")))
     threads: int = field(default=0, metadata=_arg(
-        "intra-op threads of the network on the CPU; 0 = one window at a time (--streaming, --video, --camera): "
-        "the fastest of 1, 2, 4, ... measured at the start and printed; batches: one per core", metavar="N"))
+        "intra-op CPU threads of the network; 0 = automatic: when windows go one at a time (--streaming, "
+        "--video, --camera) the fastest of 1, 2, 4, ... is measured at the start and printed; for batches, and "
+        "with --device cuda, the library's default (one per core)", metavar="N"))
 
     def __post_init__(self) -> None:
         if self.threads < 0 or self.threads > 1024:
@@ -429,7 +442,8 @@ class ExportConfig:
     out: str = field(metadata=_arg("file to write: .onnx (ONNX, run by ONNX Runtime) or .pt2 (torch.export)",
                                    required=True, metavar="FILE"))
     src: str = field(default="", metadata=_arg(
-        "raw dataset folder (or one sequence folder) whose first windows check the export", metavar="SRC"))
+        "raw dataset folder (the first windows of its first Test sequence) or one sequence folder, whose "
+        "windows check the export", metavar="SRC"))
     data: str = field(default="", metadata=_arg(
         "instead of --src: shards (folder or gs://) whose first test windows check the export; with "
         "neither, the shards the checkpoint was trained on (its recorded --data)", metavar="DEST"))
@@ -438,8 +452,8 @@ class ExportConfig:
         "cpu, or cuda to run the checkpoint's reference logits on a GPU (without TF32); the file itself is "
         "traced on the CPU and runs anywhere", choices=("cpu", "cuda")))
     depth_range: tuple[int, int] | tuple[()] = field(default=(), metadata=_arg(
-        "depth range for depth/rgbd models whose checkpoint does not record it", parse=parse_range,
-        metavar="MIN:MAX"))
+        "depth range of depth/rgbd frames: needed when the checkpoint (or exported file) records none, used "
+        "instead of the recorded one when given", parse=parse_range, metavar="MIN:MAX"))
 
     def __post_init__(self) -> None:
         _locations(**{"--checkpoint": self.checkpoint, "--out": self.out})
@@ -463,8 +477,9 @@ class InspectConfig:
                                     positional=True, metavar="DEST"))
     out: str = field(metadata=_arg("PNG grid of sampled windows to write", required=True, metavar="PNG"))
     split: str = field(default="train", metadata=_arg("split to inspect", choices=("train", "eval", "test")))
-    n: int = field(default=16, metadata=_arg("windows to draw, one row each", metavar="N"))
-    size: int = field(default=96, metadata=_arg("frame size in the grid", metavar="SIZE"))
+    n: int = field(default=16, metadata=_arg("windows to draw, one row each (at most 1000)", metavar="N"))
+    size: int = field(default=96, metadata=_arg("frames are shown at SIZE x SIZE pixels in the grid (at most 2048)",
+                                                metavar="SIZE"))
     seed: int = field(default=0, metadata=_arg("seed for the choice of windows"))
 
     def __post_init__(self) -> None:
@@ -502,11 +517,12 @@ class TFRecordConfig:
     src: str = field(metadata=_arg("a .tfrecords file, or a folder or gs:// prefix of them (one split)",
                                    positional=True))
     dest: str = field(metadata=_arg("output folder or gs://bucket/prefix; converting another split into the "
-                                    "same DEST adds it to the manifest", positional=True))
+                                    "same DEST adds it to the manifest, converting a split it holds replaces "
+                                    "that split's shards", positional=True))
     split: str = field(default="", metadata=_arg(
-        "split the records belong to; none = the split the folders name (a folder or file name with a word "
-        "train, eval/val/validation or test, the nearest to the records), else train. A SRC whose records fall "
-        "in several splits is refused",
+        "split of records whose folder and file names name none; a name with a word train, eval/val/"
+        "validation or test (the nearest to the records) outranks it, and a conflict is refused; none = "
+        "train for such records. A SRC whose records fall in several splits is refused",
         choices=("train", "eval", "test")))
     classes: tuple[str, ...] = field(default=(), metadata=_arg(
         "class names of the label indices, comma-separated; none = the order of pyACT's score.py",
@@ -524,11 +540,12 @@ class TFRecordConfig:
 @dataclass(frozen=True)
 class DemoConfig:
     """The whole pipeline on a small synthetic dataset, on CPU: synth -> preprocess -> train
-    tiny -> score the test split -> video (``pyact demo``)."""
+    tiny -> score the test split -> video -> detect (``pyact demo``)."""
 
     out: str = field(default="demo-output", metadata=_arg(
         "folder for everything: raw/, shards/, run/ (checkpoints, metrics, loss plot), the scoring "
-        "outputs and the video; an earlier demo's output there is replaced", metavar="DIR"))
+        "outputs, loss.png, the video and detection/; an earlier demo's output there is replaced, any other "
+        "non-empty folder is refused", metavar="DIR"))
     gcs_emulator: bool = field(default=False, metadata=_arg(
         "keep shards and checkpoints in a bucket of a local fake-gcs-server (its files under DIR/gcs), "
         "to see the gs:// path work without a cloud account"))

@@ -87,7 +87,7 @@ def inspect_split(config: InspectConfig, progress: bool = True, print_fn: Callab
         windows = [Panel(clip_frames(load_npy(clip), config.size),
                           [(f"{key}   {label}", (0, 255, 255))]) for key, label, clip in sorted(chosen)]
         title = f"{config.data} {config.split}: {len(chosen)} of {seen} windows"
-        storage.write_bytes(config.out, sheet(windows, title))
+        storage.write_bytes(config.out, sheet(windows, title, thumb=config.size))
 
     width = max(len(name) for name, *_ in report) if report else 10
     lines = [f"{'shard':<{width}}  windows        bytes  status"]

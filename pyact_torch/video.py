@@ -151,19 +151,18 @@ SHEET_TEXT = 0.8  # caption font scale: ~17 px capitals, readable with the sheet
 SHEET_CAPTION_WIDTH = 460
 
 
-def sheet(windows: list[Panel], title: str = "") -> bytes:
+def sheet(windows: list[Panel], title: str = "", thumb: int = SHEET_THUMB) -> bytes:
     """A PNG with one row per window: its caption lines in a column on the left (large enough
-    to read with the sheet fitted to a screen), then its frames side by side as thumbnails."""
+    to read with the sheet fitted to a screen), then its frames side by side, ``thumb`` pixels
+    square."""
     if not windows:
         raise UserError("no windows to draw")
     line = int(30 * SHEET_TEXT)
     rows = []
     for window in windows:
-        strip = np.hstack([cv2.resize(f, (SHEET_THUMB, SHEET_THUMB), interpolation=cv2.INTER_AREA)
-                           if f.shape[0] > SHEET_THUMB else
-                           cv2.resize(f, (SHEET_THUMB, SHEET_THUMB), interpolation=cv2.INTER_NEAREST)
-                           for f in window.frames])
-        height = max(SHEET_THUMB, line * len(window.captions) + 8)
+        strip = np.hstack([cv2.resize(f, (thumb, thumb), interpolation=cv2.INTER_AREA if f.shape[0] > thumb
+                                      else cv2.INTER_NEAREST) for f in window.frames])
+        height = max(thumb, line * len(window.captions) + 8)
         caption = np.zeros((height, SHEET_CAPTION_WIDTH, 3), np.uint8)
         for i, (text, colour) in enumerate(window.captions):
             cv2.putText(caption, _fit(text, SHEET_CAPTION_WIDTH - 8, SHEET_TEXT), (4, line * (i + 1)),
