@@ -32,7 +32,7 @@ class RunLog:
         self.bar: tqdm | None = None
         self.started = time.time()
         self.last_time, self.last_step = time.perf_counter(), None
-        self.run_start: tuple[float, int] | None = None  # (time, step) when this process began stepping
+        self.step_seconds = 0.0  # per step, over the latest log interval
 
     @property
     def epochs(self) -> int:
@@ -54,8 +54,6 @@ class RunLog:
         """Epoch ``epoch`` (0-based) begins, ``done`` of its batches already trained (a resume)."""
         if not self.master:
             return
-        if self.run_start is None:
-            self.run_start = (time.perf_counter(), step)
         self.last_time, self.last_step = time.perf_counter(), step  # a rate without the validation
         if self.show_bar:
             self.bar = tqdm(total=self.steps[epoch] * self.global_batch, initial=done * self.global_batch,
@@ -72,7 +70,9 @@ class RunLog:
         if not self.master:
             return
         now = time.perf_counter()
-        rate = (step - self.last_step) * self.global_batch / max(now - self.last_time, 1e-9)
+        if step > self.last_step:
+            self.step_seconds = (now - self.last_time) / (step - self.last_step)
+        rate = self.global_batch / max(self.step_seconds, 1e-9)
         self.last_time, self.last_step = now, step
         row = {"kind": "train", "step": step, "epoch": epoch + 1, "loss": round(float(loss.cpu()), 6),
                "lr": lr, "windows_per_s": round(rate, 1), "time": round(time.time(), 3)}
@@ -97,9 +97,10 @@ class RunLog:
             self.rows.append(row)
             line += f": eval loss {row['loss']:.4f}  accuracy {row['accuracy']:.4f} ({row['windows']} windows)"
         left = sum(self.steps[epoch + 1:])
-        if left and self.run_start is not None and step > self.run_start[1]:
-            per_step = (time.perf_counter() - self.run_start[0]) / (step - self.run_start[1])
-            line += f"; about {duration(per_step * left)} left"
+        if left and self.step_seconds:
+            # the latest steps' pace (after XLA's compilation) and this epoch's validation, per epoch left
+            validation = time.perf_counter() - self.last_time
+            line += f"; about {duration(self.step_seconds * left + validation * (self.epochs - epoch - 1))} left"
         self._print(line)
         self.flush()
 

@@ -162,7 +162,7 @@ def test_sigterm_checkpoints_and_exits_zero(device, learn_shards, small_shards, 
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("device", ["cpu"])  # xla: a Ctrl-C at an epoch's end is lost there (docs/faults.md)
+@pytest.mark.parametrize("device", ["cpu", "xla"])
 def test_ctrl_c_checkpoints_the_step_reached_and_the_rerun_resumes_from_it(device, small_shards, tmp_path):
     """Ctrl-C (SIGINT to the terminal's process group: the command, its loader workers and,
     on XLA, the replica process) said "run the same command again to continue" but only SIGTERM
