@@ -12,7 +12,6 @@ import json
 import math
 import os
 import random
-import time
 from dataclasses import dataclass, field, replace
 from typing import Iterable
 
