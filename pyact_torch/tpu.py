@@ -193,7 +193,7 @@ def _send_to_replicas(signum: int) -> None:
 def _forward_to_replicas(signum: int, frame: Any) -> None:
     """Pass a stop request on to the replicas, and again every second until they have ended: a
     replica at an epoch's end was seen to lose both the terminal's SIGINT and the SIGTERM passed
-    on (2 of 11 tries; its handler never ran, nothing was left pending), and a stop is
+    on (3 of 10 tries; its handler never ran, nothing was left pending), and a stop is
     idempotent there (it finishes its step and checkpoints once)."""
     _send_to_replicas(signum)
     if not _ASKING.is_set():
