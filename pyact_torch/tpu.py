@@ -266,7 +266,13 @@ def _replica_main(index: int, launcher: int, fn: Callable[..., Any], *args: Any)
     launcher an orphan would otherwise go on holding the TPU (and writing to the run dir)."""
     if os.getpid() != launcher:
         die_with_parent(launcher)
-    fn(index, *args)
+    try:
+        fn(index, *args)
+    finally:
+        if os.getpid() != launcher and threading.current_thread() is threading.main_thread():
+            # done: the launcher's repeated stop request must not kill it while it exits (at exit
+            # Python gives a signal its default action back, unless it is ignored)
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def _has_tpu() -> bool:
