@@ -1,9 +1,11 @@
 """TensorBoard event files from a run's metrics rows (``metrics.jsonl``).
 
-The file is made whole from the rows each time the master publishes metrics, and written like
-any other output of the run, so a gs:// run directory gets it too. After a resume it holds
-exactly the rows restored from the checkpoint and what came after: no scalar from a step that
-was trained again.
+Each process that trains writes its own file, named by its start time, made whole from the rows
+each time the master publishes metrics and written like any other output of the run (so a gs://
+run directory gets it too). Within a process the rows only grow, so a TensorBoard reading the
+file as it grows goes on reading. A resumed run's file starts again from the rows restored with
+the checkpoint, after a session start that makes TensorBoard drop what earlier files hold, so no
+scalar of a step that was trained again stays.
 """
 
 from __future__ import annotations
@@ -12,8 +14,13 @@ import struct
 
 from .tfrecords import tfrecord
 
-# TensorBoard reads every file whose name holds "tfevents"; one fixed name, replaced whole
-EVENT_FILE = "events.out.tfevents.pyact"
+EVENT_PREFIX = "events.out.tfevents."  # TensorBoard reads every file whose name holds "tfevents"
+
+
+def event_file_name(started: float) -> str:
+    """The event file of a process that started training at ``started`` (Unix seconds): names
+    sort by start, the order in which TensorBoard reads a folder's files."""
+    return f"{EVENT_PREFIX}{started:017.6f}.pyact"
 
 # metrics row kind and key -> TensorBoard tag
 TAGS = {("train", "loss"): "train/loss", ("train", "lr"): "train/learning_rate",
@@ -23,7 +30,10 @@ TAGS = {("train", "loss"): "train/loss", ("train", "lr"): "train/learning_rate",
 
 def event_file(rows: list[dict], start_time: float) -> bytes:
     """The event file for ``rows`` (each with ``kind``, ``step`` and optionally ``time``)."""
-    records = [tfrecord(_event(start_time, file_version="brain.Event:2"))]
+    # a SessionLog START at step 0: TensorBoard drops what earlier files hold (a resumed run's
+    # lost steps), and this file, which holds every row restored with the checkpoint, brings it back
+    records = [tfrecord(_event(start_time, file_version="brain.Event:2")),
+               tfrecord(_event(start_time, session_start=True))]
     for row in rows:
         values = [(tag, float(row[key])) for (kind, key), tag in TAGS.items() if row.get("kind") == kind and key in row]
         if values:
@@ -50,7 +60,7 @@ def _field(number: int, payload: bytes) -> bytes:
 
 
 def _event(wall_time: float, step: int = 0, file_version: str = "",
-           values: list[tuple[str, float]] | None = None) -> bytes:
+           values: list[tuple[str, float]] | None = None, session_start: bool = False) -> bytes:
     message = bytes([1 << 3 | 1]) + struct.pack("<d", wall_time)  # double wall_time = 1
     if step:
         message += _varint(2 << 3) + _varint(step)  # int64 step = 2
@@ -60,4 +70,6 @@ def _event(wall_time: float, step: int = 0, file_version: str = "",
         summary = b"".join(_field(1, _field(1, tag.encode()) + bytes([2 << 3 | 5]) + struct.pack("<f", value))
                            for tag, value in values)
         message += _field(5, summary)
+    if session_start:  # SessionLog session_log = 7 { SessionStatus status = 1 (START = 1) }
+        message += _field(7, bytes([1 << 3]) + _varint(1))
     return message

@@ -12,7 +12,7 @@ import torch
 from tqdm import tqdm
 
 from . import storage
-from .events import EVENT_FILE, event_file
+from .events import event_file, event_file_name
 from .plots import figure_png, pyplot
 from .resources import duration
 
@@ -117,7 +117,7 @@ class RunLog:
         lines = "".join(json.dumps(row) + "\n" for row in self.rows)
         storage.write_bytes(storage.join(self.run_dir, "metrics.jsonl"), lines.encode())
         storage.write_bytes(storage.join(self.run_dir, "loss.png"), loss_plot(self.rows))
-        storage.write_bytes(storage.join(self.run_dir, EVENT_FILE), event_file(self.rows, self.started))
+        storage.write_bytes(storage.join(self.run_dir, event_file_name(self.started)), event_file(self.rows, self.started))
 
     def closing(self, step: int, final: str, best: dict | None, extra: str = "") -> None:
         """The last lines: the final and best weights, the plot and how to open TensorBoard."""

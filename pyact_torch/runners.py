@@ -207,13 +207,13 @@ def cores() -> int:
 
 
 def choose_threads(runner: Runner, budget_s: float = 3.0, per_count_s: float = 0.25) -> tuple[int, dict[int, float]]:
-    """The intra-op thread count (1, 2, 4, ... up to the cores) that classifies one window
+    """The intra-op thread count (all cores, 1, then 2, 4, ...) that classifies one window
     fastest here and now, measured (the median of at least 5 windows and ``per_count_s`` after
-    a warm-up; larger counts are skipped once ``budget_s`` is spent); the runner is left set to
-    it. For one window at a time, threads cost more to hand work out than they save, and on a
+    a warm-up; the rest are skipped once ``budget_s`` is spent); the runner is left set to it. For one window at a time, threads cost more to hand work out than they save, and on a
     busy machine they wait for cores: the best count depends on the model and the machine's
     load. Returns it and the seconds per window of each count tried."""
-    counts = sorted({1, cores()} | {2 ** k for k in range(1, 8) if 2 ** k < cores()})
+    # the library's default (one per core) and 1 first: never slower than before, whatever the budget
+    counts = [cores()] + ([1] if cores() > 1 else []) + [2 ** k for k in range(1, 8) if 2 ** k < cores()]
     clip = np.random.default_rng(0).integers(0, 256, (1, *runner.info.clip_shape), dtype=np.uint8)
     seconds: dict[int, float] = {}
     started = time.perf_counter()

@@ -378,7 +378,8 @@ def _restore_training(saved: dict, optimizer: torch.optim.Optimizer, scheduler, 
     state = RunState(saved["step"], saved["epoch"], saved["batch_in_epoch"], saved["best_val_loss"],
                      [m for m in json.loads(saved["metrics"]) if m["step"] <= saved["step"]])
     if backend.is_master:
-        print(f"resumed at step {state.step} (epoch {state.epoch}, batch {state.batch_in_epoch})", flush=True)
+        print(f"resumed at step {state.step} (epoch {state.epoch + 1}, after its batch {state.batch_in_epoch})",
+              flush=True)
     return state
 
 

@@ -261,7 +261,7 @@ def video_frames(rows: list[dict], sequences: tuple[str, ...] = (), wrong: bool 
     for row in ordered:
         ending.setdefault((row["sequence"], row["stop"]), row)
     spans: dict[str, list[list[int]]] = {}
-    for row in chosen:  # the chosen windows' frames, overlapping and touching ones merged
+    for row in sorted(chosen, key=lambda r: (r["sequence"], r["start"], r["stop"])):  # overlapping, touching: merged
         merged = spans.setdefault(row["sequence"], [])
         if merged and row["start"] <= merged[-1][1] + 1:
             merged[-1][1] = max(merged[-1][1], row["stop"])

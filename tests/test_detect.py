@@ -597,6 +597,18 @@ def test_the_thread_count_for_one_window_is_the_fastest_measured(fastest, monkey
     assert best == fastest and timed.threads == fastest and set(seconds) == {1, 2}
 
 
+def test_the_default_thread_count_is_measured_first_whatever_the_budget(monkeypatch):
+    """A heavy model spends the budget early: the library's default (one thread per core) is
+    measured first, so the pick is never slower than what ran before (before: 1 and 2 threads
+    on a 16-core machine, 8x slower)."""
+    from pyact_torch import runners
+
+    monkeypatch.setattr(runners, "cores", lambda: 16)
+    timed = _Timed({n: 0.016 / n for n in (1, 2, 4, 8, 16)})
+    best, seconds = runners.choose_threads(timed, budget_s=0.0, per_count_s=0.0)
+    assert list(seconds) == [16] and best == 16
+
+
 def test_streaming_detection_says_its_thread_count_and_takes_threads(runner, detector_run, raw, tmp_path, capsys):
     """Before: batch-1 windows ran on one intra-op thread per core (131.7 ms per frame on a
     loaded 2-core machine, 2.6 ms with one thread)."""

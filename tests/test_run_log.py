@@ -13,7 +13,7 @@ import pytest
 
 from pyact_torch import storage
 from pyact_torch.cli import main
-from pyact_torch.events import EVENT_FILE, event_file
+from pyact_torch.events import event_file, event_file_name
 from pyact_torch.run_log import loss_plot
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -84,15 +84,22 @@ def test_tensorboard_reads_every_scalar_back(two_epochs):
     assert all(v > 0 for _, v in seen["train/windows_per_s"])
 
 
-def test_event_file_holds_only_the_rows_given(tmp_path):
-    """A resume restores the rows up to its checkpoint: the file made from them must not keep
-    a later step (the control: a file made with that step does show it)."""
-    rows = [{"kind": "train", "step": s, "epoch": 1, "loss": 1.0 / s, "lr": 0.1, "windows_per_s": 5.0}
-            for s in (10, 20, 30)]
-    for name, kept in (("resumed", rows[:2]), ("control", rows)):
-        os.makedirs(tmp_path / name)
-        (tmp_path / name / EVENT_FILE).write_bytes(event_file(kept, 1.0e9))
-        assert [s for s, _ in scalars(str(tmp_path / name))["train/loss"]] == [r["step"] for r in kept]
+def test_tensorboard_shows_a_resumed_run_without_the_steps_trained_again(tmp_path):
+    """A run stopped after step 30 but checkpointed at 20, then resumed: the first process's
+    file holds 10, 20, 30; the second's (from the restored rows) 10, 20 and its own 30, 40.
+    TensorBoard shows each step once, the second run's 30 (the control: the first file alone
+    shows the lost 30)."""
+    def row(step, loss):
+        return {"kind": "train", "step": step, "epoch": 1, "loss": loss, "lr": 0.1, "windows_per_s": 5.0}
+
+    first = [row(10, 1.0), row(20, 0.9), row(30, 0.8)]
+    second = first[:2] + [row(30, 0.5), row(40, 0.4)]
+    (tmp_path / event_file_name(1.0e9)).write_bytes(event_file(first, 1.0e9))
+    assert scalars(str(tmp_path))["train/loss"] == [(10, 1.0), (20, pytest.approx(0.9)), (30, pytest.approx(0.8))]
+    (tmp_path / event_file_name(1.0e9 + 60)).write_bytes(event_file(second, 1.0e9 + 60))
+    assert sorted(os.listdir(tmp_path)) == [event_file_name(1.0e9), event_file_name(1.0e9 + 60)]
+    assert [(s, round(v, 4)) for s, v in scalars(str(tmp_path))["train/loss"]] == [(10, 1.0), (20, 0.9), (30, 0.5),
+                                                                                     (40, 0.4)]
 
 
 def test_the_loss_plot_draws_the_eval_accuracy():

@@ -210,6 +210,10 @@ def test_video_frames_choose_sequences_and_wrong_windows():
     assert {s.sequence for s in shots} == {"Test/s2/a"} and len(shots) == 4
     with pytest.raises(UserError, match="--sequences"):
         video_frames(rows, sequences=("Test/nobody/*",))
+    # windows of different lengths (a hand-written predictions file): a longer window that starts
+    # earlier and ends later brings its own first frames (before: left out, then a KeyError)
+    mixed = [dict(row("Test/s3/a", 8), stop=12), dict(row("Test/s3/a", 2), stop=13)]
+    assert [s.frame for s in video_frames(mixed)[0]] == list(range(2, 14))
 
 
 def test_the_contact_sheet_takes_the_classes_in_turn():
