@@ -267,6 +267,9 @@ def video_frames(rows: list[dict], sequences: tuple[str, ...] = (), wrong: bool 
             merged[-1][1] = max(merged[-1][1], row["stop"])
         else:
             merged.append([row["start"], row["stop"]])
+    frames = sum(last - first + 1 for merged in spans.values() for first, last in merged)
+    check_memory(frames * 400, f"the plan of a video of {frames} frames",  # a Shot and its list slot
+                 "limit it with --sequences, --wrong or --max-windows")
     shots = [Shot(sequence, frame, ending.get((sequence, frame)))
              for sequence in sorted(spans) for first, last in spans[sequence] for frame in range(first, last + 1)]
     return shots, chosen
