@@ -43,7 +43,6 @@ class RunLog:
             self.bar.write(line, file=sys.stdout)
         else:
             print(line, flush=True)
-        sys.stdout.flush()
 
     def note(self, line: str) -> None:
         """A line from the training loop (under the bar on a terminal)."""
@@ -86,9 +85,7 @@ class RunLog:
         """Epoch ``epoch`` (0-based) is trained and validated: its line, with the run's ETA."""
         if not self.master:
             return
-        if self.bar is not None:
-            self.bar.close()
-            self.bar = None
+        self.stop()
         line = f"epoch {epoch + 1}/{self.epochs} done at step {step}"
         if result is not None:
             row = {"kind": "eval", "step": step, "epoch": epoch + 1, "loss": round(result["loss"], 6),
@@ -119,12 +116,14 @@ class RunLog:
         storage.write_bytes(storage.join(self.run_dir, "loss.png"), loss_plot(self.rows))
         storage.write_bytes(storage.join(self.run_dir, event_file_name(self.started)), event_file(self.rows, self.started))
 
-    def closing(self, step: int, final: str, best: dict | None, extra: str = "") -> None:
-        """The last lines: the final and best weights, the plot and how to open TensorBoard."""
+    def closing(self, step: int, epochs: int, final: str, best: dict | None, extra: str = "") -> None:
+        """The last lines: the final and best weights, the plot and how to open TensorBoard.
+        ``epochs``: those the run has trained (more than --epochs when a finished run is rerun lower)."""
         if not self.master:
             return
         self.stop()
-        print(f"training finished at step {step} (epoch {self.epochs}/{self.epochs}); final weights: {final}{extra}")
+        print(f"training finished at step {step} after {epochs} epoch{'s' if epochs != 1 else ''}; "
+              f"final weights: {final}{extra}")
         if best is not None:
             accuracy = [r["accuracy"] for r in self.rows if r["kind"] == "eval" and r["step"] == best["step"]]
             print(f"best checkpoint (lowest eval loss): {storage.join(self.run_dir, best['name'])}, epoch "

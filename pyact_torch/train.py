@@ -433,7 +433,7 @@ def _finish(run: _Run) -> None:
     counts = run.backend.compile_counts()
     extra = (f" (XLA: {counts['compiles']} compilations, {counts['cpu_fallbacks']} CPU fallbacks"
              f"{': ' + ', '.join(counts['fallback_ops']) if counts['fallback_ops'] else ''})") if counts else ""
-    run.log.closing(run.state.step, storage.join(run.config.run_dir, FINAL), run.writer.best, extra)
+    run.log.closing(run.state.step, run.state.epoch, storage.join(run.config.run_dir, FINAL), run.writer.best, extra)
 
 
 def fit(config: TrainConfig) -> None:

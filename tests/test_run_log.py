@@ -64,7 +64,7 @@ def test_the_closing_lines_name_the_best_checkpoint_its_accuracy_and_the_plot(tw
     row = next(r for r in rows if r["kind"] == "eval" and r["step"] == best["step"])
     assert row["loss"] == min(r["loss"] for r in rows if r["kind"] == "eval") and best["epoch"] == row["epoch"]
     tail = out.strip().splitlines()[-3:]
-    assert tail[0].startswith(f"training finished at step {rows[-1]['step']} (epoch 2/2)")
+    assert tail[0].startswith(f"training finished at step {rows[-1]['step']} after 2 epochs;")
     assert tail[1] == (f"best checkpoint (lowest eval loss): {run_dir}/{best['name']}, epoch {row['epoch']}, "
                        f"eval accuracy {row['accuracy']:.4f} (named by {run_dir}/best.json)")
     assert f"{run_dir}/loss.png" in tail[2] and f"tensorboard --logdir {run_dir}" in tail[2]
