@@ -60,10 +60,10 @@ def run_detect(config: DetectConfig, progress: bool = True, print_fn: Callable[[
         runner.info = replace(runner.info, depth_range=tuple(config.depth_range))
     stopped = [False]
     sources = plan_sources(config, runner.info, print_fn, stop=lambda: stopped[0])
-    _set_threads(runner, config, sources[0].live or config.streaming, print_fn)
     created = bool(config.out) and not storage.is_gcs(config.out) and not os.path.exists(config.out)
     if config.out:
         storage.check_writable(config.out)
+    _set_threads(runner, config, sources[0].live or config.streaming, print_fn)  # after the checks: ~1 s
     previous = signal.signal(signal.SIGINT, _stop_once(stopped, print_fn)) if sources[0].live else None
     try:
         with staging(config.out, "detect", created) if config.out else contextlib.nullcontext("") as folder:
