@@ -4,8 +4,8 @@ shard list (from the manifest) -> per-epoch seeded shard order -> this replica's
 backend's ordinal: the XLA ordinal or the torch.distributed rank, never webdataset's reading of
 RANK/WORLD_SIZE) -> this DataLoader worker's shards -> samples (local or
 gs://, opened through ``storage`` and read by ``shards.read_samples``) -> seeded shuffle buffer
--> decode (uint8, checked against the manifest) -> uint8 batches; ``model_input`` makes them
-float on the device.
+-> decode (uint8, checked against the manifest) -> training only: augmentation (``augment``) ->
+uint8 batches; ``model_input`` makes them float on the device.
 
 Every replica runs the same number of steps: training counts, from the manifest, the full
 batches each replica can make this epoch and all take the smallest; evaluation pads and masks
@@ -25,10 +25,12 @@ import threading
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator
 
+import cv2
 import numpy as np
 import torch
 
 from . import shards as shard_format
+from .augment import augmented, colour_channels
 from .errors import UserError
 from .locks import forget_in_child
 from .parallel import die_with_parent
@@ -94,6 +96,12 @@ def eval_steps(shards: list[Shard], world: int, workers: int, batch: int) -> int
 
 
 # --- sample-level stages (generators) ------------------------------------------------------
+
+def window_draws(seed: int, epoch: int, rank: int, worker: int) -> np.random.Generator:
+    """The generator of one loader stream's augmentation draws: its own for every run seed,
+    epoch, replica and worker, so a replica never repeats another's transforms."""
+    return np.random.default_rng([seed % 2**64, epoch, rank, worker, 0xA06])
+
 
 def tar_samples(urls: Iterable[str], counts: Iterable[int | None] | None = None,
                 max_member: int = shard_format.MAX_MEMBER) -> Iterator[dict]:
@@ -192,13 +200,15 @@ class WindowDataset(torch.utils.data.IterableDataset):
     """
 
     def __init__(self, data_dir: str, manifest: dict, split: str, batch_size: int, part: Part,
-                 train: bool, seed: int = 0, workers: int = 0, shuffle_size: int = 1000):
+                 train: bool, seed: int = 0, workers: int = 0, shuffle_size: int = 1000, augment: str = "none"):
         self.shards = split_shards(data_dir, manifest, split)
         self.clip_shape = shard_format.clip_shape(manifest)  # uint8 (T, H, W, C)
         self.num_classes = len(manifest["classes"])
         self.max_member = shard_format.max_member(manifest)
         self.batch_size, self.part, self.train = batch_size, part, train
         self.seed, self.workers, self.shuffle_size = seed, workers, shuffle_size
+        self.augment = augment if train else "none"  # eval and test windows are never augmented
+        self.colours = colour_channels(manifest["channels"])
         self.epoch = 0
         self.meta_sink: list | None = None  # scoring: collect each window's metadata (in-process only)
 
@@ -231,7 +241,12 @@ class WindowDataset(torch.utils.data.IterableDataset):
             if torch.utils.data.get_worker_info() is not None:
                 raise RuntimeError("meta_sink needs the dataset iterated in this process (workers=0)")
             samples = record_meta(samples, self.meta_sink)
-        produced = batches(decode(samples, self.clip_shape, self.num_classes), self.batch_size, pad=not self.train)
+        items = decode(samples, self.clip_shape, self.num_classes)
+        if self.augment != "none":
+            # drawn in the order this worker yields its windows, itself fixed by the seeds
+            items = augmented(items, self.augment, window_draws(self.seed, self.epoch, self.part.rank, worker),
+                              self.colours)
+        produced = batches(items, self.batch_size, pad=not self.train)
         yield from produced
         if not self.train and worker == 0:
             # evaluation: worker 0 also tops this replica up to the common step count
@@ -250,6 +265,7 @@ def _watch_sigterm(_worker: int) -> None:
     later."""
     parent = os.getppid()
     die_with_parent(parent)
+    cv2.setNumThreads(1)  # the workers are the parallelism: OpenCV's own threads would only contend
     forget_in_child()  # the run dir's lock goes with the replica, not with a worker it forked
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
     # a terminal's Ctrl-C reaches the whole process group: the replica stops with a checkpoint,
@@ -269,6 +285,10 @@ def make_loader(dataset: WindowDataset, workers: int) -> torch.utils.data.DataLo
     """A DataLoader over a WindowDataset (batches are made inside the dataset)."""
     return torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=workers,
                                        persistent_workers=False, pin_memory=False,
+                                       # its own generator: the workers' base seed (unused here) must
+                                       # not be drawn from the global one that dropout draws from, or
+                                       # a resumed epoch would drop other units
+                                       generator=torch.Generator(),
                                        worker_init_fn=_watch_sigterm if workers else None)
 
 
