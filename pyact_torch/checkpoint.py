@@ -38,6 +38,8 @@ CKPT_NAME = re.compile(r"ckpt-(\d{1,15})\.pt")
 OBJECT_NAME = re.compile(r"ckpt-\d{1,15}\.pt|final\.pt")
 POINTER_LIMIT = 1 << 20  # a pointer with its history is a few KB
 # What resuming training needs besides the weights (a converted or hand-made file lacks them).
+# settings added after checkpoints were first written, with the value those checkpoints ran with
+LATER_SETTINGS = {"augment": "none", "dropout": 0.0, "weight_decay": 0.0}
 TRAINING_KEYS = ("optimizer", "scheduler", "step", "epoch", "batch_in_epoch", "best_val_loss", "rng", "metrics")
 
 
@@ -292,10 +294,11 @@ def check_resumable(state: dict, url: str, config: dict, replicas: int, data: st
     if data is not None and state.get("data_fingerprint") not in (None, data):
         raise UserError(f"{url}: was trained on other data than --data {config['data']} (other shards, windows "
                         f"or classes); resume with the data it was trained on, or start over with --resume none")
-    saved = state["config"]
+    saved = {**LATER_SETTINGS, **state["config"]}  # a checkpoint from before a setting ran with its default
     for key, flag in (("model", "--model"), ("batch_size", "--batch-size"), ("seed", "--seed"),
                       ("shuffle_buffer", "--shuffle-buffer"), ("workers", "--workers"),
-                      ("parallel", "--parallel"), ("sync_bn", "--sync-bn")):
+                      ("parallel", "--parallel"), ("sync_bn", "--sync-bn"), ("augment", "--augment"),
+                      ("dropout", "--dropout"), ("weight_decay", "--weight-decay")):
         if key in saved and key in config and saved[key] != config[key]:
             raise UserError(f"{url}: was trained with {flag} {saved[key]}, this run has {flag} {config[key]}; "
                             f"resume with the same {flag}, or start over with --resume none")

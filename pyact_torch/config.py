@@ -14,6 +14,7 @@ from .errors import UserError, under_torchrun
 from .storage import check_location
 
 MODALITIES = ("color", "depth", "rgbd")
+AUGMENT_PRESETS = ("none", "pyact", "standard")
 # pyact detect's defaults, chosen on the synthetic eval split (docs/benchmarks.md, bench/detect.py)
 DETECT_SMOOTH, DETECT_MIN_LENGTH = 1, 3
 MAX_BATCH = 4096  # the largest batch detection sends and an exported program takes
@@ -194,9 +195,10 @@ class TrainConfig:
     run_dir: str = field(metadata=_arg("where checkpoints, metrics.jsonl, config.json and the loss plot "
                                        "go (folder or gs://bucket/prefix)", required=True, metavar="DIR"))
     model: str = field(default="c3d", metadata=_arg(
-        "network: c3d (pyACT's ConvNet3D, 206.5M parameters at its 6x64x64 RGB input) or tiny (same layers, "
+        "network: c3d (pyACT 0.0.7's ConvNet3D, 206.5M parameters at its 6x64x64 RGB input), c3d-v1 (pyACT "
+        "1.x's: an initial conv and four blocks of two, 95.3M; frames a multiple of 32) or tiny (c3d's layers, "
         "narrow)",
-        choices=("c3d", "tiny")))
+        choices=("c3d", "c3d-v1", "tiny")))
     epochs: int = field(default=250, metadata=_arg("passes over the training split (pyACT: 250)", metavar="N"))
     batch_size: int = field(default=32, metadata=_arg(
         "global batch, divided evenly across replicas (pyACT: 32 over 8 cores)", metavar="N"))
@@ -242,10 +244,27 @@ class TrainConfig:
     shuffle_buffer: int = field(default=1000, metadata=_arg(
         "windows in each loader's shuffle buffer (0 or 1 = no window shuffle; shard order is still shuffled)",
         metavar="N"))
-    seed: int = field(default=0, metadata=_arg("seed for weights, shard order and shuffling"))
+    augment: str = field(default="none", metadata=_arg(
+        "transform each training window on the fly, the same way on all its frames (eval and test windows "
+        "never): none (pyACT 0.0.7); pyact (pyACT 1.0.4's set: a rotation by 0, 5, ..., 35 degrees times no "
+        "flip, a left-right, a top-bottom or both flips, one drawn per window); standard (small rotation, "
+        "scale and shift, brightness, contrast, gamma and per-channel gain; no flips, which reverse an action's "
+        "motion)", choices=AUGMENT_PRESETS))
+    dropout: float = field(default=0.0, metadata=_arg(
+        "dropout probability after each of the two hidden Dense layers while training (pyACT 1.0.2+: 0.2; "
+        "0.0.7: 0)", metavar="P"))
+    weight_decay: float = field(default=0.0, metadata=_arg(
+        "L2 penalty on every Conv3d kernel as pyACT 1.0.3's kernel_regularizer=l2(W) (1e-4 there): the loss "
+        "gains W x the sum of the kernels' squares, so Adam sees it like the data's gradient (biases, BatchNorm "
+        "and Dense are not decayed)", metavar="W"))
+    seed: int = field(default=0, metadata=_arg("seed for weights, shard order, shuffling, augmentation and dropout"))
 
     def __post_init__(self) -> None:
         _locations(**{"--data": self.data, "--run-dir": self.run_dir})
+        if not (math.isfinite(self.dropout) and 0 <= self.dropout < 1):
+            raise UserError(f"--dropout must be at least 0 and below 1, got {self.dropout:g}")
+        if not (math.isfinite(self.weight_decay) and 0 <= self.weight_decay <= 1):
+            raise UserError(f"--weight-decay must be 0 to 1 (pyACT 1.x: 1e-4), got {self.weight_decay:g}")
         if self.resume not in ("auto", "none"):
             _locations(**{"--resume": self.resume})
         _positive(epochs=self.epochs, batch_size=self.batch_size, keep=self.keep, log_every=self.log_every)
@@ -501,6 +520,10 @@ class KerasConfig:
         parse=parse_class_names, metavar="NAME,..."))
     seq_len: int = field(default=6, metadata=_arg(
         "frames per window, used when the file has no model config to read the input shape from", metavar="T"))
+    model: str = field(default="auto", metadata=_arg(
+        "the network the file must hold: auto = read from its layer names (CONV3D_1..4: pyACT 0.0.7's, as c3d or "
+        "tiny; INITIAL_CONV3D and CONV3D_n_C1/c2: pyACT 1.x's, as c3d-v1); another network is refused",
+        choices=("auto", "c3d", "c3d-v1", "tiny")))
     overwrite: bool = field(default=False, metadata=_arg(
         "replace OUT when it exists; only a pyact-torch checkpoint is ever replaced", output=False))
 

@@ -108,6 +108,21 @@ class Backend:
         """Graph compilations and CPU fallbacks so far (none eagerly)."""
         return {}
 
+    def seed_steps(self, seed: int) -> None:
+        """Seed the generator the training steps draw from (dropout), differently on each
+        replica, once the weights (the same on every replica) are built."""
+        torch.manual_seed(seed * 1_000_003 + self.rank)
+        if self.device.type == "cuda":
+            torch.cuda.manual_seed(seed * 1_000_003 + self.rank)
+
+    def rng_state(self) -> Any:
+        """The step generator's state on the device (the CPU's is saved by the caller)."""
+        return torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None
+
+    def set_rng_state(self, state: Any) -> None:
+        if state is not None and self.device.type == "cuda":
+            torch.cuda.set_rng_state(state, self.device)
+
 
 def auto_device(distributed: bool = False) -> tuple[str, str]:
     """``--device auto``: the device this machine is for, and why. A TPU when one is attached or

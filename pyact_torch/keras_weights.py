@@ -1,7 +1,13 @@
 """``pyact convert-keras``: pyACT's Keras HDF5 weights (``save_weights`` or ``ModelCheckpoint``
 files) -> a pyact-torch checkpoint, without TensorFlow (h5py). Kernels are transposed to torch
 layouts and DENSE_1's rows permuted from Keras' channels-last flatten; every array is checked
-against what ConvNet3D expects before anything is built."""
+against what the network expects before anything is built.
+
+Two networks are told apart by their layer names: pyACT 0.0.7's ConvNet3D (``CONV3D_1`` ..
+``CONV3D_4``, ``BATCH_NORM_1`` .. ``4``: presets ``c3d`` and ``tiny``) and pyACT 1.x's
+(``INITIAL_CONV3D``, ``CONV3D_1_C1``, ``CONV3D_1_c2`` .. ``CONV3D_4_c2``, and five BatchNorm
+layers Keras named itself, ``batch_normalization``, ``batch_normalization_1``, ..., taken in the
+file's layer order: preset ``c3d-v1``)."""
 
 from __future__ import annotations
 
@@ -26,6 +32,10 @@ from .shards import MODALITY_OF
 CONV_LAYERS = ("CONV3D_1", "CONV3D_2", "CONV3D_3", "CONV3D_4")
 NORM_LAYERS = ("BATCH_NORM_1", "BATCH_NORM_2", "BATCH_NORM_3", "BATCH_NORM_4")
 DENSE_LAYERS = ("DENSE_1", "DENSE_2", "DENSE_CLASS")
+V1_CONV_LAYERS = ("INITIAL_CONV3D",) + tuple(f"CONV3D_{n}_{c}" for n in range(1, 5) for c in ("C1", "c2"))
+V1_NORM_LAYERS = tuple(f"batch_normalization#{k}" for k in range(5))  # Keras' own names, in file order
+KERAS_NORM_NAME = re.compile(r"batch_normalization(_v\d+)?(_\d+)?")
+NETWORKS = {"0.0.7": (CONV_LAYERS, NORM_LAYERS), "1.x": (V1_CONV_LAYERS, V1_NORM_LAYERS)}
 KERAS_TO_TORCH = {"kernel": "weight", "bias": "bias", "gamma": "weight", "beta": "bias",
                   "moving_mean": "running_mean", "moving_variance": "running_var"}
 
@@ -69,13 +79,19 @@ def read_keras_weights(path: str) -> tuple[dict[str, dict[str, np.ndarray]], dic
         if "layer_names" not in group.attrs:
             raise UserError(f"{path}: not a Keras weights file (no layer_names attribute)")
         layers: dict[str, dict[str, np.ndarray]] = {}
-        total = 0
+        total, norms = 0, 0
         for layer in _names(group, "layer_names"):
             node = group.get(layer) if layer else None
             if not isinstance(node, h5py.Group) or isinstance(group.get(layer, getlink=True), h5py.ExternalLink):
                 raise UserError(f"{path}: layer {layer[:80]!r} of layer_names has no group in this file")
-            if layer not in CONV_LAYERS + NORM_LAYERS + DENSE_LAYERS:
-                continue  # only ConvNet3D's arrays are read: at most 44, whatever the file lists
+            key = layer
+            if KERAS_NORM_NAME.fullmatch(layer) and _names(node, "weight_names"):
+                if norms == len(V1_NORM_LAYERS):
+                    raise UserError(f"{path}: more than {norms} BatchNormalization layers with weights; "
+                                    f"not a pyACT network")
+                key, norms = V1_NORM_LAYERS[norms], norms + 1
+            if key not in CONV_LAYERS + NORM_LAYERS + DENSE_LAYERS + V1_CONV_LAYERS + V1_NORM_LAYERS:
+                continue  # only the networks' arrays are read: at most 62, whatever the file lists
             weights = {}
             for name in _names(node, "weight_names"):
                 data = node.get(name) if name else None
@@ -93,7 +109,7 @@ def read_keras_weights(path: str) -> tuple[dict[str, dict[str, np.ndarray]], dic
                 except OSError as exc:  # damaged chunks
                     raise UserError(f"{where}: cannot be read ({str(exc).splitlines()[0]})") from None
             if weights:
-                layers[layer] = weights
+                layers[key] = weights
     return layers, config
 
 
@@ -112,50 +128,68 @@ def _configured_input(config: dict, path: str) -> tuple[int, int, int, int] | No
     return None
 
 
-def _input_shape(layers: dict, config: dict | None, seq_len: int, path: str) -> tuple[int, int, int]:
+def network_of(layers: dict, path: str) -> str:
+    """Which pyACT network a file's layers are: ``0.0.7`` or ``1.x`` (by their names)."""
+    if "INITIAL_CONV3D" in layers:
+        return "1.x"
+    if "CONV3D_1" in layers:
+        return "0.0.7"
+    raise UserError(f"{path}: not a pyACT ConvNet3D weights file (neither CONV3D_1 of pyACT 0.0.7 nor "
+                    f"INITIAL_CONV3D of pyACT 1.x; it has {', '.join(sorted(layers))[:200] or 'no weights'})")
+
+
+def _input_shape(layers: dict, network: str, preset: str, config: dict | None, seq_len: int,
+                 path: str) -> tuple[int, int, int]:
     """(T, S, C): from the model config when the file has one, else from DENSE_1's row count
-    (T x S/16 x S/16 x filters) with T = ``seq_len``; either way checked against the weights,
-    so that nothing is built or reshaped for an input the weights cannot take."""
-    channels = layers["CONV3D_1"]["kernel"].shape[3]
-    filters = layers["CONV3D_4"]["kernel"].shape[4]
+    (T x S/P x S/P x filters, P the network's pooling) with T = ``seq_len``; either way checked
+    against the weights, so that nothing is built or reshaped for an input the weights cannot take."""
+    convs = NETWORKS[network][0]
+    channels = layers[convs[0]]["kernel"].shape[3]
+    filters = layers[convs[-1]]["kernel"].shape[4]
     rows = layers["DENSE_1"]["kernel"].shape[0]
+    pooling = PRESETS[preset].pooling
     shape = _configured_input(config, path) if config is not None else None
     if shape is not None:
         seq_len, size, width, given = shape
         if size != width:
             raise UserError(f"{path}: the model takes {size}x{width} frames; ConvNet3D takes square ones")
         if given != channels:
-            raise UserError(f"{path}: the model config gives {given} channels, CONV3D_1 takes {channels}")
+            raise UserError(f"{path}: the model config gives {given} channels, {convs[0]} takes {channels}")
     else:
         cells, remainder = divmod(rows, filters * seq_len)
         side = math.isqrt(cells)
         if remainder or not side or side * side != cells:
             raise UserError(f"{path}: DENSE_1 has {rows} inputs, which is no {seq_len}-frame square input; "
                             "give --seq-len")
-        size = side * 16
-    if size % 16:
-        raise UserError(f"{path}: the model takes {size}x{size} frames; ConvNet3D needs a multiple of 16")
-    if rows != seq_len * (size // 16) ** 2 * filters:
-        raise UserError(f"{path}: DENSE_1 has {rows} inputs, not the {seq_len * (size // 16) ** 2 * filters} "
+        size = side * pooling
+    if size % pooling:
+        raise UserError(f"{path}: the model takes {size}x{size} frames; this network needs a multiple of {pooling}")
+    if rows != seq_len * (size // pooling) ** 2 * filters:
+        raise UserError(f"{path}: DENSE_1 has {rows} inputs, not the {seq_len * (size // pooling) ** 2 * filters} "
                         f"of a {seq_len}x{size}x{size} input")
     return seq_len, size, channels
 
 
-def keras_to_state_dict(layers: dict, seq_len: int, image_size: int) -> dict[str, torch.Tensor]:
-    """The torch ``state_dict`` of ConvNet3D for Keras ConvNet3D weights: kernels transposed
-    to torch layouts, DENSE_1's rows permuted from Keras' channels-last flatten (T, H, W, C)
-    to torch's (C, T, H, W)."""
+def keras_to_state_dict(layers: dict, network: str, model: torch.nn.Module, seq_len: int,
+                        image_size: int) -> dict[str, torch.Tensor]:
+    """The torch ``state_dict`` of ``model`` for the Keras weights of ``network``: the file's
+    convs and BatchNorms in order onto the model's, kernels transposed to torch layouts,
+    DENSE_1's rows permuted from Keras' channels-last flatten (T, H, W, C) to torch's (C, T, H, W)."""
+    conv_names, norm_names = NETWORKS[network]
+    convs = [i for i, m in enumerate(model.features) if isinstance(m, torch.nn.Conv3d)]
+    norms = [i for i, m in enumerate(model.features) if isinstance(m, torch.nn.BatchNorm3d)]
     state: dict[str, torch.Tensor] = {}
-    for i, (conv, norm) in enumerate(zip(CONV_LAYERS, NORM_LAYERS)):
-        kernel = layers[conv]["kernel"]  # (kT, kH, kW, in, out)
-        state[f"features.{4 * i}.weight"] = torch.from_numpy(kernel.transpose(4, 3, 0, 1, 2).copy())
-        state[f"features.{4 * i}.bias"] = torch.from_numpy(layers[conv]["bias"])
+    for index, name in zip(convs, conv_names, strict=True):
+        kernel = layers[name]["kernel"]  # (kT, kH, kW, in, out)
+        state[f"features.{index}.weight"] = torch.from_numpy(kernel.transpose(4, 3, 0, 1, 2).copy())
+        state[f"features.{index}.bias"] = torch.from_numpy(layers[name]["bias"])
+    for index, name in zip(norms, norm_names, strict=True):
         for kind in ("gamma", "beta", "moving_mean", "moving_variance"):
-            state[f"features.{4 * i + 3}.{KERAS_TO_TORCH[kind]}"] = torch.from_numpy(layers[norm][kind])
-        state[f"features.{4 * i + 3}.num_batches_tracked"] = torch.tensor(0)
-    side = image_size // 16
+            state[f"features.{index}.{KERAS_TO_TORCH[kind]}"] = torch.from_numpy(layers[name][kind])
+        state[f"features.{index}.num_batches_tracked"] = torch.tensor(0)
+    side = image_size // (2 ** len(norms))
     first = layers["DENSE_1"]["kernel"]  # (T*H*W*C, out)
-    filters = layers["CONV3D_4"]["kernel"].shape[4]
+    filters = layers[conv_names[-1]]["kernel"].shape[4]
     first = first.reshape(seq_len, side, side, filters, -1).transpose(4, 3, 0, 1, 2).reshape(first.shape[1], -1)
     state["classifier.1.weight"] = torch.from_numpy(np.ascontiguousarray(first))
     state["classifier.1.bias"] = torch.from_numpy(layers["DENSE_1"]["bias"])
@@ -165,26 +199,30 @@ def keras_to_state_dict(layers: dict, seq_len: int, image_size: int) -> dict[str
     return state
 
 
-def _preset_of(layers: dict, path: str) -> str:
-    needed = {**{n: ("kernel", "bias") for n in CONV_LAYERS + DENSE_LAYERS},
-              **{n: ("gamma", "beta", "moving_mean", "moving_variance") for n in NORM_LAYERS}}
-    missing = [f"{layer}/{kind}" for layer, kinds in needed.items() for kind in kinds
+def _preset_of(layers: dict, network: str, path: str) -> str:
+    """The preset whose layers the file's arrays are, each checked for its rank first."""
+    conv_names, norm_names = NETWORKS[network]
+    needed = {**{n: ("kernel", "bias") for n in conv_names + DENSE_LAYERS},
+              **{n: ("gamma", "beta", "moving_mean", "moving_variance") for n in norm_names}}
+    missing = [f"{layer.split('#')[0]}/{kind}" for layer, kinds in needed.items() for kind in kinds
                if kind not in layers.get(layer, {})]
     if missing:
-        raise UserError(f"{path}: not a pyACT ConvNet3D weights file (missing {', '.join(missing[:4])}"
-                        f"{' ...' if len(missing) > 4 else ''}; it has {', '.join(layers) or 'no weights'})")
+        raise UserError(f"{path}: not a whole pyACT {network} ConvNet3D weights file (missing "
+                        f"{', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''})")
     for layer, kinds in needed.items():
         for kind in kinds:
-            rank = 1 if kind != "kernel" else 5 if layer in CONV_LAYERS else 2
+            rank = 1 if kind != "kernel" else 5 if layer in conv_names else 2
             if layers[layer][kind].ndim != rank:
                 raise UserError(f"{path}: {layer}/{kind} has shape {layers[layer][kind].shape}; "
                                 f"a ConvNet3D {kind} has {rank} dimension{'s' if rank > 1 else ''}")
-    filters = tuple(layers[n]["kernel"].shape[4] for n in CONV_LAYERS)
+    widths = tuple(layers[n]["kernel"].shape[4] for n in conv_names)
     dense = tuple(layers[n]["kernel"].shape[1] for n in DENSE_LAYERS[:2])
     for name, preset in PRESETS.items():
-        if preset.filters == filters and preset.dense == dense:
+        convs = tuple(width for width, count in preset.blocks for _ in range(count))
+        if convs == widths and preset.dense == dense and (network == "1.x") == preset.conv_relu:
             return name
-    raise UserError(f"{path}: ConvNet3D with filters {filters} and dense {dense} matches no preset")
+    raise UserError(f"{path}: a pyACT {network} ConvNet3D with filters {widths} and dense {dense} matches "
+                    f"no --model preset")
 
 
 def convert_keras(config: KerasConfig, print_fn: Callable[[str], None] = print) -> dict:
@@ -195,16 +233,21 @@ def convert_keras(config: KerasConfig, print_fn: Callable[[str], None] = print) 
         raise UserError(f"{config.h5}: no such file")
     check_replaceable(config.out, config.overwrite, source=config.h5)
     layers, model_config = read_keras_weights(config.h5)
-    preset = _preset_of(layers, config.h5)
-    seq_len, image_size, channels = _input_shape(layers, model_config, config.seq_len, config.h5)
+    network = network_of(layers, config.h5)
+    preset = _preset_of(layers, network, config.h5)
+    if config.model != "auto" and config.model != preset:
+        raise UserError(f"{config.h5}: holds pyACT {network}'s network ({preset}), not --model {config.model}; "
+                        f"leave out --model (it is read from the file's layer names) or give --model {preset}")
+    seq_len, image_size, channels = _input_shape(layers, network, preset, model_config, config.seq_len, config.h5)
     if channels not in MODALITY_OF:
-        raise UserError(f"{config.h5}: CONV3D_1 takes {channels} channels; pyact-torch data has 1, 3 or 4")
+        raise UserError(f"{config.h5}: {NETWORKS[network][0][0]} takes {channels} channels; pyact-torch data has "
+                        f"1, 3 or 4")
     classes = list(config.classes or PYACT_CLASSES)
     outputs = layers["DENSE_CLASS"]["kernel"].shape[1]
     if outputs != len(classes):
         raise UserError(f"{config.h5}: DENSE_CLASS has {outputs} outputs but {len(classes)} classes were given")
-    state_dict = keras_to_state_dict(layers, seq_len, image_size)
     model = build_model(preset, channels, seq_len, image_size, len(classes))
+    state_dict = keras_to_state_dict(layers, network, model, seq_len, image_size)
     try:
         model.load_state_dict(state_dict)
     except RuntimeError as exc:
@@ -216,7 +259,7 @@ def convert_keras(config: KerasConfig, print_fn: Callable[[str], None] = print) 
                                  converted_from=os.path.basename(config.h5))
     with storage.open_write(config.out) as sink, uninterrupted("the checkpoint is written"):
         torch.save(checkpoint, sink)
-    print_fn(f"wrote {config.out}: {preset} at {seq_len}x{image_size}x{image_size}x{channels}, "
+    print_fn(f"wrote {config.out}: pyACT {network}'s network as --model {preset} at {seq_len}x{image_size}x{image_size}x{channels}, "
              f"{len(classes)} classes in {'the given' if config.classes else 'pyACT'} order")
     return checkpoint
 

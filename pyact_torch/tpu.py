@@ -76,6 +76,17 @@ class XlaBackend(Backend):
         """After the graph runs, so reading the tensors forces no extra compile or mid-step transfer."""
         self._xm.add_step_closure(fn, args=args)
 
+    def seed_steps(self, seed: int) -> None:
+        torch.manual_seed(seed * 1_000_003 + self.rank)
+        self._xm.set_rng_state(seed * 1_000_003 + self.rank, self.device)
+
+    def rng_state(self) -> Any:
+        return self._xm.get_rng_state(self.device)
+
+    def set_rng_state(self, state: Any) -> None:
+        if state is not None:
+            self._xm.set_rng_state(int(state), self.device)
+
     def compile_counts(self) -> dict[str, Any]:
         """XLA compilations and CPU fallbacks so far (the TPU-efficiency proxy)."""
         import torch_xla.debug.metrics as met

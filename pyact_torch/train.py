@@ -26,7 +26,7 @@ from .evaluate import evaluate
 from .interrupts import Interrupted
 from .locks import Lock
 from .loader import HostBatches, Part, WindowDataset, on_device
-from .model import build_model, check_input, model_input
+from .model import build_model, check_input, conv_kernels, model_input
 from .run_log import RunLog
 from .shards import clip_shape, data_shape, read_manifest, source_settings, split_shards, training_data_fingerprint
 from .resources import check_memory
@@ -96,7 +96,8 @@ def _checkpoint_state(model, optimizer, scheduler, state: RunState, config: Trai
         step=state.step, epoch=state.epoch, batch_in_epoch=state.batch_in_epoch,
         best_val_loss=state.best_val_loss, replicas=backend.world, source=source_settings(manifest),
         data_fingerprint=training_data_fingerprint(manifest),
-        rng={"torch": torch.get_rng_state(), "python": random.getstate()}, metrics=json.dumps(state.metrics))
+        rng={"torch": torch.get_rng_state(), "python": random.getstate(), "device": backend.rng_state()},
+        metrics=json.dumps(state.metrics))
 
 
 def recorded_settings(config: TrainConfig) -> dict:
@@ -107,6 +108,21 @@ def recorded_settings(config: TrainConfig) -> dict:
         if not storage.is_gcs(settings[key]):
             settings[key] = os.path.abspath(settings[key])
     return settings
+
+
+def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim.Adam:
+    """Adam (pyACT's optimizer). ``weight_decay`` is pyACT 1.0.3's ``l2(W)`` on the conv kernels:
+    the loss gains W * sum(w**2), whose gradient 2 W w is what Adam's coupled ``weight_decay``
+    adds (so 2 W on the kernels' group). Coupled, not AdamW's decoupled decay, because it is
+    what pyACT 1.x trained with, so its settings carry over. Without it, one parameter group,
+    as every earlier checkpoint has."""
+    if not weight_decay:
+        return torch.optim.Adam(model.parameters(), lr=lr)
+    kernels = {id(p) for p in conv_kernels(model)}
+    return torch.optim.Adam([
+        {"params": [p for p in model.parameters() if id(p) in kernels], "weight_decay": 2 * weight_decay},
+        {"params": [p for p in model.parameters() if id(p) not in kernels], "weight_decay": 0.0},
+    ], lr=lr)
 
 
 def per_replica_batch(global_batch: int, world: int, devices_per_reader: int = 1) -> int:
@@ -232,7 +248,7 @@ def _build(config: TrainConfig, backend: Backend, failed: UserError | None, lock
         train_set, eval_set, steps = _datasets(config, manifest, backend)
         torch.manual_seed(config.seed)
         model = build_model(config.model, len(manifest["channels"]), manifest["seq_len"], manifest["image_size"],
-                            len(manifest["classes"]))
+                            len(manifest["classes"]), dropout=config.dropout)
         saved = _restore_weights(config, manifest, model, backend)
     except UserError as exc:
         _setup_agreed(backend, exc)
@@ -244,10 +260,11 @@ def _build(config: TrainConfig, backend: Backend, failed: UserError | None, lock
                            f"in {config.run_dir}, another replica found another: --run-dir must be one location "
                            f"every machine sees (a bucket or a shared file system)")
     model.to(backend.device)
+    backend.seed_steps(config.seed)
     net = backend.wrap(model)
     if config.compile:
         net = torch.compile(net)
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+    optimizer = make_optimizer(model, config.lr, config.weight_decay)
     total = sum(steps)
     schedule = (lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total))) \
         if config.lr_schedule == "cosine" else (lambda s: 1.0)
@@ -311,7 +328,7 @@ def _datasets(config: TrainConfig, manifest: dict,
         print(f"note: {workers} loader worker{'s' if workers > 1 else ''} instead of --workers {config.workers}: "
               f"the train split has {shards} shard{'s' if shards > 1 else ''} (a worker reads whole shards)", flush=True)
     train_set = WindowDataset(config.data, manifest, "train", per_reader, part, train=True, seed=config.seed,
-                              workers=workers, shuffle_size=config.shuffle_buffer)
+                              workers=workers, shuffle_size=config.shuffle_buffer, augment=config.augment)
     eval_set = (WindowDataset(config.data, manifest, "eval", per_reader, part, train=False,
                               workers=min(config.workers, 1)) if "eval" in manifest["splits"] else None)
     steps = []
@@ -374,6 +391,7 @@ def _restore_training(saved: dict, optimizer: torch.optim.Optimizer, scheduler, 
             group["initial_lr"] = lr
             group["lr"] = lr * factor
     torch.set_rng_state(saved["rng"]["torch"])
+    backend.set_rng_state(saved["rng"].get("device"))
     random.setstate(saved["rng"]["python"])
     state = RunState(saved["step"], saved["epoch"], saved["batch_in_epoch"], saved["best_val_loss"],
                      [m for m in json.loads(saved["metrics"]) if m["step"] <= saved["step"]])
@@ -489,7 +507,8 @@ def _check_inputs(config: TrainConfig) -> None:
     try:
         check_input(config.model, manifest["image_size"])
     except ValueError as exc:
-        raise UserError(f"{config.data}: {exc}; preprocess at another --image-size") from None
+        raise UserError(f"{config.data}: --model {config.model}: {exc}; preprocess at another --image-size, or "
+                        f"choose another --model") from None
     check_device(config.backend)
     _check_memory(config, manifest)
     storage.check_writable(config.run_dir)

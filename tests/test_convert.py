@@ -47,13 +47,17 @@ def keras_weights(rng, channels=3, seq_len=6, size=32, classes=17) -> list[tuple
     return layers
 
 
-def write_keras_h5(path, layers, whole_model: bool, input_shape=(6, 32, 32, 3)) -> None:
-    """The legacy Keras 2 HDF5 layout: save_weights, or model.save (weights under model_weights)."""
+def write_keras_h5(path, layers, whole_model: bool, input_shape=(6, 32, 32, 3), functional: bool = False) -> None:
+    """The legacy Keras 2 HDF5 layout: save_weights, or model.save (weights under model_weights);
+    the model config of a Sequential model (pyACT 0.0.7) or of a functional one (1.x: an Input)."""
     with h5py.File(path, "w") as f:
         group = f
         if whole_model:
-            config = {"class_name": "Sequential", "config": {"name": "ConvNet3D", "layers": [
-                {"class_name": "Conv3D", "config": {"name": "CONV3D_1", "batch_input_shape": [None, *input_shape]}}]}}
+            first = ({"class_name": "InputLayer", "config": {"name": "input_1", "batch_input_shape": [None, *input_shape]}}
+                     if functional else
+                     {"class_name": "Conv3D", "config": {"name": "CONV3D_1", "batch_input_shape": [None, *input_shape]}})
+            config = {"class_name": "Model" if functional else "Sequential",
+                      "config": {"name": "ConvNet3D", "layers": [first]}}
             f.attrs["model_config"] = json.dumps(config).encode()
             f.attrs["training_config"] = b'{"loss": "categorical_crossentropy"}'
             group = f.create_group("model_weights")
@@ -95,6 +99,80 @@ def keras_forward(layers, clips: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=1, keepdims=True)
 
 
+def keras_weights_v1(rng, channels=3, seq_len=2, size=32, classes=17, first_norm=0):
+    """pyACT 1.x's convNet3D (commit 1306798) as Keras names its layers, random weights: the
+    BatchNorm layers have Keras' own names, counted from ``first_norm`` (a second model built in
+    one Keras session numbers on)."""
+    layers, cin, norm = [("input_1", [])], channels, first_norm
+
+    def conv(name, width):
+        nonlocal cin
+        kernel = rng.normal(0, np.sqrt(2 / (27 * cin)), (3, 3, 3, cin, width)).astype(np.float32)
+        layers.append((name, [("kernel", kernel), ("bias", rng.normal(0, .05, width).astype(np.float32))]))
+        cin = width
+
+    def pool_relu_norm(pool):
+        nonlocal norm
+        layers.append((pool, []))
+        layers.append((f"activation{'_' + str(norm) if norm else ''}", []))
+        layers.append((f"batch_normalization{'_' + str(norm) if norm else ''}", [
+            ("gamma", rng.uniform(.5, 1.5, cin).astype(np.float32)),
+            ("beta", rng.normal(0, .1, cin).astype(np.float32)),
+            ("moving_mean", rng.normal(0, .1, cin).astype(np.float32)),
+            ("moving_variance", rng.uniform(.5, 2, cin).astype(np.float32))]))
+        norm += 1
+
+    conv("INITIAL_CONV3D", 64)
+    pool_relu_norm("INITIAL_POOL3D")
+    for n, width in enumerate([128, 256, 512, 512], 1):
+        conv(f"CONV3D_{n}_C1", width)
+        conv(f"CONV3D_{n}_c2", width)
+        pool_relu_norm(f"POOL3D_{n}")
+    layers.append(("FLATTEN", []))
+    fan_in = seq_len * (size // 32) ** 2 * cin
+    for name, width in (("DENSE_1", 4096), ("DROP_OUT_D-1", 0), ("DENSE_2", 4096), ("DROP_OUT_D-2", 0),
+                        ("DENSE_CLASS", classes)):
+        if not width:
+            layers.append((name, []))
+            continue
+        layers.append((name, [("kernel", rng.normal(0, np.sqrt(2 / fan_in), (fan_in, width)).astype(np.float32)),
+                              ("bias", rng.normal(0, .05, width).astype(np.float32))]))
+        fan_in = width
+    return layers
+
+
+def keras_forward_v1(layers, clips: np.ndarray) -> np.ndarray:
+    """pyACT 1.x's convNet3D in numpy, channels-last, Keras semantics: every Conv3D with its
+    ReLU, then per block MaxPooling3D (1, 2, 2), Activation('relu'), BatchNormalization
+    (inference: moving statistics, epsilon 1e-3); Dense ReLU twice (Dropout is the identity when
+    predicting), softmax."""
+    weights = [(name, dict(w)) for name, w in layers]
+    x = clips.astype(np.float64)
+    for name, w in weights:
+        if "kernel" in w and w["kernel"].ndim == 5:
+            kernel = w["kernel"]
+            n, t, h, wd, _ = x.shape
+            padded = np.pad(x, ((0, 0), (1, 1), (1, 1), (1, 1), (0, 0)))
+            out = np.zeros((n, t, h, wd, kernel.shape[4]))
+            for dt in range(3):
+                for dh in range(3):
+                    for dw in range(3):
+                        out += padded[:, dt:dt + t, dh:dh + h, dw:dw + wd, :] @ kernel[dt, dh, dw]
+            x = np.maximum(out + w["bias"], 0)
+        elif "POOL3D" in name:
+            n, t, h, wd, c = x.shape
+            x = np.maximum(x.reshape(n, t, h // 2, 2, wd // 2, 2, c).max(axis=(3, 5)), 0)
+        elif "gamma" in w:
+            x = w["gamma"] * (x - w["moving_mean"]) / np.sqrt(w["moving_variance"] + 1e-3) + w["beta"]
+    x = x.reshape(x.shape[0], -1)
+    dense = dict(weights)
+    x = np.maximum(x @ dense["DENSE_1"]["kernel"] + dense["DENSE_1"]["bias"], 0)
+    x = np.maximum(x @ dense["DENSE_2"]["kernel"] + dense["DENSE_2"]["bias"], 0)
+    logits = x @ dense["DENSE_CLASS"]["kernel"] + dense["DENSE_CLASS"]["bias"]
+    e = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)
+
+
 @pytest.fixture(scope="module")
 def keras_layers():
     return keras_weights(np.random.default_rng(7))
@@ -117,6 +195,37 @@ def test_keras_weights_give_the_same_softmax_as_keras(keras_layers, whole_model,
         got = torch.softmax(model(torch.from_numpy(clips).permute(0, 4, 1, 2, 3)), dim=1).double().numpy()
     assert np.abs(got - expected).max() < 1e-4
     assert expected.max(axis=1).min() < 0.99  # a real comparison, not two saturated one-hots
+
+
+@pytest.mark.parametrize("whole_model", [False, True], ids=["save_weights", "ModelCheckpoint"])
+def test_pyact_1x_weights_give_the_same_softmax_as_keras(whole_model, tmp_path, capsys):
+    layers = keras_weights_v1(np.random.default_rng(11), first_norm=5 if whole_model else 0)
+    h5, out = str(tmp_path / "v1.h5"), str(tmp_path / "converted.pt")
+    write_keras_h5(h5, layers, whole_model, input_shape=(2, 32, 32, 3), functional=True)
+    assert main(["convert-keras", h5, out, "--seq-len", "2"]) == 0
+    assert "pyACT 1.x's network as --model c3d-v1" in capsys.readouterr().out
+    state = torch.load(out, weights_only=True)
+    assert state["config"]["model"] == "c3d-v1"
+    assert state["data_shape"] == {"channels": 3, "seq_len": 2, "image_size": 32, "modality": "color"}
+    model = build_model("c3d-v1", 3, 2, 32, 17)
+    model.load_state_dict(state["model"])
+    model.eval()
+    clips = np.random.default_rng(2).random((3, 2, 32, 32, 3), dtype=np.float32)
+    expected = keras_forward_v1(layers, clips)
+    with torch.no_grad():
+        got = torch.softmax(model(torch.from_numpy(clips).permute(0, 4, 1, 2, 3)), dim=1).double().numpy()
+    assert np.abs(got - expected).max() < 1e-4
+    assert expected.max(axis=1).min() < 0.99  # a real comparison, not two saturated one-hots
+
+
+def test_a_file_of_the_other_network_is_refused_in_one_line(keras_layers, tmp_path, capsys):
+    h5 = str(tmp_path / "v007.h5")
+    write_keras_h5(h5, keras_layers, whole_model=False)
+    assert main(["convert-keras", h5, str(tmp_path / "out.pt"), "--model", "c3d-v1"]) == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and h5 in error[0] and "pyACT 0.0.7" in error[0] and "--model c3d" in error[0]
+    assert not (tmp_path / "out.pt").exists()
+    assert main(["convert-keras", h5, str(tmp_path / "out.pt"), "--model", "c3d"]) == 0  # the control: it converts
 
 
 def test_keras_class_order_can_be_given(keras_layers, tmp_path):

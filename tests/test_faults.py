@@ -739,7 +739,8 @@ class _Exploit:
 
 @pytest.mark.parametrize("case", ["text file", "folder", "pickle that runs code", "truncated", "weights only",
                                   "other model", "other batch size", "other workers", "other seed",
-                                  "other shuffle buffer", "other data", "missing"])
+                                  "other shuffle buffer", "other augment", "other dropout", "other weight decay",
+                                  "other data", "missing"])
 def test_bad_resume_checkpoints_are_one_line(case, small_shards, small_run, tmp_path, capsys):
     target = str(tmp_path / "resume.pt")
     final = os.path.join(small_run, "final.pt")
@@ -755,11 +756,12 @@ def test_bad_resume_checkpoints_are_one_line(case, small_shards, small_run, tmp_
     elif case == "weights only":
         state = torch.load(final, weights_only=True)
         torch.save({k: v for k, v in state.items() if k not in ("optimizer", "scheduler")}, target)
-    elif case in ("other model", "other batch size", "other workers", "other seed", "other shuffle buffer"):
+    elif case.startswith("other") and case != "other data":
         shutil.copy(final, target)
         extra = {"other model": ["--model", "c3d"], "other batch size": ["--batch-size", "8"],
                  "other workers": ["--workers", "1"], "other seed": ["--seed", "1"],
-                 "other shuffle buffer": ["--shuffle-buffer", "10"]}[case]
+                 "other shuffle buffer": ["--shuffle-buffer", "10"], "other augment": ["--augment", "pyact"],
+                 "other dropout": ["--dropout", "0.2"], "other weight decay": ["--weight-decay", "1e-4"]}[case]
     elif case == "other data":  # the same shapes and classes, one train shard fewer
         shutil.copy(final, target)
         data = str(tmp_path / "other")
@@ -958,7 +960,10 @@ def test_scoring_falls_back_from_a_damaged_best_to_final(small_run, small_shards
     assert code == 2 and "an intact checkpoint" in one_line(err)
 
 
-@pytest.mark.parametrize("flag", [("--lr", "nan"), ("--lr", "inf"), ("--lr", "-1"), ("--epochs", "0")])
+@pytest.mark.parametrize("flag", [("--lr", "nan"), ("--lr", "inf"), ("--lr", "-1"), ("--epochs", "0"),
+                                  ("--dropout", "1"), ("--dropout", "-0.1"), ("--weight-decay", "nan"),
+                                  ("--weight-decay", "2"),
+                                  ("--model", "c3d-v1")])  # 16x16 frames: c3d-v1 pools 5 times
 def test_absurd_training_flags_are_refused_before_work(flag, small_shards, tmp_path, capsys):
     code, err = cli(capsys, "train", "--data", small_shards, "--run-dir", str(tmp_path / "run"), *TRAIN, *flag)
     assert code == 2 and flag[0] in one_line(err)

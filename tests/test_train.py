@@ -102,18 +102,23 @@ def test_checkpoints_land_in_gcs_and_load_with_plain_torch_load(learn_shards, gc
 @pytest.mark.slow
 @pytest.mark.parametrize("device", ["cpu", "xla"])
 def test_kill_and_resume_gives_the_same_final_weights(device, learn_shards, small_shards, tmp_path):
-    """Eager CPU: bit-identical weights; XLA:CPU (xmp.spawn, small clips): equal within float tolerance."""
+    """Eager CPU: bit-identical weights; XLA:CPU (xmp.spawn, small clips): equal within float tolerance.
+    With augmentation, dropout and weight decay on: the resumed epoch draws the transforms and
+    dropout masks the uninterrupted run drew."""
     if device == "cpu":
         data, kill_at = learn_shards, 30
-        flags = ["--device", "cpu", "--epochs", "2", "--ckpt-every", "15", "--workers", "1", "--log-every", "5"]
+        flags = ["--device", "cpu", "--epochs", "2", "--ckpt-every", "15", "--workers", "1", "--log-every", "5",
+                 "--augment", "pyact", "--dropout", "0.2", "--weight-decay", "1e-4"]
     else:
         data, kill_at = small_shards, 20
         flags = ["--device", "xla", "--epochs", "2", "--batch-size", "8", "--ckpt-every", "10", "--workers", "1",
-                 "--log-every", "1"]
+                 "--log-every", "1", "--augment", "standard", "--dropout", "0.2"]
     env = dict(os.environ, PJRT_DEVICE="CPU")
     reference = str(tmp_path / "reference")
     done = subprocess.run(train_command(data, reference, *flags), capture_output=True, text=True, env=env)
     assert done.returncode == 0, done.stderr[-2000:]
+    if device == "xla":  # dropout's random masks run inside the compiled step
+        assert " 0 CPU fallbacks" in done.stdout
     run_dir = str(tmp_path / "killed")
     process = subprocess.Popen(train_command(data, run_dir, *flags), env=env,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
