@@ -17,9 +17,11 @@ Presets:
   contrast, brightness, a gain per colour channel: room light and skin tone). No flips: a
   left-right flip turns a leftward swipe into a rightward one.
 
-Geometric transforms move every channel; depth is sampled at the nearest pixel (a blend would
-invent depths between a hand and the wall, or between a reading and 0, "no reading") and gets
-no photometric change. Works on uint8 ``(T, H, W, C)`` clips with OpenCV, in the loader workers.
+Geometric transforms move every channel alike and sample the nearest pixel, as PIL's default
+that pyACT used: for depth a blend would invent depths between a hand and the wall, or between
+a reading and 0 ("no reading"), and for colour bilinear sampling cost 2.4x more in the loader
+(docs/benchmarks.md). Depth gets no photometric change. Works on uint8 ``(T, H, W, C)`` clips
+with OpenCV, in the loader workers.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ import numpy as np
 PRESETS = ("none", "pyact", "standard")
 PYACT_ANGLES = tuple(range(0, 40, 5))  # pyACT 1.0.4: range(rot_start=0, rot_stop=40, rot_step=5)
 
-# the standard preset's ranges (chosen in bench/generalise.py, see docs/benchmarks.md)
+# the standard preset's ranges (measured in bench/generalise.py, see docs/benchmarks.md)
 ROTATE_DEGREES = 10.0
 SCALE = (0.9, 1.1)
 SHIFT = 0.08  # of the frame's size, each axis
@@ -54,15 +56,15 @@ class Transform:
     flip: int = 0  # 0 none, 1 left-right, 2 top-bottom, 3 both
     scale: float = 1.0
     shift: tuple[float, float] = (0.0, 0.0)
-    nearest: bool = True  # sample colour at the nearest pixel (pyACT's PIL default) or bilinearly
     gamma: float = 1.0
     contrast: float = 1.0
     brightness: float = 0.0
     gain: tuple[float, ...] = ()
 
     @property
-    def geometric(self) -> bool:
-        return bool(self.angle or self.flip or self.scale != 1.0 or any(self.shift))
+    def moves(self) -> bool:
+        """Whether pixels move other than by flips."""
+        return bool(self.angle or self.scale != 1.0 or any(self.shift))
 
     @property
     def photometric(self) -> bool:
@@ -72,6 +74,7 @@ class Transform:
 
 IDENTITY = Transform()
 NUDGE = 1e-4  # pixels: less than OpenCV's 1/1024 fixed point, more than float rounding
+_LEVELS = np.arange(256, dtype=np.float64)[:, None] / 255.0
 
 
 def draw(preset: str, rng: np.random.Generator, colours: int) -> Transform:
@@ -79,17 +82,16 @@ def draw(preset: str, rng: np.random.Generator, colours: int) -> Transform:
     if preset == "none":
         return IDENTITY
     if preset == "pyact":
-        return Transform(angle=float(PYACT_ANGLES[int(rng.integers(len(PYACT_ANGLES)))]),
-                         flip=int(rng.integers(4)))
+        pick = int(rng.integers(len(PYACT_ANGLES) * 4))
+        return Transform(angle=float(PYACT_ANGLES[pick // 4]), flip=pick % 4)
     if preset == "standard":
-        return Transform(angle=float(rng.uniform(-ROTATE_DEGREES, ROTATE_DEGREES)),
-                         scale=float(rng.uniform(*SCALE)),
-                         shift=(float(rng.uniform(-SHIFT, SHIFT)), float(rng.uniform(-SHIFT, SHIFT))),
-                         nearest=False,
-                         gamma=float(math.exp(rng.uniform(-math.log(GAMMA), math.log(GAMMA)))),
-                         contrast=float(rng.uniform(*CONTRAST)),
-                         brightness=float(rng.uniform(-BRIGHTNESS, BRIGHTNESS)),
-                         gain=tuple(float(g) for g in rng.uniform(*GAIN, size=colours)))
+        u = rng.random(7 + colours).tolist()  # one call: the draws are a loader worker's hot path
+        spread = lambda low, high, x: low + (high - low) * x  # noqa: E731
+        return Transform(angle=spread(-ROTATE_DEGREES, ROTATE_DEGREES, u[0]), scale=spread(*SCALE, u[1]),
+                         shift=(spread(-SHIFT, SHIFT, u[2]), spread(-SHIFT, SHIFT, u[3])),
+                         gamma=math.exp(spread(-math.log(GAMMA), math.log(GAMMA), u[4])),
+                         contrast=spread(*CONTRAST, u[5]), brightness=spread(-BRIGHTNESS, BRIGHTNESS, u[6]),
+                         gain=tuple(spread(*GAIN, x) for x in u[7:]))
     raise ValueError(f"unknown augmentation preset {preset!r} (choose from {', '.join(PRESETS)})")
 
 
@@ -98,32 +100,27 @@ def inverse_matrix(transform: Transform, height: int, width: int) -> np.ndarray:
     pixel centres at integers). The rotation is PIL's ``rotate``: about (w/2, h/2) of a frame
     whose pixel centres sit at +0.5, counter-clockwise on screen for a positive angle; then the
     scale about the same centre, the shift, and last the flips."""
-    flip = np.eye(3)
-    if transform.flip & 1:
-        flip = np.array([[-1.0, 0.0, width - 1], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]]) @ flip
-    if transform.flip & 2:
-        flip = np.array([[1.0, 0.0, 0.0], [0.0, -1.0, height - 1], [0.0, 0.0, 1.0]]) @ flip
-    cx, cy = width / 2, height / 2
-    centred = np.array([[1.0, 0.0, 0.5 - cx - transform.shift[0] * width],
-                        [0.0, 1.0, 0.5 - cy - transform.shift[1] * height], [0.0, 0.0, 1.0]])
-    unscale = np.diag([1 / transform.scale, 1 / transform.scale, 1.0])
     theta = math.radians(transform.angle)
-    cos, sin = math.cos(theta), math.sin(theta)
-    # PIL's inverse for rotate(angle) in screen coordinates (y down), back to OpenCV's pixels
-    rotate = np.array([[cos, -sin, cx - 0.5], [sin, cos, cy - 0.5], [0.0, 0.0, 1.0]])
-    return (rotate @ unscale @ centred @ flip)[:2]
+    cos, sin = math.cos(theta) / transform.scale, math.sin(theta) / transform.scale
+    cx, cy = width / 2, height / 2
+    # output pixel x (after undoing the flips) -> u = x + 0.5 - cx - shift (PIL's centred coordinates)
+    fx, ox = (-1.0, width - 1.0) if transform.flip & 1 else (1.0, 0.0)
+    fy, oy = (-1.0, height - 1.0) if transform.flip & 2 else (1.0, 0.0)
+    du = ox + 0.5 - cx - transform.shift[0] * width
+    dv = oy + 0.5 - cy - transform.shift[1] * height
+    # PIL's inverse of rotate(angle) in screen coordinates (y down): (cos, -sin; sin, cos), then back by 0.5
+    return np.array([[cos * fx, -sin * fy, cos * du - sin * dv + cx - 0.5 + NUDGE],
+                     [sin * fx, cos * fy, sin * du + cos * dv + cy - 0.5 + NUDGE]])
 
 
-def _warp(frames: np.ndarray, matrix: np.ndarray, nearest: bool) -> np.ndarray:
-    """Every frame of ``frames`` (T, H, W, c; c <= 4) through the same matrix, 0 outside.
-    OpenCV's nearest rounds the source point, which for these pixel centres is PIL's floor."""
+def _warp(frames: np.ndarray, matrix: np.ndarray) -> np.ndarray:
+    """Every frame of ``frames`` (T, H, W, C; C <= 4) through the same matrix at the nearest
+    pixel, 0 outside. OpenCV's nearest rounds the source point, which for these pixel centres
+    is PIL's floor; ``NUDGE`` sends a point exactly between two pixels up, as the floor does."""
     height, width = frames.shape[1:3]
-    flags = (cv2.INTER_NEAREST if nearest else cv2.INTER_LINEAR) | cv2.WARP_INVERSE_MAP
-    if nearest:  # a point exactly between two pixels (odd sizes at 30 degrees) goes up, as PIL's floor
-        matrix = matrix + np.array([[0.0, 0.0, NUDGE], [0.0, 0.0, NUDGE]])
     out = np.empty_like(frames)
     for t in range(frames.shape[0]):
-        warped = cv2.warpAffine(frames[t], matrix, (width, height), flags=flags,
+        warped = cv2.warpAffine(frames[t], matrix, (width, height), flags=cv2.INTER_NEAREST | cv2.WARP_INVERSE_MAP,
                                 borderMode=cv2.BORDER_CONSTANT, borderValue=0)
         out[t] = warped.reshape(out[t].shape)  # OpenCV drops a single channel's axis
     return out
@@ -131,11 +128,9 @@ def _warp(frames: np.ndarray, matrix: np.ndarray, nearest: bool) -> np.ndarray:
 
 def colour_table(transform: Transform, channels: int) -> np.ndarray:
     """The photometric change as a uint8 table per colour channel, ``(256, channels)``."""
-    x = np.arange(256, dtype=np.float64)[:, None] / 255.0
-    x = x ** transform.gamma
-    x = (x - 0.5) * transform.contrast + 0.5 + transform.brightness / 255.0
+    x = (_LEVELS ** transform.gamma - 0.5) * transform.contrast + 0.5 + transform.brightness / 255.0
     gains = np.array(transform.gain[:channels] if transform.gain else (1.0,) * channels)
-    return np.clip(np.rint(x * gains * 255.0), 0, 255).astype(np.uint8)
+    return np.clip(np.rint(x * (gains * 255.0)), 0, 255).astype(np.uint8)
 
 
 def apply(clip: np.ndarray, transform: Transform, colours: int) -> np.ndarray:
@@ -144,20 +139,19 @@ def apply(clip: np.ndarray, transform: Transform, colours: int) -> np.ndarray:
     if transform == IDENTITY:
         return clip
     out = clip
-    if transform.geometric:
-        matrix = inverse_matrix(transform, clip.shape[1], clip.shape[2])
-        out = np.empty_like(clip)
-        if colours:
-            out[..., :colours] = _warp(np.ascontiguousarray(clip[..., :colours]), matrix, transform.nearest)
-        if colours < clip.shape[3]:
-            out[..., colours:] = _warp(np.ascontiguousarray(clip[..., colours:]), matrix, nearest=True)
+    if transform.moves:
+        out = _warp(clip, inverse_matrix(transform, clip.shape[1], clip.shape[2]))
+    elif transform.flip:  # a flip alone moves whole rows and columns
+        out = np.ascontiguousarray(clip[:, ::-1 if transform.flip & 2 else 1, ::-1 if transform.flip & 1 else 1])
     if transform.photometric and colours:
         table = colour_table(transform, colours)
         colour = np.ascontiguousarray(out[..., :colours])
         frames = colour.reshape(-1, colour.shape[2], colours)  # (T*H, W, c): one image for cv2.LUT
-        changed = cv2.LUT(frames, table.reshape(1, 256, colours))
+        changed = cv2.LUT(frames, table.reshape(1, 256, colours)).reshape(colour.shape)
+        if colours == clip.shape[3]:
+            return changed
         out = out.copy() if out is clip else out
-        out[..., :colours] = changed.reshape(colour.shape)
+        out[..., :colours] = changed
     return out
 
 
