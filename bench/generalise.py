@@ -7,9 +7,11 @@ subject has its own room light, skin tone, hand size and offset), ``tiny`` at 32
 epochs and learning rate for every arm. Each arm trains with ``--seed`` 0, 1, 2 ... through the
 real CLI (eager CPU) and is scored with ``pyact evaluate`` on the Test split: the held-out
 accuracy's mean and spread per arm. In the same run, the training loader's windows/s with each
-``--augment`` preset against the fastest consumer measured here (eager ``tiny`` training).
+``--augment`` preset against the fastest consumer measured here (eager ``tiny`` training, as in
+bench/train.py), and XLA:CPU's compilation and CPU-fallback counts of a run with and without
+augmentation, dropout and weight decay (they must be equal: nothing new compiles per step).
 
-    .venv/bin/python bench/generalise.py --out /tmp/bench-generalise [--seeds 3] [--epochs 6]
+    .venv/bin/python bench/generalise.py --out /tmp/bench-generalise [--seeds 3] [--epochs 12]
 """
 
 from __future__ import annotations
@@ -20,7 +22,6 @@ import os
 import statistics
 import subprocess
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -68,52 +69,27 @@ def held_out_accuracy(data: str, run_dir: str, flags: list[str], seed: int, epoc
         return json.load(handle)["accuracy"]
 
 
-def loader_rate(data: str, augment: str, workers: int = 2, batch: int = 32, epochs: int = 3) -> float:
-    """Windows/s of the training loader alone (no model), ``epochs`` passes, workers included."""
-    from pyact_torch.loader import Part, WindowDataset, make_loader
-    from pyact_torch.shards import read_manifest
-
-    manifest = read_manifest(data)
-    dataset = WindowDataset(data, manifest, "train", batch, Part(), train=True, workers=workers, augment=augment)
-    started, windows = time.perf_counter(), 0
-    for epoch in range(epochs):
-        dataset.set_epoch(epoch)
-        windows += sum(clips.shape[0] for clips, _, _ in make_loader(dataset, workers))
-    return windows / (time.perf_counter() - started)
-
-
-def consumer_rate(data: str, batch: int = 32, steps: int = 60) -> float:
-    """Windows/s of eager ``tiny`` training steps on one batch held in memory (no loader): the
-    fastest consumer this machine has."""
-    import torch
-
-    from pyact_torch.devices import Backend
-    from pyact_torch.loader import Part, WindowDataset
-    from pyact_torch.model import build_model, model_input
-    from pyact_torch.shards import read_manifest
-    from pyact_torch.train import make_optimizer, train_step
-
-    manifest = read_manifest(data)
-    clips, labels, _ = next(iter(WindowDataset(data, manifest, "train", batch, Part(), train=True)))
-    model = build_model("tiny", len(manifest["channels"]), manifest["seq_len"], 32, len(manifest["classes"]))
-    optimizer, backend = make_optimizer(model, 1e-3, 0.0), Backend("cpu")
-    for _ in range(5):
-        train_step(model, optimizer, model_input(clips), labels, backend)
-    started = time.perf_counter()
-    for _ in range(steps):
-        train_step(model, optimizer, model_input(clips), labels, backend)
-    return steps * batch / (time.perf_counter() - started)
+def xla_compiles(data: str, run_dir: str, flags: list[str]) -> str:
+    """The closing line's XLA compilation and fallback counts of a 2-epoch XLA:CPU run."""
+    env = {**os.environ, "PYTHONPATH": ROOT, "PJRT_DEVICE": "CPU"}
+    done = subprocess.run([sys.executable, "-m", "pyact_torch", "train", "--data", data, "--run-dir", run_dir,
+                           "--model", "tiny", "--device", "xla", "--epochs", "2", "--batch-size", "8", "--workers",
+                           "1", "--log-every", "1000", "--resume", "none", *flags],
+                          check=True, env=env, capture_output=True, text=True)
+    return next(line for line in done.stdout.splitlines() if "training finished" in line).split("(XLA: ")[1].rstrip(")")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="/tmp/bench-generalise", help="scratch folder (data and runs)")
     parser.add_argument("--seeds", type=int, default=3, help="training seeds per arm")
-    parser.add_argument("--epochs", type=int, default=6, help="epochs of every run")
+    parser.add_argument("--epochs", type=int, default=12, help="epochs of every run")
     parser.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (cosine schedule)")
-    parser.add_argument("--train-subjects", type=int, default=3, help="Train subjects of the dataset")
+    parser.add_argument("--train-subjects", type=int, default=4, help="Train subjects of the dataset")
     parser.add_argument("--test-subjects", type=int, default=4, help="held-out Test subjects")
-    parser.add_argument("--arms", default=",".join(ARMS), help="comma-separated arm names to run")
+    parser.add_argument("--arms", default=",".join(ARMS), help="comma-separated arm names to run ('' for none)")
+    parser.add_argument("--no-loader", dest="loader", action="store_false",
+                        help="skip the loader and XLA measurements")
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
     data = make_data(args.out, args.train_subjects, args.test_subjects)
@@ -123,14 +99,24 @@ def main() -> None:
           f"{args.test_subjects} held-out Test subjects ({splits['test']['count']} windows); tiny at 32x32, "
           f"{args.epochs} epochs, lr {args.lr:g} cosine, batch 32, eager CPU", flush=True)
 
-    consumer = consumer_rate(data)
-    print(f"fastest consumer (eager tiny training steps, batch in memory): {consumer:,.0f} windows/s", flush=True)
-    for preset in ("none", "pyact", "standard"):
-        rate = loader_rate(data, preset)
-        print(f"loader --augment {preset:8s}: {rate:7,.0f} windows/s = {rate / consumer:5.1f}x the consumer", flush=True)
+    if args.loader:
+        # bench/train.py's measures: eager tiny through the real loader (the fastest consumer
+        # here), and the loader alone over epochs of the real Train split's size
+        from train import loader_rate, real_size_copy, throughput  # bench/train.py
+
+        consumer = throughput(data, "tiny", "cpu", 32, 5, 40)["windows_per_s"]
+        print(f"fastest consumer (eager tiny training, 32x32): {consumer:,.0f} windows/s", flush=True)
+        real = real_size_copy(data, os.path.join(args.out, "shards-real-size"))
+        for preset in ("none", "pyact", "standard"):
+            rate = loader_rate(real, workers=2, augment=preset)["windows_per_s"]
+            print(f"loader --augment {preset:8s} (2 workers, real-size epochs): {rate:7,.0f} windows/s = "
+                  f"{rate / consumer:5.1f}x the consumer", flush=True)
+        for flags in ([], ["--augment", "standard", "--dropout", "0.2", "--weight-decay", "1e-4"]):
+            counts = xla_compiles(data, os.path.join(args.out, "xla"), flags)
+            print(f"XLA:CPU tiny, 2 epochs{' with ' + ' '.join(flags) if flags else ''}: {counts}", flush=True)
 
     results = {}
-    for arm in args.arms.split(","):
+    for arm in filter(None, args.arms.split(",")):
         accuracies = []
         for seed in range(args.seeds):
             run_dir = os.path.join(args.out, "runs", f"{arm.replace(' ', '_')}-seed{seed}")

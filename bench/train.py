@@ -145,14 +145,14 @@ def real_size_copy(data: str, out: str) -> str:
     return out
 
 
-def loader_rate(data: str, workers: int, batch: int = 32, epochs: int = 2) -> dict:
+def loader_rate(data: str, workers: int, batch: int = 32, epochs: int = 2, augment: str = "none") -> dict:
     """Windows/s of the training loader over ``epochs`` passes of the train split, no model
-    (per-epoch worker start-up included)."""
+    (per-epoch worker start-up included), with the ``augment`` preset."""
     from pyact_torch.loader import Part, WindowDataset, make_loader
     from pyact_torch.shards import read_manifest
 
     manifest = read_manifest(data)
-    dataset = WindowDataset(data, manifest, "train", batch, Part(), train=True, workers=workers)
+    dataset = WindowDataset(data, manifest, "train", batch, Part(), train=True, workers=workers, augment=augment)
     started = time.perf_counter()
     windows = 0
     for epoch in range(epochs):

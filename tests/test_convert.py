@@ -497,3 +497,18 @@ def test_the_split_rule():
     assert split_of("/r/records", ["/r/records/a"], "") == "train"
     with pytest.raises(UserError, match="another split"):
         split_of("/r/Test", ["/r/Test/a"], "train")  # --split against the folder's own name
+
+
+def test_more_keras_named_batchnorms_than_pyact_1x_has_are_refused(tmp_path, capsys):
+    """The reader takes at most five layers by Keras' own BatchNorm names: a file listing more
+    (thousands would each be read) is no pyACT network."""
+    layers = keras_weights_v1(np.random.default_rng(1), seq_len=1)
+    extra = [(f"batch_normalization_{k}", [(kind, np.ones(4, np.float32)) for kind in
+                                           ("gamma", "beta", "moving_mean", "moving_variance")]) for k in range(10, 12)]
+    h5 = str(tmp_path / "many.h5")
+    write_keras_h5(h5, extra + layers, whole_model=False)
+    assert main(["convert-keras", h5, str(tmp_path / "out.pt"), "--seq-len", "1"]) == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and "BatchNormalization" in error[0]
+    write_keras_h5(h5, layers, whole_model=False)  # the control: without the extra layers it converts
+    assert main(["convert-keras", h5, str(tmp_path / "out.pt"), "--seq-len", "1"]) == 0
