@@ -5,6 +5,14 @@ outside every segment are background. Predicted segments are matched per sequenc
 highest score first, each to the unmatched true segment it overlaps most, when their temporal
 IoU (shared frames / frames in either, both inclusive) reaches the threshold. Precision,
 recall and F1 are 0 when their denominator is (nothing detected, nothing to detect).
+
+Mean average precision follows the ActivityNet / THUMOS protocol with those same matching
+rules: per class, every detection of every sequence ranked by score (ties: sequence order, then
+first frame), each a true positive when it matches a still unmatched true segment of its
+sequence at the tIoU threshold; average precision by ActivityNet's all-point interpolation
+(the area under the precision-recall curve made monotone from the right); the mean over the
+classes that have a true segment (a class with detections but no true segment does not count;
+one with true segments and no detection counts 0).
 """
 
 from __future__ import annotations
@@ -15,6 +23,7 @@ from dataclasses import dataclass
 from .segments import Detection, frame_labels
 
 THRESHOLDS = (0.3, 0.5, 0.7)
+MAP_THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7)  # THUMOS'14's; their mean is reported too
 
 
 @dataclass(frozen=True)
@@ -71,6 +80,55 @@ def match(truths: tuple[Truth, ...], detections: tuple[Detection, ...], threshol
     return rows  # type: ignore[return-value]
 
 
+def average_precision(hits: list[bool], positives: int) -> float:
+    """ActivityNet's all-point interpolated average precision of a ranked list of detections
+    (``hits``: true positive or not, best first) against ``positives`` true segments."""
+    if not positives:
+        return 0.0
+    precision, recall, tp = [], [], 0
+    for rank, hit in enumerate(hits, 1):
+        tp += hit
+        precision.append(tp / rank)
+        recall.append(tp / positives)
+    envelope = [0.0] + precision + [0.0]
+    levels = [0.0] + recall + [1.0]
+    for i in range(len(envelope) - 2, -1, -1):
+        envelope[i] = max(envelope[i], envelope[i + 1])
+    return sum((levels[i] - levels[i - 1]) * envelope[i] for i in range(1, len(levels)) if levels[i] != levels[i - 1])
+
+
+def mean_average_precision(results: list[SequenceResult], thresholds: tuple[float, ...] = MAP_THRESHOLDS) -> dict:
+    """Per tIoU threshold: each class's average precision and their mean over the classes with
+    a true segment; and the mean of those means (``average``)."""
+    classes = sorted({t.label for r in results for t in r.truths})
+    by_threshold = {}
+    for threshold in thresholds:
+        per_class = {}
+        for label in classes:
+            ranked = sorted(((d.score, index, d.first, d) for index, r in enumerate(results) for d in r.detections
+                             if d.label == label), key=lambda item: (-item[0], item[1], item[2]))
+            taken: set[tuple[int, int]] = set()
+            hits = []
+            for _, index, _, det in ranked:
+                truths = results[index].truths
+                best, best_iou = -1, threshold
+                for i, truth in enumerate(truths):
+                    if (index, i) in taken or truth.label != label:
+                        continue
+                    overlap = tiou(det.first, det.last, truth.first, truth.last)
+                    if overlap >= best_iou and (best < 0 or overlap > best_iou):
+                        best, best_iou = i, overlap
+                if best >= 0:
+                    taken.add((index, best))
+                hits.append(best >= 0)
+            positives = sum(t.label == label for r in results for t in r.truths)
+            per_class[label] = average_precision(hits, positives)
+        by_threshold[str(threshold)] = {"mAP": statistics.fmean(per_class.values()) if per_class else 0.0,
+                                        "per_class": per_class}
+    return {"thresholds": by_threshold, "interpolation": "all-point (ActivityNet)",
+            "average": statistics.fmean(row["mAP"] for row in by_threshold.values()) if by_threshold else 0.0}
+
+
 def detection_metrics(results: list[SequenceResult], background: str) -> dict:
     """Frame accuracy, segment P/R/F1 per IoU threshold (overall and per class), detection
     delay and false alarms per 1,000 background frames over every sequence."""
@@ -111,6 +169,7 @@ def detection_metrics(results: list[SequenceResult], background: str) -> dict:
         "delay_frames": {"mean": statistics.fmean(delays) if delays else None,
                          "median": statistics.median(delays) if delays else None,
                          "detected": len(delays), "missed": missed},
+        "mAP": mean_average_precision(results),
         "false_alarms": false_alarms, "background_frames": background_frames,
         "false_alarms_per_1000_background_frames":
             1000 * false_alarms / background_frames if background_frames else None,
@@ -129,11 +188,15 @@ def format_table(metrics: dict) -> str:
              f"delay         {'-' if delay['mean'] is None else format(delay['mean'], '.1f')} frames mean, "
              f"{'-' if delay['median'] is None else format(delay['median'], '.1f')} median "
              f"({delay['detected']} detected, {delay['missed']} missed)",
+             "mAP           " + "   ".join(f"tIoU {t}: {row['mAP']:.3f}" for t, row in metrics["mAP"]["thresholds"].items())
+             + f"   average {metrics['mAP']['average']:.3f}",
              f"false alarms  {metrics['false_alarms']} ({'-' if rate is None else format(rate, '.2f')} per "
              f"1000 background frames)",
-             "", f"{'class':<16} {'P@0.5':>6} {'R@0.5':>6} {'F1@0.5':>6} {'true':>5} {'found':>5}"]
+             "", f"{'class':<16} {'P@0.5':>6} {'R@0.5':>6} {'F1@0.5':>6} {'AP@0.5':>6} {'true':>5} {'found':>5}"]
+    average = metrics["mAP"]["thresholds"].get("0.5", {}).get("per_class", {})
     for label, rows in metrics["per_class"].items():
         row = rows["0.5"]
-        lines.append(f"{label:<16} {row['precision']:>6.3f} {row['recall']:>6.3f} {row['f1']:>6.3f} "
+        ap = f"{average[label]:>6.3f}" if label in average else f"{'-':>6}"
+        lines.append(f"{label:<16} {row['precision']:>6.3f} {row['recall']:>6.3f} {row['f1']:>6.3f} {ap} "
                      f"{row['tp'] + row['fn']:>5} {row['tp'] + row['fp']:>5}")
     return "\n".join(lines) + "\n"
