@@ -162,6 +162,9 @@ class SynthConfig:
     min_segment: int = field(default=6, metadata=_arg(
         "shortest action segment; the first segment of each subject's first action has exactly this "
         "length, so it becomes the window length (--frames MIN must be at least 2N+2)", metavar="N"))
+    detection: int = field(default=10, metadata=_arg(
+        "long recordings in TestDetection/ (as the real dataset's 10), each by a subject of its own with 4 to 7 "
+        "actions of different classes between background runs; 0 = no TestDetection/", metavar="N"))
     seed: int = field(default=0, metadata=_arg("random seed; the same seed gives the same files"))
     workers: int = field(default=0, metadata=_arg("processes writing frames; 0 = all cores",
                                                   metavar="N", output=False))
@@ -177,6 +180,8 @@ class SynthConfig:
         if not 2 * self.min_segment + 2 <= low <= high:
             raise UserError(f"--frames: need {2 * self.min_segment + 2} <= MIN <= MAX, got {low}:{high}")
         _positive(min_segment=self.min_segment)
+        if not 0 <= self.detection <= 100:
+            raise UserError(f"--detection must be 0 to 100, got {self.detection}")
         if min(self.size) < 16:
             raise UserError("--size: frames must be at least 16x16")
 
@@ -380,7 +385,12 @@ class DetectConfig:
         "frames; its <folder>.xml label file is used when present)", metavar="SRC"))
     split: str = field(default="test", metadata=_arg(
         "with a dataset --src: the split to run over (eval = the Eval/ folder plus the Train subjects "
-        "the checkpoint's data moved there)", choices=("train", "eval", "test")))
+        "the checkpoint's data moved there; testdetection = the long recordings of TestDetection/, several "
+        "actions each, their segments labelled one by one)", choices=("train", "eval", "test", "testdetection")))
+    labels: str = field(default="", metadata=_arg(
+        "a segment list to score against instead of the label files: CSV with the header "
+        "sequence,action,first,last (frames inclusive) or JSON, a list of such objects; a row's sequence is a "
+        "source's name as detect prints it, or its last part (a recording's folder name)", metavar="FILE"))
     video: str = field(default="", metadata=_arg("a video file (colour only)", metavar="FILE"))
     camera: int = field(default=-1, metadata=_arg(
         "a camera index for OpenCV (colour only; -1 = none); segments are printed as they are found; "

@@ -24,7 +24,7 @@ from .config import DetectConfig
 from .detection_metrics import SequenceResult, Truth, detection_metrics, format_table
 from .errors import UserError
 from .outputs import publish, staging
-from .labels import NO_ACTION, LabelFileError, parse_label_file, scan_dataset
+from .labels import NO_ACTION, LabelFileError, Segment, parse_label_file, scan_dataset, scan_detection
 from .plots import timeline_png
 from .runners import ModelInfo, Runner, choose_threads, load_checkpoint_runner, load_exported
 from .segments import Detection, Segmenter
@@ -145,34 +145,136 @@ def plan_sources(config: DetectConfig, info: ModelInfo, print_fn: Callable[[str]
         fps = float(capture.get(5) or 0) or FOLDER_FPS  # cv2.CAP_PROP_FPS
         return [Source(name, lambda keep: capture_frames(capture, spec, name, config.max_frames, stop), None, fps, True)]
     src = os.path.normpath(config.src)
-    if os.path.isdir(os.path.join(src, "Train")) or os.path.isdir(os.path.join(src, "Test")):
-        return _split_sources(src, config.split, info, spec, print_fn)
+    if config.split == "testdetection":
+        sources = _detection_sources(src, info, spec, print_fn)
+    elif os.path.isdir(os.path.join(src, "Train")) or os.path.isdir(os.path.join(src, "Test")):
+        sources = _split_sources(src, config.split, info, spec, print_fn)
+    else:
+        sources = [_folder_source(src, info, spec, print_fn)]
+    return with_segment_list(sources, config.labels, info) if config.labels else sources
+
+
+def _folder_source(src: str, info: ModelInfo, spec, print_fn: Callable[[str], None]) -> Source:
+    """One sequence folder, scored against its ``<folder>.xml`` when there is one."""
     n_frames = count_frames(src, info.modality)
     if n_frames < info.seq_len:
         raise UserError(f"{src}: {n_frames} frames, fewer than the model's window of {info.seq_len}")
     truths = _folder_truths(src, n_frames, info, print_fn)
     name = "/".join(src.split(os.sep)[-3:])
-    return [Source(name, lambda keep: folder_frames(src, n_frames, spec, keep), truths, FOLDER_FPS, False, n_frames)]
+    return Source(name, lambda keep: folder_frames(src, n_frames, spec, keep), truths, FOLDER_FPS, False, n_frames)
 
 
 def _folder_truths(folder: str, n_frames: int, info: ModelInfo, print_fn: Callable[[str], None]) -> tuple[Truth, ...] | None:
-    """The segments of a sequence folder's label file (``<folder>.xml``), labelled with the
-    folder's name, as in a dataset; None without one, or when the name is not a class."""
+    """The segments of a sequence folder's label file (``<folder>.xml``), each labelled with
+    the action it names, else with the folder's name, as in a dataset; None without a label
+    file, or when a segment without its own action is in a folder named for no class."""
     label_file, action = folder + ".xml", os.path.basename(folder)
     if not os.path.isfile(label_file):
-        return None
-    if action not in info.classes:
-        print_fn(f"note: {label_file} is not scored: {action!r} is not one of the model's classes")
         return None
     try:
         segments = parse_label_file(label_file)
     except LabelFileError as exc:
         raise UserError(f"{label_file}: {exc}") from None
+    if action not in info.classes and any(s.action is None for s in segments):
+        print_fn(f"note: {label_file} is not scored: {action!r} is not one of the model's classes")
+        return None
     for segment in segments:
         if segment.pos + segment.len > n_frames:
             raise UserError(f"{label_file}: segment pos={segment.pos} len={segment.len} ends beyond the last frame "
                             f"({n_frames - 1})")
-    return tuple(Truth(action, s.pos, s.pos + s.len - 1) for s in segments)
+    return _truths(segments, action, info, label_file)
+
+
+def _truths(segments: tuple[Segment, ...], action: str, info: ModelInfo, label_file: str) -> tuple[Truth, ...]:
+    """True segments labelled by their own action, else ``action``; an action the model does
+    not know is refused naming the label file (it could never be found)."""
+    truths = tuple(Truth(s.action or action, s.pos, s.pos + s.len - 1) for s in segments)
+    unknown = sorted({t.label for t in truths} - set(info.classes) | ({t.label for t in truths} & {NO_ACTION}))
+    if unknown:
+        raise UserError(f"{label_file}: names the action {unknown[0]!r}, which is not one of the model's classes "
+                        f"({', '.join(c for c in info.classes if c != NO_ACTION)[:200]})")
+    return truths
+
+
+def _detection_sources(src: str, info: ModelInfo, spec, print_fn: Callable[[str], None]) -> list[Source]:
+    """The long recordings of ``src/TestDetection``, each segment labelled with its own action."""
+    recordings, bad = scan_detection(src, info.modality)
+    if bad:
+        print_fn(f"warning: skipping {len(bad)} broken recording(s) of TestDetection; first: {bad[0].message()}")
+    short = [r for r in recordings if r.n_frames < info.seq_len]
+    if short:
+        print_fn(f"warning: skipping {len(short)} recording(s) shorter than the model's window of {info.seq_len} "
+                 f"frames; first: {short[0].path}")
+    recordings = [r for r in recordings if r.n_frames >= info.seq_len]
+    if not recordings:
+        raise UserError(f"{os.path.join(src, 'TestDetection')}: no usable recording")
+    return [Source(r.path, lambda keep, f=os.path.join(src, r.path), n=r.n_frames: folder_frames(f, n, spec, keep),
+                   _truths(r.segments, "", info, os.path.join(src, r.path) + ".xml"), FOLDER_FPS, False, r.n_frames)
+            for r in recordings]
+
+
+SEGMENT_LIST_LIMIT = 64 << 20  # bytes: a million segments fit in a few tens of MB
+
+
+def read_segment_list(path: str) -> list[tuple[str, Truth]]:
+    """``(sequence, Truth)`` rows of a user's segment list: CSV with the header
+    ``sequence,action,first,last`` or JSON, a list of objects with those keys (frames inclusive)."""
+    import csv
+    import json
+
+    if not os.path.isfile(path):
+        raise UserError(f"--labels {path}: no such file")
+    if os.path.getsize(path) > SEGMENT_LIST_LIMIT:
+        raise UserError(f"--labels {path}: larger than {SEGMENT_LIST_LIMIT >> 20} MB; not a segment list")
+    with open(path, encoding="utf-8", errors="replace", newline="") as handle:
+        text = handle.read()
+    if path.lower().endswith(".json"):
+        try:
+            rows = json.loads(text)
+        except ValueError as exc:
+            raise UserError(f"--labels {path}: not valid JSON ({exc})") from None
+        if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+            raise UserError(f"--labels {path}: expected a list of objects with sequence, action, first and last")
+        where = [f"item {i + 1}" for i in range(len(rows))]
+    else:
+        reader = csv.DictReader(text.splitlines())
+        if reader.fieldnames is None or not {"sequence", "action", "first", "last"} <= set(reader.fieldnames):
+            raise UserError(f"--labels {path}: the first line must be the header sequence,action,first,last")
+        rows = list(reader)
+        where = [f"line {i + 2}" for i in range(len(rows))]
+    out = []
+    for row, place in zip(rows, where):
+        try:
+            sequence, action = str(row["sequence"]).strip(), str(row["action"]).strip()
+            first, last = int(row["first"]), int(row["last"])
+        except (KeyError, TypeError, ValueError):
+            raise UserError(f"--labels {path}: {place}: needs sequence, action and integer first and last") from None
+        if not sequence or first < 0 or last < first:
+            raise UserError(f"--labels {path}: {place}: frames {first}..{last} of {sequence!r} are no segment")
+        out.append((sequence, Truth(action, first, last)))
+    return out
+
+
+def with_segment_list(sources: list[Source], path: str, info: ModelInfo) -> list[Source]:
+    """``sources`` scored against a user's segment list instead of their label files: a row
+    belongs to the source whose name is its sequence, or ends with ``/`` and it."""
+    rows = read_segment_list(path)
+    unknown = sorted({t.label for _, t in rows} - set(info.classes) | ({t.label for _, t in rows} & {NO_ACTION}))
+    if unknown:
+        raise UserError(f"--labels {path}: names the action {unknown[0][:60]!r}, which is not one of the model's "
+                        f"classes")
+    claimed: dict[str, list[Truth]] = {}
+    for sequence, truth in rows:
+        owners = [s for s in sources if s.name == sequence or s.name.endswith("/" + sequence)]
+        if len(owners) != 1:
+            raise UserError(f"--labels {path}: the sequence {sequence[:80]!r} names {len(owners)} of the sources "
+                            f"({', '.join(s.name for s in sources[:3])}{', ...' if len(sources) > 3 else ''}); "
+                            f"give its name as detect prints it")
+        if owners[0].n_frames is not None and truth.last >= owners[0].n_frames:
+            raise UserError(f"--labels {path}: {sequence!r} frames {truth.first}..{truth.last} end beyond its last "
+                            f"frame ({owners[0].n_frames - 1})")
+        claimed.setdefault(owners[0].name, []).append(truth)
+    return [replace(s, truths=tuple(claimed.get(s.name, ()))) for s in sources]
 
 
 def _split_sources(src: str, split: str, info: ModelInfo, spec, print_fn: Callable[[str], None]) -> list[Source]:
@@ -205,7 +307,8 @@ def _split_sources(src: str, split: str, info: ModelInfo, spec, print_fn: Callab
     sources = []
     for seq in chosen:
         folder = os.path.join(src, seq.path)
-        truths = None if seq in unknown else tuple(Truth(seq.action, s.pos, s.pos + s.len - 1) for s in seq.segments)
+        truths = None if seq in unknown else _truths(seq.segments, seq.action, info,
+                                                           os.path.join(src, seq.path) + ".xml")
         sources.append(Source(seq.path, lambda keep, f=folder, n=seq.n_frames: folder_frames(f, n, spec, keep),
                               truths, FOLDER_FPS, False, seq.n_frames))
     return sources

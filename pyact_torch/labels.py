@@ -3,7 +3,14 @@
 A sequence is ``<Split>/<subject>/<action>/`` (frames ``color_<i>.png``, ``depth_<i>.png``,
 ``confi_<i>.png``) next to its label file ``<Split>/<subject>/<action>.xml``, an OpenCV
 FileStorage document. Every element named ``_`` with children ``pos`` and ``len`` is one
-action segment; everything else in the file is ignored.
+action segment; a child ``label``, ``name``, ``class``, ``action`` or ``gesture`` names the
+segment's own action (without one, the sequence folder's action). Everything else in the file
+is ignored.
+
+``TestDetection/`` holds long sequences of several actions, named for their recording
+(``TestDetection/connie/``, with ``TestDetection/connie.xml``), directly or one level down
+(``TestDetection/<subject>/<recording>/``): whichever holds the frames. Their segments must
+name their actions.
 """
 
 from __future__ import annotations
@@ -38,15 +45,19 @@ PYACT_CLASSES = (
 )
 
 SPLIT_DIRS = ("Train", "Eval", "Test")
+DETECTION_DIR = "TestDetection"
+ACTION_TAGS = ("label", "name", "class", "action", "gesture")  # a segment's own action, first found wins
 _FRAME = re.compile(r"^(color|depth|confi)_(\d+)\.png$")
 
 
 @dataclass(frozen=True)
 class Segment:
-    """Frames ``pos .. pos+len-1`` show the action."""
+    """Frames ``pos .. pos+len-1`` show the action: its own (``action``, from the label
+    file), or else its sequence folder's."""
 
     pos: int
     len: int
+    action: str | None = None
 
     def __contains__(self, frame: int) -> bool:
         return self.pos <= frame < self.pos + self.len
@@ -66,6 +77,19 @@ class Sequence:
     def path(self) -> str:
         """The folder relative to the dataset root, as on disk (``Train/LN/asl-z``)."""
         return f"{self.split_dir}/{self.subject}/{self.action}"
+
+    def action_of(self, segment: Segment) -> str:
+        """A segment's action: its own, else this sequence's."""
+        return segment.action or self.action
+
+
+@dataclass(frozen=True)
+class Recording:
+    """One long sequence of ``TestDetection/`` whose segments name their actions."""
+
+    path: str  # relative to the dataset root: TestDetection/<name> or TestDetection/<subject>/<name>
+    n_frames: int
+    segments: tuple[Segment, ...]
 
 
 @dataclass(frozen=True)
@@ -118,8 +142,23 @@ def parse_label_file(path: str) -> tuple[Segment, ...]:
                 raise LabelFileError(f"segment <{name}> is not an integer: {text!r}") from None
         if values[0] < 0 or values[1] < 1:
             raise LabelFileError(f"segment pos={values[0]} len={values[1]} is not a valid range")
-        segments.append(Segment(*values))
+        segments.append(Segment(*values, action=_segment_action(element, values)))
     return tuple(segments)
+
+
+def _segment_action(element: ElementTree.Element, where: list[int]) -> str | None:
+    """The action a segment names in a child ``label``/``name``/``class``/``action``/
+    ``gesture`` (OpenCV writes strings in double quotes), checked to be a class name."""
+    for tag in ACTION_TAGS:
+        child = element.find(tag)
+        if child is None:
+            continue
+        text = (child.text or "").strip().strip('"').strip()
+        if not CLASS_NAME.fullmatch(text) or text == NO_ACTION:
+            raise LabelFileError(f"segment pos={where[0]} len={where[1]}: <{tag}> {text[:60]!r} is not an action "
+                                 f"name (letters, digits and '_.+-', not {NO_ACTION!r})")
+        return text
+    return None
 
 
 def frame_indices(folder: str) -> dict[str, set[int]]:
@@ -201,4 +240,62 @@ def scan_dataset(src: str, modality: str = "color") -> tuple[list[Sequence], lis
             for action in sorted(names):
                 result = _check_sequence(src, split_dir, subject, action, modality)
                 (good if isinstance(result, Sequence) else bad).append(result)
+    return good, bad
+
+
+def _frame_folder(folder: str) -> bool:
+    try:
+        with os.scandir(folder) as entries:
+            return any(_FRAME.match(entry.name) for entry in entries)
+    except OSError:
+        return False
+
+
+def scan_detection(src: str, modality: str = "color") -> tuple[list[Recording], list[BadSequence]]:
+    """The long sequences of ``src/TestDetection`` (sorted by path) and the broken ones. A
+    folder holding frames is a recording; one holding none is a subject whose subfolders are
+    (one level down, no deeper). Every segment must name its action."""
+    root = os.path.join(src, DETECTION_DIR)
+    if not os.path.isdir(root):
+        raise UserError(f"{root}: missing; the dataset has no {DETECTION_DIR}/ split")
+    folders = []
+    for name in sorted(os.listdir(root)):
+        folder = os.path.join(root, name)
+        if name.startswith(".") or not os.path.isdir(folder):
+            continue
+        if _frame_folder(folder):
+            folders.append(f"{DETECTION_DIR}/{name}")
+        else:
+            folders += [f"{DETECTION_DIR}/{name}/{inner}" for inner in sorted(os.listdir(folder))
+                        if not inner.startswith(".") and os.path.isdir(os.path.join(folder, inner))]
+    good: list[Recording] = []
+    bad: list[BadSequence] = []
+    for rel in folders:
+        folder = os.path.join(src, rel)
+        label_file = folder + ".xml"
+        if not os.path.isfile(label_file):
+            bad.append(BadSequence(rel, label_file, "label file missing for this sequence folder"))
+            continue
+        try:
+            segments = parse_label_file(label_file)
+        except LabelFileError as exc:
+            bad.append(BadSequence(rel, label_file, str(exc)))
+            continue
+        indices = frame_indices(folder)
+        n_frames = len(indices["color"])
+        problem = next((f"segment pos={g.pos} len={g.len} names no action (give each <_> a child "
+                        f"{', '.join('<' + t + '>' for t in ACTION_TAGS)})" for g in segments if g.action is None), None)
+        problem = problem or next((f"segment pos={g.pos} len={g.len} ends beyond the last frame ({n_frames - 1})"
+                                   for g in segments if g.pos + g.len > n_frames), None)
+        missing = [kind for kind in ("color",) + needed_kinds(modality) if set(range(n_frames)) - indices[kind]]
+        if n_frames == 0:
+            bad.append(BadSequence(rel, folder, "no color_<i>.png frames"))
+        elif missing:
+            first = min(set(range(n_frames)) - indices[missing[0]])
+            bad.append(BadSequence(rel, os.path.join(folder, f"{missing[0]}_{first}.png"),
+                                   f"frame missing (the sequence has {n_frames} color frames)"))
+        elif problem:
+            bad.append(BadSequence(rel, label_file, problem))
+        else:
+            good.append(Recording(rel, n_frames, segments))
     return good, bad

@@ -29,7 +29,7 @@ from .config import PreprocessConfig, output_settings
 from .errors import UserError
 from .locks import LOCK_NAME, Lock
 from .frames import DecodeChunk, FrameCache, FrameSpec, decode_into_cache
-from .labels import BadSequence, Sequence, class_list, scan_dataset
+from .labels import DETECTION_DIR, BadSequence, Sequence, class_list, scan_dataset
 from .parallel import map_unordered
 from .resources import device_of, free_space, human, size_of
 from .labels import needed_kinds
@@ -90,7 +90,9 @@ def fingerprint(config: PreprocessConfig, sequences: list[Sequence], bad: list[B
     """Hash of everything that determines the output: settings (not paths or worker counts)
     and the dataset's sequences, frame counts and segments."""
     settings = {k: v for k, v in output_settings(config).items() if k not in ("src", "dest")}
-    listing = [(s.path, s.n_frames, [(g.pos, g.len) for g in s.segments]) for s in sequences]
+    # a segment's own action only where a label file names one: fingerprints of datasets without stay as they were
+    listing = [(s.path, s.n_frames, [(g.pos, g.len) if g.action is None else (g.pos, g.len, g.action)
+                                     for g in s.segments]) for s in sequences]
     payload = json.dumps([FORMAT, settings, listing, [b.path for b in bad]])
     return hashlib.sha256(payload.encode()).hexdigest()
 
@@ -467,6 +469,9 @@ def preprocess(config: PreprocessConfig, progress: bool = True, print_fn=print) 
         raise UserError(bad[0].message() + more)
     if not sequences:
         raise UserError(f"{config.src}: no usable sequences")
+    if os.path.isdir(os.path.join(config.src, DETECTION_DIR)):
+        print_fn(f"note: {DETECTION_DIR}/ is not preprocessed (pyACT did not use it either): score its long "
+                 f"sequences with pyact detect --src {config.src} --split testdetection")
     seq_len = check_plan(config, sequences)  # before anything is written or decoded
     check_space(config, sequences, seq_len)
     with Lock(config.dest, "preprocess"):  # one run per DEST: a second is refused naming this one
@@ -490,7 +495,7 @@ def _preprocess_locked(config: PreprocessConfig, sequences: list, bad: list, seq
         summary.elapsed = time.perf_counter() - started
         return summary
     _open_cache(cache, _cache_token(spec, sequences), run)
-    classes = class_list([s.action for s in sequences])
+    classes = class_list({s.action for s in sequences} | {g.action for s in sequences for g in s.segments if g.action})
     summary = Summary(config.dest, classes, seq_len, {}, "", skipped=list(bad))
     _, slots, usable = _decode(config, sequences, spec, cache, stats, summary, progress)
     splits, summary.eval_source = split_sequences(usable, config.eval_subjects, config.seed)

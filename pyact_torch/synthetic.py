@@ -1,5 +1,10 @@
 """A synthetic Hand Action dataset in exactly the real layout, learnable per class.
 
+``Train/``, ``Eval/`` and ``Test/`` hold one sequence per subject and action; ``TestDetection/``
+holds long recordings by subjects of their own (``TestDetection/detect03/`` beside
+``detect03.xml``), each with several actions of different classes separated by background of
+varying length, every segment naming its action in a ``<label>`` child.
+
 Each of the 16 actions is a shape (circle, square, triangle, cross) moving in one of four
 directions during its labelled segments; outside the segments a frame shows only background
 (a gradient whose brightness drifts, plus sensor noise). Subjects differ in background,
@@ -129,23 +134,69 @@ def render_frame(style: dict, action_index: int, progress: float | None, width: 
     return colour, depth, confi
 
 
-def write_label_file(path: str, action: str, segments: list[tuple[int, int]], n_frames: int) -> None:
-    """An OpenCV FileStorage XML like the real dataset's: a sequence of ``{pos, len}`` maps."""
+def write_label_file(path: str, action: str, segments: list[tuple[int, int]], n_frames: int,
+                     labels: list[str] | None = None) -> None:
+    """An OpenCV FileStorage XML like the real dataset's: a sequence of ``{pos, len}`` maps,
+    each with its own ``label`` when ``labels`` are given."""
     storage = cv2.FileStorage(path, cv2.FILE_STORAGE_WRITE)
     storage.write("action", action)
     storage.startWriteStruct("segments", cv2.FileNode_SEQ)
-    for pos, length in segments:
+    for index, (pos, length) in enumerate(segments):
         storage.startWriteStruct("", cv2.FileNode_MAP)
         storage.write("pos", pos)
         storage.write("len", length)
+        if labels is not None:
+            storage.write("label", labels[index])
         storage.endWriteStruct()
     storage.endWriteStruct()
     storage.write("frameCount", n_frames)
     storage.release()
 
 
+def recording_plan(config: SynthConfig, index: int) -> tuple[int, list[tuple[int, int, int]]]:
+    """One TestDetection recording: its frame count and ``(pos, len, action index)`` segments,
+    4 to 7 actions of different classes, each as long as a Train segment can be, between
+    background runs of 2 to half of ``--frames MIN`` frames."""
+    rng = np.random.default_rng([config.seed, 3, index, 104729])
+    chosen = rng.choice(len(ACTIONS), size=int(rng.integers(4, 8)), replace=False)
+    segments, frame = [], 0
+    for action in chosen:
+        frame += int(rng.integers(2, max(3, config.frames[0] // 2) + 1))
+        length = int(rng.integers(config.min_segment, 3 * config.min_segment + 1))
+        segments.append((frame, length, int(action)))
+        frame += length
+    return frame + int(rng.integers(2, max(3, config.frames[0] // 2) + 1)), segments
+
+
+def _write_recording(job: _Job) -> int:
+    config = job.config
+    n_frames, plan = recording_plan(config, job.subject_index)
+    rng = np.random.default_rng([config.seed, 3, job.subject_index, 7])
+    style = _style(config.seed, 3, job.subject_index)
+    folder = os.path.join(job.out, job.split_dir, job.subject)
+    os.makedirs(folder, exist_ok=True)
+    width, height = config.size
+    for frame in range(n_frames):
+        now = next(((action, (frame - pos) / length) for pos, length, action in plan if pos <= frame < pos + length),
+                   (0, None))
+        colour, depth, confi = render_frame(style, now[0], now[1], width, height, frame, rng)
+        _write_frames(folder, frame, colour, depth, confi)
+    write_label_file(folder + ".xml", job.subject, [(pos, length) for pos, length, _ in plan], n_frames,
+                     labels=[ACTIONS[action] for _, _, action in plan])
+    return n_frames
+
+
+def _write_frames(folder: str, frame: int, colour: np.ndarray, depth: np.ndarray, confi: np.ndarray) -> None:
+    for kind, image in (("color", cv2.cvtColor(colour, cv2.COLOR_RGB2BGR)), ("depth", depth), ("confi", confi)):
+        path = os.path.join(folder, f"{kind}_{frame}.png")
+        if not cv2.imwrite(path, image):  # OpenCV says False, not why: a full disk is the usual cause
+            raise UserError(f"{path}: could not be written (is the disk full?)")
+
+
 def _write_sequence(job: _Job) -> int:
     config = job.config
+    if job.split_dir == "TestDetection":
+        return _write_recording(job)
     split_index = ("Train", "Eval", "Test").index(job.split_dir)
     rng = np.random.default_rng([config.seed, split_index, job.subject_index, job.action_index])
     style = _style(config.seed, split_index, job.subject_index)
@@ -160,10 +211,7 @@ def _write_sequence(job: _Job) -> int:
                          if pos <= frame < pos + length), None)
         colour, depth, confi = render_frame(style, job.action_index, progress, width, height,
                                             frame, rng)
-        for kind, image in (("color", cv2.cvtColor(colour, cv2.COLOR_RGB2BGR)), ("depth", depth), ("confi", confi)):
-            path = os.path.join(folder, f"{kind}_{frame}.png")
-            if not cv2.imwrite(path, image):  # OpenCV says False, not why: a full disk is the usual cause
-                raise UserError(f"{path}: could not be written (is the disk full?)")
+        _write_frames(folder, frame, colour, depth, confi)
     write_label_file(folder + ".xml", action, segments, n_frames)
     return n_frames
 
@@ -182,6 +230,8 @@ def make_dataset(config: SynthConfig, progress: bool = True) -> int:
                 for split_dir, subjects in subject_names(config).items()
                 for subject_index, subject in enumerate(subjects)
                 for action_index in range(len(ACTIONS))]
+        jobs += [_Job(staging, "TestDetection", f"detect{index:02d}", index, -1, config)
+                 for index in range(config.detection)]
         total = 0
         with tqdm(total=len(jobs), unit="seq", desc="synthetic", disable=None if progress else True) as bar, \
                 contextlib.closing(map_unordered(_write_sequence, jobs, config.processes)) as written:

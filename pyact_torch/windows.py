@@ -2,7 +2,8 @@
 
 A sequence of ``n`` frames gives one window per end frame ``i = L-1 .. n-1`` covering frames
 ``i-L+1 .. i``. Its label is the sequence's action when at least ``L // 2`` of those frames lie
-inside an action segment, otherwise ``no-action``.
+inside an action segment, otherwise ``no-action`` (a segment naming its own action counts for
+that action; the one with most frames in the window wins).
 """
 
 from __future__ import annotations
@@ -45,14 +46,20 @@ def window_length(sequences: list[Sequence]) -> int:
 
 
 def label_windows(seq: Sequence, length: int) -> list[Window]:
-    """Every window of one sequence, labelled by the ``length // 2`` overlap rule."""
-    inside = [any(frame in segment for segment in seq.segments) for frame in range(seq.n_frames)]
+    """Every window of one sequence, labelled by the ``length // 2`` overlap rule: the action
+    with the most frames in the window (a segment's own, else the sequence's) when it has at
+    least ``length // 2`` of them."""
+    action_at: list[str | None] = [None] * seq.n_frames
+    for segment in seq.segments:
+        for frame in range(segment.pos, min(segment.pos + segment.len, seq.n_frames)):
+            action_at[frame] = seq.action_of(segment)
     need = length // 2
     windows = []
     for stop in range(length - 1, seq.n_frames):
         start = stop - length + 1
-        in_action = sum(inside[start:stop + 1])
-        windows.append(Window(seq, start, stop, seq.action if in_action >= need else NO_ACTION))
+        counts = Counter(a for a in action_at[start:stop + 1] if a is not None)
+        action, in_action = counts.most_common(1)[0] if counts else (NO_ACTION, 0)
+        windows.append(Window(seq, start, stop, action if in_action >= need else NO_ACTION))
     return windows
 
 

@@ -14,16 +14,18 @@ from pyact_torch.emulator import GCSEmulator
 from pyact_torch.synthetic import make_dataset
 
 
-def _synthetic(root, subjects, frames, size, seed) -> str:
-    make_dataset(SynthConfig(str(root), subjects=subjects, frames=frames, size=size, seed=seed, workers=2),
-                 progress=False)
+def _synthetic(root, subjects, frames, size, seed, detection=0) -> str:
+    make_dataset(SynthConfig(str(root), subjects=subjects, frames=frames, size=size, seed=seed, workers=2,
+                             detection=detection), progress=False)
     return str(root)
 
 
 @pytest.fixture(scope="session")
 def raw_dataset(tmp_path_factory) -> str:
-    """3 Train and 2 Test subjects, 16 actions each, 20-30 frames a sequence, 96x72 colour."""
-    return _synthetic(tmp_path_factory.mktemp("raw") / "handaction", (3, 0, 2), (20, 30), (96, 72), seed=1)
+    """3 Train and 2 Test subjects, 16 actions each, 20-30 frames a sequence, 96x72 colour; 2
+    TestDetection recordings (which preprocessing leaves alone)."""
+    return _synthetic(tmp_path_factory.mktemp("raw") / "handaction", (3, 0, 2), (20, 30), (96, 72), seed=1,
+                      detection=2)
 
 
 @pytest.fixture(scope="session")
@@ -88,12 +90,13 @@ def count_frames(root: str, kind: str = "color") -> int:
 
 @pytest.fixture(scope="session")
 def learn_shards(tmp_path_factory) -> str:
-    """Shards of a learnable dataset: 6 Train subjects, a held-out Eval subject, 2 Test."""
+    """Shards of a learnable dataset: 6 Train subjects, a held-out Eval subject, 2 Test; its raw
+    folder (``../raw``) also has 4 TestDetection recordings."""
     from pyact_torch.config import PreprocessConfig
     from pyact_torch.preprocess import preprocess
 
     root = tmp_path_factory.mktemp("learn")
-    raw = _synthetic(root / "raw", (6, 1, 2), (40, 60), (96, 72), seed=3)
+    raw = _synthetic(root / "raw", (6, 1, 2), (40, 60), (96, 72), seed=3, detection=4)
     dest = str(root / "shards")
     preprocess(PreprocessConfig(raw, dest, image_size=32, shard_size=64, workers=2), progress=False,
                print_fn=lambda *a: None)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import os
 import signal
 import subprocess
@@ -249,3 +250,26 @@ def test_eval_subjects_flag_and_eval_folder(tiny_dataset, tmp_path):
     assert manifest["eval_source"] == "Eval/ folder" and manifest["eval_subjects"] == ["train00"]
     paths = {s["json"]["path"] for s in read_split(dest, manifest, "eval")}
     assert paths and all(p.startswith("Eval/train00/") for p in paths)
+
+
+def test_testdetection_is_left_alone_and_said_once(tiny_dataset, raw_dataset, tmp_path, capsys):
+    """A dataset with TestDetection/ preprocesses to the very bytes (fingerprints included) of the
+    same dataset without it, and says once that it is not used."""
+    from pyact_torch.cli import main
+
+    assert os.path.isdir(os.path.join(raw_dataset, "TestDetection"))
+    with_it = str(tmp_path / "with")
+    shutil.copytree(tiny_dataset, with_it)
+    shutil.copytree(os.path.join(raw_dataset, "TestDetection"), os.path.join(with_it, "TestDetection"))
+    assert main(["preprocess", tiny_dataset, str(tmp_path / "a"), "--workers", "1"]) == 0
+    assert "TestDetection" not in capsys.readouterr().out
+    assert main(["preprocess", with_it, str(tmp_path / "b"), "--workers", "1"]) == 0
+    assert capsys.readouterr().out.count("TestDetection/ is not preprocessed") == 1
+    a, b = tree_bytes(str(tmp_path / "a")), tree_bytes(str(tmp_path / "b"))
+    manifests = [json.loads(t.pop("manifest.json")) for t in (a, b)]
+    assert a == b  # every shard and index, byte for byte
+    for m in manifests:
+        m.pop("src", None)
+        m.get("source", {}).pop("src", None)
+    assert manifests[0] == manifests[1]
+    assert manifests[0]["fingerprint"] == manifests[1]["fingerprint"]

@@ -110,3 +110,14 @@ def test_eval_split_from_eval_folder_flag_or_seed():
     assert splits["eval"][0].subject in source and "--seed 7" in source
     with pytest.raises(UserError, match="no Train subject named zz"):
         split_sequences(train + test, ("zz",), 0)
+
+
+def test_a_segment_naming_its_own_action_labels_its_windows():
+    # ui-swipe on frames 2..9 (named in the file), the folder's asl-z on 12..19; L=6 needs 3
+    sequence = Sequence("Train", "s1", "asl-z", 30, (Segment(2, 8, "ui-swipe"), Segment(12, 8)))
+    got = [w.label for w in label_windows(sequence, 6)]
+    # stops 5..12: swipe; 13: 2 frames of each, neither has 3; 14..22: asl-z; 23..29: background
+    assert got == ["ui-swipe"] * 8 + [NO_ACTION] + ["asl-z"] * 9 + [NO_ACTION] * 7
+    # the same file without its own action: the folder's action throughout, as always
+    plain = [w.label for w in label_windows(seq(30, (2, 8), (12, 8)), 6)]
+    assert plain == ["asl-z"] * 8 + ["asl-z"] + ["asl-z"] * 9 + [NO_ACTION] * 7
