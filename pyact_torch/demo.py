@@ -1,7 +1,7 @@
 """``pyact demo``: the whole pipeline on a small synthetic dataset, on CPU, in a few minutes.
 
 synthetic raw dataset -> shards -> train ``tiny`` -> score the test split -> video -> detect the
-actions in the whole test sequences, with every
+actions in the long TestDetection recordings (several actions each), with every
 output in one folder (or shards and checkpoints in a local fake-gcs-server bucket), and a short
 summary at the end. It calls the same functions as the other subcommands.
 """
@@ -48,7 +48,7 @@ def run_demo(config: DemoConfig, print_fn: Callable[[str], None] = print) -> dic
         if config.gcs_emulator:
             emulator = GCSEmulator(os.path.join(out, "gcs"), log=os.path.join(out, "gcs-server.log")).start()
             emulator.create_bucket(BUCKET)
-        print_fn(f"[1/6] synthetic dataset (6 Train, 1 Eval, 2 Test subjects) -> {raw}")
+        print_fn(f"[1/6] synthetic dataset (6 Train, 1 Eval, 2 Test subjects, 10 TestDetection recordings) -> {raw}")
         make_dataset(SynthConfig(raw, subjects=(6, 1, 2), frames=(40, 60), size=(96, 72), seed=config.seed))
         _write_record(out, complete=False)  # after each step: a kill -9 leaves at most one step unrecorded
         print_fn(f"[2/6] preprocessing -> {shards}")
@@ -77,8 +77,9 @@ def run_demo(config: DemoConfig, print_fn: Callable[[str], None] = print) -> dic
                                    print_fn=print_fn)
         storage.write_bytes(os.path.join(out, "loss.png"), storage.read_bytes(storage.join(run, "loss.png")))
         detection = os.path.join(out, "detection")
-        print_fn(f"[6/6] detecting actions in the whole test sequences -> {detection}")
-        found = run_detect(DetectConfig(checkpoint=run, src=raw, split="test", out=detection), print_fn=print_fn)
+        print_fn(f"[6/6] detecting actions in the TestDetection recordings -> {detection}")
+        found = run_detect(DetectConfig(checkpoint=run, src=raw, split="testdetection", out=detection),
+                           print_fn=print_fn)
     finally:
         if emulator is not None:
             emulator.stop()
@@ -97,8 +98,9 @@ def run_demo(config: DemoConfig, print_fn: Callable[[str], None] = print) -> dic
     }
     width = max(map(len, where))
     lines = ["", f"demo finished in {time.perf_counter() - started:.0f} s: test accuracy {metrics['accuracy']:.3f} "
-                 f"(macro-F1 {metrics['macro_f1']:.3f}) over {metrics['windows']} windows; detection segment F1 "
-                 f"{found['detection']['segments']['0.5']['f1']:.3f} at IoU 0.5"]
+                 f"(macro-F1 {metrics['macro_f1']:.3f}) over {metrics['windows']} windows; detection in "
+                 f"TestDetection at tIoU 0.5: segment F1 {found['detection']['segments']['0.5']['f1']:.3f}, "
+                 f"mAP {found['detection']['mAP']['thresholds']['0.5']['mAP']:.3f}"]
     lines += [f"  {name:<{width}}  {path}" for name, path in where.items()]
     print_fn("\n".join(lines))
     return {**metrics, "outputs": where, "video_frames": frames, "detection": found["detection"]}

@@ -627,3 +627,103 @@ def test_streaming_detection_says_its_thread_count_and_takes_threads(runner, det
         assert "intra-op thread" not in capsys.readouterr().out and torch.get_num_threads() == 3
     finally:
         torch.set_num_threads(before)
+
+
+# --- TestDetection: long recordings of several actions -------------------------------------------
+
+def test_testdetection_scores_each_segment_by_its_own_action(detector_run, raw, tmp_path, capsys):
+    from collections import Counter
+
+    from pyact_torch.labels import scan_detection
+
+    out = str(tmp_path / "det")
+    assert main(["detect", "--checkpoint", detector_run, "--src", raw, "--split", "testdetection", "--out", out,
+                 "--no-video"]) == 0
+    report = json.load(open(os.path.join(out, "metrics.json")))["detection"]
+    recordings, _ = scan_detection(raw)
+    assert report["sequences"] == len(recordings) == 4
+    # the truth is each segment's own action, as its label file names it
+    expected = Counter(g.action for r in recordings for g in r.segments)
+    assert len(expected) >= 8  # recordings of several different classes
+    truths = {c: row["0.5"]["tp"] + row["0.5"]["fn"] for c, row in report["per_class"].items()}
+    assert {c: n for c, n in truths.items() if n} == dict(expected)
+    assert set(report["mAP"]["thresholds"]) == {"0.3", "0.4", "0.5", "0.6", "0.7"}
+    assert set(report["mAP"]["thresholds"]["0.5"]["per_class"]) == set(expected)
+    # tiny, 10 epochs (detector_run); an untrained model scores ~0
+    assert report["mAP"]["thresholds"]["0.5"]["mAP"] >= MAP_BAR
+    assert report["segments"]["0.5"]["f1"] >= F1_BAR and report["frame_accuracy"] >= 0.8
+    found = json.load(open(os.path.join(out, "detections.json")))["sequences"]
+    assert any(len({s["label"] for s in sequence["segments"]}) >= 3 for sequence in found)  # class changes found
+    printed = capsys.readouterr().out
+    assert "mAP           tIoU 0.3:" in printed and "AP@0.5" in printed
+
+
+MAP_BAR, F1_BAR = 0.6, 0.55  # measured 0.84 and 0.75 (frame accuracy 0.89) on the 4 recordings
+
+
+def test_streaming_equals_batching_on_a_long_recording(raw, runner):
+    folder = os.path.join(raw, "TestDetection", "detect00")
+    n = count_frames(folder, "color")
+    spec = runner.info.spec("test")
+    one = np.stack([p for _, p, _ in streamed(folder_frames(folder, n, spec, False), runner, 6) if p is not None])
+    alone = np.stack([p for _, p, _ in batched(folder_frames(folder, n, spec, False), runner, 6, 1) if p is not None])
+    assert one.shape == (n - 5, 17) and np.array_equal(one, alone)  # bitwise at batch 1
+    classes = list(runner.info.classes)
+    found = detect_segments(one, 5, classes, "no-action", 6, 3, 3)
+    assert len({d.label for d in found}) >= 2  # it does switch from one action to another
+
+
+def _segment_rows(raw):
+    from pyact_torch.labels import scan_detection
+
+    return [(r.path.split("/")[-1], g.action, g.pos, g.pos + g.len - 1) for r in scan_detection(raw)[0]
+            for g in r.segments]
+
+
+@pytest.mark.parametrize("kind", ["csv", "json"])
+def test_a_segment_list_scores_like_the_label_files(detector_run, raw, tmp_path, kind):
+    rows = _segment_rows(raw)
+    path = tmp_path / f"segments.{kind}"
+    if kind == "csv":
+        path.write_text("sequence,action,first,last\n" + "".join(f"{s},{a},{f},{last}\n" for s, a, f, last in rows))
+    else:
+        path.write_text(json.dumps([dict(sequence=s, action=a, first=f, last=last) for s, a, f, last in rows]))
+    reports = []
+    for extra in ([], ["--labels", str(path)]):
+        out = str(tmp_path / f"det{len(reports)}")
+        assert main(["detect", "--checkpoint", detector_run, "--src", raw, "--split", "testdetection", "--out", out,
+                     "--no-video", *extra]) == 0
+        reports.append(json.load(open(os.path.join(out, "metrics.json")))["detection"])
+    assert reports[0] == reports[1]
+    # the control: a list that drops a segment scores otherwise
+    short = tmp_path / "short.csv"
+    short.write_text("sequence,action,first,last\n" + "".join(f"{s},{a},{f},{last}\n" for s, a, f, last in rows[1:]))
+    out = str(tmp_path / "det-short")
+    assert main(["detect", "--checkpoint", detector_run, "--src", raw, "--split", "testdetection", "--out", out,
+                 "--no-video", "--labels", str(short)]) == 0
+    assert json.load(open(os.path.join(out, "metrics.json")))["detection"]["segments"] != reports[0]["segments"]
+
+
+@pytest.mark.parametrize("case", ["unknown action in a label file", "unknown action in a list", "no header",
+                                  "a sequence that is not there", "frames beyond the end"])
+def test_bad_segment_labels_are_one_line(detector_run, raw, tmp_path, capsys, case):
+    src = tmp_path / "ds"
+    shutil.copytree(os.path.join(raw, "TestDetection"), src / "TestDetection")
+    extra = []
+    if case == "unknown action in a label file":
+        xml = src / "TestDetection" / "detect01.xml"
+        text = xml.read_text()
+        first = text[text.index("<label>") + 7:text.index("</label>")]
+        xml.write_text(text.replace(first, "asl-zebra", 1))
+        named = str(xml)
+    else:
+        rows = {"unknown action in a list": "detect00,asl-zebra,3,9\n", "no header": "",
+                "a sequence that is not there": "nobody,asl-z,3,9\n", "frames beyond the end": "detect00,asl-z,3,99999\n"}
+        labels = tmp_path / "list.csv"
+        labels.write_text(("" if case == "no header" else "sequence,action,first,last\n") + (rows[case] or "detect00,asl-z,3,9\n"))
+        extra, named = ["--labels", str(labels)], "--labels"
+    code = main(["detect", "--checkpoint", detector_run, "--src", str(src), "--split", "testdetection",
+                 "--out", str(tmp_path / "out"), "--no-video", *extra])
+    error = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(error) == 1 and named in error[0], error
+    assert not (tmp_path / "out").exists()
