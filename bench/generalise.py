@@ -104,9 +104,9 @@ def main() -> None:
         # here), and the loader alone over epochs of the real Train split's size
         from train import loader_rate, real_size_copy, throughput  # bench/train.py
 
-        consumer = throughput(data, "tiny", "cpu", 32, 5, 40)["windows_per_s"]
-        print(f"fastest consumer (eager tiny training, 32x32): {consumer:,.0f} windows/s", flush=True)
         real = real_size_copy(data, os.path.join(args.out, "shards-real-size"))
+        consumer = throughput(real, "tiny", "cpu", 32, 5, 40)["windows_per_s"]
+        print(f"fastest consumer (eager tiny training, 32x32): {consumer:,.0f} windows/s", flush=True)
         for preset in ("none", "pyact", "standard"):
             rate = loader_rate(real, workers=2, augment=preset)["windows_per_s"]
             print(f"loader --augment {preset:8s} (2 workers, real-size epochs): {rate:7,.0f} windows/s = "
