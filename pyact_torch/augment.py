@@ -19,8 +19,8 @@ Presets:
 
 Geometric transforms move every channel alike and sample the nearest pixel, as PIL's default
 that pyACT used: for depth a blend would invent depths between a hand and the wall, or between
-a reading and 0 ("no reading"), and for colour bilinear sampling cost 2.4x more in the loader
-(docs/benchmarks.md). Depth gets no photometric change. Works on uint8 ``(T, H, W, C)`` clips
+a reading and 0 ("no reading"), and for colour a bilinear warp cost 1.8x (32x32) to 3.4x (64x64) as much
+in the loader (docs/benchmarks.md). Depth gets no photometric change. Works on uint8 ``(T, H, W, C)`` clips
 with OpenCV, in the loader workers.
 """
 
@@ -36,7 +36,7 @@ import numpy as np
 PRESETS = ("none", "pyact", "standard")
 PYACT_ANGLES = tuple(range(0, 40, 5))  # pyACT 1.0.4: range(rot_start=0, rot_stop=40, rot_step=5)
 
-# the standard preset's ranges (measured in bench/generalise.py, see docs/benchmarks.md)
+# the standard preset's ranges (its held-out accuracy: bench/generalise.py, docs/benchmarks.md)
 ROTATE_DEGREES = 10.0
 SCALE = (0.9, 1.1)
 SHIFT = 0.08  # of the frame's size, each axis
