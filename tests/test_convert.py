@@ -73,32 +73,6 @@ def write_keras_h5(path, layers, whole_model: bool, input_shape=(6, 32, 32, 3), 
                 layer.create_dataset(weight_name, data=value)
 
 
-def keras_forward(layers, clips: np.ndarray) -> np.ndarray:
-    """pyACT's ConvNet3D in numpy, channels-last (N, T, H, W, C), Keras semantics: softmax."""
-    w = {name: dict(weights) for name, weights in layers}
-    x = clips.astype(np.float64)
-    for i in range(1, 5):
-        kernel, bias = w[f"CONV3D_{i}"]["kernel"], w[f"CONV3D_{i}"]["bias"]
-        n, t, h, wd, _ = x.shape
-        padded = np.pad(x, ((0, 0), (1, 1), (1, 1), (1, 1), (0, 0)))
-        out = np.zeros((n, t, h, wd, kernel.shape[4]))
-        for dt in range(3):
-            for dh in range(3):
-                for dw in range(3):
-                    out += padded[:, dt:dt + t, dh:dh + h, dw:dw + wd, :] @ kernel[dt, dh, dw]
-        x = out + bias
-        x = x.reshape(n, t, h // 2, 2, wd // 2, 2, -1).max(axis=(3, 5))  # MaxPooling3D (1, 2, 2)
-        x = np.maximum(x, 0)
-        bn = w[f"BATCH_NORM_{i}"]
-        x = bn["gamma"] * (x - bn["moving_mean"]) / np.sqrt(bn["moving_variance"] + 1e-3) + bn["beta"]
-    x = x.reshape(x.shape[0], -1)  # Keras Flatten: (T, H, W, C) order
-    x = np.maximum(x @ w["DENSE_1"]["kernel"] + w["DENSE_1"]["bias"], 0)
-    x = np.maximum(x @ w["DENSE_2"]["kernel"] + w["DENSE_2"]["bias"], 0)
-    logits = x @ w["DENSE_CLASS"]["kernel"] + w["DENSE_CLASS"]["bias"]
-    e = np.exp(logits - logits.max(axis=1, keepdims=True))
-    return e / e.sum(axis=1, keepdims=True)
-
-
 def keras_weights_v1(rng, channels=3, seq_len=2, size=32, classes=17, first_norm=0):
     """pyACT 1.x's convNet3D (commit 1306798) as Keras names its layers, random weights: the
     BatchNorm layers have Keras' own names, counted from ``first_norm`` (a second model built in
@@ -141,11 +115,11 @@ def keras_weights_v1(rng, channels=3, seq_len=2, size=32, classes=17, first_norm
     return layers
 
 
-def keras_forward_v1(layers, clips: np.ndarray) -> np.ndarray:
-    """pyACT 1.x's convNet3D in numpy, channels-last, Keras semantics: every Conv3D with its
-    ReLU, then per block MaxPooling3D (1, 2, 2), Activation('relu'), BatchNormalization
-    (inference: moving statistics, epsilon 1e-3); Dense ReLU twice (Dropout is the identity when
-    predicting), softmax."""
+def keras_forward(layers, clips: np.ndarray, conv_relu: bool = False) -> np.ndarray:
+    """pyACT's ConvNet3D in numpy, channels-last (N, T, H, W, C), Keras semantics, layer by layer
+    in file order: Conv3D 'same' (with its ReLU in 1.x: ``conv_relu``), MaxPooling3D (1, 2, 2)
+    then Activation('relu'), BatchNormalization (inference: moving statistics, epsilon 1e-3);
+    Dense ReLU twice (Dropout is the identity when predicting), softmax."""
     weights = [(name, dict(w)) for name, w in layers]
     x = clips.astype(np.float64)
     for name, w in weights:
@@ -158,7 +132,7 @@ def keras_forward_v1(layers, clips: np.ndarray) -> np.ndarray:
                 for dh in range(3):
                     for dw in range(3):
                         out += padded[:, dt:dt + t, dh:dh + h, dw:dw + wd, :] @ kernel[dt, dh, dw]
-            x = np.maximum(out + w["bias"], 0)
+            x = np.maximum(out + w["bias"], 0) if conv_relu else out + w["bias"]
         elif "POOL3D" in name:
             n, t, h, wd, c = x.shape
             x = np.maximum(x.reshape(n, t, h // 2, 2, wd // 2, 2, c).max(axis=(3, 5)), 0)
@@ -178,23 +152,29 @@ def keras_layers():
     return keras_weights(np.random.default_rng(7))
 
 
+def assert_keras_softmax(out: str, layers, seq_len: int, conv_relu: bool) -> dict:
+    """The converted checkpoint ``out`` gives Keras' softmax within 1e-4 on random clips."""
+    state = torch.load(out, weights_only=True)
+    model = build_model(state["config"]["model"], 3, seq_len, 32, 17)
+    model.load_state_dict(state["model"])
+    model.eval()
+    clips = np.random.default_rng(1).random((3, seq_len, 32, 32, 3), dtype=np.float32)
+    expected = keras_forward(layers, clips, conv_relu)
+    with torch.no_grad():
+        got = torch.softmax(model(torch.from_numpy(clips).permute(0, 4, 1, 2, 3)), dim=1).double().numpy()
+    assert np.abs(got - expected).max() < 1e-4
+    assert expected.max(axis=1).min() < 0.99  # a real comparison, not two saturated one-hots
+    return state
+
+
 @pytest.mark.parametrize("whole_model", [False, True], ids=["save_weights", "ModelCheckpoint"])
 def test_keras_weights_give_the_same_softmax_as_keras(keras_layers, whole_model, tmp_path, capsys):
     h5, out = str(tmp_path / "weights.h5"), str(tmp_path / "converted.pt")
     write_keras_h5(h5, keras_layers, whole_model)
     assert main(["convert-keras", h5, out]) == 0
-    state = torch.load(out, weights_only=True)
+    state = assert_keras_softmax(out, keras_layers, 6, conv_relu=False)
     assert state["classes"] == list(PYACT_CLASS_ORDER)
     assert state["data_shape"] == {"channels": 3, "seq_len": 6, "image_size": 32, "modality": "color"}
-    model = build_model(state["config"]["model"], 3, 6, 32, 17)
-    model.load_state_dict(state["model"])
-    model.eval()
-    clips = np.random.default_rng(1).random((3, 6, 32, 32, 3), dtype=np.float32)
-    expected = keras_forward(keras_layers, clips)
-    with torch.no_grad():
-        got = torch.softmax(model(torch.from_numpy(clips).permute(0, 4, 1, 2, 3)), dim=1).double().numpy()
-    assert np.abs(got - expected).max() < 1e-4
-    assert expected.max(axis=1).min() < 0.99  # a real comparison, not two saturated one-hots
 
 
 @pytest.mark.parametrize("whole_model", [False, True], ids=["save_weights", "ModelCheckpoint"])
@@ -204,18 +184,9 @@ def test_pyact_1x_weights_give_the_same_softmax_as_keras(whole_model, tmp_path, 
     write_keras_h5(h5, layers, whole_model, input_shape=(2, 32, 32, 3), functional=True)
     assert main(["convert-keras", h5, out, "--seq-len", "2"]) == 0
     assert "pyACT 1.x's network as --model c3d-v1" in capsys.readouterr().out
-    state = torch.load(out, weights_only=True)
+    state = assert_keras_softmax(out, layers, 2, conv_relu=True)
     assert state["config"]["model"] == "c3d-v1"
     assert state["data_shape"] == {"channels": 3, "seq_len": 2, "image_size": 32, "modality": "color"}
-    model = build_model("c3d-v1", 3, 2, 32, 17)
-    model.load_state_dict(state["model"])
-    model.eval()
-    clips = np.random.default_rng(2).random((3, 2, 32, 32, 3), dtype=np.float32)
-    expected = keras_forward_v1(layers, clips)
-    with torch.no_grad():
-        got = torch.softmax(model(torch.from_numpy(clips).permute(0, 4, 1, 2, 3)), dim=1).double().numpy()
-    assert np.abs(got - expected).max() < 1e-4
-    assert expected.max(axis=1).min() < 0.99  # a real comparison, not two saturated one-hots
 
 
 def test_a_file_of_the_other_network_is_refused_in_one_line(keras_layers, tmp_path, capsys):
