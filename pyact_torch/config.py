@@ -442,8 +442,13 @@ class DetectConfig:
                 _locations(**{flag: value})
         if not self.out and self.camera < 0:
             raise UserError("--out is required (only --camera may run without it)")
-        if storage_is_gcs(self.src) or storage_is_gcs(self.video) or storage_is_gcs(self.model):
-            raise UserError("--src, --video and --model are read from local paths")
+        if self.labels and not self.src:
+            raise UserError("--labels scores frame folders and dataset splits (--src); a video or camera has no "
+                            "frame numbers to match it")
+        if self.labels:
+            _locations(**{"--labels": self.labels})
+        if any(storage_is_gcs(value) for value in (self.src, self.video, self.model, self.labels)):
+            raise UserError("--src, --video, --model and --labels are read from local paths")
         if storage_is_gcs(self.out) and not self.no_video:
             raise UserError(f"--out {self.out}: the annotated video is written to a local folder; add --no-video")
         _positive(smooth=self.smooth, min_length=self.min_length, batch_size=self.batch_size,

@@ -145,21 +145,23 @@ def plan_sources(config: DetectConfig, info: ModelInfo, print_fn: Callable[[str]
         fps = float(capture.get(5) or 0) or FOLDER_FPS  # cv2.CAP_PROP_FPS
         return [Source(name, lambda keep: capture_frames(capture, spec, name, config.max_frames, stop), None, fps, True)]
     src = os.path.normpath(config.src)
+    labelled = not config.labels  # a segment list replaces the label files: they are not read
     if config.split == "testdetection":
-        sources = _detection_sources(src, info, spec, print_fn)
+        sources = _detection_sources(src, info, spec, print_fn, labelled)
     elif os.path.isdir(os.path.join(src, "Train")) or os.path.isdir(os.path.join(src, "Test")):
-        sources = _split_sources(src, config.split, info, spec, print_fn)
+        sources = _split_sources(src, config.split, info, spec, print_fn, labelled)
     else:
-        sources = [_folder_source(src, info, spec, print_fn)]
-    return with_segment_list(sources, config.labels, info) if config.labels else sources
+        sources = [_folder_source(src, info, spec, print_fn, labelled)]
+    return with_segment_list(sources, config.labels, info, print_fn) if config.labels else sources
 
 
-def _folder_source(src: str, info: ModelInfo, spec, print_fn: Callable[[str], None]) -> Source:
-    """One sequence folder, scored against its ``<folder>.xml`` when there is one."""
+def _folder_source(src: str, info: ModelInfo, spec, print_fn: Callable[[str], None], labelled: bool = True) -> Source:
+    """One sequence folder, scored against its ``<folder>.xml`` when there is one (and
+    ``labelled``)."""
     n_frames = count_frames(src, info.modality)
     if n_frames < info.seq_len:
         raise UserError(f"{src}: {n_frames} frames, fewer than the model's window of {info.seq_len}")
-    truths = _folder_truths(src, n_frames, info, print_fn)
+    truths = _folder_truths(src, n_frames, info, print_fn) if labelled else None
     name = "/".join(src.split(os.sep)[-3:])
     return Source(name, lambda keep: folder_frames(src, n_frames, spec, keep), truths, FOLDER_FPS, False, n_frames)
 
@@ -196,9 +198,11 @@ def _truths(segments: tuple[Segment, ...], action: str, info: ModelInfo, label_f
     return truths
 
 
-def _detection_sources(src: str, info: ModelInfo, spec, print_fn: Callable[[str], None]) -> list[Source]:
-    """The long recordings of ``src/TestDetection``, each segment labelled with its own action."""
-    recordings, bad = scan_detection(src, info.modality)
+def _detection_sources(src: str, info: ModelInfo, spec, print_fn: Callable[[str], None],
+                       labelled: bool = True) -> list[Source]:
+    """The long recordings of ``src/TestDetection``, each segment labelled with its own action
+    (without ``labelled``, found by their frames alone: a segment list scores them)."""
+    recordings, bad = scan_detection(src, info.modality, labelled)
     if bad:
         print_fn(f"warning: skipping {len(bad)} broken recording(s) of TestDetection; first: {bad[0].message()}")
     short = [r for r in recordings if r.n_frames < info.seq_len]
@@ -209,16 +213,19 @@ def _detection_sources(src: str, info: ModelInfo, spec, print_fn: Callable[[str]
     if not recordings:
         raise UserError(f"{os.path.join(src, 'TestDetection')}: no usable recording")
     return [Source(r.path, lambda keep, f=os.path.join(src, r.path), n=r.n_frames: folder_frames(f, n, spec, keep),
-                   _truths(r.segments, "", info, os.path.join(src, r.path) + ".xml"), FOLDER_FPS, False, r.n_frames)
+                   _truths(r.segments, "", info, os.path.join(src, r.path) + ".xml") if labelled else None,
+                   FOLDER_FPS, False, r.n_frames)
             for r in recordings]
 
 
-SEGMENT_LIST_LIMIT = 64 << 20  # bytes: a million segments fit in a few tens of MB
+SEGMENT_LIST_LIMIT = 16 << 20  # bytes: the real TestDetection's list is a few kB
+SEGMENT_LIST_ROWS = 1_000_000  # the real TestDetection has 139 segments
 
 
 def read_segment_list(path: str) -> list[tuple[str, Truth]]:
     """``(sequence, Truth)`` rows of a user's segment list: CSV with the header
-    ``sequence,action,first,last`` or JSON, a list of objects with those keys (frames inclusive)."""
+    ``sequence,action,first,last`` or JSON, a list of objects with those keys (frames inclusive,
+    integers). Bounded: at most ``SEGMENT_LIST_LIMIT`` bytes and ``SEGMENT_LIST_ROWS`` rows."""
     import csv
     import json
 
@@ -226,92 +233,74 @@ def read_segment_list(path: str) -> list[tuple[str, Truth]]:
         raise UserError(f"--labels {path}: no such file")
     if os.path.getsize(path) > SEGMENT_LIST_LIMIT:
         raise UserError(f"--labels {path}: larger than {SEGMENT_LIST_LIMIT >> 20} MB; not a segment list")
-    with open(path, encoding="utf-8", errors="replace", newline="") as handle:
-        text = handle.read()
-    if path.lower().endswith(".json"):
-        try:
-            rows = json.loads(text)
-        except ValueError as exc:
-            raise UserError(f"--labels {path}: not valid JSON ({exc})") from None
-        if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
-            raise UserError(f"--labels {path}: expected a list of objects with sequence, action, first and last")
-        where = [f"item {i + 1}" for i in range(len(rows))]
-    else:
-        reader = csv.DictReader(text.splitlines())
-        if reader.fieldnames is None or not {"sequence", "action", "first", "last"} <= set(reader.fieldnames):
-            raise UserError(f"--labels {path}: the first line must be the header sequence,action,first,last")
-        rows = list(reader)
-        where = [f"line {i + 2}" for i in range(len(rows))]
-    out = []
-    for row, place in zip(rows, where):
-        try:
-            sequence, action = str(row["sequence"]).strip(), str(row["action"]).strip()
-            first, last = int(row["first"]), int(row["last"])
-        except (KeyError, TypeError, ValueError):
-            raise UserError(f"--labels {path}: {place}: needs sequence, action and integer first and last") from None
-        if not sequence or first < 0 or last < first:
-            raise UserError(f"--labels {path}: {place}: frames {first}..{last} of {sequence!r} are no segment")
-        out.append((sequence, Truth(action, first, last)))
+    out: list[tuple[str, Truth]] = []
+
+    def add(place: str, sequence, action, first, last) -> None:
+        if not (isinstance(sequence, str) and isinstance(action, str) and type(first) is int and type(last) is int):
+            raise UserError(f"--labels {path}: {place}: needs sequence and action (text) and first and last "
+                            f"(whole frame numbers)")
+        if not sequence.strip() or first < 0 or last < first:
+            raise UserError(f"--labels {path}: {place}: frames {first}..{last} of {sequence[:80]!r} are no segment")
+        if len(out) == SEGMENT_LIST_ROWS:
+            raise UserError(f"--labels {path}: more than {SEGMENT_LIST_ROWS} segments; not a segment list")
+        out.append((sequence.strip(), Truth(action.strip(), first, last)))
+
+    try:
+        with open(path, encoding="utf-8-sig", newline="") as handle:  # -sig: a spreadsheet's byte-order mark
+            if path.lower().endswith(".json"):
+                rows = json.load(handle)
+                if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+                    raise UserError(f"--labels {path}: expected a list of objects with sequence, action, first "
+                                    f"and last")
+                for number, row in enumerate(rows, 1):
+                    add(f"item {number}", *(row.get(key) for key in ("sequence", "action", "first", "last")))
+                return out
+            reader = csv.DictReader(handle)
+            if reader.fieldnames is None or not {"sequence", "action", "first", "last"} <= set(reader.fieldnames):
+                raise UserError(f"--labels {path}: the first line must be the header sequence,action,first,last")
+            for row in reader:
+                try:
+                    first, last = int(row["first"]), int(row["last"])
+                except (TypeError, ValueError):
+                    raise UserError(f"--labels {path}: line {reader.line_num}: first and last must be whole frame "
+                                    f"numbers") from None
+                add(f"line {reader.line_num}", row["sequence"], row["action"], first, last)
+    except (ValueError, RecursionError, csv.Error) as exc:  # JSON, text and CSV errors (UnicodeDecodeError too)
+        raise UserError(f"--labels {path}: cannot be read as a segment list ({str(exc)[:120]})") from None
     return out
 
 
-def with_segment_list(sources: list[Source], path: str, info: ModelInfo) -> list[Source]:
+def with_segment_list(sources: list[Source], path: str, info: ModelInfo,
+                      print_fn: Callable[[str], None] = print) -> list[Source]:
     """``sources`` scored against a user's segment list instead of their label files: a row
-    belongs to the source whose name is its sequence, or ends with ``/`` and it."""
+    belongs to the source whose name is its sequence, or whose name's last part is. Sources the
+    list does not name are not scored."""
     rows = read_segment_list(path)
-    unknown = sorted({t.label for _, t in rows} - set(info.classes) | ({t.label for _, t in rows} & {NO_ACTION}))
+    labels = {t.label for _, t in rows}
+    unknown = sorted(labels - set(info.classes) | (labels & {NO_ACTION}))
     if unknown:
         raise UserError(f"--labels {path}: names the action {unknown[0][:60]!r}, which is not one of the model's "
                         f"classes")
+    owners: dict[str, list[Source]] = {}
+    for source in sources:
+        owners.setdefault(source.name, []).append(source)
+        if "/" in source.name:
+            owners.setdefault(source.name.rsplit("/", 1)[1], []).append(source)
     claimed: dict[str, list[Truth]] = {}
     for sequence, truth in rows:
-        owners = [s for s in sources if s.name == sequence or s.name.endswith("/" + sequence)]
-        if len(owners) != 1:
-            raise UserError(f"--labels {path}: the sequence {sequence[:80]!r} names {len(owners)} of the sources "
+        found = owners.get(sequence, [])
+        if len(found) != 1:
+            raise UserError(f"--labels {path}: the sequence {sequence[:80]!r} names {len(found)} of the sources "
                             f"({', '.join(s.name for s in sources[:3])}{', ...' if len(sources) > 3 else ''}); "
                             f"give its name as detect prints it")
-        if owners[0].n_frames is not None and truth.last >= owners[0].n_frames:
-            raise UserError(f"--labels {path}: {sequence!r} frames {truth.first}..{truth.last} end beyond its last "
-                            f"frame ({owners[0].n_frames - 1})")
-        claimed.setdefault(owners[0].name, []).append(truth)
-    return [replace(s, truths=tuple(claimed.get(s.name, ()))) for s in sources]
-
-
-def _split_sources(src: str, split: str, info: ModelInfo, spec, print_fn: Callable[[str], None]) -> list[Source]:
-    sequences, bad = scan_dataset(src, info.modality)
-    moved = set(info.eval_subjects or ())
-    if split != "test" and info.eval_subjects is None and not any(s.split_dir == "Eval" for s in sequences):
-        raise UserError("the model does not record which Train subjects were its eval split; use --split test")
-
-    def in_split(split_dir: str, subject: str) -> bool:
-        if split == "test":
-            return split_dir == "Test"
-        is_eval = split_dir == "Eval" or (split_dir == "Train" and subject in moved)
-        return is_eval if split == "eval" else split_dir == "Train" and not is_eval
-
-    chosen = [s for s in sequences if in_split(s.split_dir, s.subject)]
-    short = [s for s in chosen if s.n_frames < info.seq_len]
-    if short:
-        print_fn(f"warning: skipping {len(short)} sequence(s) shorter than the model's window of {info.seq_len} "
-                 f"frames; first: {short[0].path}")
-        chosen = [s for s in chosen if s.n_frames >= info.seq_len]
-    broken = [b for b in bad if in_split(*b.path.split("/")[:2])]
-    if broken:
-        print_fn(f"warning: skipping {len(broken)} broken sequence(s) of the {split} split; first: {broken[0].message()}")
-    if not chosen:
-        raise UserError(f"{src}: no usable sequence in the {split} split")
-    unknown = [s for s in chosen if s.action not in info.classes or s.action == NO_ACTION]
-    if unknown:
-        print_fn(f"note: {len(unknown)} sequence(s) are not scored: their action is not one of the model's "
-                 f"classes; first: {unknown[0].path}")
-    sources = []
-    for seq in chosen:
-        folder = os.path.join(src, seq.path)
-        truths = None if seq in unknown else _truths(seq.segments, seq.action, info,
-                                                           os.path.join(src, seq.path) + ".xml")
-        sources.append(Source(seq.path, lambda keep, f=folder, n=seq.n_frames: folder_frames(f, n, spec, keep),
-                              truths, FOLDER_FPS, False, seq.n_frames))
-    return sources
+        if found[0].n_frames is not None and truth.last >= found[0].n_frames:
+            raise UserError(f"--labels {path}: {sequence[:80]!r} frames {truth.first}..{truth.last} end beyond its "
+                            f"last frame ({found[0].n_frames - 1})")
+        claimed.setdefault(found[0].name, []).append(truth)
+    left = [s.name for s in sources if s.name not in claimed]
+    if left:
+        print_fn(f"note: {len(left)} source(s) are not scored: --labels names none of their segments; first: {left[0]}")
+    return [replace(s, truths=tuple(claimed[s.name]) if s.name in claimed else None) for s in sources]
 
 
 class DetectionRun:

@@ -108,20 +108,16 @@ class Backend:
         """Graph compilations and CPU fallbacks so far (none eagerly)."""
         return {}
 
-    def seed_steps(self, seed: int) -> None:
-        """Seed the generator the training steps draw from (dropout), differently on each
-        replica, once the weights (the same on every replica) are built."""
-        torch.manual_seed(seed * 1_000_003 + self.rank)
-        if self.device.type == "cuda":
-            torch.cuda.manual_seed(seed * 1_000_003 + self.rank)
+    def seed_step(self, seed: int, step: int) -> None:
+        """Seed the generator this replica's next training step draws from (dropout's masks)
+        from the run's seed, the replica and the step alone: a resumed run, on any replica,
+        draws what the uninterrupted run drew, with no generator state to save per replica."""
+        torch.manual_seed(step_seed(seed, self.rank, step))  # the CPU's and every GPU's
 
-    def rng_state(self) -> Any:
-        """The step generator's state on the device (the CPU's is saved by the caller)."""
-        return torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None
 
-    def set_rng_state(self, state: Any) -> None:
-        if state is not None and self.device.type == "cuda":
-            torch.cuda.set_rng_state(state, self.device)
+def step_seed(seed: int, rank: int, step: int) -> int:
+    """A distinct 63-bit seed for each (run seed, replica, step)."""
+    return ((seed % 2**31) * 1_000_003 + rank) * 1_000_000_007 + step & (2**63 - 1)
 
 
 def auto_device(distributed: bool = False) -> tuple[str, str]:

@@ -251,28 +251,45 @@ def _frame_folder(folder: str) -> bool:
         return False
 
 
-def scan_detection(src: str, modality: str = "color") -> tuple[list[Recording], list[BadSequence]]:
+def scan_detection(src: str, modality: str = "color",
+                   labelled: bool = True) -> tuple[list[Recording], list[BadSequence]]:
     """The long sequences of ``src/TestDetection`` (sorted by path) and the broken ones. A
     folder holding frames is a recording; one holding none is a subject whose subfolders are
-    (one level down, no deeper). Every segment must name its action."""
+    (one level down, no deeper). Every segment must name its action; without ``labelled`` the
+    label files are not read (a segment list replaces them)."""
     root = os.path.join(src, DETECTION_DIR)
     if not os.path.isdir(root):
         raise UserError(f"{root}: missing; the dataset has no {DETECTION_DIR}/ split")
-    folders = []
+    folders: list[str] = []
+    good: list[Recording] = []
+    bad: list[BadSequence] = []
     for name in sorted(os.listdir(root)):
         folder = os.path.join(root, name)
         if name.startswith(".") or not os.path.isdir(folder):
             continue
         if _frame_folder(folder):
             folders.append(f"{DETECTION_DIR}/{name}")
-        else:
-            folders += [f"{DETECTION_DIR}/{name}/{inner}" for inner in sorted(os.listdir(folder))
-                        if not inner.startswith(".") and os.path.isdir(os.path.join(folder, inner))]
-    good: list[Recording] = []
-    bad: list[BadSequence] = []
+            continue
+        try:
+            inners = sorted(os.listdir(folder))
+        except OSError as exc:
+            bad.append(BadSequence(f"{DETECTION_DIR}/{name}", folder, f"cannot be listed ({exc.strerror})"))
+            continue
+        folders += [f"{DETECTION_DIR}/{name}/{inner}" for inner in inners
+                    if not inner.startswith(".") and os.path.isdir(os.path.join(folder, inner))]
     for rel in folders:
         folder = os.path.join(src, rel)
         label_file = folder + ".xml"
+        if not labelled:
+            indices = frame_indices(folder)
+            n_frames = len(indices["color"])
+            missing = [kind for kind in ("color",) + needed_kinds(modality) if set(range(n_frames)) - indices[kind]]
+            if n_frames and not missing:
+                good.append(Recording(rel, n_frames, ()))
+            else:
+                bad.append(BadSequence(rel, folder, "no color_<i>.png frames" if not n_frames else
+                                       f"{missing[0]} frames missing (the sequence has {n_frames} color frames)"))
+            continue
         if not os.path.isfile(label_file):
             bad.append(BadSequence(rel, label_file, "label file missing for this sequence folder"))
             continue

@@ -17,7 +17,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 import torch
 
-from .devices import Backend, interrupted, note_interrupt, watch_sigterm
+from .devices import Backend, interrupted, note_interrupt, step_seed, watch_sigterm
 from .parallel import die_with_parent
 
 
@@ -76,16 +76,8 @@ class XlaBackend(Backend):
         """After the graph runs, so reading the tensors forces no extra compile or mid-step transfer."""
         self._xm.add_step_closure(fn, args=args)
 
-    def seed_steps(self, seed: int) -> None:
-        torch.manual_seed(seed * 1_000_003 + self.rank)
-        self._xm.set_rng_state(seed * 1_000_003 + self.rank, self.device)
-
-    def rng_state(self) -> Any:
-        return self._xm.get_rng_state(self.device)
-
-    def set_rng_state(self, state: Any) -> None:
-        if state is not None:
-            self._xm.set_rng_state(int(state), self.device)
+    def seed_step(self, seed: int, step: int) -> None:
+        self._xm.set_rng_state(step_seed(seed, self.rank, step), self.device)
 
     def compile_counts(self) -> dict[str, Any]:
         """XLA compilations and CPU fallbacks so far (the TPU-efficiency proxy)."""

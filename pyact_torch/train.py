@@ -96,8 +96,7 @@ def _checkpoint_state(model, optimizer, scheduler, state: RunState, config: Trai
         step=state.step, epoch=state.epoch, batch_in_epoch=state.batch_in_epoch,
         best_val_loss=state.best_val_loss, replicas=backend.world, source=source_settings(manifest),
         data_fingerprint=training_data_fingerprint(manifest),
-        rng={"torch": torch.get_rng_state(), "python": random.getstate(), "device": backend.rng_state()},
-        metrics=json.dumps(state.metrics))
+        rng={"torch": torch.get_rng_state(), "python": random.getstate()}, metrics=json.dumps(state.metrics))
 
 
 def recorded_settings(config: TrainConfig) -> dict:
@@ -143,6 +142,8 @@ def train_epoch(model, optimizer, scheduler, batches: Iterable, backend: Backend
     model.train()
     for clips, labels, _ in batches:
         lr = scheduler.get_last_lr()[0]
+        if config.dropout:
+            backend.seed_step(config.seed, state.step)  # dropout's masks: a function of the step, so resumes draw them again
         loss = train_step(model, optimizer, model_input(clips), labels, backend, config.precision)
         divergence.add(loss)
         scheduler.step()
@@ -260,7 +261,6 @@ def _build(config: TrainConfig, backend: Backend, failed: UserError | None, lock
                            f"in {config.run_dir}, another replica found another: --run-dir must be one location "
                            f"every machine sees (a bucket or a shared file system)")
     model.to(backend.device)
-    backend.seed_steps(config.seed)
     net = backend.wrap(model)
     if config.compile:
         net = torch.compile(net)
@@ -391,7 +391,6 @@ def _restore_training(saved: dict, optimizer: torch.optim.Optimizer, scheduler, 
             group["initial_lr"] = lr
             group["lr"] = lr * factor
     torch.set_rng_state(saved["rng"]["torch"])
-    backend.set_rng_state(saved["rng"].get("device"))
     random.setstate(saved["rng"]["python"])
     state = RunState(saved["step"], saved["epoch"], saved["batch_in_epoch"], saved["best_val_loss"],
                      [m for m in json.loads(saved["metrics"]) if m["step"] <= saved["step"]])

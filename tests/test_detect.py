@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -695,6 +696,25 @@ def test_a_segment_list_scores_like_the_label_files(detector_run, raw, tmp_path,
                      "--no-video", *extra]) == 0
         reports.append(json.load(open(os.path.join(out, "metrics.json")))["detection"])
     assert reports[0] == reports[1]
+    # the list replaces the label files: recordings whose files name no actions (or have none) score the same
+    bare = tmp_path / "bare"
+    shutil.copytree(os.path.join(raw, "TestDetection"), bare / "TestDetection")
+    for name in os.listdir(bare / "TestDetection"):
+        if name.endswith(".xml"):
+            xml = bare / "TestDetection" / name
+            xml.write_text(re.sub(r"<label>[^<]*</label>", "", xml.read_text())) if name != "detect00.xml" else xml.unlink()
+    out = str(tmp_path / "det-bare")
+    assert main(["detect", "--checkpoint", detector_run, "--src", str(bare), "--split", "testdetection", "--out", out,
+                 "--no-video", "--labels", str(path)]) == 0
+    assert json.load(open(os.path.join(out, "metrics.json")))["detection"] == reports[0]
+    # a list naming one recording scores that one; the others are not scored (not counted as background)
+    one = tmp_path / "one.csv"
+    one.write_text("sequence,action,first,last\n" + "".join(f"{s},{a},{f},{last}\n" for s, a, f, last in rows
+                                                             if s == rows[0][0]))
+    out = str(tmp_path / "det-one")
+    assert main(["detect", "--checkpoint", detector_run, "--src", raw, "--split", "testdetection", "--out", out,
+                 "--no-video", "--labels", str(one)]) == 0
+    assert json.load(open(os.path.join(out, "metrics.json")))["detection"]["sequences"] == 1
     # the control: a list that drops a segment scores otherwise
     short = tmp_path / "short.csv"
     short.write_text("sequence,action,first,last\n" + "".join(f"{s},{a},{f},{last}\n" for s, a, f, last in rows[1:]))
@@ -705,7 +725,8 @@ def test_a_segment_list_scores_like_the_label_files(detector_run, raw, tmp_path,
 
 
 @pytest.mark.parametrize("case", ["unknown action in a label file", "unknown action in a list", "no header",
-                                  "a sequence that is not there", "frames beyond the end"])
+                                  "a sequence that is not there", "frames beyond the end", "not whole frames",
+                                  "nested too deep", "a field too long"])
 def test_bad_segment_labels_are_one_line(detector_run, raw, tmp_path, capsys, case):
     src = tmp_path / "ds"
     shutil.copytree(os.path.join(raw, "TestDetection"), src / "TestDetection")
@@ -716,9 +737,15 @@ def test_bad_segment_labels_are_one_line(detector_run, raw, tmp_path, capsys, ca
         first = text[text.index("<label>") + 7:text.index("</label>")]
         xml.write_text(text.replace(first, "asl-zebra", 1))
         named = str(xml)
+    elif case in ("not whole frames", "nested too deep"):
+        labels = tmp_path / "list.json"
+        labels.write_text('[{"sequence": "detect00", "action": "asl-z", "first": 1.5, "last": 1e999}]'
+                          if case == "not whole frames" else "[" * 100_000 + "]" * 100_000)
+        extra, named = ["--labels", str(labels)], "--labels"
     else:
         rows = {"unknown action in a list": "detect00,asl-zebra,3,9\n", "no header": "",
-                "a sequence that is not there": "nobody,asl-z,3,9\n", "frames beyond the end": "detect00,asl-z,3,99999\n"}
+                "a sequence that is not there": "nobody,asl-z,3,9\n", "frames beyond the end": "detect00,asl-z,3,99999\n",
+                "a field too long": "x" * 200_000 + ",asl-z,3,9\n"}
         labels = tmp_path / "list.csv"
         labels.write_text(("" if case == "no header" else "sequence,action,first,last\n") + (rows[case] or "detect00,asl-z,3,9\n"))
         extra, named = ["--labels", str(labels)], "--labels"
@@ -727,3 +754,12 @@ def test_bad_segment_labels_are_one_line(detector_run, raw, tmp_path, capsys, ca
     error = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(error) == 1 and named in error[0], error
     assert not (tmp_path / "out").exists()
+
+
+def test_a_segment_list_with_a_video_or_camera_is_refused():
+    from pyact_torch.config import DetectConfig
+    from pyact_torch.errors import UserError
+
+    for source in ({"video": "clip.mp4"}, {"camera": 0}):
+        with pytest.raises(UserError, match="--labels scores frame folders"):
+            DetectConfig(checkpoint="run", out="det", labels="segments.csv", **source)

@@ -19,9 +19,10 @@ from pyact_torch import storage
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
-# small clips, 8 windows a step, a checkpoint every 10 steps: ~45 steps in 3 epochs
+# small clips, 8 windows a step, a checkpoint every 10 steps: ~45 steps in 3 epochs; with augmentation
+# and dropout, whose draws a resume on every replica must repeat exactly
 SMALL = ["--model", "tiny", "--device", "cpu", "--epochs", "3", "--batch-size", "8", "--ckpt-every", "10",
-         "--workers", "1", "--log-every", "5", "--collective-timeout", "30"]
+         "--workers", "1", "--log-every", "5", "--collective-timeout", "30", "--augment", "pyact", "--dropout", "0.2"]
 
 
 def torchrun(processes: int, *args: str, module: str = "pyact_torch") -> list[str]:
