@@ -25,7 +25,6 @@ import threading
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator
 
-import cv2
 import numpy as np
 import torch
 
@@ -265,7 +264,6 @@ def _watch_sigterm(_worker: int) -> None:
     later."""
     parent = os.getppid()
     die_with_parent(parent)
-    cv2.setNumThreads(1)  # the workers are the parallelism: OpenCV's own threads would only contend
     forget_in_child()  # the run dir's lock goes with the replica, not with a worker it forked
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
     # a terminal's Ctrl-C reaches the whole process group: the replica stops with a checkpoint,
