@@ -218,6 +218,44 @@ def _detection_sources(src: str, info: ModelInfo, spec, print_fn: Callable[[str]
             for r in recordings]
 
 
+def _split_sources(src: str, split: str, info: ModelInfo, spec, print_fn: Callable[[str], None],
+                   labelled: bool = True) -> list[Source]:
+    sequences, bad = scan_dataset(src, info.modality)
+    moved = set(info.eval_subjects or ())
+    if split != "test" and info.eval_subjects is None and not any(s.split_dir == "Eval" for s in sequences):
+        raise UserError("the model does not record which Train subjects were its eval split; use --split test")
+
+    def in_split(split_dir: str, subject: str) -> bool:
+        if split == "test":
+            return split_dir == "Test"
+        is_eval = split_dir == "Eval" or (split_dir == "Train" and subject in moved)
+        return is_eval if split == "eval" else split_dir == "Train" and not is_eval
+
+    chosen = [s for s in sequences if in_split(s.split_dir, s.subject)]
+    short = [s for s in chosen if s.n_frames < info.seq_len]
+    if short:
+        print_fn(f"warning: skipping {len(short)} sequence(s) shorter than the model's window of {info.seq_len} "
+                 f"frames; first: {short[0].path}")
+        chosen = [s for s in chosen if s.n_frames >= info.seq_len]
+    broken = [b for b in bad if in_split(*b.path.split("/")[:2])]
+    if broken:
+        print_fn(f"warning: skipping {len(broken)} broken sequence(s) of the {split} split; first: {broken[0].message()}")
+    if not chosen:
+        raise UserError(f"{src}: no usable sequence in the {split} split")
+    unknown = [s for s in chosen if s.action not in info.classes or s.action == NO_ACTION]
+    if unknown:
+        print_fn(f"note: {len(unknown)} sequence(s) are not scored: their action is not one of the model's "
+                 f"classes; first: {unknown[0].path}")
+    sources = []
+    for seq in chosen:
+        folder = os.path.join(src, seq.path)
+        truths = None if seq in unknown or not labelled else _truths(seq.segments, seq.action, info,
+                                                                           os.path.join(src, seq.path) + ".xml")
+        sources.append(Source(seq.path, lambda keep, f=folder, n=seq.n_frames: folder_frames(f, n, spec, keep),
+                              truths, FOLDER_FPS, False, seq.n_frames))
+    return sources
+
+
 SEGMENT_LIST_LIMIT = 16 << 20  # bytes: the real TestDetection's list is a few kB
 SEGMENT_LIST_ROWS = 1_000_000  # the real TestDetection has 139 segments
 
