@@ -191,7 +191,7 @@ def test_synth_stopped_leaves_nothing_and_reruns(signum, tmp_path, capsys, monke
     assert os.listdir(tmp_path) == []
     monkeypatch.undo()
     assert main(args) == 0
-    assert sorted(os.listdir(out)) == ["Test", "Train"]
+    assert sorted(os.listdir(out)) == ["Test", "TestDetection", "Train"]
 
 
 @pytest.mark.slow
