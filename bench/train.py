@@ -148,7 +148,7 @@ def real_size_copy(data: str, out: str) -> str:
 def loader_rate(data: str, workers: int, batch: int = 32, epochs: int = 2, augment: str = "none") -> dict:
     """Windows/s of the training loader over ``epochs`` passes of the train split, no model
     (per-epoch worker start-up included), with the ``augment`` preset."""
-    from pyact_torch.loader import Part, WindowDataset, make_loader
+    from pyact_torch.loader import HostBatches, Part, WindowDataset
     from pyact_torch.shards import read_manifest
 
     manifest = read_manifest(data)
@@ -157,7 +157,9 @@ def loader_rate(data: str, workers: int, batch: int = 32, epochs: int = 2, augme
     windows = 0
     for epoch in range(epochs):
         dataset.set_epoch(epoch)
-        windows += sum(clips.shape[0] for clips, _, _ in make_loader(dataset, workers))
+        host = HostBatches(dataset, workers, len(dataset))  # what training iterates
+        windows += sum(clips.shape[0] for clips, _, _ in host)
+        host.check()
     return {"windows": windows, "epochs": epochs, "seconds": time.perf_counter() - started,
             "windows_per_s": windows / (time.perf_counter() - started)}
 

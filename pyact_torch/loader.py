@@ -16,6 +16,7 @@ loader's thread (which would otherwise end the epoch early without a word).
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
@@ -290,6 +291,25 @@ def make_loader(dataset: WindowDataset, workers: int) -> torch.utils.data.DataLo
                                        worker_init_fn=_watch_sigterm if workers else None)
 
 
+@contextlib.contextmanager
+def single_threaded_opencv(when: bool) -> Iterator[None]:
+    """While loader workers are forked: OpenCV with one thread, so each augmenting worker runs
+    its warps alone (the workers are the parallelism; OpenCV's own threads in each made the
+    loader 1.3x slower here). Set in this process around the fork, never in a worker: a forked
+    worker that reconfigured the thread pool it inherited hung in it."""
+    if not when:
+        yield
+        return
+    import cv2
+
+    threads = cv2.getNumThreads()
+    cv2.setNumThreads(1)
+    try:
+        yield
+    finally:
+        cv2.setNumThreads(threads)
+
+
 class HostBatches:
     """One epoch's host batches: ``length`` of them, the first ``skip`` read and dropped
     (resume), ``on_batch`` called with each one yielded (a progress bar). A loader failure ends
@@ -311,7 +331,8 @@ class HostBatches:
         loader = make_loader(self.dataset, self.workers)
         blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})  # workers fork with them blocked
         try:
-            iterator = iter(loader)
+            with single_threaded_opencv(self.workers > 0 and self.dataset.augment != "none"):
+                iterator = iter(loader)
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
         try:
