@@ -187,11 +187,16 @@ def _folder_truths(folder: str, n_frames: int, info: ModelInfo, print_fn: Callab
     return _truths(segments, action, info, label_file)
 
 
+def _unknown_actions(labels: set[str], info: ModelInfo) -> list[str]:
+    """The names among ``labels`` that are no action the model knows (background is none)."""
+    return sorted(labels - set(info.classes) | (labels & {NO_ACTION}))
+
+
 def _truths(segments: tuple[Segment, ...], action: str, info: ModelInfo, label_file: str) -> tuple[Truth, ...]:
     """True segments labelled by their own action, else ``action``; an action the model does
     not know is refused naming the label file (it could never be found)."""
     truths = tuple(Truth(s.action or action, s.pos, s.pos + s.len - 1) for s in segments)
-    unknown = sorted({t.label for t in truths} - set(info.classes) | ({t.label for t in truths} & {NO_ACTION}))
+    unknown = _unknown_actions({t.label for t in truths}, info)
     if unknown:
         raise UserError(f"{label_file}: names the action {unknown[0]!r}, which is not one of the model's classes "
                         f"({', '.join(c for c in info.classes if c != NO_ACTION)[:200]})")
@@ -314,8 +319,7 @@ def with_segment_list(sources: list[Source], path: str, info: ModelInfo,
     belongs to the source whose name is its sequence, or whose name's last part is. Sources the
     list does not name are not scored."""
     rows = read_segment_list(path)
-    labels = {t.label for _, t in rows}
-    unknown = sorted(labels - set(info.classes) | (labels & {NO_ACTION}))
+    unknown = _unknown_actions({t.label for _, t in rows}, info)
     if unknown:
         raise UserError(f"--labels {path}: names the action {unknown[0][:60]!r}, which is not one of the model's "
                         f"classes")

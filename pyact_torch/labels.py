@@ -177,6 +177,21 @@ def needed_kinds(modality: str) -> tuple[str, ...]:
     return {"color": ("color",), "depth": ("depth",), "rgbd": ("color", "depth")}[modality]
 
 
+def _frames_of(rel: str, folder: str, modality: str) -> tuple[int, BadSequence | None]:
+    """A sequence folder's frame count, and what is wrong with its frames: none at all, or a
+    frame the modality reads missing."""
+    indices = frame_indices(folder)
+    n_frames = len(indices["color"])
+    if n_frames == 0:
+        return 0, BadSequence(rel, folder, "no color_<i>.png frames")
+    for kind in ("color",) + needed_kinds(modality):
+        missing = sorted(set(range(n_frames)) - indices[kind])
+        if missing:
+            name = os.path.join(folder, f"{kind}_{missing[0]}.png")
+            return n_frames, BadSequence(rel, name, f"frame missing (the sequence has {n_frames} color frames)")
+    return n_frames, None
+
+
 def _check_sequence(src: str, split_dir: str, subject: str, action: str,
                     modality: str) -> Sequence | BadSequence:
     rel = f"{split_dir}/{subject}/{action}"
@@ -195,15 +210,9 @@ def _check_sequence(src: str, split_dir: str, subject: str, action: str,
         segments = parse_label_file(label_file)
     except LabelFileError as exc:
         return BadSequence(rel, label_file, str(exc))
-    indices = frame_indices(folder)
-    n_frames = len(indices["color"])
-    if n_frames == 0:
-        return BadSequence(rel, folder, "no color_<i>.png frames")
-    for kind in ("color",) + needed_kinds(modality):
-        missing = sorted(set(range(n_frames)) - indices[kind])
-        if missing:
-            name = os.path.join(folder, f"{kind}_{missing[0]}.png")
-            return BadSequence(rel, name, f"frame missing (the sequence has {n_frames} color frames)")
+    n_frames, broken = _frames_of(rel, folder, modality)
+    if broken is not None:
+        return broken
     for segment in segments:
         if segment.pos + segment.len > n_frames:
             return BadSequence(rel, label_file, f"segment pos={segment.pos} len={segment.len} ends "
@@ -280,15 +289,12 @@ def scan_detection(src: str, modality: str = "color",
     for rel in folders:
         folder = os.path.join(src, rel)
         label_file = folder + ".xml"
+        n_frames, broken = _frames_of(rel, folder, modality)
+        if broken is not None:
+            bad.append(broken)
+            continue
         if not labelled:
-            indices = frame_indices(folder)
-            n_frames = len(indices["color"])
-            missing = [kind for kind in ("color",) + needed_kinds(modality) if set(range(n_frames)) - indices[kind]]
-            if n_frames and not missing:
-                good.append(Recording(rel, n_frames, ()))
-            else:
-                bad.append(BadSequence(rel, folder, "no color_<i>.png frames" if not n_frames else
-                                       f"{missing[0]} frames missing (the sequence has {n_frames} color frames)"))
+            good.append(Recording(rel, n_frames, ()))
             continue
         if not os.path.isfile(label_file):
             bad.append(BadSequence(rel, label_file, "label file missing for this sequence folder"))
@@ -298,20 +304,11 @@ def scan_detection(src: str, modality: str = "color",
         except LabelFileError as exc:
             bad.append(BadSequence(rel, label_file, str(exc)))
             continue
-        indices = frame_indices(folder)
-        n_frames = len(indices["color"])
         problem = next((f"segment pos={g.pos} len={g.len} names no action (give each <_> a child "
                         f"{', '.join('<' + t + '>' for t in ACTION_TAGS)})" for g in segments if g.action is None), None)
         problem = problem or next((f"segment pos={g.pos} len={g.len} ends beyond the last frame ({n_frames - 1})"
                                    for g in segments if g.pos + g.len > n_frames), None)
-        missing = [kind for kind in ("color",) + needed_kinds(modality) if set(range(n_frames)) - indices[kind]]
-        if n_frames == 0:
-            bad.append(BadSequence(rel, folder, "no color_<i>.png frames"))
-        elif missing:
-            first = min(set(range(n_frames)) - indices[missing[0]])
-            bad.append(BadSequence(rel, os.path.join(folder, f"{missing[0]}_{first}.png"),
-                                   f"frame missing (the sequence has {n_frames} color frames)"))
-        elif problem:
+        if problem:
             bad.append(BadSequence(rel, label_file, problem))
         else:
             good.append(Recording(rel, n_frames, segments))
