@@ -52,10 +52,10 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
-from pyact_torch.devices import Backend, make_backend  # noqa: E402
+from pyact_torch.training.devices import Backend, make_backend  # noqa: E402
 from pyact_torch.errors import UserError  # noqa: E402
 from pyact_torch.model import build_model, model_input  # noqa: E402
-from pyact_torch.train import train_step  # noqa: E402
+from pyact_torch.training.train import train_step  # noqa: E402
 
 SEQ_LEN, CHANNELS, CLASSES = 6, 3, 17
 IMAGE_SIZE = {"tiny": 32, "c3d": 64}
@@ -419,7 +419,7 @@ def _dist_replica(index: int, device: str, batch: int, warmup: int, steps: int, 
 
 def child_dist(args: argparse.Namespace) -> None:
     """``--child-dist``: run as one worker of a torchrun launch."""
-    from pyact_torch.devices import launch
+    from pyact_torch.training.devices import launch
 
     launch(_dist_replica, (args.child_device, args.batch, args.warmup, args.steps, args.result, args.reduction),
            args.child_device, distributed=True)

@@ -44,11 +44,11 @@ def quiet(run, *args, **kwargs):
 def tune(demo: str, smooths: list[int], lengths: list[int]) -> list[tuple[int, int, float]]:
     """Segment F1@0.5 on the eval split for every (smooth, min_length)."""
     from pyact_torch.config import DetectConfig
-    from pyact_torch.detect import run_detect
-    from pyact_torch.detection_metrics import SequenceResult, Truth, detection_metrics
-    from pyact_torch.labels import NO_ACTION, scan_dataset
-    from pyact_torch.runners import load_checkpoint_runner
-    from pyact_torch.segments import detect_segments
+    from pyact_torch.detection.detect import run_detect
+    from pyact_torch.detection.metrics import SequenceResult, Truth, detection_metrics
+    from pyact_torch.data.labels import NO_ACTION, scan_dataset
+    from pyact_torch.detection.runners import load_checkpoint_runner
+    from pyact_torch.detection.segments import detect_segments
 
     out = os.path.join(demo, "bench-eval")
     quiet(run_detect, DetectConfig(checkpoint=os.path.join(demo, "run"), src=os.path.join(demo, "raw"), split="eval",
@@ -76,7 +76,7 @@ def eager_runner(demo: str, preset: str, size: int):
     import torch
 
     from pyact_torch.model import Deployed, build_model
-    from pyact_torch.runners import ModelInfo, TorchRunner, load_checkpoint_runner
+    from pyact_torch.detection.runners import ModelInfo, TorchRunner, load_checkpoint_runner
 
     if preset == "tiny":
         return quiet(load_checkpoint_runner, os.path.join(demo, "run"))
@@ -87,9 +87,9 @@ def eager_runner(demo: str, preset: str, size: int):
 
 def latency(demo: str, preset: str, size: int, frames: int) -> dict:
     """Per-frame streaming latency over the test sequences' frames."""
-    from pyact_torch.frames import FrameSpec
-    from pyact_torch.labels import scan_dataset
-    from pyact_torch.stream import folder_frames, streamed
+    from pyact_torch.data.frames import FrameSpec
+    from pyact_torch.data.labels import scan_dataset
+    from pyact_torch.detection.stream import folder_frames, streamed
 
     runner = eager_runner(demo, preset, size)
     spec = FrameSpec("color", size, (150, 1000))
@@ -113,12 +113,12 @@ def throughput(demo: str) -> dict:
     import torch
 
     from pyact_torch.config import DetectConfig
-    from pyact_torch.detect import DetectionRun, plan_sources
-    from pyact_torch.devices import make_backend
-    from pyact_torch.evaluate import evaluate
-    from pyact_torch.loader import HostBatches, Part, WindowDataset, on_device
-    from pyact_torch.runners import load_checkpoint_runner
-    from pyact_torch.shards import read_manifest
+    from pyact_torch.detection.detect import DetectionRun, plan_sources
+    from pyact_torch.training.devices import make_backend
+    from pyact_torch.training.validation import evaluate
+    from pyact_torch.data.loader import HostBatches, Part, WindowDataset, on_device
+    from pyact_torch.detection.runners import load_checkpoint_runner
+    from pyact_torch.data.shards import read_manifest
 
     run, raw, shards = (os.path.join(demo, name) for name in ("run", "raw", "shards"))
     runner = quiet(load_checkpoint_runner, run)
@@ -162,8 +162,8 @@ def throughput(demo: str) -> dict:
 
 def onnx_vs_eager(demo: str, preset: str, size: int, count: int, batch: int) -> dict:
     """Windows/s of ONNX Runtime and eager PyTorch on the same windows."""
-    from pyact_torch.export import write_export
-    from pyact_torch.runners import OnnxRunner
+    from pyact_torch.detection.export import write_export
+    from pyact_torch.detection.runners import OnnxRunner
 
     eager = eager_runner(demo, preset, size)
     windows = np.random.default_rng(0).integers(0, 256, (count,) + eager.info.clip_shape, dtype=np.uint8)
@@ -188,9 +188,9 @@ def test_vs_testdetection(demo: str) -> dict:
     segment is found (a detection of its class at tIoU >= 0.5) when another action is nearer
     than one window (windows there straddle two actions) and when none is."""
     from pyact_torch.config import DetectConfig
-    from pyact_torch.detect import run_detect
-    from pyact_torch.detection_metrics import tiou
-    from pyact_torch.labels import scan_detection
+    from pyact_torch.detection.detect import run_detect
+    from pyact_torch.detection.metrics import tiou
+    from pyact_torch.data.labels import scan_detection
 
     rows = {}
     for split in ("test", "testdetection"):

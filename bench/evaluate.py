@@ -31,11 +31,11 @@ from common import add_child_arguments, run_child  # noqa: E402  (bench/common.p
 def _score_child(args: argparse.Namespace) -> None:
     import torch
 
-    from pyact_torch.evaluate import evaluate
-    from pyact_torch.loader import HostBatches, Part, WindowDataset, on_device
+    from pyact_torch.training.validation import evaluate
+    from pyact_torch.data.loader import HostBatches, Part, WindowDataset, on_device
     from pyact_torch.model import build_model
-    from pyact_torch.shards import read_manifest
-    from pyact_torch.devices import make_backend
+    from pyact_torch.data.shards import read_manifest
+    from pyact_torch.training.devices import make_backend
 
     backend = make_backend(args.device)
     manifest = read_manifest(args.data)
@@ -118,7 +118,7 @@ def raw_read(folder: str) -> float:
 
 def conversion(out: str, records: int) -> dict:
     from pyact_torch.config import TFRecordConfig
-    from pyact_torch.tfrecords import convert_tfrecords
+    from pyact_torch.convert.tfrecords import convert_tfrecords
 
     folder = os.path.join(out, "tfrecords-train")
     if not os.path.isdir(folder):

@@ -40,8 +40,8 @@ ARMS = {
 def make_data(out: str, train_subjects: int, test_subjects: int) -> str:
     """Few Train subjects, one Eval, several held-out Test subjects, preprocessed at 32x32."""
     from pyact_torch.config import PreprocessConfig, SynthConfig
-    from pyact_torch.preprocess import preprocess
-    from pyact_torch.synthetic import make_dataset
+    from pyact_torch.data.preprocess import preprocess
+    from pyact_torch.data.synthetic import make_dataset
 
     raw, dest = os.path.join(out, "raw"), os.path.join(out, "shards")
     if not os.path.exists(os.path.join(raw, "Train")):

@@ -29,9 +29,9 @@ import psutil
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from pyact_torch.config import SynthConfig, default_workers, parse_size  # noqa: E402
-from pyact_torch.labels import ACTIONS  # noqa: E402
-from pyact_torch.parallel import map_unordered  # noqa: E402
-from pyact_torch.synthetic import make_dataset  # noqa: E402
+from pyact_torch.data.labels import ACTIONS  # noqa: E402
+from pyact_torch.io.processes import map_unordered  # noqa: E402
+from pyact_torch.data.synthetic import make_dataset  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

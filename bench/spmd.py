@@ -45,9 +45,9 @@ def spmd_throughput(data: str, devices: int, dump: str, warmup: int = 5, steps: 
 
 def transfer_bytes(data: str) -> dict:
     """Bytes per window of one loader batch as sent now (uint8) and as float32 (what it was)."""
-    from pyact_torch.loader import Part, WindowDataset, make_loader
+    from pyact_torch.data.loader import Part, WindowDataset, make_loader
     from pyact_torch.model import model_input
-    from pyact_torch.shards import read_manifest
+    from pyact_torch.data.shards import read_manifest
 
     dataset = WindowDataset(data, read_manifest(data), "train", 32, Part(), train=True)
     clips, _, _ = next(iter(make_loader(dataset, 0)))

@@ -35,7 +35,7 @@ def runner_of(preset: str, size: int):
     import torch
 
     from pyact_torch.model import Deployed, build_model
-    from pyact_torch.runners import ModelInfo, TorchRunner
+    from pyact_torch.detection.runners import ModelInfo, TorchRunner
 
     torch.manual_seed(0)
     info = ModelInfo(tuple(f"c{i}" for i in range(16)) + ("no-action",), 6, size, "color", None)
@@ -61,7 +61,7 @@ def main() -> None:
     args = parser.parse_args()
     import torch
 
-    from pyact_torch.runners import choose_threads, cores
+    from pyact_torch.detection.runners import choose_threads, cores
 
     default = torch.get_num_threads()
     print(f"{cores()} cores; the library's default: {default} intra-op threads")

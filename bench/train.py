@@ -42,8 +42,8 @@ BUCKET = "pyact-bench"
 def make_shards(out: str) -> dict[int, str]:
     """One synthetic dataset (8 Train, 1 Eval, 1 Test subjects), preprocessed at 32 and 64."""
     from pyact_torch.config import PreprocessConfig, SynthConfig
-    from pyact_torch.preprocess import preprocess
-    from pyact_torch.synthetic import make_dataset
+    from pyact_torch.data.preprocess import preprocess
+    from pyact_torch.data.synthetic import make_dataset
 
     raw = os.path.join(out, "raw")
     if not os.path.exists(os.path.join(raw, "Train")):
@@ -61,12 +61,12 @@ def make_shards(out: str) -> dict[int, str]:
 
 def _throughput_replica(index: int, data: str, preset: str, device: str, batch: int, warmup: int, steps: int,
                         result_path: str) -> None:
-    from pyact_torch.devices import make_backend
-    from pyact_torch.loader import Part, WindowDataset, make_loader
+    from pyact_torch.training.devices import make_backend
+    from pyact_torch.data.loader import Part, WindowDataset, make_loader
     from pyact_torch.model import model_input
     from pyact_torch.model import build_model
-    from pyact_torch.shards import read_manifest
-    from pyact_torch.train import train_step
+    from pyact_torch.data.shards import read_manifest
+    from pyact_torch.training.train import train_step
 
     backend = make_backend(device)
     manifest = read_manifest(data)
@@ -105,7 +105,7 @@ def _throughput_replica(index: int, data: str, preset: str, device: str, batch: 
 
 
 def child_throughput(args: argparse.Namespace) -> None:
-    from pyact_torch.devices import launch
+    from pyact_torch.training.devices import launch
 
     launch(_throughput_replica, (args.data, args.preset, args.device, args.batch, args.warmup, args.steps,
                                  args.result), args.device)
@@ -125,7 +125,7 @@ def real_size_copy(data: str, out: str) -> str:
     listed again under new names (hard links; the loader never looks inside a clip): a real
     epoch is ~100 shards, so per-epoch worker start-up and the uneven last shards weigh in as
     they would in training, not 20 times more as in the 5-shard synthetic split."""
-    from pyact_torch.shards import MANIFEST, read_manifest
+    from pyact_torch.data.shards import MANIFEST, read_manifest
 
     manifest = read_manifest(data)
     train = manifest["splits"]["train"]
@@ -148,8 +148,8 @@ def real_size_copy(data: str, out: str) -> str:
 def loader_rate(data: str, workers: int, batch: int = 32, epochs: int = 2, augment: str = "none") -> dict:
     """Windows/s of the training loader over ``epochs`` passes of the train split, no model
     (per-epoch worker start-up included), with the ``augment`` preset."""
-    from pyact_torch.loader import HostBatches, Part, WindowDataset
-    from pyact_torch.shards import read_manifest
+    from pyact_torch.data.loader import HostBatches, Part, WindowDataset
+    from pyact_torch.data.shards import read_manifest
 
     manifest = read_manifest(data)
     dataset = WindowDataset(data, manifest, "train", batch, Part(), train=True, workers=workers, augment=augment)
@@ -168,9 +168,9 @@ def read_cost(data: str, shards: int = 20, repeats: int = 3) -> dict:
     """Seconds (best of ``repeats``) to read ``shards`` train shards of ``data`` (gs://) in the
     tar reader's 10 KiB pieces: through ``storage.open_read`` and through google-cloud-storage's
     own reader (``blob.open("rb")``, what ``open_read`` used before)."""
-    from pyact_torch import storage
-    from pyact_torch.loader import split_shards
-    from pyact_torch.shards import read_manifest
+    from pyact_torch.io import storage
+    from pyact_torch.data.loader import split_shards
+    from pyact_torch.data.shards import read_manifest
 
     chosen = split_shards(data, read_manifest(data), "train")[:shards]
 
@@ -195,8 +195,8 @@ def tar_cost(data: str, shards: int = 20, repeats: int = 3) -> dict:
     the loader used before)."""
     import webdataset as wds
 
-    from pyact_torch.loader import split_shards, tar_samples
-    from pyact_torch.shards import read_manifest
+    from pyact_torch.data.loader import split_shards, tar_samples
+    from pyact_torch.data.shards import read_manifest
 
     urls = [s.url for s in split_shards(data, read_manifest(data), "train")[:shards]]
     result = {"shards": len(urls), "windows": sum(1 for _ in tar_samples(urls))}
@@ -212,7 +212,7 @@ def tar_cost(data: str, shards: int = 20, repeats: int = 3) -> dict:
 
 
 def upload_tree(local: str, url: str) -> None:
-    from pyact_torch import storage
+    from pyact_torch.io import storage
 
     for folder, _, files in os.walk(local):
         for name in files:
@@ -226,10 +226,10 @@ def upload_tree(local: str, url: str) -> None:
 def checkpoint_stall(run_dir: str, repeats: int, image_size: int = 64) -> dict:
     """c3d + Adam state: blocked time per checkpoint vs a synchronous save of the same state to
     the same run dir (at 64x64 the state is ~2.5 GB; ``image_size`` 32 gives ~0.7 GB)."""
-    from pyact_torch import storage
-    from pyact_torch.checkpoint import CheckpointWriter
+    from pyact_torch.io import storage
+    from pyact_torch.training.checkpoint import CheckpointWriter
     from pyact_torch.model import build_model
-    from pyact_torch.devices import make_backend
+    from pyact_torch.training.devices import make_backend
 
     backend = make_backend("cpu")
     model = build_model("c3d", 3, 6, image_size, 17)
@@ -280,7 +280,7 @@ def main() -> None:
         child_throughput(args)
         return
 
-    from pyact_torch.emulator import GCSEmulator
+    from pyact_torch.io.emulator import GCSEmulator
 
     os.makedirs(args.out, exist_ok=True)
     shards = make_shards(args.out)

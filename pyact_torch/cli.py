@@ -18,18 +18,18 @@ from .config import (DemoConfig, DetectConfig, ExportConfig, InspectConfig, Kera
                      TFRecordConfig, TrainConfig, VideoConfig, add_arguments, from_namespace)
 from . import __doc__ as package_doc
 from .errors import UserError, local_rank, printed_here
-from .interrupts import Interrupted, Terminated, raise_terminated
-from .storage import USER_ERRNOS
+from .io.interrupts import Interrupted, Terminated, raise_terminated
+from .io.storage import USER_ERRNOS
 
 
 def _synth(config: SynthConfig) -> None:
-    from .synthetic import make_dataset
+    from .data.synthetic import make_dataset
 
     print(f"wrote {make_dataset(config)} frames to {config.out}")
 
 
 def _preprocess(config: PreprocessConfig) -> None:
-    from .preprocess import format_summary, preprocess
+    from .data.preprocess import format_summary, preprocess
 
     print(format_summary(preprocess(config)))
 
@@ -49,17 +49,17 @@ def _lazy(target: str) -> Callable[[Any], Any]:
 COMMANDS: dict[str, tuple[type, Callable[[Any], Any], str]] = {
     "synth": (SynthConfig, _synth, "write a synthetic dataset in the real dataset's layout"),
     "preprocess": (PreprocessConfig, _preprocess, "raw dataset -> WebDataset shards + manifest"),
-    "inspect": (InspectConfig, _lazy("inspection:inspect_split"),
+    "inspect": (InspectConfig, _lazy("data.inspection:inspect_split"),
                 "check shards against the manifest, draw sampled windows"),
-    "train": (TrainConfig, _lazy("train:fit"), "train ConvNet3D on TPU cores (xmp.spawn or SPMD), CPUs or GPUs (torchrun for several)"),
-    "evaluate": (EvaluateConfig, _lazy("scoring:evaluate_checkpoint"),
+    "train": (TrainConfig, _lazy("training.train:fit"), "train ConvNet3D on TPU cores (xmp.spawn or SPMD), CPUs or GPUs (torchrun for several)"),
+    "evaluate": (EvaluateConfig, _lazy("scoring.evaluate:evaluate_checkpoint"),
                  "score a checkpoint: metrics, confusion matrix, predictions"),
-    "video": (VideoConfig, _lazy("video:make_video"), "prediction video and contact sheet from predictions.json"),
-    "detect": (DetectConfig, _lazy("detect:run_detect"),
+    "video": (VideoConfig, _lazy("scoring.video:make_video"), "prediction video and contact sheet from predictions.json"),
+    "detect": (DetectConfig, _lazy("detection.detect:run_detect"),
                "find actions in sequences, a video or a camera: segments, metrics, timeline, annotated video"),
-    "export": (ExportConfig, _lazy("export:export_model"), "checkpoint -> ONNX or torch.export file, checked on real windows"),
-    "convert-keras": (KerasConfig, _lazy("keras_weights:convert_keras"), "pyACT Keras .h5 weights -> pyact-torch checkpoint"),
-    "convert-tfrecords": (TFRecordConfig, _lazy("tfrecords:convert_tfrecords"), "pyACT TFRecords -> shards + manifest"),
+    "export": (ExportConfig, _lazy("detection.export:export_model"), "checkpoint -> ONNX or torch.export file, checked on real windows"),
+    "convert-keras": (KerasConfig, _lazy("convert.keras_weights:convert_keras"), "pyACT Keras .h5 weights -> pyact-torch checkpoint"),
+    "convert-tfrecords": (TFRecordConfig, _lazy("convert.tfrecords:convert_tfrecords"), "pyACT TFRecords -> shards + manifest"),
     "demo": (DemoConfig, _lazy("demo:run_demo"), "the whole pipeline on a synthetic dataset, on CPU, in a few minutes"),
 }
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from .errors import UserError, under_torchrun
-from .storage import check_location
+from .io.storage import check_location
 
 MODALITIES = ("color", "depth", "rgbd")
 AUGMENT_PRESETS = ("none", "pyact", "standard")
@@ -38,7 +38,7 @@ def parse_names(text: str) -> tuple[str, ...]:
 
 def parse_class_names(text: str) -> tuple[str, ...]:
     """``--classes``: distinct names of the form the project writes (letters, digits, ``_.+-``)."""
-    from .labels import CLASS_NAME
+    from .data.labels import CLASS_NAME
 
     names = parse_names(text)
     odd = [name for name in names if not CLASS_NAME.fullmatch(name)]

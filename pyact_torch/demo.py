@@ -13,9 +13,9 @@ import signal
 import time
 from typing import Callable
 
-from . import storage
+from .io import storage
 from .config import DemoConfig, DetectConfig, PreprocessConfig, EvaluateConfig, SynthConfig, TrainConfig, VideoConfig
-from .devices import preempted
+from .training.devices import preempted
 from .errors import UserError
 
 BUCKET = "pyact-demo"
@@ -28,13 +28,13 @@ RECORD_LIMIT = 16 << 20
 
 def run_demo(config: DemoConfig, print_fn: Callable[[str], None] = print) -> dict:
     """Run the demo; returns the scoring metrics plus where each output is."""
-    from .detect import run_detect
-    from .emulator import GCSEmulator
-    from .scoring import evaluate_checkpoint
-    from .preprocess import format_summary, preprocess
-    from .synthetic import make_dataset
-    from .train import fit
-    from .video import make_video
+    from .detection.detect import run_detect
+    from .io.emulator import GCSEmulator
+    from .scoring.evaluate import evaluate_checkpoint
+    from .data.preprocess import format_summary, preprocess
+    from .data.synthetic import make_dataset
+    from .training.train import fit
+    from .scoring.video import make_video
 
     started = time.perf_counter()
     out = os.path.realpath(config.out)  # a link to an earlier demo's folder: that folder
@@ -64,7 +64,7 @@ def run_demo(config: DemoConfig, print_fn: Callable[[str], None] = print) -> dic
         finally:
             signal.signal(signal.SIGTERM, handler)
         if preempted():
-            from .interrupts import Terminated
+            from .io.interrupts import Terminated
 
             raise Terminated()
         _write_record(out, complete=False)

@@ -10,8 +10,8 @@ from contextlib import contextmanager
 import pytest
 
 from pyact_torch.config import SynthConfig
-from pyact_torch.emulator import GCSEmulator
-from pyact_torch.synthetic import make_dataset
+from pyact_torch.io.emulator import GCSEmulator
+from pyact_torch.data.synthetic import make_dataset
 
 
 def _synthetic(root, subjects, frames, size, seed, detection=0) -> str:
@@ -93,7 +93,7 @@ def learn_shards(tmp_path_factory) -> str:
     """Shards of a learnable dataset: 6 Train subjects, a held-out Eval subject, 2 Test; its raw
     folder (``../raw``) also has 4 TestDetection recordings."""
     from pyact_torch.config import PreprocessConfig
-    from pyact_torch.preprocess import preprocess
+    from pyact_torch.data.preprocess import preprocess
 
     root = tmp_path_factory.mktemp("learn")
     raw = _synthetic(root / "raw", (6, 1, 2), (40, 60), (96, 72), seed=3, detection=4)
@@ -107,7 +107,7 @@ def learn_shards(tmp_path_factory) -> str:
 def small_shards(tiny_template, tmp_path_factory) -> str:
     """Shards of the tiny dataset at 16x16: quick XLA:CPU runs where learning does not matter."""
     from pyact_torch.config import PreprocessConfig
-    from pyact_torch.preprocess import preprocess
+    from pyact_torch.data.preprocess import preprocess
 
     dest = str(tmp_path_factory.mktemp("small") / "shards")
     preprocess(PreprocessConfig(tiny_template, dest, image_size=16, shard_size=16, workers=2), progress=False,

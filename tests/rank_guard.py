@@ -8,7 +8,7 @@ alone is reported by that rank."""
 import os
 import sys
 
-from pyact_torch import storage
+from pyact_torch.io import storage
 from pyact_torch.cli import main
 
 

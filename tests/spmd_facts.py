@@ -14,12 +14,12 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from pyact_torch.devices import make_backend
-from pyact_torch.evaluate import evaluate
-from pyact_torch.loader import HostBatches, Part, WindowDataset, on_device
+from pyact_torch.training.devices import make_backend
+from pyact_torch.training.validation import evaluate
+from pyact_torch.data.loader import HostBatches, Part, WindowDataset, on_device
 from pyact_torch.model import build_model
-from pyact_torch.shards import read_manifest
-from pyact_torch.train import train_step
+from pyact_torch.data.shards import read_manifest
+from pyact_torch.training.train import train_step
 
 STEPS, BATCH, SIZE = 4, 8, 16
 

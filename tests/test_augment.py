@@ -8,9 +8,9 @@ import pytest
 import torch
 from PIL import Image
 
-from pyact_torch.augment import PYACT_ANGLES, Transform, apply, draw
-from pyact_torch.loader import Part, WindowDataset, window_draws
-from pyact_torch.shards import read_manifest
+from pyact_torch.data.augment import PYACT_ANGLES, Transform, apply, draw
+from pyact_torch.data.loader import Part, WindowDataset, window_draws
+from pyact_torch.data.shards import read_manifest
 
 
 def asymmetric_image(height=32, width=40, seed=0) -> np.ndarray:

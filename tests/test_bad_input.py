@@ -87,7 +87,7 @@ def test_script_error_from_worker_process_has_no_traceback(tiny_dataset, tmp_pat
 def test_skip_bad_sequences_lists_and_records_them(tiny_dataset, tmp_path, capsys):
     import webdataset as wds
 
-    from pyact_torch.shards import read_manifest
+    from pyact_torch.data.shards import read_manifest
 
     truncate(os.path.join(tiny_dataset, SEQ, "color_3.png"))
     os.remove(os.path.join(tiny_dataset, "Test/test00/ui-swipe.xml"))

@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 import torch
 
-from pyact_torch import storage
+from pyact_torch.io import storage
 from pyact_torch.cli import main
 from pyact_torch.errors import UserError
-from pyact_torch.labels import PYACT_CLASSES as PYACT_CLASS_ORDER
-from pyact_torch.loader import tar_samples
+from pyact_torch.data.labels import PYACT_CLASSES as PYACT_CLASS_ORDER
+from pyact_torch.data.loader import tar_samples
 from pyact_torch.model import build_model
 
 # --- Keras ------------------------------------------------------------------------------------
@@ -369,7 +369,7 @@ def test_corrupt_records_are_named_or_skipped(damage, record_folder, tmp_path, c
 def test_example_decoding_reads_hand_assembled_wire_bytes():
     """An Example assembled byte by byte from the protobuf wire format, independently of the
     protobuf library the converter decodes with: packed floats, an unpacked int64, bytes."""
-    from pyact_torch.tfrecords import parse_example
+    from pyact_torch.convert.tfrecords import parse_example
 
     def varint(value: int) -> bytes:
         out = b""
@@ -450,7 +450,7 @@ def test_a_folder_holding_several_splits_is_refused_naming_them(layout, tmp_path
 
 
 def test_the_split_rule():
-    from pyact_torch.tfrecords import named_split, split_of
+    from pyact_torch.convert.tfrecords import named_split, split_of
 
     assert [named_split(n) for n in ("Train", "TFRECORD-Eval", "val", "test_records", "contest", "TestRecords",
                                      "val2017", "part-00000")] == ["train", "eval", "eval", "test", None, "test", "eval", None]

@@ -19,11 +19,11 @@ import numpy as np
 import pytest
 
 from pyact_torch.cli import main
-from pyact_torch.detection_metrics import tiou
-from pyact_torch.frames import FrameSpec
-from pyact_torch.runners import load_checkpoint_runner, load_exported
-from pyact_torch.segments import detect_segments
-from pyact_torch.stream import batched, count_frames, folder_frames, streamed
+from pyact_torch.detection.metrics import tiou
+from pyact_torch.data.frames import FrameSpec
+from pyact_torch.detection.runners import load_checkpoint_runner, load_exported
+from pyact_torch.detection.segments import detect_segments
+from pyact_torch.detection.stream import batched, count_frames, folder_frames, streamed
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SEQUENCE = "Test/test00/asl-where"  # one with two segments
@@ -108,7 +108,7 @@ def test_an_untrained_model_finds_nothing_right(detector_run, raw, tmp_path):
     """Negative control of the F1 floor: the same network with its weights shuffled."""
     import torch
 
-    from pyact_torch.checkpoint import load_checkpoint
+    from pyact_torch.training.checkpoint import load_checkpoint
 
     state, _ = load_checkpoint(detector_run, log=lambda *a: None)
     generator = torch.Generator().manual_seed(0)
@@ -151,7 +151,7 @@ def test_a_video_of_the_frames_gives_the_folders_detections(detector_run, raw, t
     p_folder, p_video = folder_p[folder_seq["probabilities"]], video_p[video_seq["probabilities"]]
     # mp4v is lossy: the frames differ (measured: 2.4 grey levels mean, 0.24 largest probability change)
     spec = FrameSpec("color", 32, (150, 1000))
-    from pyact_torch.stream import capture_frames, open_capture
+    from pyact_torch.detection.stream import capture_frames, open_capture
     pixels = [np.abs(a.model.astype(int) - b.model.astype(int)).mean() for a, b in
               zip(folder_frames(folder, n, spec, False), capture_frames(open_capture(video), spec, "clip"))]
     assert 0.5 < np.mean(pixels) < 5
@@ -183,7 +183,7 @@ def exported(detector_run, learn_shards, tmp_path_factory) -> dict:
 
 def eval_windows(learn_shards: str, count: int = 24) -> np.ndarray:
     """Real windows the export was not checked on: the eval split's."""
-    from pyact_torch.shards import load_npy, read_manifest, read_samples, split_shards
+    from pyact_torch.data.shards import load_npy, read_manifest, read_samples, split_shards
 
     clips = []
     manifest = read_manifest(learn_shards)
@@ -249,8 +249,8 @@ def depth_checkpoint(tmp_path_factory) -> str:
     """A depth model's checkpoint (untrained): what a colour-only source cannot feed."""
     import torch
 
-    from pyact_torch.checkpoint import make_checkpoint
-    from pyact_torch.labels import ACTIONS, class_list
+    from pyact_torch.training.checkpoint import make_checkpoint
+    from pyact_torch.data.labels import ACTIONS, class_list
     from pyact_torch.model import build_model
 
     model = build_model("tiny", 1, 6, 32, 17)
@@ -415,7 +415,7 @@ def test_a_split_skips_a_sequence_shorter_than_the_window(detector_run, raw, tmp
 
 @pytest.mark.slow
 def test_detect_reads_a_checkpoint_from_and_writes_to_a_bucket(detector_run, raw, gcs, tmp_path):
-    from pyact_torch import storage
+    from pyact_torch.io import storage
 
     storage.write_bytes("gs://pyact-test/detect/ckpt.pt", open(os.path.join(detector_run, "final.pt"), "rb").read())
     folder = os.path.join(raw, SEQUENCE)
@@ -438,7 +438,7 @@ def test_detect_reads_a_checkpoint_from_and_writes_to_a_bucket(detector_run, raw
 def test_a_model_whose_outputs_disagree_with_its_metadata_is_refused_in_one_line():
     """An exported graph's declared shapes are data: what it really gives is checked on every call."""
     from pyact_torch.errors import UserError
-    from pyact_torch.runners import ModelInfo, Runner
+    from pyact_torch.detection.runners import ModelInfo, Runner
 
     class Lying(Runner):
         def __init__(self, logits):
@@ -546,8 +546,8 @@ def test_timeline_colours_stay_apart_for_17_classes():
     from the blank band. Before (tab20), two classes came in greys, one 14 from the blank band."""
     from itertools import combinations
 
-    from pyact_torch.labels import PYACT_CLASSES
-    from pyact_torch.plots import BLANK, class_colours
+    from pyact_torch.data.labels import PYACT_CLASSES
+    from pyact_torch.draw.plots import BLANK, class_colours
 
     colours = list(class_colours(list(PYACT_CLASSES), "no-action").values()) + [BLANK]
     assert len(colours) == 17
@@ -558,7 +558,7 @@ def test_timeline_colours_stay_apart_for_17_classes():
 
 
 def test_timeline_names_the_class_on_each_wide_band():
-    from pyact_torch.plots import pyplot, timeline_figure
+    from pyact_torch.draw.plots import pyplot, timeline_figure
 
     classes = ["asl-z", "ui-swipe", "no-action"]
     rows = [("Test/s/asl-z", 400, [("asl-z", 10, 150), ("ui-swipe", 200, 202)], [("asl-z", 12, 160)])]
@@ -574,7 +574,7 @@ class _Timed:
     seconds), so which count is fastest is known."""
 
     def __init__(self, cost):
-        from pyact_torch.runners import ModelInfo
+        from pyact_torch.detection.runners import ModelInfo
 
         self.cost, self.threads = cost, None
         self.info = ModelInfo(("a", "no-action"), 2, 8, "color", None)
@@ -590,7 +590,7 @@ class _Timed:
 @pytest.mark.parametrize("fastest", [1, 2])
 def test_the_thread_count_for_one_window_is_the_fastest_measured(fastest, monkeypatch):
     """Each parameter is the other's control: the pick follows the measurement, not a constant."""
-    from pyact_torch import runners
+    from pyact_torch.detection import runners
 
     monkeypatch.setattr(runners, "cores", lambda: 2)
     timed = _Timed({1: 0.002 if fastest == 1 else 0.006, 2: 0.002 if fastest == 2 else 0.006})
@@ -602,7 +602,7 @@ def test_the_default_thread_count_is_measured_first_whatever_the_budget(monkeypa
     """A heavy model spends the budget early: the library's default (one thread per core) is
     measured first, so the pick is never slower than what ran before (before: 1 and 2 threads
     on a 16-core machine, 8x slower)."""
-    from pyact_torch import runners
+    from pyact_torch.detection import runners
 
     monkeypatch.setattr(runners, "cores", lambda: 16)
     timed = _Timed({n: 0.016 / n for n in (1, 2, 4, 8, 16)})
@@ -635,7 +635,7 @@ def test_streaming_detection_says_its_thread_count_and_takes_threads(runner, det
 def test_testdetection_scores_each_segment_by_its_own_action(detector_run, raw, tmp_path, capsys):
     from collections import Counter
 
-    from pyact_torch.labels import scan_detection
+    from pyact_torch.data.labels import scan_detection
 
     out = str(tmp_path / "det")
     assert main(["detect", "--checkpoint", detector_run, "--src", raw, "--split", "testdetection", "--out", out,
@@ -675,7 +675,7 @@ def test_streaming_equals_batching_on_a_long_recording(raw, runner):
 
 
 def _segment_rows(raw):
-    from pyact_torch.labels import scan_detection
+    from pyact_torch.data.labels import scan_detection
 
     return [(r.path.split("/")[-1], g.action, g.pos, g.pos + g.len - 1) for r in scan_detection(raw)[0]
             for g in r.segments]

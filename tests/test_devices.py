@@ -14,9 +14,9 @@ import pytest
 import torch
 
 from pyact_torch.cli import main
-from pyact_torch.devices import make_backend
+from pyact_torch.training.devices import make_backend
 from pyact_torch.model import build_model, model_input
-from pyact_torch.train import train_step
+from pyact_torch.training.train import train_step
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HAS_GPU = torch.cuda.is_available()
@@ -152,7 +152,7 @@ def test_training_on_a_gpu_learns_and_scores_like_the_cpu(precision, learn_shard
 @cuda
 @pytest.mark.cuda
 def test_detect_and_export_on_a_gpu_match_the_cpu(detector_run, learn_shards, tmp_path):
-    from pyact_torch.runners import load_checkpoint_runner
+    from pyact_torch.detection.runners import load_checkpoint_runner
 
     gpu = load_checkpoint_runner(detector_run, log=lambda *a: None, device="cuda")
     cpu = load_checkpoint_runner(detector_run, log=lambda *a: None)
@@ -185,7 +185,7 @@ def test_torchrun_on_gpus_with_and_without_sync_bn(sync_bn, small_shards, tmp_pa
 def test_device_auto_picks_eager_cpu_here_and_says_so(small_shards, tmp_path, capsys, monkeypatch):
     """The default was xla: without PJRT_DEVICE it ran XLA:CPU at a fraction of eager speed
     without a word. The negative control: PJRT_DEVICE set means a TPU (or XLA:CPU) was asked for."""
-    from pyact_torch.devices import auto_device
+    from pyact_torch.training.devices import auto_device
 
     monkeypatch.delenv("PJRT_DEVICE", raising=False)
     assert main(["train", "--data", small_shards, "--run-dir", str(tmp_path / "run"), *SMALL[:-2]]) == 0

@@ -15,7 +15,7 @@ import psutil
 import pytest
 import torch
 
-from pyact_torch import storage
+from pyact_torch.io import storage
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone"]

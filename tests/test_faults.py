@@ -23,12 +23,12 @@ import numpy as np
 import pytest
 import torch
 
-from pyact_torch import preprocess as preprocess_module
-from pyact_torch import storage
-from pyact_torch.checkpoint import CheckpointWriter, load_checkpoint
+from pyact_torch.data import preprocess as preprocess_module
+from pyact_torch.io import storage
+from pyact_torch.training.checkpoint import CheckpointWriter, load_checkpoint
 from pyact_torch.cli import main
 from pyact_torch.errors import UserError
-from pyact_torch.shards import TarFormatError, read_manifest, read_tar
+from pyact_torch.data.shards import TarFormatError, read_manifest, read_tar
 
 from conftest import read_only, tree_bytes
 
@@ -152,7 +152,7 @@ def test_a_pointer_naming_anything_but_our_checkpoint_is_ignored(target, small_r
     else:
         record["name"] = target
         (run_dir / "best.json").write_text(json.dumps(record))
-    code = ("import sys; from pyact_torch.checkpoint import load_checkpoint; "
+    code = ("import sys; from pyact_torch.training.checkpoint import load_checkpoint; "
             "state, url = load_checkpoint(sys.argv[1]); print(url)")
     result = subprocess.run([sys.executable, "-c", code, str(run_dir)], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr[-2000:]
@@ -406,7 +406,7 @@ def test_an_image_size_the_disk_cannot_hold_is_refused_before_work(where, tiny_d
 
 def test_an_emulator_outage_mid_run_is_one_line_and_the_resumed_bucket_is_identical(
         tiny_dataset, tmp_path, monkeypatch, capsys):
-    from pyact_torch.emulator import GCSEmulator
+    from pyact_torch.io.emulator import GCSEmulator
 
     reference = str(tmp_path / "reference")
     assert main(["preprocess", tiny_dataset, reference, *PRE]) == 0
@@ -456,7 +456,7 @@ def test_a_full_disk_stops_checkpointing_at_once_with_one_line(tmp_path):
 
 HANG_CHECK = """
 import sys, tracemalloc
-from pyact_torch.shards import read_tar, TarFormatError
+from pyact_torch.data.shards import read_tar, TarFormatError
 tracemalloc.start()
 try:
     with open(sys.argv[1], 'rb') as stream:  # a buffered file, as shards are read: read(n) allocates n
@@ -658,8 +658,8 @@ def test_sigterm_to_the_process_group_checkpoints_and_exits_zero(learn_shards, t
 
 EXIT_WITH_A_LIVE_LOADER = """
 import sys
-from pyact_torch.loader import HostBatches, Part, WindowDataset
-from pyact_torch.shards import read_manifest
+from pyact_torch.data.loader import HostBatches, Part, WindowDataset
+from pyact_torch.data.shards import read_manifest
 dataset = WindowDataset(sys.argv[1], read_manifest(sys.argv[1]), "train", 4, Part(), train=True, workers=1)
 batches = iter(HostBatches(dataset, 1, len(dataset)))
 next(batches)  # a loader worker runs, its iterator still referenced: as when an error stops a step
@@ -724,7 +724,7 @@ def test_sigterm_to_preprocessing_stops_cleanly_and_the_rerun_is_identical(raw_d
 # --- one line for every user-fixable failure -------------------------------------------------------
 
 def _state(step: int) -> dict:
-    from pyact_torch.checkpoint import make_checkpoint
+    from pyact_torch.training.checkpoint import make_checkpoint
 
     return make_checkpoint({"w": torch.full((3,), float(step))}, {"model": "tiny"}, ["a", "no-action"], {}, step=step)
 
@@ -891,7 +891,7 @@ def test_a_diverged_loss_stops_training_before_a_checkpoint(log_every, small_sha
     (with --log-every 50 it is the checkpoint of step 6 that finds it)."""
     import torch.nn.functional as F
 
-    from pyact_torch import train
+    from pyact_torch.training import train
 
     real, calls = F.cross_entropy, [0]
 
@@ -1068,7 +1068,7 @@ def test_inspect_checks_its_output_before_reading_shards(case, shards, tmp_path,
            "the manifest": os.path.join(shards, "manifest.json"), "not a png": str(tmp_path / "grid.txt")}[case]
     before = open(os.path.join(shards, "manifest.json"), "rb").read()
     read = []
-    monkeypatch.setattr("pyact_torch.inspection.stream_samples", lambda *a, **k: read.append(1) or iter(()))
+    monkeypatch.setattr("pyact_torch.data.inspection.stream_samples", lambda *a, **k: read.append(1) or iter(()))
     code, err = cli(capsys, "inspect", shards, "--out", out)
     assert code == 2 and one_line(err)
     assert not read

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 
 from pyact_torch.cli import main
-from pyact_torch import storage
-from pyact_torch.tfrecords import CorruptRecord, tfrecords
+from pyact_torch.io import storage
+from pyact_torch.convert.tfrecords import CorruptRecord, tfrecords
 from pyact_torch.errors import UserError
 from conftest import read_only, tree_bytes
 from test_convert import masked_crc, tfrecord, write_keras_h5  # the same file builders as the converter tests

@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 
-from pyact_torch.frames import depth_to_uint8
-from pyact_torch.labels import LabelFileError, Segment, parse_label_file
-from pyact_torch.synthetic import write_label_file
+from pyact_torch.data.frames import depth_to_uint8
+from pyact_torch.data.labels import LabelFileError, Segment, parse_label_file
+from pyact_torch.data.synthetic import write_label_file
 
 
 def write(tmp_path, text):
@@ -82,7 +82,7 @@ def test_a_segment_action_that_is_no_class_name_is_an_error(tmp_path, name):
 
 
 def test_testdetection_recordings_are_found_directly_or_one_level_down(tmp_path):
-    from pyact_torch.labels import scan_detection
+    from pyact_torch.data.labels import scan_detection
 
     def recording(rel, labels):
         folder = tmp_path / rel

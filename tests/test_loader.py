@@ -12,11 +12,11 @@ import pytest
 import torch
 
 from pyact_torch.config import PreprocessConfig
-from pyact_torch.loader import (Part, Shard, WindowDataset, batches, epoch_order, make_loader,
+from pyact_torch.data.loader import (Part, Shard, WindowDataset, batches, epoch_order, make_loader,
                                 shuffle_buffer, split_shards, tar_samples, train_steps, worker_shards)
 from pyact_torch.model import model_input
-from pyact_torch.preprocess import preprocess
-from pyact_torch.shards import ShardError, TarFormatError, read_manifest, read_tar
+from pyact_torch.data.preprocess import preprocess
+from pyact_torch.data.shards import ShardError, TarFormatError, read_manifest, read_tar
 
 SHARDS = [Shard(f"s{i}", count) for i, count in enumerate([8] * 20 + [5, 3, 1])]
 
@@ -115,7 +115,7 @@ def test_training_batches_through_dataloader_workers(shards_dir):
 
 
 def test_reads_shards_from_gcs(shards_dir, gcs):
-    from pyact_torch import storage
+    from pyact_torch.io import storage
 
     for name in storage.list_files(shards_dir):
         storage.write_bytes(f"gs://pyact-test/loader/{name}", open(f"{shards_dir}/{name}", "rb").read())

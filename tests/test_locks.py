@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from pyact_torch import locks, storage
+from pyact_torch.io import locks, storage
 from pyact_torch.errors import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -46,7 +46,7 @@ def test_a_second_training_on_a_live_run_dir_is_refused_naming_the_holder(small_
 
 
 def test_a_local_lock_dies_with_its_holder(tmp_path):
-    code = ("import sys, time; from pyact_torch.locks import Lock; Lock(sys.argv[1], 'train').acquire(); "
+    code = ("import sys, time; from pyact_torch.io.locks import Lock; Lock(sys.argv[1], 'train').acquire(); "
             "print('held', flush=True); time.sleep(60)")
     holder = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE, text=True,
                               env=dict(os.environ, PYTHONPATH=ROOT))
@@ -113,7 +113,7 @@ def test_a_second_writer_of_a_dataset_is_refused_before_work(command, tiny_datas
     from pyact_torch.cli import main
 
     dest = tmp_path / "dest"
-    code = ("import sys, time; from pyact_torch.locks import Lock; Lock(sys.argv[1], 'preprocess').acquire(); "
+    code = ("import sys, time; from pyact_torch.io.locks import Lock; Lock(sys.argv[1], 'preprocess').acquire(); "
             "print('held', flush=True); time.sleep(60)")
     holder = subprocess.Popen([sys.executable, "-c", code, str(dest)], stdout=subprocess.PIPE, text=True,
                               env=dict(os.environ, PYTHONPATH=ROOT))

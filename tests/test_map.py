@@ -7,9 +7,9 @@ import random
 
 import pytest
 
-from pyact_torch.detection_metrics import (SequenceResult, Truth, average_precision, detection_metrics,
+from pyact_torch.detection.metrics import (SequenceResult, Truth, average_precision, detection_metrics,
                                            mean_average_precision)
-from pyact_torch.segments import Detection
+from pyact_torch.detection.segments import Detection
 
 
 def det(label, first, last, score):

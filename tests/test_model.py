@@ -122,7 +122,7 @@ def test_weight_decay_is_pyacts_l2_on_the_conv_kernels():
     """--weight-decay W trains as Keras' kernel_regularizer=l2(W) on every Conv3D: Adam on the
     loss plus W * sum of the kernels' squares (biases, BatchNorm and Dense untouched)."""
     from pyact_torch.model import conv_kernels
-    from pyact_torch.train import make_optimizer
+    from pyact_torch.training.train import make_optimizer
 
     torch.manual_seed(0)
     base = build_model("tiny", 3, 4, 16, 5).double()

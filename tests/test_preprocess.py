@@ -16,10 +16,10 @@ import numpy as np
 import pytest
 import webdataset as wds
 
-from pyact_torch import storage
+from pyact_torch.io import storage
 from pyact_torch.config import PreprocessConfig
-from pyact_torch.preprocess import preprocess
-from pyact_torch.shards import read_manifest
+from pyact_torch.data.preprocess import preprocess
+from pyact_torch.data.shards import read_manifest
 
 from conftest import count_frames, tree_bytes
 
@@ -108,7 +108,7 @@ def test_round_trip_through_webdataset(raw_dataset, local_output):
 
 
 def test_every_frame_is_decoded_exactly_once(raw_dataset, tmp_path, monkeypatch, local_output):
-    from pyact_torch import frames
+    from pyact_torch.data import frames
 
     calls, paths = [], []
     real_imdecode, real_load = cv2.imdecode, frames.load_png
@@ -222,7 +222,7 @@ def test_dest_with_foreign_files_is_refused(tiny_dataset, tmp_path, capsys):
 
 
 def test_rgbd_and_depth_modalities(tiny_dataset, tmp_path):
-    from pyact_torch.frames import depth_to_uint8
+    from pyact_torch.data.frames import depth_to_uint8
 
     dest = str(tmp_path / "rgbd")
     run(tiny_dataset, dest, modality="rgbd", image_size=16)

@@ -11,10 +11,10 @@ import sys
 
 import pytest
 
-from pyact_torch import storage
+from pyact_torch.io import storage
 from pyact_torch.cli import main
-from pyact_torch.events import event_file, event_file_name
-from pyact_torch.run_log import loss_plot
+from pyact_torch.training.events import event_file, event_file_name
+from pyact_torch.training.run_log import loss_plot
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--model", "tiny", "--device", "cpu", "--batch-size", "8", "--workers", "1"]
@@ -171,7 +171,7 @@ def test_a_run_that_starts_at_step_0_says_why(small_shards, tmp_path, capsys):
 def test_crc32c_without_google_crc32c_gives_the_standard_check_value():
     """The fallback that frames event files on a Python without google_crc32c: CRC-32C's
     published check value for "123456789" (RFC 3720, B.4)."""
-    from pyact_torch.tfrecords import _crc32c
+    from pyact_torch.convert.tfrecords import _crc32c
 
     assert _crc32c(b"123456789") == 0xE3069283
     assert _crc32c(b"123456780") != 0xE3069283  # the control

@@ -11,13 +11,13 @@ import cv2
 import numpy as np
 import pytest
 
-from pyact_torch import storage
+from pyact_torch.io import storage
 from pyact_torch.cli import main
 from pyact_torch.errors import UserError
-from pyact_torch.frames import load_png
-from pyact_torch.metrics import score
-from pyact_torch.shards import load_npy, read_manifest, read_samples, split_shards
-from pyact_torch.video import clip_frames, to_display
+from pyact_torch.data.frames import load_png
+from pyact_torch.scoring.metrics import score
+from pyact_torch.data.shards import load_npy, read_manifest, read_samples, split_shards
+from pyact_torch.scoring.video import clip_frames, to_display
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -150,7 +150,7 @@ def test_video_shows_each_frame_once_per_sequence_in_order(scored, learn_shards,
     raw = os.path.join(os.path.dirname(learn_shards), "raw")
     flag = ["--src", raw] if source == "src" else ["--data", learn_shards]
     size = 64
-    from pyact_torch import video
+    from pyact_torch.scoring import video
 
     drawn = []  # (picture, captions) of each video frame, as handed to the encoder
     def record(frame, captions):
@@ -191,7 +191,7 @@ def test_video_shows_each_frame_once_per_sequence_in_order(scored, learn_shards,
 def test_video_frames_choose_sequences_and_wrong_windows():
     """--sequences and --wrong: which frames are shown, each once (the windows of a sequence
     overlap), in frame order; hand-made rows, so the expectation is known."""
-    from pyact_torch.video import video_frames
+    from pyact_torch.scoring.video import video_frames
 
     def row(sequence, start, truth="a", prediction=None):
         return {"key": f"{sequence}:{start}", "path": "x/color_0.png", "sequence": sequence, "start": start,
@@ -219,7 +219,7 @@ def test_video_frames_choose_sequences_and_wrong_windows():
 def test_the_contact_sheet_takes_the_classes_in_turn():
     """A split of mostly one class (as most test windows are) still shows every class; before,
     windows spread evenly over the split were mostly that class."""
-    from pyact_torch.video import by_class
+    from pyact_torch.scoring.video import by_class
 
     rows = [{"truth": "no-action", "i": i} for i in range(90)] + [{"truth": c, "i": 100 + i}
                                                                     for i, c in enumerate("abcdefghij")]
@@ -232,7 +232,7 @@ def test_the_contact_sheet_takes_the_classes_in_turn():
 def test_contact_sheet_captions_are_readable_fitted_to_a_screen():
     """Measured on the picture: the caption text's height once a 16-window sheet of 6-frame
     windows at --size 256 is scaled to fit 1920 x 1080 (before: about 3 pixels)."""
-    from pyact_torch.video import Panel, sheet
+    from pyact_torch.scoring.video import Panel, sheet
 
     frame = np.full((256, 256, 3), 60, np.uint8)
     windows = [Panel([frame] * 6, [("Test/subject/asl-z", (255, 255, 255)), ("frames 10-15", (255, 255, 255)),

@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pyact_torch.detection_metrics import SequenceResult, Truth, detection_metrics, format_table, match, tiou
-from pyact_torch.segments import Detection, Segmenter, detect_segments, frame_labels
+from pyact_torch.detection.metrics import SequenceResult, Truth, detection_metrics, format_table, match, tiou
+from pyact_torch.detection.segments import Detection, Segmenter, detect_segments, frame_labels
 
 CLASSES = ["x", "y", "no-action"]
 BG = "no-action"

@@ -113,7 +113,8 @@ def test_evaluate_stopped_keeps_the_earlier_outputs_whole(moment, scored, detect
     import errno
     import shutil
 
-    from pyact_torch import metrics, outputs
+    from pyact_torch.scoring import metrics
+    from pyact_torch.io import outputs
 
     out = tmp_path / "scored"
     shutil.copytree(scored, out)
@@ -152,7 +153,7 @@ def test_evaluate_stopped_keeps_the_earlier_outputs_whole(moment, scored, detect
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_video_stopped_keeps_the_earlier_video_and_sheet(signum, scored, learn_shards, tmp_path, capsys,
                                                          monkeypatch):
-    from pyact_torch import video
+    from pyact_torch.scoring import video
 
     predictions = os.path.join(scored, "predictions.json")
     out = tmp_path / "predictions.mp4"
@@ -171,7 +172,7 @@ def test_video_stopped_keeps_the_earlier_video_and_sheet(signum, scored, learn_s
 
 
 def test_inspect_stopped_writes_nothing(small_shards, tmp_path, capsys, monkeypatch):
-    from pyact_torch import inspection
+    from pyact_torch.data import inspection
 
     out = tmp_path / "grid.png"
     monkeypatch.setattr(inspection, "sheet", signal_on_call(inspection.sheet, signal.SIGTERM))
@@ -182,7 +183,7 @@ def test_inspect_stopped_writes_nothing(small_shards, tmp_path, capsys, monkeypa
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_synth_stopped_leaves_nothing_and_reruns(signum, tmp_path, capsys, monkeypatch):
     """It left 5,497 files and refused the rerun ("not an empty folder")."""
-    from pyact_torch import synthetic
+    from pyact_torch.data import synthetic
 
     out = tmp_path / "raw"
     args = ["synth", str(out), "--subjects", "1,0,1", "--frames", "14:16", "--size", "64x48", "--workers", "1"]

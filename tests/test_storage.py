@@ -8,8 +8,8 @@ import time
 
 import pytest
 
-from pyact_torch import storage
-from pyact_torch.emulator import GCSEmulator
+from pyact_torch.io import storage
+from pyact_torch.io.emulator import GCSEmulator
 from pyact_torch.errors import UserError
 
 

@@ -6,8 +6,8 @@ import cv2
 import numpy as np
 
 from pyact_torch.config import SynthConfig
-from pyact_torch.labels import ACTIONS, parse_label_file, scan_dataset, scan_detection
-from pyact_torch.synthetic import make_dataset
+from pyact_torch.data.labels import ACTIONS, parse_label_file, scan_dataset, scan_detection
+from pyact_torch.data.synthetic import make_dataset
 
 
 def tree(root):

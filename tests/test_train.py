@@ -12,11 +12,11 @@ import time
 import pytest
 import torch
 
-from pyact_torch import storage
-from pyact_torch.checkpoint import CheckpointWriter, load_object, restore
+from pyact_torch.io import storage
+from pyact_torch.training.checkpoint import CheckpointWriter, load_object, restore
 from pyact_torch.cli import main
-from pyact_torch.emulator import GCSEmulator
-from pyact_torch.events import EVENT_PREFIX
+from pyact_torch.io.emulator import GCSEmulator
+from pyact_torch.training.events import EVENT_PREFIX
 
 from test_run_log import scalars
 
@@ -271,7 +271,7 @@ def test_resume_refused_when_classes_differ(learn_shards, tmp_path, capsys):
 
 def test_batch_must_divide_over_replicas():
     from pyact_torch.errors import UserError
-    from pyact_torch.train import per_replica_batch
+    from pyact_torch.training.train import per_replica_batch
 
     assert [per_replica_batch(32, w) for w in (1, 2, 4, 8)] == [32, 16, 8, 4]
     with pytest.raises(UserError, match="does not divide evenly over 3 replicas"):
@@ -303,8 +303,8 @@ def test_errors_inside_xla_replicas_are_one_line(case, learn_shards, tmp_path):
 
 def test_bf16_precision_runs_the_convolutions_in_bfloat16_and_learns():
     from pyact_torch.model import build_model
-    from pyact_torch.devices import Backend
-    from pyact_torch.train import train_step
+    from pyact_torch.training.devices import Backend
+    from pyact_torch.training.train import train_step
 
     torch.manual_seed(0)
     backend = Backend()
@@ -337,10 +337,10 @@ def test_bf16_through_xmp_spawn(small_shards, tmp_path):
     assert storage.read_json(f"{run_dir}/config.json")["config"]["precision"] == "bf16"
 
 
-@pytest.mark.parametrize("module, loads_sklearn", [("pyact_torch.train", False), ("pyact_torch.scoring", True)])
+@pytest.mark.parametrize("module, loads_sklearn", [("pyact_torch.training.train", False), ("pyact_torch.scoring.evaluate", True)])
 def test_training_does_not_import_the_scoring_stack(module, loads_sklearn):
-    """Every training replica imports pyact_torch.train: scikit-learn (scoring's metrics) must not
-    come with it. pyact_torch.scoring is the control that shows the check sees an import."""
+    """Every training replica imports pyact_torch.training.train: scikit-learn (scoring's metrics) must not
+    come with it. pyact_torch.scoring.evaluate is the control that shows the check sees an import."""
     code = f"import sys, {module}; print('sklearn' in sys.modules, 'torch_xla' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]

@@ -5,8 +5,8 @@ import random
 import pytest
 
 from pyact_torch.errors import UserError
-from pyact_torch.labels import ACTIONS, NO_ACTION, Segment, Sequence, class_list
-from pyact_torch.windows import (balance, label_windows, plan_split, split_sequences,
+from pyact_torch.data.labels import ACTIONS, NO_ACTION, Segment, Sequence, class_list
+from pyact_torch.data.windows import (balance, label_windows, plan_split, split_sequences,
                                  window_length)
 
 

@@ -1,0 +1,300 @@
+"""The device layer: what the training loop and scoring need from a device, preemption
+(SIGTERM), and launching one replica per device.
+
+``Backend`` is plain eager PyTorch on the CPU or one GPU (one replica); ``tpu.XlaBackend`` maps
+the same names to torch_xla (TPU cores, or XLA:CPU with ``PJRT_DEVICE=CPU``) and
+``distributed.DistBackend`` to torch.distributed (one process per CPU or GPU under torchrun:
+gloo or NCCL), so the training loop has one code path. ``tpu.py`` is the only module that
+imports torch_xla and ``distributed.py`` the only one that sets up a process group, each only
+when asked for.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+from typing import Any, Callable, Iterable
+
+import torch
+
+
+class Backend:
+    """Eager PyTorch on the CPU or one GPU: one replica, no collectives, no graph to cut."""
+
+    kind = "cpu"
+    # whether a replica may ask the others every step if one of them was stopped (cheap on a
+    # process group; on XLA a reduction's result costs a host sync, so only at log steps)
+    vote_every_step = True
+    # whether the replicas ask each other, before training, if any failed to set up (a rank
+    # whose machine lacks a file would otherwise leave the others waiting in a collective)
+    agrees_at_setup = True
+
+    def __init__(self, device: str = "cpu") -> None:
+        self.kind = device
+        self.device = torch.device(device)
+        if device == "cuda":
+            self.device = cuda_device(0)
+
+    @property
+    def rank(self) -> int:
+        """Global ordinal of this replica (across all hosts of a pod)."""
+        return 0
+
+    @property
+    def world(self) -> int:
+        """Number of replicas (all cores of all hosts)."""
+        return 1
+
+    @property
+    def is_master(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def devices_per_reader(self) -> int:
+        """Devices one reader's batch is split over (SPMD: every device of the host)."""
+        return 1
+
+    def any_reader(self, flag: bool) -> bool:
+        """True on every reader when ``flag`` is true on any (every reader must call it)."""
+        return flag
+
+    def device_loader(self, loader: Iterable) -> Iterable:
+        """Batches moved to the device."""
+        if self.device.type == "cpu":
+            return loader
+        return (tuple(t.to(self.device, non_blocking=True) for t in batch) for batch in loader)
+
+    def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
+        """The module the training step runs (data-parallel wrappers go here); its weights stay
+        those of ``model``, which is what checkpoints save."""
+        return model
+
+    def same_everywhere(self, value: int) -> bool:
+        """Whether the integer ``value`` (below 2**31 / world) is the same on every replica
+        (every replica must call it). Integers: a TPU would round float sums of large steps."""
+        if self.world == 1:
+            return True
+        mine = torch.tensor([value], dtype=torch.int32, device=self.device)
+        total = self.all_reduce_sum(mine)
+        # each replica's distance from the mean, summed: 0 only when every value is the same
+        return int(self.all_reduce_sum((mine * self.world - total).abs()).cpu()) == 0
+
+    def close(self) -> None:
+        """Release what the backend holds (a process group)."""
+
+    def optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Step, after summing gradients over replicas when there are several (no host sync)."""
+        optimizer.step()
+
+    def sync(self) -> None:
+        """Cut and run the pending graph (nothing to do eagerly)."""
+
+    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum over replicas (every replica must call it)."""
+        return tensor
+
+    def add_step_closure(self, fn: Callable, args: tuple = ()) -> None:
+        """Run ``fn(*args)`` once this step's tensors are computed."""
+        fn(*args)
+
+    def to_host(self, value: Any) -> Any:
+        """A CPU copy of (nested) tensors: the only part of a checkpoint that blocks training."""
+        self.sync()
+        return _host_copy(value)
+
+    def compile_counts(self) -> dict[str, Any]:
+        """Graph compilations and CPU fallbacks so far (none eagerly)."""
+        return {}
+
+    def seed_step(self, seed: int, step: int) -> None:
+        """Seed the generator this replica's next training step draws from (dropout's masks)
+        from the run's seed, the replica and the step alone: a resumed run, on any replica,
+        draws what the uninterrupted run drew, with no generator state to save per replica."""
+        torch.manual_seed(step_seed(seed, self.rank, step))  # the CPU's and every GPU's
+
+
+def step_seed(seed: int, rank: int, step: int) -> int:
+    """A distinct 63-bit seed for each (run seed, replica, step)."""
+    return ((seed % 2**31) * 1_000_003 + rank) * 1_000_000_007 + step & (2**63 - 1)
+
+
+def auto_device(distributed: bool = False) -> tuple[str, str]:
+    """``--device auto``: the device this machine is for, and why. A TPU when one is attached or
+    ``PJRT_DEVICE`` is set (and torch_xla is installed; never under torchrun, which runs cpu or
+    cuda), else a GPU when there is one, else eager CPU (XLA:CPU is several times slower)."""
+    import importlib.util
+
+    from .xla import _has_tpu
+
+    try:
+        has_xla = importlib.util.find_spec("torch_xla") is not None
+    except ImportError:
+        has_xla = False
+    if not distributed and has_xla:
+        if os.environ.get("PJRT_DEVICE"):
+            return "xla", f"PJRT_DEVICE={os.environ['PJRT_DEVICE']}"
+        if _has_tpu():
+            return "xla", "a TPU is attached"
+    if torch.cuda.is_available():
+        return "cuda", f"{torch.cuda.device_count()} GPU(s) found"
+    return "cpu", "no TPU or GPU found, and PJRT_DEVICE is not set"
+
+
+def chosen_device(requested: str, distributed: bool = False, say: Callable[[str], None] = print) -> str:
+    """``requested``, or for ``auto`` the ``auto_device`` choice, said once per machine."""
+    if requested != "auto":
+        return requested
+    from ..errors import local_rank
+
+    device, why = auto_device(distributed)
+    if not local_rank():
+        say(f"device: {device} (--device auto: {why}; --device chooses another)")
+    return device
+
+
+def check_device(kind: str) -> None:
+    """Before any work: a UserError when the machine or this Python cannot run ``kind``."""
+    if kind == "cuda":
+        _check_cuda()
+    elif kind in ("xla", "spmd"):
+        from .xla import require_torch_xla
+
+        require_torch_xla()
+
+
+def _check_cuda() -> None:
+    from ..errors import UserError
+
+    if not torch.cuda.is_available():
+        raise UserError("--device cuda: this machine has no usable GPU (torch.cuda.is_available() is False"
+                        f"{'' if torch.version.cuda else '; this torch is a CPU-only build'}); use --device cpu")
+
+
+def cuda_device(index: int) -> torch.device:
+    """GPU ``index`` of this machine, or a UserError saying why there is none."""
+    from ..errors import UserError
+
+    _check_cuda()
+    if index >= torch.cuda.device_count():
+        raise UserError(f"--device cuda: this process is local rank {index} but the machine has "
+                        f"{torch.cuda.device_count()} GPUs; start at most that many processes per machine")
+    torch.cuda.set_device(index)
+    return torch.device("cuda", index)
+
+
+def make_backend(kind: str, distributed: bool = False, **options: Any) -> Backend:
+    """``cpu``/``cuda``: eager PyTorch, one replica, or with ``distributed`` one replica per
+    process of a torchrun launch (gloo/NCCL, ``options`` as ``DistBackend`` takes them);
+    ``xla``: torch_xla on this replica's device (one process per device, xmp.spawn); ``spmd``:
+    torch_xla SPMD over every device (one process per host)."""
+    if kind in ("cpu", "cuda"):
+        if distributed:
+            from .distributed import DistBackend
+
+            return DistBackend(kind, **options)
+        return Backend(kind)
+    if kind == "xla":
+        from .xla import XlaBackend
+
+        return XlaBackend()
+    if kind == "spmd":
+        from .xla import SpmdBackend
+
+        return SpmdBackend()
+    raise ValueError(f"unknown device {kind!r}")
+
+
+def _host_copy(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.detach().to("cpu", copy=True)
+    if isinstance(value, dict):
+        return {k: _host_copy(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_host_copy(v) for v in value)
+    return value
+
+
+# --- preemption (SIGTERM) and Ctrl-C (SIGINT) -------------------------------------------------
+# A TPU VM's preemption notice is a SIGTERM. Training finishes its step, checkpoints and exits 0.
+# The first Ctrl-C does the same and the command exits 130; a second one abandons the run.
+
+_PREEMPTED = threading.Event()
+_INTERRUPTED = threading.Event()
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    _PREEMPTED.set()
+
+
+def _on_sigint(signum: int, frame: Any) -> None:
+    if _INTERRUPTED.is_set():
+        raise KeyboardInterrupt  # the second Ctrl-C: abandon (checkpoints already written stay)
+    _INTERRUPTED.set()
+    _PREEMPTED.set()
+    from ..errors import local_rank
+
+    if not local_rank() and not in_xmp_replica():  # one line per machine
+        print("stopping after this step, with a checkpoint (Ctrl-C again to abandon the step)",
+              file=sys.stderr, flush=True)
+
+
+def preempted() -> bool:
+    """True once this process received SIGTERM or a first Ctrl-C."""
+    return _PREEMPTED.is_set()
+
+
+def interrupted() -> bool:
+    """True once this process received a Ctrl-C (SIGINT): the command then exits 130."""
+    return _INTERRUPTED.is_set()
+
+
+def watch_sigterm() -> dict:
+    """Turn SIGTERM and a first Ctrl-C into ``preempted()`` for the run starting now (a handler
+    can only be set from the main thread): a stop requested of an earlier run in this process
+    is not this one's. Returns the handlers replaced, for ``restore_handlers``."""
+    _PREEMPTED.clear()
+    _INTERRUPTED.clear()
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    return {signal.SIGTERM: signal.signal(signal.SIGTERM, _on_sigterm),
+            signal.SIGINT: signal.signal(signal.SIGINT, _on_sigint)}
+
+
+def restore_handlers(previous: dict) -> None:
+    """Put back what ``watch_sigterm`` replaced: after training, a Ctrl-C interrupts again (the
+    demo goes on to score, and an in-process caller keeps its own handlers)."""
+    for signum, handler in previous.items():
+        signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
+
+
+def in_xmp_replica() -> bool:
+    """Whether this process is a replica started by xmp.spawn (its launcher speaks for it)."""
+    return os.environ.get("PYACT_LAUNCHER_PID") == str(os.getppid())
+
+
+def note_interrupt() -> None:
+    """A Ctrl-C seen by the process that launched the replicas (xmp.spawn's launcher)."""
+    _INTERRUPTED.set()
+
+
+def launch(fn: Callable[..., Any], args: tuple, kind: str, distributed: bool = False) -> None:
+    """Run ``fn(index, *args)`` on every replica: xmp.spawn over all local XLA devices, or
+    once in this process (eager CPU or GPU; one process of a torchrun launch; SPMD, where one
+    process drives every device of its host)."""
+    if kind == "xla":
+        from .xla import spawn
+
+        spawn(fn, args)
+        return
+    if distributed:  # SIGTERM becomes a stop request once the process group is up
+        from .distributed import run_replica
+
+        run_replica(fn, args)
+        return
+    previous = watch_sigterm()
+    try:
+        fn(0, *args)
+    finally:
+        restore_handlers(previous)
