@@ -17,7 +17,7 @@ from pyact_torch.errors import UserError
 from pyact_torch.data.frames import load_png
 from pyact_torch.scoring.metrics import score
 from pyact_torch.data.shards import load_npy, read_manifest, read_samples, split_shards
-from pyact_torch.scoring.video import clip_frames, to_display
+from pyact_torch.draw.panels import clip_frames, to_display
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -150,14 +150,14 @@ def test_video_shows_each_frame_once_per_sequence_in_order(scored, learn_shards,
     raw = os.path.join(os.path.dirname(learn_shards), "raw")
     flag = ["--src", raw] if source == "src" else ["--data", learn_shards]
     size = 64
-    from pyact_torch.scoring import video
+    from pyact_torch.draw import panels
 
     drawn = []  # (picture, captions) of each video frame, as handed to the encoder
     def record(frame, captions):
         drawn.append((frame.copy(), captions))
         return original(frame, captions)
-    original = video.with_banner
-    monkeypatch.setattr(video, "with_banner", record)
+    original = panels.with_banner
+    monkeypatch.setattr(panels, "with_banner", record)
     assert main(["video", str(predictions), out, "--size", str(size), "--sheet-windows", "4", "--fps", "30",
                  *flag]) == 0
     frames = _read_video(out)
@@ -232,7 +232,7 @@ def test_the_contact_sheet_takes_the_classes_in_turn():
 def test_contact_sheet_captions_are_readable_fitted_to_a_screen():
     """Measured on the picture: the caption text's height once a 16-window sheet of 6-frame
     windows at --size 256 is scaled to fit 1920 x 1080 (before: about 3 pixels)."""
-    from pyact_torch.scoring.video import Panel, sheet
+    from pyact_torch.draw.panels import Panel, sheet
 
     frame = np.full((256, 256, 3), 60, np.uint8)
     windows = [Panel([frame] * 6, [("Test/subject/asl-z", (255, 255, 255)), ("frames 10-15", (255, 255, 255)),

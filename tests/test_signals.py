@@ -153,7 +153,7 @@ def test_evaluate_stopped_keeps_the_earlier_outputs_whole(moment, scored, detect
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_video_stopped_keeps_the_earlier_video_and_sheet(signum, scored, learn_shards, tmp_path, capsys,
                                                          monkeypatch):
-    from pyact_torch.scoring import video
+    from pyact_torch.draw import panels
 
     predictions = os.path.join(scored, "predictions.json")
     out = tmp_path / "predictions.mp4"
@@ -162,7 +162,7 @@ def test_video_stopped_keeps_the_earlier_video_and_sheet(signum, scored, learn_s
     assert main(args) == 0
     before = tree_bytes(tmp_path)
     assert set(before) == {"predictions.mp4", "predictions-sheet.png"}
-    monkeypatch.setattr(video, "with_banner", signal_on_call(video.with_banner, signum, call=30))
+    monkeypatch.setattr(panels, "with_banner", signal_on_call(panels.with_banner, signum, call=30))
     stopped(capsys, signum, *args[:-2], "--size", "64")  # another size: other bytes if anything were replaced
     assert tree_bytes(tmp_path) == before
     monkeypatch.undo()

@@ -16,7 +16,7 @@ from ..errors import UserError
 from ..io.resources import check_memory
 from .shards import (MANIFEST, ShardError, clip_shape, decode_sample, load_npy, max_member, read_manifest,
                      shard_url, stream_samples)
-from ..scoring.video import Panel, clip_frames, sheet
+from ..draw.panels import Panel, clip_frames, sheet
 
 
 def inspect_split(config: InspectConfig, progress: bool = True, print_fn: Callable[[str], None] = print) -> dict:

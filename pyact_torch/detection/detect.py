@@ -29,7 +29,7 @@ from ..draw.plots import timeline_png
 from .runners import ModelInfo, Runner, choose_threads, load_checkpoint_runner, load_exported
 from .segments import Detection, Segmenter
 from .stream import Frame, batched, capture_frames, count_frames, folder_frames, open_capture, streamed
-from ..scoring.video import GREEN, WHITE, YELLOW, Panel, to_display, write_video
+from ..draw.panels import GREEN, WHITE, YELLOW, Panel, to_display, write_video
 
 FRAME_PERIOD_MS = 1000 / 30  # a 30 fps camera
 FOLDER_FPS = 15.0  # the annotated video of frame folders

@@ -21,7 +21,7 @@ import numpy as np
 from ..errors import UserError
 from ..data.frames import FrameError, FrameSpec, frame_files, load_png, prepare
 from ..data.labels import frame_indices, needed_kinds
-from ..scoring.video import quiet_ffmpeg
+from ..draw.panels import quiet_ffmpeg
 
 
 @dataclass
