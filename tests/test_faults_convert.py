@@ -16,7 +16,7 @@ import pytest
 
 from pyact_torch.cli import main
 from pyact_torch.io import storage
-from pyact_torch.convert.tfrecords import CorruptRecord, tfrecords
+from pyact_torch.io.records import CorruptRecord, tfrecords
 from pyact_torch.errors import UserError
 from conftest import read_only, tree_bytes
 from test_convert import masked_crc, tfrecord, write_keras_h5  # the same file builders as the converter tests

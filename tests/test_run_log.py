@@ -171,7 +171,7 @@ def test_a_run_that_starts_at_step_0_says_why(small_shards, tmp_path, capsys):
 def test_crc32c_without_google_crc32c_gives_the_standard_check_value():
     """The fallback that frames event files on a Python without google_crc32c: CRC-32C's
     published check value for "123456789" (RFC 3720, B.4)."""
-    from pyact_torch.convert.tfrecords import _crc32c
+    from pyact_torch.io.records import _crc32c
 
     assert _crc32c(b"123456789") == 0xE3069283
     assert _crc32c(b"123456780") != 0xE3069283  # the control

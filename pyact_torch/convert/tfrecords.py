@@ -1,5 +1,5 @@
 """``pyact convert-tfrecords``: pyACT's TFRecords of one split -> shards + manifest, streaming,
-without TensorFlow: TFRecord framing read here (lengths bounded, CRC-32C checked) and each
+without TensorFlow: TFRecord framing read by ``io.records`` (lengths bounded, CRC-32C checked) and each
 ``tf.train.Example`` decoded by protobuf from the message's own definition. Replacing a split
 that DEST already has writes new shard names first and publishes them with the manifest."""
 
@@ -12,7 +12,6 @@ import math
 import os
 import re
 import secrets
-import struct
 from collections import Counter
 from dataclasses import replace, dataclass, field
 from typing import Callable, Iterator
@@ -23,76 +22,10 @@ from ..io import storage
 from ..config import TFRecordConfig
 from ..errors import UserError
 from ..io.locks import LOCK_NAME, Lock
+from ..io.records import CorruptRecord, tfrecords
 from ..data.labels import PYACT_CLASSES
 from ..data.shards import (MANIFEST, MODALITY_OF, encode_sample, index_row, new_manifest, read_manifest, sample_meta,
                      shard_name, shard_url, split_entry, write_shard)
-
-MAX_RECORD = 64 * 1024 * 1024  # bytes in one record: a pyACT window (6x64x64x3 float32) is ~300 KB
-
-
-class CorruptRecord(Exception):
-    def __init__(self, url: str, offset: int, reason: str):
-        super().__init__(f"{url}: corrupt record at byte {offset} ({reason})")
-
-
-def _masked_crc(data: bytes) -> int:
-    try:
-        import google_crc32c
-
-        crc = google_crc32c.value(data)
-    except ImportError:  # a Python with torch alone (pip install --no-deps) still writes event files
-        crc = _crc32c(data)
-    return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
-
-
-@functools.lru_cache(maxsize=1)
-def _crc32c_table() -> tuple[int, ...]:
-    table = []
-    for byte in range(256):
-        crc = byte
-        for _ in range(8):
-            crc = (crc >> 1) ^ (0x82F63B78 if crc & 1 else 0)  # Castagnoli, reflected
-        table.append(crc)
-    return tuple(table)
-
-
-def _crc32c(data: bytes) -> int:
-    """CRC-32C in Python (google_crc32c's C code does the same, hundreds of times faster)."""
-    table, crc = _crc32c_table(), 0xFFFFFFFF
-    for byte in data:
-        crc = table[(crc ^ byte) & 0xFF] ^ (crc >> 8)
-    return crc ^ 0xFFFFFFFF
-
-
-def tfrecord(payload: bytes) -> bytes:
-    """One record in TFRecord framing (what ``tfrecords`` reads; TensorBoard's event files too)."""
-    header = struct.pack("<Q", len(payload))
-    return header + struct.pack("<I", _masked_crc(header)) + payload + struct.pack("<I", _masked_crc(payload))
-
-
-def tfrecords(handle, url: str) -> Iterator[tuple[int, bytes | None]]:
-    """``(offset, payload)`` of each record of a TFRecord stream, CRCs checked. A record whose
-    payload fails its CRC comes as ``(offset, None)`` (the next one is still found); a bad or
-    oversized length or a truncated file raises CorruptRecord (nothing after it can be trusted)."""
-    offset = 0
-    while True:
-        header = handle.read(12)
-        if not header:
-            return
-        if len(header) < 12:
-            raise CorruptRecord(url, offset, "truncated header")
-        length, length_crc = struct.unpack("<QI", header)
-        if _masked_crc(header[:8]) != length_crc:
-            raise CorruptRecord(url, offset, "length CRC mismatch")
-        if length > MAX_RECORD:
-            raise CorruptRecord(url, offset, f"{length} bytes announced, more than the {MAX_RECORD} a record can have")
-        body = storage.read_up_to(handle, length + 4)
-        if len(body) < length + 4:
-            raise CorruptRecord(url, offset, f"truncated: {length} bytes announced")
-        payload, (data_crc,) = body[:length], struct.unpack("<I", body[length:])
-        yield offset, (payload if _masked_crc(payload) == data_crc else None)
-        offset += 12 + length + 4
-
 
 @functools.lru_cache(maxsize=1)
 def example_class() -> type:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import struct
 
-from ..convert.tfrecords import tfrecord
+from ..io.records import tfrecord
 
 EVENT_PREFIX = "events.out.tfevents."  # TensorBoard reads every file whose name holds "tfevents"
 
