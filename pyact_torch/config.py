@@ -7,11 +7,17 @@ import argparse
 import dataclasses
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from .errors import UserError, under_torchrun
 from .io.storage import check_location
+
+# a class name as the project writes it (the actions' own names): printed, drawn and used as a
+# key, so no paths, spaces or control characters; checked in --classes and in every file that
+# names classes (label files, manifests, exported models)
+CLASS_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,99}")
 
 MODALITIES = ("color", "depth", "rgbd")
 AUGMENT_PRESETS = ("none", "pyact", "standard")
@@ -38,8 +44,6 @@ def parse_names(text: str) -> tuple[str, ...]:
 
 def parse_class_names(text: str) -> tuple[str, ...]:
     """``--classes``: distinct names of the form the project writes (letters, digits, ``_.+-``)."""
-    from .data.labels import CLASS_NAME
-
     names = parse_names(text)
     odd = [name for name in names if not CLASS_NAME.fullmatch(name)]
     if odd:

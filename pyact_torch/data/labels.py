@@ -20,11 +20,8 @@ import re
 import xml.etree.ElementTree as ElementTree
 from dataclasses import dataclass
 
+from ..config import CLASS_NAME
 from ..errors import UserError
-
-# a class name as the project writes it (the actions' own names): printed, drawn and used as a
-# key, so no paths, spaces or control characters
-CLASS_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,99}")
 
 NO_ACTION = "no-action"
 

@@ -22,7 +22,7 @@ import numpy as np
 from ..io import storage
 from ..errors import UserError
 from .frames import CHANNELS
-from .labels import CLASS_NAME
+from ..config import CLASS_NAME
 
 MANIFEST = "manifest.json"
 FORMAT = "pyact-torch-shards/1"

@@ -21,7 +21,7 @@ from typing import Any, Callable
 import numpy as np
 
 from ..errors import UserError
-from ..data.labels import CLASS_NAME
+from ..config import CLASS_NAME
 from ..data.frames import CHANNELS, FrameSpec
 from ..data.labels import NO_ACTION
 
