@@ -169,8 +169,7 @@ def read_cost(data: str, shards: int = 20, repeats: int = 3) -> dict:
     tar reader's 10 KiB pieces: through ``storage.open_read`` and through google-cloud-storage's
     own reader (``blob.open("rb")``, what ``open_read`` used before)."""
     from pyact_torch.io import storage
-    from pyact_torch.data.loader import split_shards
-    from pyact_torch.data.shards import read_manifest
+    from pyact_torch.data.shards import read_manifest, split_shards
 
     chosen = split_shards(data, read_manifest(data), "train")[:shards]
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib
 import io
 import re
 import signal
@@ -34,33 +33,79 @@ def _preprocess(config: PreprocessConfig) -> None:
     print(format_summary(preprocess(config)))
 
 
-def _lazy(target: str) -> Callable[[Any], Any]:
-    """``"module:function"`` of this package, imported only when the command runs (torch and
-    torch_xla are slow to import, and ``--help`` should be quick)."""
-    module, function = target.split(":")
+# Each command imports its own stack only when it runs: torch and torch_xla are slow to import,
+# and ``--help`` should be quick.
 
-    def run(config: Any) -> Any:
-        return getattr(importlib.import_module(f".{module}", __package__), function)(config)
+def _inspect(config: InspectConfig) -> None:
+    from .data.inspection import inspect_split
 
-    return run
+    inspect_split(config)
+
+
+def _train(config: TrainConfig) -> None:
+    from .training.train import fit
+
+    fit(config)
+
+
+def _evaluate(config: EvaluateConfig) -> None:
+    from .scoring.evaluate import evaluate_checkpoint
+
+    evaluate_checkpoint(config)
+
+
+def _video(config: VideoConfig) -> None:
+    from .scoring.video import make_video
+
+    make_video(config)
+
+
+def _detect(config: DetectConfig) -> None:
+    from .detection.detect import run_detect
+
+    run_detect(config)
+
+
+def _export(config: ExportConfig) -> None:
+    from .detection.export import export_model
+
+    export_model(config)
+
+
+def _convert_keras(config: KerasConfig) -> None:
+    from .convert.keras_weights import convert_keras
+
+    convert_keras(config)
+
+
+def _convert_tfrecords(config: TFRecordConfig) -> None:
+    from .convert.tfrecords import convert_tfrecords
+
+    convert_tfrecords(config)
+
+
+def _demo(config: DemoConfig) -> None:
+    from .demo import run_demo
+
+    run_demo(config)
 
 
 # name -> (settings class, what runs them, one-line help)
 COMMANDS: dict[str, tuple[type, Callable[[Any], Any], str]] = {
     "synth": (SynthConfig, _synth, "write a synthetic dataset in the real dataset's layout"),
     "preprocess": (PreprocessConfig, _preprocess, "raw dataset -> WebDataset shards + manifest"),
-    "inspect": (InspectConfig, _lazy("data.inspection:inspect_split"),
+    "inspect": (InspectConfig, _inspect,
                 "check shards against the manifest, draw sampled windows"),
-    "train": (TrainConfig, _lazy("training.train:fit"), "train ConvNet3D on TPU cores (xmp.spawn or SPMD), CPUs or GPUs (torchrun for several)"),
-    "evaluate": (EvaluateConfig, _lazy("scoring.evaluate:evaluate_checkpoint"),
+    "train": (TrainConfig, _train, "train ConvNet3D on TPU cores (xmp.spawn or SPMD), CPUs or GPUs (torchrun for several)"),
+    "evaluate": (EvaluateConfig, _evaluate,
                  "score a checkpoint: metrics, confusion matrix, predictions"),
-    "video": (VideoConfig, _lazy("scoring.video:make_video"), "prediction video and contact sheet from predictions.json"),
-    "detect": (DetectConfig, _lazy("detection.detect:run_detect"),
+    "video": (VideoConfig, _video, "prediction video and contact sheet from predictions.json"),
+    "detect": (DetectConfig, _detect,
                "find actions in sequences, a video or a camera: segments, metrics, timeline, annotated video"),
-    "export": (ExportConfig, _lazy("detection.export:export_model"), "checkpoint -> ONNX or torch.export file, checked on real windows"),
-    "convert-keras": (KerasConfig, _lazy("convert.keras_weights:convert_keras"), "pyACT Keras .h5 weights -> pyact-torch checkpoint"),
-    "convert-tfrecords": (TFRecordConfig, _lazy("convert.tfrecords:convert_tfrecords"), "pyACT TFRecords -> shards + manifest"),
-    "demo": (DemoConfig, _lazy("demo:run_demo"), "the whole pipeline on a synthetic dataset, on CPU, in a few minutes"),
+    "export": (ExportConfig, _export, "checkpoint -> ONNX or torch.export file, checked on real windows"),
+    "convert-keras": (KerasConfig, _convert_keras, "pyACT Keras .h5 weights -> pyact-torch checkpoint"),
+    "convert-tfrecords": (TFRecordConfig, _convert_tfrecords, "pyACT TFRecords -> shards + manifest"),
+    "demo": (DemoConfig, _demo, "the whole pipeline on a synthetic dataset, on CPU, in a few minutes"),
 }
 
 

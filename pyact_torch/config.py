@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from .errors import UserError, under_torchrun
-from .io.storage import check_location
+from .io.storage import check_location, is_gcs
 
 # a class name as the project writes it (the actions' own names): printed, drawn and used as a
 # key, so no paths, spaces or control characters; checked in --classes and in every file that
@@ -133,7 +133,7 @@ class PreprocessConfig:
         _locations(SRC=self.src, DEST=self.dest)
         if self.cache_dir:
             _locations(**{"--cache-dir": self.cache_dir})
-        if storage_is_gcs(self.src) or storage_is_gcs(self.cache_dir):
+        if is_gcs(self.src) or is_gcs(self.cache_dir):
             raise UserError("SRC and --cache-dir are local folders")
         _positive(image_size=self.image_size, shard_size=self.shard_size)
         if self.image_size % 16:
@@ -175,7 +175,7 @@ class SynthConfig:
 
     def __post_init__(self) -> None:
         _locations(OUT=self.out)
-        if storage_is_gcs(self.out):
+        if is_gcs(self.out):
             raise UserError(f"{self.out}: the synthetic dataset is written to a local folder")
         n_train, n_eval, n_test = self.subjects
         if n_train < 1 or n_test < 1 or n_eval < 0:
@@ -451,9 +451,9 @@ class DetectConfig:
                             "frame numbers to match it")
         if self.labels:
             _locations(**{"--labels": self.labels})
-        if any(storage_is_gcs(value) for value in (self.src, self.video, self.model, self.labels)):
+        if any(is_gcs(value) for value in (self.src, self.video, self.model, self.labels)):
             raise UserError("--src, --video, --model and --labels are read from local paths")
-        if storage_is_gcs(self.out) and not self.no_video:
+        if is_gcs(self.out) and not self.no_video:
             raise UserError(f"--out {self.out}: the annotated video is written to a local folder; add --no-video")
         _positive(smooth=self.smooth, min_length=self.min_length, batch_size=self.batch_size,
                   video_size=self.video_size)
@@ -495,7 +495,7 @@ class ExportConfig:
 
     def __post_init__(self) -> None:
         _locations(**{"--checkpoint": self.checkpoint, "--out": self.out})
-        if storage_is_gcs(self.out) or os.path.splitext(self.out)[1] not in (".onnx", ".pt2"):
+        if is_gcs(self.out) or os.path.splitext(self.out)[1] not in (".onnx", ".pt2"):
             raise UserError(f"--out {self.out}: give a local .onnx or .pt2 file")
         if self.src and self.data:
             raise UserError("give one of --src (raw frames) or --data (shards) for the windows that check the export")
@@ -599,7 +599,7 @@ class DemoConfig:
 
     def __post_init__(self) -> None:
         _locations(**{"--out": self.out})
-        if storage_is_gcs(self.out):
+        if is_gcs(self.out):
             raise UserError("--out: the demo writes to a local folder (use --gcs-emulator for gs://)")
         _positive(epochs=self.epochs)
 
@@ -608,10 +608,6 @@ def _locations(**values: str) -> None:
     """Every location flag is a non-empty local path or gs:// URL (never another URL scheme)."""
     for flag, value in values.items():
         check_location(value, flag)
-
-
-def storage_is_gcs(value: str) -> bool:
-    return value.startswith("gs://")
 
 
 def _positive(**values: int) -> None:

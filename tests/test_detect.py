@@ -187,8 +187,8 @@ def eval_windows(learn_shards: str, count: int = 24) -> np.ndarray:
 
     clips = []
     manifest = read_manifest(learn_shards)
-    for url, n in split_shards(learn_shards, manifest, "eval"):
-        clips += [load_npy(s["clip.npy"]) for s in read_samples(url, n)]
+    for shard in split_shards(learn_shards, manifest, "eval"):
+        clips += [load_npy(s["clip.npy"]) for s in read_samples(shard.url, shard.count)]
     return np.stack(clips[:count])
 
 

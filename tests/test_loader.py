@@ -12,11 +12,11 @@ import pytest
 import torch
 
 from pyact_torch.config import PreprocessConfig
-from pyact_torch.data.loader import (Part, Shard, WindowDataset, batches, epoch_order, make_loader,
-                                shuffle_buffer, split_shards, tar_samples, train_steps, worker_shards)
+from pyact_torch.data.loader import (Part, WindowDataset, batches, epoch_order, make_loader, shuffle_buffer,
+                                tar_samples, train_steps, worker_shards)
 from pyact_torch.model import model_input
 from pyact_torch.data.preprocess import preprocess
-from pyact_torch.data.shards import ShardError, TarFormatError, read_manifest, read_tar
+from pyact_torch.data.shards import Shard, ShardError, TarFormatError, read_manifest, read_tar, split_shards
 
 SHARDS = [Shard(f"s{i}", count) for i, count in enumerate([8] * 20 + [5, 3, 1])]
 

@@ -173,8 +173,8 @@ def test_video_shows_each_frame_once_per_sequence_in_order(scored, learn_shards,
         kind = os.path.basename(rows[0]["path"]).split("_")[0]
         reference = [to_display(load_png(os.path.join(raw, n, f"{kind}_{f}.png")), size) for n, f in expected]
     else:
-        clips = {s["__key__"]: load_npy(s["clip.npy"]) for url, count in
-                 split_shards(learn_shards, read_manifest(learn_shards), "test") for s in read_samples(url, count)}
+        clips = {s["__key__"]: load_npy(s["clip.npy"]) for shard in
+                 split_shards(learn_shards, read_manifest(learn_shards), "test") for s in read_samples(shard.url, shard.count)}
         window = {(r["sequence"], f): (r["key"], f - r["start"]) for r in rows for f in range(r["start"], r["stop"] + 1)}
         reference = [clip_frames(clips[window[k][0]][window[k][1]][None], size)[0] for k in expected]
     assert all(np.array_equal(picture, ref) for (picture, _), ref in zip(drawn, reference))

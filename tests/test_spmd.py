@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from pyact_torch.errors import UserError
-from pyact_torch.data.loader import Part, Shard, train_steps, worker_shards
+from pyact_torch.data.loader import Part, train_steps, worker_shards
+from pyact_torch.data.shards import Shard
 from pyact_torch.training.train import check_readers, per_replica_batch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

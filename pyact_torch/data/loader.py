@@ -34,13 +34,7 @@ from .augment import augmented, colour_channels
 from ..errors import UserError
 from ..io.locks import forget_in_child
 from ..io.processes import die_with_parent
-from .shards import decode_sample, read_samples
-
-
-@dataclass(frozen=True)
-class Shard:
-    url: str
-    count: int
+from .shards import Shard, decode_sample, read_samples, split_shards
 
 
 @dataclass(frozen=True)
@@ -49,11 +43,6 @@ class Part:
 
     rank: int = 0
     world: int = 1
-
-
-def split_shards(data_dir: str, manifest: dict, split: str) -> list[Shard]:
-    """The shards of one split, in manifest order (names checked to be ours, inside ``data_dir``)."""
-    return [Shard(url, count) for url, count in shard_format.split_shards(data_dir, manifest, split)]
 
 
 # --- shard-level stages (pure functions of lists) ------------------------------------------

@@ -396,15 +396,23 @@ def max_member(manifest: dict) -> int:
     return math.prod(clip_shape(manifest)) + NPY_HEADER_LIMIT + 65536
 
 
-def split_shards(dest: str, manifest: dict, split: str) -> list[tuple[str, int]]:
-    """``(url, window count)`` of every shard of one split, in manifest order; the names are
-    checked to be shard names of ours inside ``dest``."""
+@dataclass(frozen=True)
+class Shard:
+    """One shard of a split: where it is and how many windows it holds."""
+
+    url: str
+    count: int
+
+
+def split_shards(dest: str, manifest: dict, split: str) -> list[Shard]:
+    """Every shard of one split, in manifest order; the names are checked to be shard names of
+    ours inside ``dest``."""
     entry = manifest["splits"].get(split)
     if entry is None:
         raise UserError(f"{storage.join(dest, MANIFEST)}: no {split!r} split "
                         f"(it has {', '.join(manifest['splits']) or 'none'})")
     try:
-        return [(shard_url(dest, s["name"]), int(s["count"])) for s in entry["shards"]]
+        return [Shard(shard_url(dest, s["name"]), int(s["count"])) for s in entry["shards"]]
     except (KeyError, TypeError, ValueError):
         raise UserError(f"{storage.join(dest, MANIFEST)}: the {split} split's shard list is malformed") from None
 

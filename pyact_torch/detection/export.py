@@ -134,8 +134,8 @@ def real_windows(config: ExportConfig, info: ModelInfo) -> np.ndarray:
         manifest = read_manifest(config.data)
         split = "test" if "test" in manifest["splits"] else next(iter(manifest["splits"]), "test")
         shape, classes = clip_shape(manifest), len(manifest["classes"])
-        samples = ((url, sample) for url, count in split_shards(config.data, manifest, split)
-                   for sample in read_samples(url, count))
+        samples = ((shard.url, sample) for shard in split_shards(config.data, manifest, split)
+                   for sample in read_samples(shard.url, shard.count))
         clips = [decode_sample(sample, url, shape, classes)[0]  # a damaged window is one line naming its shard
                  for url, sample in itertools.islice(samples, config.windows)]
         where = config.data

@@ -251,5 +251,5 @@ def _make_video(config: VideoConfig, folder: str, progress: bool,
 
 def _split_samples(data: str, split: str) -> Iterator[dict]:
     manifest = read_manifest(data)
-    for url, count in split_shards(data, manifest, split):
-        yield from read_samples(url, count)
+    for shard in split_shards(data, manifest, split):
+        yield from read_samples(shard.url, shard.count)
