@@ -64,6 +64,7 @@ DEFAULT, CHANNELS_LAST = "default", "channels_last_3d"
 
 # --- plan ------------------------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class PresetPlan:
     """Which arms one preset runs, and how many steps each."""
@@ -80,16 +81,17 @@ class PresetPlan:
 def make_plans(device: str, quick: bool) -> list[PresetPlan]:
     """The arms for this device (``quick``: the ~3-minute CPU smoke run)."""
     if device == "cuda":
-        return [PresetPlan("tiny", (8, 32, 128, 512), (128,), (128,), 5, 10 if quick else 30),
-                PresetPlan("c3d", (8, 32, 128, 256), (128,), (32, 128), 3, 5 if quick else 10)]
+        return [
+            PresetPlan("tiny", (8, 32, 128, 512), (128,), (128,), 5, 10 if quick else 30),
+            PresetPlan("c3d", (8, 32, 128, 256), (128,), (32, 128), 3, 5 if quick else 10),
+        ]
     if quick:
-        return [PresetPlan("tiny", (8, 32, 128), (32,), (32,), 2, 5),
-                PresetPlan("c3d", (2, 8), (), (), 1, 2)]
-    return [PresetPlan("tiny", (8, 32, 128), (32, 128), (32,), 3, 20),
-            PresetPlan("c3d", (2, 8), (), (), 2, 3)]
+        return [PresetPlan("tiny", (8, 32, 128), (32,), (32,), 2, 5), PresetPlan("c3d", (2, 8), (), (), 1, 2)]
+    return [PresetPlan("tiny", (8, 32, 128), (32, 128), (32,), 3, 20), PresetPlan("c3d", (2, 8), (), (), 2, 3)]
 
 
 # --- timing helpers --------------------------------------------------------------------------
+
 
 def synchronize(device: torch.device) -> None:
     """Wait for the device's queued work (nothing to wait for on the CPU)."""
@@ -105,13 +107,17 @@ def reason(exc: BaseException) -> str:
 
 def random_batch(batch: int, image_size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Random uint8 ``(N, T, H, W, C)`` clips and labels, made on ``device``."""
-    clips = torch.randint(0, 256, (batch, SEQ_LEN, image_size, image_size, CHANNELS), dtype=torch.uint8,
-                          device=device)
+    clips = torch.randint(0, 256, (batch, SEQ_LEN, image_size, image_size, CHANNELS), dtype=torch.uint8, device=device)
     return clips, torch.randint(0, CLASSES, (batch,), device=device)
 
 
-def timed_steps(step: Callable[[], torch.Tensor], device: torch.device, warmup: int, steps: int,
-                barrier: Callable[[], None] | None = None) -> dict[str, float]:
+def timed_steps(
+    step: Callable[[], torch.Tensor],
+    device: torch.device,
+    warmup: int,
+    steps: int,
+    barrier: Callable[[], None] | None = None,
+) -> dict[str, float]:
     """Run ``warmup`` then ``steps`` calls of ``step``; seconds of each phase (after a device
     sync, and ``barrier`` between them when replicas must start the timed phase together)."""
     started = time.perf_counter()
@@ -133,8 +139,15 @@ def timed_steps(step: Callable[[], torch.Tensor], device: torch.device, warmup: 
     return {"warmup_s": warm, "seconds": elapsed, "steps_per_s": steps / elapsed, "last_loss": last}
 
 
-def make_step(net: torch.nn.Module, model: torch.nn.Module, batch: int, image_size: int, backend: Backend,
-              precision: str = "fp32", layout: str = DEFAULT) -> Callable[[], torch.Tensor]:
+def make_step(
+    net: torch.nn.Module,
+    model: torch.nn.Module,
+    batch: int,
+    image_size: int,
+    backend: Backend,
+    precision: str = "fp32",
+    layout: str = DEFAULT,
+) -> Callable[[], torch.Tensor]:
     """One training step of ``net`` (whose weights are ``model``'s) on a fixed random batch,
     uint8 -> float conversion included, as ``train.train_epoch`` runs it."""
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
@@ -166,6 +179,7 @@ def release(device: torch.device) -> None:
 
 # --- measurements ----------------------------------------------------------------------------
 
+
 def conv_uses_tf32() -> bool:
     """Whether cuDNN runs fp32 convolutions in TF32 (torch's default)."""
     conv = getattr(torch.backends.cudnn, "conv", None)
@@ -181,8 +195,11 @@ def conv_uses_tf32() -> bool:
 def matmul_tf32(enabled: bool) -> Iterator[None]:
     """cuBLAS fp32 matmuls in TF32 (``enabled``) or in full fp32, restored afterwards."""
     matmul = torch.backends.cuda.matmul
-    name, value = (("fp32_precision", "tf32" if enabled else "ieee") if hasattr(matmul, "fp32_precision")
-                   else ("allow_tf32", enabled))
+    name, value = (
+        ("fp32_precision", "tf32" if enabled else "ieee")
+        if hasattr(matmul, "fp32_precision")
+        else ("allow_tf32", enabled)
+    )
     saved = getattr(matmul, name)
     setattr(matmul, name, value)
     try:
@@ -191,8 +208,9 @@ def matmul_tf32(enabled: bool) -> Iterator[None]:
         setattr(matmul, name, saved)
 
 
-def matmul_rate(device: torch.device, dtype: torch.dtype, n: int, repeats: int, inner: int,
-                tf32: bool = False) -> dict[str, Any]:
+def matmul_rate(
+    device: torch.device, dtype: torch.dtype, n: int, repeats: int, inner: int, tf32: bool = False
+) -> dict[str, Any]:
     """FLOP/s of an ``n`` x ``n`` matmul in ``dtype`` (best of ``repeats`` timings of ``inner``
     products; on cuda fp32 in full precision, or TF32 with ``tf32``)."""
     with matmul_tf32(tf32) if device.type == "cuda" else contextlib.nullcontext():
@@ -207,16 +225,23 @@ def matmul_rate(device: torch.device, dtype: torch.dtype, n: int, repeats: int, 
                 a @ b
             synchronize(device)
             best = min(best, (time.perf_counter() - started) / inner)
-    return {"n": n, "dtype": str(dtype).removeprefix("torch."), "tf32": tf32, "seconds": best,
-            "flops_per_s": 2 * n ** 3 / best}
+    return {
+        "n": n,
+        "dtype": str(dtype).removeprefix("torch."),
+        "tf32": tf32,
+        "seconds": best,
+        "flops_per_s": 2 * n**3 / best,
+    }
 
 
 def measure_matmul(device: torch.device, quick: bool) -> dict[str, dict[str, Any]]:
     """The dense matmul rates MFU is measured against (keys: fp32, bf16, and tf32 on cuda)."""
     if device.type == "cuda":
-        return {"fp32": matmul_rate(device, torch.float32, 8192, 3, 5),
-                "tf32": matmul_rate(device, torch.float32, 8192, 3, 10, tf32=True),
-                "bf16": matmul_rate(device, torch.bfloat16, 8192, 3, 20)}
+        return {
+            "fp32": matmul_rate(device, torch.float32, 8192, 3, 5),
+            "tf32": matmul_rate(device, torch.float32, 8192, 3, 10, tf32=True),
+            "bf16": matmul_rate(device, torch.bfloat16, 8192, 3, 20),
+        }
     rates = {"fp32": matmul_rate(device, torch.float32, 2048, 3 if quick else 5, 1)}
     # without native bf16 a 2048 bf16 matmul takes a minute on a 2-core CPU: probe small first
     probe = matmul_rate(device, torch.bfloat16, 512, 2, 1)
@@ -314,8 +339,14 @@ def plan_arms(plans: list[PresetPlan], native_bf16: bool, device: str) -> tuple[
             return True
         if plan.preset == "tiny" and batch == plan.batches[0]:
             return True
-        skipped.append({"preset": plan.preset, "batch": batch, "precision": "bf16",
-                        "reason": "no native bf16 on this CPU (bf16 matmul under half the fp32 rate)"})
+        skipped.append(
+            {
+                "preset": plan.preset,
+                "batch": batch,
+                "precision": "bf16",
+                "reason": "no native bf16 on this CPU (bf16 matmul under half the fp32 rate)",
+            }
+        )
         return False
 
     for plan in plans:
@@ -331,11 +362,24 @@ def plan_arms(plans: list[PresetPlan], native_bf16: bool, device: str) -> tuple[
         for batch in plan.compile_batches:
             for precision in ("fp32", "bf16"):
                 if precision == "fp32" or native_bf16:
-                    compiled.append(Arm(batch=batch, precision=precision, compiled=True, preset=plan.preset,
-                                        warmup=max(plan.warmup, plan.compile_warmup), steps=plan.steps))
+                    compiled.append(
+                        Arm(
+                            batch=batch,
+                            precision=precision,
+                            compiled=True,
+                            preset=plan.preset,
+                            warmup=max(plan.warmup, plan.compile_warmup),
+                            steps=plan.steps,
+                        )
+                    )
         if not plan.compile_batches:
-            skipped.append({"preset": plan.preset, "compiled": True,
-                            "reason": f"compiling {plan.preset} on {device} takes too long for this benchmark"})
+            skipped.append(
+                {
+                    "preset": plan.preset,
+                    "compiled": True,
+                    "reason": f"compiling {plan.preset} on {device} takes too long for this benchmark",
+                }
+            )
     return eager + layout + compiled, skipped
 
 
@@ -372,6 +416,7 @@ def derive(arms: list[Arm], flops: dict[str, float], matmul: dict[str, dict], de
 
 # --- 2 processes vs 1 ------------------------------------------------------------------------
 
+
 class _AllReduceAfterBackward:
     """The alternative to DDP: ``xm.optimizer_step``'s semantics, every gradient all-reduced
     (one call per parameter) and averaged after the whole backward pass, then the step."""
@@ -393,8 +438,9 @@ class _AllReduceAfterBackward:
         optimizer.step()
 
 
-def _dist_replica(index: int, device: str, batch: int, warmup: int, steps: int, result: str,
-                  reduction: str = "ddp") -> None:
+def _dist_replica(
+    index: int, device: str, batch: int, warmup: int, steps: int, result: str, reduction: str = "ddp"
+) -> None:
     """One torchrun worker: tiny through DDP (``Backend.wrap``), or with ``reduction="manual"``
     an all-reduce of every gradient after the backward pass, at ``batch`` windows per process;
     rank 0 writes its steps/s to ``result``."""
@@ -421,17 +467,40 @@ def child_dist(args: argparse.Namespace) -> None:
     """``--child-dist``: run as one worker of a torchrun launch."""
     from pyact_torch.training.devices import launch
 
-    launch(_dist_replica, (args.child_device, args.batch, args.warmup, args.steps, args.result, args.reduction),
-           args.child_device, distributed=True)
+    launch(
+        _dist_replica,
+        (args.child_device, args.batch, args.warmup, args.steps, args.result, args.reduction),
+        args.child_device,
+        distributed=True,
+    )
 
 
 def two_processes(device: str, global_batch: int, warmup: int, steps: int, reduction: str = "ddp") -> dict[str, Any]:
     """steps/s of 2 torchrun workers at ``global_batch // 2`` each (rank 0's figure)."""
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as handle:
         result = handle.name
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               os.path.abspath(__file__), "--child-dist", "--child-device", device, "--batch", str(global_batch // 2),
-               "--warmup", str(warmup), "--steps", str(steps), "--result", result, "--reduction", reduction]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        os.path.abspath(__file__),
+        "--child-dist",
+        "--child-device",
+        device,
+        "--batch",
+        str(global_batch // 2),
+        "--warmup",
+        str(warmup),
+        "--steps",
+        str(steps),
+        "--result",
+        result,
+        "--reduction",
+        reduction,
+    ]
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=300)
         if done.returncode:
@@ -448,8 +517,14 @@ def measure_distributed(device: torch.device, quick: bool) -> dict[str, Any]:
     if device.type == "cuda" and torch.cuda.device_count() < 2:
         return {"skipped": f"cuda with {torch.cuda.device_count()} GPU: 2 processes need 2 GPUs"}
     global_batch, warmup, steps = (32, 3, 10) if quick else (64, 5, 30)
-    report: dict[str, Any] = {"preset": "tiny", "global_batch": global_batch, "per_process_batch": global_batch // 2,
-                              "warmup": warmup, "steps": steps, "backend": "nccl" if device.type == "cuda" else "gloo"}
+    report: dict[str, Any] = {
+        "preset": "tiny",
+        "global_batch": global_batch,
+        "per_process_batch": global_batch // 2,
+        "warmup": warmup,
+        "steps": steps,
+        "backend": "nccl" if device.type == "cuda" else "gloo",
+    }
     try:
         report["two_processes"] = two_processes(device.type, global_batch, warmup, steps)
     except Exception as exc:  # noqa: BLE001
@@ -463,15 +538,17 @@ def measure_distributed(device: torch.device, quick: bool) -> dict[str, Any]:
     report["ddp_vs_manual_all_reduce"] = ddp / manual if ddp and manual else None
     backend = make_backend(device.type)
     saved = torch.get_num_threads()
-    baselines = {"one_process": None} if device.type == "cuda" else {"one_process_2_threads": 2,
-                                                                      "one_process_1_thread": 1}
+    baselines = (
+        {"one_process": None} if device.type == "cuda" else {"one_process_2_threads": 2, "one_process_1_thread": 1}
+    )
     try:
         for name, threads in baselines.items():
             if threads:
                 torch.set_num_threads(threads)
             model = new_model("tiny", device)
-            timing = timed_steps(make_step(model, model, global_batch, IMAGE_SIZE["tiny"], backend), device,
-                                 warmup, steps)
+            timing = timed_steps(
+                make_step(model, model, global_batch, IMAGE_SIZE["tiny"], backend), device, warmup, steps
+            )
             report[name] = dict(timing, threads=torch.get_num_threads())
             del model
             release(device)
@@ -485,6 +562,7 @@ def measure_distributed(device: torch.device, quick: bool) -> dict[str, Any]:
 
 
 # --- report ----------------------------------------------------------------------------------
+
 
 def write_json(path: str, report: dict[str, Any]) -> None:
     """Write ``report`` to ``path`` atomically (a run cut short leaves the last complete one)."""
@@ -513,12 +591,16 @@ def _fmt(value: float | None, spec: str) -> str:
 def print_table(report: dict[str, Any]) -> None:
     """The readable summary: every figure with its ratio."""
     meta = report["meta"]
-    print(f"\n== {meta['device']} ({meta['device_name']}), torch {meta['torch']}, cuda {meta['cuda']}, "
-          f"{meta['threads']} threads, {'quick' if meta['quick'] else 'full'} run, {meta['seconds']:.0f} s ==")
+    print(
+        f"\n== {meta['device']} ({meta['device_name']}), torch {meta['torch']}, cuda {meta['cuda']}, "
+        f"{meta['threads']} threads, {'quick' if meta['quick'] else 'full'} run, {meta['seconds']:.0f} s =="
+    )
     load = max(meta["loadavg_start"][0], meta["loadavg_now"][0])
     if load > 0.5 * (meta["cpu_count"] or 1):
-        print(f"note: load average up to {load:.1f} on {meta['cpu_count']} CPUs: other work shared the machine; "
-              f"CPU figures (multi-threaded ones most) are disturbed")
+        print(
+            f"note: load average up to {load:.1f} on {meta['cpu_count']} CPUs: other work shared the machine; "
+            f"CPU figures (multi-threaded ones most) are disturbed"
+        )
     matmul = report.get("matmul", {})
     if matmul:
         fp32 = matmul["fp32"]["flops_per_s"]
@@ -527,30 +609,40 @@ def print_table(report: dict[str, Any]) -> None:
             print(f"  {name:<20} {row['n']:>6} {row['flops_per_s'] / 1e9:>9.1f}   {row['flops_per_s'] / fp32:6.3f}")
     flops = report.get("flops_per_window", {})
     if flops:
-        print("\nFLOPs per training window (forward + backward): "
-              + ", ".join(f"{k} {v / 1e9:.3f} GFLOP" for k, v in flops.items())
-              + (f"  (c3d / tiny = {flops['c3d'] / flops['tiny']:.1f})" if {"c3d", "tiny"} <= flops.keys() else ""))
+        print(
+            "\nFLOPs per training window (forward + backward): "
+            + ", ".join(f"{k} {v / 1e9:.3f} GFLOP" for k, v in flops.items())
+            + (f"  (c3d / tiny = {flops['c3d'] / flops['tiny']:.1f})" if {"c3d", "tiny"} <= flops.keys() else "")
+        )
     arms = report.get("train", [])
     if arms:
         print("\ntraining (x base: vs eager fp32 at the preset's smallest batch; x ref: vs the arm named in ref)")
-        print(f"{'preset':<6} {'batch':>5} {'prec':<5} {'mode':<14} {'win/s':>9} {'x base':>7} {'x ref':>7} "
-              f"{'ref':<18} {'MFU':>7} {'peak GiB':>8} {'warm-up s':>9}")
+        print(
+            f"{'preset':<6} {'batch':>5} {'prec':<5} {'mode':<14} {'win/s':>9} {'x base':>7} {'x ref':>7} "
+            f"{'ref':<18} {'MFU':>7} {'peak GiB':>8} {'warm-up s':>9}"
+        )
         for arm in arms:
             d = arm["derived"]
             mode = ("compiled" if arm["compiled"] else "eager") + (" cl3d" if arm["layout"] == CHANNELS_LAST else "")
-            peak = arm["peak_memory_bytes"] / 2 ** 30 if arm["peak_memory_bytes"] is not None else None
+            peak = arm["peak_memory_bytes"] / 2**30 if arm["peak_memory_bytes"] is not None else None
             mfu = _fmt(d.get("mfu") * 100 if d.get("mfu") is not None else None, ".2f")
-            print(f"{arm['preset']:<6} {arm['batch']:>5} {arm['precision']:<5} {mode:<14} "
-                  f"{_fmt(arm['windows_per_s'], '.1f'):>9} {_fmt(d.get('vs_baseline'), '.2f'):>7} "
-                  f"{_fmt(d.get('vs_reference'), '.2f'):>7} {d.get('reference') or '-':<18} "
-                  f"{mfu + ('%' if mfu != '-' else ''):>7} {_fmt(peak, '.2f'):>8} {_fmt(arm['warmup_s'], '.1f'):>9}")
+            print(
+                f"{arm['preset']:<6} {arm['batch']:>5} {arm['precision']:<5} {mode:<14} "
+                f"{_fmt(arm['windows_per_s'], '.1f'):>9} {_fmt(d.get('vs_baseline'), '.2f'):>7} "
+                f"{_fmt(d.get('vs_reference'), '.2f'):>7} {d.get('reference') or '-':<18} "
+                f"{mfu + ('%' if mfu != '-' else ''):>7} {_fmt(peak, '.2f'):>8} {_fmt(arm['warmup_s'], '.1f'):>9}"
+            )
             if arm["error"]:
                 print(f"{'':<6} failed: {arm['error']}")
-        print("MFU: FLOPs/window x windows/s / this run's matmul rate of the arm's precision "
-              f"(fp32 arms against '{arms[0]['derived'].get('mfu_against')}')")
+        print(
+            "MFU: FLOPs/window x windows/s / this run's matmul rate of the arm's precision "
+            f"(fp32 arms against '{arms[0]['derived'].get('mfu_against')}')"
+        )
         if any((arm["derived"].get("mfu") or 0) > 1 for arm in arms):
-            print("MFU over 100%: that precision's matmul rate understates its convolutions (on a CPU without "
-                  "native bf16 the bf16 matmul is emulated; the bf16 rate is then a 512x512 probe)")
+            print(
+                "MFU over 100%: that precision's matmul rate understates its convolutions (on a CPU without "
+                "native bf16 the bf16 matmul is emulated; the bf16 rate is then a 512x512 probe)"
+            )
     for row in report.get("skipped", []):
         what = f"{row['preset']} " + (f"b{row['batch']} {row['precision']}" if "batch" in row else "compiled")
         print(f"skipped: {what}: {row['reason']}")
@@ -561,21 +653,29 @@ def print_table(report: dict[str, Any]) -> None:
             print(f"  skipped: {dist['skipped']}")
         else:
             two = dist["two_processes"]
-            print(f"  2 x {dist['backend']} processes, {dist['per_process_batch']} windows each "
-                  f"({two.get('threads', '?')} thread each): {_fmt(two.get('steps_per_s'), '.2f')} steps/s"
-                  + (f"  failed: {two['error']}" if two.get("error") else ""))
+            print(
+                f"  2 x {dist['backend']} processes, {dist['per_process_batch']} windows each "
+                f"({two.get('threads', '?')} thread each): {_fmt(two.get('steps_per_s'), '.2f')} steps/s"
+                + (f"  failed: {two['error']}" if two.get("error") else "")
+            )
             for name in ("one_process_2_threads", "one_process_1_thread", "one_process"):
                 if name in dist:
-                    print(f"  {name.replace('_', ' ')} (baseline), {dist['global_batch']} windows: "
-                          f"{dist[name]['steps_per_s']:.2f} steps/s   2 processes / this = "
-                          f"{_fmt(dist[f'two_vs_{name}'], '.2f')}")
+                    print(
+                        f"  {name.replace('_', ' ')} (baseline), {dist['global_batch']} windows: "
+                        f"{dist[name]['steps_per_s']:.2f} steps/s   2 processes / this = "
+                        f"{_fmt(dist[f'two_vs_{name}'], '.2f')}"
+                    )
             manual = dist.get("two_processes_manual_all_reduce", {})
-            print(f"  2 processes, gradients all-reduced after the backward pass instead of DDP: "
-                  f"{_fmt(manual.get('steps_per_s'), '.2f')} steps/s   DDP / this = "
-                  f"{_fmt(dist.get('ddp_vs_manual_all_reduce'), '.2f')}")
+            print(
+                f"  2 processes, gradients all-reduced after the backward pass instead of DDP: "
+                f"{_fmt(manual.get('steps_per_s'), '.2f')} steps/s   DDP / this = "
+                f"{_fmt(dist.get('ddp_vs_manual_all_reduce'), '.2f')}"
+            )
             if "one_process_2_threads" in dist:
-                print("  the fair baseline is 1 process with 2 threads (the two workers' cores); "
-                      "1 thread shows the per-core scaling")
+                print(
+                    "  the fair baseline is 1 process with 2 threads (the two workers' cores); "
+                    "1 thread shows the per-core scaling"
+                )
 
 
 def main() -> None:
@@ -583,8 +683,12 @@ def main() -> None:
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--quick", action="store_true", help="fewer steps and arms (CPU smoke run, ~3 minutes)")
     parser.add_argument("--out", default="bench-accelerator.json", help="the JSON file of every figure")
-    parser.add_argument("--budget-s", type=float, default=None,
-                        help="skip the arms not yet started after this many seconds (to finish within a limit)")
+    parser.add_argument(
+        "--budget-s",
+        type=float,
+        default=None,
+        help="skip the arms not yet started after this many seconds (to finish within a limit)",
+    )
     parser.add_argument("--child-dist", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--child-device", default="cpu", help=argparse.SUPPRESS)
     parser.add_argument("--batch", type=int, default=0, help=argparse.SUPPRESS)
@@ -603,17 +707,28 @@ def main() -> None:
     except UserError as exc:
         raise SystemExit(f"error: {exc}") from None
     device = backend.device
-    report: dict[str, Any] = {"meta": {
-        "device": args.device, "device_name": device_name(device), "torch": torch.__version__,
-        "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version() if args.device == "cuda" else None,
-        "cudnn_benchmark": torch.backends.cudnn.benchmark, "conv_tf32": conv_uses_tf32(),
-        "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(), "loadavg_start": os.getloadavg(),
-        "quick": args.quick, "argv": sys.argv[1:], "seconds": 0.0,
-        "data": "random uint8 clips made on the device once; no data loading",
-        # model_input permutes (N, T, H, W, C): the "default" input is channels-last-3d in memory already
-        "default_input_is_channels_last_3d": model_input(random_batch(1, 32, torch.device("cpu"))[0])
-        .is_contiguous(memory_format=torch.channels_last_3d),
-    }}
+    report: dict[str, Any] = {
+        "meta": {
+            "device": args.device,
+            "device_name": device_name(device),
+            "torch": torch.__version__,
+            "cuda": torch.version.cuda,
+            "cudnn": torch.backends.cudnn.version() if args.device == "cuda" else None,
+            "cudnn_benchmark": torch.backends.cudnn.benchmark,
+            "conv_tf32": conv_uses_tf32(),
+            "threads": torch.get_num_threads(),
+            "cpu_count": os.cpu_count(),
+            "loadavg_start": os.getloadavg(),
+            "quick": args.quick,
+            "argv": sys.argv[1:],
+            "seconds": 0.0,
+            "data": "random uint8 clips made on the device once; no data loading",
+            # model_input permutes (N, T, H, W, C): the "default" input is channels-last-3d in memory already
+            "default_input_is_channels_last_3d": model_input(random_batch(1, 32, torch.device("cpu"))[0]).is_contiguous(
+                memory_format=torch.channels_last_3d
+            ),
+        }
+    }
 
     def save() -> None:
         report["meta"]["seconds"] = time.perf_counter() - started
@@ -637,16 +752,19 @@ def main() -> None:
             arm.error = f"skipped: past --budget-s {args.budget_s:g}"
         else:
             run_arm(arm, backend)
-            print(f"{arm.preset} b{arm.batch} {arm.precision} {arm.mode}: "
-                  + (f"{arm.windows_per_s:.1f} windows/s" if arm.windows_per_s is not None else arm.error or ""),
-                  flush=True)
+            print(
+                f"{arm.preset} b{arm.batch} {arm.precision} {arm.mode}: "
+                + (f"{arm.windows_per_s:.1f} windows/s" if arm.windows_per_s is not None else arm.error or ""),
+                flush=True,
+            )
         done.append(arm)
         derive(done, report["flops_per_window"], report["matmul"], args.device)
         report["train"] = [asdict(a) for a in done]
         save()
 
-    report["distributed"] = ({"skipped": f"past --budget-s {args.budget_s:g}"} if over_budget()
-                             else measure_distributed(device, args.quick))
+    report["distributed"] = (
+        {"skipped": f"past --budget-s {args.budget_s:g}"} if over_budget() else measure_distributed(device, args.quick)
+    )
     save()
     print_table(report)
     print(f"\nfigures: {os.path.abspath(args.out)}")

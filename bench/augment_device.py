@@ -31,8 +31,9 @@ def device_augment(clips: torch.Tensor, theta: torch.Tensor, gains: torch.Tensor
 def draws(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     angle = torch.rand(BATCH) * 0.35  # up to 20 degrees
     zero = torch.zeros(BATCH)
-    theta = torch.stack([torch.stack([angle.cos(), -angle.sin(), zero], 1),
-                         torch.stack([angle.sin(), angle.cos(), zero], 1)], 1)
+    theta = torch.stack(
+        [torch.stack([angle.cos(), -angle.sin(), zero], 1), torch.stack([angle.sin(), angle.cos(), zero], 1)], 1
+    )
     return theta.to(device), (torch.rand(BATCH, 3) * 0.3 + 0.85).to(device)
 
 
@@ -45,8 +46,10 @@ def main() -> None:
         device, sync = torch_xla.device(), torch_xla.sync
 
         def counts() -> tuple[int, int]:
-            return (int(met.counter_value("UncachedCompile") or 0),
-                    sum(int(met.counter_value(k) or 0) for k in met.counter_names() if k.startswith("aten::")))
+            return (
+                int(met.counter_value("UncachedCompile") or 0),
+                sum(int(met.counter_value(k) or 0) for k in met.counter_names() if k.startswith("aten::")),
+            )
     else:
         device, sync, counts = torch.device("cpu"), (lambda: None), (lambda: (0, 0))
     clips = torch.rand(BATCH, 3, 6, 32, 32, device=device)
@@ -62,9 +65,15 @@ def main() -> None:
     out.cpu()
     seconds = (time.perf_counter() - started) / STEPS
     after = counts()
-    print(f"{kind}: {seconds * 1000:.2f} ms per batch of {BATCH} = {seconds / BATCH * 1e6:.0f} us/window"
-          + (f"; after warm-up {after[0] - before[0]} compilations, {(after[1] - before[1]) / STEPS:.0f} CPU "
-             f"fallbacks per step" if kind == "xla" else ""))
+    print(
+        f"{kind}: {seconds * 1000:.2f} ms per batch of {BATCH} = {seconds / BATCH * 1e6:.0f} us/window"
+        + (
+            f"; after warm-up {after[0] - before[0]} compilations, {(after[1] - before[1]) / STEPS:.0f} CPU "
+            f"fallbacks per step"
+            if kind == "xla"
+            else ""
+        )
+    )
 
 
 if __name__ == "__main__":

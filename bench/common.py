@@ -33,8 +33,13 @@ def run_child(script: str, **flags: object) -> dict:
     for name, value in flags.items():
         command += [f"--{name}", str(value)]
     try:
-        subprocess.run(command, check=True, env=dict(os.environ, PJRT_DEVICE="CPU"), stdout=subprocess.DEVNULL,
-                       stderr=subprocess.DEVNULL)
+        subprocess.run(
+            command,
+            check=True,
+            env=dict(os.environ, PJRT_DEVICE="CPU"),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         with open(result) as handle:
             return json.load(handle)
     finally:

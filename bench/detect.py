@@ -51,8 +51,19 @@ def tune(demo: str, smooths: list[int], lengths: list[int]) -> list[tuple[int, i
     from pyact_torch.detection.segments import detect_segments
 
     out = os.path.join(demo, "bench-eval")
-    quiet(run_detect, DetectConfig(checkpoint=os.path.join(demo, "run"), src=os.path.join(demo, "raw"), split="eval",
-                                   out=out, smooth=1, min_length=1, no_video=True), progress=False)
+    quiet(
+        run_detect,
+        DetectConfig(
+            checkpoint=os.path.join(demo, "run"),
+            src=os.path.join(demo, "raw"),
+            split="eval",
+            out=out,
+            smooth=1,
+            min_length=1,
+            no_video=True,
+        ),
+        progress=False,
+    )
     probabilities = np.load(os.path.join(out, "probabilities.npz"))
     names = {s["probabilities"]: s["name"] for s in json.load(open(os.path.join(out, "detections.json")))["sequences"]}
     classes = list(quiet(load_checkpoint_runner, os.path.join(demo, "run")).info.classes)
@@ -130,8 +141,13 @@ def throughput(demo: str) -> dict:
 
     def score() -> None:
         dataset = WindowDataset(shards, manifest, "test", 32, Part(), train=False)
-        result = evaluate(network, on_device(HostBatches(dataset, 0, len(dataset)), backend), backend,
-                          len(manifest["classes"]), keep_outputs=True)
+        result = evaluate(
+            network,
+            on_device(HostBatches(dataset, 0, len(dataset)), backend),
+            backend,
+            len(manifest["classes"]),
+            keep_outputs=True,
+        )
         assert result["windows"] == windows
 
     figures = {"scoring": windows / best_seconds(score, 3), "windows": windows}
@@ -174,10 +190,12 @@ def onnx_vs_eager(demo: str, preset: str, size: int, count: int, batch: int) -> 
 
         def run_all(runner):
             for first in range(0, count, batch):
-                runner.logits(windows[first:first + batch])
+                runner.logits(windows[first : first + batch])
 
         run_all(onnx), run_all(eager)  # warm-up
-        figures = {name: count / best_seconds(lambda r=r: run_all(r), 3) for name, r in (("onnx", onnx), ("eager", eager))}
+        figures = {
+            name: count / best_seconds(lambda r=r: run_all(r), 3) for name, r in (("onnx", onnx), ("eager", eager))
+        }
         figures["max_difference"] = float(np.abs(onnx.logits(windows[:batch]) - eager.logits(windows[:batch])).max())
     return {"preset": preset, "batch": batch, **figures}
 
@@ -195,13 +213,29 @@ def test_vs_testdetection(demo: str) -> dict:
     rows = {}
     for split in ("test", "testdetection"):
         out = tempfile.mkdtemp(prefix=f"bench-{split}-")
-        report = quiet(run_detect, DetectConfig(checkpoint=os.path.join(demo, "run"), src=os.path.join(demo, "raw"),
-                                                split=split, out=os.path.join(out, "d"), no_video=True))["detection"]
-        rows[split] = {"sequences": report["sequences"], "frames": report["frames"],
-                       "frame_accuracy": report["frame_accuracy"], "f1": report["segments"]["0.5"]["f1"],
-                       "mAP": report["mAP"]["thresholds"]["0.5"]["mAP"], "mAP_average": report["mAP"]["average"]}
+        report = quiet(
+            run_detect,
+            DetectConfig(
+                checkpoint=os.path.join(demo, "run"),
+                src=os.path.join(demo, "raw"),
+                split=split,
+                out=os.path.join(out, "d"),
+                no_video=True,
+            ),
+        )["detection"]
+        rows[split] = {
+            "sequences": report["sequences"],
+            "frames": report["frames"],
+            "frame_accuracy": report["frame_accuracy"],
+            "f1": report["segments"]["0.5"]["f1"],
+            "mAP": report["mAP"]["thresholds"]["0.5"]["mAP"],
+            "mAP_average": report["mAP"]["average"],
+        }
         if split == "testdetection":
-            found = {s["name"]: s["segments"] for s in json.load(open(os.path.join(out, "d", "detections.json")))["sequences"]}
+            found = {
+                s["name"]: s["segments"]
+                for s in json.load(open(os.path.join(out, "d", "detections.json")))["sequences"]
+            }
             seq_len = json.load(open(os.path.join(out, "d", "detections.json")))["seq_len"]
             near, far = [], []
             for recording in scan_detection(os.path.join(demo, "raw"))[0]:
@@ -209,8 +243,10 @@ def test_vs_testdetection(demo: str) -> dict:
                 for i, (first, last, action) in enumerate(spans):
                     gaps = [first - spans[i - 1][1] - 1] if i else []
                     gaps += [spans[i + 1][0] - last - 1] if i + 1 < len(spans) else []
-                    hit = any(d["label"] == action and tiou(d["first"], d["last"], first, last) >= 0.5
-                              for d in found[recording.path])
+                    hit = any(
+                        d["label"] == action and tiou(d["first"], d["last"], first, last) >= 0.5
+                        for d in found[recording.path]
+                    )
                     (near if gaps and min(gaps) < seq_len else far).append(hit)
             rows[split]["found_near"] = (sum(near), len(near))
             rows[split]["found_far"] = (sum(far), len(far))
@@ -233,13 +269,17 @@ def main() -> None:
 
     print("the demo's tiny on the Test split and on the TestDetection recordings, tIoU 0.5")
     for split, row in test_vs_testdetection(demo).items():
-        print(f"  {split:<13} {row['sequences']:3d} sequences, {row['frames']:6d} frames: frame accuracy "
-              f"{row['frame_accuracy']:.3f}, segment F1 {row['f1']:.3f}, mAP {row['mAP']:.3f} "
-              f"(average over tIoU 0.3-0.7: {row['mAP_average']:.3f})")
+        print(
+            f"  {split:<13} {row['sequences']:3d} sequences, {row['frames']:6d} frames: frame accuracy "
+            f"{row['frame_accuracy']:.3f}, segment F1 {row['f1']:.3f}, mAP {row['mAP']:.3f} "
+            f"(average over tIoU 0.3-0.7: {row['mAP_average']:.3f})"
+        )
         if "found_near" in row:
             (hit_near, near), (hit_far, far) = row["found_near"], row["found_far"]
-            print(f"  {'':<13} true segments found: {hit_near}/{near} with another action nearer than one window, "
-                  f"{hit_far}/{far} without")
+            print(
+                f"  {'':<13} true segments found: {hit_near}/{near} with another action nearer than one window, "
+                f"{hit_far}/{far} without"
+            )
     if args.splits_only:
         return
 
@@ -251,24 +291,30 @@ def main() -> None:
     print(f"  best: --smooth {best[0]} --min-length {best[1]} (F1 {best[2]:.3f})")
 
     print("\nstreaming latency per frame (prepare + model), eager CPU")
-    for preset, size, frames in (("tiny", 32, 600), ("c3d", 64, 120))[:1 if args.no_c3d else 2]:
+    for preset, size, frames in (("tiny", 32, 600), ("c3d", 64, 120))[: 1 if args.no_c3d else 2]:
         row = latency(demo, preset, size, frames)
-        print(f"  {preset} {size}x{size}: p50 {row['p50_ms']:.1f} ms, p99 {row['p99_ms']:.1f} ms over {row['frames']} frames"
-              f" = {row['p50_ms'] / PERIOD_MS:.3f} / {row['p99_ms'] / PERIOD_MS:.3f} of a 30 fps frame period")
+        print(
+            f"  {preset} {size}x{size}: p50 {row['p50_ms']:.1f} ms, p99 {row['p99_ms']:.1f} ms over {row['frames']} frames"
+            f" = {row['p50_ms'] / PERIOD_MS:.3f} / {row['p99_ms'] / PERIOD_MS:.3f} of a 30 fps frame period"
+        )
 
     figures = throughput(demo)
     print(f"\noffline over the test split ({figures['windows']} windows, outputs not written), windows/s, best of 3")
     for name in ("scoring", "detect batched", "detect streamed", "frames alone"):
         print(f"  {name:<16} {figures[name]:8.0f}  = {figures[name] / figures['scoring']:.2f}x scoring")
-    print(f"  batched detection time left after reading frames and scoring's classification: "
-          f"{figures['bookkeeping share']:.0%}")
+    print(
+        f"  batched detection time left after reading frames and scoring's classification: "
+        f"{figures['bookkeeping share']:.0%}"
+    )
 
     print("\nONNX Runtime vs eager PyTorch, same windows, windows/s, best of 3")
     runs = [("tiny", 32, 512, 32), ("tiny", 32, 128, 1)] + ([] if args.no_c3d else [("c3d", 64, 32, 8)])
     for preset, size, count, batch in runs:
         row = onnx_vs_eager(demo, preset, size, count, batch)
-        print(f"  {preset} batch {batch}: onnx {row['onnx']:.1f}, eager {row['eager']:.1f} = {row['onnx'] / row['eager']:.2f}x "
-              f"(largest logit difference {row['max_difference']:.1e})")
+        print(
+            f"  {preset} batch {batch}: onnx {row['onnx']:.1f}, eager {row['eager']:.1f} = {row['onnx'] / row['eager']:.2f}x "
+            f"(largest logit difference {row['max_difference']:.1e})"
+        )
 
 
 if __name__ == "__main__":

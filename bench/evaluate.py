@@ -40,8 +40,9 @@ def _score_child(args: argparse.Namespace) -> None:
     backend = make_backend(args.device)
     manifest = read_manifest(args.data)
     torch.manual_seed(0)
-    model = build_model(args.preset, len(manifest["channels"]), manifest["seq_len"], manifest["image_size"],
-                        len(manifest["classes"])).to(backend.device)
+    model = build_model(
+        args.preset, len(manifest["channels"]), manifest["seq_len"], manifest["image_size"], len(manifest["classes"])
+    ).to(backend.device)
     dataset = WindowDataset(args.data, manifest, "test", args.batch, Part(), train=False)
 
     def batches(count: int):
@@ -52,8 +53,17 @@ def _score_child(args: argparse.Namespace) -> None:
     result = evaluate(model, batches(args.steps), backend, len(manifest["classes"]), keep_outputs=True)
     elapsed = time.perf_counter() - started
     with open(args.result, "w") as handle:
-        json.dump({"preset": args.preset, "device": args.device, "windows": result["windows"], "seconds": elapsed,
-                   "windows_per_s": result["windows"] / elapsed, **backend.compile_counts()}, handle)
+        json.dump(
+            {
+                "preset": args.preset,
+                "device": args.device,
+                "windows": result["windows"],
+                "seconds": elapsed,
+                "windows_per_s": result["windows"] / elapsed,
+                **backend.compile_counts(),
+            },
+            handle,
+        )
 
 
 def scoring(data: str, preset: str, device: str, batch: int, steps: int) -> dict:
@@ -61,6 +71,7 @@ def scoring(data: str, preset: str, device: str, batch: int, steps: int) -> dict
 
 
 # --- TFRecords in pyACT's format (written here with a minimal protobuf encoder) ---------------
+
 
 def _varint(value: int) -> bytes:
     out = bytearray()
@@ -100,8 +111,9 @@ def write_records(folder: str, count: int, files: int, shape=(6, 64, 64, 3)) -> 
                 feats = rng.integers(0, 256, shape, dtype=np.uint8).astype(np.float32) / 255
                 payload = pyact_example(feats.ravel(), int(rng.integers(0, 17)))
                 length = struct.pack("<Q", len(payload))
-                record = length + struct.pack("<I", _masked_crc(length)) + payload + \
-                    struct.pack("<I", _masked_crc(payload))
+                record = (
+                    length + struct.pack("<I", _masked_crc(length)) + payload + struct.pack("<I", _masked_crc(payload))
+                )
                 handle.write(record)
                 total += len(record)
     return total
@@ -159,11 +171,15 @@ def main() -> None:
     rates = {(r["preset"], r["device"]): r["windows_per_s"] for r in rows}
     for preset in ("tiny", "c3d"):
         eager, xla = rates[(preset, "cpu")], rates[(preset, "xla")]
-        print(f"scoring {preset:5} eager CPU {eager:8.1f} windows/s   XLA:CPU {xla:8.1f} windows/s   "
-              f"XLA/eager {xla / eager:.2f}")
+        print(
+            f"scoring {preset:5} eager CPU {eager:8.1f} windows/s   XLA:CPU {xla:8.1f} windows/s   "
+            f"XLA/eager {xla / eager:.2f}"
+        )
     mb = convert["bytes"] / 1e6
-    print(f"TFRecord conversion: {mb / convert['convert_s']:.1f} MB/s vs raw read {mb / convert['raw_s']:.1f} MB/s "
-          f"= {convert['raw_s'] / convert['convert_s']:.3f} ({mb:.0f} MB)")
+    print(
+        f"TFRecord conversion: {mb / convert['convert_s']:.1f} MB/s vs raw read {mb / convert['raw_s']:.1f} MB/s "
+        f"= {convert['raw_s'] / convert['convert_s']:.3f} ({mb:.0f} MB)"
+    )
     with open(os.path.join(args.out, "report.json"), "w") as handle:
         json.dump({"scoring": rows, "conversion": convert}, handle, indent=1)
 

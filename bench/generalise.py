@@ -45,11 +45,12 @@ def make_data(out: str, train_subjects: int, test_subjects: int) -> str:
 
     raw, dest = os.path.join(out, "raw"), os.path.join(out, "shards")
     if not os.path.exists(os.path.join(raw, "Train")):
-        make_dataset(SynthConfig(raw, subjects=(train_subjects, 1, test_subjects), frames=(40, 60), size=(96, 72),
-                                 seed=11), progress=False)
+        make_dataset(
+            SynthConfig(raw, subjects=(train_subjects, 1, test_subjects), frames=(40, 60), size=(96, 72), seed=11),
+            progress=False,
+        )
     if not os.path.exists(os.path.join(dest, "manifest.json")):
-        preprocess(PreprocessConfig(raw, dest, image_size=32, shard_size=64), progress=False,
-                   print_fn=lambda *a: None)
+        preprocess(PreprocessConfig(raw, dest, image_size=32, shard_size=64), progress=False, print_fn=lambda *a: None)
     return dest
 
 
@@ -59,12 +60,44 @@ def pyact(*args: str) -> None:
 
 
 def held_out_accuracy(data: str, run_dir: str, flags: list[str], seed: int, epochs: int, lr: float) -> float:
-    pyact("train", "--data", data, "--run-dir", run_dir, "--model", "tiny", "--device", "cpu", "--epochs",
-          str(epochs), "--lr", str(lr), "--lr-schedule", "cosine", "--log-every", "1000", "--workers", "2",
-          "--seed", str(seed), *flags)
+    pyact(
+        "train",
+        "--data",
+        data,
+        "--run-dir",
+        run_dir,
+        "--model",
+        "tiny",
+        "--device",
+        "cpu",
+        "--epochs",
+        str(epochs),
+        "--lr",
+        str(lr),
+        "--lr-schedule",
+        "cosine",
+        "--log-every",
+        "1000",
+        "--workers",
+        "2",
+        "--seed",
+        str(seed),
+        *flags,
+    )
     out = run_dir + "-test"
-    pyact("evaluate", "--checkpoint", os.path.join(run_dir, "final.pt"), "--data", data, "--out", out,
-          "--split", "test", "--device", "cpu")
+    pyact(
+        "evaluate",
+        "--checkpoint",
+        os.path.join(run_dir, "final.pt"),
+        "--data",
+        data,
+        "--out",
+        out,
+        "--split",
+        "test",
+        "--device",
+        "cpu",
+    )
     with open(os.path.join(out, "metrics.json")) as handle:
         return json.load(handle)["accuracy"]
 
@@ -72,10 +105,37 @@ def held_out_accuracy(data: str, run_dir: str, flags: list[str], seed: int, epoc
 def xla_compiles(data: str, run_dir: str, flags: list[str]) -> str:
     """The closing line's XLA compilation and fallback counts of a 2-epoch XLA:CPU run."""
     env = {**os.environ, "PYTHONPATH": ROOT, "PJRT_DEVICE": "CPU"}
-    done = subprocess.run([sys.executable, "-m", "pyact_torch", "train", "--data", data, "--run-dir", run_dir,
-                           "--model", "tiny", "--device", "xla", "--epochs", "2", "--batch-size", "8", "--workers",
-                           "1", "--log-every", "1000", "--resume", "none", *flags],
-                          check=True, env=env, capture_output=True, text=True)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pyact_torch",
+            "train",
+            "--data",
+            data,
+            "--run-dir",
+            run_dir,
+            "--model",
+            "tiny",
+            "--device",
+            "xla",
+            "--epochs",
+            "2",
+            "--batch-size",
+            "8",
+            "--workers",
+            "1",
+            "--log-every",
+            "1000",
+            "--resume",
+            "none",
+            *flags,
+        ],
+        check=True,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     return next(line for line in done.stdout.splitlines() if "training finished" in line).split("(XLA: ")[1].rstrip(")")
 
 
@@ -88,16 +148,18 @@ def main() -> None:
     parser.add_argument("--train-subjects", type=int, default=4, help="Train subjects of the dataset")
     parser.add_argument("--test-subjects", type=int, default=4, help="held-out Test subjects")
     parser.add_argument("--arms", default=",".join(ARMS), help="comma-separated arm names to run ('' for none)")
-    parser.add_argument("--no-loader", dest="loader", action="store_false",
-                        help="skip the loader and XLA measurements")
+    parser.add_argument("--no-loader", dest="loader", action="store_false", help="skip the loader and XLA measurements")
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
     data = make_data(args.out, args.train_subjects, args.test_subjects)
     with open(os.path.join(data, "manifest.json")) as handle:
         splits = json.load(handle)["splits"]
-    print(f"data: {args.train_subjects} Train subjects ({splits['train']['count']} windows), "
-          f"{args.test_subjects} held-out Test subjects ({splits['test']['count']} windows); tiny at 32x32, "
-          f"{args.epochs} epochs, lr {args.lr:g} cosine, batch 32, eager CPU", flush=True)
+    print(
+        f"data: {args.train_subjects} Train subjects ({splits['train']['count']} windows), "
+        f"{args.test_subjects} held-out Test subjects ({splits['test']['count']} windows); tiny at 32x32, "
+        f"{args.epochs} epochs, lr {args.lr:g} cosine, batch 32, eager CPU",
+        flush=True,
+    )
 
     if args.loader:
         # bench/train.py's measures: eager tiny through the real loader (the fastest consumer
@@ -109,8 +171,11 @@ def main() -> None:
         print(f"fastest consumer (eager tiny training, 32x32): {consumer:,.0f} windows/s", flush=True)
         for preset in ("none", "pyact", "standard"):
             rate = loader_rate(real, workers=2, augment=preset)["windows_per_s"]
-            print(f"loader --augment {preset:8s} (2 workers, real-size epochs): {rate:7,.0f} windows/s = "
-                  f"{rate / consumer:5.1f}x the consumer", flush=True)
+            print(
+                f"loader --augment {preset:8s} (2 workers, real-size epochs): {rate:7,.0f} windows/s = "
+                f"{rate / consumer:5.1f}x the consumer",
+                flush=True,
+            )
         for flags in ([], ["--augment", "standard", "--dropout", "0.2", "--weight-decay", "1e-4"]):
             counts = xla_compiles(data, os.path.join(args.out, "xla"), flags)
             print(f"XLA:CPU tiny, 2 epochs{' with ' + ' '.join(flags) if flags else ''}: {counts}", flush=True)
@@ -125,10 +190,12 @@ def main() -> None:
             accuracies.append(held_out_accuracy(data, run_dir, ARMS[arm], seed, args.epochs, args.lr))
         results[arm] = accuracies
         spread = statistics.stdev(accuracies) if len(accuracies) > 1 else 0.0
-        print(f"{arm:26s} held-out accuracy {statistics.mean(accuracies):.3f} +- {spread:.3f} "
-              f"(seeds: {', '.join(f'{a:.3f}' for a in accuracies)}); "
-              f"{statistics.mean(accuracies) - statistics.mean(results.get('none', accuracies)):+.3f} vs none",
-              flush=True)
+        print(
+            f"{arm:26s} held-out accuracy {statistics.mean(accuracies):.3f} +- {spread:.3f} "
+            f"(seeds: {', '.join(f'{a:.3f}' for a in accuracies)}); "
+            f"{statistics.mean(accuracies) - statistics.mean(results.get('none', accuracies)):+.3f} vs none",
+            flush=True,
+        )
     with open(os.path.join(args.out, "results.json"), "w") as handle:
         json.dump(results, handle, indent=1)
 

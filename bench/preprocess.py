@@ -46,9 +46,10 @@ def _bare_decode(paths: list[str]) -> int:
 
 def decode_limit(src: str, workers: int) -> tuple[int, float]:
     """Seconds for the bare decode loop over every colour frame, ``workers`` processes."""
-    paths = sorted(os.path.join(d, f) for d, _, files in os.walk(src, followlinks=True)
-                   for f in files if f.startswith("color_"))
-    chunks = [paths[i:i + 64] for i in range(0, len(paths), 64)]
+    paths = sorted(
+        os.path.join(d, f) for d, _, files in os.walk(src, followlinks=True) for f in files if f.startswith("color_")
+    )
+    chunks = [paths[i : i + 64] for i in range(0, len(paths), 64)]
     started = time.perf_counter()
     total = sum(map_unordered(_bare_decode, chunks, workers))
     return total, time.perf_counter() - started
@@ -57,8 +58,7 @@ def decode_limit(src: str, workers: int) -> tuple[int, float]:
 def run_preprocess(src: str, dest: str, workers: int) -> dict:
     """Run ``pyact preprocess`` as a process; wall time, peak RSS of its tree, its summary."""
     shutil.rmtree(dest, ignore_errors=True)
-    command = [sys.executable, os.path.join(ROOT, "scripts", "preprocess.py"), src, dest,
-               "--workers", str(workers)]
+    command = [sys.executable, os.path.join(ROOT, "scripts", "preprocess.py"), src, dest, "--workers", str(workers)]
     started = time.perf_counter()
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     parent = psutil.Process(process.pid)
@@ -77,14 +77,21 @@ def run_preprocess(src: str, dest: str, workers: int) -> dict:
         raise SystemExit(f"preprocess failed:\n{out}")
     match = re.search(r"frames: (\d+) in the dataset, (\d+) decoded", out)
     manifest = json.load(open(os.path.join(dest, "manifest.json")))
-    return {"seconds": seconds, "peak_tree_rss": peak_tree, "peak_main_rss": peak_main,
-            "frames": int(match.group(1)), "decoded": int(match.group(2)), "manifest": manifest}
+    return {
+        "seconds": seconds,
+        "peak_tree_rss": peak_tree,
+        "peak_main_rss": peak_main,
+        "frames": int(match.group(1)),
+        "decoded": int(match.group(2)),
+        "manifest": manifest,
+    }
 
 
 def tfrecord_bytes(n_floats: int) -> int:
     """Bytes of one pyACT TFRecord: a tf.train.Example {"feats": FloatList(n), "label":
     Int64List(1)} in TFRecord framing (8-byte length, 4-byte CRC, data, 4-byte CRC). Label
     values below 128 take one varint byte."""
+
     def varint(n: int) -> int:
         size = 1
         while n >= 128:
@@ -95,12 +102,12 @@ def tfrecord_bytes(n_floats: int) -> int:
     def field(payload: int) -> int:  # tag + length + payload (length-delimited)
         return 1 + varint(payload) + payload
 
-    float_list = field(4 * n_floats)            # FloatList.value, packed
-    int64_list = field(1)                        # Int64List.value, packed, one small value
+    float_list = field(4 * n_floats)  # FloatList.value, packed
+    int64_list = field(1)  # Int64List.value, packed, one small value
     feats_entry = field(len("feats")) + field(field(float_list))  # key + Feature{float_list}
     label_entry = field(len("label")) + field(field(int64_list))  # key + Feature{int64_list}
-    features = field(feats_entry) + field(label_entry)           # Features.feature map entries
-    example = field(features)                                      # Example.features
+    features = field(feats_entry) + field(label_entry)  # Features.feature map entries
+    example = field(features)  # Example.features
     return 8 + 4 + example + 4
 
 
@@ -117,7 +124,11 @@ def make_double(src: str, double: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", default=os.path.join(ROOT, "bench-output"), help="scratch folder (kept between runs: the dataset is reused)")
+    parser.add_argument(
+        "--out",
+        default=os.path.join(ROOT, "bench-output"),
+        help="scratch folder (kept between runs: the dataset is reused)",
+    )
     parser.add_argument("--frames", type=int, default=20000, help="at least this many frames")
     parser.add_argument("--size", type=parse_size, default=(640, 480), help="colour frame size WxH")
     parser.add_argument("--workers", type=int, default=0, help="processes; 0 = all cores")

@@ -56,8 +56,11 @@ def transfer_bytes(data: str) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default=os.path.join(ROOT, "bench-output", "train"),
-                        help="scratch folder (shared with bench/train.py: the same shards)")
+    parser.add_argument(
+        "--out",
+        default=os.path.join(ROOT, "bench-output", "train"),
+        help="scratch folder (shared with bench/train.py: the same shards)",
+    )
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
     shards = make_shards(args.out)[32]
@@ -69,18 +72,24 @@ def main() -> None:
 
     one, four = report["spmd"]
     for row in (one, four):
-        print(f"tiny 32x32, global batch 32, SPMD on {row['devices']} XLA:CPU device(s): {row['windows_per_s'] / 32:.2f} "
-              f"steps/s; after warm-up {row['new_compiles'] / row['steps']:.2f} compilations/step, "
-              f"{row['new_fallbacks'] / row['steps']:.2f} aten fallbacks/step; {row['all_reduce_in_step']} "
-              f"all-reduce ops in the compiled step")
+        print(
+            f"tiny 32x32, global batch 32, SPMD on {row['devices']} XLA:CPU device(s): {row['windows_per_s'] / 32:.2f} "
+            f"steps/s; after warm-up {row['new_compiles'] / row['steps']:.2f} compilations/step, "
+            f"{row['new_fallbacks'] / row['steps']:.2f} aten fallbacks/step; {row['all_reduce_in_step']} "
+            f"all-reduce ops in the compiled step"
+        )
     print(f"4 devices / 1 device: {four['windows_per_s'] / one['windows_per_s']:.2f}x steps/s (the same 2 cores)")
     transfer = report["transfer"]
-    print(f"loader -> device per window: {transfer['uint8']:.0f} bytes as uint8 (now), {transfer['float32']:.0f} as "
-          f"float32 (before): {transfer['float32'] / transfer['uint8']:.1f}x less host traffic")
+    print(
+        f"loader -> device per window: {transfer['uint8']:.0f} bytes as uint8 (now), {transfer['float32']:.0f} as "
+        f"float32 (before): {transfer['float32'] / transfer['uint8']:.1f}x less host traffic"
+    )
     fastest, loader = report["eager_tiny"]["windows_per_s"], report["loader"]
-    print(f"loader alone (local, real-size epochs, 2 workers): {loader['windows_per_s']:.1f} windows/s = "
-          f"{loader['windows_per_s'] / fastest:.1f}x the fastest training consumption ({fastest:.1f} windows/s, "
-          f"eager tiny)")
+    print(
+        f"loader alone (local, real-size epochs, 2 workers): {loader['windows_per_s']:.1f} windows/s = "
+        f"{loader['windows_per_s'] / fastest:.1f}x the fastest training consumption ({fastest:.1f} windows/s, "
+        f"eager tiny)"
+    )
     with open(os.path.join(args.out, "spmd-report.json"), "w") as handle:
         json.dump(report, handle, indent=1)
 

@@ -77,13 +77,17 @@ def main() -> None:
             for preset, size, windows in models:
                 runner = runner_of(preset, size)
                 chosen, _ = choose_threads(runner)
-                rows = {"default": (default, latency(runner, default, windows)),
-                        "1 thread": (1, latency(runner, 1, windows)),
-                        "chosen": (chosen, latency(runner, chosen, windows))}
+                rows = {
+                    "default": (default, latency(runner, default, windows)),
+                    "1 thread": (1, latency(runner, 1, windows)),
+                    "chosen": (chosen, latency(runner, chosen, windows)),
+                }
                 base = rows["default"][1][0]
                 print(f"{condition:6} {preset:4} {size}x{size}, {windows} windows, ms per window (p50 / p99):")
                 for name, (threads, (p50, p99)) in rows.items():
-                    print(f"    {name:8} ({threads} threads): {p50:7.2f} / {p99:7.2f}   p50 = {p50 / base:.2f}x default")
+                    print(
+                        f"    {name:8} ({threads} threads): {p50:7.2f} / {p99:7.2f}   p50 = {p50 / base:.2f}x default"
+                    )
         finally:
             for burner in burners:
                 burner.terminate()

@@ -39,6 +39,7 @@ BUCKET = "pyact-bench"
 
 # --- data ------------------------------------------------------------------------------------
 
+
 def make_shards(out: str) -> dict[int, str]:
     """One synthetic dataset (8 Train, 1 Eval, 1 Test subjects), preprocessed at 32 and 64."""
     from pyact_torch.config import PreprocessConfig, SynthConfig
@@ -59,8 +60,10 @@ def make_shards(out: str) -> dict[int, str]:
 
 # --- training throughput (child process) -----------------------------------------------------
 
-def _throughput_replica(index: int, data: str, preset: str, device: str, batch: int, warmup: int, steps: int,
-                        result_path: str) -> None:
+
+def _throughput_replica(
+    index: int, data: str, preset: str, device: str, batch: int, warmup: int, steps: int, result_path: str
+) -> None:
     from pyact_torch.training.devices import make_backend
     from pyact_torch.data.loader import Part, WindowDataset, make_loader
     from pyact_torch.model import model_input
@@ -71,8 +74,9 @@ def _throughput_replica(index: int, data: str, preset: str, device: str, batch: 
     backend = make_backend(device)
     manifest = read_manifest(data)
     torch.manual_seed(0)
-    model = build_model(preset, len(manifest["channels"]), manifest["seq_len"], manifest["image_size"],
-                        len(manifest["classes"])).to(backend.device)
+    model = build_model(
+        preset, len(manifest["channels"]), manifest["seq_len"], manifest["image_size"], len(manifest["classes"])
+    ).to(backend.device)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     dataset = WindowDataset(data, manifest, "train", batch, Part(), train=True, workers=1)
     needed = warmup + steps
@@ -94,12 +98,21 @@ def _throughput_replica(index: int, data: str, preset: str, device: str, batch: 
     loss.cpu()  # waits for the last step
     elapsed = time.perf_counter() - started
     after = backend.compile_counts()
-    row = {"preset": preset, "device": device, "batch": batch, "steps": steps, "seconds": elapsed,
-           "windows_per_s": steps * batch / elapsed}
+    row = {
+        "preset": preset,
+        "device": device,
+        "batch": batch,
+        "steps": steps,
+        "seconds": elapsed,
+        "windows_per_s": steps * batch / elapsed,
+    }
     if after:
-        row.update(new_compiles=after["compiles"] - before["compiles"],
-                   new_fallbacks=after["cpu_fallbacks"] - before["cpu_fallbacks"],
-                   fallback_ops=after["fallback_ops"], warmup_compiles=before["compiles"])
+        row.update(
+            new_compiles=after["compiles"] - before["compiles"],
+            new_fallbacks=after["cpu_fallbacks"] - before["cpu_fallbacks"],
+            fallback_ops=after["fallback_ops"],
+            warmup_compiles=before["compiles"],
+        )
     with open(result_path, "w") as handle:
         json.dump(row, handle)
 
@@ -107,8 +120,11 @@ def _throughput_replica(index: int, data: str, preset: str, device: str, batch: 
 def child_throughput(args: argparse.Namespace) -> None:
     from pyact_torch.training.devices import launch
 
-    launch(_throughput_replica, (args.data, args.preset, args.device, args.batch, args.warmup, args.steps,
-                                 args.result), args.device)
+    launch(
+        _throughput_replica,
+        (args.data, args.preset, args.device, args.batch, args.warmup, args.steps, args.result),
+        args.device,
+    )
 
 
 def throughput(data: str, preset: str, device: str, batch: int, warmup: int, steps: int) -> dict:
@@ -160,8 +176,12 @@ def loader_rate(data: str, workers: int, batch: int = 32, epochs: int = 2, augme
         host = HostBatches(dataset, workers, len(dataset))  # what training iterates
         windows += sum(clips.shape[0] for clips, _, _ in host)
         host.check()
-    return {"windows": windows, "epochs": epochs, "seconds": time.perf_counter() - started,
-            "windows_per_s": windows / (time.perf_counter() - started)}
+    return {
+        "windows": windows,
+        "epochs": epochs,
+        "seconds": time.perf_counter() - started,
+        "windows_per_s": windows / (time.perf_counter() - started),
+    }
 
 
 def read_cost(data: str, shards: int = 20, repeats: int = 3) -> dict:
@@ -199,9 +219,12 @@ def tar_cost(data: str, shards: int = 20, repeats: int = 3) -> dict:
 
     urls = [s.url for s in split_shards(data, read_manifest(data), "train")[:shards]]
     result = {"shards": len(urls), "windows": sum(1 for _ in tar_samples(urls))}
-    stages = (("read_tar", lambda: tar_samples(urls)),
-              ("tarfile", lambda: wds.tarfile_samples({"url": url} for url in urls)))
+    stages = (
+        ("read_tar", lambda: tar_samples(urls)),
+        ("tarfile", lambda: wds.tarfile_samples({"url": url} for url in urls)),
+    )
     for name, samples in stages:
+
         def count() -> None:
             if sum(1 for _ in samples()) != result["windows"]:
                 raise RuntimeError(f"{name}: a different number of samples")
@@ -221,6 +244,7 @@ def upload_tree(local: str, url: str) -> None:
 
 
 # --- checkpoint stall ------------------------------------------------------------------------
+
 
 def checkpoint_stall(run_dir: str, repeats: int, image_size: int = 64) -> dict:
     """c3d + Adam state: blocked time per checkpoint vs a synchronous save of the same state to
@@ -262,11 +286,18 @@ def checkpoint_stall(run_dir: str, repeats: int, image_size: int = 64) -> dict:
     writer.close()
     latest = storage.read_json(storage.join(run_dir, "latest.json"))
     assert latest["size"] == size and storage.exists(storage.join(run_dir, latest["name"]))
-    return {"run_dir": run_dir, "image_size": image_size, "bytes": size, "sync_s": sync, "stall_s": stall,
-            "background_s": background}
+    return {
+        "run_dir": run_dir,
+        "image_size": image_size,
+        "bytes": size,
+        "sync_s": sync,
+        "stall_s": stall,
+        "background_s": background,
+    }
 
 
 # --- main ------------------------------------------------------------------------------------
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -322,34 +353,44 @@ def main() -> None:
     rates = {(r["preset"], r["device"]): r for r in report["throughput"]}
     for preset in dict.fromkeys(r["preset"] for r in report["throughput"]):
         eager, xla = rates[(preset, "cpu")], rates[(preset, "xla")]
-        print(f"{preset:5} eager CPU {eager['windows_per_s']:8.1f} windows/s   XLA:CPU {xla['windows_per_s']:8.1f} "
-              f"windows/s   XLA/eager {xla['windows_per_s'] / eager['windows_per_s']:.2f}   after warm-up: "
-              f"{xla['new_compiles'] / xla['steps']:.2f} compilations/step, "
-              f"{xla['new_fallbacks'] / xla['steps']:.2f} aten fallbacks/step "
-              f"({xla['warmup_compiles']} compilations during warm-up)")
+        print(
+            f"{preset:5} eager CPU {eager['windows_per_s']:8.1f} windows/s   XLA:CPU {xla['windows_per_s']:8.1f} "
+            f"windows/s   XLA/eager {xla['windows_per_s'] / eager['windows_per_s']:.2f}   after warm-up: "
+            f"{xla['new_compiles'] / xla['steps']:.2f} compilations/step, "
+            f"{xla['new_fallbacks'] / xla['steps']:.2f} aten fallbacks/step "
+            f"({xla['warmup_compiles']} compilations during warm-up)"
+        )
     fastest = max(r["windows_per_s"] for r in report["throughput"] if r["preset"] == "tiny")
     for name, what in (("", "real-size epochs"), ("_small", "5-shard synthetic epochs")):
         for where in ("local", "gcs"):
             row = report[f"loader{name}_{where}"]
-            print(f"loader alone ({where}, {what} of {row['windows'] // row['epochs']} windows, 32x32, 2 workers): "
-                  f"{row['windows_per_s']:8.1f} windows/s = {row['windows_per_s'] / fastest:.1f}x the fastest "
-                  f"training consumption ({fastest:.1f} windows/s, tiny)")
+            print(
+                f"loader alone ({where}, {what} of {row['windows'] // row['epochs']} windows, 32x32, 2 workers): "
+                f"{row['windows_per_s']:8.1f} windows/s = {row['windows_per_s'] / fastest:.1f}x the fastest "
+                f"training consumption ({fastest:.1f} windows/s, tiny)"
+            )
     read = report["gcs_read"]
     per_window = {k: read[f"{k}_s"] * 1e6 / read["windows"] for k in ("open_read", "blob_open")}
-    print(f"reading {read['shards']} shards from the emulator: storage.open_read {per_window['open_read']:.1f} us/window, "
-          f"google-cloud-storage's blob.open('rb') {per_window['blob_open']:.1f} us/window "
-          f"({per_window['blob_open'] / per_window['open_read']:.1f}x)")
+    print(
+        f"reading {read['shards']} shards from the emulator: storage.open_read {per_window['open_read']:.1f} us/window, "
+        f"google-cloud-storage's blob.open('rb') {per_window['blob_open']:.1f} us/window "
+        f"({per_window['blob_open'] / per_window['open_read']:.1f}x)"
+    )
     tar = report["tar_stage"]
     per_window = {k: tar[f"{k}_s"] * 1e6 / tar["windows"] for k in ("read_tar", "tarfile")}
-    print(f"tar stage, {tar['shards']} local shards -> samples: shards.read_tar {per_window['read_tar']:.1f} us/window, "
-          f"webdataset's tarfile_samples {per_window['tarfile']:.1f} us/window "
-          f"({per_window['tarfile'] / per_window['read_tar']:.1f}x)")
+    print(
+        f"tar stage, {tar['shards']} local shards -> samples: shards.read_tar {per_window['read_tar']:.1f} us/window, "
+        f"webdataset's tarfile_samples {per_window['tarfile']:.1f} us/window "
+        f"({per_window['tarfile'] / per_window['read_tar']:.1f}x)"
+    )
     for where in ("gcs", "local"):
         ck = report[f"checkpoint_{where}"]
         sync, stall = min(ck["sync_s"]), max(ck["stall_s"])
-        print(f"checkpoint of c3d@{ck['image_size']} + Adam ({ck['bytes'] / 1e9:.2f} GB) to {where}: loop blocked "
-              f"{stall:.2f} s (worst of {len(ck['stall_s'])}) vs synchronous save {sync:.2f} s (best) = "
-              f"{stall / sync:.3f}; the background save took {max(ck['background_s']):.1f} s")
+        print(
+            f"checkpoint of c3d@{ck['image_size']} + Adam ({ck['bytes'] / 1e9:.2f} GB) to {where}: loop blocked "
+            f"{stall:.2f} s (worst of {len(ck['stall_s'])}) vs synchronous save {sync:.2f} s (best) = "
+            f"{stall / sync:.3f}; the background save took {max(ck['background_s']):.1f} s"
+        )
     with open(os.path.join(args.out, "report.json"), "w") as handle:
         json.dump(report, handle, indent=1)
 

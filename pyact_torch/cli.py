@@ -13,8 +13,21 @@ import signal
 import sys
 from typing import Any, Callable
 
-from .config import (DemoConfig, DetectConfig, ExportConfig, InspectConfig, KerasConfig, PreprocessConfig, EvaluateConfig, SynthConfig,
-                     TFRecordConfig, TrainConfig, VideoConfig, add_arguments, from_namespace)
+from .config import (
+    DemoConfig,
+    DetectConfig,
+    ExportConfig,
+    InspectConfig,
+    KerasConfig,
+    PreprocessConfig,
+    EvaluateConfig,
+    SynthConfig,
+    TFRecordConfig,
+    TrainConfig,
+    VideoConfig,
+    add_arguments,
+    from_namespace,
+)
 from . import __doc__ as package_doc
 from .errors import UserError, local_rank, printed_here
 from .io.interrupts import Interrupted, Terminated, raise_terminated
@@ -35,6 +48,7 @@ def _preprocess(config: PreprocessConfig) -> None:
 
 # Each command imports its own stack only when it runs: torch and torch_xla are slow to import,
 # and ``--help`` should be quick.
+
 
 def _inspect(config: InspectConfig) -> None:
     from .data.inspection import inspect_split
@@ -94,14 +108,19 @@ def _demo(config: DemoConfig) -> None:
 COMMANDS: dict[str, tuple[type, Callable[[Any], Any], str]] = {
     "synth": (SynthConfig, _synth, "write a synthetic dataset in the real dataset's layout"),
     "preprocess": (PreprocessConfig, _preprocess, "raw dataset -> WebDataset shards + manifest"),
-    "inspect": (InspectConfig, _inspect,
-                "check shards against the manifest, draw sampled windows"),
-    "train": (TrainConfig, _train, "train ConvNet3D on TPU cores (xmp.spawn or SPMD), CPUs or GPUs (torchrun for several)"),
-    "evaluate": (EvaluateConfig, _evaluate,
-                 "score a checkpoint: metrics, confusion matrix, predictions"),
+    "inspect": (InspectConfig, _inspect, "check shards against the manifest, draw sampled windows"),
+    "train": (
+        TrainConfig,
+        _train,
+        "train ConvNet3D on TPU cores (xmp.spawn or SPMD), CPUs or GPUs (torchrun for several)",
+    ),
+    "evaluate": (EvaluateConfig, _evaluate, "score a checkpoint: metrics, confusion matrix, predictions"),
     "video": (VideoConfig, _video, "prediction video and contact sheet from predictions.json"),
-    "detect": (DetectConfig, _detect,
-               "find actions in sequences, a video or a camera: segments, metrics, timeline, annotated video"),
+    "detect": (
+        DetectConfig,
+        _detect,
+        "find actions in sequences, a video or a camera: segments, metrics, timeline, annotated video",
+    ),
     "export": (ExportConfig, _export, "checkpoint -> ONNX or torch.export file, checked on real windows"),
     "convert-keras": (KerasConfig, _convert_keras, "pyACT Keras .h5 weights -> pyact-torch checkpoint"),
     "convert-tfrecords": (TFRecordConfig, _convert_tfrecords, "pyACT TFRecords -> shards + manifest"),
@@ -160,10 +179,15 @@ def main(argv: list[str] | None = None, only: str | None = None, prog: str | Non
         if isinstance(exc, Interrupted):
             print(exc, file=sys.stderr)
             return 130
-        again = {"train": "nothing half-written was left; run the same command again: it continues from the "
-                          "last checkpoint saved, if there is one, else starts over"}.get(
-            args.command, "run the same command again to continue where it stopped" if args.command in RESUMABLE
-            else "nothing half-written was left")
+        again = {
+            "train": "nothing half-written was left; run the same command again: it continues from the "
+            "last checkpoint saved, if there is one, else starts over"
+        }.get(
+            args.command,
+            "run the same command again to continue where it stopped"
+            if args.command in RESUMABLE
+            else "nothing half-written was left",
+        )
         print(f"interrupted; {again}", file=sys.stderr)
         return 130
     except Terminated:

@@ -52,15 +52,28 @@ def run_demo(config: DemoConfig, print_fn: Callable[[str], None] = print) -> dic
         make_dataset(SynthConfig(raw, subjects=(6, 1, 2), frames=(40, 60), size=(96, 72), seed=config.seed))
         _write_record(out, complete=False)  # after each step: a kill -9 leaves at most one step unrecorded
         print_fn(f"[2/6] preprocessing -> {shards}")
-        print_fn(format_summary(preprocess(PreprocessConfig(raw, shards, image_size=32, shard_size=64),
-                                           print_fn=print_fn)))
+        print_fn(
+            format_summary(preprocess(PreprocessConfig(raw, shards, image_size=32, shard_size=64), print_fn=print_fn))
+        )
         _write_record(out, complete=False)
         print_fn(f"[3/6] training tiny for {config.epochs} epochs on {config.device} -> {run}")
         handler = signal.getsignal(signal.SIGTERM)
         try:  # training turns SIGTERM into a checkpoint and a clean stop; the demo then stops too
-            fit(TrainConfig(data=shards, run_dir=run, model="tiny", epochs=config.epochs, lr=2e-3,
-                            lr_schedule="cosine", device=config.device, ckpt_every=0, log_every=20, workers=1,
-                            seed=config.seed))
+            fit(
+                TrainConfig(
+                    data=shards,
+                    run_dir=run,
+                    model="tiny",
+                    epochs=config.epochs,
+                    lr=2e-3,
+                    lr_schedule="cosine",
+                    device=config.device,
+                    ckpt_every=0,
+                    log_every=20,
+                    workers=1,
+                    seed=config.seed,
+                )
+            )
         finally:
             signal.signal(signal.SIGTERM, handler)
         if preempted():
@@ -69,17 +82,22 @@ def run_demo(config: DemoConfig, print_fn: Callable[[str], None] = print) -> dic
             raise Terminated()
         _write_record(out, complete=False)
         print_fn(f"[4/6] scoring the test split -> {out}")
-        metrics = evaluate_checkpoint(EvaluateConfig(checkpoint=run, data=shards, out=out, device=config.device),
-                                   print_fn=print_fn)
+        metrics = evaluate_checkpoint(
+            EvaluateConfig(checkpoint=run, data=shards, out=out, device=config.device), print_fn=print_fn
+        )
         print_fn("[5/6] prediction video")
-        video, frames = make_video(VideoConfig(predictions=os.path.join(out, "predictions.json"),
-                                               out=os.path.join(out, "predictions.mp4"), src=raw),
-                                   print_fn=print_fn)
+        video, frames = make_video(
+            VideoConfig(
+                predictions=os.path.join(out, "predictions.json"), out=os.path.join(out, "predictions.mp4"), src=raw
+            ),
+            print_fn=print_fn,
+        )
         storage.write_bytes(os.path.join(out, "loss.png"), storage.read_bytes(storage.join(run, "loss.png")))
         detection = os.path.join(out, "detection")
         print_fn(f"[6/6] detecting actions in the TestDetection recordings -> {detection}")
-        found = run_detect(DetectConfig(checkpoint=run, src=raw, split="testdetection", out=detection),
-                           print_fn=print_fn)
+        found = run_detect(
+            DetectConfig(checkpoint=run, src=raw, split="testdetection", out=detection), print_fn=print_fn
+        )
     finally:
         if emulator is not None:
             emulator.stop()
@@ -97,10 +115,13 @@ def run_demo(config: DemoConfig, print_fn: Callable[[str], None] = print) -> dic
         "shards": shards,
     }
     width = max(map(len, where))
-    lines = ["", f"demo finished in {time.perf_counter() - started:.0f} s: test accuracy {metrics['accuracy']:.3f} "
-                 f"(macro-F1 {metrics['macro_f1']:.3f}) over {metrics['windows']} windows; detection in "
-                 f"TestDetection at tIoU 0.5: segment F1 {found['detection']['segments']['0.5']['f1']:.3f}, "
-                 f"mAP {found['detection']['mAP']['thresholds']['0.5']['mAP']:.3f}"]
+    lines = [
+        "",
+        f"demo finished in {time.perf_counter() - started:.0f} s: test accuracy {metrics['accuracy']:.3f} "
+        f"(macro-F1 {metrics['macro_f1']:.3f}) over {metrics['windows']} windows; detection in "
+        f"TestDetection at tIoU 0.5: segment F1 {found['detection']['segments']['0.5']['f1']:.3f}, "
+        f"mAP {found['detection']['mAP']['thresholds']['0.5']['mAP']:.3f}",
+    ]
     lines += [f"  {name:<{width}}  {path}" for name, path in where.items()]
     print_fn("\n".join(lines))
     return {**metrics, "outputs": where, "video_frames": frames, "detection": found["detection"]}
@@ -132,16 +153,24 @@ def _recorded(out: str, shown: str) -> tuple[set[str], bool]:
         record = storage.read_json(marker, RECORD_LIMIT)
     except UserError:
         record = None
-    if not (isinstance(record, dict) and record.get("format") == RECORD_FORMAT
-            and isinstance(record.get("files"), list) and all(isinstance(f, str) for f in record["files"])):
-        raise UserError(f"--out {shown}: an earlier demo's output without a readable record of its files (made by an "
-                        f"older pyact-torch, or edited); delete it yourself or choose another --out")
+    if not (
+        isinstance(record, dict)
+        and record.get("format") == RECORD_FORMAT
+        and isinstance(record.get("files"), list)
+        and all(isinstance(f, str) for f in record["files"])
+    ):
+        raise UserError(
+            f"--out {shown}: an earlier demo's output without a readable record of its files (made by an "
+            f"older pyact-torch, or edited); delete it yourself or choose another --out"
+        )
     names = set()
     for name in record["files"]:
         parts = name.split(os.sep)
         if os.path.isabs(name) or "\0" in name or any(p in ("", ".", "..") for p in parts):
-            raise UserError(f"--out {shown}: its record names {name[:80]!r}, not a file inside it; delete the folder "
-                            f"yourself or choose another --out")
+            raise UserError(
+                f"--out {shown}: its record names {name[:80]!r}, not a file inside it; delete the folder "
+                f"yourself or choose another --out"
+            )
         names.add(os.path.normpath(name))
     return names - {MARKER}, record.get("complete", True) is not False
 
@@ -160,10 +189,14 @@ def clear_earlier_demo(out: str, shown: str) -> None:
     if foreign:
         listed = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
         if not complete:
-            raise UserError(f"--out {shown}: an earlier demo was killed before it recorded all its files ({listed} are "
-                            f"not in its record, and may be yours); delete the folder yourself, or choose another --out")
-        raise UserError(f"--out {shown}: holds files no demo wrote ({listed}); a new demo deletes only its own "
-                        f"files, so move them, or choose another --out")
+            raise UserError(
+                f"--out {shown}: an earlier demo was killed before it recorded all its files ({listed} are "
+                f"not in its record, and may be yours); delete the folder yourself, or choose another --out"
+            )
+        raise UserError(
+            f"--out {shown}: holds files no demo wrote ({listed}); a new demo deletes only its own "
+            f"files, so move them, or choose another --out"
+        )
     for name in sorted(recorded & present):
         path = os.path.join(out, name)
         if os.path.islink(path) or os.path.isfile(path):

@@ -44,8 +44,9 @@ class Preset:
 
 PRESETS = {
     "c3d": Preset(blocks=((64, 1), (128, 1), (256, 1), (512, 1)), dense=(4096, 128), bn_momentum=0.01),
-    "c3d-v1": Preset(blocks=((64, 1), (128, 2), (256, 2), (512, 2), (512, 2)), dense=(4096, 4096),
-                     bn_momentum=0.01, conv_relu=True),
+    "c3d-v1": Preset(
+        blocks=((64, 1), (128, 2), (256, 2), (512, 2), (512, 2)), dense=(4096, 4096), bn_momentum=0.01, conv_relu=True
+    ),
     # Keras' slow BatchNorm statistics do not settle in a few hundred steps: short runs use 0.1.
     "tiny": Preset(blocks=((8, 1), (16, 1), (32, 1), (64, 1)), dense=(128, 32), bn_momentum=0.1),
 }
@@ -64,8 +65,10 @@ def check_input(preset: Preset | str, image_size: int) -> None:
     """Raise ValueError unless the network can take ``image_size`` x ``image_size`` frames."""
     spec = preset_of(preset)
     if image_size < spec.pooling or image_size % spec.pooling:
-        raise ValueError(f"this network takes frames whose size is a multiple of {spec.pooling} "
-                         f"({len(spec.blocks)} 2x2 poolings), not {image_size}")
+        raise ValueError(
+            f"this network takes frames whose size is a multiple of {spec.pooling} "
+            f"({len(spec.blocks)} 2x2 poolings), not {image_size}"
+        )
 
 
 class Classifier(nn.Sequential):
@@ -88,8 +91,9 @@ class Classifier(nn.Sequential):
 class ConvNet3D(nn.Module):
     """pyACT's ConvNet3D; see the module docstring."""
 
-    def __init__(self, preset: Preset, in_channels: int, seq_len: int, image_size: int,
-                 num_classes: int, dropout: float = 0.0):
+    def __init__(
+        self, preset: Preset, in_channels: int, seq_len: int, image_size: int, num_classes: int, dropout: float = 0.0
+    ):
         super().__init__()
         check_input(preset, image_size)
         layers: list[nn.Module] = []
@@ -111,8 +115,10 @@ class ConvNet3D(nn.Module):
         hidden1, hidden2 = preset.dense
         self.classifier = Classifier(
             nn.Flatten(),
-            nn.Linear(flat, hidden1), nn.ReLU(inplace=True),
-            nn.Linear(hidden1, hidden2), nn.ReLU(inplace=True),
+            nn.Linear(flat, hidden1),
+            nn.ReLU(inplace=True),
+            nn.Linear(hidden1, hidden2),
+            nn.ReLU(inplace=True),
             nn.Linear(hidden2, num_classes),
             dropout=dropout,
         )
@@ -141,8 +147,9 @@ class Deployed(nn.Module):
         return self.network(model_input(clips))
 
 
-def build_model(preset: str, in_channels: int, seq_len: int, image_size: int,
-                num_classes: int, dropout: float = 0.0) -> ConvNet3D:
+def build_model(
+    preset: str, in_channels: int, seq_len: int, image_size: int, num_classes: int, dropout: float = 0.0
+) -> ConvNet3D:
     """A ConvNet3D of the named preset (``c3d``, ``c3d-v1`` or ``tiny``) for the given input
     shape, with ``dropout`` after each hidden Dense while training."""
     return ConvNet3D(preset_of(preset), in_channels, seq_len, image_size, num_classes, dropout)
@@ -163,5 +170,8 @@ def reorder_outputs(state_dict: dict, classes: list[str], wanted: list[str]) -> 
     model lists its classes in another order than a manifest)."""
     order = torch.tensor([classes.index(name) for name in wanted])
     last = [k for k in state_dict if k.startswith("classifier.") and k.endswith(".weight")][-1].rsplit(".", 1)[0]
-    return {**state_dict, f"{last}.weight": state_dict[f"{last}.weight"][order],
-            f"{last}.bias": state_dict[f"{last}.bias"][order]}
+    return {
+        **state_dict,
+        f"{last}.weight": state_dict[f"{last}.weight"][order],
+        f"{last}.bias": state_dict[f"{last}.bias"][order],
+    }

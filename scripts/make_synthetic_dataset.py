@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
 """Write a synthetic dataset in the real Hand Action layout (see `pyact synth --help`)."""
+
 import sys
 
 from pyact_torch.cli import main

@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
 """Raw Hand Action dataset -> WebDataset shards (see `pyact preprocess --help`)."""
+
 import sys
 
 from pyact_torch.cli import main

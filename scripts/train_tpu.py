@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
 """Train ConvNet3D on every core of a Cloud TPU VM (or CPU); see `pyact train --help`."""
+
 import sys
 
 from pyact_torch.cli import main

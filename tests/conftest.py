@@ -15,8 +15,10 @@ from pyact_torch.data.synthetic import make_dataset
 
 
 def _synthetic(root, subjects, frames, size, seed, detection=0) -> str:
-    make_dataset(SynthConfig(str(root), subjects=subjects, frames=frames, size=size, seed=seed, workers=2,
-                             detection=detection), progress=False)
+    make_dataset(
+        SynthConfig(str(root), subjects=subjects, frames=frames, size=size, seed=seed, workers=2, detection=detection),
+        progress=False,
+    )
     return str(root)
 
 
@@ -24,8 +26,7 @@ def _synthetic(root, subjects, frames, size, seed, detection=0) -> str:
 def raw_dataset(tmp_path_factory) -> str:
     """3 Train and 2 Test subjects, 16 actions each, 20-30 frames a sequence, 96x72 colour; 2
     TestDetection recordings (which preprocessing leaves alone)."""
-    return _synthetic(tmp_path_factory.mktemp("raw") / "handaction", (3, 0, 2), (20, 30), (96, 72), seed=1,
-                      detection=2)
+    return _synthetic(tmp_path_factory.mktemp("raw") / "handaction", (3, 0, 2), (20, 30), (96, 72), seed=1, detection=2)
 
 
 @pytest.fixture(scope="session")
@@ -98,8 +99,9 @@ def learn_shards(tmp_path_factory) -> str:
     root = tmp_path_factory.mktemp("learn")
     raw = _synthetic(root / "raw", (6, 1, 2), (40, 60), (96, 72), seed=3, detection=4)
     dest = str(root / "shards")
-    preprocess(PreprocessConfig(raw, dest, image_size=32, shard_size=64, workers=2), progress=False,
-               print_fn=lambda *a: None)
+    preprocess(
+        PreprocessConfig(raw, dest, image_size=32, shard_size=64, workers=2), progress=False, print_fn=lambda *a: None
+    )
     return dest
 
 
@@ -110,14 +112,18 @@ def small_shards(tiny_template, tmp_path_factory) -> str:
     from pyact_torch.data.preprocess import preprocess
 
     dest = str(tmp_path_factory.mktemp("small") / "shards")
-    preprocess(PreprocessConfig(tiny_template, dest, image_size=16, shard_size=16, workers=2), progress=False,
-               print_fn=lambda *a: None)
+    preprocess(
+        PreprocessConfig(tiny_template, dest, image_size=16, shard_size=16, workers=2),
+        progress=False,
+        print_fn=lambda *a: None,
+    )
     return dest
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: takes more than ~20 s (training, subprocesses); "
-                                       "`make test-quick` runs the rest")
+    config.addinivalue_line(
+        "markers", "slow: takes more than ~20 s (training, subprocesses); `make test-quick` runs the rest"
+    )
     config.addinivalue_line("markers", "cuda: needs a GPU; skipped without one (bench/gpu_check.sh runs them)")
 
 
@@ -127,7 +133,34 @@ def detector_run(learn_shards, tmp_path_factory) -> str:
     from pyact_torch.cli import main
 
     run_dir = str(tmp_path_factory.mktemp("detector") / "run")
-    assert main(["train", "--data", learn_shards, "--run-dir", run_dir, "--model", "tiny", "--device", "cpu",
-                 "--epochs", "10", "--lr", "2e-3", "--lr-schedule", "cosine", "--ckpt-every", "0",
-                 "--log-every", "1000", "--workers", "1", "--seed", "3"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--data",
+                learn_shards,
+                "--run-dir",
+                run_dir,
+                "--model",
+                "tiny",
+                "--device",
+                "cpu",
+                "--epochs",
+                "10",
+                "--lr",
+                "2e-3",
+                "--lr-schedule",
+                "cosine",
+                "--ckpt-every",
+                "0",
+                "--log-every",
+                "1000",
+                "--workers",
+                "1",
+                "--seed",
+                "3",
+            ]
+        )
+        == 0
+    )
     return run_dir

@@ -26,8 +26,14 @@ STEPS, BATCH, SIZE = 4, 8, 16
 
 
 def max_diff(a: dict, b: dict) -> float:
-    return max(((x.detach().double() - y.detach().double()).abs().max().item()
-                for x, y in zip(a.values(), b.values()) if x.dtype.is_floating_point), default=0.0)
+    return max(
+        (
+            (x.detach().double() - y.detach().double()).abs().max().item()
+            for x, y in zip(a.values(), b.values())
+            if x.dtype.is_floating_point
+        ),
+        default=0.0,
+    )
 
 
 def adam_state(optimizer: torch.optim.Optimizer) -> dict:
@@ -44,8 +50,13 @@ def main() -> None:
     torch.manual_seed(0)
     base = build_model("tiny", 3, 6, SIZE, 17).double()
     generator = torch.Generator().manual_seed(1)
-    batches = [(torch.rand(BATCH * world, 3, 6, SIZE, SIZE, generator=generator, dtype=torch.float64),
-                torch.randint(0, 17, (BATCH * world,), generator=generator)) for _ in range(STEPS)]
+    batches = [
+        (
+            torch.rand(BATCH * world, 3, 6, SIZE, SIZE, generator=generator, dtype=torch.float64),
+            torch.randint(0, 17, (BATCH * world,), generator=generator),
+        )
+        for _ in range(STEPS)
+    ]
     models = {}
     for name in ("distributed", "same share everywhere", "per-replica reference", "whole-batch reference"):
         models[name] = build_model("tiny", 3, 6, SIZE, 17).double()
@@ -72,19 +83,25 @@ def main() -> None:
         spread = max(spread, (theirs - tensor).abs().max().item())
     spreads = [None] * world
     dist.all_gather_object(spreads, spread)
-    facts = {"world": world, "rank_spread": max(spreads),
-             "agreement": {"same value": backend.same_everywhere(7), "rank as value": backend.same_everywhere(rank)}}
+    facts = {
+        "world": world,
+        "rank_spread": max(spreads),
+        "agreement": {"same value": backend.same_everywhere(7), "rank as value": backend.same_everywhere(rank)},
+    }
     if len(sys.argv) > 1:
         facts.update(data_facts(sys.argv[1], backend))
     if rank == 0:
         reference = models["per-replica reference"]
-        facts.update({
-            "weights_vs_reference": max_diff(mine, weights(reference)),
-            "adam_state_vs_reference": max_diff(adam_state(optimizers["distributed"]),
-                                                adam_state(optimizers["per-replica reference"])),
-            "same_share_vs_reference": max_diff(weights(models["same share everywhere"]), weights(reference)),
-            "whole_batch_bn_vs_distributed": max_diff(mine, weights(models["whole-batch reference"])),
-        })
+        facts.update(
+            {
+                "weights_vs_reference": max_diff(mine, weights(reference)),
+                "adam_state_vs_reference": max_diff(
+                    adam_state(optimizers["distributed"]), adam_state(optimizers["per-replica reference"])
+                ),
+                "same_share_vs_reference": max_diff(weights(models["same share everywhere"]), weights(reference)),
+                "whole_batch_bn_vs_distributed": max_diff(mine, weights(models["whole-batch reference"])),
+            }
+        )
         print(json.dumps(facts), flush=True)
     backend.close()
 
@@ -102,12 +119,17 @@ def data_facts(data: str, backend) -> dict:
     dist.all_gather_object(gathered, {"steps": steps, "keys": [m["key"] for m in keys]})
     model = build_model("tiny", 3, manifest["seq_len"], manifest["image_size"], len(manifest["classes"]))
     test = WindowDataset(data, manifest, "test", 5, part, train=False)
-    result = evaluate(backend.wrap(model), on_device(HostBatches(test, 0, len(test)), backend), backend,
-                      len(manifest["classes"]))
-    return {"train_steps": [g["steps"] for g in gathered], "train_keys": [g["keys"] for g in gathered],
-            "train_count": manifest["splits"]["train"]["count"], "eval_windows": result["windows"],
-            "eval_confusion_sum": sum(map(sum, result["confusion"])),
-            "test_count": manifest["splits"]["test"]["count"]}
+    result = evaluate(
+        backend.wrap(model), on_device(HostBatches(test, 0, len(test)), backend), backend, len(manifest["classes"])
+    )
+    return {
+        "train_steps": [g["steps"] for g in gathered],
+        "train_keys": [g["keys"] for g in gathered],
+        "train_count": manifest["splits"]["train"]["count"],
+        "eval_windows": result["windows"],
+        "eval_confusion_sum": sum(map(sum, result["confusion"])),
+        "test_count": manifest["splits"]["test"]["count"],
+    }
 
 
 if __name__ == "__main__":

@@ -25,8 +25,14 @@ STEPS, BATCH, SIZE = 4, 8, 16
 
 
 def max_diff(a: dict, b: dict) -> float:
-    return max(((x.detach().cpu().double() - y.detach().cpu().double()).abs().max().item()
-                for x, y in zip(a.values(), b.values()) if x.dtype.is_floating_point), default=0.0)
+    return max(
+        (
+            (x.detach().cpu().double() - y.detach().cpu().double()).abs().max().item()
+            for x, y in zip(a.values(), b.values())
+            if x.dtype.is_floating_point
+        ),
+        default=0.0,
+    )
 
 
 def adam_state(optimizer: torch.optim.Optimizer) -> dict:
@@ -46,9 +52,14 @@ def main() -> None:
     models["spmd"].to(backend.device)
     optimizers = {name: torch.optim.Adam(m.parameters(), lr=1e-3) for name, m in models.items()}
     generator = torch.Generator().manual_seed(1)
-    batches = [(torch.rand(BATCH, 3, 6, SIZE, SIZE, generator=generator, dtype=torch.float64),
-                torch.randint(0, 17, (BATCH,), generator=generator), torch.ones(BATCH, dtype=torch.bool))
-               for _ in range(STEPS)]
+    batches = [
+        (
+            torch.rand(BATCH, 3, 6, SIZE, SIZE, generator=generator, dtype=torch.float64),
+            torch.randint(0, 17, (BATCH,), generator=generator),
+            torch.ones(BATCH, dtype=torch.bool),
+        )
+        for _ in range(STEPS)
+    ]
     devices = backend.devices_per_reader * backend.world
     shards = None
     for (clips, labels, _), (device_clips, device_labels, _) in zip(batches, backend.device_loader(batches)):
@@ -68,8 +79,10 @@ def main() -> None:
         "batch_shards": shards,
         "weights_vs_one_device": max_diff(weights["spmd"], weights["one device"]),
         "adam_state_vs_one_device": max_diff(adam_state(optimizers["spmd"]), adam_state(optimizers["one device"])),
-        "running_mean_vs_one_device": max_diff({k: v for k, v in running["spmd"].items() if "mean" in k},
-                                               {k: v for k, v in running["one device"].items() if "mean" in k}),
+        "running_mean_vs_one_device": max_diff(
+            {k: v for k, v in running["spmd"].items() if "mean" in k},
+            {k: v for k, v in running["one device"].items() if "mean" in k},
+        ),
         "weights_vs_per_device_statistics": max_diff(weights["spmd"], weights["per-device statistics"]),
         "compile_counts": backend.compile_counts(),
     }
@@ -79,10 +92,15 @@ def main() -> None:
         model = build_model("tiny", 3, manifest["seq_len"], manifest["image_size"], len(manifest["classes"]))
         model.to(backend.device)
         dataset = WindowDataset(data, manifest, "test", BATCH, Part(backend.rank, backend.world), train=False)
-        result = evaluate(model, on_device(HostBatches(dataset, 0, len(dataset)), backend), backend,
-                          len(manifest["classes"]))
-        facts["eval"] = {"windows": result["windows"], "confusion_sum": sum(map(sum, result["confusion"])),
-                         "manifest_count": manifest["splits"]["test"]["count"], "batch": BATCH}
+        result = evaluate(
+            model, on_device(HostBatches(dataset, 0, len(dataset)), backend), backend, len(manifest["classes"])
+        )
+        facts["eval"] = {
+            "windows": result["windows"],
+            "confusion_sum": sum(map(sum, result["confusion"])),
+            "manifest_count": manifest["splits"]["test"]["count"],
+            "batch": BATCH,
+        }
     dump = os.environ.get("SPMD_FACTS_DUMP")
     if dump:  # the compiled, partitioned programs XLA ran: count the cross-device reductions
         counts = [open(path).read().count(" all-reduce(") for path in glob.glob(f"{dump}/*after_optimizations.txt")]

@@ -47,10 +47,18 @@ def test_rotations_and_flips_match_pil_as_pyact_made_them(size):
             # PIL's fixed-point arithmetic puts the odd pixel exactly on a boundary the other way
             assert agreement(ours, pil_pyact(image, angle, flip)) > 0.998, (angle, flip)
             if angle >= 10:  # the controls: clockwise, or about the top-left corner, is another image
-                assert agreement(apply(image[None], Transform(angle=-angle, flip=flip), 3)[0],
-                                 pil_pyact(image, angle, flip)) < 0.5
-                assert agreement(pil_pyact(image, angle, flip),
-                                 np.array(Image.fromarray(image).rotate(angle, center=(0, 0)))) < 0.5
+                assert (
+                    agreement(
+                        apply(image[None], Transform(angle=-angle, flip=flip), 3)[0], pil_pyact(image, angle, flip)
+                    )
+                    < 0.5
+                )
+                assert (
+                    agreement(
+                        pil_pyact(image, angle, flip), np.array(Image.fromarray(image).rotate(angle, center=(0, 0)))
+                    )
+                    < 0.5
+                )
     rotated = apply(image[None], Transform(angle=35), 3)[0]
     assert (rotated[0, 0] == 0).all() and (rotated[-1, -1] == 0).all()  # black fill where nothing was
 
@@ -73,9 +81,9 @@ def test_one_transform_moves_every_frame_of_a_window_alike(preset):
         transform = draw(preset, rng, 3)
         out = apply(frames, transform, 3)
         for t in range(6):
-            assert np.array_equal(out[t], apply(frames[t:t + 1], transform, 3)[0])
+            assert np.array_equal(out[t], apply(frames[t : t + 1], transform, 3)[0])
     # the control: a draw per frame (jitter) gives frames no single transform explains
-    jittered = np.stack([apply(frames[t:t + 1], draw(preset, rng, 3), 3)[0] for t in range(6)])
+    jittered = np.stack([apply(frames[t : t + 1], draw(preset, rng, 3), 3)[0] for t in range(6)])
     transform = draw(preset, np.random.default_rng(3), 3)
     assert not np.array_equal(jittered, apply(frames, transform, 3))
 
@@ -99,8 +107,7 @@ def test_depth_moves_with_the_colour_but_keeps_its_readings():
 def test_standard_changes_brightness_and_each_channel_within_its_ranges():
     rng = np.random.default_rng(9)
     grey = np.full((2, 16, 16, 3), 128, np.uint8)
-    means = np.array([apply(grey, draw("standard", rng, 3), 3)[:, 6:10, 6:10].mean(axis=(0, 1, 2))
-                      for _ in range(200)])
+    means = np.array([apply(grey, draw("standard", rng, 3), 3)[:, 6:10, 6:10].mean(axis=(0, 1, 2)) for _ in range(200)])
     assert means.std(axis=0).min() > 5  # every channel varies
     assert np.abs(np.corrcoef(means.T)[0, 1]) < 0.95  # and not all alike: a gain per channel
     assert draw("standard", rng, 3).flip == 0  # never flipped: a flip reverses an action's motion
@@ -110,8 +117,9 @@ def test_eval_windows_are_never_augmented_and_seeds_fix_the_batches(small_shards
     manifest = read_manifest(small_shards)
 
     def first_batches(split, train, augment, seed=0, epoch=0):
-        dataset = WindowDataset(small_shards, manifest, split, 4, Part(), train=train, seed=seed,
-                                augment=augment, shuffle_size=0)
+        dataset = WindowDataset(
+            small_shards, manifest, split, 4, Part(), train=train, seed=seed, augment=augment, shuffle_size=0
+        )
         dataset.set_epoch(epoch)
         iterator = iter(dataset)
         return [next(iterator)[0] for _ in range(2)]

@@ -27,23 +27,39 @@ def truncate(path, keep=200):
 
 DAMAGE = {
     "no Test folder": (lambda s: shutil.rmtree(os.path.join(s, "Test")), "Test", "missing"),
-    "folder without label file": (lambda s: os.remove(os.path.join(s, SEQ + ".xml")), SEQ + ".xml",
-                                  "label file missing"),
-    "label file without folder": (lambda s: shutil.rmtree(os.path.join(s, SEQ)), SEQ + ".xml",
-                                  "without its sequence folder"),
-    "label file does not parse": (lambda s: open(os.path.join(s, SEQ + ".xml"), "w").write("<a><b></a>"),
-                                  SEQ + ".xml", "not a valid XML"),
+    "folder without label file": (
+        lambda s: os.remove(os.path.join(s, SEQ + ".xml")),
+        SEQ + ".xml",
+        "label file missing",
+    ),
+    "label file without folder": (
+        lambda s: shutil.rmtree(os.path.join(s, SEQ)),
+        SEQ + ".xml",
+        "without its sequence folder",
+    ),
+    "label file does not parse": (
+        lambda s: open(os.path.join(s, SEQ + ".xml"), "w").write("<a><b></a>"),
+        SEQ + ".xml",
+        "not a valid XML",
+    ),
     "segment without len": (lambda s: write_xml(s, "<_><pos>2</pos></_>"), SEQ + ".xml", "without <len>"),
-    "non-integer pos": (lambda s: write_xml(s, "<_><pos>two</pos><len>6</len></_>"), SEQ + ".xml",
-                        "not an integer"),
-    "segment beyond last frame": (lambda s: write_xml(s, "<_><pos>10</pos><len>20</len></_>"), SEQ + ".xml",
-                                  "beyond the last frame"),
-    "missing frame in the middle": (lambda s: os.remove(os.path.join(s, SEQ, "color_5.png")),
-                                    SEQ + "/color_5.png", "frame missing"),
-    "truncated PNG": (lambda s: truncate(os.path.join(s, SEQ, "color_3.png")), SEQ + "/color_3.png",
-                      "truncated PNG"),
-    "not a PNG": (lambda s: open(os.path.join(s, SEQ, "color_4.png"), "wb").write(b"hello"),
-                  SEQ + "/color_4.png", "not a PNG"),
+    "non-integer pos": (lambda s: write_xml(s, "<_><pos>two</pos><len>6</len></_>"), SEQ + ".xml", "not an integer"),
+    "segment beyond last frame": (
+        lambda s: write_xml(s, "<_><pos>10</pos><len>20</len></_>"),
+        SEQ + ".xml",
+        "beyond the last frame",
+    ),
+    "missing frame in the middle": (
+        lambda s: os.remove(os.path.join(s, SEQ, "color_5.png")),
+        SEQ + "/color_5.png",
+        "frame missing",
+    ),
+    "truncated PNG": (lambda s: truncate(os.path.join(s, SEQ, "color_3.png")), SEQ + "/color_3.png", "truncated PNG"),
+    "not a PNG": (
+        lambda s: open(os.path.join(s, SEQ, "color_4.png"), "wb").write(b"hello"),
+        SEQ + "/color_4.png",
+        "not a PNG",
+    ),
 }
 
 
@@ -76,11 +92,16 @@ def test_dest_not_writable(tiny_dataset, tmp_path, capsys):
 def test_script_error_from_worker_process_has_no_traceback(tiny_dataset, tmp_path):
     truncate(os.path.join(tiny_dataset, SEQ, "color_7.png"))
     dest = str(tmp_path / "out")
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "preprocess.py"),
-                             tiny_dataset, dest, "--workers", "2"], capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "scripts", "preprocess.py"), tiny_dataset, dest, "--workers", "2"],
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 2
     lines = [line for line in result.stderr.splitlines() if not line.startswith("decode")]
-    assert lines == [f"error: {os.path.join(tiny_dataset, SEQ, 'color_7.png')}: truncated PNG (no IEND chunk at the end)"]
+    assert lines == [
+        f"error: {os.path.join(tiny_dataset, SEQ, 'color_7.png')}: truncated PNG (no IEND chunk at the end)"
+    ]
     assert not os.path.exists(os.path.join(dest, "manifest.json"))
 
 
@@ -104,9 +125,21 @@ def test_skip_bad_sequences_lists_and_records_them(tiny_dataset, tmp_path, capsy
 
 
 def test_help_explains_every_flag():
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "preprocess.py"), "--help"],
-                            capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "scripts", "preprocess.py"), "--help"], capture_output=True, text=True
+    )
     assert result.returncode == 0
-    for flag in ("--image-size", "--seq-len", "--shard-size", "--workers", "--eval-subjects", "--modality",
-                 "--depth-range", "--seed", "--overwrite", "--skip-bad-sequences", "--cache-dir"):
+    for flag in (
+        "--image-size",
+        "--seq-len",
+        "--shard-size",
+        "--workers",
+        "--eval-subjects",
+        "--modality",
+        "--depth-range",
+        "--seed",
+        "--overwrite",
+        "--skip-bad-sequences",
+        "--cache-dir",
+    ):
         assert flag in result.stdout

@@ -29,20 +29,33 @@ def keras_weights(rng, channels=3, seq_len=6, size=32, classes=17) -> list[tuple
     layers, cin = [], channels
     for i, width in enumerate(FILTERS, 1):
         kernel = rng.normal(0, np.sqrt(2 / (27 * cin)), (3, 3, 3, cin, width)).astype(np.float32)
-        layers.append((f"CONV3D_{i}", [("kernel", kernel), ("bias", rng.normal(0, .05, width).astype(np.float32))]))
+        layers.append((f"CONV3D_{i}", [("kernel", kernel), ("bias", rng.normal(0, 0.05, width).astype(np.float32))]))
         layers.append((f"POOL3D_{i}", []))
         layers.append((f"ACTIVATION_{i}", []))
-        layers.append((f"BATCH_NORM_{i}", [
-            ("gamma", rng.uniform(.5, 1.5, width).astype(np.float32)),
-            ("beta", rng.normal(0, .1, width).astype(np.float32)),
-            ("moving_mean", rng.normal(0, .1, width).astype(np.float32)),
-            ("moving_variance", rng.uniform(.5, 2, width).astype(np.float32))]))
+        layers.append(
+            (
+                f"BATCH_NORM_{i}",
+                [
+                    ("gamma", rng.uniform(0.5, 1.5, width).astype(np.float32)),
+                    ("beta", rng.normal(0, 0.1, width).astype(np.float32)),
+                    ("moving_mean", rng.normal(0, 0.1, width).astype(np.float32)),
+                    ("moving_variance", rng.uniform(0.5, 2, width).astype(np.float32)),
+                ],
+            )
+        )
         cin = width
     layers.append(("FLATTEN", []))
     fan_in = seq_len * (size // 16) ** 2 * cin
     for name, width in (("DENSE_1", DENSE[0]), ("DENSE_2", DENSE[1]), ("DENSE_CLASS", classes)):
-        layers.append((name, [("kernel", rng.normal(0, np.sqrt(2 / fan_in), (fan_in, width)).astype(np.float32)),
-                              ("bias", rng.normal(0, .05, width).astype(np.float32))]))
+        layers.append(
+            (
+                name,
+                [
+                    ("kernel", rng.normal(0, np.sqrt(2 / fan_in), (fan_in, width)).astype(np.float32)),
+                    ("bias", rng.normal(0, 0.05, width).astype(np.float32)),
+                ],
+            )
+        )
         fan_in = width
     return layers
 
@@ -53,11 +66,15 @@ def write_keras_h5(path, layers, whole_model: bool, input_shape=(6, 32, 32, 3), 
     with h5py.File(path, "w") as f:
         group = f
         if whole_model:
-            first = ({"class_name": "InputLayer", "config": {"name": "input_1", "batch_input_shape": [None, *input_shape]}}
-                     if functional else
-                     {"class_name": "Conv3D", "config": {"name": "CONV3D_1", "batch_input_shape": [None, *input_shape]}})
-            config = {"class_name": "Model" if functional else "Sequential",
-                      "config": {"name": "ConvNet3D", "layers": [first]}}
+            first = (
+                {"class_name": "InputLayer", "config": {"name": "input_1", "batch_input_shape": [None, *input_shape]}}
+                if functional
+                else {"class_name": "Conv3D", "config": {"name": "CONV3D_1", "batch_input_shape": [None, *input_shape]}}
+            )
+            config = {
+                "class_name": "Model" if functional else "Sequential",
+                "config": {"name": "ConvNet3D", "layers": [first]},
+            }
             f.attrs["model_config"] = json.dumps(config).encode()
             f.attrs["training_config"] = b'{"loss": "categorical_crossentropy"}'
             group = f.create_group("model_weights")
@@ -82,18 +99,24 @@ def keras_weights_v1(rng, channels=3, seq_len=2, size=32, classes=17, first_norm
     def conv(name, width):
         nonlocal cin
         kernel = rng.normal(0, np.sqrt(2 / (27 * cin)), (3, 3, 3, cin, width)).astype(np.float32)
-        layers.append((name, [("kernel", kernel), ("bias", rng.normal(0, .05, width).astype(np.float32))]))
+        layers.append((name, [("kernel", kernel), ("bias", rng.normal(0, 0.05, width).astype(np.float32))]))
         cin = width
 
     def pool_relu_norm(pool):
         nonlocal norm
         layers.append((pool, []))
         layers.append((f"activation{'_' + str(norm) if norm else ''}", []))
-        layers.append((f"batch_normalization{'_' + str(norm) if norm else ''}", [
-            ("gamma", rng.uniform(.5, 1.5, cin).astype(np.float32)),
-            ("beta", rng.normal(0, .1, cin).astype(np.float32)),
-            ("moving_mean", rng.normal(0, .1, cin).astype(np.float32)),
-            ("moving_variance", rng.uniform(.5, 2, cin).astype(np.float32))]))
+        layers.append(
+            (
+                f"batch_normalization{'_' + str(norm) if norm else ''}",
+                [
+                    ("gamma", rng.uniform(0.5, 1.5, cin).astype(np.float32)),
+                    ("beta", rng.normal(0, 0.1, cin).astype(np.float32)),
+                    ("moving_mean", rng.normal(0, 0.1, cin).astype(np.float32)),
+                    ("moving_variance", rng.uniform(0.5, 2, cin).astype(np.float32)),
+                ],
+            )
+        )
         norm += 1
 
     conv("INITIAL_CONV3D", 64)
@@ -104,13 +127,25 @@ def keras_weights_v1(rng, channels=3, seq_len=2, size=32, classes=17, first_norm
         pool_relu_norm(f"POOL3D_{n}")
     layers.append(("FLATTEN", []))
     fan_in = seq_len * (size // 32) ** 2 * cin
-    for name, width in (("DENSE_1", 4096), ("DROP_OUT_D-1", 0), ("DENSE_2", 4096), ("DROP_OUT_D-2", 0),
-                        ("DENSE_CLASS", classes)):
+    for name, width in (
+        ("DENSE_1", 4096),
+        ("DROP_OUT_D-1", 0),
+        ("DENSE_2", 4096),
+        ("DROP_OUT_D-2", 0),
+        ("DENSE_CLASS", classes),
+    ):
         if not width:
             layers.append((name, []))
             continue
-        layers.append((name, [("kernel", rng.normal(0, np.sqrt(2 / fan_in), (fan_in, width)).astype(np.float32)),
-                              ("bias", rng.normal(0, .05, width).astype(np.float32))]))
+        layers.append(
+            (
+                name,
+                [
+                    ("kernel", rng.normal(0, np.sqrt(2 / fan_in), (fan_in, width)).astype(np.float32)),
+                    ("bias", rng.normal(0, 0.05, width).astype(np.float32)),
+                ],
+            )
+        )
         fan_in = width
     return layers
 
@@ -131,7 +166,7 @@ def keras_forward(layers, clips: np.ndarray, conv_relu: bool = False) -> np.ndar
             for dt in range(3):
                 for dh in range(3):
                     for dw in range(3):
-                        out += padded[:, dt:dt + t, dh:dh + h, dw:dw + wd, :] @ kernel[dt, dh, dw]
+                        out += padded[:, dt : dt + t, dh : dh + h, dw : dw + wd, :] @ kernel[dt, dh, dw]
             x = np.maximum(out + w["bias"], 0) if conv_relu else out + w["bias"]
         elif "POOL3D" in name:
             n, t, h, wd, c = x.shape
@@ -215,8 +250,11 @@ def test_keras_conversion_refuses_other_files(case, tmp_path, capsys):
         h5.write_bytes(b"not an hdf5 file at all")
     else:
         rng = np.random.default_rng(0)
-        write_keras_h5(str(h5), [("dense_1", [("kernel", rng.random((4, 2), dtype=np.float32)),
-                                              ("bias", np.zeros(2, np.float32))])], whole_model=False)
+        write_keras_h5(
+            str(h5),
+            [("dense_1", [("kernel", rng.random((4, 2), dtype=np.float32)), ("bias", np.zeros(2, np.float32))])],
+            whole_model=False,
+        )
     assert main(["convert-keras", str(h5), str(tmp_path / "out.pt")]) == 2
     error = capsys.readouterr().err.strip().splitlines()
     assert len(error) == 1 and str(h5) in error[0]
@@ -224,6 +262,7 @@ def test_keras_conversion_refuses_other_files(case, tmp_path, capsys):
 
 
 # --- TFRecords --------------------------------------------------------------------------------
+
 
 def example_class():
     """tf.train.Example built from its .proto definition with the protobuf library."""
@@ -248,9 +287,12 @@ def example_class():
     message("BytesList", (1, "value", F.TYPE_BYTES, rep, None, None))
     message("FloatList", (1, "value", F.TYPE_FLOAT, rep, None, None))
     message("Int64List", (1, "value", F.TYPE_INT64, rep, None, None))
-    feature = message("Feature", (1, "bytes_list", F.TYPE_MESSAGE, opt, ".pyacttest.BytesList", 0),
-                      (2, "float_list", F.TYPE_MESSAGE, opt, ".pyacttest.FloatList", 0),
-                      (3, "int64_list", F.TYPE_MESSAGE, opt, ".pyacttest.Int64List", 0))
+    feature = message(
+        "Feature",
+        (1, "bytes_list", F.TYPE_MESSAGE, opt, ".pyacttest.BytesList", 0),
+        (2, "float_list", F.TYPE_MESSAGE, opt, ".pyacttest.FloatList", 0),
+        (3, "int64_list", F.TYPE_MESSAGE, opt, ".pyacttest.Int64List", 0),
+    )
     feature.oneof_decl.add(name="kind")
     entry = descriptor_pb2.DescriptorProto(name="FeatureEntry")
     entry.field.add(name="key", number=1, type=F.TYPE_STRING, label=opt)
@@ -349,7 +391,7 @@ def test_corrupt_records_are_named_or_skipped(damage, record_folder, tmp_path, c
     if damage == "bit flip":  # inside the payload of the fourth record
         data[3 * record_size + 100] ^= 0x01
     else:  # cut in the middle of the sixth record
-        data = data[:5 * record_size + 50]
+        data = data[: 5 * record_size + 50]
     victim.write_bytes(bytes(data))
     dest = str(tmp_path / "shards")
     assert main(["convert-tfrecords", str(folder), dest]) == 2
@@ -397,8 +439,15 @@ def test_example_decoding_reads_hand_assembled_wire_bytes():
         parse_example(example[:-3])  # cut inside the last entry
 
 
-@pytest.mark.parametrize("case", ["onto its input", "onto a user's file", "onto a checkpoint without --overwrite",
-                                  "onto a checkpoint with --overwrite"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "onto its input",
+        "onto a user's file",
+        "onto a checkpoint without --overwrite",
+        "onto a checkpoint with --overwrite",
+    ],
+)
 def test_convert_keras_replaces_only_its_own_checkpoints(case, keras_layers, tmp_path, capsys):
     """On main before the fix, the first three replaced the file (exit 0), the input included."""
     h5 = str(tmp_path / "weights.h5")
@@ -417,8 +466,11 @@ def test_convert_keras_replaces_only_its_own_checkpoints(case, keras_layers, tmp
         return
     assert code == 2 and err.startswith("error: ") and err.count("\n") == 1, err
     assert open(out, "rb").read() == before
-    assert {"onto its input": "is the input file itself", "onto a user's file": "exists; add --overwrite",
-            "onto a checkpoint without --overwrite": "exists; add --overwrite"}[case] in err
+    assert {
+        "onto its input": "is the input file itself",
+        "onto a user's file": "exists; add --overwrite",
+        "onto a checkpoint without --overwrite": "exists; add --overwrite",
+    }[case] in err
     if case == "onto a user's file":  # --overwrite does not make a user's file ours
         assert main(["convert-keras", h5, out, "--overwrite"]) == 2
         assert "not a pyact-torch checkpoint" in capsys.readouterr().err and open(out, "rb").read() == before
@@ -452,8 +504,10 @@ def test_a_folder_holding_several_splits_is_refused_naming_them(layout, tmp_path
 def test_the_split_rule():
     from pyact_torch.convert.tfrecords import named_split, split_of
 
-    assert [named_split(n) for n in ("Train", "TFRECORD-Eval", "val", "test_records", "contest", "TestRecords",
-                                     "val2017", "part-00000")] == ["train", "eval", "eval", "test", None, "test", "eval", None]
+    assert [
+        named_split(n)
+        for n in ("Train", "TFRECORD-Eval", "val", "test_records", "contest", "TestRecords", "val2017", "part-00000")
+    ] == ["train", "eval", "eval", "test", None, "test", "eval", None]
     for ambiguous in ("train_test", "Train_and_Test", "pyACT_train_val"):
         with pytest.raises(UserError, match="names several splits"):
             named_split(ambiguous)
@@ -474,8 +528,13 @@ def test_more_keras_named_batchnorms_than_pyact_1x_has_are_refused(tmp_path, cap
     """The reader takes at most five layers by Keras' own BatchNorm names: a file listing more
     (thousands would each be read) is no pyACT network."""
     layers = keras_weights_v1(np.random.default_rng(1), seq_len=1)
-    extra = [(f"batch_normalization_{k}", [(kind, np.ones(4, np.float32)) for kind in
-                                           ("gamma", "beta", "moving_mean", "moving_variance")]) for k in range(10, 12)]
+    extra = [
+        (
+            f"batch_normalization_{k}",
+            [(kind, np.ones(4, np.float32)) for kind in ("gamma", "beta", "moving_mean", "moving_variance")],
+        )
+        for k in range(10, 12)
+    ]
     h5 = str(tmp_path / "many.h5")
     write_keras_h5(h5, extra + layers, whole_model=False)
     assert main(["convert-keras", h5, str(tmp_path / "out.pt"), "--seq-len", "1"]) == 2

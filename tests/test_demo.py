@@ -30,8 +30,9 @@ def check_demo_output(out: str) -> dict:
     assert metrics["windows"] == len(rows) > 100
     assert metrics["accuracy"] == np.mean([r["truth"] == r["prediction"] for r in rows])
     assert metrics["accuracy"] >= 0.8, metrics["accuracy"]
-    video = next(os.path.join(out, f) for f in os.listdir(out) if f.startswith("predictions.") and
-                 f.endswith((".mp4", ".avi")))
+    video = next(
+        os.path.join(out, f) for f in os.listdir(out) if f.startswith("predictions.") and f.endswith((".mp4", ".avi"))
+    )
     # each frame of every test sequence once (before: each window's frames, 6x as many)
     assert _frames(video) == len({(r["sequence"], f) for r in rows for f in range(r["start"], r["stop"] + 1)})
     for png in ("confusion_matrix.png", "loss.png", os.path.splitext(os.path.basename(video))[0] + "-sheet.png"):
@@ -48,7 +49,11 @@ def check_demo_output(out: str) -> dict:
     assert detection["sequences"] == len(found) == 10 and all(s["name"].startswith("TestDetection/") for s in found)
     assert detection["segments"]["0.5"]["f1"] >= 0.55, detection["segments"]["0.5"]
     assert detection["mAP"]["thresholds"]["0.5"]["mAP"] >= 0.6, detection["mAP"]
-    assert _frames(os.path.join(out, "detection", "detections.mp4")) == detection["frames"] == sum(s["frames"] for s in found)
+    assert (
+        _frames(os.path.join(out, "detection", "detections.mp4"))
+        == detection["frames"]
+        == sum(s["frames"] for s in found)
+    )
     return metrics
 
 
@@ -110,8 +115,14 @@ def test_an_earlier_demo_is_cleared_file_by_file(tmp_path):
     assert list(out.iterdir()) == [] and (tmp_path / "outside.txt").read_text() == "keep"
 
 
-@pytest.mark.parametrize("record", ['{"format": "pyact-demo-files/1", "files": ["../outside.txt"]}',
-                                    '{"format": "pyact-demo-files/1", "files": ["/etc/hostname"]}', ""])
+@pytest.mark.parametrize(
+    "record",
+    [
+        '{"format": "pyact-demo-files/1", "files": ["../outside.txt"]}',
+        '{"format": "pyact-demo-files/1", "files": ["/etc/hostname"]}',
+        "",
+    ],
+)
 def test_a_demo_record_naming_files_outside_its_folder_is_refused(record, tmp_path, capsys):
     out = tmp_path / "demo"
     out.mkdir()

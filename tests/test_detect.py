@@ -55,12 +55,18 @@ def test_the_ring_gives_the_windows_batching_gives(raw):
     assert [p is None for p in one] == [i < 5 for i in range(n)] == [p is None for p in many]
     assert np.array_equal(np.stack(one[5:]), np.stack(many[5:]))
     # the expected values, from the PNGs by a route of their own: frame i's window is frames i-5..i
-    frames = np.stack([cv2.resize(cv2.imread(os.path.join(folder, f"color_{i}.png"))[..., ::-1], (32, 32),
-                                  interpolation=cv2.INTER_AREA) for i in range(n)])
-    expected = frame_weighted_sums(np.stack([frames[i - 5:i + 1] for i in range(5, n)]))
+    frames = np.stack(
+        [
+            cv2.resize(
+                cv2.imread(os.path.join(folder, f"color_{i}.png"))[..., ::-1], (32, 32), interpolation=cv2.INTER_AREA
+            )
+            for i in range(n)
+        ]
+    )
+    expected = frame_weighted_sums(np.stack([frames[i - 5 : i + 1] for i in range(5, n)]))
     assert np.array_equal(np.stack(one[5:]), expected)
     # negative control: the same frames in another order inside a window give other numbers
-    reversed_order = frame_weighted_sums(np.stack([frames[i - 5:i + 1][::-1] for i in range(5, n)]))
+    reversed_order = frame_weighted_sums(np.stack([frames[i - 5 : i + 1][::-1] for i in range(5, n)]))
     assert not np.array_equal(expected, reversed_order)
 
 
@@ -77,8 +83,9 @@ def test_streaming_and_batched_probabilities_and_segments_agree(raw, runner):
     classes = list(runner.info.classes)
     found = [detect_segments(p, 5, classes, "no-action", 6, 3, 3) for p in (one, many)]
     assert len(found[0]) >= 1
-    assert [(d.label, d.first, d.last, d.seen_at, d.decided_at) for d in found[0]] == \
-        [(d.label, d.first, d.last, d.seen_at, d.decided_at) for d in found[1]]
+    assert [(d.label, d.first, d.last, d.seen_at, d.decided_at) for d in found[0]] == [
+        (d.label, d.first, d.last, d.seen_at, d.decided_at) for d in found[1]
+    ]
     assert [d.score for d in found[0]] == pytest.approx([d.score for d in found[1]], abs=1e-6)
 
 
@@ -112,10 +119,14 @@ def test_an_untrained_model_finds_nothing_right(detector_run, raw, tmp_path):
 
     state, _ = load_checkpoint(detector_run, log=lambda *a: None)
     generator = torch.Generator().manual_seed(0)
-    state["model"] = {k: v[torch.randperm(len(v), generator=generator)] if v.dim() else v for k, v in state["model"].items()}
+    state["model"] = {
+        k: v[torch.randperm(len(v), generator=generator)] if v.dim() else v for k, v in state["model"].items()
+    }
     torch.save(state, str(tmp_path / "shuffled.pt"))
     out = str(tmp_path / "det")
-    assert main(["detect", "--checkpoint", str(tmp_path / "shuffled.pt"), "--src", raw, "--out", out, "--no-video"]) == 0
+    assert (
+        main(["detect", "--checkpoint", str(tmp_path / "shuffled.pt"), "--src", raw, "--out", out, "--no-video"]) == 0
+    )
     assert json.load(open(os.path.join(out, "metrics.json")))["detection"]["segments"]["0.5"]["f1"] < 0.3
 
 
@@ -144,16 +155,22 @@ def test_a_video_of_the_frames_gives_the_folders_detections(detector_run, raw, t
     for flag, value in (("--src", folder), ("--video", video)):
         out = str(tmp_path / flag.strip("-"))
         assert main(["detect", "--checkpoint", detector_run, flag, value, "--out", out, "--streaming"]) == 0
-        results[flag] = (json.load(open(os.path.join(out, "detections.json")))["sequences"][0],
-                         np.load(os.path.join(out, "probabilities.npz")), json.load(open(os.path.join(out, "metrics.json"))))
+        results[flag] = (
+            json.load(open(os.path.join(out, "detections.json")))["sequences"][0],
+            np.load(os.path.join(out, "probabilities.npz")),
+            json.load(open(os.path.join(out, "metrics.json"))),
+        )
     (folder_seq, folder_p, _), (video_seq, video_p, video_m) = results["--src"], results["--video"]
     assert folder_seq["frames"] == video_seq["frames"] == n
     p_folder, p_video = folder_p[folder_seq["probabilities"]], video_p[video_seq["probabilities"]]
     # mp4v is lossy: the frames differ (measured: 2.4 grey levels mean, 0.24 largest probability change)
     spec = FrameSpec("color", 32, (150, 1000))
     from pyact_torch.detection.stream import capture_frames, open_capture
-    pixels = [np.abs(a.model.astype(int) - b.model.astype(int)).mean() for a, b in
-              zip(folder_frames(folder, n, spec, False), capture_frames(open_capture(video), spec, "clip"))]
+
+    pixels = [
+        np.abs(a.model.astype(int) - b.model.astype(int)).mean()
+        for a, b in zip(folder_frames(folder, n, spec, False), capture_frames(open_capture(video), spec, "clip"))
+    ]
     assert 0.5 < np.mean(pixels) < 5
     assert 0 < np.abs(p_folder - p_video).max() < 0.5
     assert np.mean(p_folder.argmax(1) == p_video.argmax(1)) >= 0.9
@@ -166,7 +183,10 @@ def test_a_video_of_the_frames_gives_the_folders_detections(detector_run, raw, t
     printed = capsys.readouterr().out
     for segment in video_seq["segments"]:
         assert f"[frame {segment['seen_at']}] {segment['label']} started at frame {segment['first']}" in printed
-        assert f"[frame {segment['decided_at']}] {segment['label']}: frames {segment['first']}-{segment['last']}" in printed
+        assert (
+            f"[frame {segment['decided_at']}] {segment['label']}: frames {segment['first']}-{segment['last']}"
+            in printed
+        )
     assert "latency per frame" in printed
 
 
@@ -202,7 +222,7 @@ def test_exports_equal_the_checkpoint_on_real_windows(exported, runner, learn_sh
     for batch in (windows, windows[:1], windows[:7]):  # dynamic batch
         got = model.logits(batch)
         assert got.shape == (len(batch), 17)
-        assert np.abs(got - expected[:len(batch)]).max() <= 1e-4
+        assert np.abs(got - expected[: len(batch)]).max() <= 1e-4
     # negative control: another checkpoint's weights are far outside the tolerance
     assert np.abs(model.logits(windows) - expected[::-1]).max() > 1e-2
 
@@ -210,19 +230,42 @@ def test_exports_equal_the_checkpoint_on_real_windows(exported, runner, learn_sh
 @pytest.mark.slow
 def test_detect_with_onnx_imports_no_torch_and_matches_the_checkpoint(exported, detector_run, raw, tmp_path):
     folder = os.path.join(raw, SEQUENCE)
-    script = ("import sys; from pyact_torch.cli import main; code = main(sys.argv[1:]); "
-              "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'torch_xla', 'onnxruntime', 'sklearn'})); "
-              "sys.exit(code)")
-    result = subprocess.run([sys.executable, "-c", script, "detect", "--model", exported[".onnx"], "--src", folder,
-                             "--out", str(tmp_path / "onnx"), "--no-video"], capture_output=True, text=True, cwd=ROOT)
+    script = (
+        "import sys; from pyact_torch.cli import main; code = main(sys.argv[1:]); "
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'torch_xla', 'onnxruntime', 'sklearn'})); "
+        "sys.exit(code)"
+    )
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            script,
+            "detect",
+            "--model",
+            exported[".onnx"],
+            "--src",
+            folder,
+            "--out",
+            str(tmp_path / "onnx"),
+            "--no-video",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().splitlines()[-1] == "['onnxruntime']"
-    assert main(["detect", "--checkpoint", detector_run, "--src", folder, "--out", str(tmp_path / "ckpt"), "--no-video"]) == 0
+    assert (
+        main(["detect", "--checkpoint", detector_run, "--src", folder, "--out", str(tmp_path / "ckpt"), "--no-video"])
+        == 0
+    )
     onnx_p, torch_p = (np.load(str(tmp_path / name / "probabilities.npz")) for name in ("onnx", "ckpt"))
     assert onnx_p.files == torch_p.files == ["0"]
     assert np.abs(onnx_p["0"] - torch_p["0"]).max() < 1e-5
-    found = [json.load(open(str(tmp_path / name / "detections.json")))["sequences"][0]["segments"]
-             for name in ("onnx", "ckpt")]
+    found = [
+        json.load(open(str(tmp_path / name / "detections.json")))["sequences"][0]["segments"]
+        for name in ("onnx", "ckpt")
+    ]
     assert len(found[0]) >= 1 and without_scores(found[0]) == without_scores(found[1])
     assert [s["score"] for s in found[0]] == pytest.approx([s["score"] for s in found[1]], abs=1e-5)
 
@@ -255,14 +298,23 @@ def depth_checkpoint(tmp_path_factory) -> str:
 
     model = build_model("tiny", 1, 6, 32, 17)
     path = str(tmp_path_factory.mktemp("depth") / "depth.pt")
-    torch.save(make_checkpoint(model.state_dict(), {"model": "tiny"}, class_list(ACTIONS),
-                               {"channels": 1, "seq_len": 6, "image_size": 32, "modality": "depth"},
-                               source={"depth_range": [150, 1000], "eval_subjects": []}), path)
+    torch.save(
+        make_checkpoint(
+            model.state_dict(),
+            {"model": "tiny"},
+            class_list(ACTIONS),
+            {"channels": 1, "seq_len": 6, "image_size": 32, "modality": "depth"},
+            source={"depth_range": [150, 1000], "eval_subjects": []},
+        ),
+        path,
+    )
     return path
 
 
 @pytest.mark.slow
-def test_bad_detect_input_is_one_line_and_writes_nothing(detector_run, exported, depth_checkpoint, raw, tmp_path, capfd):
+def test_bad_detect_input_is_one_line_and_writes_nothing(
+    detector_run, exported, depth_checkpoint, raw, tmp_path, capfd
+):
     import onnx
 
     empty = tmp_path / "empty-seq"
@@ -276,8 +328,10 @@ def test_bad_detect_input_is_one_line_and_writes_nothing(detector_run, exported,
     garbage = tmp_path / "garbage.onnx"
     garbage.write_bytes(b"\x08\x07garbage")
     deep, twins = str(tmp_path / "deep.onnx"), str(tmp_path / "twins.onnx")
-    for path, text in ((deep, "[" * 10_000 + "]" * 10_000),
-                       (twins, json.dumps({**json.loads(model.metadata_props[0].value), "classes": ["no-action"] * 17}))):
+    for path, text in (
+        (deep, "[" * 10_000 + "]" * 10_000),
+        (twins, json.dumps({**json.loads(model.metadata_props[0].value), "classes": ["no-action"] * 17})),
+    ):
         changed = onnx.load(exported[".onnx"])
         changed.metadata_props[0].value = text
         onnx.save(changed, path)
@@ -289,23 +343,37 @@ def test_bad_detect_input_is_one_line_and_writes_nothing(detector_run, exported,
         for kind in ("color", "depth", "confi"):
             (short / f"{kind}_{i}.png").unlink(missing_ok=True)
     shutil.copytree(os.path.join(raw, SEQUENCE), beyond)
-    (tmp_path / "labelled" / "asl-where.xml").write_text("<opencv_storage><_><pos>30</pos><len>99</len></_></opencv_storage>")
+    (tmp_path / "labelled" / "asl-where.xml").write_text(
+        "<opencv_storage><_><pos>30</pos><len>99</len></_></opencv_storage>"
+    )
     cases = {
         "no frames": (["--checkpoint", detector_run, "--src", str(empty)], "no color_<i>.png frames"),
         "video does not open": (["--checkpoint", detector_run, "--video", str(not_video)], "cannot open it as a video"),
         "no such camera": (["--checkpoint", detector_run, "--camera", "37"], "no camera with this index"),
         "depth model, video": (["--checkpoint", depth_checkpoint, "--video", str(not_video)], "gives colour only"),
-        "onnx of another shape": (["--model", tampered, "--src", os.path.join(raw, SEQUENCE)], "not this model's shape"),
+        "onnx of another shape": (
+            ["--model", tampered, "--src", os.path.join(raw, SEQUENCE)],
+            "not this model's shape",
+        ),
         "not onnx": (["--model", str(garbage), "--src", os.path.join(raw, SEQUENCE)], "ONNX Runtime cannot load it"),
         "two sources": (["--checkpoint", detector_run, "--src", raw, "--camera", "0"], "exactly one source"),
         "short sequence": (["--checkpoint", detector_run, "--src", str(short)], "fewer than the model's window of 6"),
-        "segment beyond the frames": (["--checkpoint", detector_run, "--src", str(beyond)], "ends beyond the last frame"),
+        "segment beyond the frames": (
+            ["--checkpoint", detector_run, "--src", str(beyond)],
+            "ends beyond the last frame",
+        ),
         "deep metadata": (["--model", deep, "--src", os.path.join(raw, SEQUENCE)], "metadata is not JSON"),
         "duplicate classes": (["--model", twins, "--src", os.path.join(raw, SEQUENCE)], "metadata is out of range"),
-        "pt2 of another shape": (["--model", wrong_pt2, "--src", os.path.join(raw, SEQUENCE)], "not this model's shape"),
+        "pt2 of another shape": (
+            ["--model", wrong_pt2, "--src", os.path.join(raw, SEQUENCE)],
+            "not this model's shape",
+        ),
         "even smoothing": (["--checkpoint", detector_run, "--src", raw, "--smooth", "4"], "--smooth must be odd"),
         "huge batch": (["--checkpoint", detector_run, "--src", raw, "--batch-size", "5000"], "--batch-size at most"),
-        "huge video frames": (["--checkpoint", detector_run, "--src", raw, "--video-size", "100000"], "--video-size at most"),
+        "huge video frames": (
+            ["--checkpoint", detector_run, "--src", raw, "--video-size", "100000"],
+            "--video-size at most",
+        ),
     }
     for name, (args, message) in cases.items():
         out = tmp_path / f"out-{name.replace(' ', '-')}"
@@ -317,11 +385,18 @@ def test_bad_detect_input_is_one_line_and_writes_nothing(detector_run, exported,
 @pytest.mark.slow
 def test_export_refuses_bad_input_in_one_line(detector_run, depth_checkpoint, raw, tmp_path, capsys):
     cases = {
-        "suffix": (["--checkpoint", detector_run, "--out", str(tmp_path / "m.zip"), "--src", raw], "give a local .onnx"),
-        "no windows": (["--checkpoint", detector_run, "--out", str(tmp_path / "m.onnx"), "--src", str(tmp_path)],
-                       "not a sequence folder"),
-        "depth model, colour data": (["--checkpoint", depth_checkpoint, "--out", str(tmp_path / "m.onnx"),
-                                      "--src", str(tmp_path / "nowhere")], "no such sequence folder"),
+        "suffix": (
+            ["--checkpoint", detector_run, "--out", str(tmp_path / "m.zip"), "--src", raw],
+            "give a local .onnx",
+        ),
+        "no windows": (
+            ["--checkpoint", detector_run, "--out", str(tmp_path / "m.onnx"), "--src", str(tmp_path)],
+            "not a sequence folder",
+        ),
+        "depth model, colour data": (
+            ["--checkpoint", depth_checkpoint, "--out", str(tmp_path / "m.onnx"), "--src", str(tmp_path / "nowhere")],
+            "no such sequence folder",
+        ),
     }
     for name, (args, message) in cases.items():
         assert main(["export", *args]) == 2, name
@@ -350,8 +425,21 @@ def test_a_full_disk_leaves_no_output_behind(detector_run, raw, tmp_path, capsys
     full = tmp_path / "full"
     with small_tmpfs(full, "1m"):
         out = full / "det"
-        assert main(["detect", "--checkpoint", detector_run, "--src", os.path.join(raw, SEQUENCE), "--out", str(out),
-                     "--no-video"]) == 0
+        assert (
+            main(
+                [
+                    "detect",
+                    "--checkpoint",
+                    detector_run,
+                    "--src",
+                    os.path.join(raw, SEQUENCE),
+                    "--out",
+                    str(out),
+                    "--no-video",
+                ]
+            )
+            == 0
+        )
         before = {name: (out / name).read_bytes() for name in os.listdir(out)}
         assert sorted(before) == ["detections.json", "metrics.json", "probabilities.npz", "timeline.png"]
         capsys.readouterr()
@@ -374,12 +462,28 @@ def test_ctrl_c_ends_a_live_source_and_keeps_what_was_found(detector_run, raw, t
             writer.write(image)
     writer.release()
     out = tmp_path / "out"
-    process = subprocess.Popen([sys.executable, "-c", "import sys; from pyact_torch.cli import main; sys.exit(main())",
-                                "detect", "--checkpoint", detector_run,
-                                "--video", video, "--out", str(out)], cwd=ROOT, stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys; from pyact_torch.cli import main; sys.exit(main())",
+            "detect",
+            "--checkpoint",
+            detector_run,
+            "--video",
+            video,
+            "--out",
+            str(out),
+        ],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.time() + 120
-    while not (out.exists() and any(p.name.startswith(".pyact-detect") for p in out.iterdir())) and time.time() < deadline:
+    while (
+        not (out.exists() and any(p.name.startswith(".pyact-detect") for p in out.iterdir())) and time.time() < deadline
+    ):
         time.sleep(0.2)  # the run has checked everything and started writing
     time.sleep(2)
     process.send_signal(signal.SIGINT)
@@ -390,8 +494,13 @@ def test_ctrl_c_ends_a_live_source_and_keeps_what_was_found(detector_run, raw, t
     frames = json.load(open(out / "detections.json"))["sequences"][0]["frames"]
     assert 5 < frames < 20_000 // n * n and report["latency"]["frames"] == frames - 5
     assert int(cv2.VideoCapture(str(out / "detections.mp4")).get(cv2.CAP_PROP_FRAME_COUNT)) == frames
-    assert sorted(os.listdir(out)) == ["detections.json", "detections.mp4", "metrics.json", "probabilities.npz",
-                                       "timeline.png"]
+    assert sorted(os.listdir(out)) == [
+        "detections.json",
+        "detections.mp4",
+        "metrics.json",
+        "probabilities.npz",
+        "timeline.png",
+    ]
 
 
 @pytest.mark.slow
@@ -404,11 +513,14 @@ def test_a_split_skips_a_sequence_shorter_than_the_window(detector_run, raw, tmp
         if int(path.stem.split("_")[1]) >= 5:
             path.unlink()
     (copy / "Test" / "test00" / "asl-blue.xml").write_text(
-        "<opencv_storage><_><pos>1</pos><len>3</len></_></opencv_storage>")
+        "<opencv_storage><_><pos>1</pos><len>3</len></_></opencv_storage>"
+    )
     out = tmp_path / "out"
     assert main(["detect", "--checkpoint", detector_run, "--src", str(copy), "--out", str(out), "--no-video"]) == 0
-    assert "skipping 1 sequence(s) shorter than the model's window of 6 frames; first: Test/test00/asl-blue" in \
-        capsys.readouterr().out
+    assert (
+        "skipping 1 sequence(s) shorter than the model's window of 6 frames; first: Test/test00/asl-blue"
+        in capsys.readouterr().out
+    )
     names = [s["name"] for s in json.load(open(out / "detections.json"))["sequences"]]
     assert len(names) == 31 and "Test/test00/asl-blue" not in names
 
@@ -420,18 +532,56 @@ def test_detect_reads_a_checkpoint_from_and_writes_to_a_bucket(detector_run, raw
     storage.write_bytes("gs://pyact-test/detect/ckpt.pt", open(os.path.join(detector_run, "final.pt"), "rb").read())
     folder = os.path.join(raw, SEQUENCE)
     local = str(tmp_path / "local")
-    assert main(["detect", "--checkpoint", os.path.join(detector_run, "final.pt"), "--src", folder, "--out", local,
-                 "--no-video"]) == 0
-    assert main(["detect", "--checkpoint", "gs://pyact-test/detect/ckpt.pt", "--src", folder,
-                 "--out", "gs://pyact-test/detect/out", "--no-video"]) == 0
+    assert (
+        main(
+            [
+                "detect",
+                "--checkpoint",
+                os.path.join(detector_run, "final.pt"),
+                "--src",
+                folder,
+                "--out",
+                local,
+                "--no-video",
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(
+            [
+                "detect",
+                "--checkpoint",
+                "gs://pyact-test/detect/ckpt.pt",
+                "--src",
+                folder,
+                "--out",
+                "gs://pyact-test/detect/out",
+                "--no-video",
+            ]
+        )
+        == 0
+    )
     names = ["detections.json", "metrics.json", "probabilities.npz", "timeline.png"]
     assert storage.list_files("gs://pyact-test/detect/out") == names
     remote = json.loads(storage.read_bytes("gs://pyact-test/detect/out/detections.json"))
     here = json.load(open(os.path.join(local, "detections.json")))
     assert remote["sequences"] == here["sequences"] and len(here["sequences"][0]["segments"]) >= 1
     # the video needs a local folder: refused before any work
-    assert main(["detect", "--checkpoint", "gs://pyact-test/detect/ckpt.pt", "--src", folder,
-                 "--out", "gs://pyact-test/detect/out2"]) == 2
+    assert (
+        main(
+            [
+                "detect",
+                "--checkpoint",
+                "gs://pyact-test/detect/ckpt.pt",
+                "--src",
+                folder,
+                "--out",
+                "gs://pyact-test/detect/out2",
+            ]
+        )
+        == 2
+    )
     assert storage.list_files("gs://pyact-test/detect/out2") == []
 
 
@@ -471,8 +621,10 @@ def test_publishing_never_loses_the_earlier_outputs_or_touches_other_files(detec
     (out / "detections.json").mkdir()
     capfd.readouterr()
     assert main(["detect", "--checkpoint", detector_run, "--src", folder, "--out", str(out), "--smooth", "3"]) == 2
-    assert one_error_line(capfd) == f"error: {out / 'detections.json'}: exists and is not a file; move it away to " \
-                                    f"write the outputs"
+    assert (
+        one_error_line(capfd) == f"error: {out / 'detections.json'}: exists and is not a file; move it away to "
+        f"write the outputs"
+    )
     assert (mine / "precious").read_text() == "mine"
     after = {name: (out / name).read_bytes() for name in os.listdir(out) if (out / name).is_file()}
     assert after == {k: v for k, v in before.items() if k != "detections.json"}  # the earlier outputs, untouched
@@ -525,7 +677,7 @@ def test_export_checks_the_windows_it_reads_from_shards(detector_run, learn_shar
     with tarfile.open(shard, "w") as new:
         for member, data in members:
             if member.name.endswith(".clip.npy") and not any(m.name.endswith(".clip.npy") for m in new.getmembers()):
-                data = data[:len(data) // 2]  # the first window's clip, cut short
+                data = data[: len(data) // 2]  # the first window's clip, cut short
             member.size = len(data)
             new.addfile(member, io.BytesIO(data))
     out = tmp_path / "model.onnx"
@@ -618,13 +770,43 @@ def test_streaming_detection_says_its_thread_count_and_takes_threads(runner, det
     source = os.path.join(raw, SEQUENCE)
     before = torch.get_num_threads()
     try:
-        assert main(["detect", "--checkpoint", detector_run, "--src", source, "--streaming", "--no-video",
-                     "--out", str(tmp_path / "a")]) == 0
+        assert (
+            main(
+                [
+                    "detect",
+                    "--checkpoint",
+                    detector_run,
+                    "--src",
+                    source,
+                    "--streaming",
+                    "--no-video",
+                    "--out",
+                    str(tmp_path / "a"),
+                ]
+            )
+            == 0
+        )
         line = next(l for l in capsys.readouterr().out.splitlines() if "intra-op thread" in l)
         chosen = int(line.split(": ")[1].split()[0])
         assert torch.get_num_threads() == chosen and "1: " in line and "--threads N sets it" in line
-        assert main(["detect", "--checkpoint", detector_run, "--src", source, "--streaming", "--no-video",
-                     "--threads", "3", "--out", str(tmp_path / "b")]) == 0
+        assert (
+            main(
+                [
+                    "detect",
+                    "--checkpoint",
+                    detector_run,
+                    "--src",
+                    source,
+                    "--streaming",
+                    "--no-video",
+                    "--threads",
+                    "3",
+                    "--out",
+                    str(tmp_path / "b"),
+                ]
+            )
+            == 0
+        )
         assert "intra-op thread" not in capsys.readouterr().out and torch.get_num_threads() == 3
     finally:
         torch.set_num_threads(before)
@@ -632,14 +814,30 @@ def test_streaming_detection_says_its_thread_count_and_takes_threads(runner, det
 
 # --- TestDetection: long recordings of several actions -------------------------------------------
 
+
 def test_testdetection_scores_each_segment_by_its_own_action(detector_run, raw, tmp_path, capsys):
     from collections import Counter
 
     from pyact_torch.data.labels import scan_detection
 
     out = str(tmp_path / "det")
-    assert main(["detect", "--checkpoint", detector_run, "--src", raw, "--split", "testdetection", "--out", out,
-                 "--no-video"]) == 0
+    assert (
+        main(
+            [
+                "detect",
+                "--checkpoint",
+                detector_run,
+                "--src",
+                raw,
+                "--split",
+                "testdetection",
+                "--out",
+                out,
+                "--no-video",
+            ]
+        )
+        == 0
+    )
     report = json.load(open(os.path.join(out, "metrics.json")))["detection"]
     recordings, _ = scan_detection(raw)
     assert report["sequences"] == len(recordings) == 4
@@ -677,8 +875,9 @@ def test_streaming_equals_batching_on_a_long_recording(raw, runner):
 def _segment_rows(raw):
     from pyact_torch.data.labels import scan_detection
 
-    return [(r.path.split("/")[-1], g.action, g.pos, g.pos + g.len - 1) for r in scan_detection(raw)[0]
-            for g in r.segments]
+    return [
+        (r.path.split("/")[-1], g.action, g.pos, g.pos + g.len - 1) for r in scan_detection(raw)[0] for g in r.segments
+    ]
 
 
 @pytest.mark.parametrize("kind", ["csv", "json"])
@@ -692,8 +891,24 @@ def test_a_segment_list_scores_like_the_label_files(detector_run, raw, tmp_path,
     reports = []
     for extra in ([], ["--labels", str(path)]):
         out = str(tmp_path / f"det{len(reports)}")
-        assert main(["detect", "--checkpoint", detector_run, "--src", raw, "--split", "testdetection", "--out", out,
-                     "--no-video", *extra]) == 0
+        assert (
+            main(
+                [
+                    "detect",
+                    "--checkpoint",
+                    detector_run,
+                    "--src",
+                    raw,
+                    "--split",
+                    "testdetection",
+                    "--out",
+                    out,
+                    "--no-video",
+                    *extra,
+                ]
+            )
+            == 0
+        )
         reports.append(json.load(open(os.path.join(out, "metrics.json")))["detection"])
     assert reports[0] == reports[1]
     # the list replaces the label files: recordings whose files name no actions (or have none) score the same
@@ -702,31 +917,95 @@ def test_a_segment_list_scores_like_the_label_files(detector_run, raw, tmp_path,
     for name in os.listdir(bare / "TestDetection"):
         if name.endswith(".xml"):
             xml = bare / "TestDetection" / name
-            xml.write_text(re.sub(r"<label>[^<]*</label>", "", xml.read_text())) if name != "detect00.xml" else xml.unlink()
+            xml.write_text(
+                re.sub(r"<label>[^<]*</label>", "", xml.read_text())
+            ) if name != "detect00.xml" else xml.unlink()
     out = str(tmp_path / "det-bare")
-    assert main(["detect", "--checkpoint", detector_run, "--src", str(bare), "--split", "testdetection", "--out", out,
-                 "--no-video", "--labels", str(path)]) == 0
+    assert (
+        main(
+            [
+                "detect",
+                "--checkpoint",
+                detector_run,
+                "--src",
+                str(bare),
+                "--split",
+                "testdetection",
+                "--out",
+                out,
+                "--no-video",
+                "--labels",
+                str(path),
+            ]
+        )
+        == 0
+    )
     assert json.load(open(os.path.join(out, "metrics.json")))["detection"] == reports[0]
     # a list naming one recording scores that one; the others are not scored (not counted as background)
     one = tmp_path / "one.csv"
-    one.write_text("sequence,action,first,last\n" + "".join(f"{s},{a},{f},{last}\n" for s, a, f, last in rows
-                                                             if s == rows[0][0]))
+    one.write_text(
+        "sequence,action,first,last\n" + "".join(f"{s},{a},{f},{last}\n" for s, a, f, last in rows if s == rows[0][0])
+    )
     out = str(tmp_path / "det-one")
-    assert main(["detect", "--checkpoint", detector_run, "--src", raw, "--split", "testdetection", "--out", out,
-                 "--no-video", "--labels", str(one)]) == 0
+    assert (
+        main(
+            [
+                "detect",
+                "--checkpoint",
+                detector_run,
+                "--src",
+                raw,
+                "--split",
+                "testdetection",
+                "--out",
+                out,
+                "--no-video",
+                "--labels",
+                str(one),
+            ]
+        )
+        == 0
+    )
     assert json.load(open(os.path.join(out, "metrics.json")))["detection"]["sequences"] == 1
     # the control: a list that drops a segment scores otherwise
     short = tmp_path / "short.csv"
     short.write_text("sequence,action,first,last\n" + "".join(f"{s},{a},{f},{last}\n" for s, a, f, last in rows[1:]))
     out = str(tmp_path / "det-short")
-    assert main(["detect", "--checkpoint", detector_run, "--src", raw, "--split", "testdetection", "--out", out,
-                 "--no-video", "--labels", str(short)]) == 0
+    assert (
+        main(
+            [
+                "detect",
+                "--checkpoint",
+                detector_run,
+                "--src",
+                raw,
+                "--split",
+                "testdetection",
+                "--out",
+                out,
+                "--no-video",
+                "--labels",
+                str(short),
+            ]
+        )
+        == 0
+    )
     assert json.load(open(os.path.join(out, "metrics.json")))["detection"]["segments"] != reports[0]["segments"]
 
 
-@pytest.mark.parametrize("case", ["unknown action in a label file", "unknown action in a list", "no header",
-                                  "a sequence that is not there", "frames beyond the end", "not whole frames",
-                                  "nested too deep", "a field too long"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "unknown action in a label file",
+        "unknown action in a list",
+        "no header",
+        "a sequence that is not there",
+        "frames beyond the end",
+        "not whole frames",
+        "nested too deep",
+        "a field too long",
+    ],
+)
 def test_bad_segment_labels_are_one_line(detector_run, raw, tmp_path, capsys, case):
     src = tmp_path / "ds"
     shutil.copytree(os.path.join(raw, "TestDetection"), src / "TestDetection")
@@ -734,23 +1013,45 @@ def test_bad_segment_labels_are_one_line(detector_run, raw, tmp_path, capsys, ca
     if case == "unknown action in a label file":
         xml = src / "TestDetection" / "detect01.xml"
         text = xml.read_text()
-        first = text[text.index("<label>") + 7:text.index("</label>")]
+        first = text[text.index("<label>") + 7 : text.index("</label>")]
         xml.write_text(text.replace(first, "asl-zebra", 1))
         named = str(xml)
     elif case in ("not whole frames", "nested too deep"):
         labels = tmp_path / "list.json"
-        labels.write_text('[{"sequence": "detect00", "action": "asl-z", "first": 1.5, "last": 1e999}]'
-                          if case == "not whole frames" else "[" * 100_000 + "]" * 100_000)
+        labels.write_text(
+            '[{"sequence": "detect00", "action": "asl-z", "first": 1.5, "last": 1e999}]'
+            if case == "not whole frames"
+            else "[" * 100_000 + "]" * 100_000
+        )
         extra, named = ["--labels", str(labels)], "--labels"
     else:
-        rows = {"unknown action in a list": "detect00,asl-zebra,3,9\n", "no header": "",
-                "a sequence that is not there": "nobody,asl-z,3,9\n", "frames beyond the end": "detect00,asl-z,3,99999\n",
-                "a field too long": "x" * 200_000 + ",asl-z,3,9\n"}
+        rows = {
+            "unknown action in a list": "detect00,asl-zebra,3,9\n",
+            "no header": "",
+            "a sequence that is not there": "nobody,asl-z,3,9\n",
+            "frames beyond the end": "detect00,asl-z,3,99999\n",
+            "a field too long": "x" * 200_000 + ",asl-z,3,9\n",
+        }
         labels = tmp_path / "list.csv"
-        labels.write_text(("" if case == "no header" else "sequence,action,first,last\n") + (rows[case] or "detect00,asl-z,3,9\n"))
+        labels.write_text(
+            ("" if case == "no header" else "sequence,action,first,last\n") + (rows[case] or "detect00,asl-z,3,9\n")
+        )
         extra, named = ["--labels", str(labels)], "--labels"
-    code = main(["detect", "--checkpoint", detector_run, "--src", str(src), "--split", "testdetection",
-                 "--out", str(tmp_path / "out"), "--no-video", *extra])
+    code = main(
+        [
+            "detect",
+            "--checkpoint",
+            detector_run,
+            "--src",
+            str(src),
+            "--split",
+            "testdetection",
+            "--out",
+            str(tmp_path / "out"),
+            "--no-video",
+            *extra,
+        ]
+    )
     error = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(error) == 1 and named in error[0], error
     assert not (tmp_path / "out").exists()

@@ -22,7 +22,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HAS_GPU = torch.cuda.is_available()
 cuda = pytest.mark.skipif(not HAS_GPU, reason="needs a GPU (run bench/gpu_check.sh on a GPU machine)")
 # a Python without torch_xla, webdataset and google-cloud-storage: imports of them fail as if absent
-BARE = '''
+BARE = """
 import sys
 class _Absent:
     def find_spec(self, name, path=None, target=None):
@@ -30,7 +30,7 @@ class _Absent:
             raise ModuleNotFoundError(f"No module named {name!r}", name=name)
         return None
 sys.meta_path.insert(0, _Absent())
-'''
+"""
 SMALL = ["--model", "tiny", "--epochs", "1", "--batch-size", "8", "--workers", "1", "--log-every", "5"]
 
 
@@ -40,8 +40,9 @@ def bare_pyact(tmp_path, *args: str) -> subprocess.CompletedProcess:
     (site / "sitecustomize.py").write_text(BARE)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(site), ROOT]))
     env.pop("STORAGE_EMULATOR_HOST", None)
-    return subprocess.run([sys.executable, "-m", "pyact_torch", *args], capture_output=True, text=True, env=env,
-                          timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "pyact_torch", *args], capture_output=True, text=True, env=env, timeout=600
+    )
 
 
 @pytest.mark.slow
@@ -52,14 +53,17 @@ def test_a_bare_gpu_box_python_trains_and_scores_local_data(small_shards, tmp_pa
     run_dir, out = str(tmp_path / "run"), str(tmp_path / "scores")
     trained = bare_pyact(tmp_path, "train", "--data", small_shards, "--run-dir", run_dir, "--device", "cpu", *SMALL)
     assert trained.returncode == 0, trained.stderr[-2000:]
-    scored = bare_pyact(tmp_path, "evaluate", "--checkpoint", run_dir, "--data", small_shards, "--out", out,
-                        "--device", "cpu")
+    scored = bare_pyact(
+        tmp_path, "evaluate", "--checkpoint", run_dir, "--data", small_shards, "--out", out, "--device", "cpu"
+    )
     assert scored.returncode == 0, scored.stderr[-2000:]
     assert json.load(open(os.path.join(out, "metrics.json")))["windows"] > 0
     probe = bare_pyact(tmp_path, "-c", "x")  # the probe itself: really no torch_xla or google here
     assert probe.returncode == 2
-    for args, package in ((["--run-dir", "gs://pyact-test/run", "--device", "cpu"], "google-cloud-storage"),
-                          (["--run-dir", str(tmp_path / "xla"), "--device", "xla"], "torch_xla")):
+    for args, package in (
+        (["--run-dir", "gs://pyact-test/run", "--device", "cpu"], "google-cloud-storage"),
+        (["--run-dir", str(tmp_path / "xla"), "--device", "xla"], "torch_xla"),
+    ):
         failed = bare_pyact(tmp_path, "train", "--data", small_shards, *SMALL, *args)
         assert failed.returncode == 2
         assert failed.stderr.startswith("error: ") and failed.stderr.count("\n") == 1, failed.stderr[-2000:]
@@ -69,13 +73,16 @@ def test_a_bare_gpu_box_python_trains_and_scores_local_data(small_shards, tmp_pa
 def test_the_bare_box_probe_hides_the_packages(tmp_path):
     """Negative control for the test above: the probe makes torch_xla and google.cloud.storage
     unimportable in the child, and the same child sees them without it."""
-    code = ("import importlib.util as u\nfor n in ('torch_xla', 'google.cloud.storage'):\n"
-            "    try: print(n, u.find_spec(n) is not None)\n    except ImportError: print(n, False)\n")
+    code = (
+        "import importlib.util as u\nfor n in ('torch_xla', 'google.cloud.storage'):\n"
+        "    try: print(n, u.find_spec(n) is not None)\n    except ImportError: print(n, False)\n"
+    )
     site = tmp_path / "site"
     site.mkdir()
     (site / "sitecustomize.py").write_text(BARE)
-    hidden = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                            env=dict(os.environ, PYTHONPATH=str(site)))
+    hidden = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(site))
+    )
     shown = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert hidden.stdout.split() == ["torch_xla", "False", "google.cloud.storage", "False"]
     assert shown.stdout.split() == ["torch_xla", "True", "google.cloud.storage", "True"]
@@ -84,20 +91,34 @@ def test_the_bare_box_probe_hides_the_packages(tmp_path):
 @pytest.mark.skipif(HAS_GPU, reason="this machine has a GPU")
 @pytest.mark.parametrize("command", ["train", "evaluate", "detect", "export"])
 def test_device_cuda_without_a_gpu_is_one_line(command, detector_run, learn_shards, tmp_path, capsys):
-    args = {"train": ["train", "--data", learn_shards, "--run-dir", str(tmp_path / "run"), *SMALL],
-            "evaluate": ["evaluate", "--checkpoint", detector_run, "--data", learn_shards, "--out", str(tmp_path / "o")],
-            "detect": ["detect", "--checkpoint", detector_run, "--src", os.path.join(os.path.dirname(learn_shards), "raw"),
-                       "--out", str(tmp_path / "o")],
-            "export": ["export", "--checkpoint", detector_run, "--out", str(tmp_path / "m.onnx")]}[command]
+    args = {
+        "train": ["train", "--data", learn_shards, "--run-dir", str(tmp_path / "run"), *SMALL],
+        "evaluate": ["evaluate", "--checkpoint", detector_run, "--data", learn_shards, "--out", str(tmp_path / "o")],
+        "detect": [
+            "detect",
+            "--checkpoint",
+            detector_run,
+            "--src",
+            os.path.join(os.path.dirname(learn_shards), "raw"),
+            "--out",
+            str(tmp_path / "o"),
+        ],
+        "export": ["export", "--checkpoint", detector_run, "--out", str(tmp_path / "m.onnx")],
+    }[command]
     assert main([*args, "--device", "cuda"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: --device cuda: this machine has no usable GPU") and err.count("\n") == 1
     assert not any(os.path.exists(tmp_path / name) for name in ("run", "o", "m.onnx"))
 
 
-@pytest.mark.parametrize("flags, says", [(["--device", "cpu", "--sync-bn"], "--sync-bn needs --device cuda"),
-                                         (["--device", "xla", "--compile"], "--compile is for --device cpu or cuda"),
-                                         (["--device", "cpu", "--collective-timeout", "0"], "--collective-timeout")])
+@pytest.mark.parametrize(
+    "flags, says",
+    [
+        (["--device", "cpu", "--sync-bn"], "--sync-bn needs --device cuda"),
+        (["--device", "xla", "--compile"], "--compile is for --device cpu or cuda"),
+        (["--device", "cpu", "--collective-timeout", "0"], "--collective-timeout"),
+    ],
+)
 def test_device_flags_that_do_not_fit_are_one_line(flags, says, learn_shards, tmp_path, capsys):
     assert main(["train", "--data", learn_shards, "--run-dir", str(tmp_path / "run"), "--model", "tiny", *flags]) == 2
     err = capsys.readouterr().err
@@ -131,20 +152,48 @@ def test_compiled_steps_equal_eager_steps():
 
 # --- on a GPU (bench/gpu_check.sh runs these) ---------------------------------------------------
 
+
 @cuda
 @pytest.mark.cuda
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_training_on_a_gpu_learns_and_scores_like_the_cpu(precision, learn_shards, tmp_path):
     run_dir, out = str(tmp_path / "run"), str(tmp_path / "scores")
-    assert main(["train", "--data", learn_shards, "--run-dir", run_dir, "--model", "tiny", "--device", "cuda",
-                 "--epochs", "5", "--lr", "2e-3", "--lr-schedule", "cosine", "--log-every", "100", "--workers", "1",
-                 "--precision", precision]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--data",
+                learn_shards,
+                "--run-dir",
+                run_dir,
+                "--model",
+                "tiny",
+                "--device",
+                "cuda",
+                "--epochs",
+                "5",
+                "--lr",
+                "2e-3",
+                "--lr-schedule",
+                "cosine",
+                "--log-every",
+                "100",
+                "--workers",
+                "1",
+                "--precision",
+                precision,
+            ]
+        )
+        == 0
+    )
     rows = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
     assert [r["accuracy"] for r in rows if r["kind"] == "eval"][-1] >= 0.9
     assert main(["evaluate", "--checkpoint", run_dir, "--data", learn_shards, "--out", out, "--device", "cuda"]) == 0
     on_gpu = json.load(open(os.path.join(out, "metrics.json")))
-    assert main(["evaluate", "--checkpoint", run_dir, "--data", learn_shards, "--out", out + "-cpu",
-                 "--device", "cpu"]) == 0
+    assert (
+        main(["evaluate", "--checkpoint", run_dir, "--data", learn_shards, "--out", out + "-cpu", "--device", "cpu"])
+        == 0
+    )
     on_cpu = json.load(open(os.path.join(out + "-cpu", "metrics.json")))
     assert abs(on_gpu["accuracy"] - on_cpu["accuracy"]) <= 2 / on_cpu["windows"]
 
@@ -160,8 +209,23 @@ def test_detect_and_export_on_a_gpu_match_the_cpu(detector_run, learn_shards, tm
     assert np.abs(gpu.logits(windows) - cpu.logits(windows)).max() < 1e-3
     assert main(["export", "--checkpoint", detector_run, "--out", str(tmp_path / "m.pt2"), "--device", "cuda"]) == 0
     raw = os.path.join(os.path.dirname(learn_shards), "raw")
-    assert main(["detect", "--checkpoint", detector_run, "--src", raw, "--out", str(tmp_path / "det"),
-                 "--device", "cuda", "--no-video"]) == 0
+    assert (
+        main(
+            [
+                "detect",
+                "--checkpoint",
+                detector_run,
+                "--src",
+                raw,
+                "--out",
+                str(tmp_path / "det"),
+                "--device",
+                "cuda",
+                "--no-video",
+            ]
+        )
+        == 0
+    )
 
 
 @cuda
@@ -171,11 +235,32 @@ def test_detect_and_export_on_a_gpu_match_the_cpu(detector_run, learn_shards, tm
 def test_torchrun_on_gpus_with_and_without_sync_bn(sync_bn, small_shards, tmp_path):
     gpus = min(torch.cuda.device_count(), 2)
     run_dir = str(tmp_path / "run")
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(gpus),
-               "-m", "pyact_torch", "train", "--data", small_shards, "--run-dir", run_dir, "--device", "cuda",
-               "--model", "tiny", "--epochs", "2", "--batch-size", "8", "--workers", "1"]
-    result = subprocess.run(command + (["--sync-bn"] if sync_bn else []), capture_output=True, text=True,
-                            timeout=600)
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        str(gpus),
+        "-m",
+        "pyact_torch",
+        "train",
+        "--data",
+        small_shards,
+        "--run-dir",
+        run_dir,
+        "--device",
+        "cuda",
+        "--model",
+        "tiny",
+        "--epochs",
+        "2",
+        "--batch-size",
+        "8",
+        "--workers",
+        "1",
+    ]
+    result = subprocess.run(command + (["--sync-bn"] if sync_bn else []), capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     config = json.load(open(os.path.join(run_dir, "config.json")))
     assert config["replicas"] == gpus and config["config"]["sync_bn"] is sync_bn

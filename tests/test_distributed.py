@@ -21,8 +21,28 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
 # small clips, 8 windows a step, a checkpoint every 10 steps: ~45 steps in 3 epochs; with augmentation
 # and dropout, whose draws a resume on every replica must repeat exactly
-SMALL = ["--model", "tiny", "--device", "cpu", "--epochs", "3", "--batch-size", "8", "--ckpt-every", "10",
-         "--workers", "1", "--log-every", "5", "--collective-timeout", "30", "--augment", "pyact", "--dropout", "0.2"]
+SMALL = [
+    "--model",
+    "tiny",
+    "--device",
+    "cpu",
+    "--epochs",
+    "3",
+    "--batch-size",
+    "8",
+    "--ckpt-every",
+    "10",
+    "--workers",
+    "1",
+    "--log-every",
+    "5",
+    "--collective-timeout",
+    "30",
+    "--augment",
+    "pyact",
+    "--dropout",
+    "0.2",
+]
 
 
 def torchrun(processes: int, *args: str, module: str = "pyact_torch") -> list[str]:
@@ -91,11 +111,16 @@ def rank_of(process: psutil.Process) -> int | None:
 
 # --- step for step: tests/dist_facts.py under torchrun ---------------------------------------
 
+
 @pytest.fixture(scope="module", params=[2, 4])
 def facts(request, small_shards) -> dict:
     """tests/dist_facts.py's measurements with 2 and 4 gloo processes (~15 s each)."""
-    result = subprocess.run(torchrun(request.param, os.path.join(ROOT, "tests", "dist_facts.py"), small_shards,
-                                     module=""), capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        torchrun(request.param, os.path.join(ROOT, "tests", "dist_facts.py"), small_shards, module=""),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads([line for line in result.stdout.splitlines() if line.startswith("{")][-1])
 
@@ -136,14 +161,36 @@ def test_distributed_evaluation_counts_every_window_once(facts):
 
 # --- through the command line ------------------------------------------------------------------
 
+
 @pytest.mark.slow
 def test_learns_the_held_out_subject_with_two_processes(learn_shards, tmp_path):
     """The eager learning test's data, flags and bar (>= 0.9 on the held-out subject), as 2 gloo
     processes sharing the global batch of 32."""
     run_dir = str(tmp_path / "run")
-    result = subprocess.run(train(2, learn_shards, run_dir, "--model", "tiny", "--device", "cpu", "--epochs", "5",
-                                  "--lr", "2e-3", "--lr-schedule", "cosine", "--log-every", "100", "--workers", "1"),
-                            capture_output=True, text=True, timeout=1200)
+    result = subprocess.run(
+        train(
+            2,
+            learn_shards,
+            run_dir,
+            "--model",
+            "tiny",
+            "--device",
+            "cpu",
+            "--epochs",
+            "5",
+            "--lr",
+            "2e-3",
+            "--lr-schedule",
+            "cosine",
+            "--log-every",
+            "100",
+            "--workers",
+            "1",
+        ),
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     config = storage.read_json(f"{run_dir}/config.json")
     assert config["replicas"] == 2 and config["per_replica_batch"] == 16
@@ -163,13 +210,16 @@ def reference_run(small_shards, tmp_path_factory) -> str:
 
 
 @pytest.mark.slow
-def test_kill_9_of_torchrun_then_the_same_command_gives_the_same_final_weights(small_shards, reference_run,
-                                                                               tmp_path):
+def test_kill_9_of_torchrun_then_the_same_command_gives_the_same_final_weights(small_shards, reference_run, tmp_path):
     """torchrun starts its workers in sessions of their own; they die with it (no orphan goes on
     training), and the rerun resumes from the last checkpoint to the uninterrupted run's weights."""
     run_dir = str(tmp_path / "killed")
-    process = subprocess.Popen(train(2, small_shards, run_dir, *SMALL), stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL, start_new_session=True)
+    process = subprocess.Popen(
+        train(2, small_shards, run_dir, *SMALL),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     wait_for_step(run_dir, 20, process)
     replicas = workers_of(process.pid)
     assert sorted(replicas_of(process.pid)) == [0, 1]
@@ -193,8 +243,13 @@ def test_sigterm_to_the_process_group_stops_every_replica_at_one_step(target, sm
     worker exits 0 (torchrun itself then ends with its own SignalException, status 1); the rerun
     resumes exactly."""
     run_dir = str(tmp_path / "run")
-    process = subprocess.Popen(train(2, small_shards, run_dir, *SMALL, "--epochs", "50"), stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True, start_new_session=True)
+    process = subprocess.Popen(
+        train(2, small_shards, run_dir, *SMALL, "--epochs", "50"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     wait_for_step(run_dir, 10, process)
     replicas = list(replicas_of(process.pid).values())
     assert len(replicas) == 2
@@ -225,8 +280,13 @@ def test_kill_9_of_one_worker_ends_the_other_with_one_line(small_shards, tmp_pat
     peer would take --collective-timeout): one error line naming what happened, and the rerun
     resumes from the last checkpoint."""
     run_dir = str(tmp_path / "run")
-    process = subprocess.Popen(train(2, small_shards, run_dir, *SMALL, "--epochs", "50"), stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True, start_new_session=True)
+    process = subprocess.Popen(
+        train(2, small_shards, run_dir, *SMALL, "--epochs", "50"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     wait_for_step(run_dir, 10, process)
     victim = replicas_of(process.pid)[1]
     started = time.monotonic()
@@ -237,19 +297,23 @@ def test_kill_9_of_one_worker_ends_the_other_with_one_line(small_shards, tmp_pat
     lines = errors(err)
     assert len(lines) == 1 and lines[0].startswith("error: rank 0: lost contact with another replica"), err[-3000:]
     pointer = json.load(open(os.path.join(run_dir, "latest.json")))
-    result = subprocess.run(train(2, small_shards, run_dir, *SMALL, "--epochs", "4"), capture_output=True,
-                            text=True, timeout=600)
+    result = subprocess.run(
+        train(2, small_shards, run_dir, *SMALL, "--epochs", "4"), capture_output=True, text=True, timeout=600
+    )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "resumed at step" in result.stdout and int(result.stdout.split("resumed at step ")[1].split()[0]) >= \
-        pointer["step"]
+    assert (
+        "resumed at step" in result.stdout
+        and int(result.stdout.split("resumed at step ")[1].split()[0]) >= pointer["step"]
+    )
 
 
 @pytest.mark.slow
 def test_a_resume_on_another_number_of_processes_is_refused_in_one_line(small_shards, reference_run, tmp_path):
     run_dir = str(tmp_path / "run")
     subprocess.run(["cp", "-r", reference_run, run_dir], check=True)
-    result = subprocess.run(train(4, small_shards, run_dir, *SMALL, "--epochs", "4"), capture_output=True,
-                            text=True, timeout=600)
+    result = subprocess.run(
+        train(4, small_shards, run_dir, *SMALL, "--epochs", "4"), capture_output=True, text=True, timeout=600
+    )
     assert result.returncode != 0
     lines = errors(result.stderr)
     assert len(lines) == 1 and "was trained on 2 replicas, this run has 4" in lines[0], result.stderr[-2000:]
@@ -265,8 +329,20 @@ def test_only_rank_0_writes_a_bucket_run_dir_and_every_rank_restores(guarded, sm
     run_dir = f"gs://pyact-test/dist-{guarded}-{os.getpid()}"
     env = dict(os.environ, PYACT_TEST_NO_WRITES_ON_RANK=str(guarded))
     guard = os.path.join(ROOT, "tests", "rank_guard.py")
-    command = [*TORCHRUN, "--nproc_per_node", "2", guard, "train", "--data", small_shards, "--run-dir", run_dir,
-               *SMALL, "--epochs", "1"]
+    command = [
+        *TORCHRUN,
+        "--nproc_per_node",
+        "2",
+        guard,
+        "train",
+        "--data",
+        small_shards,
+        "--run-dir",
+        run_dir,
+        *SMALL,
+        "--epochs",
+        "1",
+    ]
     first = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
     if guarded == 0:
         assert first.returncode != 0 and "rank 0 wrote to storage" in first.stderr
@@ -289,8 +365,19 @@ def test_a_failure_at_start_is_said_once_by_the_rank_that_met_it(case, small_sha
     if case == "data missing on rank 1":
         shutil.copytree(small_shards, tmp_path / "data-0")
     extra = ["--bogus"] if case == "bad flag" else []
-    command = [*TORCHRUN, "--nproc_per_node", "2", os.path.join(ROOT, "tests", "rank_guard.py"), "train",
-               "--data", str(tmp_path / "data-{rank}"), "--run-dir", str(tmp_path / "run"), *SMALL, *extra]
+    command = [
+        *TORCHRUN,
+        "--nproc_per_node",
+        "2",
+        os.path.join(ROOT, "tests", "rank_guard.py"),
+        "train",
+        "--data",
+        str(tmp_path / "data-{rank}"),
+        "--run-dir",
+        str(tmp_path / "run"),
+        *SMALL,
+        *extra,
+    ]
     started = time.monotonic()
     result = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert result.returncode != 0
@@ -310,11 +397,17 @@ def test_a_failure_at_start_is_said_once_by_the_rank_that_met_it(case, small_sha
 def test_kill_9_of_torchrun_while_its_workers_start_leaves_no_process(small_shards, tmp_path):
     """Killed while its workers are still importing torch: they learn of it from the launcher's
     pid recorded first thing when they started (later, the parent they see is init)."""
-    process = subprocess.Popen(train(2, small_shards, str(tmp_path / "run"), *SMALL), stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL, start_new_session=True)
+    process = subprocess.Popen(
+        train(2, small_shards, str(tmp_path / "run"), *SMALL),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     deadline = time.monotonic() + 60
-    while not (len(replicas_of(process.pid)) == 2 and all(map(importing_torch, replicas_of(process.pid).values()))) \
-            and time.monotonic() < deadline:
+    while (
+        not (len(replicas_of(process.pid)) == 2 and all(map(importing_torch, replicas_of(process.pid).values())))
+        and time.monotonic() < deadline
+    ):
         time.sleep(0.01)
     replicas = list(replicas_of(process.pid).values())
     assert len(replicas) == 2 and all(map(importing_torch, replicas))

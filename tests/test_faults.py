@@ -34,11 +34,24 @@ from conftest import read_only, tree_bytes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLI = [sys.executable, "-c", "import sys; from pyact_torch.cli import main; sys.exit(main(sys.argv[1:]))"]
-TRAIN = ["--device", "cpu", "--model", "tiny", "--epochs", "1", "--batch-size", "4", "--workers", "0",
-         "--log-every", "1"]
+TRAIN = [
+    "--device",
+    "cpu",
+    "--model",
+    "tiny",
+    "--epochs",
+    "1",
+    "--batch-size",
+    "4",
+    "--workers",
+    "0",
+    "--log-every",
+    "1",
+]
 
 
 # --- helpers -----------------------------------------------------------------------------------
+
 
 def one_line(err: str) -> str:
     """The single ``error:`` line a user-fixable failure must end with."""
@@ -84,8 +97,9 @@ def small_tmpfs(path, size: str):
     if os.geteuid() != 0:
         pytest.skip("disk-full cases mount a tmpfs, which needs root")
     os.makedirs(path, exist_ok=True)
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
-                      capture_output=True).returncode:
+    if subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True
+    ).returncode:
         pytest.skip("cannot mount a tmpfs here")
     try:
         yield lambda new: subprocess.run(["mount", "-o", f"remount,size={new}", str(path)], check=True)
@@ -102,7 +116,7 @@ def header(name: str, size: int, kind: bytes = b"0") -> bytes:
     info = tarfile.TarInfo(name)
     info.size, info.type = 0, kind
     block = bytearray(info.tobuf(format=tarfile.USTAR_FORMAT))
-    block[124:136] = f"{size:011o}\0".encode() if size < 8 ** 11 else b"\x80" + size.to_bytes(11, "big")
+    block[124:136] = f"{size:011o}\0".encode() if size < 8**11 else b"\x80" + size.to_bytes(11, "big")
     block[148:156] = b"        "
     block[148:156] = f"{sum(block):06o}\0 ".encode()
     return bytes(block)
@@ -113,6 +127,7 @@ def pad(data: bytes) -> bytes:
 
 
 # --- path escape: names read from files are data, never paths -------------------------------------
+
 
 @pytest.mark.parametrize("name", ["/abs/victim.txt", "../../x/victim.txt", "ckpt-1.pt/../../victim.txt"])
 def test_retention_never_deletes_what_a_history_names_outside_the_run(name, tmp_path):
@@ -152,16 +167,19 @@ def test_a_pointer_naming_anything_but_our_checkpoint_is_ignored(target, small_r
     else:
         record["name"] = target
         (run_dir / "best.json").write_text(json.dumps(record))
-    code = ("import sys; from pyact_torch.training.checkpoint import load_checkpoint; "
-            "state, url = load_checkpoint(sys.argv[1]); print(url)")
+    code = (
+        "import sys; from pyact_torch.training.checkpoint import load_checkpoint; "
+        "state, url = load_checkpoint(sys.argv[1]); print(url)"
+    )
     result = subprocess.run([sys.executable, "-c", code, str(run_dir)], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip().endswith("final.pt")
     assert "warning" in result.stdout
 
 
-@pytest.mark.parametrize("name", ["/abs/victim.tar", "../../victim.tar", "/dev/zero",
-                                  "pipe:touch {marker}; cat {real}"])
+@pytest.mark.parametrize(
+    "name", ["/abs/victim.tar", "../../victim.tar", "/dev/zero", "pipe:touch {marker}; cat {real}"]
+)
 @pytest.mark.slow
 @pytest.mark.parametrize("command", ["inspect", "evaluate", "train", "video"])
 def test_shard_names_in_a_manifest_are_never_opened_outside_dest(name, command, shards, small_run, tmp_path):
@@ -172,13 +190,34 @@ def test_shard_names_in_a_manifest_are_never_opened_outside_dest(name, command, 
     manifest["splits"][split]["shards"][0]["name"] = name.format(marker=marker, real=real)
     write_manifest(shards, manifest)
     predictions = tmp_path / "predictions.json"
-    predictions.write_text(json.dumps([{"key": "k/a/000005", "path": "Test/x/asl-z/color_0.png",
-                                        "sequence": "Test/x/asl-z", "start": 0, "stop": 5, "truth": "asl-z",
-                                        "prediction": "asl-z"}]))
+    predictions.write_text(
+        json.dumps(
+            [
+                {
+                    "key": "k/a/000005",
+                    "path": "Test/x/asl-z/color_0.png",
+                    "sequence": "Test/x/asl-z",
+                    "start": 0,
+                    "stop": 5,
+                    "truth": "asl-z",
+                    "prediction": "asl-z",
+                }
+            ]
+        )
+    )
     args = {
         "inspect": ["inspect", shards, "--out", str(tmp_path / "grid.png"), "--split", split],
-        "evaluate": ["evaluate", "--checkpoint", small_run, "--data", shards, "--out", str(tmp_path / "scores"),
-                     "--device", "cpu"],
+        "evaluate": [
+            "evaluate",
+            "--checkpoint",
+            small_run,
+            "--data",
+            shards,
+            "--out",
+            str(tmp_path / "scores"),
+            "--device",
+            "cpu",
+        ],
         "train": ["train", "--data", shards, "--run-dir", str(tmp_path / "r"), *TRAIN],
         "video": ["video", str(predictions), str(tmp_path / "v.mp4"), "--data", shards],
     }[command]
@@ -192,26 +231,40 @@ def test_empty_or_scheme_locations_are_refused(capsys, tmp_path):
     """An unset shell variable gives an empty flag; a URL scheme other than gs:// is never ours."""
     marker = tmp_path / "pwned"
     for args, flag, why in (
-            (["train", "--data", "", "--run-dir", str(tmp_path / "r")], "--data", "empty"),
-            (["train", "--data", f"pipe:touch {marker}", "--run-dir", str(tmp_path / "r")], "--data", "only local"),
-            (["evaluate", "--checkpoint", "x", "--data", "http://example.invalid/d", "--out", str(tmp_path)],
-             "--data", "only local"),
-            (["preprocess", str(tmp_path), ""], "DEST", "empty"),
-            (["inspect", "", "--out", str(tmp_path / "g.png")], "DEST", "empty")):
+        (["train", "--data", "", "--run-dir", str(tmp_path / "r")], "--data", "empty"),
+        (["train", "--data", f"pipe:touch {marker}", "--run-dir", str(tmp_path / "r")], "--data", "only local"),
+        (
+            ["evaluate", "--checkpoint", "x", "--data", "http://example.invalid/d", "--out", str(tmp_path)],
+            "--data",
+            "only local",
+        ),
+        (["preprocess", str(tmp_path), ""], "DEST", "empty"),
+        (["inspect", "", "--out", str(tmp_path / "g.png")], "DEST", "empty"),
+    ):
         code, err = cli(capsys, *args)
         line = one_line(err)
         assert code == 2 and line.startswith(f"error: {flag}") and why in line, line
     assert not marker.exists()
 
 
-@pytest.mark.parametrize("sequence", ["../outside", "/etc", "Test/../../outside", "Test/x/../../../outside",
-                                      "Test/a\u0000b/asl-z"])
+@pytest.mark.parametrize(
+    "sequence", ["../outside", "/etc", "Test/../../outside", "Test/x/../../../outside", "Test/a\u0000b/asl-z"]
+)
 def test_video_never_reads_frames_outside_src(sequence, tiny_dataset, tmp_path, capsys):
     outside = tmp_path / "outside"
     outside.mkdir()
     shutil.copy(os.path.join(tiny_dataset, "Test/test00/asl-z/color_0.png"), outside / "color_0.png")
-    rows = [{"key": "k", "path": "Test/x/y/color_0.png", "sequence": sequence, "start": 0, "stop": 0,
-             "truth": "asl-z", "prediction": "asl-z"}]
+    rows = [
+        {
+            "key": "k",
+            "path": "Test/x/y/color_0.png",
+            "sequence": sequence,
+            "start": 0,
+            "stop": 0,
+            "truth": "asl-z",
+            "prediction": "asl-z",
+        }
+    ]
     (tmp_path / "p.json").write_text(json.dumps(rows))
     code, err = cli(capsys, "video", str(tmp_path / "p.json"), str(tmp_path / "v.mp4"), "--src", tiny_dataset)
     assert code == 2 and "not a name this project writes" in one_line(err)
@@ -224,14 +277,29 @@ def test_video_never_reads_frames_outside_src(sequence, tiny_dataset, tmp_path, 
 
 # --- deletion: only what we made and marked -------------------------------------------------------
 
+
 def test_cache_dir_keeps_what_the_user_had_in_it(tiny_dataset, tmp_path):
     cache = tmp_path / "scratch"
     cache.mkdir()
     (cache / "thesis.tex").write_text("years of work")
     (cache / "sub").mkdir()
     (cache / "sub" / "data.bin").write_bytes(b"\1\2")
-    assert main(["preprocess", tiny_dataset, str(tmp_path / "out"), "--cache-dir", str(cache), "--workers", "1",
-                 "--image-size", "16"]) == 0
+    assert (
+        main(
+            [
+                "preprocess",
+                tiny_dataset,
+                str(tmp_path / "out"),
+                "--cache-dir",
+                str(cache),
+                "--workers",
+                "1",
+                "--image-size",
+                "16",
+            ]
+        )
+        == 0
+    )
     assert (cache / "thesis.tex").read_text() == "years of work" and (cache / "sub" / "data.bin").exists()
     assert sorted(os.listdir(cache)) == ["sub", "thesis.tex"]  # our own cache folder inside it is gone
 
@@ -260,6 +328,7 @@ def test_a_cache_folder_that_is_not_ours_is_refused(tiny_dataset, tmp_path, caps
 
 # --- atomicity: every write checked, every replace atomic, resume re-verifies --------------------
 
+
 def _interrupt(monkeypatch, name: str, after: int) -> None:
     """Make preprocessing stop (as a Ctrl-C would) after ``after`` results of ``name``."""
     real = getattr(preprocess_module, name)
@@ -283,9 +352,11 @@ def test_resume_rewrites_a_kept_shard_damaged_between_runs(damage, tiny_dataset,
     dest = str(tmp_path / "out")
     _interrupt(monkeypatch, "map_unordered", 4)
     with pytest.raises(KeyboardInterrupt):
-        preprocess_module.preprocess(preprocess_module.PreprocessConfig(tiny_dataset, dest, workers=1, image_size=16,
-                                                                        shard_size=8), progress=False,
-                                     print_fn=lambda *a: None)
+        preprocess_module.preprocess(
+            preprocess_module.PreprocessConfig(tiny_dataset, dest, workers=1, image_size=16, shard_size=8),
+            progress=False,
+            print_fn=lambda *a: None,
+        )
     monkeypatch.undo()
     kept = sorted(n for n in storage.list_files(dest) if n.endswith(".tar"))
     assert len(kept) >= 4  # the last one may be written but not yet logged: also rewritten
@@ -354,14 +425,13 @@ def test_damaged_state_files_do_not_block_resume(damage, tiny_dataset, tmp_path,
     else:
         state = os.path.join(dest, ".pyact-preprocess.json")
         data = open(state).read()
-        open(state, "w").write(data[:len(data) // 2])
+        open(state, "w").write(data[: len(data) // 2])
     assert main(["preprocess", tiny_dataset, dest, *PRE]) == 0
     assert tree_bytes(dest) == tree_bytes(reference)
 
 
 @pytest.mark.parametrize("phase", ["decode", "shards"])
-def test_disk_full_is_one_line_and_the_resumed_output_is_identical(phase, tiny_dataset, tmp_path, capsys,
-                                                                     monkeypatch):
+def test_disk_full_is_one_line_and_the_resumed_output_is_identical(phase, tiny_dataset, tmp_path, capsys, monkeypatch):
     """Root only (tmpfs). Before the fix a short pwrite was logged as decoded and the resumed
     run published all-black frames. The disk fills after the space check (another program
     wrote to it): the check itself is the next test."""
@@ -394,8 +464,11 @@ def test_an_image_size_the_disk_cannot_hold_is_refused_before_work(where, tiny_d
     (tmpfs). The negative control: the same disk holds --image-size 16."""
     disk = tmp_path / "disk"
     with small_tmpfs(disk, "4m"):
-        dest, extra = ((str(tmp_path / "out"), ["--cache-dir", str(disk)]) if where == "cache"
-                       else (str(disk / "out"), ["--cache-dir", str(tmp_path / "cache")]))
+        dest, extra = (
+            (str(tmp_path / "out"), ["--cache-dir", str(disk)])
+            if where == "cache"
+            else (str(disk / "out"), ["--cache-dir", str(tmp_path / "cache")])
+        )
         code, err = cli(capsys, "preprocess", tiny_dataset, dest, "--workers", "1", "--image-size", "128", *extra)
         assert code == 2
         line = one_line(err)
@@ -405,7 +478,8 @@ def test_an_image_size_the_disk_cannot_hold_is_refused_before_work(where, tiny_d
 
 
 def test_an_emulator_outage_mid_run_is_one_line_and_the_resumed_bucket_is_identical(
-        tiny_dataset, tmp_path, monkeypatch, capsys):
+    tiny_dataset, tmp_path, monkeypatch, capsys
+):
     from pyact_torch.io.emulator import GCSEmulator
 
     reference = str(tmp_path / "reference")
@@ -471,8 +545,18 @@ def _pax(record: bytes) -> bytes:
     return crafted_tar(header("././@PaxHeader", len(record), b"x") + pad(record), header("a.cls", 1) + pad(b"3"))
 
 
-@pytest.mark.parametrize("case", ["pax length 0", "pax length 1", "pax length past the end", "pax no newline",
-                                  "1 GiB member in 4 KB", "2**40 member", "8 GiB base-256 member"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "pax length 0",
+        "pax length 1",
+        "pax length past the end",
+        "pax no newline",
+        "1 GiB member in 4 KB",
+        "2**40 member",
+        "8 GiB base-256 member",
+    ],
+)
 def test_tar_headers_cannot_hang_or_exhaust_memory(case, tmp_path):
     data = {
         "pax length 0": _pax(b"0 path=x\n"),
@@ -521,9 +605,20 @@ def _replace_member(shard: str, ext: str, content: bytes) -> None:
 NPY = b"\x93NUMPY\x01\x00"
 
 
-@pytest.mark.parametrize("case", ["cls not a number", "cls out of range", "npy wrong shape", "npy huge header",
-                                  "npy object dtype", "npy short data", "missing shard", "half shard",
-                                  "count disagrees"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "cls not a number",
+        "cls out of range",
+        "npy wrong shape",
+        "npy huge header",
+        "npy object dtype",
+        "npy short data",
+        "missing shard",
+        "half shard",
+        "count disagrees",
+    ],
+)
 @pytest.mark.slow
 def test_damaged_data_in_training_is_one_line_naming_the_shard(case, shards, tmp_path):
     manifest = read_manifest(shards)
@@ -540,8 +635,11 @@ def test_damaged_data_in_training_is_one_line_naming_the_shard(case, shards, tmp
     elif case == "npy huge header":
         _replace_member(shard, "clip.npy", NPY + (60000).to_bytes(2, "little") + b"{" * 100)
     elif case == "npy object dtype":
-        _replace_member(shard, "clip.npy", NPY + b"\x76\x00" + b"{'descr': '|O', 'fortran_order': False, "
-                        b"'shape': (1,), }".ljust(117) + b"\n")
+        _replace_member(
+            shard,
+            "clip.npy",
+            NPY + b"\x76\x00" + b"{'descr': '|O', 'fortran_order': False, 'shape': (1,), }".ljust(117) + b"\n",
+        )
     elif case == "npy short data":
         buffer = io.BytesIO()
         np.save(buffer, np.zeros((6, 16, 16, 3), np.uint8))
@@ -550,14 +648,23 @@ def test_damaged_data_in_training_is_one_line_naming_the_shard(case, shards, tmp
         os.remove(shard)
     elif case == "half shard":
         data = open(shard, "rb").read()
-        open(shard, "wb").write(data[:len(data) // 2])
+        open(shard, "wb").write(data[: len(data) // 2])
     else:
         entry["count"] += 1
         manifest["splits"]["train"]["count"] += 1
         write_manifest(shards, manifest)
     for workers in ("0", "2"):
-        result = run("train", "--data", shards, "--run-dir", str(tmp_path / f"run{workers}"), *TRAIN[:-4],
-                     "--workers", workers, timeout=300)
+        result = run(
+            "train",
+            "--data",
+            shards,
+            "--run-dir",
+            str(tmp_path / f"run{workers}"),
+            *TRAIN[:-4],
+            "--workers",
+            workers,
+            timeout=300,
+        )
         assert result.returncode == 2, result.stderr[-3000:]
         line = one_line(result.stderr)
         assert entry["name"] in line or "inspect" in line, line
@@ -570,18 +677,39 @@ def test_a_damaged_shard_under_xla_is_one_line_not_a_short_epoch(shards, tmp_pat
     entry = read_manifest(shards)["splits"]["train"]["shards"][2]
     shard = os.path.join(shards, entry["name"])
     data = open(shard, "rb").read()
-    open(shard, "wb").write(data[:len(data) // 2])
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "train_tpu.py"), "--data", shards,
-                             "--run-dir", str(tmp_path / "run"), "--device", "xla", "--model", "tiny", "--epochs", "1",
-                             "--batch-size", "4", "--workers", "1"], capture_output=True, text=True, timeout=600,
-                            env=dict(os.environ, PJRT_DEVICE="CPU"))
+    open(shard, "wb").write(data[: len(data) // 2])
+    result = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(ROOT, "scripts", "train_tpu.py"),
+            "--data",
+            shards,
+            "--run-dir",
+            str(tmp_path / "run"),
+            "--device",
+            "xla",
+            "--model",
+            "tiny",
+            "--epochs",
+            "1",
+            "--batch-size",
+            "4",
+            "--workers",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=dict(os.environ, PJRT_DEVICE="CPU"),
+    )
     assert result.returncode == 2, result.stderr[-3000:]
     assert entry["name"] in one_line(result.stderr)
     assert not (tmp_path / "run" / "final.pt").exists()
 
 
-@pytest.mark.parametrize("damage", ["count 0", "count missing", "count disagrees with the shards", "not a dict",
-                                    "shard count not a number"])
+@pytest.mark.parametrize(
+    "damage", ["count 0", "count missing", "count disagrees with the shards", "not a dict", "shard count not a number"]
+)
 @pytest.mark.parametrize("command", ["inspect", "train", "evaluate"])
 def test_a_malformed_split_entry_is_one_line(damage, command, shards, small_run, tmp_path, capsys):
     manifest = read_manifest(shards)
@@ -598,10 +726,21 @@ def test_a_malformed_split_entry_is_one_line(damage, command, shards, small_run,
     else:
         entry["shards"][0]["count"] = "12"
     write_manifest(shards, manifest)
-    args = {"inspect": ["inspect", shards, "--out", str(tmp_path / "g.png"), "--split", split],
-            "train": ["train", "--data", shards, "--run-dir", str(tmp_path / "run"), *TRAIN],
-            "evaluate": ["evaluate", "--checkpoint", small_run, "--data", shards, "--out", str(tmp_path / "s"),
-                         "--device", "cpu"]}[command]
+    args = {
+        "inspect": ["inspect", shards, "--out", str(tmp_path / "g.png"), "--split", split],
+        "train": ["train", "--data", shards, "--run-dir", str(tmp_path / "run"), *TRAIN],
+        "evaluate": [
+            "evaluate",
+            "--checkpoint",
+            small_run,
+            "--data",
+            shards,
+            "--out",
+            str(tmp_path / "s"),
+            "--device",
+            "cpu",
+        ],
+    }[command]
     code, err = cli(capsys, *args)
     assert code == 2 and "malformed" in one_line(err)
 
@@ -609,8 +748,9 @@ def test_a_malformed_split_entry_is_one_line(damage, command, shards, small_run,
 def test_a_json_member_that_is_not_the_metadata_is_one_line(shards, small_run, tmp_path, capsys):
     entry = read_manifest(shards)["splits"]["test"]["shards"][0]
     _replace_member(os.path.join(shards, entry["name"]), "json", b"not json")
-    code, err = cli(capsys, "evaluate", "--checkpoint", small_run, "--data", shards, "--out", str(tmp_path / "s"),
-                    "--device", "cpu")
+    code, err = cli(
+        capsys, "evaluate", "--checkpoint", small_run, "--data", shards, "--out", str(tmp_path / "s"), "--device", "cpu"
+    )
     line = one_line(err)
     assert code == 2 and entry["name"] in line and "json" in line
     assert not (tmp_path / "s" / "predictions.json").exists()
@@ -618,27 +758,48 @@ def test_a_json_member_that_is_not_the_metadata_is_one_line(shards, small_run, t
 
 def test_evaluate_with_a_missing_split_or_folder_is_one_line(shards, small_run, tmp_path, capsys):
     shutil.rmtree(os.path.join(shards, "test"))
-    code, err = cli(capsys, "evaluate", "--checkpoint", small_run, "--data", shards, "--out", str(tmp_path / "s"),
-                    "--device", "cpu")
+    code, err = cli(
+        capsys, "evaluate", "--checkpoint", small_run, "--data", shards, "--out", str(tmp_path / "s"), "--device", "cpu"
+    )
     assert code == 2 and "missing" in one_line(err)
     manifest = read_manifest(shards)
     del manifest["splits"]["test"]
     write_manifest(shards, manifest)
-    code, err = cli(capsys, "evaluate", "--checkpoint", small_run, "--data", shards, "--out", str(tmp_path / "s"),
-                    "--device", "cpu")
+    code, err = cli(
+        capsys, "evaluate", "--checkpoint", small_run, "--data", shards, "--out", str(tmp_path / "s"), "--device", "cpu"
+    )
     assert code == 2 and "no 'test' split" in one_line(err)
 
 
 # --- signals -------------------------------------------------------------------------------------
 
+
 @pytest.mark.slow
 def test_sigterm_to_the_process_group_checkpoints_and_exits_zero(learn_shards, tmp_path):
     """A VM shutdown SIGTERMs every process of the group, loader workers included."""
     run_dir = str(tmp_path / "run")
-    args = ["train", "--data", learn_shards, "--run-dir", run_dir, "--device", "cpu", "--model", "tiny",
-            "--epochs", "3", "--workers", "2", "--log-every", "5", "--ckpt-every", "0"]
-    process = subprocess.Popen([*CLI, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               start_new_session=True)
+    args = [
+        "train",
+        "--data",
+        learn_shards,
+        "--run-dir",
+        run_dir,
+        "--device",
+        "cpu",
+        "--model",
+        "tiny",
+        "--epochs",
+        "3",
+        "--workers",
+        "2",
+        "--log-every",
+        "5",
+        "--ckpt-every",
+        "0",
+    ]
+    process = subprocess.Popen(
+        [*CLI, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
     metrics = os.path.join(run_dir, "metrics.jsonl")
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and process.poll() is None and not os.path.exists(metrics):
@@ -671,8 +832,9 @@ def test_a_command_that_fails_mid_epoch_still_exits(small_shards):
     """At exit, multiprocessing ends leftover loader workers with SIGTERM from the main process:
     workers ignore only SIGTERMs from others (a process-group preemption). With every SIGTERM
     ignored, this exit hung forever (measured: killed by the timeout)."""
-    result = subprocess.run([sys.executable, "-c", EXIT_WITH_A_LIVE_LOADER, small_shards], capture_output=True,
-                            text=True, timeout=60)
+    result = subprocess.run(
+        [sys.executable, "-c", EXIT_WITH_A_LIVE_LOADER, small_shards], capture_output=True, text=True, timeout=60
+    )
     assert result.returncode == 2, result.stderr[-2000:]
 
 
@@ -687,8 +849,9 @@ def test_preprocessing_workers_die_with_their_parent(raw_dataset, tmp_path):
     import psutil
 
     dest = str(tmp_path / "out")
-    process = subprocess.Popen([*CLI, "preprocess", raw_dataset, dest, "--workers", "2"],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        [*CLI, "preprocess", raw_dataset, dest, "--workers", "2"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     log = os.path.join(dest, ".pyact-cache", "decoded.log")
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and not (os.path.exists(log) and open(log).read().count("\n") >= 2):
@@ -706,8 +869,13 @@ def test_sigterm_to_preprocessing_stops_cleanly_and_the_rerun_is_identical(raw_d
     reference = str(tmp_path / "reference")
     assert main(["preprocess", raw_dataset, reference, "--workers", "2", "--shard-size", "16"]) == 0
     dest = str(tmp_path / "out")
-    process = subprocess.Popen([*CLI, "preprocess", raw_dataset, dest, "--workers", "2", "--shard-size", "16"],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    process = subprocess.Popen(
+        [*CLI, "preprocess", raw_dataset, dest, "--workers", "2", "--shard-size", "16"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     log = os.path.join(dest, ".pyact-cache", "decoded.log")
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and not (os.path.exists(log) and open(log).read().count("\n") >= 2):
@@ -723,6 +891,7 @@ def test_sigterm_to_preprocessing_stops_cleanly_and_the_rerun_is_identical(raw_d
 
 # --- one line for every user-fixable failure -------------------------------------------------------
 
+
 def _state(step: int) -> dict:
     from pyact_torch.training.checkpoint import make_checkpoint
 
@@ -737,10 +906,26 @@ class _Exploit:
         return os.system, (f"touch {self.marker}",)
 
 
-@pytest.mark.parametrize("case", ["text file", "folder", "pickle that runs code", "truncated", "weights only",
-                                  "other model", "other batch size", "other workers", "other seed",
-                                  "other shuffle buffer", "other augment", "other dropout", "other weight decay",
-                                  "other data", "missing"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "text file",
+        "folder",
+        "pickle that runs code",
+        "truncated",
+        "weights only",
+        "other model",
+        "other batch size",
+        "other workers",
+        "other seed",
+        "other shuffle buffer",
+        "other augment",
+        "other dropout",
+        "other weight decay",
+        "other data",
+        "missing",
+    ],
+)
 def test_bad_resume_checkpoints_are_one_line(case, small_shards, small_run, tmp_path, capsys):
     target = str(tmp_path / "resume.pt")
     final = os.path.join(small_run, "final.pt")
@@ -758,10 +943,16 @@ def test_bad_resume_checkpoints_are_one_line(case, small_shards, small_run, tmp_
         torch.save({k: v for k, v in state.items() if k not in ("optimizer", "scheduler")}, target)
     elif case.startswith("other") and case != "other data":
         shutil.copy(final, target)
-        extra = {"other model": ["--model", "c3d"], "other batch size": ["--batch-size", "8"],
-                 "other workers": ["--workers", "1"], "other seed": ["--seed", "1"],
-                 "other shuffle buffer": ["--shuffle-buffer", "10"], "other augment": ["--augment", "pyact"],
-                 "other dropout": ["--dropout", "0.2"], "other weight decay": ["--weight-decay", "1e-4"]}[case]
+        extra = {
+            "other model": ["--model", "c3d"],
+            "other batch size": ["--batch-size", "8"],
+            "other workers": ["--workers", "1"],
+            "other seed": ["--seed", "1"],
+            "other shuffle buffer": ["--shuffle-buffer", "10"],
+            "other augment": ["--augment", "pyact"],
+            "other dropout": ["--dropout", "0.2"],
+            "other weight decay": ["--weight-decay", "1e-4"],
+        }[case]
     elif case == "other data":  # the same shapes and classes, one train shard fewer
         shutil.copy(final, target)
         data = str(tmp_path / "other")
@@ -773,8 +964,9 @@ def test_bad_resume_checkpoints_are_one_line(case, small_shards, small_run, tmp_
         extra = ["--data", data]  # the last --data wins
     else:
         target = str(tmp_path / "nothing.pt")
-    code, err = cli(capsys, "train", "--data", small_shards, "--run-dir", str(tmp_path / "run"), *TRAIN,
-                    "--resume", target, *extra)
+    code, err = cli(
+        capsys, "train", "--data", small_shards, "--run-dir", str(tmp_path / "run"), *TRAIN, "--resume", target, *extra
+    )
     assert code == 2
     line = one_line(err)
     if case.startswith("other") and case != "other data":
@@ -807,12 +999,27 @@ def test_class_names_in_a_manifest_are_checked(classes, command, shards, small_r
     one class; a name is printed and drawn, and a path or control character has no place."""
     manifest = json.load(open(os.path.join(shards, "manifest.json")))
     names = manifest["classes"]
-    manifest["classes"] = {"a class twice": names[:-1] + names[:1], "a path": ["../../x"] + names[1:],
-                           "a newline": [names[0] + "\nerror: forged"] + names[1:], "one class": names[:1]}[classes]
+    manifest["classes"] = {
+        "a class twice": names[:-1] + names[:1],
+        "a path": ["../../x"] + names[1:],
+        "a newline": [names[0] + "\nerror: forged"] + names[1:],
+        "one class": names[:1],
+    }[classes]
     write_manifest(shards, manifest)
-    args = {"train": ["train", "--data", shards, "--run-dir", str(tmp_path / "run"), *TRAIN],
-            "evaluate": ["evaluate", "--checkpoint", small_run, "--data", shards, "--out", str(tmp_path / "out"),
-                         "--device", "cpu"]}[command]
+    args = {
+        "train": ["train", "--data", shards, "--run-dir", str(tmp_path / "run"), *TRAIN],
+        "evaluate": [
+            "evaluate",
+            "--checkpoint",
+            small_run,
+            "--data",
+            shards,
+            "--out",
+            str(tmp_path / "out"),
+            "--device",
+            "cpu",
+        ],
+    }[command]
     code, err = cli(capsys, *args)
     assert code == 2
     line = one_line(err)
@@ -843,26 +1050,86 @@ def test_class_names_given_on_the_command_line_are_checked(capsys):
         assert "--classes" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("case", ["evaluate --batch-size", "train --batch-size", "inspect --size", "inspect --n",
-                                  "video --size", "video --sheet-windows"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "evaluate --batch-size",
+        "train --batch-size",
+        "inspect --size",
+        "inspect --n",
+        "video --size",
+        "video --sheet-windows",
+    ],
+)
 def test_sizes_beyond_the_machine_are_refused_with_the_figure(case, small_shards, small_run, tmp_path, capsys):
     """They tried to allocate tens of GB to TB (evaluate --batch-size 100000000, inspect and
     video --size 100000). A bound where a person's use has one (a displayed frame, a batch an
     exported program takes); the memory estimate, named, where it depends on the machine."""
     predictions = tmp_path / "predictions.json"
-    predictions.write_text(json.dumps([{"key": f"k{i}", "path": "p/color_0.png", "sequence": "p", "start": 0,
-                                        "stop": 5, "truth": "a", "prediction": "a", "probability": 1.0}
-                                       for i in range(2000)]))
-    args = {"evaluate --batch-size": ["evaluate", "--checkpoint", small_run, "--data", small_shards, "--out",
-                                      str(tmp_path / "out"), "--device", "cpu", "--batch-size", "100000000"],
-            "train --batch-size": ["train", "--data", small_shards, "--run-dir", str(tmp_path / "run"), *TRAIN,
-                                   "--batch-size", "1000000000"],
-            "inspect --size": ["inspect", small_shards, "--out", str(tmp_path / "g.png"), "--size", "100000"],
-            "inspect --n": ["inspect", small_shards, "--out", str(tmp_path / "g.png"), "--n", "100000"],
-            "video --size": ["video", str(predictions), str(tmp_path / "v.mp4"), "--data", small_shards,
-                             "--size", "100000"],
-            "video --sheet-windows": ["video", str(predictions), str(tmp_path / "v.mp4"), "--data", small_shards,
-                                      "--sheet-windows", "1000", "--size", "2048"]}[case]
+    predictions.write_text(
+        json.dumps(
+            [
+                {
+                    "key": f"k{i}",
+                    "path": "p/color_0.png",
+                    "sequence": "p",
+                    "start": 0,
+                    "stop": 5,
+                    "truth": "a",
+                    "prediction": "a",
+                    "probability": 1.0,
+                }
+                for i in range(2000)
+            ]
+        )
+    )
+    args = {
+        "evaluate --batch-size": [
+            "evaluate",
+            "--checkpoint",
+            small_run,
+            "--data",
+            small_shards,
+            "--out",
+            str(tmp_path / "out"),
+            "--device",
+            "cpu",
+            "--batch-size",
+            "100000000",
+        ],
+        "train --batch-size": [
+            "train",
+            "--data",
+            small_shards,
+            "--run-dir",
+            str(tmp_path / "run"),
+            *TRAIN,
+            "--batch-size",
+            "1000000000",
+        ],
+        "inspect --size": ["inspect", small_shards, "--out", str(tmp_path / "g.png"), "--size", "100000"],
+        "inspect --n": ["inspect", small_shards, "--out", str(tmp_path / "g.png"), "--n", "100000"],
+        "video --size": [
+            "video",
+            str(predictions),
+            str(tmp_path / "v.mp4"),
+            "--data",
+            small_shards,
+            "--size",
+            "100000",
+        ],
+        "video --sheet-windows": [
+            "video",
+            str(predictions),
+            str(tmp_path / "v.mp4"),
+            "--data",
+            small_shards,
+            "--sheet-windows",
+            "1000",
+            "--size",
+            "2048",
+        ],
+    }[case]
     code, err = cli(capsys, *args)
     assert code == 2
     line = one_line(err)
@@ -878,8 +1145,18 @@ def test_an_empty_split_is_one_line_in_evaluate(shards, small_run, tmp_path, cap
     manifest = json.load(open(os.path.join(shards, "manifest.json")))
     manifest["splits"]["test"] = {"count": 0, "class_counts": {c: 0 for c in manifest["classes"]}, "shards": []}
     write_manifest(shards, manifest)
-    code, err = cli(capsys, "evaluate", "--checkpoint", small_run, "--data", shards, "--out", str(tmp_path / "out"),
-                    "--device", "cpu")
+    code, err = cli(
+        capsys,
+        "evaluate",
+        "--checkpoint",
+        small_run,
+        "--data",
+        shards,
+        "--out",
+        str(tmp_path / "out"),
+        "--device",
+        "cpu",
+    )
     assert code == 2 and "no windows" in one_line(err) and "--split" in one_line(err)
     assert not (tmp_path / "out").exists()
 
@@ -902,8 +1179,19 @@ def test_a_diverged_loss_stops_training_before_a_checkpoint(log_every, small_sha
 
     monkeypatch.setattr(train.F, "cross_entropy", cross_entropy)
     run_dir = tmp_path / "run"
-    code, err = cli(capsys, "train", "--data", small_shards, "--run-dir", str(run_dir), *TRAIN,
-                    "--log-every", log_every, "--ckpt-every", "3")
+    code, err = cli(
+        capsys,
+        "train",
+        "--data",
+        small_shards,
+        "--run-dir",
+        str(run_dir),
+        *TRAIN,
+        "--log-every",
+        log_every,
+        "--ckpt-every",
+        "3",
+    )
     assert code == 2
     line = one_line(err)
     assert f"by step {5 if log_every == '1' else 6}" in line and "--lr" in line, line
@@ -932,8 +1220,13 @@ def test_a_damaged_latest_pointer_falls_back_to_the_checkpoints(damage, small_sh
     os.remove(run_dir / "final.json")
     pointer = run_dir / "latest.json"
     good = json.loads(pointer.read_text())
-    pointer.write_text({"invalid JSON": "{not json", "a list": "[]",
-                        "names a missing file": json.dumps({**good, "name": "ckpt-999.pt", "history": []})}[damage])
+    pointer.write_text(
+        {
+            "invalid JSON": "{not json",
+            "a list": "[]",
+            "names a missing file": json.dumps({**good, "name": "ckpt-999.pt", "history": []}),
+        }[damage]
+    )
     capsys.readouterr()
     assert main([*args, "--epochs", "2"]) == 0
     out = capsys.readouterr().out
@@ -955,15 +1248,35 @@ def test_scoring_falls_back_from_a_damaged_best_to_final(small_run, small_shards
     for name in os.listdir(run_dir):
         if name.endswith(".pt"):
             (run_dir / name).write_bytes(b"junk")
-    code, err = cli(capsys, "evaluate", "--checkpoint", str(run_dir), "--data", small_shards,
-                    "--out", str(tmp_path / "s"), "--device", "cpu")
+    code, err = cli(
+        capsys,
+        "evaluate",
+        "--checkpoint",
+        str(run_dir),
+        "--data",
+        small_shards,
+        "--out",
+        str(tmp_path / "s"),
+        "--device",
+        "cpu",
+    )
     assert code == 2 and "an intact checkpoint" in one_line(err)
 
 
-@pytest.mark.parametrize("flag", [("--lr", "nan"), ("--lr", "inf"), ("--lr", "-1"), ("--epochs", "0"),
-                                  ("--dropout", "1"), ("--dropout", "-0.1"), ("--weight-decay", "nan"),
-                                  ("--weight-decay", "2"),
-                                  ("--model", "c3d-v1")])  # 16x16 frames: c3d-v1 pools 5 times
+@pytest.mark.parametrize(
+    "flag",
+    [
+        ("--lr", "nan"),
+        ("--lr", "inf"),
+        ("--lr", "-1"),
+        ("--epochs", "0"),
+        ("--dropout", "1"),
+        ("--dropout", "-0.1"),
+        ("--weight-decay", "nan"),
+        ("--weight-decay", "2"),
+        ("--model", "c3d-v1"),
+    ],
+)  # 16x16 frames: c3d-v1 pools 5 times
 def test_absurd_training_flags_are_refused_before_work(flag, small_shards, tmp_path, capsys):
     code, err = cli(capsys, "train", "--data", small_shards, "--run-dir", str(tmp_path / "run"), *TRAIN, *flag)
     assert code == 2 and flag[0] in one_line(err)
@@ -997,16 +1310,27 @@ def test_a_lone_reader_with_more_workers_than_shards_uses_fewer(small_shards, tm
     stays where replicas or hosts outnumber shards (tests/test_spmd.py)."""
     manifest = read_manifest(small_shards)
     shards_count, windows = len(manifest["splits"]["train"]["shards"]), manifest["splits"]["train"]["count"]
-    code = main(["train", "--data", small_shards, "--run-dir", str(tmp_path / "run"), *TRAIN[:-4],
-                 "--batch-size", "4", "--workers", str(shards_count + 3)])
+    code = main(
+        [
+            "train",
+            "--data",
+            small_shards,
+            "--run-dir",
+            str(tmp_path / "run"),
+            *TRAIN[:-4],
+            "--batch-size",
+            "4",
+            "--workers",
+            str(shards_count + 3),
+        ]
+    )
     out = capsys.readouterr().out
     assert code == 0
     assert f"note: {shards_count} loader workers instead of --workers {shards_count + 3}" in out
     assert f"{windows // 4} steps of 4 windows" in out  # every window of the epoch (but a last partial batch)
 
 
-@pytest.mark.parametrize("case", ["seq-len 1", "seq-len beyond every sequence", "empty Test split",
-                                  "duplicate keys"])
+@pytest.mark.parametrize("case", ["seq-len 1", "seq-len beyond every sequence", "empty Test split", "duplicate keys"])
 def test_preprocessing_checks_before_decoding(case, tiny_dataset, tmp_path, capsys, monkeypatch):
     extra: list[str] = []
     if case == "seq-len 1":
@@ -1033,16 +1357,21 @@ def test_preprocessing_checks_before_decoding(case, tiny_dataset, tmp_path, caps
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case", ["invalid bucket name", "endpoint unreachable", "endpoint silent",
-                                  "missing bucket as --data"])
+@pytest.mark.parametrize(
+    "case", ["invalid bucket name", "endpoint unreachable", "endpoint silent", "missing bucket as --data"]
+)
 def test_gcs_failures_are_one_line_and_fast(case, small_shards, tmp_path, gcs):
-    """"endpoint silent" accepts connections and never answers: each request waited the
+    """ "endpoint silent" accepts connections and never answers: each request waited the
     library's own 60 s while the message said "gave up after 5 s"."""
     import socket
 
     env = dict(os.environ, PYACT_GCS_TIMEOUT="3")
-    data = {"invalid bucket name": "gs://Bad_Bucket!!/x", "endpoint unreachable": "gs://pyact-test/x",
-            "endpoint silent": "gs://pyact-test/x", "missing bucket as --data": "gs://no-such-bucket/shards"}[case]
+    data = {
+        "invalid bucket name": "gs://Bad_Bucket!!/x",
+        "endpoint unreachable": "gs://pyact-test/x",
+        "endpoint silent": "gs://pyact-test/x",
+        "missing bucket as --data": "gs://no-such-bucket/shards",
+    }[case]
     silent = socket.create_server(("127.0.0.1", 0), backlog=64)  # the kernel completes connections; no answer
     if case == "endpoint unreachable":
         env["STORAGE_EMULATOR_HOST"] = "http://127.0.0.1:9"  # nothing listens there
@@ -1053,8 +1382,12 @@ def test_gcs_failures_are_one_line_and_fast(case, small_shards, tmp_path, gcs):
         result = run("train", "--data", data, "--run-dir", str(tmp_path / "run"), *TRAIN, env=env, timeout=120)
     assert result.returncode == 2
     line = one_line(result.stderr)
-    assert {"invalid bucket name": "not a valid bucket name", "endpoint unreachable": "cannot reach",
-            "endpoint silent": "cannot reach", "missing bucket as --data": "bucket does not exist"}[case] in line
+    assert {
+        "invalid bucket name": "not a valid bucket name",
+        "endpoint unreachable": "cannot reach",
+        "endpoint silent": "cannot reach",
+        "missing bucket as --data": "bucket does not exist",
+    }[case] in line
     if "gave up after" in line:  # the time said is the time taken, and within twice the deadline
         assert int(line.split("gave up after ")[1].split(" s")[0]) <= 6, line
     assert time.monotonic() - started < 50
@@ -1064,8 +1397,12 @@ def test_gcs_failures_are_one_line_and_fast(case, small_shards, tmp_path, gcs):
 def test_inspect_checks_its_output_before_reading_shards(case, shards, tmp_path, capsys, monkeypatch):
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    out = {"a folder": str(tmp_path), "under a file": str(blocker / "grid.png"),
-           "the manifest": os.path.join(shards, "manifest.json"), "not a png": str(tmp_path / "grid.txt")}[case]
+    out = {
+        "a folder": str(tmp_path),
+        "under a file": str(blocker / "grid.png"),
+        "the manifest": os.path.join(shards, "manifest.json"),
+        "not a png": str(tmp_path / "grid.txt"),
+    }[case]
     before = open(os.path.join(shards, "manifest.json"), "rb").read()
     read = []
     monkeypatch.setattr("pyact_torch.data.inspection.stream_samples", lambda *a, **k: read.append(1) or iter(()))
@@ -1076,20 +1413,39 @@ def test_inspect_checks_its_output_before_reading_shards(case, shards, tmp_path,
 
 
 @pytest.mark.parametrize("command", ["synth", "preprocess", "inspect", "train", "evaluate", "video"])
-def test_a_read_only_output_folder_is_one_line_before_work(command, tiny_dataset, small_shards, small_run, tmp_path,
-                                                          capsys, monkeypatch):
+def test_a_read_only_output_folder_is_one_line_before_work(
+    command, tiny_dataset, small_shards, small_run, tmp_path, capsys, monkeypatch
+):
     locked = tmp_path / "locked"
     locked.mkdir()
-    rows = [{"key": "k", "path": "Test/test00/asl-z/color_0.png", "sequence": "Test/test00/asl-z", "start": 0,
-             "stop": 0, "truth": "a", "prediction": "a"}]
+    rows = [
+        {
+            "key": "k",
+            "path": "Test/test00/asl-z/color_0.png",
+            "sequence": "Test/test00/asl-z",
+            "start": 0,
+            "stop": 0,
+            "truth": "a",
+            "prediction": "a",
+        }
+    ]
     (tmp_path / "p.json").write_text(json.dumps(rows))
     args = {
         "synth": ["synth", str(locked / "raw")],
         "preprocess": ["preprocess", tiny_dataset, str(locked / "out"), "--workers", "1"],
         "inspect": ["inspect", small_shards, "--out", str(locked / "grid.png")],
         "train": ["train", "--data", small_shards, "--run-dir", str(locked / "run"), *TRAIN],
-        "evaluate": ["evaluate", "--checkpoint", small_run, "--data", small_shards, "--out", str(locked / "s"),
-                     "--device", "cpu"],
+        "evaluate": [
+            "evaluate",
+            "--checkpoint",
+            small_run,
+            "--data",
+            small_shards,
+            "--out",
+            str(locked / "s"),
+            "--device",
+            "cpu",
+        ],
         "video": ["video", str(tmp_path / "p.json"), str(locked / "v.mp4"), "--src", tiny_dataset],
     }[command]
     decoded = []
@@ -1103,8 +1459,17 @@ def test_a_read_only_output_folder_is_one_line_before_work(command, tiny_dataset
 def test_video_into_an_unwritable_place_is_named_before_work(small_run, tmp_path, capsys):
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    rows = [{"key": "k", "path": "Test/x/y/color_0.png", "sequence": "Test/x/y", "start": 0, "stop": 0,
-             "truth": "a", "prediction": "a"}]
+    rows = [
+        {
+            "key": "k",
+            "path": "Test/x/y/color_0.png",
+            "sequence": "Test/x/y",
+            "start": 0,
+            "stop": 0,
+            "truth": "a",
+            "prediction": "a",
+        }
+    ]
     (tmp_path / "p.json").write_text(json.dumps(rows))
     code, err = cli(capsys, "video", str(tmp_path / "p.json"), str(blocker / "v.mp4"), "--src", str(tmp_path))
     assert code == 2 and "not writable" in one_line(err) and "codec" not in err
@@ -1131,8 +1496,18 @@ def test_export_from_another_folder_finds_the_recorded_data(small_shards, tmp_pa
 
 def test_data_of_another_shape_names_the_flag_to_preprocess_with(small_run, learn_shards, tmp_path, capsys):
     """It printed both shape dicts but not the --image-size to preprocess with."""
-    code, err = cli(capsys, "evaluate", "--checkpoint", small_run, "--data", learn_shards, "--out",
-                    str(tmp_path / "out"), "--device", "cpu")
+    code, err = cli(
+        capsys,
+        "evaluate",
+        "--checkpoint",
+        small_run,
+        "--data",
+        learn_shards,
+        "--out",
+        str(tmp_path / "out"),
+        "--device",
+        "cpu",
+    )
     assert code == 2
     line = one_line(err)
     assert "--image-size 16 (this data: 32)" in line and "preprocess with --image-size 16" in line, line
@@ -1150,7 +1525,15 @@ def test_a_video_suffix_opencv_cannot_write_is_refused_before_work(small_shards,
 @pytest.mark.parametrize("folder", ["Test", "Test/test00"])
 def test_detect_on_a_split_or_subject_folder_points_to_split(folder, tiny_dataset, small_run, tmp_path, capsys):
     """It said "not a sequence folder" without saying how to run over a split."""
-    code, err = cli(capsys, "detect", "--checkpoint", small_run, "--src", os.path.join(tiny_dataset, folder),
-                    "--out", str(tmp_path / "det"))
+    code, err = cli(
+        capsys,
+        "detect",
+        "--checkpoint",
+        small_run,
+        "--src",
+        os.path.join(tiny_dataset, folder),
+        "--out",
+        str(tmp_path / "det"),
+    )
     assert code == 2
     assert f"--src {tiny_dataset} --split test" in one_line(err)

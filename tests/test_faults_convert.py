@@ -48,8 +48,9 @@ def field(number: int, payload: bytes) -> bytes:
 
 def example(feats: np.ndarray, label_feature: bytes) -> bytes:
     """A tf.train.Example: ``feats`` as a packed float_list, ``label`` the given encoded Feature."""
-    entries = (field(1, field(1, b"feats") + field(2, field(2, field(1, feats.astype("<f4").tobytes()))))
-               + field(1, field(1, b"label") + field(2, label_feature)))
+    entries = field(1, field(1, b"feats") + field(2, field(2, field(1, feats.astype("<f4").tobytes())))) + field(
+        1, field(1, b"label") + field(2, label_feature)
+    )
     return field(1, entries)
 
 
@@ -108,23 +109,40 @@ def tiny_layers(size=16, seq_len=6, channels=3, classes=17) -> list[tuple[str, l
     rng = np.random.default_rng(5)
     layers, cin = [], channels
     for i, width in enumerate(TINY_FILTERS, 1):
-        layers.append((f"CONV3D_{i}", [("kernel", rng.normal(0, .1, (3, 3, 3, cin, width)).astype(np.float32)),
-                                       ("bias", np.zeros(width, np.float32))]))
+        layers.append(
+            (
+                f"CONV3D_{i}",
+                [
+                    ("kernel", rng.normal(0, 0.1, (3, 3, 3, cin, width)).astype(np.float32)),
+                    ("bias", np.zeros(width, np.float32)),
+                ],
+            )
+        )
         layers.append((f"POOL3D_{i}", []))
-        layers.append((f"BATCH_NORM_{i}", [(kind, np.ones(width, np.float32))
-                                           for kind in ("gamma", "beta", "moving_mean", "moving_variance")]))
+        layers.append(
+            (
+                f"BATCH_NORM_{i}",
+                [(kind, np.ones(width, np.float32)) for kind in ("gamma", "beta", "moving_mean", "moving_variance")],
+            )
+        )
         cin = width
     fan_in = seq_len * (size // 16) ** 2 * cin
     for name, width in (("DENSE_1", TINY_DENSE[0]), ("DENSE_2", TINY_DENSE[1]), ("DENSE_CLASS", classes)):
-        layers.append((name, [("kernel", rng.normal(0, .1, (fan_in, width)).astype(np.float32)),
-                              ("bias", np.zeros(width, np.float32))]))
+        layers.append(
+            (
+                name,
+                [
+                    ("kernel", rng.normal(0, 0.1, (fan_in, width)).astype(np.float32)),
+                    ("bias", np.zeros(width, np.float32)),
+                ],
+            )
+        )
         fan_in = width
     return layers
 
 
 def replace_weight(layers, layer: str, kind: str, value) -> list:
-    return [(name, [(k, value if (name, k) == (layer, kind) else v) for k, v in weights])
-            for name, weights in layers]
+    return [(name, [(k, value if (name, k) == (layer, kind) else v) for k, v in weights]) for name, weights in layers]
 
 
 def test_tiny_keras_file_converts(tmp_path):
@@ -169,11 +187,23 @@ def _damage_h5(h5: str, case: str) -> list[str]:
     return ["--seq-len", "5"] if case == "wrong --seq-len" else []
 
 
-@pytest.mark.parametrize("case", ["layer without a group", "weight in another file", "model_config not JSON",
-                                  "model_config not an object",
-                                  "zero-size input shape", "input not a multiple of 16", "1-D conv kernel",
-                                  "1-D dense kernel", "string weight", "missing weight", "wrong --seq-len",
-                                  "empty DENSE_1"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "layer without a group",
+        "weight in another file",
+        "model_config not JSON",
+        "model_config not an object",
+        "zero-size input shape",
+        "input not a multiple of 16",
+        "1-D conv kernel",
+        "1-D dense kernel",
+        "string weight",
+        "missing weight",
+        "wrong --seq-len",
+        "empty DENSE_1",
+    ],
+)
 def test_malformed_keras_file_is_one_line(case, tmp_path, capsys):
     h5, out = str(tmp_path / "model.h5"), str(tmp_path / "out.pt")
     extra = _damage_h5(h5, case)
@@ -183,6 +213,7 @@ def test_malformed_keras_file_is_one_line(case, tmp_path, capsys):
 
 
 # --- output locations are checked before any input is read -----------------------------------
+
 
 def test_keras_output_under_a_file_fails_before_reading(tmp_path, capsys):
     h5 = tmp_path / "model.h5"
@@ -240,13 +271,14 @@ def test_read_only_outputs_fail_before_reading(tmp_path, capsys):
 
 # --- TFRecords: bounded reading ---------------------------------------------------------------
 
+
 def test_huge_record_length_is_one_line(tmp_path, capsys):
     records = pyact_records(np.random.default_rng(3), 2)
     folder = tmp_path / "records"
     path = write_records(folder, records)
     good = os.path.getsize(path)
     with open(path, "ab") as f:
-        f.write(record_header(2 ** 40) + bytes(100))
+        f.write(record_header(2**40) + bytes(100))
     dest = str(tmp_path / "shards")
     assert main(["convert-tfrecords", str(folder), dest]) == 2
     one_error_line(capsys, path, f"byte {good}")
@@ -268,13 +300,17 @@ def test_truncated_record_never_allocates_what_is_not_there(tmp_path):
     assert peak < 8 * 1024 * 1024
 
 
-@pytest.mark.parametrize("payload", [
-    b"\x08\x01",  # Example.features as a varint, not a message
-    example(np.zeros(24), field(3, b"")),  # label: an empty int64 list
-    example(np.zeros(24), field(3, b"\x09" + bytes(8))),  # label: a fixed64 where a varint belongs
-    example(np.zeros(24), field(3, b"\x08" + b"\xff" * 20 + b"\x01")),  # label: a 22-byte varint
-    example(np.zeros(24), field(2, field(1, np.array([np.inf], "<f4").tobytes()))),  # label: an infinite float
-], ids=["features-not-message", "empty-label", "fixed64-label", "long-varint", "infinite-label"])
+@pytest.mark.parametrize(
+    "payload",
+    [
+        b"\x08\x01",  # Example.features as a varint, not a message
+        example(np.zeros(24), field(3, b"")),  # label: an empty int64 list
+        example(np.zeros(24), field(3, b"\x09" + bytes(8))),  # label: a fixed64 where a varint belongs
+        example(np.zeros(24), field(3, b"\x08" + b"\xff" * 20 + b"\x01")),  # label: a 22-byte varint
+        example(np.zeros(24), field(2, field(1, np.array([np.inf], "<f4").tobytes()))),  # label: an infinite float
+    ],
+    ids=["features-not-message", "empty-label", "fixed64-label", "long-varint", "infinite-label"],
+)
 def test_malformed_example_is_one_line(payload, tmp_path, capsys):
     folder = tmp_path / "records"
     folder.mkdir()
@@ -303,6 +339,7 @@ def test_failed_first_conversion_leaves_no_shards(tmp_path, capsys):
 
 
 # --- re-conversion into an existing DEST --------------------------------------------------------
+
 
 @pytest.fixture
 def converted(tmp_path):

@@ -21,7 +21,9 @@ def test_reads_what_opencv_writes(tmp_path):
 
 
 def test_ignores_other_elements_and_key_names(tmp_path):
-    path = write(tmp_path, """<?xml version="1.0"?>
+    path = write(
+        tmp_path,
+        """<?xml version="1.0"?>
 <opencv_storage>
 <whatever type_id="x">7</whatever>
 <names><_>foo</_><_>bar</_></names>
@@ -29,18 +31,22 @@ def test_ignores_other_elements_and_key_names(tmp_path):
   <_><len>12</len><pos>4</pos><extra>1</extra></_>
   <_><pos> 30 </pos><len>6</len></_>
 </gestures>
-</opencv_storage>""")
+</opencv_storage>""",
+    )
     assert parse_label_file(path) == (Segment(4, 12), Segment(30, 6))
 
 
-@pytest.mark.parametrize("body, message", [
-    ("<s><_><pos>4</pos></_></s>", "without <len>"),
-    ("<s><_><len>4</len></_></s>", "without <pos>"),
-    ("<s><_><pos>4.5</pos><len>6</len></_></s>", "not an integer"),
-    ("<s><_><pos>4</pos><len></len></_></s>", "not an integer"),
-    ("<s><_><pos>4</pos><len>0</len></_></s>", "not a valid range"),
-    ("<s><_><pos>4</pos><len>6</len></_>", "not a valid XML"),
-])
+@pytest.mark.parametrize(
+    "body, message",
+    [
+        ("<s><_><pos>4</pos></_></s>", "without <len>"),
+        ("<s><_><len>4</len></_></s>", "without <pos>"),
+        ("<s><_><pos>4.5</pos><len>6</len></_></s>", "not an integer"),
+        ("<s><_><pos>4</pos><len></len></_></s>", "not an integer"),
+        ("<s><_><pos>4</pos><len>0</len></_></s>", "not a valid range"),
+        ("<s><_><pos>4</pos><len>6</len></_>", "not a valid XML"),
+    ],
+)
 def test_broken_segments_are_errors(tmp_path, body, message):
     path = write(tmp_path, f"<opencv_storage>{body}</opencv_storage>")
     with pytest.raises(LabelFileError, match=message):
@@ -67,9 +73,12 @@ def test_a_label_file_is_bounded_before_it_is_parsed(tmp_path):
 def test_a_segment_may_name_its_own_action(tmp_path):
     write_label_file(str(tmp_path / "rec.xml"), "rec", [(3, 6), (20, 8)], 40, labels=["asl-z", "ui-swipe"])
     assert parse_label_file(str(tmp_path / "rec.xml")) == (Segment(3, 6, "asl-z"), Segment(20, 8, "ui-swipe"))
-    path = write(tmp_path, "<segs><_><pos>1</pos><len>6</len><gesture>asl-j</gesture></_>"
-                           "<_><pos>9</pos><len>6</len><class>\"ui-click\"</class><name>asl-z</name></_>"
-                           "<_><pos>20</pos><len>6</len><comment>x</comment></_></segs>")
+    path = write(
+        tmp_path,
+        "<segs><_><pos>1</pos><len>6</len><gesture>asl-j</gesture></_>"
+        '<_><pos>9</pos><len>6</len><class>"ui-click"</class><name>asl-z</name></_>'
+        "<_><pos>20</pos><len>6</len><comment>x</comment></_></segs>",
+    )
     # the first tag of label, name, class, action, gesture wins; quotes are OpenCV's; none: the folder's
     assert parse_label_file(path) == (Segment(1, 6, "asl-j"), Segment(9, 6, "asl-z"), Segment(20, 6))
 

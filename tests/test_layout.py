@@ -88,13 +88,19 @@ def package_modules() -> list[tuple[str, str, bool]]:
 
 def test_every_unit_has_a_layer():
     units = {unit(module) for module, _, _ in package_modules()} - {None, "__init__"}
-    assert units == set(LAYER), "a new folder or top-level module needs its place in LAYERS (and in docs/architecture.md)"
+    assert units == set(LAYER), (
+        "a new folder or top-level module needs its place in LAYERS (and in docs/architecture.md)"
+    )
 
 
 def test_folders_import_only_downward():
     modules = package_modules()
     assert len(modules) > 40  # the walk found the package
-    found = [line for module, source, is_package in modules for line in violations(module, imports(source, module, is_package))]
+    found = [
+        line
+        for module, source, is_package in modules
+        for line in violations(module, imports(source, module, is_package))
+    ]
     assert found == []
 
 
@@ -105,17 +111,23 @@ def test_every_folder_says_what_it_holds():
             assert "May import" in docstring, f"{module}/__init__.py: say what the folder holds and may import"
 
 
-@pytest.mark.parametrize("module, source, expected", [
-    # upward: the data stage reaching into scoring
-    ("pyact_torch.data.inspection", "from ..scoring.video import sheet", "not a layer below"),
-    # sideways: detection and scoring are one layer, neither may import the other
-    ("pyact_torch.detection.detect", "from ..scoring import metrics", "not a layer below"),
-    # inside a function and absolute
-    ("pyact_torch.io.storage", "def f():\n    import pyact_torch.training.train", "not a layer below"),
-    ("pyact_torch.training.train", "import torch_xla.core.xla_model as xm", "only pyact_torch.training.xla may"),
-    ("pyact_torch.training.devices", "from torch.distributed import init_process_group",
-     "only pyact_torch.training.distributed may"),
-])
+@pytest.mark.parametrize(
+    "module, source, expected",
+    [
+        # upward: the data stage reaching into scoring
+        ("pyact_torch.data.inspection", "from ..scoring.video import sheet", "not a layer below"),
+        # sideways: detection and scoring are one layer, neither may import the other
+        ("pyact_torch.detection.detect", "from ..scoring import metrics", "not a layer below"),
+        # inside a function and absolute
+        ("pyact_torch.io.storage", "def f():\n    import pyact_torch.training.train", "not a layer below"),
+        ("pyact_torch.training.train", "import torch_xla.core.xla_model as xm", "only pyact_torch.training.xla may"),
+        (
+            "pyact_torch.training.devices",
+            "from torch.distributed import init_process_group",
+            "only pyact_torch.training.distributed may",
+        ),
+    ],
+)
 def test_the_check_sees_a_wrong_import(module, source, expected):
     """Negative controls: each import breaks a rule, and the check says which."""
     found = violations(module, imports(source, module, False))
@@ -123,6 +135,14 @@ def test_the_check_sees_a_wrong_import(module, source, expected):
 
 
 def test_allowed_imports_pass():
-    assert violations("pyact_torch.scoring.evaluate", imports(
-        "from ..training.validation import evaluate\nfrom . import metrics\nfrom ..io import storage",
-        "pyact_torch.scoring.evaluate", False)) == []
+    assert (
+        violations(
+            "pyact_torch.scoring.evaluate",
+            imports(
+                "from ..training.validation import evaluate\nfrom . import metrics\nfrom ..io import storage",
+                "pyact_torch.scoring.evaluate",
+                False,
+            ),
+        )
+        == []
+    )

@@ -12,8 +12,17 @@ import pytest
 import torch
 
 from pyact_torch.config import PreprocessConfig
-from pyact_torch.data.loader import (Part, WindowDataset, batches, epoch_order, make_loader, shuffle_buffer,
-                                tar_samples, train_steps, worker_shards)
+from pyact_torch.data.loader import (
+    Part,
+    WindowDataset,
+    batches,
+    epoch_order,
+    make_loader,
+    shuffle_buffer,
+    tar_samples,
+    train_steps,
+    worker_shards,
+)
 from pyact_torch.model import model_input
 from pyact_torch.data.preprocess import preprocess
 from pyact_torch.data.shards import Shard, ShardError, TarFormatError, read_manifest, read_tar, split_shards
@@ -76,8 +85,11 @@ def test_shuffle_buffer_is_a_seeded_permutation():
 @pytest.fixture(scope="module")
 def shards_dir(tiny_template, tmp_path_factory):
     dest = str(tmp_path_factory.mktemp("loader") / "shards")
-    preprocess(PreprocessConfig(tiny_template, dest, image_size=16, shard_size=8, workers=2),
-               progress=False, print_fn=lambda *a: None)
+    preprocess(
+        PreprocessConfig(tiny_template, dest, image_size=16, shard_size=8, workers=2),
+        progress=False,
+        print_fn=lambda *a: None,
+    )
     return dest
 
 
@@ -101,8 +113,9 @@ def test_evaluation_counts_every_window_once_whatever_the_replica_count(shards_d
 
 def test_training_batches_through_dataloader_workers(shards_dir):
     manifest = read_manifest(shards_dir)
-    dataset = WindowDataset(shards_dir, manifest, "train", batch_size=4, part=Part(0, 2), train=True,
-                            workers=2, shuffle_size=16)
+    dataset = WindowDataset(
+        shards_dir, manifest, "train", batch_size=4, part=Part(0, 2), train=True, workers=2, shuffle_size=16
+    )
     dataset.set_epoch(1)
     got = list(make_loader(dataset, workers=2))
     assert len(got) >= len(dataset) > 0
@@ -127,6 +140,7 @@ def test_reads_shards_from_gcs(shards_dir, gcs):
 
 
 # --- the tar stage (shards.read_tar), checked against the standard library's tarfile ---------
+
 
 def _tarfile_members(data: bytes) -> list[tuple[str, bytes]]:
     with tarfile.open(fileobj=io.BytesIO(data)) as tar:
@@ -174,8 +188,7 @@ def test_read_tar_handles_long_and_unicode_names_and_skips_non_files(fmt):
         ("block.bin", bytes(512), tarfile.REGTYPE),  # content of exactly one zero block
     ]
     if fmt != tarfile.USTAR_FORMAT:
-        entries += [("x" * 300 + ".clip.npy", b"long", tarfile.REGTYPE),
-                    ("kéy-数据.cls", b"7", tarfile.REGTYPE)]
+        entries += [("x" * 300 + ".clip.npy", b"long", tarfile.REGTYPE), ("kéy-数据.cls", b"7", tarfile.REGTYPE)]
     data = _tar(fmt, entries)
     expected = _tarfile_members(data)
     assert [name for name, _ in expected] == [name for name, content, kind in entries if kind == tarfile.REGTYPE]
@@ -192,13 +205,13 @@ def test_read_tar_never_stops_silently_on_a_damaged_shard(shards_dir, tmp_path):
     for cut in (100, 512 + 77, starts[1] - 3, starts[1], starts[-2], starts[-1]):
         with pytest.raises(TarFormatError, match="truncated"):
             _read(data[:cut])
-    assert len(_read(data[:starts[-1] + 512])) == len(starts) - 1  # one end block is enough
+    assert len(_read(data[: starts[-1] + 512])) == len(starts) - 1  # one end block is enough
     corrupt = bytearray(data)
     corrupt[starts[1] + 5] ^= 0x20  # one bit of the second member's name
     with pytest.raises(TarFormatError, match="checksum"):
         _read(bytes(corrupt))
     bad = str(tmp_path / "bad.tar")
     with open(bad, "wb") as handle:
-        handle.write(data[:starts[-2]])
+        handle.write(data[: starts[-2]])
     with pytest.raises(ShardError, match=re.escape(bad)):
         list(tar_samples([bad]))

@@ -18,8 +18,22 @@ from pyact_torch.io import locks, storage
 from pyact_torch.errors import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TRAIN = [sys.executable, "-m", "pyact_torch", "train", "--model", "tiny", "--device", "cpu", "--batch-size", "8",
-         "--workers", "1", "--log-every", "5"]
+TRAIN = [
+    sys.executable,
+    "-m",
+    "pyact_torch",
+    "train",
+    "--model",
+    "tiny",
+    "--device",
+    "cpu",
+    "--batch-size",
+    "8",
+    "--workers",
+    "1",
+    "--log-every",
+    "5",
+]
 
 
 @pytest.mark.slow
@@ -27,13 +41,21 @@ def test_a_second_training_on_a_live_run_dir_is_refused_naming_the_holder(small_
     """On main before the fix both ran to 'training finished', their checkpoints, pointers and
     metrics mixed in one directory."""
     run_dir = str(tmp_path / "run")
-    first = subprocess.Popen([*TRAIN, "--data", small_shards, "--run-dir", run_dir, "--epochs", "40"],
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    first = subprocess.Popen(
+        [*TRAIN, "--data", small_shards, "--run-dir", run_dir, "--epochs", "40"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.monotonic() + 120
     while not os.path.exists(os.path.join(run_dir, "config.json")) and time.monotonic() < deadline:
         time.sleep(0.05)
-    second = subprocess.run([*TRAIN, "--data", small_shards, "--run-dir", run_dir, "--epochs", "2", "--lr", "5e-4"],
-                            capture_output=True, text=True, timeout=300)
+    second = subprocess.run(
+        [*TRAIN, "--data", small_shards, "--run-dir", run_dir, "--epochs", "2", "--lr", "5e-4"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     first.terminate()  # SIGTERM: checkpoints and exits 0
     out, err = first.communicate(timeout=300)
     assert first.returncode == 0, err[-2000:]
@@ -46,10 +68,16 @@ def test_a_second_training_on_a_live_run_dir_is_refused_naming_the_holder(small_
 
 
 def test_a_local_lock_dies_with_its_holder(tmp_path):
-    code = ("import sys, time; from pyact_torch.io.locks import Lock; Lock(sys.argv[1], 'train').acquire(); "
-            "print('held', flush=True); time.sleep(60)")
-    holder = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE, text=True,
-                              env=dict(os.environ, PYTHONPATH=ROOT))
+    code = (
+        "import sys, time; from pyact_torch.io.locks import Lock; Lock(sys.argv[1], 'train').acquire(); "
+        "print('held', flush=True); time.sleep(60)"
+    )
+    holder = subprocess.Popen(
+        [sys.executable, "-c", code, str(tmp_path)],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=dict(os.environ, PYTHONPATH=ROOT),
+    )
     assert holder.stdout.readline().strip() == "held"
     with pytest.raises(UserError, match=f"in use by pyact train \\(pid {holder.pid} on "):
         locks.Lock(str(tmp_path), "train").acquire()
@@ -113,10 +141,16 @@ def test_a_second_writer_of_a_dataset_is_refused_before_work(command, tiny_datas
     from pyact_torch.cli import main
 
     dest = tmp_path / "dest"
-    code = ("import sys, time; from pyact_torch.io.locks import Lock; Lock(sys.argv[1], 'preprocess').acquire(); "
-            "print('held', flush=True); time.sleep(60)")
-    holder = subprocess.Popen([sys.executable, "-c", code, str(dest)], stdout=subprocess.PIPE, text=True,
-                              env=dict(os.environ, PYTHONPATH=ROOT))
+    code = (
+        "import sys, time; from pyact_torch.io.locks import Lock; Lock(sys.argv[1], 'preprocess').acquire(); "
+        "print('held', flush=True); time.sleep(60)"
+    )
+    holder = subprocess.Popen(
+        [sys.executable, "-c", code, str(dest)],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=dict(os.environ, PYTHONPATH=ROOT),
+    )
     try:
         assert holder.stdout.readline().strip() == "held"
         if command == "preprocess":
@@ -128,7 +162,9 @@ def test_a_second_writer_of_a_dataset_is_refused_before_work(command, tiny_datas
             args = ["convert-tfrecords", str(records), str(dest)]
         assert main(args) == 2
         err = capsys.readouterr().err
-        assert err.startswith(f"error: {dest}: in use by pyact preprocess (pid {holder.pid} on ") and err.count("\n") == 1
+        assert (
+            err.startswith(f"error: {dest}: in use by pyact preprocess (pid {holder.pid} on ") and err.count("\n") == 1
+        )
         assert os.listdir(dest) == [".pyact-lock.json"]  # the holder's, untouched
     finally:
         holder.kill()
@@ -144,9 +180,13 @@ def test_a_lock_path_that_is_not_our_file_is_refused_and_left_alone(kind, tmp_pa
     run = tmp_path / "run"
     run.mkdir()
     path = run / ".pyact-lock.json"
-    {"symlink": lambda: path.symlink_to(notes), "dangling symlink": lambda: path.symlink_to(tmp_path / "nothing"),
-     "fifo": lambda: os.mkfifo(path), "folder": lambda: path.mkdir(),
-     "hard link": lambda: os.link(notes, path)}[kind]()
+    {
+        "symlink": lambda: path.symlink_to(notes),
+        "dangling symlink": lambda: path.symlink_to(tmp_path / "nothing"),
+        "fifo": lambda: os.mkfifo(path),
+        "folder": lambda: path.mkdir(),
+        "hard link": lambda: os.link(notes, path),
+    }[kind]()
     with pytest.raises(UserError, match="not a lock file pyact-torch wrote"):
         locks.Lock(str(run), "train").acquire()
     assert notes.read_text() == "mine" and os.path.lexists(path)

@@ -7,8 +7,13 @@ import random
 
 import pytest
 
-from pyact_torch.detection.metrics import (SequenceResult, Truth, average_precision, detection_metrics,
-                                           mean_average_precision)
+from pyact_torch.detection.metrics import (
+    SequenceResult,
+    Truth,
+    average_precision,
+    detection_metrics,
+    mean_average_precision,
+)
 from pyact_torch.detection.segments import Detection
 
 
@@ -25,8 +30,10 @@ def ap_at(results, label, threshold=0.5):
 
 
 def test_a_perfect_detector_scores_1():
-    results = [result([("a", 10, 19), ("b", 40, 59)], [("a", 10, 19, 0.9), ("b", 40, 59, 0.8)]),
-               result([("a", 5, 25)], [("a", 5, 25, 0.7)], name="t")]
+    results = [
+        result([("a", 10, 19), ("b", 40, 59)], [("a", 10, 19, 0.9), ("b", 40, 59, 0.8)]),
+        result([("a", 5, 25)], [("a", 5, 25, 0.7)], name="t"),
+    ]
     report = mean_average_precision(results)
     assert all(row["mAP"] == 1.0 for row in report["thresholds"].values()) and report["average"] == 1.0
 
@@ -34,12 +41,10 @@ def test_a_perfect_detector_scores_1():
 def test_one_false_positive_ranked_first():
     # ranked: FP, TP, TP of 2 positives: precision 0, 1/2, 2/3 at recall 0, 1/2, 1
     # envelope from the right: 2/3 at both recall steps -> AP = 1/2 * 2/3 + 1/2 * 2/3 = 2/3
-    results = [result([("a", 10, 19), ("a", 50, 59)],
-                      [("a", 100, 110, 0.95), ("a", 10, 19, 0.9), ("a", 50, 59, 0.8)])]
+    results = [result([("a", 10, 19), ("a", 50, 59)], [("a", 100, 110, 0.95), ("a", 10, 19, 0.9), ("a", 50, 59, 0.8)])]
     assert ap_at(results, "a") == pytest.approx(2 / 3, abs=1e-12)
     # ranked last it costs nothing: TP, TP, FP -> AP 1
-    results = [result([("a", 10, 19), ("a", 50, 59)],
-                      [("a", 100, 110, 0.5), ("a", 10, 19, 0.9), ("a", 50, 59, 0.8)])]
+    results = [result([("a", 10, 19), ("a", 50, 59)], [("a", 100, 110, 0.5), ("a", 10, 19, 0.9), ("a", 50, 59, 0.8)])]
     assert ap_at(results, "a") == 1.0
 
 
@@ -54,8 +59,10 @@ def test_a_class_without_detections_scores_0_and_counts_in_the_mean():
 
 def test_ties_rank_by_sequence_then_first_frame():
     # two detections of score 0.8: the first sequence's (a FP) ranks before the second's (a TP)
-    results = [result([("a", 10, 19)], [("a", 150, 160, 0.8)], name="s1"),
-               result([("a", 10, 19)], [("a", 10, 19, 0.8)], name="s2")]
+    results = [
+        result([("a", 10, 19)], [("a", 150, 160, 0.8)], name="s1"),
+        result([("a", 10, 19)], [("a", 10, 19, 0.8)], name="s2"),
+    ]
     assert ap_at(results, "a") == pytest.approx(0.5 * 0.5, abs=1e-12)  # FP, TP: precision 1/2 at recall 1/2
     assert ap_at(list(reversed(results)), "a") == pytest.approx(0.5, abs=1e-12)  # TP first: precision 1 at 1/2
 
@@ -74,6 +81,7 @@ def reference_map(results, threshold):
     segment of its class in its sequence has tIoU >= threshold (the one of highest tIoU, the
     earliest listed on a tie); AP = (1/P) * sum over TPs of the highest precision at any rank
     at or after it (all-point interpolation); mAP over classes with P > 0."""
+
     def overlap(a, b):
         inter = len(set(range(a[0], a[1] + 1)) & set(range(b[0], b[1] + 1)))
         union = len(set(range(a[0], a[1] + 1)) | set(range(b[0], b[1] + 1)))
@@ -82,19 +90,23 @@ def reference_map(results, threshold):
     labels = sorted({t.label for r in results for t in r.truths})
     aps = []
     for label in labels:
-        ranked = sorted([(d, s) for s, r in enumerate(results) for d in r.detections if d.label == label],
-                        key=lambda pair: (-pair[0].score, pair[1], pair[0].first))
+        ranked = sorted(
+            [(d, s) for s, r in enumerate(results) for d in r.detections if d.label == label],
+            key=lambda pair: (-pair[0].score, pair[1], pair[0].first),
+        )
         used, flags = set(), []
         for d, s in ranked:
-            candidates = [(overlap((d.first, d.last), (t.first, t.last)), -i, i)
-                          for i, t in enumerate(results[s].truths)
-                          if t.label == label and (s, i) not in used]
+            candidates = [
+                (overlap((d.first, d.last), (t.first, t.last)), -i, i)
+                for i, t in enumerate(results[s].truths)
+                if t.label == label and (s, i) not in used
+            ]
             candidates = [c for c in candidates if c[0] >= threshold]
             if candidates:
                 used.add((s, max(candidates)[2]))
             flags.append(bool(candidates))
         positives = sum(t.label == label for r in results for t in r.truths)
-        precisions = [sum(flags[:k + 1]) / (k + 1) for k in range(len(flags))]
+        precisions = [sum(flags[: k + 1]) / (k + 1) for k in range(len(flags))]
         total = sum(max(precisions[k:]) for k in range(len(flags)) if flags[k])
         aps.append(total / positives)
     return sum(aps) / len(aps)
@@ -115,9 +127,14 @@ def test_agrees_with_an_independent_implementation_on_random_detections(seed):
         for label, first, last in truths:
             for _ in range(rng.randrange(0, 3)):  # misses, hits, near misses, duplicates
                 shift = rng.randrange(-12, 13)
-                detections.append((rng.choice(labels) if rng.random() < 0.2 else label, max(0, first + shift),
-                                   max(0, first + shift) + (last - first) + rng.randrange(-6, 7),
-                                   round(rng.random(), 1)))  # rounded: many ties
+                detections.append(
+                    (
+                        rng.choice(labels) if rng.random() < 0.2 else label,
+                        max(0, first + shift),
+                        max(0, first + shift) + (last - first) + rng.randrange(-6, 7),
+                        round(rng.random(), 1),
+                    )
+                )  # rounded: many ties
         for _ in range(rng.randrange(0, 6)):
             first = rng.randrange(0, 480)
             detections.append((rng.choice(labels), first, first + rng.randrange(3, 30), round(rng.random(), 1)))

@@ -9,8 +9,11 @@ from pyact_torch.model import build_model, count_parameters
 
 def block_outputs(model, clips):
     shapes = []
-    hooks = [m.register_forward_hook(lambda mod, inp, out: shapes.append((type(mod).__name__, tuple(out.shape))))
-             for m in model.modules() if isinstance(m, (nn.BatchNorm3d, nn.Flatten, nn.Linear))]
+    hooks = [
+        m.register_forward_hook(lambda mod, inp, out: shapes.append((type(mod).__name__, tuple(out.shape))))
+        for m in model.modules()
+        if isinstance(m, (nn.BatchNorm3d, nn.Flatten, nn.Linear))
+    ]
     logits = model(clips)
     for hook in hooks:
         hook.remove()
@@ -26,9 +29,15 @@ def test_c3d_matches_pyact_parameter_count_and_shapes():
     assert bn_stats == 1_920  # Keras: 206,512,145 params = 206,510,225 trainable + 1,920 moving statistics
     # pyACT's Keras summary gives (T, H, W, C) shapes; here they are (C, T, H, W)
     assert shapes == [
-        ("BatchNorm3d", (2, 64, 6, 32, 32)), ("BatchNorm3d", (2, 128, 6, 16, 16)),
-        ("BatchNorm3d", (2, 256, 6, 8, 8)), ("BatchNorm3d", (2, 512, 6, 4, 4)),
-        ("Flatten", (2, 49_152)), ("Linear", (2, 4096)), ("Linear", (2, 128)), ("Linear", (2, 17))]
+        ("BatchNorm3d", (2, 64, 6, 32, 32)),
+        ("BatchNorm3d", (2, 128, 6, 16, 16)),
+        ("BatchNorm3d", (2, 256, 6, 8, 8)),
+        ("BatchNorm3d", (2, 512, 6, 4, 4)),
+        ("Flatten", (2, 49_152)),
+        ("Linear", (2, 4096)),
+        ("Linear", (2, 128)),
+        ("Linear", (2, 17)),
+    ]
     assert logits.shape == (2, 17)
     norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm3d)]
     assert all(m.momentum == pytest.approx(0.01) and m.eps == pytest.approx(1e-3) for m in norms)
@@ -58,7 +67,8 @@ def keras_convnet3d_v1_count(seq_len=6, img_dim=64, nb_channels=3, nb_classes=17
     MaxPooling3D (1, 2, 2) halving height and width."""
     total, channels, side = 0, nb_channels, img_dim
     conv = lambda cin, filters: (27 * cin + 1) * filters  # noqa: E731
-    total += conv(channels, 64); channels = 64  # INITIAL_CONV3D  # noqa: E702
+    total += conv(channels, 64)
+    channels = 64  # INITIAL_CONV3D  # noqa: E702
     side //= 2  # INITIAL_POOL3D
     total += 4 * channels  # BatchNormalization
     for nb_filter in [128, 256, 512, 512]:  # feature_spec
@@ -81,9 +91,16 @@ def test_c3d_v1_matches_pyact_1x_parameter_count_and_shapes():
     assert count_parameters(model) + bn_stats == expected
     assert bn_stats == 2_944  # the notebook's 'Non-trainable params'
     assert shapes == [
-        ("BatchNorm3d", (2, 64, 6, 32, 32)), ("BatchNorm3d", (2, 128, 6, 16, 16)),
-        ("BatchNorm3d", (2, 256, 6, 8, 8)), ("BatchNorm3d", (2, 512, 6, 4, 4)), ("BatchNorm3d", (2, 512, 6, 2, 2)),
-        ("Flatten", (2, 12_288)), ("Linear", (2, 4096)), ("Linear", (2, 4096)), ("Linear", (2, 17))]
+        ("BatchNorm3d", (2, 64, 6, 32, 32)),
+        ("BatchNorm3d", (2, 128, 6, 16, 16)),
+        ("BatchNorm3d", (2, 256, 6, 8, 8)),
+        ("BatchNorm3d", (2, 512, 6, 4, 4)),
+        ("BatchNorm3d", (2, 512, 6, 2, 2)),
+        ("Flatten", (2, 12_288)),
+        ("Linear", (2, 4096)),
+        ("Linear", (2, 4096)),
+        ("Linear", (2, 17)),
+    ]
     assert logits.shape == (2, 17)
     kinds = [type(m).__name__ for m in model.features]
     assert kinds[:5] == ["Conv3d", "ReLU", "MaxPool3d", "ReLU", "BatchNorm3d"]
@@ -137,19 +154,22 @@ def test_weight_decay_is_pyacts_l2_on_the_conv_kernels():
             optimizer.zero_grad()
             loss = torch.nn.functional.cross_entropy(model(clips), labels)
             if penalty:
-                loss = loss + weight_decay * sum((k ** 2).sum() for k in conv_kernels(model))
+                loss = loss + weight_decay * sum((k**2).sum() for k in conv_kernels(model))
             loss.backward()
             optimizer.step()
         return model.state_dict()
 
     ours = trained(False, lambda m: make_optimizer(m, 1e-2, weight_decay))
     keras = trained(True, lambda m: torch.optim.Adam(m.parameters(), lr=1e-2))
+
     def gap(a, b):
         return max(float((a[k].double() - b[k].double()).abs().max()) for k in a)
 
     assert gap(ours, keras) < 1e-9  # float rounding (Adam divides by a dead channel's tiny gradients)
     # the controls: decoupled AdamW, or decay on every weight, train otherwise
-    for other in (lambda m: torch.optim.AdamW(m.parameters(), lr=1e-2, weight_decay=weight_decay),
-                  lambda m: torch.optim.Adam(m.parameters(), lr=1e-2, weight_decay=2 * weight_decay)):
+    for other in (
+        lambda m: torch.optim.AdamW(m.parameters(), lr=1e-2, weight_decay=weight_decay),
+        lambda m: torch.optim.Adam(m.parameters(), lr=1e-2, weight_decay=2 * weight_decay),
+    ):
         assert gap(ours, trained(False, other)) > 1e-5
     assert len(make_optimizer(base, 1e-3, 0.0).param_groups) == 1  # without it: one group, as old checkpoints

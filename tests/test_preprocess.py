@@ -94,14 +94,18 @@ def test_round_trip_through_webdataset(raw_dataset, local_output):
         assert [row["key"] for row in index] == [s["__key__"] for s in samples]
         for sample in samples[:: max(1, len(samples) // 6)]:
             meta = sample["json"]
-            np.testing.assert_array_equal(sample["clip.npy"],
-                                          expected_clip(raw_dataset, meta["path"], meta["start"], meta["stop"]))
+            np.testing.assert_array_equal(
+                sample["clip.npy"], expected_clip(raw_dataset, meta["path"], meta["start"], meta["stop"])
+            )
     assert len(keys) == sum(manifest["splits"][s]["count"] for s in ("train", "eval", "test"))
     train = manifest["splits"]["train"]["class_counts"]
     n_action = sum(v for k, v in train.items() if k != "no-action")
     assert train["no-action"] == n_action // 17
-    test_sequences = [os.path.join(dp) for dp, dn, fn in os.walk(os.path.join(raw_dataset, "Test"))
-                      if any(f.startswith("color_") for f in fn)]
+    test_sequences = [
+        os.path.join(dp)
+        for dp, dn, fn in os.walk(os.path.join(raw_dataset, "Test"))
+        if any(f.startswith("color_") for f in fn)
+    ]
     assert manifest["splits"]["test"]["count"] == sum(count_frames(s) - 5 for s in test_sequences)
     assert not os.path.exists(os.path.join(dest, ".pyact-cache"))
     assert summary.decoded == summary.frames == labelled_frames(raw_dataset)  # TestDetection's never read
@@ -164,8 +168,9 @@ def test_resume_after_kill_gives_identical_output(raw_dataset, tmp_path, phase):
     reference = str(tmp_path / "reference")
     run(raw_dataset, reference, shard_size=16, workers=1)
     dest = str(tmp_path / "killed")
-    process = subprocess.Popen([sys.executable, SCRIPT, raw_dataset, dest, *flags],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        [sys.executable, SCRIPT, raw_dataset, dest, *flags], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     log = os.path.join(dest, ".pyact-cache", "decoded.log")
     if phase == "decode":
         ready = lambda: os.path.exists(log) and open(log).read().count("\n") >= 4  # noqa: E731
@@ -175,8 +180,7 @@ def test_resume_after_kill_gives_identical_output(raw_dataset, tmp_path, phase):
     process.send_signal(signal.SIGKILL)
     assert process.wait() == -signal.SIGKILL
     assert not os.path.exists(os.path.join(dest, "manifest.json"))
-    result = subprocess.run([sys.executable, SCRIPT, raw_dataset, dest, *flags],
-                            capture_output=True, text=True)
+    result = subprocess.run([sys.executable, SCRIPT, raw_dataset, dest, *flags], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert "resuming" in result.stdout
     if phase == "shards":
@@ -234,7 +238,9 @@ def test_rgbd_and_depth_modalities(tiny_dataset, tmp_path):
     raw = cv2.imread(os.path.join(tiny_dataset, meta["path"], f"depth_{meta['start']}.png"), cv2.IMREAD_UNCHANGED)
     expected = depth_to_uint8(cv2.resize(raw, (16, 16), interpolation=cv2.INTER_NEAREST), (150, 1000))
     np.testing.assert_array_equal(clip[0, :, :, 3], expected)
-    np.testing.assert_array_equal(clip[..., :3], expected_clip(tiny_dataset, meta["path"], meta["start"], meta["stop"], 16))
+    np.testing.assert_array_equal(
+        clip[..., :3], expected_clip(tiny_dataset, meta["path"], meta["start"], meta["stop"], 16)
+    )
     dest = str(tmp_path / "depth")
     run(tiny_dataset, dest, modality="depth", image_size=16)
     depth_clip = read_split(dest, read_manifest(dest), "test")[0]["clip.npy"]

@@ -33,9 +33,26 @@ def scalars(folder: str) -> dict[str, list[tuple[int, float]]]:
 def two_epochs(small_shards, tmp_path_factory):
     """Two eager epochs with --log-every far above an epoch's steps; the run dir and its output."""
     run_dir = str(tmp_path_factory.mktemp("runlog") / "run")
-    capture = subprocess.run([sys.executable, "-m", "pyact_torch", "train", "--data", small_shards, "--run-dir",
-                              run_dir, *TINY, "--epochs", "2", "--log-every", "1000"],
-                             capture_output=True, text=True, timeout=600)
+    capture = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pyact_torch",
+            "train",
+            "--data",
+            small_shards,
+            "--run-dir",
+            run_dir,
+            *TINY,
+            "--epochs",
+            "2",
+            "--log-every",
+            "1000",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert capture.returncode == 0, capture.stderr[-2000:]
     rows = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
     return run_dir, capture.stdout, rows, capture.stderr
@@ -65,8 +82,10 @@ def test_the_closing_lines_name_the_best_checkpoint_its_accuracy_and_the_plot(tw
     assert row["loss"] == min(r["loss"] for r in rows if r["kind"] == "eval") and best["epoch"] == row["epoch"]
     tail = out.strip().splitlines()[-3:]
     assert tail[0].startswith(f"training finished at step {rows[-1]['step']} after 2 epochs;")
-    assert tail[1] == (f"best checkpoint (lowest eval loss): {run_dir}/{best['name']}, epoch {row['epoch']}, "
-                       f"eval accuracy {row['accuracy']:.4f} (named by {run_dir}/best.json)")
+    assert tail[1] == (
+        f"best checkpoint (lowest eval loss): {run_dir}/{best['name']}, epoch {row['epoch']}, "
+        f"eval accuracy {row['accuracy']:.4f} (named by {run_dir}/best.json)"
+    )
     assert f"{run_dir}/loss.png" in tail[2] and f"tensorboard --logdir {run_dir}" in tail[2]
 
 
@@ -76,8 +95,11 @@ def test_tensorboard_reads_every_scalar_back(two_epochs):
     train = [r for r in rows if r["kind"] == "train"]
     evals = [r for r in rows if r["kind"] == "eval"]
     assert set(seen) == {"train/loss", "train/learning_rate", "train/windows_per_s", "eval/loss", "eval/accuracy"}
-    for tag, key, source in (("train/loss", "loss", train), ("eval/loss", "loss", evals),
-                             ("eval/accuracy", "accuracy", evals)):
+    for tag, key, source in (
+        ("train/loss", "loss", train),
+        ("eval/loss", "loss", evals),
+        ("eval/accuracy", "accuracy", evals),
+    ):
         assert [s for s, _ in seen[tag]] == [r["step"] for r in source]
         assert [v for _, v in seen[tag]] == pytest.approx([r[key] for r in source], rel=1e-6)
     assert [v for _, v in seen["train/learning_rate"]] == pytest.approx([1e-3, 1e-3])  # the default --lr
@@ -89,6 +111,7 @@ def test_tensorboard_shows_a_resumed_run_without_the_steps_trained_again(tmp_pat
     file holds 10, 20, 30; the second's (from the restored rows) 10, 20 and its own 30, 40.
     TensorBoard shows each step once, the second run's 30 (the control: the first file alone
     shows the lost 30)."""
+
     def row(step, loss):
         return {"kind": "train", "step": step, "epoch": 1, "loss": loss, "lr": 0.1, "windows_per_s": 5.0}
 
@@ -98,16 +121,22 @@ def test_tensorboard_shows_a_resumed_run_without_the_steps_trained_again(tmp_pat
     assert scalars(str(tmp_path))["train/loss"] == [(10, 1.0), (20, pytest.approx(0.9)), (30, pytest.approx(0.8))]
     (tmp_path / event_file_name(1.0e9 + 60)).write_bytes(event_file(second, 1.0e9 + 60))
     assert sorted(os.listdir(tmp_path)) == [event_file_name(1.0e9), event_file_name(1.0e9 + 60)]
-    assert [(s, round(v, 4)) for s, v in scalars(str(tmp_path))["train/loss"]] == [(10, 1.0), (20, 0.9), (30, 0.5),
-                                                                                     (40, 0.4)]
+    assert [(s, round(v, 4)) for s, v in scalars(str(tmp_path))["train/loss"]] == [
+        (10, 1.0),
+        (20, 0.9),
+        (30, 0.5),
+        (40, 0.4),
+    ]
 
 
 def test_the_loss_plot_draws_the_eval_accuracy():
     """Two histories that differ only in eval accuracy give different plots (before: the same)."""
-    rows = [{"kind": "train", "step": 5, "epoch": 1, "loss": 2.0},
-            {"kind": "eval", "step": 5, "epoch": 1, "loss": 1.5, "accuracy": 0.2},
-            {"kind": "train", "step": 10, "epoch": 2, "loss": 1.0},
-            {"kind": "eval", "step": 10, "epoch": 2, "loss": 1.2, "accuracy": 0.4}]
+    rows = [
+        {"kind": "train", "step": 5, "epoch": 1, "loss": 2.0},
+        {"kind": "eval", "step": 5, "epoch": 1, "loss": 1.5, "accuracy": 0.2},
+        {"kind": "train", "step": 10, "epoch": 2, "loss": 1.0},
+        {"kind": "eval", "step": 10, "epoch": 2, "loss": 1.2, "accuracy": 0.4},
+    ]
     other = [dict(r, accuracy=0.9) if r["kind"] == "eval" else r for r in rows]
     assert loss_plot(rows)[:4] == b"\x89PNG"
     assert loss_plot(rows) != loss_plot(other)
@@ -126,8 +155,22 @@ def test_a_terminal_gets_a_progress_bar_and_a_pipe_plain_lines(small_shards, tmp
     run_dir = str(tmp_path / "run")
     pid, fd = pty.fork()
     if pid == 0:  # the child: the training command on the terminal
-        os.execv(sys.executable, [sys.executable, "-m", "pyact_torch", "train", "--data", small_shards,
-                                  "--run-dir", run_dir, *TINY, "--epochs", "1"])
+        os.execv(
+            sys.executable,
+            [
+                sys.executable,
+                "-m",
+                "pyact_torch",
+                "train",
+                "--data",
+                small_shards,
+                "--run-dir",
+                run_dir,
+                *TINY,
+                "--epochs",
+                "1",
+            ],
+        )
     fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
     screen = b""
     while True:
@@ -156,12 +199,15 @@ def test_a_run_that_starts_at_step_0_says_why(small_shards, tmp_path, capsys):
     (earlier / "config.json").write_text("{}")  # what an earlier run left when stopped at once
     fresh = tmp_path / "fresh"
     for run_dir, extra, says in (
-            (earlier, [], f"starting at step 0: {earlier} holds no checkpoint (a run there stopped before its first "
-                          f"one was written)"),
-            (fresh, [], f"starting at step 0 in {fresh}"),
-            (earlier, ["--resume", "none"], f"--resume none: starting at step 0 in {earlier}")):
-        assert main(["train", "--data", small_shards, "--run-dir", str(run_dir), *TINY, "--epochs", "1",
-                     *extra]) == 0
+        (
+            earlier,
+            [],
+            f"starting at step 0: {earlier} holds no checkpoint (a run there stopped before its first one was written)",
+        ),
+        (fresh, [], f"starting at step 0 in {fresh}"),
+        (earlier, ["--resume", "none"], f"--resume none: starting at step 0 in {earlier}"),
+    ):
+        assert main(["train", "--data", small_shards, "--run-dir", str(run_dir), *TINY, "--epochs", "1", *extra]) == 0
         out = capsys.readouterr().out
         assert says in out.splitlines(), out
     assert main(["train", "--data", small_shards, "--run-dir", str(fresh), *TINY, "--epochs", "2"]) == 0

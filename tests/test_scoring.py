@@ -26,36 +26,61 @@ def test_metrics_against_a_hand_computed_confusion_matrix():
     classes = ["a", "b", "c", "d"]  # d never occurs
     truth = [0, 0, 1, 2, 2, 2]
     # predictions a, b, b, c, c, a; the last row ranks its true class c last (outside the top 3)
-    probabilities = [[.7, .2, .1, 0], [.4, .5, .1, 0], [.1, .8, .1, 0], [.1, .1, .8, 0], [.2, .1, .7, 0],
-                     [.5, .3, 0, .2]]
+    probabilities = [
+        [0.7, 0.2, 0.1, 0],
+        [0.4, 0.5, 0.1, 0],
+        [0.1, 0.8, 0.1, 0],
+        [0.1, 0.1, 0.8, 0],
+        [0.2, 0.1, 0.7, 0],
+        [0.5, 0.3, 0, 0.2],
+    ]
     result = score(np.array(truth), np.array(probabilities), classes)
     assert result["confusion"] == [[1, 1, 0, 0], [0, 1, 0, 0], [1, 0, 2, 0], [0, 0, 0, 0]]
     assert result["accuracy"] == pytest.approx(4 / 6)
     assert result["micro_f1"] == pytest.approx(4 / 6)
     # per class: a P=1/2 R=1/2 F=1/2; b P=1/2 R=1 F=2/3; c P=1 R=2/3 F=4/5
     rows = {r["class"]: r for r in result["per_class"]}
-    assert (rows["a"]["precision"], rows["a"]["recall"], rows["a"]["f1"]) == pytest.approx((.5, .5, .5))
-    assert (rows["b"]["precision"], rows["b"]["recall"], rows["b"]["f1"]) == pytest.approx((.5, 1, 2 / 3))
-    assert (rows["c"]["precision"], rows["c"]["recall"], rows["c"]["f1"]) == pytest.approx((1, 2 / 3, .8))
+    assert (rows["a"]["precision"], rows["a"]["recall"], rows["a"]["f1"]) == pytest.approx((0.5, 0.5, 0.5))
+    assert (rows["b"]["precision"], rows["b"]["recall"], rows["b"]["f1"]) == pytest.approx((0.5, 1, 2 / 3))
+    assert (rows["c"]["precision"], rows["c"]["recall"], rows["c"]["f1"]) == pytest.approx((1, 2 / 3, 0.8))
     assert [rows[c]["support"] for c in classes] == [2, 1, 3, 0]
-    assert result["macro_f1"] == pytest.approx((.5 + 2 / 3 + .8) / 3)  # over the classes that occur
-    assert result["mean_class_accuracy"] == pytest.approx((.5 + 1 + 2 / 3) / 3)
+    assert result["macro_f1"] == pytest.approx((0.5 + 2 / 3 + 0.8) / 3)  # over the classes that occur
+    assert result["mean_class_accuracy"] == pytest.approx((0.5 + 1 + 2 / 3) / 3)
     assert result["top3_accuracy"] == pytest.approx(5 / 6)
 
 
 @pytest.fixture(scope="module")
 def trained_run(learn_shards, tmp_path_factory) -> str:
     run_dir = str(tmp_path_factory.mktemp("scored") / "run")
-    assert main(["train", "--data", learn_shards, "--run-dir", run_dir, "--model", "tiny", "--device", "cpu",
-                 "--epochs", "2", "--log-every", "1000", "--workers", "0"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--data",
+                learn_shards,
+                "--run-dir",
+                run_dir,
+                "--model",
+                "tiny",
+                "--device",
+                "cpu",
+                "--epochs",
+                "2",
+                "--log-every",
+                "1000",
+                "--workers",
+                "0",
+            ]
+        )
+        == 0
+    )
     return run_dir
 
 
 @pytest.fixture(scope="module")
 def scored(trained_run, learn_shards, tmp_path_factory) -> str:
     out = str(tmp_path_factory.mktemp("scored") / "score")
-    assert main(["evaluate", "--checkpoint", trained_run, "--data", learn_shards, "--out", out,
-                 "--device", "cpu"]) == 0
+    assert main(["evaluate", "--checkpoint", trained_run, "--data", learn_shards, "--out", out, "--device", "cpu"]) == 0
     return out
 
 
@@ -74,8 +99,12 @@ def test_scoring_outputs_agree_with_each_other_and_the_manifest(scored, learn_sh
     confusion = np.array(metrics["confusion"])
     assert confusion.sum() == len(rows)
     assert confusion.diagonal().sum() == sum(r["truth"] == r["prediction"] for r in rows)
-    assert all(0 < r["probability"] <= 1 and r["path"] == f"{r['sequence']}/color_{r['start']}.png"
-               and r["stop"] - r["start"] + 1 == manifest["seq_len"] for r in rows)
+    assert all(
+        0 < r["probability"] <= 1
+        and r["path"] == f"{r['sequence']}/color_{r['start']}.png"
+        and r["stop"] - r["start"] + 1 == manifest["seq_len"]
+        for r in rows
+    )
     best = json.load(open(os.path.join(trained_run, "best.json")))
     assert metrics["checkpoint"].endswith(best["name"])
     table = open(os.path.join(scored, "per_class.txt")).read()
@@ -87,20 +116,39 @@ def test_scoring_outputs_agree_with_each_other_and_the_manifest(scored, learn_sh
 @pytest.mark.slow
 def test_scoring_on_xla_and_through_gcs_gives_the_same_predictions(scored, trained_run, learn_shards, gcs):
     pointer = json.load(open(os.path.join(trained_run, "best.json")))
-    storage.write_bytes("gs://pyact-test/scoring/ckpt.pt", open(os.path.join(trained_run, pointer["name"]), "rb").read())
+    storage.write_bytes(
+        "gs://pyact-test/scoring/ckpt.pt", open(os.path.join(trained_run, pointer["name"]), "rb").read()
+    )
     env = dict(os.environ, PJRT_DEVICE="CPU")
     out = "gs://pyact-test/scoring/out"
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "evaluate.py"), "--checkpoint",
-                             "gs://pyact-test/scoring/ckpt.pt", "--data", learn_shards, "--out", out,
-                             "--device", "xla"], capture_output=True, text=True, env=env, timeout=600)
+    result = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(ROOT, "scripts", "evaluate.py"),
+            "--checkpoint",
+            "gs://pyact-test/scoring/ckpt.pt",
+            "--data",
+            learn_shards,
+            "--out",
+            out,
+            "--device",
+            "xla",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     eager = json.load(open(os.path.join(scored, "predictions.json")))
     xla = storage.read_json(f"{out}/predictions.json")
     assert [r["key"] for r in xla] == [r["key"] for r in eager]
     agree = np.mean([a["prediction"] == b["prediction"] for a, b in zip(xla, eager)])
     assert agree >= 0.99, agree
-    assert max(abs(a["probability"] - b["probability"]) for a, b in zip(xla, eager)
-               if a["prediction"] == b["prediction"]) < 1e-3
+    assert (
+        max(abs(a["probability"] - b["probability"]) for a, b in zip(xla, eager) if a["prediction"] == b["prediction"])
+        < 1e-3
+    )
 
 
 def _read_video(path):
@@ -119,8 +167,10 @@ def _banner_colours(frame):
     """Which of green and red text the frame's banner holds."""
     banner = frame[:40].astype(int)
     b, g, r = banner[..., 0], banner[..., 1], banner[..., 2]
-    return {"green": bool(((g > 120) & (r < 80) & (b < 80)).sum() > 20),
-            "red": bool(((r > 150) & (g < 80) & (b < 80)).sum() > 20)}
+    return {
+        "green": bool(((g > 120) & (r < 80) & (b < 80)).sum() > 20),
+        "red": bool(((r > 150) & (g < 80) & (b < 80)).sum() > 20),
+    }
 
 
 def _picture(frame, size):
@@ -130,8 +180,7 @@ def _picture(frame, size):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("source", ["src", "shards"])
-def test_video_shows_each_frame_once_per_sequence_in_order(scored, learn_shards, tmp_path, source, capsys,
-                                                         monkeypatch):
+def test_video_shows_each_frame_once_per_sequence_in_order(scored, learn_shards, tmp_path, source, capsys, monkeypatch):
     """Before: every window's frames in turn, in shard order, so each frame came back once per
     window holding it (6 times), with nothing naming the sequence. Now: sequence by sequence,
     frame by frame, each frame once: checked by the frame count and by the pictures, each
@@ -153,16 +202,22 @@ def test_video_shows_each_frame_once_per_sequence_in_order(scored, learn_shards,
     from pyact_torch.draw import panels
 
     drawn = []  # (picture, captions) of each video frame, as handed to the encoder
+
     def record(frame, captions):
         drawn.append((frame.copy(), captions))
         return original(frame, captions)
+
     original = panels.with_banner
     monkeypatch.setattr(panels, "with_banner", record)
-    assert main(["video", str(predictions), out, "--size", str(size), "--sheet-windows", "4", "--fps", "30",
-                 *flag]) == 0
+    assert (
+        main(["video", str(predictions), out, "--size", str(size), "--sheet-windows", "4", "--fps", "30", *flag]) == 0
+    )
     frames = _read_video(out)
-    expected = [(name, f) for name in names
-                for f in sorted({f for r in rows if r["sequence"] == name for f in range(r["start"], r["stop"] + 1)})]
+    expected = [
+        (name, f)
+        for name in names
+        for f in sorted({f for r in rows if r["sequence"] == name for f in range(r["start"], r["stop"] + 1)})
+    ]
     assert len(frames) == len(expected)  # each frame once (before: 6x the windows)
     printed = capsys.readouterr().out
     assert f"{len(expected)} frames of 2 sequences" in printed and f"{len(expected) / 30:.0f} s at 30 fps" in printed
@@ -173,9 +228,14 @@ def test_video_shows_each_frame_once_per_sequence_in_order(scored, learn_shards,
         kind = os.path.basename(rows[0]["path"]).split("_")[0]
         reference = [to_display(load_png(os.path.join(raw, n, f"{kind}_{f}.png")), size) for n, f in expected]
     else:
-        clips = {s["__key__"]: load_npy(s["clip.npy"]) for shard in
-                 split_shards(learn_shards, read_manifest(learn_shards), "test") for s in read_samples(shard.url, shard.count)}
-        window = {(r["sequence"], f): (r["key"], f - r["start"]) for r in rows for f in range(r["start"], r["stop"] + 1)}
+        clips = {
+            s["__key__"]: load_npy(s["clip.npy"])
+            for shard in split_shards(learn_shards, read_manifest(learn_shards), "test")
+            for s in read_samples(shard.url, shard.count)
+        }
+        window = {
+            (r["sequence"], f): (r["key"], f - r["start"]) for r in rows for f in range(r["start"], r["stop"] + 1)
+        }
         reference = [clip_frames(clips[window[k][0]][window[k][1]][None], size)[0] for k in expected]
     assert all(np.array_equal(picture, ref) for (picture, _), ref in zip(drawn, reference))
     assert not np.array_equal(drawn[1][0], reference[0])  # the control: neighbouring frames differ
@@ -194,16 +254,40 @@ def test_video_frames_choose_sequences_and_wrong_windows():
     from pyact_torch.scoring.video import video_frames
 
     def row(sequence, start, truth="a", prediction=None):
-        return {"key": f"{sequence}:{start}", "path": "x/color_0.png", "sequence": sequence, "start": start,
-                "stop": start + 2, "truth": truth, "prediction": prediction or truth}
+        return {
+            "key": f"{sequence}:{start}",
+            "path": "x/color_0.png",
+            "sequence": sequence,
+            "start": start,
+            "stop": start + 2,
+            "truth": truth,
+            "prediction": prediction or truth,
+        }
 
-    rows = [row("Test/s2/a", 0), row("Test/s2/a", 1), row("Test/s1/b", 5, "b", "a"), row("Test/s1/b", 4, "b"),
-            row("Test/s1/b", 9, "b", "a")]
+    rows = [
+        row("Test/s2/a", 0),
+        row("Test/s2/a", 1),
+        row("Test/s1/b", 5, "b", "a"),
+        row("Test/s1/b", 4, "b"),
+        row("Test/s1/b", 9, "b", "a"),
+    ]
     shots, chosen = video_frames(rows)
-    assert [(s.sequence, s.frame) for s in shots] == [("Test/s1/b", f) for f in (4, 5, 6, 7, 9, 10, 11)] + \
-        [("Test/s2/a", f) for f in (0, 1, 2, 3)]
-    assert [s.window["start"] if s.window else None for s in shots] == [None, None, 4, 5, None, None, 9,
-                                                                        None, None, 0, 1]
+    assert [(s.sequence, s.frame) for s in shots] == [("Test/s1/b", f) for f in (4, 5, 6, 7, 9, 10, 11)] + [
+        ("Test/s2/a", f) for f in (0, 1, 2, 3)
+    ]
+    assert [s.window["start"] if s.window else None for s in shots] == [
+        None,
+        None,
+        4,
+        5,
+        None,
+        None,
+        9,
+        None,
+        None,
+        0,
+        1,
+    ]
     shots, chosen = video_frames(rows, wrong=True)
     assert [s.frame for s in shots] == [5, 6, 7, 9, 10, 11] and len(chosen) == 2
     shots, _ = video_frames(rows, sequences=("Test/s2/*",))
@@ -221,8 +305,9 @@ def test_the_contact_sheet_takes_the_classes_in_turn():
     windows spread evenly over the split were mostly that class."""
     from pyact_torch.scoring.video import by_class
 
-    rows = [{"truth": "no-action", "i": i} for i in range(90)] + [{"truth": c, "i": 100 + i}
-                                                                    for i, c in enumerate("abcdefghij")]
+    rows = [{"truth": "no-action", "i": i} for i in range(90)] + [
+        {"truth": c, "i": 100 + i} for i, c in enumerate("abcdefghij")
+    ]
     picked = by_class(rows, 12)
     assert len(picked) == 12 and {r["truth"] for r in picked} == set("abcdefghij") | {"no-action"}
     assert sum(r["truth"] == "no-action" for r in picked) == 2
@@ -235,8 +320,17 @@ def test_contact_sheet_captions_are_readable_fitted_to_a_screen():
     from pyact_torch.draw.panels import Panel, sheet
 
     frame = np.full((256, 256, 3), 60, np.uint8)
-    windows = [Panel([frame] * 6, [("Test/subject/asl-z", (255, 255, 255)), ("frames 10-15", (255, 255, 255)),
-                                   ("truth: asl-z", (0, 255, 255)), ("prediction: asl-z", (0, 200, 0))])] * 16
+    windows = [
+        Panel(
+            [frame] * 6,
+            [
+                ("Test/subject/asl-z", (255, 255, 255)),
+                ("frames 10-15", (255, 255, 255)),
+                ("truth: asl-z", (0, 255, 255)),
+                ("prediction: asl-z", (0, 200, 0)),
+            ],
+        )
+    ] * 16
     image = cv2.imdecode(np.frombuffer(sheet(windows, "title"), np.uint8), cv2.IMREAD_COLOR)
     fit = min(1920 / image.shape[1], 1080 / image.shape[0])
     column = image[:, :40].max(axis=(1, 2)) > 128  # rows of pixels with text at the left edge
@@ -282,20 +376,44 @@ def test_inspect_passes_good_shards_and_names_a_damaged_one(learn_shards, tmp_pa
     assert len(error) == 1 and f"{victim}: unreadable" in error[0] and "truncated" in error[0]
 
 
-@pytest.mark.parametrize("case", ["no-checkpoint", "no-split", "bad-predictions", "missing-predictions",
-                                  "no-frames-source"])
+@pytest.mark.parametrize(
+    "case", ["no-checkpoint", "no-split", "bad-predictions", "missing-predictions", "no-frames-source"]
+)
 @pytest.mark.slow
 def test_bad_scoring_input(case, learn_shards, trained_run, scored, tmp_path, capsys):
     bad = tmp_path / "predictions.json"
     bad.write_text("[1, 2")
     argv = {
-        "no-checkpoint": ["evaluate", "--checkpoint", str(tmp_path / "nothing"), "--data", learn_shards,
-                          "--out", str(tmp_path / "o"), "--device", "cpu"],
-        "no-split": ["evaluate", "--checkpoint", trained_run, "--data", str(tmp_path), "--out", str(tmp_path / "o"),
-                     "--device", "cpu"],
+        "no-checkpoint": [
+            "evaluate",
+            "--checkpoint",
+            str(tmp_path / "nothing"),
+            "--data",
+            learn_shards,
+            "--out",
+            str(tmp_path / "o"),
+            "--device",
+            "cpu",
+        ],
+        "no-split": [
+            "evaluate",
+            "--checkpoint",
+            trained_run,
+            "--data",
+            str(tmp_path),
+            "--out",
+            str(tmp_path / "o"),
+            "--device",
+            "cpu",
+        ],
         "bad-predictions": ["video", str(bad), str(tmp_path / "v.mp4"), "--data", learn_shards],
-        "missing-predictions": ["video", str(tmp_path / "missing.json"), str(tmp_path / "v.mp4"), "--data",
-                                learn_shards],
+        "missing-predictions": [
+            "video",
+            str(tmp_path / "missing.json"),
+            str(tmp_path / "v.mp4"),
+            "--data",
+            learn_shards,
+        ],
         "no-frames-source": ["video", os.path.join(scored, "predictions.json"), str(tmp_path / "v.mp4")],
     }[case]
     assert main(argv) == 2

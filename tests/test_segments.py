@@ -32,11 +32,11 @@ def windows_of(n_frames: int, spans: list[tuple[str, int, int]], seq_len: int = 
 
 def test_tiou_edge_cases():
     assert tiou(3, 9, 3, 9) == 1.0
-    assert tiou(0, 4, 5, 9) == 0.0                      # touching, no shared frame
-    assert tiou(0, 4, 4, 8) == pytest.approx(1 / 9)     # one shared frame of nine
-    assert tiou(2, 3, 0, 9) == pytest.approx(2 / 10)    # contained
-    assert tiou(0, 5, 2, 7) == 0.5                      # 4 shared of 8: exactly the threshold
-    assert tiou(7, 7, 7, 7) == 1.0                      # one-frame segments
+    assert tiou(0, 4, 5, 9) == 0.0  # touching, no shared frame
+    assert tiou(0, 4, 4, 8) == pytest.approx(1 / 9)  # one shared frame of nine
+    assert tiou(2, 3, 0, 9) == pytest.approx(2 / 10)  # contained
+    assert tiou(0, 5, 2, 7) == 0.5  # 4 shared of 8: exactly the threshold
+    assert tiou(7, 7, 7, 7) == 1.0  # one-frame segments
 
 
 def test_a_perfect_classifier_gives_back_the_labelled_frames():
@@ -93,17 +93,27 @@ def det(label, first, last, score=1.0, seen_at=0):
 
 
 def test_metrics_on_two_sequences_worked_out_by_hand():
-    a = SequenceResult("A", 20, (Truth("x", 2, 7), Truth("x", 12, 17)),
-                       (det("x", 2, 7, .9, 5), det("x", 13, 19, .8, 15), det("y", 9, 10, .5, 10)))
-    b = SequenceResult("B", 10, (Truth("y", 0, 9),), (det("y", 0, 4, .7, 5),))
+    a = SequenceResult(
+        "A",
+        20,
+        (Truth("x", 2, 7), Truth("x", 12, 17)),
+        (det("x", 2, 7, 0.9, 5), det("x", 13, 19, 0.8, 15), det("y", 9, 10, 0.5, 10)),
+    )
+    b = SequenceResult("B", 10, (Truth("y", 0, 9),), (det("y", 0, 4, 0.7, 5),))
     m = detection_metrics([a, b], BG)
     # IoU: x1 1.0, x2 5/8 = 0.625, y in A matches nothing, B's y 5/10 = 0.5
     for t in ("0.3", "0.5"):  # TP 3, FP 1, FN 0
-        assert m["segments"][t] == pytest.approx({"precision": .75, "recall": 1.0, "f1": 6 / 7, "tp": 3, "fp": 1, "fn": 0})
+        assert m["segments"][t] == pytest.approx(
+            {"precision": 0.75, "recall": 1.0, "f1": 6 / 7, "tp": 3, "fp": 1, "fn": 0}
+        )
     # at 0.7 only x1 matches: TP 1, FP 3, FN 2 -> P 1/4, R 1/3, F1 2/7
-    assert m["segments"]["0.7"] == pytest.approx({"precision": .25, "recall": 1 / 3, "f1": 2 / 7, "tp": 1, "fp": 3, "fn": 2})
+    assert m["segments"]["0.7"] == pytest.approx(
+        {"precision": 0.25, "recall": 1 / 3, "f1": 2 / 7, "tp": 1, "fp": 3, "fn": 2}
+    )
     assert m["per_class"]["x"]["0.5"]["f1"] == 1.0
-    assert m["per_class"]["y"]["0.5"] == pytest.approx({"precision": .5, "recall": 1.0, "f1": 2 / 3, "tp": 1, "fp": 1, "fn": 0})
+    assert m["per_class"]["y"]["0.5"] == pytest.approx(
+        {"precision": 0.5, "recall": 1.0, "f1": 2 / 3, "tp": 1, "fp": 1, "fn": 0}
+    )
     # frames: A right on 0,1,2-7,8,11,13-17 = 15 of 20; B right on 0-4 = 5 of 10
     assert m["frame_accuracy"] == pytest.approx(20 / 30)
     # delays: 5-2, 15-12, 5-0
@@ -116,7 +126,7 @@ def test_metrics_on_two_sequences_worked_out_by_hand():
 
 def test_higher_score_matches_first_and_a_duplicate_is_a_false_positive():
     truths = (Truth("x", 0, 9),)
-    rows = match(truths, (det("x", 0, 9, .6), det("x", 0, 8, .9)), 0.5)
+    rows = match(truths, (det("x", 0, 9, 0.6), det("x", 0, 8, 0.9)), 0.5)
     assert rows == [("x", True), ("x", False)]  # the 0.9 one (IoU 0.9) takes the segment
     assert match(truths, (), 0.5) == [("x", None)]
 
@@ -129,12 +139,12 @@ def test_nothing_detected_and_everything_detected():
     assert none["delay_frames"] == {"mean": None, "median": None, "detected": 0, "missed": 2}
     assert none["false_alarms_per_1000_background_frames"] == 0.0
     everything = detection_metrics(
-        [SequenceResult("A", 20, truths, (det("x", 3, 8, seen_at=5), det("x", 12, 15, seen_at=14)))], BG)
+        [SequenceResult("A", 20, truths, (det("x", 3, 8, seen_at=5), det("x", 12, 15, seen_at=14)))], BG
+    )
     for t in ("0.3", "0.5", "0.7"):
         assert everything["segments"][t]["f1"] == 1.0
     assert everything["frame_accuracy"] == 1.0
     assert everything["delay_frames"]["mean"] == pytest.approx((2 + 2) / 2)
     # negative control: the same detections one class off score nothing
-    wrong = detection_metrics(
-        [SequenceResult("A", 20, truths, (det("y", 3, 8), det("y", 12, 15)))], BG)
+    wrong = detection_metrics([SequenceResult("A", 20, truths, (det("y", 3, 8), det("y", 12, 15)))], BG)
     assert wrong["segments"]["0.5"]["f1"] == 0.0 and wrong["false_alarms"] == 2

@@ -30,6 +30,7 @@ def signal_on_call(function, signum: int, call: int = 1):
         if calls[0] == call:
             os.kill(os.getpid(), signum)
         return function(*args, **kwargs)
+
     return wrapped
 
 
@@ -67,6 +68,7 @@ def test_convert_keras_stopped_inside_torch_save(signum, h5, tmp_path, capsys, m
 
             def flush(self):
                 return sink.flush()
+
         return real_save(obj, Sink(), *args, **kwargs)
 
     monkeypatch.setattr(torch, "save", save)
@@ -97,15 +99,32 @@ def test_export_stopped_inside_the_exporter(suffix, detector_run, learn_shards, 
 def scored(detector_run, learn_shards, tmp_path_factory) -> str:
     """``pyact evaluate`` outputs for the eval split."""
     out = str(tmp_path_factory.mktemp("scored") / "scored")
-    assert main(["evaluate", "--checkpoint", detector_run, "--data", learn_shards, "--split", "eval",
-                 "--device", "cpu", "--out", out]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                "--checkpoint",
+                detector_run,
+                "--data",
+                learn_shards,
+                "--split",
+                "eval",
+                "--device",
+                "cpu",
+                "--out",
+                out,
+            ]
+        )
+        == 0
+    )
     return out
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("moment", ["scoring", "a move fails", "a stop while publishing"])
-def test_evaluate_stopped_keeps_the_earlier_outputs_whole(moment, scored, detector_run, learn_shards, tmp_path,
-                                                          capsys, monkeypatch):
+def test_evaluate_stopped_keeps_the_earlier_outputs_whole(
+    moment, scored, detector_run, learn_shards, tmp_path, capsys, monkeypatch
+):
     """The new metrics.json and per_class.txt were left beside the earlier checkpoint's
     confusion_matrix.png and predictions.json. A move that fails after the first output is in
     place puts the earlier ones back; a stop while the outputs are moved waits for the moves
@@ -128,8 +147,19 @@ def test_evaluate_stopped_keeps_the_earlier_outputs_whole(moment, scored, detect
             raise OSError(errno.ENOSPC, "No space left on device", args[1])
         return real_replace(*args)
 
-    args = ["evaluate", "--checkpoint", detector_run, "--data", learn_shards, "--split", "test", "--device", "cpu",
-            "--out", str(out)]
+    args = [
+        "evaluate",
+        "--checkpoint",
+        detector_run,
+        "--data",
+        learn_shards,
+        "--split",
+        "test",
+        "--device",
+        "cpu",
+        "--out",
+        str(out),
+    ]
     if moment == "scoring":
         monkeypatch.setattr(metrics, "confusion_png", signal_on_call(metrics.confusion_png, signal.SIGTERM))
         stopped(capsys, signal.SIGTERM, *args)
@@ -151,14 +181,24 @@ def test_evaluate_stopped_keeps_the_earlier_outputs_whole(moment, scored, detect
 
 @pytest.mark.slow
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
-def test_video_stopped_keeps_the_earlier_video_and_sheet(signum, scored, learn_shards, tmp_path, capsys,
-                                                         monkeypatch):
+def test_video_stopped_keeps_the_earlier_video_and_sheet(signum, scored, learn_shards, tmp_path, capsys, monkeypatch):
     from pyact_torch.draw import panels
 
     predictions = os.path.join(scored, "predictions.json")
     out = tmp_path / "predictions.mp4"
-    args = ["video", predictions, str(out), "--data", learn_shards, "--split", "eval", "--max-windows", "20",
-            "--size", "48"]
+    args = [
+        "video",
+        predictions,
+        str(out),
+        "--data",
+        learn_shards,
+        "--split",
+        "eval",
+        "--max-windows",
+        "20",
+        "--size",
+        "48",
+    ]
     assert main(args) == 0
     before = tree_bytes(tmp_path)
     assert set(before) == {"predictions.mp4", "predictions-sheet.png"}
@@ -204,8 +244,12 @@ def test_synth_with_worker_processes_stopped_by_sigterm(tmp_path):
     import time
 
     out = tmp_path / "raw"
-    process = subprocess.Popen([sys.executable, "-m", "pyact_torch", "synth", str(out), "--size", "320x240",
-                                "--workers", "2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "pyact_torch", "synth", str(out), "--size", "320x240", "--workers", "2"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and sum(len(f) for _, _, f in os.walk(tmp_path)) < 50:
         time.sleep(0.05)
@@ -221,6 +265,26 @@ def test_training_in_process_gives_back_the_signal_handlers(small_shards, tmp_pa
     again. It did not: the demo's scoring after training could not be interrupted, and a later
     convert-keras in the same process lost its Ctrl-C (seen in the full suite)."""
     before = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
-    assert main(["train", "--data", small_shards, "--run-dir", str(tmp_path / "run"), "--model", "tiny",
-                 "--epochs", "1", "--batch-size", "8", "--workers", "0", "--device", "cpu"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--data",
+                small_shards,
+                "--run-dir",
+                str(tmp_path / "run"),
+                "--model",
+                "tiny",
+                "--epochs",
+                "1",
+                "--batch-size",
+                "8",
+                "--workers",
+                "0",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     assert {signum: signal.getsignal(signum) for signum in before} == before

@@ -31,8 +31,13 @@ def facts(small_shards, tmp_path_factory) -> dict:
     a split whose size is no multiple of the batch."""
     dump = str(tmp_path_factory.mktemp("hlo"))
     env = dict(SPMD_ENV, SPMD_FACTS_DUMP=dump, XLA_FLAGS=f"--xla_dump_to={dump} --xla_dump_hlo_as_text")
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "spmd_facts.py"), small_shards],
-                            capture_output=True, text=True, env=env, timeout=600)
+    result = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "tests", "spmd_facts.py"), small_shards],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads(result.stdout.strip().splitlines()[-1])
 
@@ -97,8 +102,15 @@ def test_too_few_shards_for_a_pod_is_one_clear_message():
     message = str(error.value)
     assert "98 train shards" in message and "128 readers" in message and "--shard-size 390" in message  # 49,920 / 128
     # the same pod under SPMD reads per host (16 hosts x 2 workers = 32 readers): no refusal
-    check_readers(len(SHARDS), sum(s.count for s in SHARDS), 16, 2, 16,
-                  train_steps(SHARDS, 16, 2, per_replica_batch(256, 16, 4)), "gs://b/shards")
+    check_readers(
+        len(SHARDS),
+        sum(s.count for s in SHARDS),
+        16,
+        2,
+        16,
+        train_steps(SHARDS, 16, 2, per_replica_batch(256, 16, 4)),
+        "gs://b/shards",
+    )
 
 
 def test_the_global_batch_must_divide_over_every_device():
@@ -109,9 +121,22 @@ def test_the_global_batch_must_divide_over_every_device():
 
 # --- pyact train --parallel spmd -----------------------------------------------------------------
 
+
 def _train(data, run_dir, *extra, **kwargs):
-    return [*TRAIN, "--data", data, "--run-dir", run_dir, "--model", "tiny", "--device", "xla",
-            "--parallel", "spmd", *extra]
+    return [
+        *TRAIN,
+        "--data",
+        data,
+        "--run-dir",
+        run_dir,
+        "--model",
+        "tiny",
+        "--device",
+        "xla",
+        "--parallel",
+        "spmd",
+        *extra,
+    ]
 
 
 @pytest.mark.slow
@@ -120,9 +145,13 @@ def test_spmd_training_runs_end_to_end_and_saves_a_plain_checkpoint(small_shards
     being one device's steps (test_spmd_steps_equal_one_device_steps) and from the learning tests
     of the one-device paths; a 4-epoch learning run here took 9 minutes of XLA:CPU."""
     run_dir = str(tmp_path / "run")
-    result = subprocess.run(_train(small_shards, run_dir, "--epochs", "1", "--batch-size", "16", "--workers", "1",
-                                   "--log-every", "2"),
-                            capture_output=True, text=True, env=SPMD_ENV, timeout=1200)
+    result = subprocess.run(
+        _train(small_shards, run_dir, "--epochs", "1", "--batch-size", "16", "--workers", "1", "--log-every", "2"),
+        capture_output=True,
+        text=True,
+        env=SPMD_ENV,
+        timeout=1200,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "1 readers (spmd, 4 devices each)" in result.stdout
     rows = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
@@ -135,12 +164,14 @@ def test_spmd_training_runs_end_to_end_and_saves_a_plain_checkpoint(small_shards
 def test_spmd_kill_and_resume_and_sigterm(small_shards, tmp_path):
     flags = ["--epochs", "2", "--batch-size", "8", "--ckpt-every", "10", "--workers", "1", "--log-every", "1"]
     reference = str(tmp_path / "reference")
-    done = subprocess.run(_train(small_shards, reference, *flags), capture_output=True, text=True, env=SPMD_ENV,
-                          timeout=900)
+    done = subprocess.run(
+        _train(small_shards, reference, *flags), capture_output=True, text=True, env=SPMD_ENV, timeout=900
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     run_dir = str(tmp_path / "killed")
-    process = subprocess.Popen(_train(small_shards, run_dir, *flags), env=SPMD_ENV, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        _train(small_shards, run_dir, *flags), env=SPMD_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     latest = os.path.join(run_dir, "latest.json")
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline and process.poll() is None:
@@ -149,8 +180,9 @@ def test_spmd_kill_and_resume_and_sigterm(small_shards, tmp_path):
         time.sleep(0.05)
     process.send_signal(signal.SIGKILL)
     assert process.wait() == -signal.SIGKILL, "training finished before it could be killed"
-    resumed = subprocess.run(_train(small_shards, run_dir, *flags), capture_output=True, text=True, env=SPMD_ENV,
-                             timeout=900)
+    resumed = subprocess.run(
+        _train(small_shards, run_dir, *flags), capture_output=True, text=True, env=SPMD_ENV, timeout=900
+    )
     assert resumed.returncode == 0 and "resumed at step" in resumed.stdout, resumed.stderr[-3000:]
     a = torch.load(os.path.join(reference, "final.pt"), weights_only=True)["model"]
     b = torch.load(os.path.join(run_dir, "final.pt"), weights_only=True)["model"]
@@ -158,8 +190,14 @@ def test_spmd_kill_and_resume_and_sigterm(small_shards, tmp_path):
         assert torch.allclose(a[key].float(), b[key].float(), rtol=1e-4, atol=1e-5), key
     # SIGTERM (preemption) to the process group: checkpoint, exit 0
     stopped = str(tmp_path / "stopped")
-    process = subprocess.Popen(_train(small_shards, stopped, *flags[:1], "50", *flags[2:]), env=SPMD_ENV,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    process = subprocess.Popen(
+        _train(small_shards, stopped, *flags[:1], "50", *flags[2:]),
+        env=SPMD_ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     metrics = os.path.join(stopped, "metrics.jsonl")
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline and process.poll() is None and not os.path.exists(metrics):

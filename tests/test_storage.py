@@ -76,7 +76,7 @@ def test_a_read_resumes_where_the_connection_dropped(private_gcs, monkeypatch):
     assert head + rest == data
     assert time.monotonic() - started > 1.5  # waited for the server instead of failing
     assert ranges[0] is None and len(ranges) >= 2 and ranges[-1].startswith("bytes=")
-    resumed_at = int(ranges[-1][len("bytes="):-1])
+    resumed_at = int(ranges[-1][len("bytes=") : -1])
     assert 1 << 20 <= resumed_at < len(data)
 
 

@@ -11,8 +11,11 @@ from pyact_torch.data.synthetic import make_dataset
 
 
 def tree(root):
-    return {os.path.relpath(os.path.join(d, f), root): open(os.path.join(d, f), "rb").read()
-            for d, _, files in os.walk(root) for f in files}
+    return {
+        os.path.relpath(os.path.join(d, f), root): open(os.path.join(d, f), "rb").read()
+        for d, _, files in os.walk(root)
+        for f in files
+    }
 
 
 def test_same_seed_same_bytes_and_real_layout(tmp_path):
@@ -40,13 +43,16 @@ def test_same_seed_same_bytes_and_real_layout(tmp_path):
         assert 4 <= len(actions) == len(set(actions)) <= 7 and set(actions) <= set(ACTIONS)  # different classes
         gaps = [b.pos - (a.pos + a.len) for a, b in zip(recording.segments, recording.segments[1:])]
         assert min(gaps) >= 2  # background between actions
-    assert len({g for r in recordings for g in [b.pos - (a.pos + a.len) for a, b in
-                                                 zip(r.segments, r.segments[1:])]}) > 2  # of varying length
+    assert (
+        len({g for r in recordings for g in [b.pos - (a.pos + a.len) for a, b in zip(r.segments, r.segments[1:])]}) > 2
+    )  # of varying length
 
 
 def test_shape_is_drawn_exactly_inside_segments(tmp_path):
-    make_dataset(SynthConfig(str(tmp_path / "d"), subjects=(1, 0, 1), frames=(20, 24), size=(64, 48), seed=1,
-                             workers=1), progress=False)
+    make_dataset(
+        SynthConfig(str(tmp_path / "d"), subjects=(1, 0, 1), frames=(20, 24), size=(64, 48), seed=1, workers=1),
+        progress=False,
+    )
     folder = tmp_path / "d" / "Train" / "train00" / "asl-milk"
     segments = parse_label_file(str(folder) + ".xml")
     n = len([f for f in os.listdir(folder) if f.startswith("depth_")])
@@ -59,8 +65,12 @@ def test_shape_is_drawn_exactly_inside_segments(tmp_path):
 def test_recordings_draw_each_action_inside_its_own_segment(tmp_path):
     """What a TestDetection label file says is what its frames show: the hand only inside the
     segments."""
-    make_dataset(SynthConfig(str(tmp_path / "r"), subjects=(1, 0, 1), frames=(20, 24), size=(64, 48), seed=4,
-                             workers=1, detection=1), progress=False)
+    make_dataset(
+        SynthConfig(
+            str(tmp_path / "r"), subjects=(1, 0, 1), frames=(20, 24), size=(64, 48), seed=4, workers=1, detection=1
+        ),
+        progress=False,
+    )
     folder = tmp_path / "r" / "TestDetection" / "detect00"
     segments = parse_label_file(str(folder) + ".xml")
     n = len([f for f in os.listdir(folder) if f.startswith("depth_")])

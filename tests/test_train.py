@@ -38,9 +38,28 @@ def test_tiny_learns_the_held_out_subject_through_xmp_spawn(learn_shards, tmp_pa
     """The TPU code path on XLA:CPU (xmp.spawn, one replica): >= 90 % on the held-out subject."""
     run_dir = str(tmp_path / "run")
     env = dict(os.environ, PJRT_DEVICE="CPU")
-    result = subprocess.run(train_command(learn_shards, run_dir, "--device", "xla", "--epochs", "5", "--lr", "2e-3",
-                                          "--lr-schedule", "cosine", "--log-every", "20", "--workers", "1"),
-                            capture_output=True, text=True, env=env, timeout=1200)
+    result = subprocess.run(
+        train_command(
+            learn_shards,
+            run_dir,
+            "--device",
+            "xla",
+            "--epochs",
+            "5",
+            "--lr",
+            "2e-3",
+            "--lr-schedule",
+            "cosine",
+            "--log-every",
+            "20",
+            "--workers",
+            "1",
+        ),
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=1200,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     accuracy = [r["accuracy"] for r in evals(run_dir)]
     assert len(accuracy) == 5 and accuracy[-1] >= 0.9, accuracy
@@ -59,21 +78,67 @@ def test_tiny_learns_the_held_out_subject_through_xmp_spawn(learn_shards, tmp_pa
 def test_tiny_learns_the_held_out_subject(learn_shards, tmp_path):
     """Eager CPU (the same loop as XLA): >= 90 % on the held-out eval subject."""
     run_dir = str(tmp_path / "run")
-    assert main(["train", "--data", learn_shards, "--run-dir", run_dir, "--model", "tiny", "--device", "cpu",
-                 "--epochs", "5", "--lr", "2e-3", "--lr-schedule", "cosine", "--log-every", "100",
-                 "--workers", "1"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--data",
+                learn_shards,
+                "--run-dir",
+                run_dir,
+                "--model",
+                "tiny",
+                "--device",
+                "cpu",
+                "--epochs",
+                "5",
+                "--lr",
+                "2e-3",
+                "--lr-schedule",
+                "cosine",
+                "--log-every",
+                "100",
+                "--workers",
+                "1",
+            ]
+        )
+        == 0
+    )
     accuracy = [r["accuracy"] for r in evals(run_dir)]
     assert accuracy[-1] >= 0.9, accuracy
     best = storage.read_json(f"{run_dir}/best.json")
     assert min(r["loss"] for r in evals(run_dir)) == pytest.approx(
-        load_object(f"{run_dir}/{best['name']}", best)["best_val_loss"], abs=1e-5)
+        load_object(f"{run_dir}/{best['name']}", best)["best_val_loss"], abs=1e-5
+    )
 
 
 @pytest.mark.slow
 def test_checkpoints_land_in_gcs_and_load_with_plain_torch_load(learn_shards, gcs, tmp_path):
     run_dir = "gs://pyact-test/runs/gcs"
-    assert main(["train", "--data", learn_shards, "--run-dir", run_dir, "--model", "tiny", "--device", "cpu",
-                 "--epochs", "2", "--ckpt-every", "20", "--keep", "2", "--workers", "0"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--data",
+                learn_shards,
+                "--run-dir",
+                run_dir,
+                "--model",
+                "tiny",
+                "--device",
+                "cpu",
+                "--epochs",
+                "2",
+                "--ckpt-every",
+                "20",
+                "--keep",
+                "2",
+                "--workers",
+                "0",
+            ]
+        )
+        == 0
+    )
     names = storage.list_files(run_dir)
     assert {"latest.json", "best.json", "final.pt", "metrics.jsonl", "config.json", "loss.png"} <= set(names)
     events = [n for n in names if n.startswith(EVENT_PREFIX)]
@@ -107,12 +172,44 @@ def test_kill_and_resume_gives_the_same_final_weights(device, learn_shards, smal
     dropout masks the uninterrupted run drew."""
     if device == "cpu":
         data, kill_at = learn_shards, 30
-        flags = ["--device", "cpu", "--epochs", "2", "--ckpt-every", "15", "--workers", "1", "--log-every", "5",
-                 "--augment", "pyact", "--dropout", "0.2", "--weight-decay", "1e-4"]
+        flags = [
+            "--device",
+            "cpu",
+            "--epochs",
+            "2",
+            "--ckpt-every",
+            "15",
+            "--workers",
+            "1",
+            "--log-every",
+            "5",
+            "--augment",
+            "pyact",
+            "--dropout",
+            "0.2",
+            "--weight-decay",
+            "1e-4",
+        ]
     else:
         data, kill_at = small_shards, 20
-        flags = ["--device", "xla", "--epochs", "2", "--batch-size", "8", "--ckpt-every", "10", "--workers", "1",
-                 "--log-every", "1", "--augment", "standard", "--dropout", "0.2"]
+        flags = [
+            "--device",
+            "xla",
+            "--epochs",
+            "2",
+            "--batch-size",
+            "8",
+            "--ckpt-every",
+            "10",
+            "--workers",
+            "1",
+            "--log-every",
+            "1",
+            "--augment",
+            "standard",
+            "--dropout",
+            "0.2",
+        ]
     env = dict(os.environ, PJRT_DEVICE="CPU")
     reference = str(tmp_path / "reference")
     done = subprocess.run(train_command(data, reference, *flags), capture_output=True, text=True, env=env)
@@ -120,8 +217,9 @@ def test_kill_and_resume_gives_the_same_final_weights(device, learn_shards, smal
     if device == "xla":  # dropout's random masks run inside the compiled step
         assert " 0 CPU fallbacks" in done.stdout
     run_dir = str(tmp_path / "killed")
-    process = subprocess.Popen(train_command(data, run_dir, *flags), env=env,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        train_command(data, run_dir, *flags), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     latest = os.path.join(run_dir, "latest.json")
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and process.poll() is None:
@@ -152,10 +250,15 @@ def test_sigterm_checkpoints_and_exits_zero(device, learn_shards, small_shards, 
     the signal passed on."""
     run_dir = str(tmp_path / "run")
     data, extra = (learn_shards, []) if device == "cpu" else (small_shards, ["--batch-size", "8"])
-    process = subprocess.Popen(train_command(data, run_dir, "--device", device, "--epochs", "50",
-                                             "--workers", "0", "--log-every", "5", *extra),
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               env=dict(os.environ, PJRT_DEVICE="CPU"))
+    process = subprocess.Popen(
+        train_command(
+            data, run_dir, "--device", device, "--epochs", "50", "--workers", "0", "--log-every", "5", *extra
+        ),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=dict(os.environ, PJRT_DEVICE="CPU"),
+    )
     metrics = os.path.join(run_dir, "metrics.jsonl")
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and not os.path.exists(metrics):
@@ -177,9 +280,14 @@ def test_ctrl_c_checkpoints_the_step_reached_and_the_rerun_resumes_from_it(devic
     Ctrl-C finishes the step, checkpoints it and exits 130 saying so."""
     run_dir = str(tmp_path / "run")
     flags = ["--device", device, "--batch-size", "8", "--workers", "1", "--log-every", "2", "--ckpt-every", "0"]
-    process = subprocess.Popen(train_command(small_shards, run_dir, "--epochs", "50", *flags),
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
-                               env=dict(os.environ, PJRT_DEVICE="CPU"))
+    process = subprocess.Popen(
+        train_command(small_shards, run_dir, "--epochs", "50", *flags),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+        env=dict(os.environ, PJRT_DEVICE="CPU"),
+    )
     metrics = os.path.join(run_dir, "metrics.jsonl")
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and not os.path.exists(metrics):
@@ -194,15 +302,25 @@ def test_ctrl_c_checkpoints_the_step_reached_and_the_rerun_resumes_from_it(devic
     assert step > 0 and not os.path.exists(os.path.join(run_dir, "final.pt"))
     if device == "xla":  # resuming an xmp run is test_kill_and_resume_...[xla]'s (this would add a minute)
         return
-    rerun = subprocess.run(train_command(small_shards, run_dir, "--epochs", "1", *flags), capture_output=True,
-                           text=True, env=dict(os.environ, PJRT_DEVICE="CPU"), timeout=600)
+    rerun = subprocess.run(
+        train_command(small_shards, run_dir, "--epochs", "1", *flags),
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, PJRT_DEVICE="CPU"),
+        timeout=600,
+    )
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     assert f"resumed at step {step}" in rerun.stdout
 
 
 def _tiny_state(step):
-    return {"model": {"w": torch.full((3,), float(step))}, "step": step, "classes": ["a", "no-action"],
-            "config": {"model": "tiny"}, "format": "pyact-torch-checkpoint/1"}
+    return {
+        "model": {"w": torch.full((3,), float(step))},
+        "step": step,
+        "classes": ["a", "no-action"],
+        "config": {"model": "tiny"},
+        "format": "pyact-torch-checkpoint/1",
+    }
 
 
 def test_corrupt_latest_checkpoint_falls_back_to_the_previous(tmp_path):
@@ -264,8 +382,7 @@ def test_resume_refused_when_classes_differ(learn_shards, tmp_path, capsys):
     writer = CheckpointWriter(str(run_dir), log=lambda m: None)
     writer.save({**_tiny_state(5), "data_shape": None}, 5, 0)
     writer.close()
-    assert main(["train", "--data", learn_shards, "--run-dir", str(run_dir), "--device", "cpu",
-                 "--model", "tiny"]) == 2
+    assert main(["train", "--data", learn_shards, "--run-dir", str(run_dir), "--device", "cpu", "--model", "tiny"]) == 2
     assert "classes differ" in capsys.readouterr().err
 
 
@@ -293,8 +410,13 @@ def test_errors_inside_xla_replicas_are_one_line(case, learn_shards, tmp_path):
         writer = CheckpointWriter(str(run_dir), log=lambda m: None)
         writer.save({**_tiny_state(5), "data_shape": None}, 5, 0)
         writer.close()
-    result = subprocess.run(train_command(learn_shards, str(run_dir), "--device", "xla", *extra),
-                            capture_output=True, text=True, env=env, timeout=600)
+    result = subprocess.run(
+        train_command(learn_shards, str(run_dir), "--device", "xla", *extra),
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
     assert result.returncode == 2, result.stderr[-2000:]
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), lines
@@ -325,9 +447,28 @@ def test_bf16_through_xmp_spawn(small_shards, tmp_path):
     """--precision bf16 on the XLA path (autocast to bfloat16 on the XLA device): trains, with
     finite losses and no CPU fallbacks."""
     run_dir = str(tmp_path / "run")
-    result = subprocess.run(train_command(small_shards, run_dir, "--device", "xla", "--precision", "bf16",
-                                          "--epochs", "1", "--batch-size", "8", "--log-every", "2", "--workers", "0"),
-                            capture_output=True, text=True, env=dict(os.environ, PJRT_DEVICE="CPU"), timeout=600)
+    result = subprocess.run(
+        train_command(
+            small_shards,
+            run_dir,
+            "--device",
+            "xla",
+            "--precision",
+            "bf16",
+            "--epochs",
+            "1",
+            "--batch-size",
+            "8",
+            "--log-every",
+            "2",
+            "--workers",
+            "0",
+        ),
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, PJRT_DEVICE="CPU"),
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     rows = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
     losses = [r["loss"] for r in rows if r["kind"] == "train"]
@@ -337,7 +478,9 @@ def test_bf16_through_xmp_spawn(small_shards, tmp_path):
     assert storage.read_json(f"{run_dir}/config.json")["config"]["precision"] == "bf16"
 
 
-@pytest.mark.parametrize("module, loads_sklearn", [("pyact_torch.training.train", False), ("pyact_torch.scoring.evaluate", True)])
+@pytest.mark.parametrize(
+    "module, loads_sklearn", [("pyact_torch.training.train", False), ("pyact_torch.scoring.evaluate", True)]
+)
 def test_training_does_not_import_the_scoring_stack(module, loads_sklearn):
     """Every training replica imports pyact_torch.training.train: scikit-learn (scoring's metrics) must not
     come with it. pyact_torch.scoring.evaluate is the control that shows the check sees an import."""

@@ -6,8 +6,7 @@ import pytest
 
 from pyact_torch.errors import UserError
 from pyact_torch.data.labels import ACTIONS, NO_ACTION, Segment, Sequence, class_list
-from pyact_torch.data.windows import (balance, label_windows, plan_split, split_sequences,
-                                 window_length)
+from pyact_torch.data.windows import balance, label_windows, plan_split, split_sequences, window_length
 
 
 def seq(n, *segments, split="Train", subject="s1", action="asl-z"):
@@ -21,8 +20,17 @@ def labels(windows):
 def test_half_window_boundary():
     # segment frames 6..11; L=6 needs 3 frames inside
     got = labels(label_windows(seq(14, (6, 6)), 6))
-    assert got == [(0, 5, False), (1, 6, False), (2, 7, False), (3, 8, True), (4, 9, True),
-                   (5, 10, True), (6, 11, True), (7, 12, True), (8, 13, True)]
+    assert got == [
+        (0, 5, False),
+        (1, 6, False),
+        (2, 7, False),
+        (3, 8, True),
+        (4, 9, True),
+        (5, 10, True),
+        (6, 11, True),
+        (7, 12, True),
+        (8, 13, True),
+    ]
 
 
 def test_odd_length_uses_floor_half():
@@ -41,7 +49,12 @@ def test_several_segments():
 def test_segment_ending_on_last_frame():
     windows = label_windows(seq(10, (6, 4)), 6)
     assert [(w.stop, w.label) for w in windows] == [
-        (5, NO_ACTION), (6, NO_ACTION), (7, NO_ACTION), (8, "asl-z"), (9, "asl-z")]
+        (5, NO_ACTION),
+        (6, NO_ACTION),
+        (7, NO_ACTION),
+        (8, "asl-z"),
+        (9, "asl-z"),
+    ]
 
 
 def test_sequence_shorter_than_window_gives_nothing():
@@ -49,8 +62,11 @@ def test_sequence_shorter_than_window_gives_nothing():
 
 
 def test_length_is_taken_across_splits():
-    sequences = [seq(30, (1, 9), (15, 8)), seq(30, (3, 6), split="Test", subject="t1"),
-                 seq(30, (2, 7), split="Eval", subject="e1")]
+    sequences = [
+        seq(30, (1, 9), (15, 8)),
+        seq(30, (3, 6), split="Test", subject="t1"),
+        seq(30, (2, 7), split="Eval", subject="e1"),
+    ]
     assert window_length(sequences) == 6
     with pytest.raises(UserError):
         window_length([seq(10)])
@@ -60,9 +76,24 @@ def test_class_order_is_sorted_actions_then_no_action():
     shuffled = list(ACTIONS)
     random.Random(3).shuffle(shuffled)
     assert class_list(shuffled) == [
-        "asl-bathroom", "asl-blue", "asl-green", "asl-j", "asl-milk", "asl-scissors",
-        "asl-where", "asl-yellow", "asl-you", "asl-z", "ui-circle", "ui-click",
-        "ui-doubleclick", "ui-keyTap", "ui-screenTap", "ui-swipe", "no-action"]
+        "asl-bathroom",
+        "asl-blue",
+        "asl-green",
+        "asl-j",
+        "asl-milk",
+        "asl-scissors",
+        "asl-where",
+        "asl-yellow",
+        "asl-you",
+        "asl-z",
+        "ui-circle",
+        "ui-click",
+        "ui-doubleclick",
+        "ui-keyTap",
+        "ui-screenTap",
+        "ui-swipe",
+        "no-action",
+    ]
 
 
 def test_balance_keeps_all_action_windows_and_floor_share_of_no_action():

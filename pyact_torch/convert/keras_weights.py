@@ -36,8 +36,14 @@ V1_CONV_LAYERS = ("INITIAL_CONV3D",) + tuple(f"CONV3D_{n}_{c}" for n in range(1,
 V1_NORM_LAYERS = tuple(f"batch_normalization#{k}" for k in range(5))  # Keras' own names, in file order
 KERAS_NORM_NAME = re.compile(r"batch_normalization(_v\d+)?(_\d+)?")
 NETWORKS = {"0.0.7": (CONV_LAYERS, NORM_LAYERS), "1.x": (V1_CONV_LAYERS, V1_NORM_LAYERS)}
-KERAS_TO_TORCH = {"kernel": "weight", "bias": "bias", "gamma": "weight", "beta": "bias",
-                  "moving_mean": "running_mean", "moving_variance": "running_var"}
+KERAS_TO_TORCH = {
+    "kernel": "weight",
+    "bias": "bias",
+    "gamma": "weight",
+    "beta": "bias",
+    "moving_mean": "running_mean",
+    "moving_variance": "running_var",
+}
 
 
 MAX_WEIGHT_BYTES = 4 << 30  # one weight array as float32: c3d's DENSE_1 at 64x64 frames is 0.8 GB
@@ -87,8 +93,9 @@ def read_keras_weights(path: str) -> tuple[dict[str, dict[str, np.ndarray]], dic
             key = layer
             if KERAS_NORM_NAME.fullmatch(layer) and _names(node, "weight_names"):
                 if norms == len(V1_NORM_LAYERS):
-                    raise UserError(f"{path}: more than {norms} BatchNormalization layers with weights; "
-                                    f"not a pyACT network")
+                    raise UserError(
+                        f"{path}: more than {norms} BatchNormalization layers with weights; not a pyACT network"
+                    )
                 key, norms = V1_NORM_LAYERS[norms], norms + 1
             if key not in CONV_LAYERS + NORM_LAYERS + DENSE_LAYERS + V1_CONV_LAYERS + V1_NORM_LAYERS:
                 continue  # only the networks' arrays are read: at most 62, whatever the file lists
@@ -122,8 +129,9 @@ def _configured_input(config: dict, path: str) -> tuple[int, int, int, int] | No
         shape = settings.get("batch_input_shape") if isinstance(settings, dict) else None
         if isinstance(shape, list) and len(shape) == 5:
             if not all(type(d) is int and d > 0 for d in shape[1:]):
-                raise UserError(f"{path}: its model_config gives the input shape {shape[1:]}, "
-                                "which is not a positive size")
+                raise UserError(
+                    f"{path}: its model_config gives the input shape {shape[1:]}, which is not a positive size"
+                )
             return tuple(shape[1:])
     return None
 
@@ -134,12 +142,15 @@ def network_of(layers: dict, path: str) -> str:
         return "1.x"
     if "CONV3D_1" in layers:
         return "0.0.7"
-    raise UserError(f"{path}: not a pyACT ConvNet3D weights file (neither CONV3D_1 of pyACT 0.0.7 nor "
-                    f"INITIAL_CONV3D of pyACT 1.x; it has {', '.join(sorted(layers))[:200] or 'no weights'})")
+    raise UserError(
+        f"{path}: not a pyACT ConvNet3D weights file (neither CONV3D_1 of pyACT 0.0.7 nor "
+        f"INITIAL_CONV3D of pyACT 1.x; it has {', '.join(sorted(layers))[:200] or 'no weights'})"
+    )
 
 
-def _input_shape(layers: dict, network: str, preset: str, config: dict | None, seq_len: int,
-                 path: str) -> tuple[int, int, int]:
+def _input_shape(
+    layers: dict, network: str, preset: str, config: dict | None, seq_len: int, path: str
+) -> tuple[int, int, int]:
     """(T, S, C): from the model config when the file has one, else from DENSE_1's row count
     (T x S/P x S/P x filters, P the network's pooling) with T = ``seq_len``; either way checked
     against the weights, so that nothing is built or reshaped for an input the weights cannot take."""
@@ -159,19 +170,23 @@ def _input_shape(layers: dict, network: str, preset: str, config: dict | None, s
         cells, remainder = divmod(rows, filters * seq_len)
         side = math.isqrt(cells)
         if remainder or not side or side * side != cells:
-            raise UserError(f"{path}: DENSE_1 has {rows} inputs, which is no {seq_len}-frame square input; "
-                            "give --seq-len")
+            raise UserError(
+                f"{path}: DENSE_1 has {rows} inputs, which is no {seq_len}-frame square input; give --seq-len"
+            )
         size = side * pooling
     if size % pooling:
         raise UserError(f"{path}: the model takes {size}x{size} frames; this network needs a multiple of {pooling}")
     if rows != seq_len * (size // pooling) ** 2 * filters:
-        raise UserError(f"{path}: DENSE_1 has {rows} inputs, not the {seq_len * (size // pooling) ** 2 * filters} "
-                        f"of a {seq_len}x{size}x{size} input")
+        raise UserError(
+            f"{path}: DENSE_1 has {rows} inputs, not the {seq_len * (size // pooling) ** 2 * filters} "
+            f"of a {seq_len}x{size}x{size} input"
+        )
     return seq_len, size, channels
 
 
-def keras_to_state_dict(layers: dict, network: str, model: torch.nn.Module, seq_len: int,
-                        image_size: int) -> dict[str, torch.Tensor]:
+def keras_to_state_dict(
+    layers: dict, network: str, model: torch.nn.Module, seq_len: int, image_size: int
+) -> dict[str, torch.Tensor]:
     """The torch ``state_dict`` of ``model`` for the Keras weights of ``network``: the file's
     convs and BatchNorms in order onto the model's, kernels transposed to torch layouts,
     DENSE_1's rows permuted from Keras' channels-last flatten (T, H, W, C) to torch's (C, T, H, W)."""
@@ -202,27 +217,38 @@ def keras_to_state_dict(layers: dict, network: str, model: torch.nn.Module, seq_
 def _preset_of(layers: dict, network: str, path: str) -> str:
     """The preset whose layers the file's arrays are, each checked for its rank first."""
     conv_names, norm_names = NETWORKS[network]
-    needed = {**{n: ("kernel", "bias") for n in conv_names + DENSE_LAYERS},
-              **{n: ("gamma", "beta", "moving_mean", "moving_variance") for n in norm_names}}
-    missing = [f"{layer.split('#')[0]}/{kind}" for layer, kinds in needed.items() for kind in kinds
-               if kind not in layers.get(layer, {})]
+    needed = {
+        **{n: ("kernel", "bias") for n in conv_names + DENSE_LAYERS},
+        **{n: ("gamma", "beta", "moving_mean", "moving_variance") for n in norm_names},
+    }
+    missing = [
+        f"{layer.split('#')[0]}/{kind}"
+        for layer, kinds in needed.items()
+        for kind in kinds
+        if kind not in layers.get(layer, {})
+    ]
     if missing:
-        raise UserError(f"{path}: not a whole pyACT {network} ConvNet3D weights file (missing "
-                        f"{', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''})")
+        raise UserError(
+            f"{path}: not a whole pyACT {network} ConvNet3D weights file (missing "
+            f"{', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''})"
+        )
     for layer, kinds in needed.items():
         for kind in kinds:
             rank = 1 if kind != "kernel" else 5 if layer in conv_names else 2
             if layers[layer][kind].ndim != rank:
-                raise UserError(f"{path}: {layer}/{kind} has shape {layers[layer][kind].shape}; "
-                                f"a ConvNet3D {kind} has {rank} dimension{'s' if rank > 1 else ''}")
+                raise UserError(
+                    f"{path}: {layer}/{kind} has shape {layers[layer][kind].shape}; "
+                    f"a ConvNet3D {kind} has {rank} dimension{'s' if rank > 1 else ''}"
+                )
     widths = tuple(layers[n]["kernel"].shape[4] for n in conv_names)
     dense = tuple(layers[n]["kernel"].shape[1] for n in DENSE_LAYERS[:2])
     for name, preset in PRESETS.items():
         convs = tuple(width for width, count in preset.blocks for _ in range(count))
         if convs == widths and preset.dense == dense and (network == "1.x") == preset.conv_relu:
             return name
-    raise UserError(f"{path}: a pyACT {network} ConvNet3D with filters {widths} and dense {dense} matches "
-                    f"no --model preset")
+    raise UserError(
+        f"{path}: a pyACT {network} ConvNet3D with filters {widths} and dense {dense} matches no --model preset"
+    )
 
 
 def convert_keras(config: KerasConfig, print_fn: Callable[[str], None] = print) -> dict:
@@ -236,12 +262,15 @@ def convert_keras(config: KerasConfig, print_fn: Callable[[str], None] = print) 
     network = network_of(layers, config.h5)
     preset = _preset_of(layers, network, config.h5)
     if config.model != "auto" and config.model != preset:
-        raise UserError(f"{config.h5}: holds pyACT {network}'s network ({preset}), not --model {config.model}; "
-                        f"leave out --model (it is read from the file's layer names) or give --model {preset}")
+        raise UserError(
+            f"{config.h5}: holds pyACT {network}'s network ({preset}), not --model {config.model}; "
+            f"leave out --model (it is read from the file's layer names) or give --model {preset}"
+        )
     seq_len, image_size, channels = _input_shape(layers, network, preset, model_config, config.seq_len, config.h5)
     if channels not in MODALITY_OF:
-        raise UserError(f"{config.h5}: {NETWORKS[network][0][0]} takes {channels} channels; pyact-torch data has "
-                        f"1, 3 or 4")
+        raise UserError(
+            f"{config.h5}: {NETWORKS[network][0][0]} takes {channels} channels; pyact-torch data has 1, 3 or 4"
+        )
     classes = list(config.classes or PYACT_CLASSES)
     outputs = layers["DENSE_CLASS"]["kernel"].shape[1]
     if outputs != len(classes):
@@ -251,20 +280,21 @@ def convert_keras(config: KerasConfig, print_fn: Callable[[str], None] = print) 
     try:
         model.load_state_dict(state_dict)
     except RuntimeError as exc:
-        raise UserError(f"{config.h5}: weights do not fit ConvNet3D at {seq_len}x{image_size}x{image_size}x{channels} "
-                        f"({str(exc).splitlines()[-1].strip()})") from None
-    data_shape = {"channels": channels, "seq_len": seq_len, "image_size": image_size,
-                  "modality": MODALITY_OF[channels]}
-    checkpoint = make_checkpoint(model.state_dict(), {"model": preset}, classes, data_shape,
-                                 converted_from=os.path.basename(config.h5))
+        raise UserError(
+            f"{config.h5}: weights do not fit ConvNet3D at {seq_len}x{image_size}x{image_size}x{channels} "
+            f"({str(exc).splitlines()[-1].strip()})"
+        ) from None
+    data_shape = {"channels": channels, "seq_len": seq_len, "image_size": image_size, "modality": MODALITY_OF[channels]}
+    checkpoint = make_checkpoint(
+        model.state_dict(), {"model": preset}, classes, data_shape, converted_from=os.path.basename(config.h5)
+    )
     with storage.open_write(config.out) as sink, uninterrupted("the checkpoint is written"):
         torch.save(checkpoint, sink)
-    print_fn(f"wrote {config.out}: pyACT {network}'s network as --model {preset} at {seq_len}x{image_size}x{image_size}x{channels}, "
-             f"{len(classes)} classes in {'the given' if config.classes else 'pyACT'} order")
+    print_fn(
+        f"wrote {config.out}: pyACT {network}'s network as --model {preset} at {seq_len}x{image_size}x{image_size}x{channels}, "
+        f"{len(classes)} classes in {'the given' if config.classes else 'pyACT'} order"
+    )
     return checkpoint
-
-
-
 
 
 def _check_checkpoint(url: str) -> None:
@@ -296,5 +326,7 @@ def check_replaceable(out: str, overwrite: bool, source: str = "") -> None:
     try:
         _check_checkpoint(out)
     except UserError:
-        raise UserError(f"{out}: exists and is not a pyact-torch checkpoint; refusing to replace it even with "
-                        f"--overwrite (move it, or give another name)") from None
+        raise UserError(
+            f"{out}: exists and is not a pyact-torch checkpoint; refusing to replace it even with "
+            f"--overwrite (move it, or give another name)"
+        ) from None

@@ -24,8 +24,20 @@ from ..errors import UserError
 from ..io.locks import LOCK_NAME, Lock
 from ..io.records import CorruptRecord, tfrecords
 from ..data.labels import PYACT_CLASSES
-from ..data.shards import (MANIFEST, MODALITY_OF, encode_sample, index_row, new_manifest, read_manifest, sample_meta,
-                     shard_name, shard_url, split_entry, write_shard)
+from ..data.shards import (
+    MANIFEST,
+    MODALITY_OF,
+    encode_sample,
+    index_row,
+    new_manifest,
+    read_manifest,
+    sample_meta,
+    shard_name,
+    shard_url,
+    split_entry,
+    write_shard,
+)
+
 
 @functools.lru_cache(maxsize=1)
 def example_class() -> type:
@@ -35,25 +47,41 @@ def example_class() -> type:
 
     field = descriptor_pb2.FieldDescriptorProto
     proto = descriptor_pb2.FileDescriptorProto(name="pyact_tf_example.proto", package="tensorflow", syntax="proto3")
-    lists = (("bytes_list", "BytesList", field.TYPE_BYTES), ("float_list", "FloatList", field.TYPE_FLOAT),
-             ("int64_list", "Int64List", field.TYPE_INT64))
+    lists = (
+        ("bytes_list", "BytesList", field.TYPE_BYTES),
+        ("float_list", "FloatList", field.TYPE_FLOAT),
+        ("int64_list", "Int64List", field.TYPE_INT64),
+    )
     feature = descriptor_pb2.DescriptorProto(name="Feature")
     feature.oneof_decl.add(name="kind")
     for number, (name, message, kind) in enumerate(lists, 1):
         proto.message_type.add(name=message).field.add(name="value", number=1, type=kind, label=field.LABEL_REPEATED)
-        feature.field.add(name=name, number=number, type=field.TYPE_MESSAGE, label=field.LABEL_OPTIONAL,
-                          type_name=f".tensorflow.{message}", oneof_index=0)
+        feature.field.add(
+            name=name,
+            number=number,
+            type=field.TYPE_MESSAGE,
+            label=field.LABEL_OPTIONAL,
+            type_name=f".tensorflow.{message}",
+            oneof_index=0,
+        )
     proto.message_type.append(feature)
     features = proto.message_type.add(name="Features")
     entry = features.nested_type.add(name="FeatureEntry")
     entry.options.map_entry = True
     entry.field.add(name="key", number=1, type=field.TYPE_STRING, label=field.LABEL_OPTIONAL)
-    entry.field.add(name="value", number=2, type=field.TYPE_MESSAGE, label=field.LABEL_OPTIONAL,
-                    type_name=".tensorflow.Feature")
-    features.field.add(name="feature", number=1, type=field.TYPE_MESSAGE, label=field.LABEL_REPEATED,
-                       type_name=".tensorflow.Features.FeatureEntry")
-    proto.message_type.add(name="Example").field.add(name="features", number=1, type=field.TYPE_MESSAGE,
-                                                     label=field.LABEL_OPTIONAL, type_name=".tensorflow.Features")
+    entry.field.add(
+        name="value", number=2, type=field.TYPE_MESSAGE, label=field.LABEL_OPTIONAL, type_name=".tensorflow.Feature"
+    )
+    features.field.add(
+        name="feature",
+        number=1,
+        type=field.TYPE_MESSAGE,
+        label=field.LABEL_REPEATED,
+        type_name=".tensorflow.Features.FeatureEntry",
+    )
+    proto.message_type.add(name="Example").field.add(
+        name="features", number=1, type=field.TYPE_MESSAGE, label=field.LABEL_OPTIONAL, type_name=".tensorflow.Features"
+    )
     pool = descriptor_pool.DescriptorPool()
     pool.Add(proto)
     return message_factory.GetMessageClass(pool.FindMessageTypeByName("tensorflow.Example"))
@@ -92,8 +120,16 @@ class TFRecordSummary:
 
 # words that name a split in a folder or file name (any case): pyACT wrote TFRECORD/Train/ and
 # TFRECORD/Eval/ side by side
-SPLIT_WORDS = {"train": "train", "training": "train", "eval": "eval", "val": "eval", "valid": "eval",
-               "validation": "eval", "test": "test", "testing": "test"}
+SPLIT_WORDS = {
+    "train": "train",
+    "training": "train",
+    "eval": "eval",
+    "val": "eval",
+    "valid": "eval",
+    "validation": "eval",
+    "test": "test",
+    "testing": "test",
+}
 
 
 def named_split(name: str) -> str | None:
@@ -103,8 +139,10 @@ def named_split(name: str) -> str | None:
     words = re.findall(r"[A-Z]?[a-z]+|[A-Z]+(?![a-z])|[0-9]+", name)
     found = {SPLIT_WORDS[w.lower()] for w in words if w.lower() in SPLIT_WORDS}
     if len(found) > 1:
-        raise UserError(f"{name}: names several splits ({', '.join(sorted(found))}); rename it, or move each "
-                        f"split's records into a folder of its own")
+        raise UserError(
+            f"{name}: names several splits ({', '.join(sorted(found))}); rename it, or move each "
+            f"split's records into a folder of its own"
+        )
     return found.pop() if found else None
 
 
@@ -119,16 +157,18 @@ def split_of(src: str, files: list[str], given: str) -> str:
         if url == base:  # SRC is one file: its name, then its folder's
             names = [os.path.basename(os.path.dirname(os.path.abspath(base))), os.path.basename(base)]
         else:  # SRC's name, the folders below it, the file's own name
-            names = [os.path.basename(base)] + url[len(base):].strip("/").split("/")
+            names = [os.path.basename(base)] + url[len(base) :].strip("/").split("/")
         split = next((s for s in map(named_split, reversed(names)) if s), None)
-        folder = os.path.dirname(url[len(base):].strip("/")) or os.path.basename(base)
+        folder = os.path.dirname(url[len(base) :].strip("/")) or os.path.basename(base)
         where.setdefault(split or given or "train", set()).add(folder)
     if len(where) > 1 or (given and set(where) != {given}):
         listed = "; ".join(f"{s}: {', '.join(sorted(f)[:3])}" for s, f in sorted(where.items()))
-        raise UserError(f"{src}: holds records of {'several splits' if len(where) > 1 else 'another split'} "
-                        f"({listed}{'; --split ' + given if given and len(where) == 1 else ''}); converting them "
-                        f"together would merge splits: convert each split's folder on its own into the same DEST "
-                        f"(a folder or file misnamed: rename it; names outrank --split)")
+        raise UserError(
+            f"{src}: holds records of {'several splits' if len(where) > 1 else 'another split'} "
+            f"({listed}{'; --split ' + given if given and len(where) == 1 else ''}); converting them "
+            f"together would merge splits: convert each split's folder on its own into the same DEST "
+            f"(a folder or file misnamed: rename it; names outrank --split)"
+        )
     return next(iter(where))
 
 
@@ -141,7 +181,9 @@ def _record_files(src: str) -> list[str]:
     raise UserError(f"{src}: no such file or folder")
 
 
-def convert_tfrecords(config: TFRecordConfig, progress: bool = True, print_fn: Callable[[str], None] = print) -> TFRecordSummary:
+def convert_tfrecords(
+    config: TFRecordConfig, progress: bool = True, print_fn: Callable[[str], None] = print
+) -> TFRecordSummary:
     """``pyact convert-tfrecords``: pyACT TFRecords (one split) -> shards + manifest, streaming
     (one record in memory at a time). Runs for other splits add to the same manifest. A split
     the manifest already has is written under new shard names and its old shards are deleted
@@ -157,8 +199,9 @@ def convert_tfrecords(config: TFRecordConfig, progress: bool = True, print_fn: C
         return _convert_locked(config, files, progress, print_fn)
 
 
-def _convert_locked(config: TFRecordConfig, files: list[str], progress: bool,
-                    print_fn: Callable[[str], None]) -> TFRecordSummary:
+def _convert_locked(
+    config: TFRecordConfig, files: list[str], progress: bool, print_fn: Callable[[str], None]
+) -> TFRecordSummary:
     """The conversion itself, holding DEST's lock."""
     from tqdm import tqdm
 
@@ -170,8 +213,10 @@ def _convert_locked(config: TFRecordConfig, files: list[str], progress: bool,
     manifest_url = storage.join(config.dest, MANIFEST)
     previous = read_manifest(config.dest) if storage.exists(manifest_url) else None
     if previous is None and [name for name in storage.list_files(config.dest) if name != LOCK_NAME]:
-        raise UserError(f"{config.dest}: holds files but no manifest (another tool's output, or an unfinished "
-                        f"run); convert into an empty DEST or one that holds converted splits")
+        raise UserError(
+            f"{config.dest}: holds files but no manifest (another tool's output, or an unfinished "
+            f"run); convert into an empty DEST or one that holds converted splits"
+        )
     if previous is not None and previous["classes"] != classes:
         raise UserError(f"{config.dest}: its manifest has other classes; convert into a new DEST")
     published = _published_shards(previous, config.dest) if previous is not None else {}
@@ -206,11 +251,14 @@ def _convert_locked(config: TFRecordConfig, files: list[str], progress: bool,
                     except ValueError as exc:
                         raise UserError(f"{url}: record at byte {offset}: {exc}") from None
                     if not 0 <= label < len(classes):
-                        raise UserError(f"{url}: record at byte {offset} has label {label}, "
-                                        f"outside the {len(classes)} classes")
+                        raise UserError(
+                            f"{url}: record at byte {offset} has label {label}, outside the {len(classes)} classes"
+                        )
                     key = f"{stem}/{number:06d}"
-                    meta = {**sample_meta(os.path.basename(url), number, number, classes[label], "", ""),
-                            "offset": offset}
+                    meta = {
+                        **sample_meta(os.path.basename(url), number, number, classes[label], "", ""),
+                        "offset": offset,
+                    }
                     counts[classes[label]] += 1
                     index.append(index_row(key, meta))
                     number += 1
@@ -223,18 +271,26 @@ def _convert_locked(config: TFRecordConfig, files: list[str], progress: bool,
         raise UserError(f"{config.src}: no readable records")
     seq_len, size, _, channels = shape
     if previous is not None and not _fits(previous, shape):
-        raise UserError(f"{config.dest}: its manifest has clips of another shape than "
-                        f"{seq_len}x{size}x{size}x{channels}; convert into a new DEST")
+        raise UserError(
+            f"{config.dest}: its manifest has clips of another shape than "
+            f"{seq_len}x{size}x{size}x{channels}; convert into a new DEST"
+        )
     written: list = []
     try:
         while sample is not None:
-            written.append(write_shard(config.dest, shard_name(config.split, len(written), tag),
-                                       itertools.chain([sample], itertools.islice(stream, config.shard_size - 1))))
+            written.append(
+                write_shard(
+                    config.dest,
+                    shard_name(config.split, len(written), tag),
+                    itertools.chain([sample], itertools.islice(stream, config.shard_size - 1)),
+                )
+            )
             sample = next(stream, None)
         bar.close()
         modality = MODALITY_OF[channels]
-        manifest = previous or new_manifest(classes, seq_len, size, modality,
-                                            source={"converted_from": "pyACT TFRecords", "class_order": classes})
+        manifest = previous or new_manifest(
+            classes, seq_len, size, modality, source={"converted_from": "pyACT TFRecords", "class_order": classes}
+        )
         manifest["splits"][config.split] = split_entry(written, {c: counts.get(c, 0) for c in classes})
         manifest["splits"][config.split]["corrupt_records_skipped"] = len(summary.corrupt)
         _publish(storage.join(config.dest, config.split, "index.json"), index, manifest_url, manifest)
@@ -248,9 +304,11 @@ def _convert_locked(config: TFRecordConfig, files: list[str], progress: bool,
         if name not in listed:
             storage.remove(shard_url(config.dest, name))
     summary.windows = sum(s.count for s in written)
-    print_fn(f"wrote {summary.windows} windows of {seq_len}x{size}x{size}x{channels} in {len(written)} shards to "
-             f"{storage.join(config.dest, config.split)} from {len(files)} files"
-             + (f"; skipped {len(summary.corrupt)} corrupt record(s)" if summary.corrupt else ""))
+    print_fn(
+        f"wrote {summary.windows} windows of {seq_len}x{size}x{size}x{channels} in {len(written)} shards to "
+        f"{storage.join(config.dest, config.split)} from {len(files)} files"
+        + (f"; skipped {len(summary.corrupt)} corrupt record(s)" if summary.corrupt else "")
+    )
     return summary
 
 
@@ -284,8 +342,12 @@ def _fresh_tag(names: list[str]) -> str:
 def _fits(manifest: dict, shape: list[int]) -> bool:
     """Whether clips of ``shape`` (T, S, S, C) are those of ``manifest``'s dataset."""
     seq_len, size, _, channels = shape
-    return (manifest["seq_len"] == seq_len and manifest["image_size"] == size
-            and isinstance(manifest["channels"], list) and len(manifest["channels"]) == channels)
+    return (
+        manifest["seq_len"] == seq_len
+        and manifest["image_size"] == size
+        and isinstance(manifest["channels"], list)
+        and len(manifest["channels"]) == channels
+    )
 
 
 def _publish(index_url: str, index: list[dict], manifest_url: str, manifest: dict) -> None:

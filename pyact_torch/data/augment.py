@@ -68,8 +68,7 @@ class Transform:
 
     @property
     def photometric(self) -> bool:
-        return bool(self.gamma != 1.0 or self.contrast != 1.0 or self.brightness or
-                    any(g != 1.0 for g in self.gain))
+        return bool(self.gamma != 1.0 or self.contrast != 1.0 or self.brightness or any(g != 1.0 for g in self.gain))
 
 
 IDENTITY = Transform()
@@ -87,11 +86,15 @@ def draw(preset: str, rng: np.random.Generator, colours: int) -> Transform:
     if preset == "standard":
         u = rng.random(7 + colours).tolist()  # one call: the draws are a loader worker's hot path
         spread = lambda low, high, x: low + (high - low) * x  # noqa: E731
-        return Transform(angle=spread(-ROTATE_DEGREES, ROTATE_DEGREES, u[0]), scale=spread(*SCALE, u[1]),
-                         shift=(spread(-SHIFT, SHIFT, u[2]), spread(-SHIFT, SHIFT, u[3])),
-                         gamma=math.exp(spread(-math.log(GAMMA), math.log(GAMMA), u[4])),
-                         contrast=spread(*CONTRAST, u[5]), brightness=spread(-BRIGHTNESS, BRIGHTNESS, u[6]),
-                         gain=tuple(spread(*GAIN, x) for x in u[7:]))
+        return Transform(
+            angle=spread(-ROTATE_DEGREES, ROTATE_DEGREES, u[0]),
+            scale=spread(*SCALE, u[1]),
+            shift=(spread(-SHIFT, SHIFT, u[2]), spread(-SHIFT, SHIFT, u[3])),
+            gamma=math.exp(spread(-math.log(GAMMA), math.log(GAMMA), u[4])),
+            contrast=spread(*CONTRAST, u[5]),
+            brightness=spread(-BRIGHTNESS, BRIGHTNESS, u[6]),
+            gain=tuple(spread(*GAIN, x) for x in u[7:]),
+        )
     raise ValueError(f"unknown augmentation preset {preset!r} (choose from {', '.join(PRESETS)})")
 
 
@@ -109,8 +112,12 @@ def inverse_matrix(transform: Transform, height: int, width: int) -> np.ndarray:
     du = ox + 0.5 - cx - transform.shift[0] * width
     dv = oy + 0.5 - cy - transform.shift[1] * height
     # PIL's inverse of rotate(angle) in screen coordinates (y down): (cos, -sin; sin, cos), then back by 0.5
-    return np.array([[cos * fx, -sin * fy, cos * du - sin * dv + cx - 0.5 + NUDGE],
-                     [sin * fx, cos * fy, sin * du + cos * dv + cy - 0.5 + NUDGE]])
+    return np.array(
+        [
+            [cos * fx, -sin * fy, cos * du - sin * dv + cx - 0.5 + NUDGE],
+            [sin * fx, cos * fy, sin * du + cos * dv + cy - 0.5 + NUDGE],
+        ]
+    )
 
 
 def _warp(frames: np.ndarray, matrix: np.ndarray) -> np.ndarray:
@@ -120,15 +127,21 @@ def _warp(frames: np.ndarray, matrix: np.ndarray) -> np.ndarray:
     height, width = frames.shape[1:3]
     out = np.empty_like(frames)
     for t in range(frames.shape[0]):
-        warped = cv2.warpAffine(frames[t], matrix, (width, height), flags=cv2.INTER_NEAREST | cv2.WARP_INVERSE_MAP,
-                                borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+        warped = cv2.warpAffine(
+            frames[t],
+            matrix,
+            (width, height),
+            flags=cv2.INTER_NEAREST | cv2.WARP_INVERSE_MAP,
+            borderMode=cv2.BORDER_CONSTANT,
+            borderValue=0,
+        )
         out[t] = warped.reshape(out[t].shape)  # OpenCV drops a single channel's axis
     return out
 
 
 def colour_table(transform: Transform, channels: int) -> np.ndarray:
     """The photometric change as a uint8 table per colour channel, ``(256, channels)``."""
-    x = (_LEVELS ** transform.gamma - 0.5) * transform.contrast + 0.5 + transform.brightness / 255.0
+    x = (_LEVELS**transform.gamma - 0.5) * transform.contrast + 0.5 + transform.brightness / 255.0
     gains = np.array(transform.gain[:channels] if transform.gain else (1.0,) * channels)
     return np.clip(np.rint(x * (gains * 255.0)), 0, 255).astype(np.uint8)
 
@@ -142,7 +155,7 @@ def apply(clip: np.ndarray, transform: Transform, colours: int) -> np.ndarray:
     if transform.moves:
         out = _warp(clip, inverse_matrix(transform, clip.shape[1], clip.shape[2]))
     elif transform.flip:  # a flip alone moves whole rows and columns
-        out = np.ascontiguousarray(clip[:, ::-1 if transform.flip & 2 else 1, ::-1 if transform.flip & 1 else 1])
+        out = np.ascontiguousarray(clip[:, :: -1 if transform.flip & 2 else 1, :: -1 if transform.flip & 1 else 1])
     if transform.photometric and colours:
         table = colour_table(transform, colours)
         colour = np.ascontiguousarray(out[..., :colours])
@@ -160,8 +173,9 @@ def colour_channels(channels: Iterable[str]) -> int:
     return sum(1 for name in channels if name != "D")
 
 
-def augmented(items: Iterable[tuple[np.ndarray, int]], preset: str, rng: np.random.Generator,
-              colours: int) -> Iterator[tuple[np.ndarray, int]]:
+def augmented(
+    items: Iterable[tuple[np.ndarray, int]], preset: str, rng: np.random.Generator, colours: int
+) -> Iterator[tuple[np.ndarray, int]]:
     """``(clip, label)`` pairs, each clip through its own draw of ``preset``."""
     if preset == "none":
         yield from items

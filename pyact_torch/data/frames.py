@@ -181,8 +181,9 @@ def write_all(fd: int, data: bytes, offset: int) -> None:
         view, offset = view[written:], offset + written
 
 
-def decode_into_cache(chunks: list[DecodeChunk], cache_path: str, spec: FrameSpec,
-                      processes: int) -> Iterator[ChunkResult]:
+def decode_into_cache(
+    chunks: list[DecodeChunk], cache_path: str, spec: FrameSpec, processes: int
+) -> Iterator[ChunkResult]:
     """Decode ``chunks`` into the cache file, yielding results as chunks finish (in any
     order). ``processes == 1`` decodes in this process."""
     try:

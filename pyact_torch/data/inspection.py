@@ -14,8 +14,17 @@ from ..io import storage
 from ..config import InspectConfig
 from ..errors import UserError
 from ..io.resources import check_memory
-from .shards import (MANIFEST, ShardError, clip_shape, decode_sample, load_npy, max_member, read_manifest,
-                     shard_url, stream_samples)
+from .shards import (
+    MANIFEST,
+    ShardError,
+    clip_shape,
+    decode_sample,
+    load_npy,
+    max_member,
+    read_manifest,
+    shard_url,
+    stream_samples,
+)
 from ..draw.panels import Panel, clip_frames, sheet
 
 
@@ -31,21 +40,27 @@ def inspect_split(config: InspectConfig, progress: bool = True, print_fn: Callab
     entry = manifest["splits"].get(config.split)
     if entry is None:
         raise UserError(f"{config.data}: the manifest has no {config.split!r} split")
-    if not storage.is_gcs(config.data) and os.path.abspath(config.out) == os.path.abspath(storage.join(config.data, MANIFEST)):
+    if not storage.is_gcs(config.data) and os.path.abspath(config.out) == os.path.abspath(
+        storage.join(config.data, MANIFEST)
+    ):
         raise UserError(f"--out {config.out}: that is the dataset's manifest")
     classes = manifest["classes"]
     shape, limit = clip_shape(manifest), max_member(manifest)
     # the grid (RGB, and its PNG encoding) plus the chosen windows' bytes
-    check_memory(config.n * shape[0] * (2 * 3 * (config.size + 8) ** 2 + math.prod(shape[1:])),
-                 f"a grid of --n {config.n} windows at --size {config.size}", "lower --n or --size")
+    check_memory(
+        config.n * shape[0] * (2 * 3 * (config.size + 8) ** 2 + math.prod(shape[1:])),
+        f"a grid of --n {config.n} windows at --size {config.size}",
+        "lower --n or --size",
+    )
     rng = random.Random(config.seed)
     chosen: list[tuple[str, str, bytes]] = []  # reservoir of (key, label, clip bytes)
     counts: Counter = Counter()
     problems: list[str] = []
     report = []
     seen = 0
-    bar = tqdm(total=entry["count"], unit="window", desc=f"inspecting {config.split}",
-               disable=None if progress else True)
+    bar = tqdm(
+        total=entry["count"], unit="window", desc=f"inspecting {config.split}", disable=None if progress else True
+    )
     for shard in entry["shards"]:
         url = shard_url(config.data, shard["name"])
         found = 0
@@ -72,11 +87,20 @@ def inspect_split(config: InspectConfig, progress: bool = True, print_fn: Callab
             problems.append(f"{shard['name']}: unreadable ({str(exc).split(': ', 1)[-1]})")
             report.append((shard["name"], found, 0, "UNREADABLE"))
             continue
-        wrong = [what for what, ok in (("count", found == shard["count"]), ("size", reader.size == shard["bytes"]),
-                                       ("sha256", reader.digest.hexdigest() == shard["sha256"])) if not ok]
+        wrong = [
+            what
+            for what, ok in (
+                ("count", found == shard["count"]),
+                ("size", reader.size == shard["bytes"]),
+                ("sha256", reader.digest.hexdigest() == shard["sha256"]),
+            )
+            if not ok
+        ]
         if wrong:
-            problems.append(f"{shard['name']}: {', '.join(wrong)} differ from the manifest "
-                            f"({found} windows, {reader.size} bytes; manifest: {shard['count']}, {shard['bytes']})")
+            problems.append(
+                f"{shard['name']}: {', '.join(wrong)} differ from the manifest "
+                f"({found} windows, {reader.size} bytes; manifest: {shard['count']}, {shard['bytes']})"
+            )
         report.append((shard["name"], found, reader.size, "ok" if not wrong else "MISMATCH " + ",".join(wrong)))
     bar.close()
     expected = {k: v for k, v in entry["class_counts"].items() if v}
@@ -84,8 +108,10 @@ def inspect_split(config: InspectConfig, progress: bool = True, print_fn: Callab
         problems.append(f"class counts differ from the manifest: read {dict(counts)}, manifest {expected}")
 
     if chosen:
-        windows = [Panel(clip_frames(load_npy(clip), config.size),
-                          [(f"{key}   {label}", (0, 255, 255))]) for key, label, clip in sorted(chosen)]
+        windows = [
+            Panel(clip_frames(load_npy(clip), config.size), [(f"{key}   {label}", (0, 255, 255))])
+            for key, label, clip in sorted(chosen)
+        ]
         title = f"{config.data} {config.split}: {len(chosen)} of {seen} windows"
         storage.write_bytes(config.out, sheet(windows, title, thumb=config.size))
 

@@ -28,17 +28,44 @@ NO_ACTION = "no-action"
 #: The 16 actions of the real dataset (for reference and for the synthetic dataset; the class
 #: list of a preprocessed dataset comes from the folders actually found).
 ACTIONS = (
-    "asl-bathroom", "asl-blue", "asl-green", "asl-j", "asl-milk", "asl-scissors", "asl-where",
-    "asl-yellow", "asl-you", "asl-z", "ui-circle", "ui-click", "ui-doubleclick", "ui-keyTap",
-    "ui-screenTap", "ui-swipe",
+    "asl-bathroom",
+    "asl-blue",
+    "asl-green",
+    "asl-j",
+    "asl-milk",
+    "asl-scissors",
+    "asl-where",
+    "asl-yellow",
+    "asl-you",
+    "asl-z",
+    "ui-circle",
+    "ui-click",
+    "ui-doubleclick",
+    "ui-keyTap",
+    "ui-screenTap",
+    "ui-swipe",
 )
 
 #: The only class order pyACT ever wrote down (its score.py); converters of pyACT files use it by
 #: default (a pyACT model's real order is whatever its own preprocessing listed, hence --classes).
 PYACT_CLASSES = (
-    "ui-screenTap", "asl-you", "asl-blue", "ui-doubleclick", "asl-j", "asl-green", "asl-z",
-    "ui-keyTap", "asl-scissors", "asl-bathroom", "ui-swipe", "asl-where", "asl-yellow",
-    "ui-click", "asl-milk", "ui-circle", NO_ACTION,
+    "ui-screenTap",
+    "asl-you",
+    "asl-blue",
+    "ui-doubleclick",
+    "asl-j",
+    "asl-green",
+    "asl-z",
+    "ui-keyTap",
+    "asl-scissors",
+    "asl-bathroom",
+    "ui-swipe",
+    "asl-where",
+    "asl-yellow",
+    "ui-click",
+    "asl-milk",
+    "ui-circle",
+    NO_ACTION,
 )
 
 SPLIT_DIRS = ("Train", "Eval", "Test")
@@ -152,8 +179,10 @@ def _segment_action(element: ElementTree.Element, where: list[int]) -> str | Non
             continue
         text = (child.text or "").strip().strip('"').strip()
         if not CLASS_NAME.fullmatch(text) or text == NO_ACTION:
-            raise LabelFileError(f"segment pos={where[0]} len={where[1]}: <{tag}> {text[:60]!r} is not an action "
-                                 f"name (letters, digits and '_.+-', not {NO_ACTION!r})")
+            raise LabelFileError(
+                f"segment pos={where[0]} len={where[1]}: <{tag}> {text[:60]!r} is not an action "
+                f"name (letters, digits and '_.+-', not {NO_ACTION!r})"
+            )
         return text
     return None
 
@@ -189,16 +218,19 @@ def _frames_of(rel: str, folder: str, modality: str) -> tuple[int, BadSequence |
     return n_frames, None
 
 
-def _check_sequence(src: str, split_dir: str, subject: str, action: str,
-                    modality: str) -> Sequence | BadSequence:
+def _check_sequence(src: str, split_dir: str, subject: str, action: str, modality: str) -> Sequence | BadSequence:
     rel = f"{split_dir}/{subject}/{action}"
     folder = os.path.join(src, rel)
     label_file = folder + ".xml"
     if action == NO_ACTION or not CLASS_NAME.fullmatch(action):  # a class name: printed, drawn, a key
-        why = (f"'{NO_ACTION}' is the class of frames outside every segment, not an action" if action == NO_ACTION
-               else "not a class name (letters, digits and '_.+-', starting with a letter or digit)")
-        return BadSequence(rel, folder, f"the action folder's name {action[:60]!r} is {why}; rename the folder "
-                                        f"and its label file")
+        why = (
+            f"'{NO_ACTION}' is the class of frames outside every segment, not an action"
+            if action == NO_ACTION
+            else "not a class name (letters, digits and '_.+-', starting with a letter or digit)"
+        )
+        return BadSequence(
+            rel, folder, f"the action folder's name {action[:60]!r} is {why}; rename the folder and its label file"
+        )
     if not os.path.isfile(label_file):
         return BadSequence(rel, label_file, "label file missing for this sequence folder")
     if not os.path.isdir(folder):
@@ -212,8 +244,11 @@ def _check_sequence(src: str, split_dir: str, subject: str, action: str,
         return broken
     for segment in segments:
         if segment.pos + segment.len > n_frames:
-            return BadSequence(rel, label_file, f"segment pos={segment.pos} len={segment.len} ends "
-                                                f"beyond the last frame ({n_frames - 1})")
+            return BadSequence(
+                rel,
+                label_file,
+                f"segment pos={segment.pos} len={segment.len} ends beyond the last frame ({n_frames - 1})",
+            )
     return Sequence(split_dir, subject, action, n_frames, segments)
 
 
@@ -257,8 +292,9 @@ def _frame_folder(folder: str) -> bool:
         return False
 
 
-def scan_detection(src: str, modality: str = "color",
-                   labelled: bool = True) -> tuple[list[Recording], list[BadSequence]]:
+def scan_detection(
+    src: str, modality: str = "color", labelled: bool = True
+) -> tuple[list[Recording], list[BadSequence]]:
     """The long sequences of ``src/TestDetection`` (sorted by path) and the broken ones. A
     folder holding frames is a recording; one holding none is a subject whose subfolders are
     (one level down, no deeper). Every segment must name its action; without ``labelled`` the
@@ -281,8 +317,11 @@ def scan_detection(src: str, modality: str = "color",
         except OSError as exc:
             bad.append(BadSequence(f"{DETECTION_DIR}/{name}", folder, f"cannot be listed ({exc.strerror})"))
             continue
-        folders += [f"{DETECTION_DIR}/{name}/{inner}" for inner in inners
-                    if not inner.startswith(".") and os.path.isdir(os.path.join(folder, inner))]
+        folders += [
+            f"{DETECTION_DIR}/{name}/{inner}"
+            for inner in inners
+            if not inner.startswith(".") and os.path.isdir(os.path.join(folder, inner))
+        ]
     for rel in folders:
         folder = os.path.join(src, rel)
         label_file = folder + ".xml"
@@ -301,10 +340,23 @@ def scan_detection(src: str, modality: str = "color",
         except LabelFileError as exc:
             bad.append(BadSequence(rel, label_file, str(exc)))
             continue
-        problem = next((f"segment pos={g.pos} len={g.len} names no action (give each <_> a child "
-                        f"{', '.join('<' + t + '>' for t in ACTION_TAGS)})" for g in segments if g.action is None), None)
-        problem = problem or next((f"segment pos={g.pos} len={g.len} ends beyond the last frame ({n_frames - 1})"
-                                   for g in segments if g.pos + g.len > n_frames), None)
+        problem = next(
+            (
+                f"segment pos={g.pos} len={g.len} names no action (give each <_> a child "
+                f"{', '.join('<' + t + '>' for t in ACTION_TAGS)})"
+                for g in segments
+                if g.action is None
+            ),
+            None,
+        )
+        problem = problem or next(
+            (
+                f"segment pos={g.pos} len={g.len} ends beyond the last frame ({n_frames - 1})"
+                for g in segments
+                if g.pos + g.len > n_frames
+            ),
+            None,
+        )
         if problem:
             bad.append(BadSequence(rel, label_file, problem))
         else:

@@ -47,6 +47,7 @@ class Part:
 
 # --- shard-level stages (pure functions of lists) ------------------------------------------
 
+
 def epoch_order(shards: list[Shard], seed: int, epoch: int) -> list[Shard]:
     """A seeded shard order that changes every epoch (webdataset's own repeats each epoch)."""
     shuffled = list(shards)
@@ -86,14 +87,16 @@ def eval_steps(shards: list[Shard], world: int, workers: int, batch: int) -> int
 
 # --- sample-level stages (generators) ------------------------------------------------------
 
+
 def window_draws(seed: int, epoch: int, rank: int, worker: int) -> np.random.Generator:
     """The generator of one loader stream's augmentation draws: its own for every run seed,
     epoch, replica and worker, so a replica never repeats another's transforms."""
     return np.random.default_rng([seed % 2**64, epoch, rank, worker, 0xA06])
 
 
-def tar_samples(urls: Iterable[str], counts: Iterable[int | None] | None = None,
-                max_member: int = shard_format.MAX_MEMBER) -> Iterator[dict]:
+def tar_samples(
+    urls: Iterable[str], counts: Iterable[int | None] | None = None, max_member: int = shard_format.MAX_MEMBER
+) -> Iterator[dict]:
     """Raw samples (``__key__``, ``clip.npy``, ``cls``, ``json`` bytes) of the given shards,
     each checked to hold its manifest ``counts`` of windows when given."""
     for url, count in zip(urls, counts if counts is not None else itertools.repeat(None)):
@@ -125,10 +128,15 @@ def record_meta(samples: Iterable[dict], sink: list) -> Iterator[dict]:
             meta = json.loads(sample["json"])
         except (KeyError, ValueError):
             meta = None
-        if not (isinstance(meta, dict) and isinstance(meta.get("path"), str)
-                and all(isinstance(meta.get(k), int) for k in ("start", "stop"))):
-            raise shard_format.ShardError(f"{sample.get('__url__', 'shard')}: window {sample.get('__key__', '?')}: "
-                                          f"its json member is not the window's metadata")
+        if not (
+            isinstance(meta, dict)
+            and isinstance(meta.get("path"), str)
+            and all(isinstance(meta.get(k), int) for k in ("start", "stop"))
+        ):
+            raise shard_format.ShardError(
+                f"{sample.get('__url__', 'shard')}: window {sample.get('__key__', '?')}: "
+                f"its json member is not the window's metadata"
+            )
         meta["key"] = sample["__key__"]
         sink.append(meta)
         yield sample
@@ -147,8 +155,9 @@ def _stack(items: list) -> torch.Tensor:
     return torch.stack(items)
 
 
-def batches(items: Iterable[tuple[Any, int]], size: int,
-            pad: bool) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+def batches(
+    items: Iterable[tuple[Any, int]], size: int, pad: bool
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """``(clips, labels, mask)`` batches of exactly ``size``. Without ``pad`` the remainder is
     dropped; with it the last batch is zero-padded and ``mask`` marks the real windows."""
     iterator = iter(items)
@@ -163,14 +172,17 @@ def batches(items: Iterable[tuple[Any, int]], size: int,
             missing = size - len(chunk)
             clips = torch.cat([clips, clips.new_zeros((missing,) + clips.shape[1:])])
             labels = torch.cat([labels, labels.new_zeros(missing)])
-            mask[len(chunk):] = False
+            mask[len(chunk) :] = False
         yield clips, labels, mask
 
 
 def empty_batch(size: int, clip_shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """A fully masked batch (evaluation padding for replicas with fewer windows)."""
-    return (torch.zeros((size,) + clip_shape, dtype=torch.uint8), torch.zeros(size, dtype=torch.long),
-            torch.zeros(size, dtype=torch.bool))
+    return (
+        torch.zeros((size,) + clip_shape, dtype=torch.uint8),
+        torch.zeros(size, dtype=torch.long),
+        torch.zeros(size, dtype=torch.bool),
+    )
 
 
 @dataclass(frozen=True)
@@ -188,8 +200,19 @@ class WindowDataset(torch.utils.data.IterableDataset):
     number of batches every replica yields this epoch.
     """
 
-    def __init__(self, data_dir: str, manifest: dict, split: str, batch_size: int, part: Part,
-                 train: bool, seed: int = 0, workers: int = 0, shuffle_size: int = 1000, augment: str = "none"):
+    def __init__(
+        self,
+        data_dir: str,
+        manifest: dict,
+        split: str,
+        batch_size: int,
+        part: Part,
+        train: bool,
+        seed: int = 0,
+        workers: int = 0,
+        shuffle_size: int = 1000,
+        augment: str = "none",
+    ):
         self.shards = split_shards(data_dir, manifest, split)
         self.clip_shape = shard_format.clip_shape(manifest)  # uint8 (T, H, W, C)
         self.num_classes = len(manifest["classes"])
@@ -233,8 +256,9 @@ class WindowDataset(torch.utils.data.IterableDataset):
         items = decode(samples, self.clip_shape, self.num_classes)
         if self.augment != "none":
             # drawn in the order this worker yields its windows, itself fixed by the seeds
-            items = augmented(items, self.augment, window_draws(self.seed, self.epoch, self.part.rank, worker),
-                              self.colours)
+            items = augmented(
+                items, self.augment, window_draws(self.seed, self.epoch, self.part.rank, worker), self.colours
+            )
         produced = batches(items, self.batch_size, pad=not self.train)
         yield from produced
         if not self.train and worker == 0:
@@ -271,13 +295,18 @@ def _watch_sigterm(_worker: int) -> None:
 
 def make_loader(dataset: WindowDataset, workers: int) -> torch.utils.data.DataLoader:
     """A DataLoader over a WindowDataset (batches are made inside the dataset)."""
-    return torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=workers,
-                                       persistent_workers=False, pin_memory=False,
-                                       # its own generator: the workers' base seed (unused here) must
-                                       # not be drawn from the global one that dropout draws from, or
-                                       # a resumed epoch would drop other units
-                                       generator=torch.Generator(),
-                                       worker_init_fn=_watch_sigterm if workers else None)
+    return torch.utils.data.DataLoader(
+        dataset,
+        batch_size=None,
+        num_workers=workers,
+        persistent_workers=False,
+        pin_memory=False,
+        # its own generator: the workers' base seed (unused here) must
+        # not be drawn from the global one that dropout draws from, or
+        # a resumed epoch would drop other units
+        generator=torch.Generator(),
+        worker_init_fn=_watch_sigterm if workers else None,
+    )
 
 
 @contextlib.contextmanager
@@ -305,8 +334,14 @@ class HostBatches:
     the iteration quietly and is raised by ``check()``: the device loader iterates in a thread
     whose exceptions never reach training."""
 
-    def __init__(self, dataset: WindowDataset, workers: int, length: int, skip: int = 0,
-                 on_batch: Callable[[Any], None] | None = None):
+    def __init__(
+        self,
+        dataset: WindowDataset,
+        workers: int,
+        length: int,
+        skip: int = 0,
+        on_batch: Callable[[Any], None] | None = None,
+    ):
         self.dataset, self.workers, self.length, self.skip = dataset, workers, length, skip
         self.on_batch = on_batch
         self.yielded = 0
@@ -318,7 +353,9 @@ class HostBatches:
     def __iter__(self) -> Iterator:
         self.yielded, self.error = 0, None
         loader = make_loader(self.dataset, self.workers)
-        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})  # workers fork with them blocked
+        blocked = signal.pthread_sigmask(
+            signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT}
+        )  # workers fork with them blocked
         try:
             with single_threaded_opencv(self.workers > 0 and self.dataset.augment != "none"):
                 iterator = iter(loader)
@@ -343,8 +380,10 @@ class HostBatches:
         if self.error is not None:
             raise self.error
         if self.yielded != len(self):
-            raise UserError(f"the data gave {self.yielded} of the {len(self)} batches the manifest promises; "
-                            f"check the shards with pyact inspect")
+            raise UserError(
+                f"the data gave {self.yielded} of the {len(self)} batches the manifest promises; "
+                f"check the shards with pyact inspect"
+            )
 
 
 def on_device(host: HostBatches, backend: Any) -> Iterator:

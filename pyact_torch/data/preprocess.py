@@ -33,8 +33,21 @@ from .labels import DETECTION_DIR, BadSequence, Sequence, class_list, scan_datas
 from ..io.processes import map_unordered
 from ..io.resources import device_of, free_space, human, size_of
 from .labels import needed_kinds
-from .shards import (FORMAT, MANIFEST, ShardInfo, TarFormatError, encode_sample, hash_shard, index_row,
-                     new_manifest, read_manifest, sample_meta, shard_name, split_entry, write_shard)
+from .shards import (
+    FORMAT,
+    MANIFEST,
+    ShardInfo,
+    TarFormatError,
+    encode_sample,
+    hash_shard,
+    index_row,
+    new_manifest,
+    read_manifest,
+    sample_meta,
+    shard_name,
+    split_entry,
+    write_shard,
+)
 from .windows import SPLITS, Window, class_counts, plan_split, split_sequences, window_length
 
 STATE = ".pyact-preprocess.json"  # DEST's settings while a run is unfinished
@@ -81,8 +94,9 @@ def frame_stats(src: str, sequences: list[Sequence], modality: str) -> dict[str,
     stats = {}
     for seq in sequences:
         with os.scandir(os.path.join(src, seq.path)) as entries:
-            stats[seq.path] = {e.name: (st.st_size, st.st_mtime_ns) for e in entries
-                               if e.name.startswith(kinds) and (st := e.stat())}
+            stats[seq.path] = {
+                e.name: (st.st_size, st.st_mtime_ns) for e in entries if e.name.startswith(kinds) and (st := e.stat())
+            }
     return stats
 
 
@@ -91,8 +105,10 @@ def fingerprint(config: PreprocessConfig, sequences: list[Sequence], bad: list[B
     and the dataset's sequences, frame counts and segments."""
     settings = {k: v for k, v in output_settings(config).items() if k not in ("src", "dest")}
     # a segment's own action only where a label file names one: fingerprints of datasets without stay as they were
-    listing = [(s.path, s.n_frames, [(g.pos, g.len) if g.action is None else (g.pos, g.len, g.action)
-                                     for g in s.segments]) for s in sequences]
+    listing = [
+        (s.path, s.n_frames, [(g.pos, g.len) if g.action is None else (g.pos, g.len, g.action) for g in s.segments])
+        for s in sequences
+    ]
     payload = json.dumps([FORMAT, settings, listing, [b.path for b in bad]])
     return hashlib.sha256(payload.encode()).hexdigest()
 
@@ -106,8 +122,9 @@ def frames_fingerprint(stats: dict[str, dict[str, tuple[int, int]]]) -> str:
 
 def _cache_token(spec: FrameSpec, sequences: list[Sequence]) -> str:
     """What the frame cache's layout and contents depend on (not segments or split settings)."""
-    payload = json.dumps([FORMAT, spec.modality, spec.image_size, list(spec.depth_range),
-                          [(s.path, s.n_frames) for s in sequences]])
+    payload = json.dumps(
+        [FORMAT, spec.modality, spec.image_size, list(spec.depth_range), [(s.path, s.n_frames) for s in sequences]]
+    )
     return hashlib.sha256(payload.encode()).hexdigest()
 
 
@@ -116,20 +133,26 @@ def check_plan(config: PreprocessConfig, sequences: list[Sequence]) -> int:
     splits with windows in them, unique sample keys. Returns the window length."""
     seq_len = config.seq_len or window_length(sequences)
     if seq_len < 2:
-        raise UserError("the shortest action segment in the label files is 1 frame long; 1-frame windows "
-                        "cannot be labelled by the half-window rule (L // 2 = 0): give --seq-len 2 or more")
+        raise UserError(
+            "the shortest action segment in the label files is 1 frame long; 1-frame windows "
+            "cannot be labelled by the half-window rule (L // 2 = 0): give --seq-len 2 or more"
+        )
     splits, _ = split_sequences(sequences, config.eval_subjects, config.seed)
     for name in ("train", "test"):
         if not any(seq.n_frames >= seq_len for seq in splits[name]):
-            raise UserError(f"the {name} split has no sequence of {seq_len} frames or more "
-                            f"(window length {seq_len}{'' if config.seq_len else ', from the label files'})")
+            raise UserError(
+                f"the {name} split has no sequence of {seq_len} frames or more "
+                f"(window length {seq_len}{'' if config.seq_len else ', from the label files'})"
+            )
     for name, members in splits.items():
         seen: dict[str, str] = {}
         for seq in members:
             key = Window(seq, 0, 0, "").key.rsplit("/", 1)[0]
             if key in seen:
-                raise UserError(f"{os.path.join(config.src, seq.path)} and {os.path.join(config.src, seen[key])} "
-                                f"give the same sample keys ({key}/...) in the {name} split; rename one folder")
+                raise UserError(
+                    f"{os.path.join(config.src, seq.path)} and {os.path.join(config.src, seen[key])} "
+                    f"give the same sample keys ({key}/...) in the {name} split; rename one folder"
+                )
             seen[key] = seq.path
     return seq_len
 
@@ -146,7 +169,9 @@ def check_space(config: PreprocessConfig, sequences: list[Sequence], seq_len: in
     frames = sum(seq.n_frames for seq in sequences)
     windows = sum(max(0, seq.n_frames - seq_len + 1) for seq in sequences)
     cache = _cache_dir(config)
-    needs = [(cache, frames * frame - size_of(cache), f"the frame cache ({frames} frames of {height}x{width}x{channels})")]
+    needs = [
+        (cache, frames * frame - size_of(cache), f"the frame cache ({frames} frames of {height}x{width}x{channels})")
+    ]
     if not storage.is_gcs(config.dest):
         inside = os.path.abspath(cache).startswith(os.path.abspath(config.dest) + os.sep)
         kept = size_of(config.dest) - (size_of(cache) if inside else 0)
@@ -159,9 +184,11 @@ def check_space(config: PreprocessConfig, sequences: list[Sequence], seq_len: in
         need, free = sum(e[1] for e in entries), free_space(entries[0][0])
         if need > free:
             parts = " and ".join(f"{human(e[1])} for {e[2]}" for e in entries)
-            raise UserError(f"--image-size {config.image_size}: preprocessing needs about {parts}, but the disk of "
-                            f"{entries[0][0]} has {human(free)} free; lower --image-size or free space"
-                            f"{'' if config.cache_dir else ' (--cache-dir puts the cache on another disk)'}")
+            raise UserError(
+                f"--image-size {config.image_size}: preprocessing needs about {parts}, but the disk of "
+                f"{entries[0][0]} has {human(free)} free; lower --image-size or free space"
+                f"{'' if config.cache_dir else ' (--cache-dir puts the cache on another disk)'}"
+            )
 
 
 def _prepare_dest(config: PreprocessConfig, print_fn, run: dict[str, str], cache: str) -> dict | None:
@@ -188,8 +215,10 @@ def _prepare_dest(config: PreprocessConfig, print_fn, run: dict[str, str], cache
         if not isinstance(previous, dict) or "fingerprint" not in previous:
             previous = _read_info(cache).get("dest") or {}  # damaged: the cache knows which run it served
     state = {**run, "settings": output_settings(config)}
-    if previous.get("fingerprint") == run["fingerprint"] and \
-            previous.get("frames_fingerprint", run["frames_fingerprint"]) == run["frames_fingerprint"]:
+    if (
+        previous.get("fingerprint") == run["fingerprint"]
+        and previous.get("frames_fingerprint", run["frames_fingerprint"]) == run["frames_fingerprint"]
+    ):
         if manifest is not None:
             return manifest
         print_fn(f"resuming the unfinished run in {config.dest}")
@@ -198,8 +227,9 @@ def _prepare_dest(config: PreprocessConfig, print_fn, run: dict[str, str], cache
     if ours or foreign:
         if not config.overwrite:
             what = _difference(previous, output_settings(config)) if previous else "other files"
-            raise UserError(f"{config.dest}: already holds {what}; use --overwrite to replace "
-                            f"it, or choose another DEST")
+            raise UserError(
+                f"{config.dest}: already holds {what}; use --overwrite to replace it, or choose another DEST"
+            )
         for name in ours:
             storage.remove(storage.join(config.dest, name))
         print_fn(f"--overwrite: removed {len(ours)} files of a previous run from {config.dest}")
@@ -210,9 +240,11 @@ def _prepare_dest(config: PreprocessConfig, print_fn, run: dict[str, str], cache
 def _difference(previous: dict, settings: dict) -> str:
     """What differs between an earlier run in DEST and this one, in flags."""
     earlier = previous.get("settings") if isinstance(previous.get("settings"), dict) else {}
-    flags = [f"--{key.replace('_', '-')} {_flag_value(earlier[key])} (this run: {_flag_value(value)})"
-             for key, value in settings.items()
-             if key not in ("src", "dest") and key in earlier and earlier[key] != value]
+    flags = [
+        f"--{key.replace('_', '-')} {_flag_value(earlier[key])} (this run: {_flag_value(value)})"
+        for key, value in settings.items()
+        if key not in ("src", "dest") and key in earlier and earlier[key] != value
+    ]
     if flags:
         return f"a dataset made with {', '.join(flags)}"
     return "a dataset made from other inputs (other sequences, or frames changed since)"
@@ -220,8 +252,11 @@ def _difference(previous: dict, settings: dict) -> str:
 
 def _flag_value(value: Any) -> str:
     if isinstance(value, (list, tuple)):
-        return ":".join(map(str, value)) if len(value) == 2 and all(isinstance(v, int) for v in value) \
+        return (
+            ":".join(map(str, value))
+            if len(value) == 2 and all(isinstance(v, int) for v in value)
             else ",".join(map(str, value)) or "none"
+        )
     return str(value)
 
 
@@ -264,7 +299,9 @@ def _open_cache(cache: str, cache_token: str, run: dict[str, str]) -> None:
         storage.write_bytes(marker, b"pyact-torch frame cache: deleted when preprocessing finishes\n")
         storage.write_json(os.path.join(cache, "cache.json"), {"cache": cache_token, "dest": run})
     except OSError as exc:
-        raise UserError(f"{cache}: cannot use as the frame cache ({exc.strerror}); choose another --cache-dir") from None
+        raise UserError(
+            f"{cache}: cannot use as the frame cache ({exc.strerror}); choose another --cache-dir"
+        ) from None
 
 
 def _remove_cache(cache: str) -> None:
@@ -291,8 +328,15 @@ def _signature(stats: dict[str, tuple[int, int]], first: int, count: int, spec: 
     return hashlib.sha256(json.dumps([(f, stats.get(f)) for f in files]).encode()).hexdigest()[:16]
 
 
-def _decode(config: PreprocessConfig, sequences: list[Sequence], spec: FrameSpec, cache: str,
-            stats: dict, summary: Summary, progress: bool) -> tuple[str, dict[str, int], list[Sequence]]:
+def _decode(
+    config: PreprocessConfig,
+    sequences: list[Sequence],
+    spec: FrameSpec,
+    cache: str,
+    stats: dict,
+    summary: Summary,
+    progress: bool,
+) -> tuple[str, dict[str, int], list[Sequence]]:
     """Decode every frame once into the cache; returns the cache path, each sequence's first
     cache slot, and the sequences that decoded cleanly. Chunks logged by an earlier run are
     kept only when their source frames are unchanged and the cache still holds what was
@@ -319,9 +363,13 @@ def _decode(config: PreprocessConfig, sequences: list[Sequence], spec: FrameSpec
     pending = [c for c in chunks if c.chunk_id not in done and owner[c.chunk_id].path not in bad_paths]
     reused = sum(c.count for c in chunks if c.chunk_id in done)
     started = time.perf_counter()
-    with _cache_errors(cache), open(log_path, "a") as log, \
-            tqdm(total=total, initial=reused, unit="frame", desc="decode", disable=None if progress else True,
-                 smoothing=0.05) as bar:
+    with (
+        _cache_errors(cache),
+        open(log_path, "a") as log,
+        tqdm(
+            total=total, initial=reused, unit="frame", desc="decode", disable=None if progress else True, smoothing=0.05
+        ) as bar,
+    ):
         for result in decode_into_cache(pending, frames_path, spec, config.processes):
             summary.decoded += result.decoded
             chunk = chunks[result.chunk_id]
@@ -406,8 +454,7 @@ def _write_shard_job(job: _ShardJob) -> ShardInfo:
     cache = _shard_worker.get(job.cache_path)
     if cache is None:
         cache = _shard_worker[job.cache_path] = FrameCache(job.cache_path, job.spec)
-    samples = (encode_sample(key, cache.read(slot, job.seq_len), cls, meta)
-               for key, slot, cls, meta in job.items)
+    samples = (encode_sample(key, cache.read(slot, job.seq_len), cls, meta) for key, slot, cls, meta in job.items)
     return write_shard(job.dest, job.name, samples)
 
 
@@ -416,9 +463,18 @@ def _window_meta(window: Window) -> dict:
     return sample_meta(seq.path, window.start, window.stop, window.label, seq.subject, seq.action)
 
 
-def _write_shards(config: PreprocessConfig, plans: dict[str, list[Window]], classes: list[str],
-                  cache: str, slots: dict[str, int], spec: FrameSpec, seq_len: int,
-                  summary: Summary, progress: bool, print_fn) -> dict[str, list[ShardInfo]]:
+def _write_shards(
+    config: PreprocessConfig,
+    plans: dict[str, list[Window]],
+    classes: list[str],
+    cache: str,
+    slots: dict[str, int],
+    spec: FrameSpec,
+    seq_len: int,
+    summary: Summary,
+    progress: bool,
+    print_fn,
+) -> dict[str, list[ShardInfo]]:
     jobs: list[_ShardJob] = []
     infos: dict[str, ShardInfo] = {}
     existing = set(storage.list_files(config.dest))
@@ -429,7 +485,7 @@ def _write_shards(config: PreprocessConfig, plans: dict[str, list[Window]], clas
     for split, windows in plans.items():
         for number, first in enumerate(range(0, len(windows), config.shard_size)):
             name = shard_name(split, number)
-            part = windows[first:first + config.shard_size]
+            part = windows[first : first + config.shard_size]
             if name in existing and name in written:
                 try:
                     found = hash_shard(config.dest, name)
@@ -440,13 +496,15 @@ def _write_shards(config: PreprocessConfig, plans: dict[str, list[Window]], clas
                     summary.shards_reused += 1
                     continue
                 print_fn(f"{name} changed since it was written; writing it again")
-            items = tuple((w.key, slots[w.seq.path] + w.start, index_of[w.label], _window_meta(w))
-                          for w in part)
+            items = tuple((w.key, slots[w.seq.path] + w.start, index_of[w.label], _window_meta(w)) for w in part)
             jobs.append(_ShardJob(config.dest, name, cache_path, spec, seq_len, items))
     total = sum(len(w) for w in plans.values())
     done = sum(info.count for info in infos.values())
-    with _cache_errors(cache), open(log_path, "a") as log, \
-            tqdm(total=total, initial=done, unit="window", desc="shards", disable=None if progress else True) as bar:
+    with (
+        _cache_errors(cache),
+        open(log_path, "a") as log,
+        tqdm(total=total, initial=done, unit="window", desc="shards", disable=None if progress else True) as bar,
+    ):
         for info in map_unordered(_write_shard_job, jobs, config.processes):
             infos[info.name] = info
             log.write(f"{info.name}\t{info.count}\t{info.bytes}\t{info.sha256}\n")
@@ -456,8 +514,10 @@ def _write_shards(config: PreprocessConfig, plans: dict[str, list[Window]], clas
     for frame_cache in _shard_worker.values():
         frame_cache.close()
     _shard_worker.clear()
-    return {split: [infos[shard_name(split, n)] for n in range((len(w) + config.shard_size - 1) // config.shard_size)]
-            for split, w in plans.items()}
+    return {
+        split: [infos[shard_name(split, n)] for n in range((len(w) + config.shard_size - 1) // config.shard_size)]
+        for split, w in plans.items()
+    }
 
 
 def preprocess(config: PreprocessConfig, progress: bool = True, print_fn=print) -> Summary:
@@ -470,16 +530,19 @@ def preprocess(config: PreprocessConfig, progress: bool = True, print_fn=print) 
     if not sequences:
         raise UserError(f"{config.src}: no usable sequences")
     if os.path.isdir(os.path.join(config.src, DETECTION_DIR)):
-        print_fn(f"note: {DETECTION_DIR}/ is not preprocessed (pyACT did not use it either): score its long "
-                 f"sequences with pyact detect --src {config.src} --split testdetection")
+        print_fn(
+            f"note: {DETECTION_DIR}/ is not preprocessed (pyACT did not use it either): score its long "
+            f"sequences with pyact detect --src {config.src} --split testdetection"
+        )
     seq_len = check_plan(config, sequences)  # before anything is written or decoded
     check_space(config, sequences, seq_len)
     with Lock(config.dest, "preprocess"):  # one run per DEST: a second is refused naming this one
         return _preprocess_locked(config, sequences, bad, seq_len, started, progress, print_fn)
 
 
-def _preprocess_locked(config: PreprocessConfig, sequences: list, bad: list, seq_len: int, started: float,
-                       progress: bool, print_fn) -> Summary:
+def _preprocess_locked(
+    config: PreprocessConfig, sequences: list, bad: list, seq_len: int, started: float, progress: bool, print_fn
+) -> Summary:
     """The run itself, holding DEST's lock."""
     spec = FrameSpec(config.modality, config.image_size, config.depth_range)
     stats = frame_stats(config.src, sequences, config.modality)
@@ -488,10 +551,16 @@ def _preprocess_locked(config: PreprocessConfig, sequences: list, bad: list, seq
     manifest = _prepare_dest(config, print_fn, run, cache)
     if manifest is not None:
         counts = {split: entry["class_counts"] for split, entry in manifest["splits"].items()}
-        summary = Summary(config.dest, manifest["classes"], manifest["seq_len"], counts,
-                          manifest["eval_source"], frames=manifest["source"]["frames"],
-                          skipped=[BadSequence(**b) for b in manifest["skipped_sequences"]],
-                          already_complete=True)
+        summary = Summary(
+            config.dest,
+            manifest["classes"],
+            manifest["seq_len"],
+            counts,
+            manifest["eval_source"],
+            frames=manifest["source"]["frames"],
+            skipped=[BadSequence(**b) for b in manifest["skipped_sequences"]],
+            already_complete=True,
+        )
         summary.elapsed = time.perf_counter() - started
         return summary
     _open_cache(cache, _cache_token(spec, sequences), run)
@@ -500,23 +569,29 @@ def _preprocess_locked(config: PreprocessConfig, sequences: list, bad: list, seq
     _, slots, usable = _decode(config, sequences, spec, cache, stats, summary, progress)
     splits, summary.eval_source = split_sequences(usable, config.eval_subjects, config.seed)
     print_fn(f"eval split: {summary.eval_source}")
-    plans = {split: plan_split(split, splits[split], seq_len, len(classes), config.seed)
-             for split in SPLITS}
+    plans = {split: plan_split(split, splits[split], seq_len, len(classes), config.seed) for split in SPLITS}
     shards = _write_shards(config, plans, classes, cache, slots, spec, seq_len, summary, progress, print_fn)
     for split, windows in plans.items():
         summary.class_counts[split] = class_counts(windows, classes)
         index = [index_row(w.key, _window_meta(w)) for w in windows]
         storage.write_json(storage.join(config.dest, split, "index.json"), index)
     manifest = new_manifest(
-        classes, seq_len, config.image_size, config.modality,
-        eval_source=summary.eval_source, eval_subjects=sorted({s.subject for s in splits["eval"]}))
+        classes,
+        seq_len,
+        config.image_size,
+        config.modality,
+        eval_source=summary.eval_source,
+        eval_subjects=sorted({s.subject for s in splits["eval"]}),
+    )
     manifest["splits"] = {split: split_entry(shards[split], summary.class_counts[split]) for split in SPLITS}
-    manifest.update({
-        "skipped_sequences": [asdict(b) for b in summary.skipped],
-        "source": {"sequences": len(usable), "frames": summary.frames},
-        "settings": {k: v for k, v in output_settings(config).items() if k not in ("src", "dest")},
-        **run,
-    })
+    manifest.update(
+        {
+            "skipped_sequences": [asdict(b) for b in summary.skipped],
+            "source": {"sequences": len(usable), "frames": summary.frames},
+            "settings": {k: v for k, v in output_settings(config).items() if k not in ("src", "dest")},
+            **run,
+        }
+    )
     storage.write_json(storage.join(config.dest, MANIFEST), manifest)
     storage.remove(storage.join(config.dest, STATE))
     _remove_cache(cache)
@@ -537,9 +612,11 @@ def format_summary(summary: Summary) -> str:
     else:
         rate = summary.decoded / summary.decode_seconds if summary.decode_seconds else 0.0
         lines.append(f"window length {summary.seq_len}; eval split: {summary.eval_source}")
-        lines.append(f"frames: {summary.frames} in the dataset, {summary.decoded} decoded in this run "
-                     f"({rate:.0f} frames/s); shards: {summary.shards_written} written, "
-                     f"{summary.shards_reused} kept from an earlier run")
+        lines.append(
+            f"frames: {summary.frames} in the dataset, {summary.decoded} decoded in this run "
+            f"({rate:.0f} frames/s); shards: {summary.shards_written} written, "
+            f"{summary.shards_reused} kept from an earlier run"
+        )
         lines.append(f"elapsed {summary.elapsed:.1f} s; output: {summary.dest}")
     if summary.skipped:
         lines.append(f"skipped {len(summary.skipped)} broken sequences:")

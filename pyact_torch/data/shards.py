@@ -133,9 +133,9 @@ def _pax_records(data: bytes) -> dict[str, str]:
         except ValueError:
             length = 0
         end = pos + length
-        if length <= space - pos + 1 or end > len(data) or data[end - 1:end] != b"\n":
+        if length <= space - pos + 1 or end > len(data) or data[end - 1 : end] != b"\n":
             raise TarFormatError(f"malformed pax record at offset {pos} of its header")
-        key, equals, value = data[space + 1:end - 1].partition(b"=")
+        key, equals, value = data[space + 1 : end - 1].partition(b"=")
         if not equals:
             raise TarFormatError(f"malformed pax record at offset {pos} of its header")
         records[key.decode("utf-8", "surrogateescape")] = value.decode("utf-8", "surrogateescape")
@@ -174,8 +174,9 @@ def read_tar(stream: IO[bytes], max_member: int = MAX_MEMBER) -> Iterator[tuple[
         kind = header[156:157]
         limit = PAX_LIMIT if kind in (b"x", b"L", b"g") else max_member
         if size > limit:
-            raise TarFormatError(f"member at byte {offset - BLOCK} declares {size} bytes, more than the "
-                                 f"{limit} such a member can have")
+            raise TarFormatError(
+                f"member at byte {offset - BLOCK} declares {size} bytes, more than the {limit} such a member can have"
+            )
         data = storage.read_up_to(stream, size)
         if len(data) < size:
             raise TarFormatError(f"truncated member at byte {offset} ({len(data)} of {size} bytes)")
@@ -202,7 +203,9 @@ def read_tar(stream: IO[bytes], max_member: int = MAX_MEMBER) -> Iterator[tuple[
                 try:
                     size_override = int(records["size"])
                 except ValueError:
-                    raise TarFormatError(f"bad pax size {records['size'][:20]!r} at byte {offset - size - BLOCK}") from None
+                    raise TarFormatError(
+                        f"bad pax size {records['size'][:20]!r} at byte {offset - size - BLOCK}"
+                    ) from None
             continue
         elif kind not in _IGNORED:
             raise TarFormatError(f"unsupported member type {kind!r} at byte {offset - size - BLOCK}")
@@ -278,7 +281,7 @@ def load_npy(data: bytes) -> np.ndarray:
     if length > NPY_HEADER_LIMIT:
         raise ValueError(f".npy header of {length} bytes")
     try:
-        dtype, shape, fortran = _npy_header(bytes(data[:start + length]))
+        dtype, shape, fortran = _npy_header(bytes(data[: start + length]))
     except (ValueError, SyntaxError, TypeError) as exc:
         raise ValueError(f"bad .npy header ({exc})") from None
     if dtype.hasobject:
@@ -301,7 +304,9 @@ def decode_sample(sample: dict, url: str, clip_shape: tuple[int, ...], num_class
     except ValueError as exc:
         raise ShardError(f"{url}: window {key}: {exc}") from None
     if clip.dtype != np.uint8 or clip.shape != clip_shape:
-        raise ShardError(f"{url}: window {key}: clip is {clip.dtype} {clip.shape}, the manifest says uint8 {clip_shape}")
+        raise ShardError(
+            f"{url}: window {key}: clip is {clip.dtype} {clip.shape}, the manifest says uint8 {clip_shape}"
+        )
     if not 0 <= label < num_classes:
         raise ShardError(f"{url}: window {key}: class {label} is not one of the manifest's {num_classes}")
     return clip, label
@@ -329,15 +334,22 @@ def index_row(key: str, meta: dict) -> dict:
 
 def new_manifest(classes: list[str], seq_len: int, image_size: int, modality: str, **extra: Any) -> dict:
     """A manifest without splits yet; ``extra`` records where the data came from."""
-    return {"format": FORMAT, "classes": list(classes), "seq_len": seq_len, "image_size": image_size,
-            "modality": modality, "channels": list(CHANNELS[modality]), "clip_layout": CLIP_LAYOUT,
-            "splits": {}, **extra}
+    return {
+        "format": FORMAT,
+        "classes": list(classes),
+        "seq_len": seq_len,
+        "image_size": image_size,
+        "modality": modality,
+        "channels": list(CHANNELS[modality]),
+        "clip_layout": CLIP_LAYOUT,
+        "splits": {},
+        **extra,
+    }
 
 
 def split_entry(shards: list[ShardInfo], class_counts: dict[str, int]) -> dict:
     """The manifest's record of one split."""
-    return {"count": sum(s.count for s in shards), "class_counts": class_counts,
-            "shards": [asdict(s) for s in shards]}
+    return {"count": sum(s.count for s in shards), "class_counts": class_counts, "shards": [asdict(s) for s in shards]}
 
 
 def read_manifest(dest: str) -> dict[str, Any]:
@@ -349,26 +361,44 @@ def read_manifest(dest: str) -> dict[str, Any]:
             raise UserError(f"{dest}: bucket does not exist")
         raise UserError(f"{url}: no manifest; is {dest} a finished preprocessing output?")
     manifest = storage.read_json(url)
-    fields = {"format": str, "classes": list, "seq_len": int, "image_size": int, "modality": str,
-              "channels": list, "splits": dict}
+    fields = {
+        "format": str,
+        "classes": list,
+        "seq_len": int,
+        "image_size": int,
+        "modality": str,
+        "channels": list,
+        "splits": dict,
+    }
     wrong = [k for k, kind in fields.items() if not isinstance(manifest, dict) or not isinstance(manifest.get(k), kind)]
     if wrong or manifest["format"] != FORMAT:
         raise UserError(f"{url}: not a {FORMAT} manifest (missing or malformed: {', '.join(wrong) or 'format'})")
-    if (not 1 <= manifest["seq_len"] <= 10_000 or not 1 <= manifest["image_size"] <= 10_000
-            or not 1 <= len(manifest["channels"]) <= 4):
+    if (
+        not 1 <= manifest["seq_len"] <= 10_000
+        or not 1 <= manifest["image_size"] <= 10_000
+        or not 1 <= len(manifest["channels"]) <= 4
+    ):
         raise UserError(f"{url}: seq_len, image_size or channels out of range")
     classes = manifest["classes"]
     odd = [c for c in classes if not isinstance(c, str) or not CLASS_NAME.fullmatch(c)]
     if not 2 <= len(classes) <= 1000 or odd or len(set(classes)) != len(classes):
-        problem = (f"a class name is not of the form the project writes ({str(odd[0])[:40]!r}: letters, digits, "
-                   f"'_.+-')" if odd else "a class is named twice" if len(set(classes)) != len(classes)
-                   else f"{len(classes)} classes (2 to 1000 are allowed)")
-        raise UserError(f"{url}: {problem}; this data cannot be used: re-create it (pyact preprocess and "
-                        f"convert-tfrecords now refuse such names before any work, naming the folder or flag)")
+        problem = (
+            f"a class name is not of the form the project writes ({str(odd[0])[:40]!r}: letters, digits, '_.+-')"
+            if odd
+            else "a class is named twice"
+            if len(set(classes)) != len(classes)
+            else f"{len(classes)} classes (2 to 1000 are allowed)"
+        )
+        raise UserError(
+            f"{url}: {problem}; this data cannot be used: re-create it (pyact preprocess and "
+            f"convert-tfrecords now refuse such names before any work, naming the folder or flag)"
+        )
     for split, entry in manifest["splits"].items():
         if not _valid_split(entry):
-            raise UserError(f"{url}: the {str(split)[:20]!r} split is malformed (it needs shards with names and "
-                            f"window counts that add up to its count, and class counts)")
+            raise UserError(
+                f"{url}: the {str(split)[:20]!r} split is malformed (it needs shards with names and "
+                f"window counts that add up to its count, and class counts)"
+            )
     return manifest
 
 
@@ -376,12 +406,17 @@ def _valid_split(entry: Any) -> bool:
     def count(value: Any) -> bool:
         return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
-    return (isinstance(entry, dict) and count(entry.get("count")) and isinstance(entry.get("shards"), list)
-            and all(isinstance(s, dict) and isinstance(s.get("name"), str) and count(s.get("count"))
-                    for s in entry["shards"])
-            and entry["count"] == sum(s["count"] for s in entry["shards"])
-            and isinstance(entry.get("class_counts"), dict)
-            and all(isinstance(k, str) and count(v) for k, v in entry["class_counts"].items()))
+    return (
+        isinstance(entry, dict)
+        and count(entry.get("count"))
+        and isinstance(entry.get("shards"), list)
+        and all(
+            isinstance(s, dict) and isinstance(s.get("name"), str) and count(s.get("count")) for s in entry["shards"]
+        )
+        and entry["count"] == sum(s["count"] for s in entry["shards"])
+        and isinstance(entry.get("class_counts"), dict)
+        and all(isinstance(k, str) and count(v) for k, v in entry["class_counts"].items())
+    )
 
 
 def clip_shape(manifest: dict) -> tuple[int, int, int, int]:
@@ -409,8 +444,9 @@ def split_shards(dest: str, manifest: dict, split: str) -> list[Shard]:
     ours inside ``dest``."""
     entry = manifest["splits"].get(split)
     if entry is None:
-        raise UserError(f"{storage.join(dest, MANIFEST)}: no {split!r} split "
-                        f"(it has {', '.join(manifest['splits']) or 'none'})")
+        raise UserError(
+            f"{storage.join(dest, MANIFEST)}: no {split!r} split (it has {', '.join(manifest['splits']) or 'none'})"
+        )
     try:
         return [Shard(shard_url(dest, s["name"]), int(s["count"])) for s in entry["shards"]]
     except (KeyError, TypeError, ValueError):
@@ -419,8 +455,12 @@ def split_shards(dest: str, manifest: dict, split: str) -> list[Shard]:
 
 def data_shape(manifest: dict) -> dict:
     """What a model trained on this data depends on, besides the classes."""
-    return {"channels": len(manifest["channels"]), "seq_len": manifest["seq_len"],
-            "image_size": manifest["image_size"], "modality": manifest["modality"]}
+    return {
+        "channels": len(manifest["channels"]),
+        "seq_len": manifest["seq_len"],
+        "image_size": manifest["image_size"],
+        "modality": manifest["modality"],
+    }
 
 
 def training_data_fingerprint(manifest: dict) -> str:
@@ -428,8 +468,11 @@ def training_data_fingerprint(manifest: dict) -> str:
     train and eval shard's name, window count and sha256. A moved copy has the same one."""
     import hashlib
 
-    splits = {split: [[shard["name"], shard["count"], shard.get("sha256")] for shard in manifest["splits"][split]["shards"]]
-              for split in ("train", "eval") if split in manifest["splits"]}
+    splits = {
+        split: [[shard["name"], shard["count"], shard.get("sha256")] for shard in manifest["splits"][split]["shards"]]
+        for split in ("train", "eval")
+        if split in manifest["splits"]
+    }
     text = json.dumps({"classes": manifest["classes"], "splits": splits}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()
 

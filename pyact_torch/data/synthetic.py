@@ -50,15 +50,13 @@ class _Job:
 def subject_names(config: SynthConfig) -> dict[str, list[str]]:
     """Subject folder names per split folder."""
     n_train, n_eval, n_test = config.subjects
-    names = {"Train": [f"train{i:02d}" for i in range(n_train)],
-             "Test": [f"test{i:02d}" for i in range(n_test)]}
+    names = {"Train": [f"train{i:02d}" for i in range(n_train)], "Test": [f"test{i:02d}" for i in range(n_test)]}
     if n_eval:
         names["Eval"] = [f"eval{i:02d}" for i in range(n_eval)]
     return names
 
 
-def make_segments(rng: np.random.Generator, n_frames: int, min_len: int,
-                  exact_first: bool) -> list[tuple[int, int]]:
+def make_segments(rng: np.random.Generator, n_frames: int, min_len: int, exact_first: bool) -> list[tuple[int, int]]:
     """One or two non-overlapping ``(pos, len)`` segments, each at least ``min_len`` long."""
     count = 1 if n_frames < 4 * min_len + 4 else int(rng.integers(1, 3))
     slot = n_frames // count
@@ -88,8 +86,7 @@ def _style(seed: int, split_index: int, subject_index: int) -> dict:
     }
 
 
-def _draw_shape(image: np.ndarray, shape: str, centre: tuple[float, float], radius: float,
-                value) -> None:
+def _draw_shape(image: np.ndarray, shape: str, centre: tuple[float, float], radius: float, value) -> None:
     x, y = int(round(centre[0])), int(round(centre[1]))
     r = max(2, int(round(radius)))
     if shape == "circle":
@@ -105,13 +102,23 @@ def _draw_shape(image: np.ndarray, shape: str, centre: tuple[float, float], radi
         cv2.rectangle(image, (x - w, y - r), (x + w, y + r), value, -1)
 
 
-def render_frame(style: dict, action_index: int, progress: float | None, width: int,
-                 height: int, frame: int, rng: np.random.Generator):
+def render_frame(
+    style: dict,
+    action_index: int,
+    progress: float | None,
+    width: int,
+    height: int,
+    frame: int,
+    rng: np.random.Generator,
+):
     """Colour (RGB uint8), depth and confidence (uint16, half size) of one frame.
     ``progress`` in [0, 1) is how far into its segment the action is; None = no action."""
     drift = 12.0 * np.sin(frame / 9.0)
-    shade = (style["gradient"][0] * np.linspace(0, 1, width, dtype=np.float32)[None, :]
-             + style["gradient"][1] * np.linspace(0, 1, height, dtype=np.float32)[:, None] + drift)
+    shade = (
+        style["gradient"][0] * np.linspace(0, 1, width, dtype=np.float32)[None, :]
+        + style["gradient"][1] * np.linspace(0, 1, height, dtype=np.float32)[:, None]
+        + drift
+    )
     colour = (style["background"].astype(np.float32)[None, None, :] + shade[..., None]).astype(np.int16)
     colour += rng.integers(-style["noise"], style["noise"] + 1, size=colour.shape, dtype=np.int16)
     colour = np.clip(colour, 0, 255).astype(np.uint8)
@@ -127,15 +134,15 @@ def render_frame(style: dict, action_index: int, progress: float | None, width: 
         cx = 0.5 + style["offset"][0] + dx * travel * (progress - 0.5)
         cy = 0.5 + style["offset"][1] + dy * travel * (progress - 0.5)
         radius = style["radius"] * min(width, height)
-        _draw_shape(colour, shape, (cx * width, cy * height), radius,
-                    tuple(float(c) for c in style["colour"]))
+        _draw_shape(colour, shape, (cx * width, cy * height), radius, tuple(float(c) for c in style["colour"]))
         _draw_shape(depth, shape, (cx * dw, cy * dh), radius / 2, 380)
         _draw_shape(confi, shape, (cx * dw, cy * dh), radius / 2, 2500)
     return colour, depth, confi
 
 
-def write_label_file(path: str, action: str, segments: list[tuple[int, int]], n_frames: int,
-                     labels: list[str] | None = None) -> None:
+def write_label_file(
+    path: str, action: str, segments: list[tuple[int, int]], n_frames: int, labels: list[str] | None = None
+) -> None:
     """An OpenCV FileStorage XML like the real dataset's: a sequence of ``{pos, len}`` maps,
     each with its own ``label`` when ``labels`` are given."""
     storage = cv2.FileStorage(path, cv2.FILE_STORAGE_WRITE)
@@ -177,12 +184,18 @@ def _write_recording(job: _Job) -> int:
     os.makedirs(folder, exist_ok=True)
     width, height = config.size
     for frame in range(n_frames):
-        now = next(((action, (frame - pos) / length) for pos, length, action in plan if pos <= frame < pos + length),
-                   (0, None))
+        now = next(
+            ((action, (frame - pos) / length) for pos, length, action in plan if pos <= frame < pos + length), (0, None)
+        )
         colour, depth, confi = render_frame(style, now[0], now[1], width, height, frame, rng)
         _write_frames(folder, frame, colour, depth, confi)
-    write_label_file(folder + ".xml", job.subject, [(pos, length) for pos, length, _ in plan], n_frames,
-                     labels=[ACTIONS[action] for _, _, action in plan])
+    write_label_file(
+        folder + ".xml",
+        job.subject,
+        [(pos, length) for pos, length, _ in plan],
+        n_frames,
+        labels=[ACTIONS[action] for _, _, action in plan],
+    )
     return n_frames
 
 
@@ -207,10 +220,8 @@ def _write_sequence(job: _Job) -> int:
     os.makedirs(folder, exist_ok=True)
     width, height = config.size
     for frame in range(n_frames):
-        progress = next(((frame - pos) / length for pos, length in segments
-                         if pos <= frame < pos + length), None)
-        colour, depth, confi = render_frame(style, job.action_index, progress, width, height,
-                                            frame, rng)
+        progress = next(((frame - pos) / length for pos, length in segments if pos <= frame < pos + length), None)
+        colour, depth, confi = render_frame(style, job.action_index, progress, width, height, frame, rng)
         _write_frames(folder, frame, colour, depth, confi)
     write_label_file(folder + ".xml", action, segments, n_frames)
     return n_frames
@@ -226,15 +237,20 @@ def make_dataset(config: SynthConfig, progress: bool = True) -> int:
     storage.check_writable(config.out)
     staging = tempfile.mkdtemp(prefix=".pyact-synth-", dir=config.out)
     try:
-        jobs = [_Job(staging, split_dir, subject, subject_index, action_index, config)
-                for split_dir, subjects in subject_names(config).items()
-                for subject_index, subject in enumerate(subjects)
-                for action_index in range(len(ACTIONS))]
-        jobs += [_Job(staging, "TestDetection", f"detect{index:02d}", index, -1, config)
-                 for index in range(config.detection)]
+        jobs = [
+            _Job(staging, split_dir, subject, subject_index, action_index, config)
+            for split_dir, subjects in subject_names(config).items()
+            for subject_index, subject in enumerate(subjects)
+            for action_index in range(len(ACTIONS))
+        ]
+        jobs += [
+            _Job(staging, "TestDetection", f"detect{index:02d}", index, -1, config) for index in range(config.detection)
+        ]
         total = 0
-        with tqdm(total=len(jobs), unit="seq", desc="synthetic", disable=None if progress else True) as bar, \
-                contextlib.closing(map_unordered(_write_sequence, jobs, config.processes)) as written:
+        with (
+            tqdm(total=len(jobs), unit="seq", desc="synthetic", disable=None if progress else True) as bar,
+            contextlib.closing(map_unordered(_write_sequence, jobs, config.processes)) as written,
+        ):
             for n in written:
                 total += n
                 bar.update()

@@ -40,8 +40,7 @@ def window_length(sequences: list[Sequence]) -> int:
     """``L``: the smallest segment length over every label file (all splits)."""
     lengths = [segment.len for seq in sequences for segment in seq.segments]
     if not lengths:
-        raise UserError("no label file holds an action segment: cannot derive the window "
-                        "length (give --seq-len)")
+        raise UserError("no label file holds an action segment: cannot derive the window length (give --seq-len)")
     return min(lengths)
 
 
@@ -57,7 +56,7 @@ def label_windows(seq: Sequence, length: int) -> list[Window]:
     windows = []
     for stop in range(length - 1, seq.n_frames):
         start = stop - length + 1
-        counts = Counter(a for a in action_at[start:stop + 1] if a is not None)
+        counts = Counter(a for a in action_at[start : stop + 1] if a is not None)
         action, in_action = counts.most_common(1)[0] if counts else (NO_ACTION, 0)
         windows.append(Window(seq, start, stop, action if in_action >= need else NO_ACTION))
     return windows
@@ -72,8 +71,9 @@ def balance(windows: list[Window], n_classes: int, rng: random.Random) -> list[W
     return [w for i, w in enumerate(windows) if w.label != NO_ACTION or i in keep]
 
 
-def split_sequences(sequences: list[Sequence], eval_subjects: tuple[str, ...],
-                    seed: int) -> tuple[dict[str, list[Sequence]], str]:
+def split_sequences(
+    sequences: list[Sequence], eval_subjects: tuple[str, ...], seed: int
+) -> tuple[dict[str, list[Sequence]], str]:
     """Sequences per split, and how the eval split was chosen.
 
     Eval holds the ``Eval/`` folder's sequences plus the Train subjects named in
@@ -83,8 +83,9 @@ def split_sequences(sequences: list[Sequence], eval_subjects: tuple[str, ...],
     has_eval_dir = any(s.split_dir == "Eval" for s in sequences)
     unknown = [name for name in eval_subjects if name not in train_subjects]
     if unknown:
-        raise UserError(f"--eval-subjects: no Train subject named {', '.join(unknown)} "
-                        f"(Train has: {', '.join(train_subjects)})")
+        raise UserError(
+            f"--eval-subjects: no Train subject named {', '.join(unknown)} (Train has: {', '.join(train_subjects)})"
+        )
     moved = set(eval_subjects)
     if eval_subjects:
         source = f"--eval-subjects {','.join(eval_subjects)}"
@@ -92,8 +93,9 @@ def split_sequences(sequences: list[Sequence], eval_subjects: tuple[str, ...],
         source = "Eval/ folder"
     else:
         if len(train_subjects) < 2:
-            raise UserError("cannot choose an eval subject: Train has fewer than 2 subjects "
-                            "and there is no Eval/ folder")
+            raise UserError(
+                "cannot choose an eval subject: Train has fewer than 2 subjects and there is no Eval/ folder"
+            )
         chosen = random.Random(f"{seed}:eval-subject").choice(train_subjects)
         moved = {chosen}
         source = f"Train subject {chosen}, chosen by --seed {seed}"
@@ -111,8 +113,7 @@ def split_sequences(sequences: list[Sequence], eval_subjects: tuple[str, ...],
     return splits, source
 
 
-def plan_split(split: str, sequences: list[Sequence], length: int, n_classes: int,
-               seed: int) -> list[Window]:
+def plan_split(split: str, sequences: list[Sequence], length: int, n_classes: int, seed: int) -> list[Window]:
     """The windows of one split in their seeded shuffled shard order; train and eval are
     balanced, test keeps every window."""
     windows = [w for seq in sequences for w in label_windows(seq, length)]

@@ -52,8 +52,11 @@ def run_detect(config: DetectConfig, progress: bool = True, print_fn: Callable[[
     """Run ``pyact detect``; returns what metrics.json holds. The sources, the model and
     ``--out`` are checked before any frame is classified; the outputs are written to a
     staging folder and published together when all of them are complete."""
-    runner = load_exported(config.model) if config.model else \
-        load_checkpoint_runner(config.checkpoint, log=print_fn, device=config.device)
+    runner = (
+        load_exported(config.model)
+        if config.model
+        else load_checkpoint_runner(config.checkpoint, log=print_fn, device=config.device)
+    )
     if config.depth_range:
         if runner.info.modality == "color":
             print_fn("note: --depth-range is not used: this model takes colour frames only")
@@ -83,15 +86,20 @@ def run_detect(config: DetectConfig, progress: bool = True, print_fn: Callable[[
     return report
 
 
-def _run_sources(run: "DetectionRun", sources: list[Source], config: DetectConfig, folder: str,
-                 progress: bool) -> dict[str, str]:
+def _run_sources(
+    run: "DetectionRun", sources: list[Source], config: DetectConfig, folder: str, progress: bool
+) -> dict[str, str]:
     """Every source through ``run``; the annotated video goes to the staging ``folder``. Returns the
     staged files (name -> path)."""
     from tqdm import tqdm
 
     live = sources[0].live
-    bar = tqdm(total=None if live else sum(s.n_frames or 0 for s in sources), unit="frame", desc="detect",
-               disable=None if progress and not live else True)
+    bar = tqdm(
+        total=None if live else sum(s.n_frames or 0 for s in sources),
+        unit="frame",
+        desc="detect",
+        disable=None if progress and not live else True,
+    )
     run.on_frame = lambda: bar.update(1)
     keep_raw = bool(folder) and not config.no_video
     panels = (panel for source in sources for panel in run.source(source, keep_raw))
@@ -113,29 +121,36 @@ def _set_threads(runner: Runner, config: DetectConfig, one_at_a_time: bool, prin
     elif one_at_a_time and not (config.checkpoint and config.device == "cuda"):
         best, seconds = choose_threads(runner)
         tried = ", ".join(f"{count}: {s * 1000:.1f} ms" for count, s in seconds.items())
-        print_fn(f"one window at a time: {best} intra-op thread{'s' if best > 1 else ''}, the fastest measured "
-                 f"here now (per window, {tried}); --threads N sets it")
+        print_fn(
+            f"one window at a time: {best} intra-op thread{'s' if best > 1 else ''}, the fastest measured "
+            f"here now (per window, {tried}); --threads N sets it"
+        )
 
 
 def _stop_once(stopped: list[bool], print_fn: Callable[[str], None]) -> Callable:
     """A SIGINT handler for live sources: the first Ctrl-C ends the stream after the current
     frame (what was found is written), a second one interrupts."""
+
     def handler(signum: int, frame: object) -> None:
         if stopped[0]:
             raise KeyboardInterrupt
         stopped[0] = True
         print_fn("stopping after this frame (Ctrl-C again to abandon the run)")
+
     return handler
 
 
-def plan_sources(config: DetectConfig, info: ModelInfo, print_fn: Callable[[str], None],
-                 stop: Callable[[], bool] = lambda: False) -> list[Source]:
+def plan_sources(
+    config: DetectConfig, info: ModelInfo, print_fn: Callable[[str], None], stop: Callable[[], bool] = lambda: False
+) -> list[Source]:
     """The sources named by the flags, checked before any frame is classified; a video or
     camera ends early when ``stop()`` says so."""
     where = config.model or config.checkpoint
     if (config.video or config.camera >= 0) and info.modality != "color":
-        raise UserError(f"{where}: takes {info.modality} frames; a video or camera gives colour only "
-                        f"(use a color model, or --src with the dataset's depth frames)")
+        raise UserError(
+            f"{where}: takes {info.modality} frames; a video or camera gives colour only "
+            f"(use a color model, or --src with the dataset's depth frames)"
+        )
     spec = info.spec(where)
     if config.max_frames and config.max_frames < info.seq_len:
         raise UserError(f"--max-frames {config.max_frames}: fewer than the model's window of {info.seq_len} frames")
@@ -143,7 +158,9 @@ def plan_sources(config: DetectConfig, info: ModelInfo, print_fn: Callable[[str]
         capture = open_capture(config.video, config.camera)
         name = os.path.basename(config.video) if config.video else f"camera {config.camera}"
         fps = float(capture.get(5) or 0) or FOLDER_FPS  # cv2.CAP_PROP_FPS
-        return [Source(name, lambda keep: capture_frames(capture, spec, name, config.max_frames, stop), None, fps, True)]
+        return [
+            Source(name, lambda keep: capture_frames(capture, spec, name, config.max_frames, stop), None, fps, True)
+        ]
     src = os.path.normpath(config.src)
     labelled = not config.labels  # a segment list replaces the label files: they are not read
     if config.split == "testdetection":
@@ -166,7 +183,9 @@ def _folder_source(src: str, info: ModelInfo, spec, print_fn: Callable[[str], No
     return Source(name, lambda keep: folder_frames(src, n_frames, spec, keep), truths, FOLDER_FPS, False, n_frames)
 
 
-def _folder_truths(folder: str, n_frames: int, info: ModelInfo, print_fn: Callable[[str], None]) -> tuple[Truth, ...] | None:
+def _folder_truths(
+    folder: str, n_frames: int, info: ModelInfo, print_fn: Callable[[str], None]
+) -> tuple[Truth, ...] | None:
     """The segments of a sequence folder's label file (``<folder>.xml``), each labelled with
     the action it names, else with the folder's name, as in a dataset; None without a label
     file, or when a segment without its own action is in a folder named for no class."""
@@ -182,8 +201,9 @@ def _folder_truths(folder: str, n_frames: int, info: ModelInfo, print_fn: Callab
         return None
     for segment in segments:
         if segment.pos + segment.len > n_frames:
-            raise UserError(f"{label_file}: segment pos={segment.pos} len={segment.len} ends beyond the last frame "
-                            f"({n_frames - 1})")
+            raise UserError(
+                f"{label_file}: segment pos={segment.pos} len={segment.len} ends beyond the last frame ({n_frames - 1})"
+            )
     return _truths(segments, action, info, label_file)
 
 
@@ -198,13 +218,16 @@ def _truths(segments: tuple[Segment, ...], action: str, info: ModelInfo, label_f
     truths = tuple(Truth(s.action or action, s.pos, s.pos + s.len - 1) for s in segments)
     unknown = _unknown_actions({t.label for t in truths}, info)
     if unknown:
-        raise UserError(f"{label_file}: names the action {unknown[0]!r}, which is not one of the model's classes "
-                        f"({', '.join(c for c in info.classes if c != NO_ACTION)[:200]})")
+        raise UserError(
+            f"{label_file}: names the action {unknown[0]!r}, which is not one of the model's classes "
+            f"({', '.join(c for c in info.classes if c != NO_ACTION)[:200]})"
+        )
     return truths
 
 
-def _detection_sources(src: str, info: ModelInfo, spec, print_fn: Callable[[str], None],
-                       labelled: bool = True) -> list[Source]:
+def _detection_sources(
+    src: str, info: ModelInfo, spec, print_fn: Callable[[str], None], labelled: bool = True
+) -> list[Source]:
     """The long recordings of ``src/TestDetection``, each segment labelled with its own action
     (without ``labelled``, found by their frames alone: a segment list scores them)."""
     recordings, bad = scan_detection(src, info.modality, labelled)
@@ -212,19 +235,29 @@ def _detection_sources(src: str, info: ModelInfo, spec, print_fn: Callable[[str]
         print_fn(f"warning: skipping {len(bad)} broken recording(s) of TestDetection; first: {bad[0].message()}")
     short = [r for r in recordings if r.n_frames < info.seq_len]
     if short:
-        print_fn(f"warning: skipping {len(short)} recording(s) shorter than the model's window of {info.seq_len} "
-                 f"frames; first: {short[0].path}")
+        print_fn(
+            f"warning: skipping {len(short)} recording(s) shorter than the model's window of {info.seq_len} "
+            f"frames; first: {short[0].path}"
+        )
     recordings = [r for r in recordings if r.n_frames >= info.seq_len]
     if not recordings:
         raise UserError(f"{os.path.join(src, 'TestDetection')}: no usable recording")
-    return [Source(r.path, lambda keep, f=os.path.join(src, r.path), n=r.n_frames: folder_frames(f, n, spec, keep),
-                   _truths(r.segments, "", info, os.path.join(src, r.path) + ".xml") if labelled else None,
-                   FOLDER_FPS, False, r.n_frames)
-            for r in recordings]
+    return [
+        Source(
+            r.path,
+            lambda keep, f=os.path.join(src, r.path), n=r.n_frames: folder_frames(f, n, spec, keep),
+            _truths(r.segments, "", info, os.path.join(src, r.path) + ".xml") if labelled else None,
+            FOLDER_FPS,
+            False,
+            r.n_frames,
+        )
+        for r in recordings
+    ]
 
 
-def _split_sources(src: str, split: str, info: ModelInfo, spec, print_fn: Callable[[str], None],
-                   labelled: bool = True) -> list[Source]:
+def _split_sources(
+    src: str, split: str, info: ModelInfo, spec, print_fn: Callable[[str], None], labelled: bool = True
+) -> list[Source]:
     sequences, bad = scan_dataset(src, info.modality)
     moved = set(info.eval_subjects or ())
     if split != "test" and info.eval_subjects is None and not any(s.split_dir == "Eval" for s in sequences):
@@ -239,25 +272,42 @@ def _split_sources(src: str, split: str, info: ModelInfo, spec, print_fn: Callab
     chosen = [s for s in sequences if in_split(s.split_dir, s.subject)]
     short = [s for s in chosen if s.n_frames < info.seq_len]
     if short:
-        print_fn(f"warning: skipping {len(short)} sequence(s) shorter than the model's window of {info.seq_len} "
-                 f"frames; first: {short[0].path}")
+        print_fn(
+            f"warning: skipping {len(short)} sequence(s) shorter than the model's window of {info.seq_len} "
+            f"frames; first: {short[0].path}"
+        )
         chosen = [s for s in chosen if s.n_frames >= info.seq_len]
     broken = [b for b in bad if in_split(*b.path.split("/")[:2])]
     if broken:
-        print_fn(f"warning: skipping {len(broken)} broken sequence(s) of the {split} split; first: {broken[0].message()}")
+        print_fn(
+            f"warning: skipping {len(broken)} broken sequence(s) of the {split} split; first: {broken[0].message()}"
+        )
     if not chosen:
         raise UserError(f"{src}: no usable sequence in the {split} split")
     unknown = [s for s in chosen if s.action not in info.classes or s.action == NO_ACTION]
     if unknown:
-        print_fn(f"note: {len(unknown)} sequence(s) are not scored: their action is not one of the model's "
-                 f"classes; first: {unknown[0].path}")
+        print_fn(
+            f"note: {len(unknown)} sequence(s) are not scored: their action is not one of the model's "
+            f"classes; first: {unknown[0].path}"
+        )
     sources = []
     for seq in chosen:
         folder = os.path.join(src, seq.path)
-        truths = None if seq in unknown or not labelled else _truths(seq.segments, seq.action, info,
-                                                                           os.path.join(src, seq.path) + ".xml")
-        sources.append(Source(seq.path, lambda keep, f=folder, n=seq.n_frames: folder_frames(f, n, spec, keep),
-                              truths, FOLDER_FPS, False, seq.n_frames))
+        truths = (
+            None
+            if seq in unknown or not labelled
+            else _truths(seq.segments, seq.action, info, os.path.join(src, seq.path) + ".xml")
+        )
+        sources.append(
+            Source(
+                seq.path,
+                lambda keep, f=folder, n=seq.n_frames: folder_frames(f, n, spec, keep),
+                truths,
+                FOLDER_FPS,
+                False,
+                seq.n_frames,
+            )
+        )
     return sources
 
 
@@ -280,8 +330,9 @@ def read_segment_list(path: str) -> list[tuple[str, Truth]]:
 
     def add(place: str, sequence, action, first, last) -> None:
         if not (isinstance(sequence, str) and isinstance(action, str) and type(first) is int and type(last) is int):
-            raise UserError(f"--labels {path}: {place}: needs sequence and action (text) and first and last "
-                            f"(whole frame numbers)")
+            raise UserError(
+                f"--labels {path}: {place}: needs sequence and action (text) and first and last (whole frame numbers)"
+            )
         if not sequence.strip() or first < 0 or last < first:
             raise UserError(f"--labels {path}: {place}: frames {first}..{last} of {sequence[:80]!r} are no segment")
         if len(out) == SEGMENT_LIST_ROWS:
@@ -293,8 +344,9 @@ def read_segment_list(path: str) -> list[tuple[str, Truth]]:
             if path.lower().endswith(".json"):
                 rows = json.load(handle)
                 if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
-                    raise UserError(f"--labels {path}: expected a list of objects with sequence, action, first "
-                                    f"and last")
+                    raise UserError(
+                        f"--labels {path}: expected a list of objects with sequence, action, first and last"
+                    )
                 for number, row in enumerate(rows, 1):
                     add(f"item {number}", *(row.get(key) for key in ("sequence", "action", "first", "last")))
                 return out
@@ -305,24 +357,27 @@ def read_segment_list(path: str) -> list[tuple[str, Truth]]:
                 try:
                     first, last = int(row["first"]), int(row["last"])
                 except (TypeError, ValueError):
-                    raise UserError(f"--labels {path}: line {reader.line_num}: first and last must be whole frame "
-                                    f"numbers") from None
+                    raise UserError(
+                        f"--labels {path}: line {reader.line_num}: first and last must be whole frame numbers"
+                    ) from None
                 add(f"line {reader.line_num}", row["sequence"], row["action"], first, last)
     except (ValueError, RecursionError, csv.Error) as exc:  # JSON, text and CSV errors (UnicodeDecodeError too)
         raise UserError(f"--labels {path}: cannot be read as a segment list ({str(exc)[:120]})") from None
     return out
 
 
-def with_segment_list(sources: list[Source], path: str, info: ModelInfo,
-                      print_fn: Callable[[str], None] = print) -> list[Source]:
+def with_segment_list(
+    sources: list[Source], path: str, info: ModelInfo, print_fn: Callable[[str], None] = print
+) -> list[Source]:
     """``sources`` scored against a user's segment list instead of their label files: a row
     belongs to the source whose name is its sequence, or whose name's last part is. Sources the
     list does not name are not scored."""
     rows = read_segment_list(path)
     unknown = _unknown_actions({t.label for _, t in rows}, info)
     if unknown:
-        raise UserError(f"--labels {path}: names the action {unknown[0][:60]!r}, which is not one of the model's "
-                        f"classes")
+        raise UserError(
+            f"--labels {path}: names the action {unknown[0][:60]!r}, which is not one of the model's classes"
+        )
     owners: dict[str, list[Source]] = {}
     for source in sources:
         owners.setdefault(source.name, []).append(source)
@@ -332,12 +387,16 @@ def with_segment_list(sources: list[Source], path: str, info: ModelInfo,
     for sequence, truth in rows:
         found = owners.get(sequence, [])
         if len(found) != 1:
-            raise UserError(f"--labels {path}: the sequence {sequence[:80]!r} names {len(found)} of the sources "
-                            f"({', '.join(s.name for s in sources[:3])}{', ...' if len(sources) > 3 else ''}); "
-                            f"give its name as detect prints it")
+            raise UserError(
+                f"--labels {path}: the sequence {sequence[:80]!r} names {len(found)} of the sources "
+                f"({', '.join(s.name for s in sources[:3])}{', ...' if len(sources) > 3 else ''}); "
+                f"give its name as detect prints it"
+            )
         if found[0].n_frames is not None and truth.last >= found[0].n_frames:
-            raise UserError(f"--labels {path}: {sequence[:80]!r} frames {truth.first}..{truth.last} end beyond its "
-                            f"last frame ({found[0].n_frames - 1})")
+            raise UserError(
+                f"--labels {path}: {sequence[:80]!r} frames {truth.first}..{truth.last} end beyond its "
+                f"last frame ({found[0].n_frames - 1})"
+            )
         claimed.setdefault(found[0].name, []).append(truth)
     left = [s.name for s in sources if s.name not in claimed]
     if left:
@@ -364,8 +423,11 @@ class DetectionRun:
         one_at_a_time = source.live or self.config.streaming
         segmenter = Segmenter(self.classes, NO_ACTION, self.info.seq_len, self.config.smooth, self.config.min_length)
         frames = source.frames(keep_raw)
-        pairs = streamed(frames, self.runner, self.info.seq_len) if one_at_a_time else \
-            batched(frames, self.runner, self.info.seq_len, self.config.batch_size)
+        pairs = (
+            streamed(frames, self.runner, self.info.seq_len)
+            if one_at_a_time
+            else batched(frames, self.runner, self.info.seq_len, self.config.batch_size)
+        )
         found: list[Detection] = []
         rows: list[np.ndarray] = []
         last = -1
@@ -394,7 +456,9 @@ class DetectionRun:
             if kind == "start":
                 self.print(f"[frame {det.seen_at}] {det.label} started at frame {det.first}")
             else:
-                self.print(f"[frame {det.decided_at}] {det.label}: frames {det.first}-{det.last} (score {det.score:.2f})")
+                self.print(
+                    f"[frame {det.decided_at}] {det.label}: frames {det.first}-{det.last} (score {det.score:.2f})"
+                )
         return [det for kind, det in events if kind == "end"]
 
     def _panel(self, source: Source, frame: Frame, segmenter: Segmenter) -> Panel:
@@ -417,31 +481,67 @@ class DetectionRun:
         latency = None
         if self.latencies:
             p50, p99 = (float(np.percentile(self.latencies, q) * 1000) for q in (50, 99))
-            latency = {"p50_ms": p50, "p99_ms": p99, "frames": len(self.latencies),
-                       "p50_frame_periods_30fps": p50 / FRAME_PERIOD_MS, "p99_frame_periods_30fps": p99 / FRAME_PERIOD_MS}
+            latency = {
+                "p50_ms": p50,
+                "p99_ms": p99,
+                "frames": len(self.latencies),
+                "p50_frame_periods_30fps": p50 / FRAME_PERIOD_MS,
+                "p99_frame_periods_30fps": p99 / FRAME_PERIOD_MS,
+            }
         scored = [r for r, labelled in zip(self.results, self.scored) if labelled]
         detection = detection_metrics(scored, NO_ACTION) if scored else None
-        report = {"model": self.runner.name, "smooth": config.smooth, "min_length": config.min_length,
-                  "latency": latency, "detection": detection}
+        report = {
+            "model": self.runner.name,
+            "smooth": config.smooth,
+            "min_length": config.min_length,
+            "latency": latency,
+            "detection": detection,
+        }
         files = {}
         if config.out:
             detections = {
-                "model": self.runner.name, "classes": self.classes, "seq_len": self.info.seq_len,
-                "smooth": config.smooth, "min_length": config.min_length,
-                "sequences": [{"name": r.name, "frames": r.n_frames, "probabilities": str(i),
-                               "segments": [d.as_dict() for d in r.detections]} for i, r in enumerate(self.results)]}
-            rows = [(r.name, r.n_frames, [(t.label, t.first, t.last) for t in r.truths] if labelled else None,
-                     [(d.label, d.first, d.last) for d in r.detections]) for r, labelled in zip(self.results, self.scored)]
-            files = {"detections.json": storage.json_bytes(detections), "probabilities.npz": npz_bytes(self.probabilities),
-                     "metrics.json": storage.json_bytes(report), "timeline.png": timeline_png(rows, self.classes, NO_ACTION)}
+                "model": self.runner.name,
+                "classes": self.classes,
+                "seq_len": self.info.seq_len,
+                "smooth": config.smooth,
+                "min_length": config.min_length,
+                "sequences": [
+                    {
+                        "name": r.name,
+                        "frames": r.n_frames,
+                        "probabilities": str(i),
+                        "segments": [d.as_dict() for d in r.detections],
+                    }
+                    for i, r in enumerate(self.results)
+                ],
+            }
+            rows = [
+                (
+                    r.name,
+                    r.n_frames,
+                    [(t.label, t.first, t.last) for t in r.truths] if labelled else None,
+                    [(d.label, d.first, d.last) for d in r.detections],
+                )
+                for r, labelled in zip(self.results, self.scored)
+            ]
+            files = {
+                "detections.json": storage.json_bytes(detections),
+                "probabilities.npz": npz_bytes(self.probabilities),
+                "metrics.json": storage.json_bytes(report),
+                "timeline.png": timeline_png(rows, self.classes, NO_ACTION),
+            }
         segments = sum(len(r.detections) for r in self.results)
-        lines = [f"{segments} segments in {len(self.results)} sequence(s), {sum(r.n_frames for r in self.results)} frames"]
+        lines = [
+            f"{segments} segments in {len(self.results)} sequence(s), {sum(r.n_frames for r in self.results)} frames"
+        ]
         if detection is not None:
             lines.append(format_table(detection).rstrip())
         if latency is not None:
-            lines.append(f"latency per frame (prepare + model): p50 {latency['p50_ms']:.1f} ms, p99 {latency['p99_ms']:.1f} ms "
-                         f"over {latency['frames']} frames = {latency['p99_frame_periods_30fps']:.2f}x a 30 fps frame "
-                         f"period at p99")
+            lines.append(
+                f"latency per frame (prepare + model): p50 {latency['p50_ms']:.1f} ms, p99 {latency['p99_ms']:.1f} ms "
+                f"over {latency['frames']} frames = {latency['p99_frame_periods_30fps']:.2f}x a 30 fps frame "
+                f"period at p99"
+            )
         self.print("\n".join(lines))
         return report, files
 

@@ -49,16 +49,21 @@ def export_model(config: ExportConfig, print_fn: Callable[[str], None] = print) 
 
 
 def _export(config: ExportConfig, print_fn: Callable[[str], None]) -> dict:
-    runner = load_checkpoint_runner(config.checkpoint, tuple(config.depth_range) or None, log=print_fn,
-                                    device=config.device)
+    runner = load_checkpoint_runner(
+        config.checkpoint, tuple(config.depth_range) or None, log=print_fn, device=config.device
+    )
     if not config.src and not config.data:
         if not runner.trained_on:
-            raise UserError(f"{runner.name}: records no training data; give --data (shards) or --src (raw frames) "
-                            f"for the windows that check the export")
+            raise UserError(
+                f"{runner.name}: records no training data; give --data (shards) or --src (raw frames) "
+                f"for the windows that check the export"
+            )
         print_fn(f"checking the export on the data the checkpoint was trained on: {runner.trained_on}")
         if not storage.is_gcs(runner.trained_on) and not os.path.isdir(runner.trained_on):
-            raise UserError(f"{runner.name}: was trained on {runner.trained_on}, which is not there any more; give "
-                            f"--data (shards) or --src (raw frames) for the windows that check the export")
+            raise UserError(
+                f"{runner.name}: was trained on {runner.trained_on}, which is not there any more; give "
+                f"--data (shards) or --src (raw frames) for the windows that check the export"
+            )
         config = replace(config, data=runner.trained_on)
     windows = real_windows(config, runner.info)
     expected = runner.logits(windows)
@@ -71,20 +76,26 @@ def _export(config: ExportConfig, print_fn: Callable[[str], None]) -> dict:
         exported = load_exported(partial)
         if exported.info != runner.info:
             raise UserError(f"{config.out}: the exported metadata does not read back as written")
-        difference = max(float(np.abs(exported.logits(windows) - expected).max()),
-                         float(np.abs(exported.logits(windows[:1]) - expected[:1]).max()))
+        difference = max(
+            float(np.abs(exported.logits(windows) - expected).max()),
+            float(np.abs(exported.logits(windows[:1]) - expected[:1]).max()),
+        )
         if not difference <= TOLERANCE:
-            raise UserError(f"{config.out}: the export's logits differ from the checkpoint's by {difference:.3g} "
-                            f"(more than {TOLERANCE:g}) on real windows; nothing written")
+            raise UserError(
+                f"{config.out}: the export's logits differ from the checkpoint's by {difference:.3g} "
+                f"(more than {TOLERANCE:g}) on real windows; nothing written"
+            )
         with storage.write_errors(config.out):
             os.replace(partial, config.out)
     finally:
         if os.path.exists(partial):
             os.remove(partial)
     kind = "ONNX (ONNX Runtime)" if isinstance(exported, OnnxRunner) else "torch.export program"
-    print_fn(f"wrote {config.out}: {kind}, input uint8 [batch, {', '.join(map(str, runner.info.clip_shape))}] -> "
-             f"logits [batch, {len(runner.info.classes)}]; checked on {len(windows)} real windows (as a batch and "
-             f"alone): largest logit difference {difference:.2g} (limit {TOLERANCE:g})")
+    print_fn(
+        f"wrote {config.out}: {kind}, input uint8 [batch, {', '.join(map(str, runner.info.clip_shape))}] -> "
+        f"logits [batch, {len(runner.info.classes)}]; checked on {len(windows)} real windows (as a batch and "
+        f"alone): largest logit difference {difference:.2g} (limit {TOLERANCE:g})"
+    )
     return {"windows": len(windows), "max_difference": difference, "out": config.out}
 
 
@@ -97,8 +108,15 @@ def write_export(module: torch.nn.Module, info: ModelInfo, windows: np.ndarray, 
     dynamic = {"clips": {0: torch.export.Dim("batch", min=1, max=MAX_BATCH)}}
     with _quiet(), uninterrupted("the exporter has finished"):
         if path.endswith(".onnx"):
-            program = torch.onnx.export(module, (example,), dynamo=True, input_names=["clips"],
-                                        output_names=["logits"], dynamic_shapes=dynamic, verbose=False)
+            program = torch.onnx.export(
+                module,
+                (example,),
+                dynamo=True,
+                input_names=["clips"],
+                output_names=["logits"],
+                dynamic_shapes=dynamic,
+                verbose=False,
+            )
             program.model.metadata_props[METADATA_KEY] = info.to_json()
             program.save(path)
         else:
@@ -134,10 +152,15 @@ def real_windows(config: ExportConfig, info: ModelInfo) -> np.ndarray:
         manifest = read_manifest(config.data)
         split = "test" if "test" in manifest["splits"] else next(iter(manifest["splits"]), "test")
         shape, classes = clip_shape(manifest), len(manifest["classes"])
-        samples = ((shard.url, sample) for shard in split_shards(config.data, manifest, split)
-                   for sample in read_samples(shard.url, shard.count))
-        clips = [decode_sample(sample, url, shape, classes)[0]  # a damaged window is one line naming its shard
-                 for url, sample in itertools.islice(samples, config.windows)]
+        samples = (
+            (shard.url, sample)
+            for shard in split_shards(config.data, manifest, split)
+            for sample in read_samples(shard.url, shard.count)
+        )
+        clips = [
+            decode_sample(sample, url, shape, classes)[0]  # a damaged window is one line naming its shard
+            for url, sample in itertools.islice(samples, config.windows)
+        ]
         where = config.data
     else:
         spec = info.spec(config.checkpoint)
@@ -149,15 +172,17 @@ def real_windows(config: ExportConfig, info: ModelInfo) -> np.ndarray:
                 raise UserError(f"--src {folder}: no usable sequence")
             folder = os.path.join(folder, tests[0].path)
         n_frames = count_frames(folder, info.modality)
-        frames = np.stack([f.model for f in folder_frames(folder, min(n_frames, info.seq_len - 1 + config.windows),
-                                                          spec, False)])
+        frames = np.stack(
+            [f.model for f in folder_frames(folder, min(n_frames, info.seq_len - 1 + config.windows), spec, False)]
+        )
         for stop in range(info.seq_len - 1, min(n_frames, info.seq_len - 1 + config.windows)):
-            clips.append(frames[stop - info.seq_len + 1:stop + 1])
+            clips.append(frames[stop - info.seq_len + 1 : stop + 1])
         where = folder
     if not clips:
         raise UserError(f"{where}: no window to check the export on")
     stack = np.stack(clips)
     if stack.shape[1:] != info.clip_shape:
-        raise UserError(f"{where}: its windows are {list(stack.shape[1:])}, the checkpoint takes "
-                        f"{list(info.clip_shape)}")
+        raise UserError(
+            f"{where}: its windows are {list(stack.shape[1:])}, the checkpoint takes {list(info.clip_shape)}"
+        )
     return stack

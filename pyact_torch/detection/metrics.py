@@ -105,8 +105,15 @@ def mean_average_precision(results: list[SequenceResult], thresholds: tuple[floa
     for threshold in thresholds:
         per_class = {}
         for label in classes:
-            ranked = sorted(((d.score, index, d.first, d) for index, r in enumerate(results) for d in r.detections
-                             if d.label == label), key=lambda item: (-item[0], item[1], item[2]))
+            ranked = sorted(
+                (
+                    (d.score, index, d.first, d)
+                    for index, r in enumerate(results)
+                    for d in r.detections
+                    if d.label == label
+                ),
+                key=lambda item: (-item[0], item[1], item[2]),
+            )
             taken: set[tuple[int, int]] = set()
             hits = []
             for _, index, _, det in ranked:
@@ -123,10 +130,15 @@ def mean_average_precision(results: list[SequenceResult], thresholds: tuple[floa
                 hits.append(best >= 0)
             positives = sum(t.label == label for r in results for t in r.truths)
             per_class[label] = average_precision(hits, positives)
-        by_threshold[str(threshold)] = {"mAP": statistics.fmean(per_class.values()) if per_class else 0.0,
-                                        "per_class": per_class}
-    return {"thresholds": by_threshold, "interpolation": "all-point (ActivityNet)",
-            "average": statistics.fmean(row["mAP"] for row in by_threshold.values()) if by_threshold else 0.0}
+        by_threshold[str(threshold)] = {
+            "mAP": statistics.fmean(per_class.values()) if per_class else 0.0,
+            "per_class": per_class,
+        }
+    return {
+        "thresholds": by_threshold,
+        "interpolation": "all-point (ActivityNet)",
+        "average": statistics.fmean(row["mAP"] for row in by_threshold.values()) if by_threshold else 0.0,
+    }
 
 
 def detection_metrics(results: list[SequenceResult], background: str) -> dict:
@@ -146,8 +158,11 @@ def detection_metrics(results: list[SequenceResult], background: str) -> dict:
             if not any(t.label == det.label and tiou(det.first, det.last, t.first, t.last) > 0 for t in result.truths):
                 false_alarms += 1
         for truth in result.truths:
-            seen = [d.seen_at for d in result.detections
-                    if d.label == truth.label and tiou(d.first, d.last, truth.first, truth.last) > 0]
+            seen = [
+                d.seen_at
+                for d in result.detections
+                if d.label == truth.label and tiou(d.first, d.last, truth.first, truth.last) > 0
+            ]
             if seen:
                 delays.append(min(seen) - truth.first)
             else:
@@ -163,16 +178,23 @@ def detection_metrics(results: list[SequenceResult], background: str) -> dict:
         for label in sorted(by_label):
             per_class.setdefault(label, {})[str(threshold)] = _ratios(*by_label[label])
     return {
-        "sequences": len(results), "frames": frames,
+        "sequences": len(results),
+        "frames": frames,
         "frame_accuracy": right / frames if frames else 0.0,
-        "segments": segments, "per_class": per_class,
-        "delay_frames": {"mean": statistics.fmean(delays) if delays else None,
-                         "median": statistics.median(delays) if delays else None,
-                         "detected": len(delays), "missed": missed},
+        "segments": segments,
+        "per_class": per_class,
+        "delay_frames": {
+            "mean": statistics.fmean(delays) if delays else None,
+            "median": statistics.median(delays) if delays else None,
+            "detected": len(delays),
+            "missed": missed,
+        },
         "mAP": mean_average_precision(results),
-        "false_alarms": false_alarms, "background_frames": background_frames,
-        "false_alarms_per_1000_background_frames":
-            1000 * false_alarms / background_frames if background_frames else None,
+        "false_alarms": false_alarms,
+        "background_frames": background_frames,
+        "false_alarms_per_1000_background_frames": 1000 * false_alarms / background_frames
+        if background_frames
+        else None,
     }
 
 
@@ -181,22 +203,29 @@ def format_table(metrics: dict) -> str:
     seg = metrics["segments"]
     delay = metrics["delay_frames"]
     rate = metrics["false_alarms_per_1000_background_frames"]
-    lines = [f"{metrics['sequences']} sequences, {metrics['frames']} frames: frame accuracy "
-             f"{metrics['frame_accuracy']:.3f}",
-             "segments      " + "   ".join(f"IoU {t}: P {seg[t]['precision']:.3f} R {seg[t]['recall']:.3f} "
-                                          f"F1 {seg[t]['f1']:.3f}" for t in seg),
-             f"delay         {'-' if delay['mean'] is None else format(delay['mean'], '.1f')} frames mean, "
-             f"{'-' if delay['median'] is None else format(delay['median'], '.1f')} median "
-             f"({delay['detected']} detected, {delay['missed']} missed)",
-             "mAP           " + "   ".join(f"tIoU {t}: {row['mAP']:.3f}" for t, row in metrics["mAP"]["thresholds"].items())
-             + f"   average {metrics['mAP']['average']:.3f}",
-             f"false alarms  {metrics['false_alarms']} ({'-' if rate is None else format(rate, '.2f')} per "
-             f"1000 background frames)",
-             "", f"{'class':<16} {'P@0.5':>6} {'R@0.5':>6} {'F1@0.5':>6} {'AP@0.5':>6} {'true':>5} {'found':>5}"]
+    lines = [
+        f"{metrics['sequences']} sequences, {metrics['frames']} frames: frame accuracy {metrics['frame_accuracy']:.3f}",
+        "segments      "
+        + "   ".join(
+            f"IoU {t}: P {seg[t]['precision']:.3f} R {seg[t]['recall']:.3f} F1 {seg[t]['f1']:.3f}" for t in seg
+        ),
+        f"delay         {'-' if delay['mean'] is None else format(delay['mean'], '.1f')} frames mean, "
+        f"{'-' if delay['median'] is None else format(delay['median'], '.1f')} median "
+        f"({delay['detected']} detected, {delay['missed']} missed)",
+        "mAP           "
+        + "   ".join(f"tIoU {t}: {row['mAP']:.3f}" for t, row in metrics["mAP"]["thresholds"].items())
+        + f"   average {metrics['mAP']['average']:.3f}",
+        f"false alarms  {metrics['false_alarms']} ({'-' if rate is None else format(rate, '.2f')} per "
+        f"1000 background frames)",
+        "",
+        f"{'class':<16} {'P@0.5':>6} {'R@0.5':>6} {'F1@0.5':>6} {'AP@0.5':>6} {'true':>5} {'found':>5}",
+    ]
     average = metrics["mAP"]["thresholds"].get("0.5", {}).get("per_class", {})
     for label, rows in metrics["per_class"].items():
         row = rows["0.5"]
         ap = f"{average[label]:>6.3f}" if label in average else f"{'-':>6}"
-        lines.append(f"{label:<16} {row['precision']:>6.3f} {row['recall']:>6.3f} {row['f1']:>6.3f} {ap} "
-                     f"{row['tp'] + row['fn']:>5} {row['tp'] + row['fp']:>5}")
+        lines.append(
+            f"{label:<16} {row['precision']:>6.3f} {row['recall']:>6.3f} {row['f1']:>6.3f} {ap} "
+            f"{row['tp'] + row['fn']:>5} {row['tp'] + row['fp']:>5}"
+        )
     return "\n".join(lines) + "\n"

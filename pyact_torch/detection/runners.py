@@ -50,8 +50,9 @@ class ModelInfo:
     def spec(self, where: str) -> FrameSpec:
         """How to prepare raw frames for this model."""
         if self.modality != "color" and self.depth_range is None:
-            raise UserError(f"{where}: does not record the depth range its frames were made with; "
-                            f"give --depth-range MIN:MAX")
+            raise UserError(
+                f"{where}: does not record the depth range its frames were made with; give --depth-range MIN:MAX"
+            )
         return FrameSpec(self.modality, self.image_size, tuple(self.depth_range or (0, 1)))
 
     def to_json(self) -> str:
@@ -61,23 +62,47 @@ class ModelInfo:
     def from_dict(cls, data: Any, where: str) -> "ModelInfo":
         """Validated: a model file's metadata is data, like any other file's."""
         try:
-            info = cls(tuple(data["classes"]), data["seq_len"], data["image_size"], data["modality"],
-                       None if data.get("depth_range") is None else tuple(data["depth_range"]),
-                       None if data.get("eval_subjects") is None else tuple(data["eval_subjects"]))
+            info = cls(
+                tuple(data["classes"]),
+                data["seq_len"],
+                data["image_size"],
+                data["modality"],
+                None if data.get("depth_range") is None else tuple(data["depth_range"]),
+                None if data.get("eval_subjects") is None else tuple(data["eval_subjects"]),
+            )
         except (KeyError, TypeError, ValueError):
             raise UserError(f"{where}: its pyact metadata is malformed") from None
-        ok = (2 <= len(info.classes) <= 1000 and all(isinstance(c, str) and CLASS_NAME.fullmatch(c) for c in info.classes)
-              and len(set(info.classes)) == len(info.classes)
-              and NO_ACTION in info.classes and isinstance(info.seq_len, int) and 2 <= info.seq_len <= 1000
-              and isinstance(info.image_size, int) and 16 <= info.image_size <= 4096
-              and info.modality in CHANNELS
-              and (info.depth_range is None or (len(info.depth_range) == 2 and all(isinstance(v, int) for v in info.depth_range)
-                                               and 0 <= info.depth_range[0] < info.depth_range[1] <= 65535))
-              and (info.eval_subjects is None or (len(info.eval_subjects) <= 10_000 and all(
-                  isinstance(s, str) and SUBJECT_NAME.fullmatch(s) for s in info.eval_subjects))))
+        ok = (
+            2 <= len(info.classes) <= 1000
+            and all(isinstance(c, str) and CLASS_NAME.fullmatch(c) for c in info.classes)
+            and len(set(info.classes)) == len(info.classes)
+            and NO_ACTION in info.classes
+            and isinstance(info.seq_len, int)
+            and 2 <= info.seq_len <= 1000
+            and isinstance(info.image_size, int)
+            and 16 <= info.image_size <= 4096
+            and info.modality in CHANNELS
+            and (
+                info.depth_range is None
+                or (
+                    len(info.depth_range) == 2
+                    and all(isinstance(v, int) for v in info.depth_range)
+                    and 0 <= info.depth_range[0] < info.depth_range[1] <= 65535
+                )
+            )
+            and (
+                info.eval_subjects is None
+                or (
+                    len(info.eval_subjects) <= 10_000
+                    and all(isinstance(s, str) and SUBJECT_NAME.fullmatch(s) for s in info.eval_subjects)
+                )
+            )
+        )
         if not ok:
-            raise UserError(f"{where}: its pyact metadata is out of range (classes: distinct names of letters, digits "
-                            f"and _.+-, with no-action; seq_len, image_size, modality, depth_range or eval_subjects)")
+            raise UserError(
+                f"{where}: its pyact metadata is out of range (classes: distinct names of letters, digits "
+                f"and _.+-, with no-action; seq_len, image_size, modality, depth_range or eval_subjects)"
+            )
         return info
 
     @classmethod
@@ -120,11 +145,15 @@ class Runner:
         except UserError:
             raise
         except Exception as exc:  # ONNX Runtime's and torch's own errors while running the graph
-            raise UserError(f"{self.name}: failed on clips of shape {list(clips.shape)} "
-                            f"({str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__})") from None
+            raise UserError(
+                f"{self.name}: failed on clips of shape {list(clips.shape)} "
+                f"({str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__})"
+            ) from None
         if logits.shape != (len(clips), len(self.info.classes)) or not np.isfinite(logits).all():
-            raise UserError(f"{self.name}: gave outputs of shape {list(logits.shape)} (or non-finite values) for "
-                            f"{len(clips)} clips; its metadata says {len(self.info.classes)} classes")
+            raise UserError(
+                f"{self.name}: gave outputs of shape {list(logits.shape)} (or non-finite values) for "
+                f"{len(clips)} clips; its metadata says {len(self.info.classes)} classes"
+            )
         return softmax(logits)
 
 
@@ -173,11 +202,18 @@ class OnnxRunner(Runner):
             raise UserError(f"{path}: expected one input and one output, found {len(inputs)} and {len(outputs)}")
         expected = list(self.info.clip_shape)
         shape = inputs[0].shape
-        if inputs[0].type != "tensor(uint8)" or len(shape) != 5 or list(shape[1:]) != expected \
-                or isinstance(shape[0], int) or list(outputs[0].shape[1:]) != [len(self.info.classes)]:
-            raise UserError(f"{path}: takes {inputs[0].type} clips of shape {shape} and gives {outputs[0].shape}; its "
-                            f"metadata says uint8 [batch, {', '.join(map(str, expected))}] -> "
-                            f"[batch, {len(self.info.classes)}]: not this model's shape")
+        if (
+            inputs[0].type != "tensor(uint8)"
+            or len(shape) != 5
+            or list(shape[1:]) != expected
+            or isinstance(shape[0], int)
+            or list(outputs[0].shape[1:]) != [len(self.info.classes)]
+        ):
+            raise UserError(
+                f"{path}: takes {inputs[0].type} clips of shape {shape} and gives {outputs[0].shape}; its "
+                f"metadata says uint8 [batch, {', '.join(map(str, expected))}] -> "
+                f"[batch, {len(self.info.classes)}]: not this model's shape"
+            )
         self._input = inputs[0].name
 
     def _session(self, onnxruntime: Any, threads: int) -> Any:
@@ -213,7 +249,7 @@ def choose_threads(runner: Runner, budget_s: float = 3.0, per_count_s: float = 0
     busy machine they wait for cores: the best count depends on the model and the machine's
     load. Returns it and the seconds per window of each count tried."""
     # the library's default (one per core) and 1 first: never slower than before, whatever the budget
-    counts = [cores()] + ([1] if cores() > 1 else []) + [2 ** k for k in range(1, 8) if 2 ** k < cores()]
+    counts = [cores()] + ([1] if cores() > 1 else []) + [2**k for k in range(1, 8) if 2**k < cores()]
     clip = np.random.default_rng(0).integers(0, 256, (1, *runner.info.clip_shape), dtype=np.uint8)
     seconds: dict[int, float] = {}
     started = time.perf_counter()
@@ -270,13 +306,16 @@ def _load_program(path: str) -> Runner:
     except Exception:  # a guard of the program: another input shape
         shape = None
     if shape != (1, len(runner.info.classes)):
-        raise UserError(f"{path}: its graph does not take uint8 [batch, {', '.join(map(str, runner.info.clip_shape))}] "
-                        f"clips to {len(runner.info.classes)} outputs as its metadata says: not this model's shape")
+        raise UserError(
+            f"{path}: its graph does not take uint8 [batch, {', '.join(map(str, runner.info.clip_shape))}] "
+            f"clips to {len(runner.info.classes)} outputs as its metadata says: not this model's shape"
+        )
     return runner
 
 
-def load_checkpoint_runner(url: str, depth_range: tuple[int, int] | None = None,
-                           log: Callable[[str], None] = print, device: str = "cpu") -> TorchRunner:
+def load_checkpoint_runner(
+    url: str, depth_range: tuple[int, int] | None = None, log: Callable[[str], None] = print, device: str = "cpu"
+) -> TorchRunner:
     """The checkpoint's network on ``device`` (cpu or cuda) with what it was trained on (classes, clip shape,
     the depth range and eval subjects its data recorded)."""
     from ..training.checkpoint import load_checkpoint
@@ -287,16 +326,26 @@ def load_checkpoint_runner(url: str, depth_range: tuple[int, int] | None = None,
     if not isinstance(shape, dict):
         raise UserError(f"{url}: records no clip shape; it cannot say what frames it takes")
     source = state.get("source") if isinstance(state.get("source"), dict) else {}
-    info = ModelInfo.from_dict({"classes": state["classes"], "seq_len": shape.get("seq_len"),
-                                "image_size": shape.get("image_size"), "modality": shape.get("modality"),
-                                "depth_range": depth_range or source.get("depth_range"),
-                                "eval_subjects": source.get("eval_subjects")}, url)
+    info = ModelInfo.from_dict(
+        {
+            "classes": state["classes"],
+            "seq_len": shape.get("seq_len"),
+            "image_size": shape.get("image_size"),
+            "modality": shape.get("modality"),
+            "depth_range": depth_range or source.get("depth_range"),
+            "eval_subjects": source.get("eval_subjects"),
+        },
+        url,
+    )
     try:
-        network = build_model(state["config"].get("model"), len(CHANNELS[info.modality]), info.seq_len,
-                              info.image_size, len(info.classes))
+        network = build_model(
+            state["config"].get("model"), len(CHANNELS[info.modality]), info.seq_len, info.image_size, len(info.classes)
+        )
         network.load_state_dict(state["model"])
     except (ValueError, RuntimeError):
-        raise UserError(f"{url}: its weights do not fit a {state['config'].get('model')} model of its recorded shape") from None
+        raise UserError(
+            f"{url}: its weights do not fit a {state['config'].get('model')} model of its recorded shape"
+        ) from None
     runner = TorchRunner(Deployed(network), info, url, device)
     data = state["config"].get("data")
     runner.trained_on = data if isinstance(data, str) and 0 < len(data) <= 4096 else ""

@@ -44,7 +44,9 @@ class Segmenter:
 
     def __init__(self, classes: list[str], background: str, seq_len: int, smooth: int, min_length: int):
         if smooth < 1 or smooth % 2 == 0 or min_length < 1:
-            raise ValueError("the smoothing window must be odd (its lag whole frames) and the minimum length at least 1")
+            raise ValueError(
+                "the smoothing window must be odd (its lag whole frames) and the minimum length at least 1"
+            )
         self.classes, self.background = list(classes), classes.index(background)
         self.need, self.seq_len = seq_len // 2, seq_len
         self.lag, self.min_length = (smooth - 1) // 2, min_length
@@ -95,16 +97,22 @@ class Segmenter:
         return [("end", detection)]
 
     def _detection(self, decided_at: int, at_end: bool = False) -> Detection:
-        first = 0 if self._first_stop == self._stream_start else \
-            max(0, self._first_stop - (self.need - 1) - self.lag)
-        last = self._last_stop if at_end else \
-            max(first, self._last_stop - (self.seq_len - self.need) - self.lag)
-        return Detection(self.classes[self._label], first, last, float(np.mean(self._scores)),
-                         self._seen_at, decided_at)
+        first = 0 if self._first_stop == self._stream_start else max(0, self._first_stop - (self.need - 1) - self.lag)
+        last = self._last_stop if at_end else max(first, self._last_stop - (self.seq_len - self.need) - self.lag)
+        return Detection(
+            self.classes[self._label], first, last, float(np.mean(self._scores)), self._seen_at, decided_at
+        )
 
 
-def detect_segments(probabilities: np.ndarray, first_stop: int, classes: list[str], background: str,
-                    seq_len: int, smooth: int, min_length: int) -> list[Detection]:
+def detect_segments(
+    probabilities: np.ndarray,
+    first_stop: int,
+    classes: list[str],
+    background: str,
+    seq_len: int,
+    smooth: int,
+    min_length: int,
+) -> list[Detection]:
     """Every segment of one sequence from its windows' probabilities (row ``j`` is the window
     ending at frame ``first_stop + j``), as the online :class:`Segmenter` reports them."""
     segmenter = Segmenter(classes, background, seq_len, smooth, min_length)

@@ -59,8 +59,11 @@ def count_frames(folder: str, modality: str) -> int:
     for kind in ("color",) + needed_kinds(modality):
         missing = sorted(set(range(n_frames)) - found[kind])
         if missing:
-            what = "frame missing" if kind == "color" or found[kind] else \
-                f"this model takes {modality} frames and the folder has no {kind}_<i>.png"
+            what = (
+                "frame missing"
+                if kind == "color" or found[kind]
+                else f"this model takes {modality} frames and the folder has no {kind}_<i>.png"
+            )
             raise UserError(f"{os.path.join(folder, f'{kind}_{missing[0]}.png')}: {what}")
     return n_frames
 
@@ -102,8 +105,9 @@ def open_capture(video: str = "", camera: int = -1) -> cv2.VideoCapture:
     return capture
 
 
-def capture_frames(capture: cv2.VideoCapture, spec: FrameSpec, name: str, max_frames: int = 0,
-                   stop: Callable[[], bool] = lambda: False) -> Iterator[Frame]:
+def capture_frames(
+    capture: cv2.VideoCapture, spec: FrameSpec, name: str, max_frames: int = 0, stop: Callable[[], bool] = lambda: False
+) -> Iterator[Frame]:
     """Frames of a video or camera until it ends, ``max_frames`` or ``stop()``; colour only."""
     index = 0
     try:
@@ -142,14 +146,15 @@ class Ring:
 
     def window(self) -> np.ndarray:
         """``(length, S, S, C)``: the window ending at the newest frame."""
-        return np.concatenate([self._frames[self._next:], self._frames[:self._next]])
+        return np.concatenate([self._frames[self._next :], self._frames[: self._next]])
 
 
 Probabilities = Callable[[np.ndarray], np.ndarray]
 
 
-def streamed(frames: Iterable[Frame], classify: Probabilities, seq_len: int
-             ) -> Iterator[tuple[Frame, np.ndarray | None, float]]:
+def streamed(
+    frames: Iterable[Frame], classify: Probabilities, seq_len: int
+) -> Iterator[tuple[Frame, np.ndarray | None, float]]:
     """Each frame with the probabilities of the window ending at it (None for the first
     ``L - 1`` frames) and the seconds preparing and classifying it took (its latency)."""
     ring: Ring | None = None
@@ -162,8 +167,9 @@ def streamed(frames: Iterable[Frame], classify: Probabilities, seq_len: int
         yield frame, probabilities, frame.prepare_seconds + time.perf_counter() - started
 
 
-def batched(frames: Iterable[Frame], classify: Probabilities, seq_len: int, batch_size: int
-            ) -> Iterator[tuple[Frame, np.ndarray | None, float]]:
+def batched(
+    frames: Iterable[Frame], classify: Probabilities, seq_len: int, batch_size: int
+) -> Iterator[tuple[Frame, np.ndarray | None, float]]:
     """What :func:`streamed` yields, for a finite sequence, with its windows classified
     ``batch_size`` at a time (latency is then not measured: 0)."""
     held = list(frames)
@@ -173,7 +179,7 @@ def batched(frames: Iterable[Frame], classify: Probabilities, seq_len: int, batc
     starts = np.arange(len(held) - seq_len + 1)
     rows = []
     for first in range(0, len(starts), batch_size):
-        chosen = starts[first:first + batch_size]
+        chosen = starts[first : first + batch_size]
         rows.append(classify(stack[chosen[:, None] + np.arange(seq_len)[None]]))
     probabilities = np.concatenate(rows) if rows else np.zeros((0, 0))
     for frame in held:

@@ -146,23 +146,42 @@ def sheet(windows: list[Panel], title: str = "", thumb: int = SHEET_THUMB) -> by
     line = int(30 * SHEET_TEXT)
     rows = []
     for window in windows:
-        strip = np.hstack([cv2.resize(f, (thumb, thumb), interpolation=cv2.INTER_AREA if f.shape[0] > thumb
-                                      else cv2.INTER_NEAREST) for f in window.frames])
+        strip = np.hstack(
+            [
+                cv2.resize(f, (thumb, thumb), interpolation=cv2.INTER_AREA if f.shape[0] > thumb else cv2.INTER_NEAREST)
+                for f in window.frames
+            ]
+        )
         height = max(thumb, line * len(window.captions) + 8)
         caption = np.zeros((height, SHEET_CAPTION_WIDTH, 3), np.uint8)
         for i, (text, colour) in enumerate(window.captions):
-            cv2.putText(caption, _fit(text, SHEET_CAPTION_WIDTH - 8, SHEET_TEXT), (4, line * (i + 1)),
-                        cv2.FONT_HERSHEY_SIMPLEX, SHEET_TEXT, colour, 2, cv2.LINE_AA)
+            cv2.putText(
+                caption,
+                _fit(text, SHEET_CAPTION_WIDTH - 8, SHEET_TEXT),
+                (4, line * (i + 1)),
+                cv2.FONT_HERSHEY_SIMPLEX,
+                SHEET_TEXT,
+                colour,
+                2,
+                cv2.LINE_AA,
+            )
         strip = cv2.copyMakeBorder(strip, 0, height - strip.shape[0], 0, 0, cv2.BORDER_CONSTANT)
         rows.append(np.hstack([caption, strip]))
     width = max(r.shape[1] for r in rows)
-    rows = [cv2.copyMakeBorder(r, 0, 6, 0, width - r.shape[1], cv2.BORDER_CONSTANT, value=(40, 40, 40))
-            for r in rows]
+    rows = [cv2.copyMakeBorder(r, 0, 6, 0, width - r.shape[1], cv2.BORDER_CONSTANT, value=(40, 40, 40)) for r in rows]
     image = np.vstack(rows)
     if title:
         banner = np.zeros((line + 12, width, 3), np.uint8)
-        cv2.putText(banner, _fit(title, width - 8, SHEET_TEXT), (4, line + 2), cv2.FONT_HERSHEY_SIMPLEX, SHEET_TEXT,
-                    WHITE, 2, cv2.LINE_AA)
+        cv2.putText(
+            banner,
+            _fit(title, width - 8, SHEET_TEXT),
+            (4, line + 2),
+            cv2.FONT_HERSHEY_SIMPLEX,
+            SHEET_TEXT,
+            WHITE,
+            2,
+            cv2.LINE_AA,
+        )
         image = np.vstack([banner, image])
     ok, data = cv2.imencode(".png", image)
     if not ok:

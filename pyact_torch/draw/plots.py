@@ -27,9 +27,28 @@ def figure_png(figure: Any) -> bytes:
 # One colour per class, chosen greedily to be as far apart as possible in CIELAB from each other,
 # from the blank band (0.93 grey) and from black and white text (every pair > 37 delta E); after
 # 20 classes they repeat.
-CLASS_COLOURS = ("#5d00ff", "#00e800", "#ff0000", "#d1008b", "#e8b900", "#008bff", "#00742e", "#8b4617", "#00e8d1",
-                 "#a274a2", "#ff17ff", "#742eb9", "#2eb9e8", "#b9d174", "#ff5d74", "#ffb98b", "#e87400", "#ff8bff",
-                 "#00e88b", "#a2d100")
+CLASS_COLOURS = (
+    "#5d00ff",
+    "#00e800",
+    "#ff0000",
+    "#d1008b",
+    "#e8b900",
+    "#008bff",
+    "#00742e",
+    "#8b4617",
+    "#00e8d1",
+    "#a274a2",
+    "#ff17ff",
+    "#742eb9",
+    "#2eb9e8",
+    "#b9d174",
+    "#ff5d74",
+    "#ffb98b",
+    "#e87400",
+    "#ff8bff",
+    "#00e88b",
+    "#a2d100",
+)
 BLANK = "0.93"  # the band where nothing (or the background class) is
 
 
@@ -38,14 +57,20 @@ def class_colours(classes: list[str], background: str) -> dict[str, str]:
     return {name: CLASS_COLOURS[i % len(CLASS_COLOURS)] for i, name in enumerate(c for c in classes if c != background)}
 
 
-def timeline_png(rows: list[tuple[str, int, list[tuple[str, int, int]] | None, list[tuple[str, int, int]]]],
-                 classes: list[str], background: str) -> bytes:
+def timeline_png(
+    rows: list[tuple[str, int, list[tuple[str, int, int]] | None, list[tuple[str, int, int]]]],
+    classes: list[str],
+    background: str,
+) -> bytes:
     """``timeline_figure`` as PNG."""
     return figure_png(timeline_figure(rows, classes, background))
 
 
-def timeline_figure(rows: list[tuple[str, int, list[tuple[str, int, int]] | None, list[tuple[str, int, int]]]],
-                    classes: list[str], background: str) -> Any:
+def timeline_figure(
+    rows: list[tuple[str, int, list[tuple[str, int, int]] | None, list[tuple[str, int, int]]]],
+    classes: list[str],
+    background: str,
+) -> Any:
     """One row per sequence ``(name, frames, truth spans or None, predicted spans)``: the truth
     band above the prediction band, one colour per class and its name on every span wide enough
     to hold it, background left blank; stacked for a split (readable at 50 rows: each row keeps
@@ -69,8 +94,16 @@ def timeline_figure(rows: list[tuple[str, int, list[tuple[str, int, int]] | None
                 used.add(label)
                 for first, length in bars:  # ~0.055 inch per character at fontsize 5
                     if length / longest * width * 0.8 >= 0.055 * len(label):
-                        axis.text(first + length / 2, y + 0.18, label, fontsize=5, ha="center", va="center",
-                                  color="white" if _dark(colour.get(label, "0.3")) else "black", clip_on=True)
+                        axis.text(
+                            first + length / 2,
+                            y + 0.18,
+                            label,
+                            fontsize=5,
+                            ha="center",
+                            va="center",
+                            color="white" if _dark(colour.get(label, "0.3")) else "black",
+                            clip_on=True,
+                        )
         if truth is None:
             axis.text(2, top + 0.69, "no labels", fontsize=6, va="center", color="0.4")
     axis.set_xlim(0, longest)
@@ -79,8 +112,15 @@ def timeline_figure(rows: list[tuple[str, int, list[tuple[str, int, int]] | None
     axis.set_xlabel("frame (upper band: truth, lower band: prediction)")
     handles = [plt.Rectangle((0, 0), 1, 1, color=colour.get(c, "0.3")) for c in classes if c in used]
     if handles:
-        axis.legend(handles, [c for c in classes if c in used], ncol=min(6, len(handles)), fontsize=7,
-                    loc="lower left", bbox_to_anchor=(0, 1.0), frameon=False)
+        axis.legend(
+            handles,
+            [c for c in classes if c in used],
+            ncol=min(6, len(handles)),
+            fontsize=7,
+            loc="lower left",
+            bbox_to_anchor=(0, 1.0),
+            frameon=False,
+        )
     figure.tight_layout()
     return figure
 

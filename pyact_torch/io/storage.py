@@ -45,8 +45,16 @@ GCS_DEADLINE = _deadline(os.environ.get("PYACT_GCS_TIMEOUT", "30"))
 _SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")
 _BUCKET = re.compile(r"^[a-z0-9][a-z0-9._-]{1,220}[a-z0-9]$")
 # Local write failures a user can fix (a full or read-only disk, no permission): one line, no retry.
-USER_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR,
-               errno.EISDIR, errno.ENAMETOOLONG)
+USER_ERRNOS = (
+    errno.ENOSPC,
+    errno.EDQUOT,
+    errno.EROFS,
+    errno.EACCES,
+    errno.EPERM,
+    errno.ENOTDIR,
+    errno.EISDIR,
+    errno.ENAMETOOLONG,
+)
 
 _clients: dict[tuple, Any] = {}
 
@@ -63,7 +71,7 @@ def split_gcs(url: str) -> tuple[str, str]:
     """``gs://bucket/a/b`` -> ``("bucket", "a/b")``; a UserError naming the package when
     google-cloud-storage is not installed (a bare GPU box), before any work."""
     _require_client_library(url)
-    bucket, _, name = url[len("gs://"):].partition("/")
+    bucket, _, name = url[len("gs://") :].partition("/")
     if not bucket:
         raise UserError(f"{url}: no bucket name in gs:// URL")
     if not _BUCKET.fullmatch(bucket) or ".." in bucket:
@@ -81,8 +89,10 @@ def _require_client_library(url: str) -> None:
     except ImportError:  # no google namespace package at all
         found = False
     if not found:
-        raise UserError(f"{url}: gs:// needs the google-cloud-storage package (pip install google-cloud-storage), "
-                        f"or use a local folder")
+        raise UserError(
+            f"{url}: gs:// needs the google-cloud-storage package (pip install google-cloud-storage), "
+            f"or use a local folder"
+        )
 
 
 def check_location(url: str, flag: str) -> str:
@@ -100,8 +110,12 @@ def check_location(url: str, flag: str) -> str:
 def child(base: str, name: Any, pattern: re.Pattern, source: str) -> str:
     """``base/name`` for a ``name`` read from a file (``source``): it must be a relative name of
     the form this project writes (``pattern``), so it cannot leave ``base``."""
-    if (not isinstance(name, str) or not pattern.fullmatch(name) or "\0" in name
-            or any(part in ("", ".", "..") for part in name.split("/"))):
+    if (
+        not isinstance(name, str)
+        or not pattern.fullmatch(name)
+        or "\0" in name
+        or any(part in ("", ".", "..") for part in name.split("/"))
+    ):
         raise UserError(f"{source}: {str(name)[:80]!r} is not a name this project writes; refusing to use it")
     return join(base, name)
 
@@ -267,8 +281,12 @@ class _ObjectStream(io.RawIOBase):
 
             # the client's own authorised session: credentials and token refresh as for its calls
             headers = {"Range": f"bytes={self.position}-"} if self.position else {}
-            response = client()._http.get(self.link, headers={**headers, "Accept-Encoding": "identity"},
-                                          stream=True, timeout=(GCS_DEADLINE, GCS_DEADLINE))
+            response = client()._http.get(
+                self.link,
+                headers={**headers, "Accept-Encoding": "identity"},
+                stream=True,
+                timeout=(GCS_DEADLINE, GCS_DEADLINE),
+            )
             if response.status_code != (206 if self.position else 200):
                 response.close()
                 if response.status_code == 404 and self.position:
@@ -287,7 +305,7 @@ class _ObjectStream(io.RawIOBase):
             return 0
         with _gcs_errors(self.url):
             data = _retry()(self._read_some, on_error=self._drop)(want)
-        buffer[:len(data)] = data
+        buffer[: len(data)] = data
         self.position += len(data)
         return len(data)
 
@@ -316,8 +334,9 @@ def open_read(url: str) -> IO[bytes]:
                 raise FileNotFoundError(url) from None
             if blob.content_encoding:  # stored compressed: GCS may transcode, sizes and ranges differ
                 return blob.open("rb", chunk_size=GCS_CHUNK, **_bounded())
-            return io.BufferedReader(_ObjectStream(url, _pinned(blob.media_link, blob.generation), blob.size),
-                                     READ_BUFFER)
+            return io.BufferedReader(
+                _ObjectStream(url, _pinned(blob.media_link, blob.generation), blob.size), READ_BUFFER
+            )
     fd = os.open(url, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)  # a FIFO opens without waiting
     if not stat.S_ISREG(os.fstat(fd).st_mode):
         os.close(fd)
@@ -406,7 +425,7 @@ def list_files(url: str) -> list[str]:
         bucket, prefix = split_gcs(url)
         prefix = prefix + "/" if prefix else ""
         with _gcs_errors(url):
-            return sorted(b.name[len(prefix):] for b in client().list_blobs(bucket, prefix=prefix, **_bounded()))
+            return sorted(b.name[len(prefix) :] for b in client().list_blobs(bucket, prefix=prefix, **_bounded()))
     if not os.path.isdir(url):
         return []
     names = []
@@ -475,8 +494,10 @@ def _gcs_errors(url: str) -> Iterator[None]:
         yield
     except (exceptions.RetryError, requests.ConnectionError, requests.Timeout) as exc:
         where = os.environ.get("STORAGE_EMULATOR_HOST") or "Google Cloud Storage"
-        raise StorageUnreachable(f"{url}: cannot reach {where} (gave up after {time.monotonic() - started:.0f} s; "
-                                 f"PYACT_GCS_TIMEOUT={GCS_DEADLINE:g} sets how long): {_first_line(exc)}") from None
+        raise StorageUnreachable(
+            f"{url}: cannot reach {where} (gave up after {time.monotonic() - started:.0f} s; "
+            f"PYACT_GCS_TIMEOUT={GCS_DEADLINE:g} sets how long): {_first_line(exc)}"
+        ) from None
     except exceptions.NotFound as exc:
         raise UserError(f"{url}: not found ({_first_line(exc)})") from None
     except exceptions.Forbidden as exc:

@@ -25,8 +25,7 @@ from ..data.shards import MANIFEST, clip_shape, data_shape, read_manifest, split
 from ..training.devices import check_device, chosen_device, make_backend
 
 
-def evaluate_checkpoint(config: EvaluateConfig, progress: bool = True,
-                        print_fn: Callable[[str], None] = print) -> dict:
+def evaluate_checkpoint(config: EvaluateConfig, progress: bool = True, print_fn: Callable[[str], None] = print) -> dict:
     """``pyact evaluate``: score a checkpoint on one split with the training's ``evaluate()``
     (one replica, XLA or eager CPU) and write metrics.json, per_class.txt,
     confusion_matrix.png and predictions.json to ``config.out``; returns the metrics."""
@@ -35,11 +34,16 @@ def evaluate_checkpoint(config: EvaluateConfig, progress: bool = True,
     manifest = read_manifest(config.data)
     split_shards(config.data, manifest, config.split)
     if not manifest["splits"][config.split]["count"]:
-        raise UserError(f"{storage.join(config.data, MANIFEST)}: the {config.split} split has no windows to score; "
-                        f"choose another --split")
+        raise UserError(
+            f"{storage.join(config.data, MANIFEST)}: the {config.split} split has no windows to score; "
+            f"choose another --split"
+        )
     shape = clip_shape(manifest)
-    check_memory(config.batch_size * math.prod(shape) * (1 + 4),  # the batch as read (uint8) and as input (float32)
-                 f"--batch-size {config.batch_size} (windows of {'x'.join(map(str, shape))})", "lower --batch-size")
+    check_memory(
+        config.batch_size * math.prod(shape) * (1 + 4),  # the batch as read (uint8) and as input (float32)
+        f"--batch-size {config.batch_size} (windows of {'x'.join(map(str, shape))})",
+        "lower --batch-size",
+    )
     created = not storage.is_gcs(config.out) and not os.path.exists(config.out)
     storage.check_writable(config.out)
     try:
@@ -49,18 +53,23 @@ def evaluate_checkpoint(config: EvaluateConfig, progress: bool = True,
         raise
 
 
-def _score(config: EvaluateConfig, manifest: dict, created: bool, progress: bool,
-           print_fn: Callable[[str], None]) -> dict:
+def _score(
+    config: EvaluateConfig, manifest: dict, created: bool, progress: bool, print_fn: Callable[[str], None]
+) -> dict:
     state, url = load_checkpoint(config.checkpoint, log=print_fn)
     classes = manifest["classes"]
     if list(state["classes"]) != classes and sorted(state["classes"]) == sorted(classes):
-        print_fn("note: the checkpoint lists the classes in another order; its outputs are reordered "
-                 "to the manifest's")
+        print_fn("note: the checkpoint lists the classes in another order; its outputs are reordered to the manifest's")
         state = {**state, "model": reorder_outputs(state["model"], list(state["classes"]), classes), "classes": classes}
     check_compatible(state, classes, data_shape(manifest), what="score this data with it")
     try:
-        model = build_model(state["config"].get("model"), len(manifest["channels"]), manifest["seq_len"],
-                            manifest["image_size"], len(classes))
+        model = build_model(
+            state["config"].get("model"),
+            len(manifest["channels"]),
+            manifest["seq_len"],
+            manifest["image_size"],
+            len(classes),
+        )
     except ValueError as exc:
         raise UserError(f"{url}: {exc}") from None
     try:
@@ -78,15 +87,20 @@ def _score(config: EvaluateConfig, manifest: dict, created: bool, progress: bool
     result = evaluate(model, on_device(host, backend), backend, len(classes), keep_outputs=True)
     bar.close()
     if len(metas) != len(result["labels"]) or result["windows"] != windows:
-        raise UserError(f"{config.data}: scored {result['windows']} windows of the {config.split} split, its manifest "
-                        f"lists {windows}; check the shards with pyact inspect")
+        raise UserError(
+            f"{config.data}: scored {result['windows']} windows of the {config.split} split, its manifest "
+            f"lists {windows}; check the shards with pyact inspect"
+        )
     scores = metrics.score(result["labels"], result["probabilities"], classes)
     scores.update(loss=result["loss"], split=config.split, checkpoint=url, step=state.get("step"))
     rows = metrics.prediction_rows(metas, result["labels"], result["probabilities"], classes, manifest["modality"])
     table = metrics.format_table(scores)
-    files = {"metrics.json": storage.json_bytes(scores), "per_class.txt": table.encode(),
-             "confusion_matrix.png": metrics.confusion_png(scores["confusion"], classes),
-             "predictions.json": storage.json_bytes(rows)}
+    files = {
+        "metrics.json": storage.json_bytes(scores),
+        "per_class.txt": table.encode(),
+        "confusion_matrix.png": metrics.confusion_png(scores["confusion"], classes),
+        "predictions.json": storage.json_bytes(rows),
+    }
     with staging(config.out, "evaluate", created) as folder:
         publish(config.out, files, {}, folder)
     print_fn(table + f"outputs in {config.out}: {', '.join(files)}")

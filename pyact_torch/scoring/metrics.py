@@ -25,7 +25,8 @@ def score(truth: np.ndarray, probabilities: np.ndarray, classes: list[str]) -> d
     present = sorted(set(truth.tolist()))
     predicted = probabilities.argmax(axis=1)
     precision, recall, f1, support = skm.precision_recall_fscore_support(
-        truth, predicted, labels=every, zero_division=0)
+        truth, predicted, labels=every, zero_division=0
+    )
     confusion = skm.confusion_matrix(truth, predicted, labels=every)
     k = min(3, len(classes) - 1)
     top3 = skm.top_k_accuracy_score(truth, probabilities, k=k, labels=every) if k >= 1 else 1.0
@@ -36,8 +37,16 @@ def score(truth: np.ndarray, probabilities: np.ndarray, classes: list[str]) -> d
         "macro_f1": float(skm.f1_score(truth, predicted, labels=present, average="macro", zero_division=0)),
         "mean_class_accuracy": float(np.mean([recall[i] for i in present])),
         "top3_accuracy": float(top3),
-        "per_class": [{"class": name, "precision": float(precision[i]), "recall": float(recall[i]),
-                       "f1": float(f1[i]), "support": int(support[i])} for i, name in enumerate(classes)],
+        "per_class": [
+            {
+                "class": name,
+                "precision": float(precision[i]),
+                "recall": float(recall[i]),
+                "f1": float(f1[i]),
+                "support": int(support[i]),
+            }
+            for i, name in enumerate(classes)
+        ],
         "classes": list(classes),
         "confusion": confusion.tolist(),
     }
@@ -49,8 +58,10 @@ def format_table(result: dict) -> str:
     width = max(len(name) for name in ("class", *summary, *(row["class"] for row in result["per_class"])))
     lines = [f"{'class':<{width}}  precision  recall     f1  support"]
     for row in result["per_class"]:
-        lines.append(f"{row['class']:<{width}}  {row['precision']:9.3f}  {row['recall']:6.3f}  "
-                     f"{row['f1']:5.3f}  {row['support']:7d}")
+        lines.append(
+            f"{row['class']:<{width}}  {row['precision']:9.3f}  {row['recall']:6.3f}  "
+            f"{row['f1']:5.3f}  {row['support']:7d}"
+        )
     lines.append("")
     for name in summary:
         lines.append(f"{name:<{width}}  {result[name]:9.4f}")
@@ -77,23 +88,31 @@ def confusion_png(confusion: list[list[int]], classes: list[str]) -> bytes:
         for column in range(counts.shape[1]):
             if counts[row, column]:
                 colour = "white" if normalised[row, column] > 0.5 else "black"
-                axis.text(column, row, str(counts[row, column]), ha="center", va="center", fontsize=7,
-                          color=colour)
+                axis.text(column, row, str(counts[row, column]), ha="center", va="center", fontsize=7, color=colour)
     axis.set_title("confusion matrix (rows normalised, cells are counts)")
     figure.tight_layout()
     return figure_png(figure)
 
 
-def prediction_rows(metas: list[dict], truth: np.ndarray, probabilities: np.ndarray, classes: list[str],
-                    modality: str) -> list[dict]:
+def prediction_rows(
+    metas: list[dict], truth: np.ndarray, probabilities: np.ndarray, classes: list[str], modality: str
+) -> list[dict]:
     """One row per window (pyACT's ``video_sec`` rows, extended): first frame path, start,
     stop, truth, prediction and the predicted class's probability."""
     kind = "depth" if modality == "depth" else "color"
     rows = []
     for meta, label, probs in zip(metas, truth, probabilities):
         best = int(np.argmax(probs))
-        rows.append({"key": meta["key"], "path": f"{meta['path']}/{kind}_{meta['start']}.png",
-                     "sequence": meta["path"], "start": meta["start"], "stop": meta["stop"],
-                     "truth": classes[int(label)], "prediction": classes[best],
-                     "probability": round(float(probs[best]), 6)})
+        rows.append(
+            {
+                "key": meta["key"],
+                "path": f"{meta['path']}/{kind}_{meta['start']}.png",
+                "sequence": meta["path"],
+                "start": meta["start"],
+                "stop": meta["stop"],
+                "truth": classes[int(label)],
+                "prediction": classes[best],
+                "probability": round(float(probs[best]), 6),
+            }
+        )
     return rows

@@ -23,8 +23,19 @@ from ..io.outputs import publish, remove_empty_up_to, staging, topmost_missing
 from ..io.resources import check_memory, duration
 from ..data.frames import FrameError, load_png
 from ..data.shards import clip_shape, load_npy, read_samples, split_shards, read_manifest
-from ..draw.panels import (GREY, SHEET_THUMB, VIDEO_SUFFIXES, WHITE, YELLOW, Panel, clip_frames, prediction_captions,
-                           sheet, to_display, write_video)
+from ..draw.panels import (
+    GREY,
+    SHEET_THUMB,
+    VIDEO_SUFFIXES,
+    WHITE,
+    YELLOW,
+    Panel,
+    clip_frames,
+    prediction_captions,
+    sheet,
+    to_display,
+    write_video,
+)
 
 # A predictions row's ``sequence`` is a folder of the raw dataset, ``<Split>/<subject>/<action>``:
 # data, never a path; ``path`` names the window's first frame file of one of the three kinds.
@@ -64,8 +75,11 @@ def read_predictions(path: str) -> list[dict]:
     except FileNotFoundError:
         raise UserError(f"{path}: no such file") from None
     needed = {"key": str, "path": str, "sequence": str, "start": int, "stop": int, "truth": str, "prediction": str}
-    if not isinstance(rows, list) or not rows or not all(
-            isinstance(r, dict) and all(isinstance(r.get(k), kind) for k, kind in needed.items()) for r in rows):
+    if (
+        not isinstance(rows, list)
+        or not rows
+        or not all(isinstance(r, dict) and all(isinstance(r.get(k), kind) for k, kind in needed.items()) for r in rows)
+    ):
         raise UserError(f"{path}: not a predictions file of pyact evaluate (rows need {', '.join(needed)})")
     for row in rows:
         if not 0 <= row["start"] <= row["stop"] < row["start"] + MAX_WINDOW:
@@ -82,8 +96,9 @@ class Shot:
     window: dict | None
 
 
-def video_frames(rows: list[dict], sequences: tuple[str, ...] = (), wrong: bool = False,
-                 max_windows: int = 0) -> tuple[list[Shot], list[dict]]:
+def video_frames(
+    rows: list[dict], sequences: tuple[str, ...] = (), wrong: bool = False, max_windows: int = 0
+) -> tuple[list[Shot], list[dict]]:
     """The frames the video shows, sequence by sequence (sorted by name), in frame order, each
     frame once: the frames of the chosen windows (those of sequences matching one of the
     ``sequences`` patterns, only the wrong ones with ``wrong``, the first ``max_windows``),
@@ -93,8 +108,10 @@ def video_frames(rows: list[dict], sequences: tuple[str, ...] = (), wrong: bool 
     if sequences:
         rows = [r for r in rows if any(fnmatch.fnmatchcase(r["sequence"], p) for p in sequences)]
         if not rows:
-            raise UserError(f"--sequences {' '.join(sequences)}: matches no sequence of the predictions "
-                            f"(names look like Test/<subject>/<action>; patterns take * and ?)")
+            raise UserError(
+                f"--sequences {' '.join(sequences)}: matches no sequence of the predictions "
+                f"(names look like Test/<subject>/<action>; patterns take * and ?)"
+            )
     ordered = sorted(rows, key=lambda r: (r["sequence"], r["stop"], r["start"]))
     chosen = [r for r in ordered if r["truth"] != r["prediction"]] if wrong else ordered
     if max_windows:
@@ -110,10 +127,17 @@ def video_frames(rows: list[dict], sequences: tuple[str, ...] = (), wrong: bool 
         else:
             merged.append([row["start"], row["stop"]])
     frames = sum(last - first + 1 for merged in spans.values() for first, last in merged)
-    check_memory(frames * 400, f"the plan of a video of {frames} frames",  # a Shot and its list slot
-                 "limit it with --sequences, --wrong or --max-windows")
-    shots = [Shot(sequence, frame, ending.get((sequence, frame)))
-             for sequence in sorted(spans) for first, last in spans[sequence] for frame in range(first, last + 1)]
+    check_memory(
+        frames * 400,
+        f"the plan of a video of {frames} frames",  # a Shot and its list slot
+        "limit it with --sequences, --wrong or --max-windows",
+    )
+    shots = [
+        Shot(sequence, frame, ending.get((sequence, frame)))
+        for sequence in sorted(spans)
+        for first, last in spans[sequence]
+        for frame in range(first, last + 1)
+    ]
     return shots, chosen
 
 
@@ -154,8 +178,11 @@ def shard_frames(samples: Iterable[dict], rows: list[dict], shots: list[Shot]) -
         row = by_key.get(sample["__key__"])
         if row is None:
             continue
-        wanted = [(i, (row["sequence"], f)) for i, f in enumerate(range(row["start"], row["stop"] + 1))
-                  if (row["sequence"], f) in needed and (row["sequence"], f) not in found]
+        wanted = [
+            (i, (row["sequence"], f))
+            for i, f in enumerate(range(row["start"], row["stop"] + 1))
+            if (row["sequence"], f) in needed and (row["sequence"], f) not in found
+        ]
         if wanted:
             clip = load_npy(sample["clip.npy"])
             for i, key in wanted:
@@ -176,8 +203,10 @@ def make_video(config: VideoConfig, progress: bool = True, print_fn: Callable[[s
         raise UserError(f"{config.out}: the video is written to a local path")
     suffix = os.path.splitext(config.out)[1].lower()
     if suffix not in VIDEO_SUFFIXES:
-        raise UserError(f"{config.out}: OpenCV writes videos as {', '.join(VIDEO_SUFFIXES)} (mp4 falls back to .avi "
-                        f"where its encoder is missing); give a name ending in one of them")
+        raise UserError(
+            f"{config.out}: OpenCV writes videos as {', '.join(VIDEO_SUFFIXES)} (mp4 falls back to .avi "
+            f"where its encoder is missing); give a name ending in one of them"
+        )
     folder = os.path.dirname(os.path.abspath(config.out))
     created = topmost_missing(folder)
     storage.check_output_file(config.out, "video")
@@ -188,8 +217,7 @@ def make_video(config: VideoConfig, progress: bool = True, print_fn: Callable[[s
         raise
 
 
-def _make_video(config: VideoConfig, folder: str, progress: bool,
-                print_fn: Callable[[str], None]) -> tuple[str, int]:
+def _make_video(config: VideoConfig, folder: str, progress: bool, print_fn: Callable[[str], None]) -> tuple[str, int]:
     from tqdm import tqdm
 
     rows = read_predictions(config.predictions)
@@ -198,9 +226,11 @@ def _make_video(config: VideoConfig, folder: str, progress: bool,
         raise UserError(f"{config.predictions}: no wrong window to show" if config.wrong else "no windows to show")
     picked = by_class(in_video, config.sheet_windows)
     frames = max((row["stop"] - row["start"] + 1 for row in picked), default=1)
-    check_memory(len(picked) * frames * 2 * 3 * (config.size + SHEET_THUMB) ** 2,
-                 f"a contact sheet of --sheet-windows {config.sheet_windows} at --size {config.size}",
-                 "lower --sheet-windows or --size")  # its frames (RGB) and their PNG encoding
+    check_memory(
+        len(picked) * frames * 2 * 3 * (config.size + SHEET_THUMB) ** 2,
+        f"a contact sheet of --sheet-windows {config.sheet_windows} at --size {config.size}",
+        "lower --sheet-windows or --size",
+    )  # its frames (RGB) and their PNG encoding
     if config.src:
         if not os.path.isdir(config.src):
             raise UserError(f"--src {config.src}: no such folder")
@@ -208,14 +238,18 @@ def _make_video(config: VideoConfig, folder: str, progress: bool,
         frame_of = lambda shot: source_frame(config.src, shot, kinds[shot.sequence], config.size, config.predictions)
     elif config.data:
         manifest = read_manifest(config.data)
-        check_memory(len(shots) * math.prod(clip_shape(manifest)[1:]),
-                     f"the {len(shots)} frames of the video, as stored in the shards", "limit the video with "
-                     "--sequences, --wrong or --max-windows, or give --src")
+        check_memory(
+            len(shots) * math.prod(clip_shape(manifest)[1:]),
+            f"the {len(shots)} frames of the video, as stored in the shards",
+            "limit the video with --sequences, --wrong or --max-windows, or give --src",
+        )
         stored = shard_frames(_split_samples(config.data, config.split), rows, shots)
         missing = sorted({shot.sequence for shot in shots if (shot.sequence, shot.frame) not in stored})
         if missing:
-            raise UserError(f"{config.data} ({config.split} split) lacks frames of {len(missing)} sequence(s) of "
-                            f"{config.predictions}, e.g. {missing[0][:120]}: were they scored on these shards?")
+            raise UserError(
+                f"{config.data} ({config.split} split) lacks frames of {len(missing)} sequence(s) of "
+                f"{config.predictions}, e.g. {missing[0][:120]}: were they scored on these shards?"
+            )
         frame_of = lambda shot: _display(stored[(shot.sequence, shot.frame)], config.size)
     else:
         raise UserError("give --src (the raw dataset) or --data (the shards) to take the frames from")
@@ -234,9 +268,17 @@ def _make_video(config: VideoConfig, folder: str, progress: bool,
     with staging(folder, "video", False) as stage:  # the video and its sheet replace the earlier ones together
         staged, count = write_video(panels(), os.path.join(stage, os.path.basename(config.out)), config.fps)
         bar.close()
-        sheet_rows = [Panel([cache[(row["sequence"], f)] for f in range(row["start"], row["stop"] + 1)],
-                            [(row["sequence"], WHITE), (f"frames {row['start']}-{row['stop']}", WHITE),
-                             *prediction_captions(row["truth"], row["prediction"])]) for row in picked]
+        sheet_rows = [
+            Panel(
+                [cache[(row["sequence"], f)] for f in range(row["start"], row["stop"] + 1)],
+                [
+                    (row["sequence"], WHITE),
+                    (f"frames {row['start']}-{row['stop']}", WHITE),
+                    *prediction_captions(row["truth"], row["prediction"]),
+                ],
+            )
+            for row in picked
+        ]
         right = sum(row["truth"] == row["prediction"] for row in in_video)
         name = os.path.basename(staged)  # .avi where OpenCV cannot write mp4
         sheet_name = os.path.splitext(name)[0] + "-sheet.png"
@@ -244,8 +286,10 @@ def _make_video(config: VideoConfig, folder: str, progress: bool,
         publish(folder, {sheet_name: sheet(sheet_rows, title)}, {name: staged}, stage)
     path, sheet_path = os.path.join(folder, name), os.path.join(folder, sheet_name)
     sequences = len({shot.sequence for shot in shots})
-    print_fn(f"wrote {path}: {count} frames of {sequences} sequence{'s' if sequences > 1 else ''} "
-             f"({len(in_video)} windows), {duration(count / config.fps)} at {config.fps:g} fps; and {sheet_path}")
+    print_fn(
+        f"wrote {path}: {count} frames of {sequences} sequence{'s' if sequences > 1 else ''} "
+        f"({len(in_video)} windows), {duration(count / config.fps)} at {config.fps:g} fps; and {sheet_path}"
+    )
     return path, count
 
 

@@ -55,8 +55,9 @@ class _Job:
 class CheckpointWriter:
     """Background checkpoint uploads for one run directory (used by the master replica)."""
 
-    def __init__(self, run_dir: str, keep: int = 3, log: Callable[[str], None] = print,
-                 retries: int = 8, backoff: float = 1.0):
+    def __init__(
+        self, run_dir: str, keep: int = 3, log: Callable[[str], None] = print, retries: int = 8, backoff: float = 1.0
+    ):
         self.run_dir, self.keep, self.log = run_dir, keep, log
         self.retries, self.backoff = retries, backoff
         self.history: list[dict] = []
@@ -134,11 +135,16 @@ class CheckpointWriter:
                 if attempt == self.retries:
                     raise RuntimeError(f"{url}: upload failed {self.retries + 1} times ({exc})") from exc
             if attempt < self.retries:
-                delay = min(30.0, self.backoff * 2 ** attempt)
+                delay = min(30.0, self.backoff * 2**attempt)
                 self.log(f"checkpoint upload of {job.name} failed; retrying in {delay:.0f} s")
                 time.sleep(delay)
-        record = {"name": job.name, "size": hashing.size, "sha256": hashing.digest.hexdigest(),
-                  "step": job.step, "epoch": job.epoch}
+        record = {
+            "name": job.name,
+            "size": hashing.size,
+            "sha256": hashing.digest.hexdigest(),
+            "step": job.step,
+            "epoch": job.epoch,
+        }
         if job.name == FINAL:
             storage.write_json(storage.join(self.run_dir, FINAL_POINTER), record)
             return
@@ -146,7 +152,7 @@ class CheckpointWriter:
         if job.best:
             self.best = record
             storage.write_json(storage.join(self.run_dir, BEST), record)
-        keep = {h["name"] for h in self.history[-self.keep:]} | ({self.best["name"]} if self.best else set())
+        keep = {h["name"] for h in self.history[-self.keep :]} | ({self.best["name"]} if self.best else set())
         expired = [h for h in self.history if h["name"] not in keep]
         self.history = [h for h in self.history if h["name"] in keep]
         # publish first, delete after: a pointer never names a deleted object
@@ -160,15 +166,29 @@ def make_checkpoint(model: dict, config: dict, classes: list[str], data_shape: d
     """The one checkpoint dict, for training and conversion alike: the weights, the settings
     that built them (at least ``model``, the preset), the class order and clip shape they
     expect; training adds its own state (``optimizer``, ``step``, ...) through ``extra``."""
-    return {"format": CHECKPOINT_FORMAT, "model": model, "config": config, "classes": list(classes),
-            "data_shape": dict(data_shape), "step": 0, "epoch": 0, "metrics": "[]", **extra}
+    return {
+        "format": CHECKPOINT_FORMAT,
+        "model": model,
+        "config": config,
+        "classes": list(classes),
+        "data_shape": dict(data_shape),
+        "step": 0,
+        "epoch": 0,
+        "metrics": "[]",
+        **extra,
+    }
 
 
 def _valid_record(record: Any) -> bool:
-    return (isinstance(record, dict) and isinstance(record.get("name"), str)
-            and OBJECT_NAME.fullmatch(record["name"]) is not None
-            and isinstance(record.get("size"), int) and record["size"] > 0
-            and isinstance(record.get("sha256"), str) and re.fullmatch(r"[0-9a-f]{64}", record["sha256"]) is not None)
+    return (
+        isinstance(record, dict)
+        and isinstance(record.get("name"), str)
+        and OBJECT_NAME.fullmatch(record["name"]) is not None
+        and isinstance(record.get("size"), int)
+        and record["size"] > 0
+        and isinstance(record.get("sha256"), str)
+        and re.fullmatch(r"[0-9a-f]{64}", record["sha256"]) is not None
+    )
 
 
 def read_pointer(run_dir: str, name: str) -> dict:
@@ -179,8 +199,10 @@ def read_pointer(run_dir: str, name: str) -> dict:
         raise FileNotFoundError(url)
     record = storage.read_json(url, POINTER_LIMIT)
     if not _valid_record(record):
-        raise UserError(f"{url}: not a checkpoint pointer of ours (it must name ckpt-<step>.pt or final.pt "
-                        f"with its size and sha256)")
+        raise UserError(
+            f"{url}: not a checkpoint pointer of ours (it must name ckpt-<step>.pt or final.pt "
+            f"with its size and sha256)"
+        )
     return record
 
 
@@ -195,12 +217,25 @@ def load_object(url: str, record: dict | None = None) -> dict:
         data = storage.read_bytes(url)
     try:
         state = torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, zipfile.BadZipFile, KeyError,
-            AttributeError, TypeError) as exc:
+    except (
+        pickle.UnpicklingError,
+        RuntimeError,
+        EOFError,
+        ValueError,
+        zipfile.BadZipFile,
+        KeyError,
+        AttributeError,
+        TypeError,
+    ) as exc:
         reason = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
         raise UserError(f"{url}: not a pyact-torch checkpoint ({reason})") from None
-    if (not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT or not isinstance(state.get("model"), dict)
-            or not isinstance(state.get("classes"), list) or not isinstance(state.get("config"), dict)):
+    if (
+        not isinstance(state, dict)
+        or state.get("format") != CHECKPOINT_FORMAT
+        or not isinstance(state.get("model"), dict)
+        or not isinstance(state.get("classes"), list)
+        or not isinstance(state.get("config"), dict)
+    ):
         raise UserError(f"{url}: not a {CHECKPOINT_FORMAT} checkpoint (format, model, classes or config missing)")
     return state
 
@@ -232,8 +267,9 @@ def _candidates(run_dir: str, pointers: tuple[str, ...], log: Callable[[str], No
     return found + [(name, None) for name in _scan(run_dir) if name not in listed]
 
 
-def _first_loadable(run_dir: str, candidates: list[tuple[str, dict | None]],
-                    log: Callable[[str], None]) -> tuple[dict, str] | None:
+def _first_loadable(
+    run_dir: str, candidates: list[tuple[str, dict | None]], log: Callable[[str], None]
+) -> tuple[dict, str] | None:
     for position, (name, record) in enumerate(candidates):
         url = storage.join(run_dir, name)
         try:
@@ -257,8 +293,10 @@ def load_checkpoint(url: str, log: Callable[[str], None] = print) -> tuple[dict,
         return load_object(url), url
     found = _first_loadable(url, _candidates(url, (BEST, FINAL_POINTER, LATEST), log), log)
     if found is None:
-        raise UserError(f"{url}: neither a checkpoint nor a run directory with an intact checkpoint "
-                        f"(best.json, final.json, latest.json)")
+        raise UserError(
+            f"{url}: neither a checkpoint nor a run directory with an intact checkpoint "
+            f"(best.json, final.json, latest.json)"
+        )
     return found
 
 
@@ -289,42 +327,69 @@ def check_resumable(state: dict, url: str, config: dict, replicas: int, data: st
     buffer, loader count, replica count): the saved position in the epoch would name others."""
     missing = [key for key in TRAINING_KEYS if key not in state]
     if missing:
-        raise UserError(f"{url}: holds weights but no training state ({', '.join(missing[:3])} missing); "
-                        f"it can be scored with pyact evaluate, not resumed")
+        raise UserError(
+            f"{url}: holds weights but no training state ({', '.join(missing[:3])} missing); "
+            f"it can be scored with pyact evaluate, not resumed"
+        )
     if data is not None and state.get("data_fingerprint") not in (None, data):
-        raise UserError(f"{url}: was trained on other data than --data {config['data']} (other shards, windows "
-                        f"or classes); resume with the data it was trained on, or start over with --resume none")
+        raise UserError(
+            f"{url}: was trained on other data than --data {config['data']} (other shards, windows "
+            f"or classes); resume with the data it was trained on, or start over with --resume none"
+        )
     saved = {**LATER_SETTINGS, **state["config"]}  # a checkpoint from before a setting ran with its default
-    for key, flag in (("model", "--model"), ("batch_size", "--batch-size"), ("seed", "--seed"),
-                      ("shuffle_buffer", "--shuffle-buffer"), ("workers", "--workers"),
-                      ("parallel", "--parallel"), ("sync_bn", "--sync-bn"), ("augment", "--augment"),
-                      ("dropout", "--dropout"), ("weight_decay", "--weight-decay")):
+    for key, flag in (
+        ("model", "--model"),
+        ("batch_size", "--batch-size"),
+        ("seed", "--seed"),
+        ("shuffle_buffer", "--shuffle-buffer"),
+        ("workers", "--workers"),
+        ("parallel", "--parallel"),
+        ("sync_bn", "--sync-bn"),
+        ("augment", "--augment"),
+        ("dropout", "--dropout"),
+        ("weight_decay", "--weight-decay"),
+    ):
         if key in saved and key in config and saved[key] != config[key]:
-            raise UserError(f"{url}: was trained with {flag} {saved[key]}, this run has {flag} {config[key]}; "
-                            f"resume with the same {flag}, or start over with --resume none")
+            raise UserError(
+                f"{url}: was trained with {flag} {saved[key]}, this run has {flag} {config[key]}; "
+                f"resume with the same {flag}, or start over with --resume none"
+            )
     if "replicas" in state and state["replicas"] != replicas:
-        raise UserError(f"{url}: was trained on {state['replicas']} replicas, this run has {replicas}; "
-                        f"the position in the epoch would name other windows (use --resume none)")
+        raise UserError(
+            f"{url}: was trained on {state['replicas']} replicas, this run has {replicas}; "
+            f"the position in the epoch would name other windows (use --resume none)"
+        )
 
 
-def check_compatible(state: dict, classes: list[str], data_shape: dict,
-                     what: str = "resume (use another --run-dir or --resume none)") -> None:
+def check_compatible(
+    state: dict, classes: list[str], data_shape: dict, what: str = "resume (use another --run-dir or --resume none)"
+) -> None:
     """Refuse to use a checkpoint whose classes or clip shape differ from the data's."""
     if list(state["classes"]) != list(classes):
         mine, theirs = list(state["classes"]), list(classes)
-        parts = [f"only the checkpoint has {', '.join(c for c in mine if c not in theirs)[:300]}"
-                 if set(mine) - set(theirs) else "",
-                 f"only the data has {', '.join(c for c in theirs if c not in mine)[:300]}"
-                 if set(theirs) - set(mine) else ""]
+        parts = [
+            f"only the checkpoint has {', '.join(c for c in mine if c not in theirs)[:300]}"
+            if set(mine) - set(theirs)
+            else "",
+            f"only the data has {', '.join(c for c in theirs if c not in mine)[:300]}"
+            if set(theirs) - set(mine)
+            else "",
+        ]
         differ = "; ".join(p for p in parts if p) or "the same names in another order"
         raise UserError(f"the data's classes differ from the checkpoint's ({differ}); cannot {what}")
     saved = state.get("data_shape")
     if saved is not None and dict(saved) != dict(data_shape):
         flags = {"image_size": "--image-size", "seq_len": "--seq-len", "modality": "--modality"}
-        differ = [f"{flags[key]} {saved[key]} (this data: {data_shape.get(key)})" for key in flags
-                  if key in saved and saved[key] != data_shape.get(key)]
+        differ = [
+            f"{flags[key]} {saved[key]} (this data: {data_shape.get(key)})"
+            for key in flags
+            if key in saved and saved[key] != data_shape.get(key)
+        ]
         if differ:
-            raise UserError(f"the checkpoint was trained on data made with {', '.join(differ)}; cannot {what}: "
-                            f"preprocess with {', '.join(d.split(' (')[0] for d in differ)} to match")
-        raise UserError(f"the data's clip shape {data_shape} differs from the checkpoint's {dict(saved)}; "
-                        f"cannot {what}")
+            raise UserError(
+                f"the checkpoint was trained on data made with {', '.join(differ)}; cannot {what}: "
+                f"preprocess with {', '.join(d.split(' (')[0] for d in differ)} to match"
+            )
+        raise UserError(
+            f"the data's clip shape {data_shape} differs from the checkpoint's {dict(saved)}; cannot {what}"
+        )

@@ -168,8 +168,10 @@ def _check_cuda() -> None:
     from ..errors import UserError
 
     if not torch.cuda.is_available():
-        raise UserError("--device cuda: this machine has no usable GPU (torch.cuda.is_available() is False"
-                        f"{'' if torch.version.cuda else '; this torch is a CPU-only build'}); use --device cpu")
+        raise UserError(
+            "--device cuda: this machine has no usable GPU (torch.cuda.is_available() is False"
+            f"{'' if torch.version.cuda else '; this torch is a CPU-only build'}); use --device cpu"
+        )
 
 
 def cuda_device(index: int) -> torch.device:
@@ -178,8 +180,10 @@ def cuda_device(index: int) -> torch.device:
 
     _check_cuda()
     if index >= torch.cuda.device_count():
-        raise UserError(f"--device cuda: this process is local rank {index} but the machine has "
-                        f"{torch.cuda.device_count()} GPUs; start at most that many processes per machine")
+        raise UserError(
+            f"--device cuda: this process is local rank {index} but the machine has "
+            f"{torch.cuda.device_count()} GPUs; start at most that many processes per machine"
+        )
     torch.cuda.set_device(index)
     return torch.device("cuda", index)
 
@@ -236,8 +240,11 @@ def _on_sigint(signum: int, frame: Any) -> None:
     from ..errors import local_rank
 
     if not local_rank() and not in_xmp_replica():  # one line per machine
-        print("stopping after this step, with a checkpoint (Ctrl-C again to abandon the step)",
-              file=sys.stderr, flush=True)
+        print(
+            "stopping after this step, with a checkpoint (Ctrl-C again to abandon the step)",
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 def preempted() -> bool:
@@ -258,8 +265,10 @@ def watch_sigterm() -> dict:
     _INTERRUPTED.clear()
     if threading.current_thread() is not threading.main_thread():
         return {}
-    return {signal.SIGTERM: signal.signal(signal.SIGTERM, _on_sigterm),
-            signal.SIGINT: signal.signal(signal.SIGINT, _on_sigint)}
+    return {
+        signal.SIGTERM: signal.signal(signal.SIGTERM, _on_sigterm),
+        signal.SIGINT: signal.signal(signal.SIGINT, _on_sigint),
+    }
 
 
 def restore_handlers(previous: dict) -> None:

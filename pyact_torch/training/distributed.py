@@ -28,8 +28,11 @@ from ..errors import ExplainedElsewhere, ReplicaError, UserError, launch_rank
 from ..io.processes import PARENT_AT_START, die_with_parent
 
 # gloo reports a lost peer or a timeout as a plain RuntimeError (NCCL's are DistErrors)
-_LOST_PEER = re.compile(r"gloo/transport|connection (reset|closed) by peer|wait timeout after|"
-                        r"Timed out waiting", re.IGNORECASE)
+_LOST_PEER = re.compile(
+    r"gloo/transport|connection (reset|closed) by peer|wait timeout after|"
+    r"Timed out waiting",
+    re.IGNORECASE,
+)
 
 
 class DistBackend(Backend):
@@ -46,14 +49,17 @@ class DistBackend(Backend):
             _check_gpu_count(int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
         self.device = cuda_device(local_rank) if device == "cuda" else torch.device("cpu")
         if not dist.is_initialized():
-            dist.init_process_group("nccl" if device == "cuda" else "gloo",
-                                    timeout=datetime.timedelta(seconds=timeout),
-                                    device_id=self.device if device == "cuda" else None)
+            dist.init_process_group(
+                "nccl" if device == "cuda" else "gloo",
+                timeout=datetime.timedelta(seconds=timeout),
+                device_id=self.device if device == "cuda" else None,
+            )
         # only now: a worker still joining the group must die of torchrun's SIGTERM, not wait on
         watch_sigterm()
         # stop votes travel on the CPU: a GPU tensor would make every step wait for the GPU
-        self._votes = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=timeout)) \
-            if device == "cuda" else None
+        self._votes = (
+            dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=timeout)) if device == "cuda" else None
+        )
 
     @property
     def rank(self) -> int:
@@ -93,8 +99,10 @@ def _check_gpu_count(processes: int) -> None:
     """One GPU per process: more processes than GPUs is refused by every rank alike (before
     the process group, which would otherwise wait for the rank that failed)."""
     if torch.cuda.is_available() and processes > torch.cuda.device_count():
-        error = UserError(f"torchrun starts {processes} processes on this machine but it has "
-                          f"{torch.cuda.device_count()} GPUs: use --nproc_per_node {torch.cuda.device_count()}")
+        error = UserError(
+            f"torchrun starts {processes} processes on this machine but it has "
+            f"{torch.cuda.device_count()} GPUs: use --nproc_per_node {torch.cuda.device_count()}"
+        )
         error.every_rank = True  # type: ignore[attr-defined]
         raise error
 
@@ -116,7 +124,8 @@ def run_replica(fn: Callable[..., Any], args: tuple) -> None:
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         if not (isinstance(exc, dist.DistError) or _LOST_PEER.search(message)):
             raise
-        raise ReplicaError(f"rank {launch_rank()}: lost contact with another replica ({message[:200]}); "
-                           f"it died or stopped answering within --collective-timeout. Every checkpoint "
-                           f"published so far is intact: run the same command again to resume") from None
-
+        raise ReplicaError(
+            f"rank {launch_rank()}: lost contact with another replica ({message[:200]}); "
+            f"it died or stopped answering within --collective-timeout. Every checkpoint "
+            f"published so far is intact: run the same command again to resume"
+        ) from None

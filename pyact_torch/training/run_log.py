@@ -25,8 +25,9 @@ class RunLog:
     ETA); elsewhere only lines are printed. A loss line is printed every ``log_every`` steps
     and at the last step of every epoch."""
 
-    def __init__(self, run_dir: str, rows: list[dict], steps: list[int], global_batch: int, master: bool,
-                 bar: bool | None = None):
+    def __init__(
+        self, run_dir: str, rows: list[dict], steps: list[int], global_batch: int, master: bool, bar: bool | None = None
+    ):
         self.run_dir, self.rows, self.steps, self.global_batch, self.master = run_dir, rows, steps, global_batch, master
         self.show_bar = sys.stderr.isatty() if bar is None else bar
         self.bar: tqdm | None = None
@@ -55,9 +56,15 @@ class RunLog:
             return
         self.last_time, self.last_step = time.perf_counter(), step  # a rate without the validation
         if self.show_bar:
-            self.bar = tqdm(total=self.steps[epoch] * self.global_batch, initial=done * self.global_batch,
-                            unit="window", desc=f"epoch {epoch + 1}/{self.epochs}", leave=False,
-                            dynamic_ncols=True, file=sys.stderr)
+            self.bar = tqdm(
+                total=self.steps[epoch] * self.global_batch,
+                initial=done * self.global_batch,
+                unit="window",
+                desc=f"epoch {epoch + 1}/{self.epochs}",
+                leave=False,
+                dynamic_ncols=True,
+                file=sys.stderr,
+            )
 
     def advance(self) -> None:
         """One step dispatched (on XLA it may still be running: the bar counts what is queued)."""
@@ -73,13 +80,22 @@ class RunLog:
             self.step_seconds = (now - self.last_time) / (step - self.last_step)
         rate = self.global_batch / max(self.step_seconds, 1e-9)
         self.last_time, self.last_step = now, step
-        row = {"kind": "train", "step": step, "epoch": epoch + 1, "loss": round(float(loss.cpu()), 6),
-               "lr": lr, "windows_per_s": round(rate, 1), "time": round(time.time(), 3)}
+        row = {
+            "kind": "train",
+            "step": step,
+            "epoch": epoch + 1,
+            "loss": round(float(loss.cpu()), 6),
+            "lr": lr,
+            "windows_per_s": round(rate, 1),
+            "time": round(time.time(), 3),
+        }
         self.rows.append(row)
         if self.bar is not None:
             self.bar.set_postfix(loss=f"{row['loss']:.4f}", refresh=False)
-        self._print(f"step {step:>7}  epoch {epoch + 1}/{self.epochs}  loss {row['loss']:.4f}  lr {lr:.3g}  "
-                    f"{rate:8.1f} windows/s")
+        self._print(
+            f"step {step:>7}  epoch {epoch + 1}/{self.epochs}  loss {row['loss']:.4f}  lr {lr:.3g}  "
+            f"{rate:8.1f} windows/s"
+        )
 
     def epoch_end(self, epoch: int, step: int, result: dict | None) -> None:
         """Epoch ``epoch`` (0-based) is trained and validated: its line, with the run's ETA."""
@@ -88,12 +104,18 @@ class RunLog:
         self.stop()
         line = f"epoch {epoch + 1}/{self.epochs} done at step {step}"
         if result is not None:
-            row = {"kind": "eval", "step": step, "epoch": epoch + 1, "loss": round(result["loss"], 6),
-                   "accuracy": round(result["accuracy"], 6), "windows": result["windows"],
-                   "time": round(time.time(), 3)}
+            row = {
+                "kind": "eval",
+                "step": step,
+                "epoch": epoch + 1,
+                "loss": round(result["loss"], 6),
+                "accuracy": round(result["accuracy"], 6),
+                "windows": result["windows"],
+                "time": round(time.time(), 3),
+            }
             self.rows.append(row)
             line += f": eval loss {row['loss']:.4f}  accuracy {row['accuracy']:.4f} ({row['windows']} windows)"
-        left = sum(self.steps[epoch + 1:])
+        left = sum(self.steps[epoch + 1 :])
         if left and self.step_seconds:
             # the latest steps' pace (after XLA's compilation) and this epoch's validation, per epoch left
             validation = time.perf_counter() - self.last_time
@@ -114,7 +136,9 @@ class RunLog:
         lines = "".join(json.dumps(row) + "\n" for row in self.rows)
         storage.write_bytes(storage.join(self.run_dir, "metrics.jsonl"), lines.encode())
         storage.write_bytes(storage.join(self.run_dir, "loss.png"), loss_plot(self.rows))
-        storage.write_bytes(storage.join(self.run_dir, event_file_name(self.started)), event_file(self.rows, self.started))
+        storage.write_bytes(
+            storage.join(self.run_dir, event_file_name(self.started)), event_file(self.rows, self.started)
+        )
 
     def closing(self, step: int, epochs: int, final: str, best: dict | None, extra: str = "") -> None:
         """The last lines: the final and best weights, the plot and how to open TensorBoard.
@@ -122,15 +146,23 @@ class RunLog:
         if not self.master:
             return
         self.stop()
-        print(f"training finished at step {step} after {epochs} epoch{'s' if epochs != 1 else ''}; "
-              f"final weights: {final}{extra}")
+        print(
+            f"training finished at step {step} after {epochs} epoch{'s' if epochs != 1 else ''}; "
+            f"final weights: {final}{extra}"
+        )
         if best is not None:
             accuracy = [r["accuracy"] for r in self.rows if r["kind"] == "eval" and r["step"] == best["step"]]
-            print(f"best checkpoint (lowest eval loss): {storage.join(self.run_dir, best['name'])}, epoch "
-                  f"{best['epoch']}" + (f", eval accuracy {accuracy[-1]:.4f}" if accuracy else "")
-                  + f" (named by {storage.join(self.run_dir, 'best.json')})")
-        print(f"loss and accuracy plot: {storage.join(self.run_dir, 'loss.png')}; "
-              f"TensorBoard: tensorboard --logdir {self.run_dir}", flush=True)
+            print(
+                f"best checkpoint (lowest eval loss): {storage.join(self.run_dir, best['name'])}, epoch "
+                f"{best['epoch']}"
+                + (f", eval accuracy {accuracy[-1]:.4f}" if accuracy else "")
+                + f" (named by {storage.join(self.run_dir, 'best.json')})"
+            )
+        print(
+            f"loss and accuracy plot: {storage.join(self.run_dir, 'loss.png')}; "
+            f"TensorBoard: tensorboard --logdir {self.run_dir}",
+            flush=True,
+        )
 
 
 def loss_plot(rows: list[dict]) -> bytes:
@@ -145,16 +177,25 @@ def loss_plot(rows: list[dict]) -> bytes:
     if evals:
         handles += axis.plot([m["step"] for m in evals], [m["loss"] for m in evals], "o-", label="eval loss")
         accuracy = axis.twinx()
-        handles += accuracy.plot([m["step"] for m in evals], [m["accuracy"] for m in evals], "s--", color="tab:green",
-                                 label="eval accuracy")
+        handles += accuracy.plot(
+            [m["step"] for m in evals], [m["accuracy"] for m in evals], "s--", color="tab:green", label="eval accuracy"
+        )
         accuracy.set_ylim(0, 1.02)
         accuracy.set_ylabel("eval accuracy")
         every = max(1, len(evals) // 12)  # a label on at most about a dozen of them
         for i, m in enumerate(evals):
             axis.axvline(m["step"], color="0.8", linewidth=0.8, zorder=0)
             if (i + 1) % every == 0 or i == 0:
-                axis.annotate(f"epoch {m['epoch']}", (m["step"], 1), xycoords=("data", "axes fraction"), fontsize=7,
-                              rotation=90, ha="right", va="top", color="0.45")
+                axis.annotate(
+                    f"epoch {m['epoch']}",
+                    (m["step"], 1),
+                    xycoords=("data", "axes fraction"),
+                    fontsize=7,
+                    rotation=90,
+                    ha="right",
+                    va="top",
+                    color="0.45",
+                )
     axis.set_xlabel("step (grey lines: epoch ends)")
     axis.set_ylabel("cross-entropy")
     axis.set_title("loss and accuracy history")

@@ -28,13 +28,26 @@ from ..io.locks import Lock
 from ..data.loader import HostBatches, Part, WindowDataset, on_device
 from ..model import build_model, check_input, conv_kernels, model_input
 from .run_log import RunLog
-from ..data.shards import clip_shape, data_shape, read_manifest, source_settings, split_shards, training_data_fingerprint
+from ..data.shards import (
+    clip_shape,
+    data_shape,
+    read_manifest,
+    source_settings,
+    split_shards,
+    training_data_fingerprint,
+)
 from ..io.resources import check_memory
-from .devices import (Backend, check_device, chosen_device, in_xmp_replica, interrupted, launch, make_backend,
-                      preempted)
+from .devices import Backend, check_device, chosen_device, in_xmp_replica, interrupted, launch, make_backend, preempted
 
-def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, clips: torch.Tensor,
-               labels: torch.Tensor, backend: Backend, precision: str = "fp32") -> torch.Tensor:
+
+def train_step(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    clips: torch.Tensor,
+    labels: torch.Tensor,
+    backend: Backend,
+    precision: str = "fp32",
+) -> torch.Tensor:
     """One optimisation step; returns the loss as a device tensor (never read here: reading
     it would force a host sync on XLA)."""
     optimizer.zero_grad(set_to_none=True)
@@ -78,9 +91,11 @@ class Divergence:
         """A UserError on every replica when any saw a loss that is NaN or infinite."""
         bad = self.finite is not None and not bool(self.finite.cpu())
         if self.backend.any_reader(bad):
-            raise UserError(f"the training loss was not finite (NaN or infinite) by step {step}: training diverged; "
-                            f"lower --lr (now {self.lr:g}) and run again (it resumes from the last checkpoint, "
-                            f"saved before), or start over with --resume none")
+            raise UserError(
+                f"the training loss was not finite (NaN or infinite) by step {step}: training diverged; "
+                f"lower --lr (now {self.lr:g}) and run again (it resumes from the last checkpoint, "
+                f"saved before), or start over with --resume none"
+            )
 
 
 def _stop_agreed(backend: Backend) -> bool:
@@ -88,15 +103,26 @@ def _stop_agreed(backend: Backend) -> bool:
     return backend.any_reader(preempted())
 
 
-def _checkpoint_state(model, optimizer, scheduler, state: RunState, config: TrainConfig,
-                      manifest: dict, backend: Backend) -> dict:
+def _checkpoint_state(
+    model, optimizer, scheduler, state: RunState, config: TrainConfig, manifest: dict, backend: Backend
+) -> dict:
     return make_checkpoint(
-        backend.to_host(model.state_dict()), recorded_settings(config), manifest["classes"], data_shape(manifest),
-        optimizer=backend.to_host(optimizer.state_dict()), scheduler=scheduler.state_dict(),
-        step=state.step, epoch=state.epoch, batch_in_epoch=state.batch_in_epoch,
-        best_val_loss=state.best_val_loss, replicas=backend.world, source=source_settings(manifest),
+        backend.to_host(model.state_dict()),
+        recorded_settings(config),
+        manifest["classes"],
+        data_shape(manifest),
+        optimizer=backend.to_host(optimizer.state_dict()),
+        scheduler=scheduler.state_dict(),
+        step=state.step,
+        epoch=state.epoch,
+        batch_in_epoch=state.batch_in_epoch,
+        best_val_loss=state.best_val_loss,
+        replicas=backend.world,
+        source=source_settings(manifest),
         data_fingerprint=training_data_fingerprint(manifest),
-        rng={"torch": torch.get_rng_state(), "python": random.getstate()}, metrics=json.dumps(state.metrics))
+        rng={"torch": torch.get_rng_state(), "python": random.getstate()},
+        metrics=json.dumps(state.metrics),
+    )
 
 
 def recorded_settings(config: TrainConfig) -> dict:
@@ -118,10 +144,13 @@ def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float) -> to
     if not weight_decay:
         return torch.optim.Adam(model.parameters(), lr=lr)
     kernels = {id(p) for p in conv_kernels(model)}
-    return torch.optim.Adam([
-        {"params": [p for p in model.parameters() if id(p) in kernels], "weight_decay": 2 * weight_decay},
-        {"params": [p for p in model.parameters() if id(p) not in kernels], "weight_decay": 0.0},
-    ], lr=lr)
+    return torch.optim.Adam(
+        [
+            {"params": [p for p in model.parameters() if id(p) in kernels], "weight_decay": 2 * weight_decay},
+            {"params": [p for p in model.parameters() if id(p) not in kernels], "weight_decay": 0.0},
+        ],
+        lr=lr,
+    )
 
 
 def per_replica_batch(global_batch: int, world: int, devices_per_reader: int = 1) -> int:
@@ -130,20 +159,35 @@ def per_replica_batch(global_batch: int, world: int, devices_per_reader: int = 1
     if global_batch % world:
         raise UserError(f"--batch-size {global_batch} does not divide evenly over {world} replicas")
     if (global_batch // world) % devices_per_reader:
-        raise UserError(f"--batch-size {global_batch} does not divide evenly over {world * devices_per_reader} "
-                        f"devices ({world} hosts x {devices_per_reader})")
+        raise UserError(
+            f"--batch-size {global_batch} does not divide evenly over {world * devices_per_reader} "
+            f"devices ({world} hosts x {devices_per_reader})"
+        )
     return global_batch // world
 
 
-def train_epoch(model, optimizer, scheduler, batches: Iterable, backend: Backend, config: TrainConfig,
-                state: RunState, log: RunLog, on_checkpoint, divergence: Divergence, epoch_steps: int) -> bool:
+def train_epoch(
+    model,
+    optimizer,
+    scheduler,
+    batches: Iterable,
+    backend: Backend,
+    config: TrainConfig,
+    state: RunState,
+    log: RunLog,
+    on_checkpoint,
+    divergence: Divergence,
+    epoch_steps: int,
+) -> bool:
     """Run the epoch's remaining batches (``epoch_steps`` in all); returns False when stopped by
     SIGTERM or Ctrl-C. The loss is logged every ``--log-every`` steps and at the epoch's last."""
     model.train()
     for clips, labels, _ in batches:
         lr = scheduler.get_last_lr()[0]
         if config.dropout:
-            backend.seed_step(config.seed, state.step)  # dropout's masks: a function of the step, so resumes draw them again
+            backend.seed_step(
+                config.seed, state.step
+            )  # dropout's masks: a function of the step, so resumes draw them again
         loss = train_step(model, optimizer, model_input(clips), labels, backend, config.precision)
         divergence.add(loss)
         scheduler.step()
@@ -191,8 +235,9 @@ class _Run:
         self.divergence.check(self.state.step)
         if self.lock is not None:
             self.lock.check()
-        host_state = _checkpoint_state(self.model, self.optimizer, self.scheduler, self.state, self.config,
-                                       self.manifest, self.backend)
+        host_state = _checkpoint_state(
+            self.model, self.optimizer, self.scheduler, self.state, self.config, self.manifest, self.backend
+        )
         if self.writer is not None:
             self.log.flush()
             self.writer.save(host_state, self.state.step, self.state.displayed_epoch, best=best, name=name)
@@ -202,8 +247,9 @@ def _replica(index: int, config: TrainConfig, failed: UserError | None = None) -
     """One replica: set up (or resume), run the epochs, publish the final weights. ``failed``:
     this replica's inputs failed their checks (it joins the others only to tell them)."""
     try:
-        backend = make_backend(config.backend, distributed=config.distributed, timeout=config.collective_timeout,
-                               sync_bn=config.sync_bn)
+        backend = make_backend(
+            config.backend, distributed=config.distributed, timeout=config.collective_timeout, sync_bn=config.sync_bn
+        )
     except UserError as exc:  # the machine or its Python: the same for every process on it
         exc.every_rank = True  # type: ignore[attr-defined]
         raise
@@ -248,8 +294,14 @@ def _build(config: TrainConfig, backend: Backend, failed: UserError | None, lock
         manifest = read_manifest(config.data)
         train_set, eval_set, steps = _datasets(config, manifest, backend)
         torch.manual_seed(config.seed)
-        model = build_model(config.model, len(manifest["channels"]), manifest["seq_len"], manifest["image_size"],
-                            len(manifest["classes"]), dropout=config.dropout)
+        model = build_model(
+            config.model,
+            len(manifest["channels"]),
+            manifest["seq_len"],
+            manifest["image_size"],
+            len(manifest["classes"]),
+            dropout=config.dropout,
+        )
         saved = _restore_weights(config, manifest, model, backend)
     except UserError as exc:
         _setup_agreed(backend, exc)
@@ -257,17 +309,22 @@ def _build(config: TrainConfig, backend: Backend, failed: UserError | None, lock
     _setup_agreed(backend, None)
     step = saved["step"] if saved is not None else -1
     if not backend.same_everywhere(step):
-        raise ReplicaError(f"rank {backend.rank}: found {f'the checkpoint of step {step}' if saved else 'no checkpoint'} "
-                           f"in {config.run_dir}, another replica found another: --run-dir must be one location "
-                           f"every machine sees (a bucket or a shared file system)")
+        raise ReplicaError(
+            f"rank {backend.rank}: found {f'the checkpoint of step {step}' if saved else 'no checkpoint'} "
+            f"in {config.run_dir}, another replica found another: --run-dir must be one location "
+            f"every machine sees (a bucket or a shared file system)"
+        )
     model.to(backend.device)
     net = backend.wrap(model)
     if config.compile:
         net = torch.compile(net)
     optimizer = make_optimizer(model, config.lr, config.weight_decay)
     total = sum(steps)
-    schedule = (lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total))) \
-        if config.lr_schedule == "cosine" else (lambda s: 1.0)
+    schedule = (
+        (lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
+        if config.lr_schedule == "cosine"
+        else (lambda s: 1.0)
+    )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     state = RunState() if saved is None else _restore_training(saved, optimizer, scheduler, backend, config.lr)
     if saved is None and backend.is_master:
@@ -275,13 +332,34 @@ def _build(config: TrainConfig, backend: Backend, failed: UserError | None, lock
     writer = None
     if backend.is_master:
         writer = CheckpointWriter(config.run_dir, keep=config.keep)
-        storage.write_json(storage.join(config.run_dir, "config.json"),
-                           {"config": recorded_settings(config), "classes": manifest["classes"],
-                            "data_shape": data_shape(manifest), "replicas": backend.world,
-                            "per_replica_batch": train_set.batch_size})
+        storage.write_json(
+            storage.join(config.run_dir, "config.json"),
+            {
+                "config": recorded_settings(config),
+                "classes": manifest["classes"],
+                "data_shape": data_shape(manifest),
+                "replicas": backend.world,
+                "per_replica_batch": train_set.batch_size,
+            },
+        )
     log = RunLog(config.run_dir, state.metrics, steps, config.batch_size, backend.is_master)
-    return _Run(config, backend, manifest, model, net, optimizer, scheduler, state, train_set, eval_set, steps, writer,
-                log, lock, Divergence(backend, config.lr))
+    return _Run(
+        config,
+        backend,
+        manifest,
+        model,
+        net,
+        optimizer,
+        scheduler,
+        state,
+        train_set,
+        eval_set,
+        steps,
+        writer,
+        log,
+        lock,
+        Divergence(backend, config.lr),
+    )
 
 
 def _fresh_start(config: TrainConfig) -> str:
@@ -289,8 +367,10 @@ def _fresh_start(config: TrainConfig) -> str:
     if config.resume == "none":
         return f"--resume none: starting at step 0 in {config.run_dir}"
     if storage.is_file(storage.join(config.run_dir, "config.json")):
-        return (f"starting at step 0: {config.run_dir} holds no checkpoint (a run there stopped before its first "
-                f"one was written)")
+        return (
+            f"starting at step 0: {config.run_dir} holds no checkpoint (a run there stopped before its first "
+            f"one was written)"
+        )
     return f"starting at step 0 in {config.run_dir}"
 
 
@@ -314,8 +394,9 @@ def _setup_agreed(backend: Backend, error: UserError | None) -> None:
         raise ExplainedElsewhere("another replica failed to start")
 
 
-def _datasets(config: TrainConfig, manifest: dict,
-              backend: Backend) -> tuple[WindowDataset, WindowDataset | None, list[int]]:
+def _datasets(
+    config: TrainConfig, manifest: dict, backend: Backend
+) -> tuple[WindowDataset, WindowDataset | None, list[int]]:
     """This reader's train and eval data, and every epoch's step count (the same on every
     reader; refused when an epoch would have no step, naming what to change)."""
     per_reader = per_replica_batch(config.batch_size, backend.world, backend.devices_per_reader)
@@ -325,23 +406,49 @@ def _datasets(config: TrainConfig, manifest: dict,
         # a lone reader's workers share out the shards: more workers than shards would idle,
         # and the same number on a resume (it depends on the data and the flag only)
         workers = max(shards, 1)
-        print(f"note: {workers} loader worker{'s' if workers > 1 else ''} instead of --workers {config.workers}: "
-              f"the train split has {shards} shard{'s' if shards > 1 else ''} (a worker reads whole shards)", flush=True)
-    train_set = WindowDataset(config.data, manifest, "train", per_reader, part, train=True, seed=config.seed,
-                              workers=workers, shuffle_size=config.shuffle_buffer, augment=config.augment)
-    eval_set = (WindowDataset(config.data, manifest, "eval", per_reader, part, train=False,
-                              workers=min(config.workers, 1)) if "eval" in manifest["splits"] else None)
+        print(
+            f"note: {workers} loader worker{'s' if workers > 1 else ''} instead of --workers {config.workers}: "
+            f"the train split has {shards} shard{'s' if shards > 1 else ''} (a worker reads whole shards)",
+            flush=True,
+        )
+    train_set = WindowDataset(
+        config.data,
+        manifest,
+        "train",
+        per_reader,
+        part,
+        train=True,
+        seed=config.seed,
+        workers=workers,
+        shuffle_size=config.shuffle_buffer,
+        augment=config.augment,
+    )
+    eval_set = (
+        WindowDataset(config.data, manifest, "eval", per_reader, part, train=False, workers=min(config.workers, 1))
+        if "eval" in manifest["splits"]
+        else None
+    )
     steps = []
     for epoch in range(config.epochs):
         train_set.set_epoch(epoch)
         steps.append(len(train_set))
-    check_readers(len(train_set.shards), manifest["splits"]["train"]["count"], backend.world, workers,
-                  per_reader, steps[0], config.data)
+    check_readers(
+        len(train_set.shards),
+        manifest["splits"]["train"]["count"],
+        backend.world,
+        workers,
+        per_reader,
+        steps[0],
+        config.data,
+    )
     if backend.is_master:
         used = steps[0] * config.batch_size / manifest["splits"]["train"]["count"]
-        print(f"{backend.world} readers ({backend.kind}{', ' + str(backend.devices_per_reader) + ' devices each' if backend.kind == 'spmd' else ''}) "
-              f"x {max(1, workers)} loader workers over {len(train_set.shards)} train shards: "
-              f"{steps[0]} steps of {config.batch_size} windows use {used:.1%} of the epoch's windows", flush=True)
+        print(
+            f"{backend.world} readers ({backend.kind}{', ' + str(backend.devices_per_reader) + ' devices each' if backend.kind == 'spmd' else ''}) "
+            f"x {max(1, workers)} loader workers over {len(train_set.shards)} train shards: "
+            f"{steps[0]} steps of {config.batch_size} windows use {used:.1%} of the epoch's windows",
+            flush=True,
+        )
     return train_set, eval_set, steps
 
 
@@ -353,13 +460,16 @@ def check_readers(shards: int, windows: int, readers: int, workers: int, batch: 
     streams = readers * max(1, workers)
     if shards < streams:
         fits = max(1, windows // streams)
-        raise UserError(f"{data}: {shards} train shards for {streams} readers ({readers} replicas/hosts x "
-                        f"--workers {max(1, workers)}): a reader without a shard makes every replica stop where the poorest "
-                        f"does, dropping the rest of each epoch; "
-                        f"preprocess with --shard-size {fits} or less, or lower --workers")
+        raise UserError(
+            f"{data}: {shards} train shards for {streams} readers ({readers} replicas/hosts x "
+            f"--workers {max(1, workers)}): a reader without a shard makes every replica stop where the poorest "
+            f"does, dropping the rest of each epoch; "
+            f"preprocess with --shard-size {fits} or less, or lower --workers"
+        )
     if not steps:
-        raise UserError(f"{data}: the train split has fewer windows per reader than one batch "
-                        f"({batch}); lower --batch-size")
+        raise UserError(
+            f"{data}: the train split has fewer windows per reader than one batch ({batch}); lower --batch-size"
+        )
 
 
 def _restore_weights(config: TrainConfig, manifest: dict, model: torch.nn.Module, backend: Backend) -> dict | None:
@@ -377,8 +487,9 @@ def _restore_weights(config: TrainConfig, manifest: dict, model: torch.nn.Module
     return saved
 
 
-def _restore_training(saved: dict, optimizer: torch.optim.Optimizer, scheduler, backend: Backend,
-                      lr: float) -> RunState:
+def _restore_training(
+    saved: dict, optimizer: torch.optim.Optimizer, scheduler, backend: Backend, lr: float
+) -> RunState:
     """Optimizer, schedule, random generators and position of a saved run. ``lr`` (this run's
     --lr) replaces the saved one: the way on after a diverged loss is a lower --lr."""
     optimizer.load_state_dict(saved["optimizer"])
@@ -392,11 +503,18 @@ def _restore_training(saved: dict, optimizer: torch.optim.Optimizer, scheduler, 
             group["lr"] = lr * factor
     torch.set_rng_state(saved["rng"]["torch"])
     random.setstate(saved["rng"]["python"])
-    state = RunState(saved["step"], saved["epoch"], saved["batch_in_epoch"], saved["best_val_loss"],
-                     [m for m in json.loads(saved["metrics"]) if m["step"] <= saved["step"]])
+    state = RunState(
+        saved["step"],
+        saved["epoch"],
+        saved["batch_in_epoch"],
+        saved["best_val_loss"],
+        [m for m in json.loads(saved["metrics"]) if m["step"] <= saved["step"]],
+    )
     if backend.is_master:
-        print(f"resumed at step {state.step} (epoch {state.epoch + 1}, after its batch {state.batch_in_epoch})",
-              flush=True)
+        print(
+            f"resumed at step {state.step} (epoch {state.epoch + 1}, after its batch {state.batch_in_epoch})",
+            flush=True,
+        )
     return state
 
 
@@ -404,24 +522,42 @@ def _epochs(run: _Run) -> bool:
     """The epoch loop: train, validate, checkpoint; False when stopped by SIGTERM."""
     config, state, backend = run.config, run.state, run.backend
     if backend.kind in ("xla", "spmd") and state.epoch < config.epochs:
-        run.log.note("note: XLA compiles the training step during the first steps and the evaluation step at the first "
-                     "validation; nothing moves meanwhile (tens of seconds on a CPU, less on a TPU)")
+        run.log.note(
+            "note: XLA compiles the training step during the first steps and the evaluation step at the first "
+            "validation; nothing moves meanwhile (tens of seconds on a CPU, less on a TPU)"
+        )
     while state.epoch < config.epochs:
         epoch = state.epoch
         run.train_set.set_epoch(epoch)
         # resume: the batches this epoch already trained on are read and skipped
         host = HostBatches(run.train_set, run.train_set.workers, run.steps[epoch], skip=state.batch_in_epoch)
         run.log.epoch_start(epoch, state.batch_in_epoch, state.step)
-        if not train_epoch(run.net, run.optimizer, run.scheduler, on_device(host, backend), backend, config, state,
-                           run.log, run.checkpoint, run.divergence, run.steps[epoch]):
+        if not train_epoch(
+            run.net,
+            run.optimizer,
+            run.scheduler,
+            on_device(host, backend),
+            backend,
+            config,
+            state,
+            run.log,
+            run.checkpoint,
+            run.divergence,
+            run.steps[epoch],
+        ):
             run.log.stop()
             if run.writer is not None:
                 run.writer.wait()
-                print(f"{'interrupted' if interrupted() else 'stopped by SIGTERM'} at step {state.step} "
-                      f"(epoch {state.displayed_epoch}/{config.epochs}); checkpoint saved", flush=True)
+                print(
+                    f"{'interrupted' if interrupted() else 'stopped by SIGTERM'} at step {state.step} "
+                    f"(epoch {state.displayed_epoch}/{config.epochs}); checkpoint saved",
+                    flush=True,
+                )
             if interrupted() and not in_xmp_replica():  # xmp: the launcher says it (``fit``)
-                raise Interrupted(f"interrupted at step {state.step}; its checkpoint was saved: run the same "
-                                  f"command again to continue from it")
+                raise Interrupted(
+                    f"interrupted at step {state.step}; its checkpoint was saved: run the same "
+                    f"command again to continue from it"
+                )
             return False
         result = _validate(run)
         state.epoch, state.batch_in_epoch = epoch + 1, 0
@@ -448,8 +584,14 @@ def _finish(run: _Run) -> None:
         return
     run.writer.close()
     counts = run.backend.compile_counts()
-    extra = (f" (XLA: {counts['compiles']} compilations, {counts['cpu_fallbacks']} CPU fallbacks"
-             f"{': ' + ', '.join(counts['fallback_ops']) if counts['fallback_ops'] else ''})") if counts else ""
+    extra = (
+        (
+            f" (XLA: {counts['compiles']} compilations, {counts['cpu_fallbacks']} CPU fallbacks"
+            f"{': ' + ', '.join(counts['fallback_ops']) if counts['fallback_ops'] else ''})"
+        )
+        if counts
+        else ""
+    )
     run.log.closing(run.state.step, run.state.epoch, storage.join(run.config.run_dir, FINAL), run.writer.best, extra)
 
 
@@ -468,8 +610,10 @@ def fit(config: TrainConfig) -> None:
         return
     launch(_replica, (config,), config.backend, distributed=config.distributed)
     if config.backend == "xla" and interrupted():
-        raise Interrupted("interrupted; the replicas saved a checkpoint at the step they reached: run the same "
-                          "command again to continue from it")
+        raise Interrupted(
+            "interrupted; the replicas saved a checkpoint at the step they reached: run the same "
+            "command again to continue from it"
+        )
 
 
 def _check_memory(config: TrainConfig, manifest: dict) -> None:
@@ -482,10 +626,12 @@ def _check_memory(config: TrainConfig, manifest: dict) -> None:
     batch = -(-config.batch_size // world)
     # a buffer never holds more than its loader's share of the split
     buffer = min(config.shuffle_buffer, -(-manifest["splits"]["train"]["count"] // (max(config.workers, 1) * world)))
-    check_memory(window * (buffer * loaders + 5 * batch * replicas),
-                 f"--shuffle-buffer {config.shuffle_buffer} in each of {loaders} loader processes and --batch-size "
-                 f"{config.batch_size} (windows of {'x'.join(map(str, clip_shape(manifest)))})",
-                 "lower --shuffle-buffer, --workers or --batch-size")
+    check_memory(
+        window * (buffer * loaders + 5 * batch * replicas),
+        f"--shuffle-buffer {config.shuffle_buffer} in each of {loaders} loader processes and --batch-size "
+        f"{config.batch_size} (windows of {'x'.join(map(str, clip_shape(manifest)))})",
+        "lower --shuffle-buffer, --workers or --batch-size",
+    )
 
 
 def _env_count(name: str) -> int:
@@ -506,8 +652,10 @@ def _check_inputs(config: TrainConfig) -> None:
     try:
         check_input(config.model, manifest["image_size"])
     except ValueError as exc:
-        raise UserError(f"{config.data}: --model {config.model}: {exc}; preprocess at another --image-size, or "
-                        f"choose another --model") from None
+        raise UserError(
+            f"{config.data}: --model {config.model}: {exc}; preprocess at another --image-size, or "
+            f"choose another --model"
+        ) from None
     check_device(config.backend)
     _check_memory(config, manifest)
     storage.check_writable(config.run_dir)

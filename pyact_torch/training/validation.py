@@ -15,8 +15,9 @@ from ..model import model_input
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, batches: Iterable, backend: Any, num_classes: int,
-             keep_outputs: bool = False) -> dict:
+def evaluate(
+    model: torch.nn.Module, batches: Iterable, backend: Any, num_classes: int, keep_outputs: bool = False
+) -> dict:
     """Mean cross-entropy, accuracy and the ``num_classes x num_classes`` confusion matrix
     (rows: truth, columns: prediction) over the masked windows of ``batches`` (the loader's
     uint8 clips). With
@@ -50,8 +51,9 @@ def evaluate(model: torch.nn.Module, batches: Iterable, backend: Any, num_classe
     }
     if keep_outputs:
         result["labels"] = np.concatenate([labels for labels, _ in kept]) if kept else np.zeros(0, np.int64)
-        result["probabilities"] = (np.concatenate([probs for _, probs in kept]) if kept
-                                   else np.zeros((0, num_classes), np.float32))
+        result["probabilities"] = (
+            np.concatenate([probs for _, probs in kept]) if kept else np.zeros((0, num_classes), np.float32)
+        )
     return result
 
 

@@ -83,10 +83,14 @@ class XlaBackend(Backend):
         """XLA compilations and CPU fallbacks so far (the TPU-efficiency proxy)."""
         import torch_xla.debug.metrics as met
 
-        fallbacks = {name: int(met.counter_value(name) or 0) for name in met.counter_names()
-                     if name.startswith("aten::")}
-        return {"compiles": int(met.counter_value("UncachedCompile") or 0),
-                "cpu_fallbacks": sum(fallbacks.values()), "fallback_ops": sorted(fallbacks)}
+        fallbacks = {
+            name: int(met.counter_value(name) or 0) for name in met.counter_names() if name.startswith("aten::")
+        }
+        return {
+            "compiles": int(met.counter_value("UncachedCompile") or 0),
+            "cpu_fallbacks": sum(fallbacks.values()),
+            "fallback_ops": sorted(fallbacks),
+        }
 
 
 class SpmdBackend(XlaBackend):
@@ -105,8 +109,7 @@ class SpmdBackend(XlaBackend):
         xr.use_spmd()  # before anything touches a device
         super().__init__()
         self._xs = xs
-        self.mesh = xs.Mesh(np.arange(xr.global_runtime_device_count()), (xr.global_runtime_device_count(),),
-                            ("data",))
+        self.mesh = xs.Mesh(np.arange(xr.global_runtime_device_count()), (xr.global_runtime_device_count(),), ("data",))
 
     @property
     def rank(self) -> int:
@@ -219,8 +222,7 @@ def _interrupt_replicas(signum: int, frame: Any) -> None:
     if interrupted():
         raise KeyboardInterrupt
     note_interrupt()
-    print("stopping after this step, with a checkpoint (Ctrl-C again to abandon the step)", file=sys.stderr,
-          flush=True)
+    print("stopping after this step, with a checkpoint (Ctrl-C again to abandon the step)", file=sys.stderr, flush=True)
     _forward_to_replicas(signal.SIGTERM, frame)
 
 
@@ -239,8 +241,10 @@ def require_torch_xla() -> None:
     if not found:
         from ..errors import UserError
 
-        raise UserError("--device xla needs torch_xla (pip install torch_xla, matching this torch); "
-                        "on a GPU use --device cuda, on a CPU --device cpu")
+        raise UserError(
+            "--device xla needs torch_xla (pip install torch_xla, matching this torch); "
+            "on a GPU use --device cuda, on a CPU --device cpu"
+        )
 
 
 def spawn(fn: Callable[..., Any], args: tuple) -> None:
