@@ -1,17 +1,32 @@
 # Two commands for a fresh clone: `make demo` and `make test`. Each creates .venv and installs
-# pyact-torch with its test tools into it the first time (torch 2.9.0 + torch_xla 2.9.0: ~7 GB,
-# a few minutes); later runs reuse it. Versions are pinned by constraints.txt (the tested set).
+# pyact-torch with its test tools into it the first time; later runs reuse it. Versions are
+# pinned by constraints.txt (the tested set).
+#
+# torch comes from PyTorch's CPU wheel index where this machine reaches it, else from PyPI, whose
+# build bundles CUDA (a ~8 GB venv); the install says which. TORCH_INDEX= (empty) skips the
+# CPU index.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 DEMO := demo-output
+TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 
-.PHONY: demo test test-quick bench clean
+.PHONY: demo test test-quick lint bench clean
 
-$(STAMP): setup.py constraints.txt
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@rm -rf $(VENV)/cpu-torch; \
+	if [ -n "$(TORCH_INDEX)" ] && $(PY) -m pip download -q --no-deps --retries 0 --timeout 20 \
+			--index-url $(TORCH_INDEX) -d $(VENV)/cpu-torch "torch==2.9.0+cpu" 2>/dev/null \
+		&& $(PY) -m pip install -c constraints.txt $(VENV)/cpu-torch/torch-*.whl; then \
+		echo "torch: PyTorch's CPU wheel, from $(TORCH_INDEX)"; \
+	else \
+		echo "torch: PyTorch's CPU wheel index ($(or $(TORCH_INDEX),none given)) not reached: PyPI's build, which bundles CUDA"; \
+	fi; \
+	rm -rf $(VENV)/cpu-torch
 	$(PY) -m pip install -c constraints.txt -e '.[dev,export]'
+	@$(PY) -c "import torch; print('torch', torch.__version__, 'installed in $(VENV)')"
 	touch $(STAMP)
 
 test: $(STAMP)
@@ -19,6 +34,12 @@ test: $(STAMP)
 
 test-quick: $(STAMP)
 	$(PY) -m pytest -q -m "not slow" tests
+
+# formatting, lint and types: what CI checks before the tests
+lint: $(STAMP)
+	$(VENV)/bin/ruff format --check pyact_torch tests bench scripts
+	$(VENV)/bin/ruff check pyact_torch tests bench scripts
+	$(VENV)/bin/mypy
 
 demo: $(STAMP)
 	$(VENV)/bin/pyact demo --out $(DEMO)
