@@ -155,7 +155,7 @@ def throughput(demo: str) -> dict:
         config = DetectConfig(checkpoint=run, src=raw, split="test", out=demo, no_video=True, streaming=streaming)
         sources = plan_sources(config, runner.info, print)
 
-        def detect() -> None:
+        def detect(config: DetectConfig = config, sources=sources) -> None:
             detection = DetectionRun(runner, config, print)
             for source in sources:
                 for _ in detection.source(source, False):
@@ -294,7 +294,8 @@ def main() -> None:
     for preset, size, frames in (("tiny", 32, 600), ("c3d", 64, 120))[: 1 if args.no_c3d else 2]:
         row = latency(demo, preset, size, frames)
         print(
-            f"  {preset} {size}x{size}: p50 {row['p50_ms']:.1f} ms, p99 {row['p99_ms']:.1f} ms over {row['frames']} frames"
+            f"  {preset} {size}x{size}: p50 {row['p50_ms']:.1f} ms, p99 {row['p99_ms']:.1f} ms "
+            f"over {row['frames']} frames"
             f" = {row['p50_ms'] / PERIOD_MS:.3f} / {row['p99_ms'] / PERIOD_MS:.3f} of a 30 fps frame period"
         )
 
@@ -312,7 +313,8 @@ def main() -> None:
     for preset, size, count, batch in runs:
         row = onnx_vs_eager(demo, preset, size, count, batch)
         print(
-            f"  {preset} batch {batch}: onnx {row['onnx']:.1f}, eager {row['eager']:.1f} = {row['onnx'] / row['eager']:.2f}x "
+            f"  {preset} batch {batch}: onnx {row['onnx']:.1f}, eager {row['eager']:.1f} "
+            f"= {row['onnx'] / row['eager']:.2f}x "
             f"(largest logit difference {row['max_difference']:.1e})"
         )
 

@@ -204,7 +204,7 @@ def read_cost(data: str, shards: int = 20, repeats: int = 3) -> dict:
 
     result = {"shards": len(chosen), "windows": sum(s.count for s in chosen)}
     for name, opener in (("open_read", storage.open_read), ("blob_open", library)):
-        result[f"{name}_s"] = best_seconds(lambda: read_all(opener), repeats)
+        result[f"{name}_s"] = best_seconds(lambda opener=opener: read_all(opener), repeats)
     return result
 
 
@@ -214,8 +214,8 @@ def tar_cost(data: str, shards: int = 20, repeats: int = 3) -> dict:
     the loader used before)."""
     import webdataset as wds
 
-    from pyact_torch.data.loader import split_shards, tar_samples
-    from pyact_torch.data.shards import read_manifest
+    from pyact_torch.data.loader import tar_samples
+    from pyact_torch.data.shards import read_manifest, split_shards
 
     urls = [s.url for s in split_shards(data, read_manifest(data), "train")[:shards]]
     result = {"shards": len(urls), "windows": sum(1 for _ in tar_samples(urls))}
@@ -225,7 +225,7 @@ def tar_cost(data: str, shards: int = 20, repeats: int = 3) -> dict:
     )
     for name, samples in stages:
 
-        def count() -> None:
+        def count(name: str = name, samples=samples) -> None:
             if sum(1 for _ in samples()) != result["windows"]:
                 raise RuntimeError(f"{name}: a different number of samples")
 
@@ -372,7 +372,8 @@ def main() -> None:
     read = report["gcs_read"]
     per_window = {k: read[f"{k}_s"] * 1e6 / read["windows"] for k in ("open_read", "blob_open")}
     print(
-        f"reading {read['shards']} shards from the emulator: storage.open_read {per_window['open_read']:.1f} us/window, "
+        f"reading {read['shards']} shards from the emulator: "
+        f"storage.open_read {per_window['open_read']:.1f} us/window, "
         f"google-cloud-storage's blob.open('rb') {per_window['blob_open']:.1f} us/window "
         f"({per_window['blob_open'] / per_window['open_read']:.1f}x)"
     )

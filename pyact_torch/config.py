@@ -88,7 +88,7 @@ def parse_counts(text: str) -> tuple[int, int, int]:
         counts = ()
     if len(counts) != 3:
         raise argparse.ArgumentTypeError(f"expected TRAIN,EVAL,TEST counts, got {text!r}")
-    return counts  # type: ignore[return-value]
+    return counts
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -488,8 +488,8 @@ class EvaluateConfig:
         default="auto",
         metadata=_arg(
             "auto: xla when torch_xla is installed and a TPU is attached or PJRT_DEVICE is set, else cuda when "
-            "there is a GPU, else cpu (the choice is printed); xla: one XLA device (TPU, else XLA:CPU); cpu: plain eager "
-            "PyTorch; cuda: one GPU",
+            "there is a GPU, else cpu (the choice is printed); xla: one XLA device (TPU, else XLA:CPU); "
+            "cpu: plain eager PyTorch; cuda: one GPU",
             choices=("auto", "xla", "cpu", "cuda"),
         ),
     )
@@ -982,7 +982,7 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
         if f.type in ("bool", bool):
             parser.add_argument(f"--{name}", action="store_true", dest=f.name, help=meta["help"])
             continue
-        default = f.default
+        default: Any = f.default
         if meta["choices"]:
             kwargs["choices"] = meta["choices"]
         kwargs["type"] = meta["parse"] or type(default)

@@ -129,7 +129,7 @@ def run_demo(config: DemoConfig, print_fn: Callable[[str], None] = print) -> dic
 
 def _files_under(folder: str) -> set[str]:
     """Every file and link below ``folder`` (links not followed), relative to it."""
-    found = set()
+    found: set[str] = set()
     for root, dirs, files in os.walk(folder):
         links = [d for d in dirs if os.path.islink(os.path.join(root, d))]
         dirs[:] = [d for d in dirs if d not in links]

@@ -155,7 +155,7 @@ def build_model(
     return ConvNet3D(preset_of(preset), in_channels, seq_len, image_size, num_classes, dropout)
 
 
-def conv_kernels(model: nn.Module) -> list[nn.Parameter]:
+def conv_kernels(model: nn.Module) -> list[torch.Tensor]:
     """Every Conv3d kernel (not biases): what pyACT 1.0.3's L2 ``kernel_regularizer`` covers."""
     return [module.weight for module in model.modules() if isinstance(module, nn.Conv3d)]
 

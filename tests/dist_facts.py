@@ -71,7 +71,7 @@ def main() -> None:
             for name, parts in (("per-replica reference", shares), ("whole-batch reference", [(clips, labels)])):
                 optimizers[name].zero_grad()
                 # the loss in float32, as train_step computes it (logits.float())
-                loss = sum(F.cross_entropy(models[name](c).float(), l) for c, l in parts) / len(parts)
+                loss = sum(F.cross_entropy(models[name](c).float(), y) for c, y in parts) / len(parts)
                 loss.backward()
                 optimizers[name].step()
     # every rank holds the same weights: rank 0's, broadcast, against this rank's

@@ -65,7 +65,7 @@ def main() -> None:
     for (clips, labels, _), (device_clips, device_labels, _) in zip(batches, backend.device_loader(batches)):
         for name, parts in (("one device", 1), ("per-device statistics", devices)):  # eager references
             optimizers[name].zero_grad()
-            loss = sum(F.cross_entropy(models[name](c), l) for c, l in zip(clips.chunk(parts), labels.chunk(parts)))
+            loss = sum(F.cross_entropy(models[name](c), y) for c, y in zip(clips.chunk(parts), labels.chunk(parts)))
             (loss / parts).backward()
             optimizers[name].step()
         train_step(models["spmd"], optimizers["spmd"], device_clips, device_labels, backend)

@@ -457,7 +457,7 @@ def test_ctrl_c_ends_a_live_source_and_keeps_what_was_found(detector_run, raw, t
     writer = cv2.VideoWriter(video, cv2.VideoWriter_fourcc(*"MJPG"), 15, (first.shape[1], first.shape[0]))
     n = count_frames(folder, "color")
     images = [cv2.imread(os.path.join(folder, f"color_{j}.png")) for j in range(n)]
-    for i in range(20_000 // n):  # long enough not to end before the signal
+    for _ in range(20_000 // n):  # long enough not to end before the signal
         for image in images:
             writer.write(image)
     writer.release()
@@ -786,7 +786,7 @@ def test_streaming_detection_says_its_thread_count_and_takes_threads(runner, det
             )
             == 0
         )
-        line = next(l for l in capsys.readouterr().out.splitlines() if "intra-op thread" in l)
+        line = next(x for x in capsys.readouterr().out.splitlines() if "intra-op thread" in x)
         chosen = int(line.split(": ")[1].split()[0])
         assert torch.get_num_threads() == chosen and "1: " in line and "--threads N sets it" in line
         assert (

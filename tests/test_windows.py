@@ -10,7 +10,7 @@ from pyact_torch.data.windows import balance, label_windows, plan_split, split_s
 
 
 def seq(n, *segments, split="Train", subject="s1", action="asl-z"):
-    return Sequence(split, subject, action, n, tuple(Segment(p, l) for p, l in segments))
+    return Sequence(split, subject, action, n, tuple(Segment(p, n) for p, n in segments))
 
 
 def labels(windows):

@@ -15,7 +15,7 @@ import json
 import math
 import os
 import re
-from typing import Callable
+from typing import Callable, cast
 
 import numpy as np
 import torch
@@ -191,8 +191,9 @@ def keras_to_state_dict(
     convs and BatchNorms in order onto the model's, kernels transposed to torch layouts,
     DENSE_1's rows permuted from Keras' channels-last flatten (T, H, W, C) to torch's (C, T, H, W)."""
     conv_names, norm_names = NETWORKS[network]
-    convs = [i for i, m in enumerate(model.features) if isinstance(m, torch.nn.Conv3d)]
-    norms = [i for i, m in enumerate(model.features) if isinstance(m, torch.nn.BatchNorm3d)]
+    features = cast(torch.nn.Sequential, model.features)
+    convs = [i for i, m in enumerate(features) if isinstance(m, torch.nn.Conv3d)]
+    norms = [i for i, m in enumerate(features) if isinstance(m, torch.nn.BatchNorm3d)]
     state: dict[str, torch.Tensor] = {}
     for index, name in zip(convs, conv_names, strict=True):
         kernel = layers[name]["kernel"]  # (kT, kH, kW, in, out)
@@ -291,7 +292,8 @@ def convert_keras(config: KerasConfig, print_fn: Callable[[str], None] = print) 
     with storage.open_write(config.out) as sink, uninterrupted("the checkpoint is written"):
         torch.save(checkpoint, sink)
     print_fn(
-        f"wrote {config.out}: pyACT {network}'s network as --model {preset} at {seq_len}x{image_size}x{image_size}x{channels}, "
+        f"wrote {config.out}: pyACT {network}'s network as --model {preset} "
+        f"at {seq_len}x{image_size}x{image_size}x{channels}, "
         f"{len(classes)} classes in {'the given' if config.classes else 'pyACT'} order"
     )
     return checkpoint

@@ -44,7 +44,7 @@ class FrameSpec:
 
     modality: str
     image_size: int
-    depth_range: tuple[int, int]
+    depth_range: tuple[int, ...]  # (low, high)
 
     @property
     def channels(self) -> tuple[str, ...]:
@@ -60,7 +60,7 @@ class FrameSpec:
         return height * width * channels
 
 
-def depth_to_uint8(depth: np.ndarray, depth_range: tuple[int, int]) -> np.ndarray:
+def depth_to_uint8(depth: np.ndarray, depth_range: tuple[int, ...]) -> np.ndarray:
     """Map raw depth linearly from ``[MIN, MAX]`` to ``255 .. 0`` (nearer is brighter); 0 (no
     reading) and values outside the range become 0."""
     low, high = depth_range

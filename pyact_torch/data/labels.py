@@ -166,7 +166,7 @@ def parse_label_file(path: str) -> tuple[Segment, ...]:
                 raise LabelFileError(f"segment <{name}> is not an integer: {text!r}") from None
         if values[0] < 0 or values[1] < 1:
             raise LabelFileError(f"segment pos={values[0]} len={values[1]} is not a valid range")
-        segments.append(Segment(*values, action=_segment_action(element, values)))
+        segments.append(Segment(values[0], values[1], action=_segment_action(element, values)))
     return tuple(segments)
 
 
@@ -280,7 +280,10 @@ def scan_dataset(src: str, modality: str = "color") -> tuple[list[Sequence], lis
                     names.add(entry)
             for action in sorted(names):
                 result = _check_sequence(src, split_dir, subject, action, modality)
-                (good if isinstance(result, Sequence) else bad).append(result)
+                if isinstance(result, Sequence):
+                    good.append(result)
+                else:
+                    bad.append(result)
     return good, bad
 
 

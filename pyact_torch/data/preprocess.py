@@ -239,7 +239,9 @@ def _prepare_dest(config: PreprocessConfig, print_fn, run: dict[str, str], cache
 
 def _difference(previous: dict, settings: dict) -> str:
     """What differs between an earlier run in DEST and this one, in flags."""
-    earlier = previous.get("settings") if isinstance(previous.get("settings"), dict) else {}
+    earlier = previous.get("settings")
+    if not isinstance(earlier, dict):
+        earlier = {}
     flags = [
         f"--{key.replace('_', '-')} {_flag_value(earlier[key])} (this run: {_flag_value(value)})"
         for key, value in settings.items()
@@ -342,7 +344,8 @@ def _decode(
     kept only when their source frames are unchanged and the cache still holds what was
     written (CRC)."""
     frames_path, log_path = os.path.join(cache, "frames.u8"), os.path.join(cache, "decoded.log")
-    slots, chunks, owner, signatures = {}, [], {}, {}
+    slots, owner, signatures = {}, {}, {}
+    chunks: list[DecodeChunk] = []
     total = 0
     for seq in sequences:
         slots[seq.path] = total
@@ -356,9 +359,9 @@ def _decode(
     with _cache_errors(cache):
         with open(frames_path, "ab") as handle:
             handle.truncate(total * spec.frame_bytes)
-        done, failed = _read_log(log_path)
-        done = {c: crc for c, (crc, sig) in done.items() if sig == signatures[c]}
-        done = _verified(done, chunks, frames_path, spec)
+        logged, failed = _read_log(log_path)
+        current = {c: crc for c, (crc, sig) in logged.items() if sig == signatures[c]}
+        done = _verified(current, chunks, frames_path, spec)
     bad_paths = {owner[c].path: message for c, (sig, message) in failed.items() if sig == signatures[c]}
     pending = [c for c in chunks if c.chunk_id not in done and owner[c.chunk_id].path not in bad_paths]
     reused = sum(c.count for c in chunks if c.chunk_id in done)

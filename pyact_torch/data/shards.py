@@ -143,7 +143,7 @@ def _pax_records(data: bytes) -> dict[str, str]:
     return records
 
 
-def read_tar(stream: IO[bytes], max_member: int = MAX_MEMBER) -> Iterator[tuple[str, bytes]]:
+def read_tar(stream: IO[bytes] | io.RawIOBase, max_member: int = MAX_MEMBER) -> Iterator[tuple[str, bytes]]:
     """``(name, content)`` of each regular file of a tar stream, in order.
 
     The loader's tar stage: ``tarfile`` spends ~25 µs building a ``TarInfo`` per member, which
@@ -233,7 +233,7 @@ def group_samples(members: Iterable[tuple[str, bytes]]) -> Iterator[dict]:
         yield sample
 
 
-def stream_samples(stream: IO[bytes], url: str, max_member: int = MAX_MEMBER) -> Iterator[dict]:
+def stream_samples(stream: IO[bytes] | io.RawIOBase, url: str, max_member: int = MAX_MEMBER) -> Iterator[dict]:
     """The samples of an open shard stream; a damaged shard is a ``ShardError`` naming ``url``."""
     try:
         for sample in group_samples(read_tar(stream, max_member)):
@@ -480,5 +480,7 @@ def training_data_fingerprint(manifest: dict) -> str:
 def source_settings(manifest: dict) -> dict:
     """What else detection needs to read raw frames as this data's were read: the depth range
     and the Train subjects moved to the eval split (absent from converted data)."""
-    settings = manifest.get("settings") if isinstance(manifest.get("settings"), dict) else {}
+    settings = manifest.get("settings")
+    if not isinstance(settings, dict):
+        settings = {}
     return {"depth_range": settings.get("depth_range"), "eval_subjects": manifest.get("eval_subjects")}

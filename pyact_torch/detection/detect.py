@@ -10,6 +10,7 @@ ends; all of them are written to ``detections.json`` and, against the label file
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import os
 import signal
@@ -245,7 +246,7 @@ def _detection_sources(
     return [
         Source(
             r.path,
-            lambda keep, f=os.path.join(src, r.path), n=r.n_frames: folder_frames(f, n, spec, keep),
+            functools.partial(folder_frames, os.path.join(src, r.path), r.n_frames, spec),
             _truths(r.segments, "", info, os.path.join(src, r.path) + ".xml") if labelled else None,
             FOLDER_FPS,
             False,
@@ -301,7 +302,7 @@ def _split_sources(
         sources.append(
             Source(
                 seq.path,
-                lambda keep, f=folder, n=seq.n_frames: folder_frames(f, n, spec, keep),
+                functools.partial(folder_frames, folder, seq.n_frames, spec),
                 truths,
                 FOLDER_FPS,
                 False,
@@ -473,6 +474,7 @@ class DetectionRun:
         if source.truths is not None:
             truth = next((t.label for t in source.truths if t.first <= frame.index <= t.last), NO_ACTION)
             captions.append((f"truth: {truth}", YELLOW))
+        assert frame.raw is not None  # sources keep the raw frame when a video is drawn
         return Panel([to_display(frame.raw, self.config.video_size)], captions)
 
     def finish(self) -> tuple[dict, dict[str, bytes]]:

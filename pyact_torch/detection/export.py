@@ -108,7 +108,7 @@ def write_export(module: torch.nn.Module, info: ModelInfo, windows: np.ndarray, 
     dynamic = {"clips": {0: torch.export.Dim("batch", min=1, max=MAX_BATCH)}}
     with _quiet(), uninterrupted("the exporter has finished"):
         if path.endswith(".onnx"):
-            program = torch.onnx.export(
+            onnx_program = torch.onnx.export(
                 module,
                 (example,),
                 dynamo=True,
@@ -117,8 +117,9 @@ def write_export(module: torch.nn.Module, info: ModelInfo, windows: np.ndarray, 
                 dynamic_shapes=dynamic,
                 verbose=False,
             )
-            program.model.metadata_props[METADATA_KEY] = info.to_json()
-            program.save(path)
+            assert onnx_program is not None  # dynamo=True returns the program
+            onnx_program.model.metadata_props[METADATA_KEY] = info.to_json()
+            onnx_program.save(path)
         else:
             program = torch.export.export(module, (example,), dynamic_shapes=dynamic)
             # into memory first: torch's archive writer aborts the process when the disk is full

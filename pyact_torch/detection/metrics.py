@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import statistics
 from dataclasses import dataclass
+from typing import Any
 
 from .segments import Detection, frame_labels
 
@@ -101,7 +102,7 @@ def mean_average_precision(results: list[SequenceResult], thresholds: tuple[floa
     """Per tIoU threshold: each class's average precision and their mean over the classes with
     a true segment; and the mean of those means (``average``)."""
     classes = sorted({t.label for r in results for t in r.truths})
-    by_threshold = {}
+    by_threshold: dict[str, dict[str, Any]] = {}
     for threshold in thresholds:
         per_class = {}
         for label in classes:
@@ -171,7 +172,8 @@ def detection_metrics(results: list[SequenceResult], background: str) -> dict:
             for label, matched in match(result.truths, result.detections, threshold):
                 row = counts[threshold].setdefault(label, [0, 0, 0])
                 row[0 if matched else 1 if matched is False else 2] += 1
-    segments, per_class = {}, {}
+    segments: dict[str, Any] = {}
+    per_class: dict[str, Any] = {}
     for threshold, by_label in counts.items():
         totals = [sum(row[i] for row in by_label.values()) for i in range(3)]
         segments[str(threshold)] = _ratios(*totals)

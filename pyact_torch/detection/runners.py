@@ -40,7 +40,7 @@ class ModelInfo:
     seq_len: int
     image_size: int
     modality: str
-    depth_range: tuple[int, int] | None
+    depth_range: tuple[int, ...] | None  # (low, high)
     eval_subjects: tuple[str, ...] | None = None
 
     @property
@@ -178,8 +178,8 @@ class TorchRunner(Runner):
 
     def logits(self, clips: np.ndarray) -> np.ndarray:
         with self._torch.inference_mode():
-            clips = self._torch.from_numpy(np.ascontiguousarray(clips)).to(self.device)
-            return self.module(clips).float().cpu().numpy()
+            batch = self._torch.from_numpy(np.ascontiguousarray(clips)).to(self.device)
+            return self.module(batch).float().cpu().numpy()
 
 
 class OnnxRunner(Runner):
@@ -245,7 +245,8 @@ def cores() -> int:
 def choose_threads(runner: Runner, budget_s: float = 3.0, per_count_s: float = 0.25) -> tuple[int, dict[int, float]]:
     """The intra-op thread count (all cores, 1, then 2, 4, ...) that classifies one window
     fastest here and now, measured (the median of at least 5 windows and ``per_count_s`` after
-    a warm-up; the rest are skipped once ``budget_s`` is spent); the runner is left set to it. For one window at a time, threads cost more to hand work out than they save, and on a
+    a warm-up; the rest are skipped once ``budget_s`` is spent); the runner is left set to it.
+    For one window at a time, threads cost more to hand work out than they save, and on a
     busy machine they wait for cores: the best count depends on the model and the machine's
     load. Returns it and the seconds per window of each count tried."""
     # the library's default (one per core) and 1 first: never slower than before, whatever the budget
@@ -314,7 +315,7 @@ def _load_program(path: str) -> Runner:
 
 
 def load_checkpoint_runner(
-    url: str, depth_range: tuple[int, int] | None = None, log: Callable[[str], None] = print, device: str = "cpu"
+    url: str, depth_range: tuple[int, ...] | None = None, log: Callable[[str], None] = print, device: str = "cpu"
 ) -> TorchRunner:
     """The checkpoint's network on ``device`` (cpu or cuda) with what it was trained on (classes, clip shape,
     the depth range and eval subjects its data recorded)."""
@@ -325,7 +326,9 @@ def load_checkpoint_runner(
     shape = state.get("data_shape")
     if not isinstance(shape, dict):
         raise UserError(f"{url}: records no clip shape; it cannot say what frames it takes")
-    source = state.get("source") if isinstance(state.get("source"), dict) else {}
+    source = state.get("source")
+    if not isinstance(source, dict):
+        source = {}
     info = ModelInfo.from_dict(
         {
             "classes": state["classes"],

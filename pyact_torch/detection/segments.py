@@ -51,7 +51,8 @@ class Segmenter:
         self.need, self.seq_len = seq_len // 2, seq_len
         self.lag, self.min_length = (smooth - 1) // 2, min_length
         self._recent: deque[np.ndarray] = deque(maxlen=smooth)
-        self._label, self._first_stop, self._last_stop, self._scores = -1, -1, -1, []  # the current run
+        self._label, self._first_stop, self._last_stop = -1, -1, -1  # the current run
+        self._scores: list[float] = []
         self._seen_at = -1
         self._stream_start = -1
         self.now: tuple[str, float] | None = None  # the latest smoothed label and its probability

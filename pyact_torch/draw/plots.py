@@ -81,7 +81,7 @@ def timeline_figure(
     width = 12.0
     figure, axis = plt.subplots(figsize=(width, 1.4 + 0.42 * len(rows)), dpi=100)
     used: set[str] = set()
-    for i, (name, frames, truth, predicted) in enumerate(rows):
+    for i, (_name, frames, truth, predicted) in enumerate(rows):
         top = len(rows) - 1 - i
         axis.add_patch(plt.Rectangle((0, top + 0.08), frames, 0.84, color=BLANK, lw=0))
         for spans, y in ((truth or [], top + 0.52), (predicted, top + 0.12)):

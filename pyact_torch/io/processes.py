@@ -7,7 +7,7 @@ import os
 import signal
 import sys
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from typing import Callable, Iterator, Sequence, TypeVar
+from typing import Callable, Generator, Sequence, TypeVar
 
 # the process that started this one, read when this module is first imported (``python -m
 # pyact_torch`` imports it first thing): a launcher killed before a replica asks for it later
@@ -20,7 +20,7 @@ R = TypeVar("R")
 
 def map_unordered(
     fn: Callable[[T], R], items: Sequence[T], processes: int, initializer: Callable | None = None, initargs: tuple = ()
-) -> Iterator[R]:
+) -> Generator[R, None, None]:
     """``fn`` over ``items`` in ``processes`` spawned workers (in this process when 1), in
     completion order. A worker that dies raises ``BrokenProcessPool`` instead of hanging, and
     stopping early (an error, Ctrl-C) cancels the tasks not yet started."""

@@ -245,8 +245,7 @@ def _pinned(link: str, generation: int | None) -> str:
     """``link`` naming ``generation`` (GCS's mediaLink does; fake-gcs-server's does not), so
     that a resumed read never mixes two versions of an object."""
     parts = urllib.parse.urlsplit(link)
-    query = urllib.parse.parse_qs(parts.query)
-    if generation is None or "generation" in query:
+    if generation is None or "generation" in urllib.parse.parse_qs(parts.query):
         return link
     query = parts.query + ("&" if parts.query else "") + f"generation={generation}"
     return urllib.parse.urlunsplit(parts._replace(query=query))
@@ -265,7 +264,7 @@ class _ObjectStream(io.RawIOBase):
     def __init__(self, url: str, link: str, size: int):
         self.url, self.link, self.size = url, link, size
         self.position = 0
-        self._response = None
+        self._response: Any = None  # a requests.Response while a GET streams
 
     def readable(self) -> bool:
         return True
@@ -345,7 +344,7 @@ def open_read(url: str) -> IO[bytes]:
     return os.fdopen(fd, "rb")
 
 
-def read_up_to(stream: IO[bytes], size: int, piece: int = 1 << 20) -> bytes:
+def read_up_to(stream: IO[bytes] | io.RawIOBase, size: int, piece: int = 1 << 20) -> bytes:
     """Up to ``size`` bytes of ``stream``, read in pieces: a header or length field that lies
     about the size cannot make us allocate more than the stream really holds."""
     if size <= piece:

@@ -116,7 +116,7 @@ def video_frames(
     chosen = [r for r in ordered if r["truth"] != r["prediction"]] if wrong else ordered
     if max_windows:
         chosen = chosen[:max_windows]
-    ending = {}
+    ending: dict[tuple[str, int], dict] = {}
     for row in ordered:
         ending.setdefault((row["sequence"], row["stop"]), row)
     spans: dict[str, list[list[int]]] = {}
@@ -235,7 +235,10 @@ def _make_video(config: VideoConfig, folder: str, progress: bool, print_fn: Call
         if not os.path.isdir(config.src):
             raise UserError(f"--src {config.src}: no such folder")
         kinds = {row["sequence"]: frame_kind(row, config.predictions) for row in rows}
-        frame_of = lambda shot: source_frame(config.src, shot, kinds[shot.sequence], config.size, config.predictions)
+
+        def frame_of(shot: Shot) -> np.ndarray:
+            return source_frame(config.src, shot, kinds[shot.sequence], config.size, config.predictions)
+
     elif config.data:
         manifest = read_manifest(config.data)
         check_memory(
@@ -250,7 +253,10 @@ def _make_video(config: VideoConfig, folder: str, progress: bool, print_fn: Call
                 f"{config.data} ({config.split} split) lacks frames of {len(missing)} sequence(s) of "
                 f"{config.predictions}, e.g. {missing[0][:120]}: were they scored on these shards?"
             )
-        frame_of = lambda shot: _display(stored[(shot.sequence, shot.frame)], config.size)
+
+        def frame_of(shot: Shot) -> np.ndarray:
+            return _display(stored[(shot.sequence, shot.frame)], config.size)
+
     else:
         raise UserError("give --src (the raw dataset) or --data (the shards) to take the frames from")
     bar = tqdm(total=len(shots), unit="frame", desc="video", disable=None if progress else True)

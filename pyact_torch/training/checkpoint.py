@@ -25,7 +25,7 @@ import threading
 import time
 import zipfile
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import IO, Any, Callable, cast
 
 import torch
 
@@ -121,7 +121,7 @@ class CheckpointWriter:
             try:
                 with storage.open_write(url) as sink:
                     hashing = storage.HashingWriter(sink)
-                    torch.save(job.state, hashing)
+                    torch.save(job.state, cast(IO[bytes], hashing))  # a file object: write, flush
                 break
             except storage.StorageUnreachable as exc:
                 if attempt == self.retries:
@@ -138,6 +138,7 @@ class CheckpointWriter:
                 delay = min(30.0, self.backoff * 2**attempt)
                 self.log(f"checkpoint upload of {job.name} failed; retrying in {delay:.0f} s")
                 time.sleep(delay)
+        assert hashing is not None  # the loop ends written or raises
         record = {
             "name": job.name,
             "size": hashing.size,
@@ -242,8 +243,8 @@ def load_object(url: str, record: dict | None = None) -> dict:
 
 def _scan(run_dir: str) -> list[str]:
     """``ckpt-<step>.pt`` objects in ``run_dir``, newest first (when no pointer can be trusted)."""
-    names = [n for n in storage.list_files(run_dir) if CKPT_NAME.fullmatch(n)]
-    return sorted(names, key=lambda n: int(CKPT_NAME.fullmatch(n).group(1)), reverse=True)
+    steps = {n: int(m.group(1)) for n in storage.list_files(run_dir) if (m := CKPT_NAME.fullmatch(n))}
+    return sorted(steps, key=steps.__getitem__, reverse=True)
 
 
 def _candidates(run_dir: str, pointers: tuple[str, ...], log: Callable[[str], None]) -> list[tuple[str, dict | None]]:
@@ -380,15 +381,15 @@ def check_compatible(
     saved = state.get("data_shape")
     if saved is not None and dict(saved) != dict(data_shape):
         flags = {"image_size": "--image-size", "seq_len": "--seq-len", "modality": "--modality"}
-        differ = [
+        flags_differ = [
             f"{flags[key]} {saved[key]} (this data: {data_shape.get(key)})"
             for key in flags
             if key in saved and saved[key] != data_shape.get(key)
         ]
-        if differ:
+        if flags_differ:
             raise UserError(
-                f"the checkpoint was trained on data made with {', '.join(differ)}; cannot {what}: "
-                f"preprocess with {', '.join(d.split(' (')[0] for d in differ)} to match"
+                f"the checkpoint was trained on data made with {', '.join(flags_differ)}; cannot {what}: "
+                f"preprocess with {', '.join(d.split(' (')[0] for d in flags_differ)} to match"
             )
         raise UserError(
             f"the data's clip shape {data_shape} differs from the checkpoint's {dict(saved)}; cannot {what}"

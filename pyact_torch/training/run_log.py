@@ -32,7 +32,8 @@ class RunLog:
         self.show_bar = sys.stderr.isatty() if bar is None else bar
         self.bar: tqdm | None = None
         self.started = time.time()
-        self.last_time, self.last_step = time.perf_counter(), None
+        self.last_time = time.perf_counter()
+        self.last_step: int | None = None
         self.step_seconds = 0.0  # per step, over the latest log interval
 
     @property
@@ -76,7 +77,7 @@ class RunLog:
         if not self.master:
             return
         now = time.perf_counter()
-        if step > self.last_step:
+        if self.last_step is not None and step > self.last_step:
             self.step_seconds = (now - self.last_time) / (step - self.last_step)
         rate = self.global_batch / max(self.step_seconds, 1e-9)
         self.last_time, self.last_step = now, step

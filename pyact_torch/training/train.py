@@ -13,7 +13,7 @@ import math
 import os
 import random
 from dataclasses import dataclass, field, replace
-from typing import Iterable
+from typing import Iterable, cast
 
 import torch
 import torch.nn.functional as F
@@ -81,7 +81,8 @@ class Divergence:
     diverged run stops naming the step, and never saves NaN weights over good ones."""
 
     def __init__(self, backend: Backend, lr: float):
-        self.backend, self.lr, self.finite = backend, lr, None
+        self.backend, self.lr = backend, lr
+        self.finite: torch.Tensor | None = None
 
     def add(self, loss: torch.Tensor) -> None:
         finite = torch.isfinite(loss)
@@ -317,7 +318,7 @@ def _build(config: TrainConfig, backend: Backend, failed: UserError | None, lock
     model.to(backend.device)
     net = backend.wrap(model)
     if config.compile:
-        net = torch.compile(net)
+        net = cast(torch.nn.Module, torch.compile(net))  # an OptimizedModule
     optimizer = make_optimizer(model, config.lr, config.weight_decay)
     total = sum(steps)
     schedule = (
@@ -444,7 +445,8 @@ def _datasets(
     if backend.is_master:
         used = steps[0] * config.batch_size / manifest["splits"]["train"]["count"]
         print(
-            f"{backend.world} readers ({backend.kind}{', ' + str(backend.devices_per_reader) + ' devices each' if backend.kind == 'spmd' else ''}) "
+            f"{backend.world} readers ({backend.kind}"
+            f"{', ' + str(backend.devices_per_reader) + ' devices each' if backend.kind == 'spmd' else ''}) "
             f"x {max(1, workers)} loader workers over {len(train_set.shards)} train shards: "
             f"{steps[0]} steps of {config.batch_size} windows use {used:.1%} of the epoch's windows",
             flush=True,
@@ -562,7 +564,7 @@ def _epochs(run: _Run) -> bool:
         result = _validate(run)
         state.epoch, state.batch_in_epoch = epoch + 1, 0
         improved = result is not None and result["loss"] < state.best_val_loss
-        if improved:
+        if result is not None and improved:
             state.best_val_loss = result["loss"]
         run.log.epoch_end(epoch, state.step, result)
         run.checkpoint(best=improved)

@@ -13,7 +13,7 @@ import signal
 import sys
 import threading
 import time
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, cast
 
 import torch
 
@@ -65,7 +65,7 @@ class XlaBackend(Backend):
         self._torch_xla.sync()
 
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
-        return self._xm.all_reduce(self._xm.REDUCE_SUM, tensor) if self.world > 1 else tensor
+        return cast(torch.Tensor, self._xm.all_reduce(self._xm.REDUCE_SUM, tensor)) if self.world > 1 else tensor
 
     def any_reader(self, flag: bool) -> bool:
         if self.world == 1:
@@ -77,7 +77,7 @@ class XlaBackend(Backend):
         self._xm.add_step_closure(fn, args=args)
 
     def seed_step(self, seed: int, step: int) -> None:
-        self._xm.set_rng_state(step_seed(seed, self.rank, step), self.device)
+        self._xm.set_rng_state(step_seed(seed, self.rank, step), self.device)  # type: ignore[arg-type]  # a device
 
     def compile_counts(self) -> dict[str, Any]:
         """XLA compilations and CPU fallbacks so far (the TPU-efficiency proxy)."""
@@ -139,7 +139,7 @@ class SpmdBackend(XlaBackend):
         if first is None:
             return iter(())
         shardings = {str(i): self._spec(t.dim()) for i, t in enumerate(first)}
-        named = _Named(itertools.chain([first], batches), len(loader))  # per-tensor specs need a dict
+        named = _Named(itertools.chain([first], batches), len(loader))  # type: ignore[arg-type]  # a DataLoader; per-tensor specs need a dict
         device = pl.MpDeviceLoader(named, self.device, input_sharding=shardings)
         return (tuple(batch[str(i)] for i in range(len(shardings))) for batch in device)
 
@@ -191,7 +191,7 @@ def _send_to_replicas(signum: int) -> None:
 
     for child in multiprocessing.active_children():
         try:
-            os.kill(child.pid, signum)
+            os.kill(child.pid, signum)  # type: ignore[arg-type]  # started: it has a pid
         except ProcessLookupError:  # it ended meanwhile
             pass
 
