@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import os
 import shutil
-import subprocess
-from contextlib import contextmanager
 
 import pytest
 
@@ -52,41 +49,6 @@ def gcs(tmp_path_factory):
     emulator.create_bucket("pyact-test")
     yield emulator
     emulator.stop()
-
-
-@contextmanager
-def read_only(folder):
-    """``folder`` made read-only for this process: a read-only bind mount when running as root
-    (root ignores mode bits), else mode 0o555."""
-    folder = str(folder)
-    if os.geteuid() != 0:
-        os.chmod(folder, 0o555)
-        try:
-            yield
-        finally:
-            os.chmod(folder, 0o755)
-        return
-    if subprocess.run(["mount", "--bind", folder, folder], capture_output=True).returncode:
-        pytest.skip("cannot bind-mount here to make a read-only folder for root")
-    try:
-        subprocess.run(["mount", "-o", "remount,bind,ro", folder], check=True, capture_output=True)
-        yield
-    finally:
-        subprocess.run(["umount", "-l", folder], capture_output=True)
-
-
-def tree_bytes(folder) -> dict[str, bytes]:
-    """Every file below ``folder`` with its bytes, by path relative to it."""
-    files = {}
-    for root, _, names in os.walk(folder):
-        for name in names:
-            path = os.path.join(root, name)
-            files[os.path.relpath(path, folder)] = open(path, "rb").read()
-    return files
-
-
-def count_frames(root: str, kind: str = "color") -> int:
-    return sum(1 for _, _, files in os.walk(root) for f in files if f.startswith(kind + "_"))
 
 
 @pytest.fixture(scope="session")

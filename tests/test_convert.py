@@ -7,11 +7,11 @@ import json
 import os
 import struct
 
-import h5py
 import numpy as np
 import pytest
 import torch
 
+from helpers import keras_weights, tfrecord, write_keras_h5
 from pyact_torch.io import storage
 from pyact_torch.cli import main
 from pyact_torch.errors import UserError
@@ -20,74 +20,6 @@ from pyact_torch.data.loader import tar_samples
 from pyact_torch.model import build_model
 
 # --- Keras ------------------------------------------------------------------------------------
-
-FILTERS, DENSE = (64, 128, 256, 512), (4096, 128)
-
-
-def keras_weights(rng, channels=3, seq_len=6, size=32, classes=17) -> list[tuple[str, list[tuple[str, np.ndarray]]]]:
-    """pyACT's ConvNet3D layer list with random weights in Keras layouts."""
-    layers, cin = [], channels
-    for i, width in enumerate(FILTERS, 1):
-        kernel = rng.normal(0, np.sqrt(2 / (27 * cin)), (3, 3, 3, cin, width)).astype(np.float32)
-        layers.append((f"CONV3D_{i}", [("kernel", kernel), ("bias", rng.normal(0, 0.05, width).astype(np.float32))]))
-        layers.append((f"POOL3D_{i}", []))
-        layers.append((f"ACTIVATION_{i}", []))
-        layers.append(
-            (
-                f"BATCH_NORM_{i}",
-                [
-                    ("gamma", rng.uniform(0.5, 1.5, width).astype(np.float32)),
-                    ("beta", rng.normal(0, 0.1, width).astype(np.float32)),
-                    ("moving_mean", rng.normal(0, 0.1, width).astype(np.float32)),
-                    ("moving_variance", rng.uniform(0.5, 2, width).astype(np.float32)),
-                ],
-            )
-        )
-        cin = width
-    layers.append(("FLATTEN", []))
-    fan_in = seq_len * (size // 16) ** 2 * cin
-    for name, width in (("DENSE_1", DENSE[0]), ("DENSE_2", DENSE[1]), ("DENSE_CLASS", classes)):
-        layers.append(
-            (
-                name,
-                [
-                    ("kernel", rng.normal(0, np.sqrt(2 / fan_in), (fan_in, width)).astype(np.float32)),
-                    ("bias", rng.normal(0, 0.05, width).astype(np.float32)),
-                ],
-            )
-        )
-        fan_in = width
-    return layers
-
-
-def write_keras_h5(path, layers, whole_model: bool, input_shape=(6, 32, 32, 3), functional: bool = False) -> None:
-    """The legacy Keras 2 HDF5 layout: save_weights, or model.save (weights under model_weights);
-    the model config of a Sequential model (pyACT 0.0.7) or of a functional one (1.x: an Input)."""
-    with h5py.File(path, "w") as f:
-        group = f
-        if whole_model:
-            first = (
-                {"class_name": "InputLayer", "config": {"name": "input_1", "batch_input_shape": [None, *input_shape]}}
-                if functional
-                else {"class_name": "Conv3D", "config": {"name": "CONV3D_1", "batch_input_shape": [None, *input_shape]}}
-            )
-            config = {
-                "class_name": "Model" if functional else "Sequential",
-                "config": {"name": "ConvNet3D", "layers": [first]},
-            }
-            f.attrs["model_config"] = json.dumps(config).encode()
-            f.attrs["training_config"] = b'{"loss": "categorical_crossentropy"}'
-            group = f.create_group("model_weights")
-            f.create_group("optimizer_weights")
-        group.attrs["layer_names"] = [name.encode() for name, _ in layers]
-        group.attrs["backend"] = b"tensorflow"
-        group.attrs["keras_version"] = b"2.2.4"
-        for name, weights in layers:
-            layer = group.create_group(name)
-            names = [f"{name}/{kind}:0" for kind, _ in weights]
-            layer.attrs["weight_names"] = [n.encode() for n in names]
-            for weight_name, (_, value) in zip(names, weights):
-                layer.create_dataset(weight_name, data=value)
 
 
 def keras_weights_v1(rng, channels=3, seq_len=2, size=32, classes=17, first_norm=0):
@@ -303,18 +235,6 @@ def example_class():
     pool = descriptor_pool.DescriptorPool()
     pool.Add(proto)
     return message_factory.GetMessageClass(pool.FindMessageTypeByName("pyacttest.Example"))
-
-
-def masked_crc(data: bytes) -> int:
-    import google_crc32c
-
-    crc = google_crc32c.value(data)
-    return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
-
-
-def tfrecord(payload: bytes) -> bytes:
-    length = struct.pack("<Q", len(payload))
-    return length + struct.pack("<I", masked_crc(length)) + payload + struct.pack("<I", masked_crc(payload))
 
 
 def pyact_records(rng, count: int, shape=(6, 16, 16, 3)) -> list[tuple[np.ndarray, int, bytes]]:

@@ -1,60 +1,14 @@
-"""The demo end to end. ``check_demo_output`` is also what docker/ci.sh runs on the demo made
-inside the container image."""
+"""The demo end to end. Its checks (``helpers.check_demo_output``) also run on ``make demo`` in
+CI and on the demo made inside the container image (tests/check_demo.py)."""
 
 from __future__ import annotations
 
-import json
 import os
 
-import cv2
-import numpy as np
 import pytest
-import torch
 
+from helpers import check_demo_output
 from pyact_torch.cli import main
-
-
-def _frames(path: str) -> int:
-    capture = cv2.VideoCapture(path)
-    count = 0
-    while capture.read()[0]:
-        count += 1
-    capture.release()
-    return count
-
-
-def check_demo_output(out: str) -> dict:
-    """The demo's outputs exist, decode and agree with each other; test accuracy >= 0.8."""
-    metrics = json.load(open(os.path.join(out, "metrics.json")))
-    rows = json.load(open(os.path.join(out, "predictions.json")))
-    assert metrics["windows"] == len(rows) > 100
-    assert metrics["accuracy"] == np.mean([r["truth"] == r["prediction"] for r in rows])
-    assert metrics["accuracy"] >= 0.8, metrics["accuracy"]
-    video = next(
-        os.path.join(out, f) for f in os.listdir(out) if f.startswith("predictions.") and f.endswith((".mp4", ".avi"))
-    )
-    # each frame of every test sequence once (before: each window's frames, 6x as many)
-    assert _frames(video) == len({(r["sequence"], f) for r in rows for f in range(r["start"], r["stop"] + 1)})
-    for png in ("confusion_matrix.png", "loss.png", os.path.splitext(os.path.basename(video))[0] + "-sheet.png"):
-        image = cv2.imread(os.path.join(out, png))
-        assert image is not None and image.size > 0, png
-    # the run's checkpoints: in DIR/run, or in the emulator's files under DIR/gcs
-    final = [os.path.join(folder, f) for folder, _, files in os.walk(out) for f in files if f.endswith("final.pt")]
-    assert final, "no final.pt among the demo's outputs"
-    state = torch.load(final[0], weights_only=True)
-    assert state["classes"][-1] == "no-action" and state["config"]["model"] == "tiny"
-    detection = json.load(open(os.path.join(out, "detection", "metrics.json")))["detection"]
-    found = json.load(open(os.path.join(out, "detection", "detections.json")))["sequences"]
-    # the 10 TestDetection recordings, several actions each
-    assert detection["sequences"] == len(found) == 10 and all(s["name"].startswith("TestDetection/") for s in found)
-    assert detection["segments"]["0.5"]["f1"] >= 0.55, detection["segments"]["0.5"]
-    assert detection["mAP"]["thresholds"]["0.5"]["mAP"] >= 0.6, detection["mAP"]
-    assert (
-        _frames(os.path.join(out, "detection", "detections.mp4"))
-        == detection["frames"]
-        == sum(s["frames"] for s in found)
-    )
-    return metrics
 
 
 @pytest.mark.slow

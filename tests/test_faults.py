@@ -30,7 +30,7 @@ from pyact_torch.cli import main
 from pyact_torch.errors import UserError
 from pyact_torch.data.shards import TarFormatError, read_manifest, read_tar
 
-from conftest import read_only, tree_bytes
+from helpers import read_only, tree_bytes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLI = [sys.executable, "-c", "import sys; from pyact_torch.cli import main; sys.exit(main(sys.argv[1:]))"]

@@ -18,8 +18,8 @@ from pyact_torch.cli import main
 from pyact_torch.io import storage
 from pyact_torch.io.records import CorruptRecord, tfrecords
 from pyact_torch.errors import UserError
-from conftest import read_only, tree_bytes
-from test_convert import masked_crc, tfrecord, write_keras_h5  # the same file builders as the converter tests
+from helpers import read_only, tree_bytes
+from helpers import masked_crc, tfrecord, write_keras_h5  # the same file builders as the converter tests
 
 # --- helpers ----------------------------------------------------------------------------------
 # Self-contained on purpose: test_convert's module imports loader functions that are being

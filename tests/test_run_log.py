@@ -11,6 +11,7 @@ import sys
 
 import pytest
 
+from helpers import scalars
 from pyact_torch.io import storage
 from pyact_torch.cli import main
 from pyact_torch.training.events import event_file, event_file_name
@@ -18,15 +19,6 @@ from pyact_torch.training.run_log import loss_plot
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--model", "tiny", "--device", "cpu", "--batch-size", "8", "--workers", "1"]
-
-
-def scalars(folder: str) -> dict[str, list[tuple[int, float]]]:
-    """Every scalar as TensorBoard itself reads the folder."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    reader = EventAccumulator(folder)
-    reader.Reload()
-    return {tag: [(e.step, e.value) for e in reader.Scalars(tag)] for tag in reader.Tags()["scalars"]}
 
 
 @pytest.fixture(scope="module")

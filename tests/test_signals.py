@@ -15,8 +15,8 @@ import torch
 
 from pyact_torch.cli import main
 
-from conftest import tree_bytes
-from test_convert import keras_weights, write_keras_h5
+from helpers import tree_bytes
+from helpers import keras_weights, write_keras_h5
 
 CODES = {signal.SIGTERM: 143, signal.SIGINT: 130}
 
