@@ -62,7 +62,7 @@ if python3 -m pytest --version >/dev/null 2>&1; then
         echo "tests: skipped (GPU_CHECK_TOTAL_S=$TOTAL_S leaves no time for them)"; rc=-1
     else
         # test_devices.py holds them; other test files import packages a bare GPU box lacks (psutil, onnx)
-        timeout -k 10 "$limit" python3 -m pytest -q -m cuda -p no:cacheprovider tests/test_devices.py || rc=$?
+        timeout -k 10 "$limit" python3 -m pytest -q -m cuda -p no:cacheprovider tests/training/test_devices.py || rc=$?
     fi
     case $rc in
         -1) failed+=("tests (no time)") ;;

@@ -11,7 +11,8 @@ import pytest
 
 from pyact_torch.cli import main
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import ROOT
+
 SEQ = "Train/train00/asl-z"
 
 

@@ -30,9 +30,8 @@ from pyact_torch.cli import main
 from pyact_torch.errors import UserError
 from pyact_torch.data.shards import TarFormatError, read_manifest, read_tar
 
-from helpers import read_only, tree_bytes
+from helpers import ROOT, read_only, tree_bytes
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLI = [sys.executable, "-c", "import sys; from pyact_torch.cli import main; sys.exit(main(sys.argv[1:]))"]
 TRAIN = [
     "--device",
@@ -1307,7 +1306,7 @@ def test_an_image_size_the_model_cannot_take_is_refused_before_work(tiny_dataset
 @pytest.mark.slow
 def test_a_lone_reader_with_more_workers_than_shards_uses_fewer(small_shards, tmp_path, capsys):
     """It was refused ("lower --workers") although one reader reads every shard. The refusal
-    stays where replicas or hosts outnumber shards (tests/test_spmd.py)."""
+    stays where replicas or hosts outnumber shards (tests/training/test_spmd.py)."""
     manifest = read_manifest(small_shards)
     shards_count, windows = len(manifest["splits"]["train"]["shards"]), manifest["splits"]["train"]["count"]
     code = main(

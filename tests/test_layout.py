@@ -10,7 +10,8 @@ import os
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import ROOT
+
 PACKAGE = os.path.join(ROOT, "pyact_torch")
 
 # lowest first; a unit is a folder of pyact_torch or one of its top-level modules

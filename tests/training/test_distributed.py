@@ -17,7 +17,8 @@ import torch
 
 from pyact_torch.io import storage
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import ROOT
+
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
 # small clips, 8 windows a step, a checkpoint every 10 steps: ~45 steps in 3 epochs; with augmentation
 # and dropout, whose draws a resume on every replica must repeat exactly
@@ -109,14 +110,14 @@ def rank_of(process: psutil.Process) -> int | None:
         return None
 
 
-# --- step for step: tests/dist_facts.py under torchrun ---------------------------------------
+# --- step for step: tests/training/dist_facts.py under torchrun ---------------------------------------
 
 
 @pytest.fixture(scope="module", params=[2, 4])
 def facts(request, small_shards) -> dict:
-    """tests/dist_facts.py's measurements with 2 and 4 gloo processes (~15 s each)."""
+    """tests/training/dist_facts.py's measurements with 2 and 4 gloo processes (~15 s each)."""
     result = subprocess.run(
-        torchrun(request.param, os.path.join(ROOT, "tests", "dist_facts.py"), small_shards, module=""),
+        torchrun(request.param, os.path.join(ROOT, "tests", "training", "dist_facts.py"), small_shards, module=""),
         capture_output=True,
         text=True,
         timeout=600,
@@ -328,7 +329,7 @@ def test_only_rank_0_writes_a_bucket_run_dir_and_every_rank_restores(guarded, sm
     fails, so the guard bites."""
     run_dir = f"gs://pyact-test/dist-{guarded}-{os.getpid()}"
     env = dict(os.environ, PYACT_TEST_NO_WRITES_ON_RANK=str(guarded))
-    guard = os.path.join(ROOT, "tests", "rank_guard.py")
+    guard = os.path.join(ROOT, "tests", "training", "rank_guard.py")
     command = [
         *TORCHRUN,
         "--nproc_per_node",
@@ -358,7 +359,7 @@ def test_only_rank_0_writes_a_bucket_run_dir_and_every_rank_restores(guarded, sm
 @pytest.mark.slow
 @pytest.mark.parametrize("case", ["data missing on rank 1", "data missing everywhere", "bad flag"])
 def test_a_failure_at_start_is_said_once_by_the_rank_that_met_it(case, small_shards, tmp_path):
-    """Each rank as a machine of its own (tests/rank_guard.py gives it data-<rank>): a rank that
+    """Each rank as a machine of its own (tests/training/rank_guard.py gives it data-<rank>): a rank that
     cannot start still joins the others to tell them, so they stop at once instead of waiting
     for it until torchrun kills them (30 s), and its own line names it. A cause every rank
     meets is said once; so is a usage error."""
@@ -369,7 +370,7 @@ def test_a_failure_at_start_is_said_once_by_the_rank_that_met_it(case, small_sha
         *TORCHRUN,
         "--nproc_per_node",
         "2",
-        os.path.join(ROOT, "tests", "rank_guard.py"),
+        os.path.join(ROOT, "tests", "training", "rank_guard.py"),
         "train",
         "--data",
         str(tmp_path / "data-{rank}"),

@@ -1,4 +1,4 @@
-"""Run under ``PJRT_DEVICE=CPU CPU_NUM_DEVICES=4`` (tests/test_spmd.py does): the same initial
+"""Run under ``PJRT_DEVICE=CPU CPU_NUM_DEVICES=4`` (tests/training/test_spmd.py does): the same initial
 weights and global batches for a few Adam steps through pyact-torch's SPMD backend (its device
 loader, ``train_step``, ``evaluate``) and in eager PyTorch on one device; prints the facts as
 JSON. float64, so that what differs between 4 partial sums and 1 is rounding at ~1e-16, which

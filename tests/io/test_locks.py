@@ -17,7 +17,8 @@ import pytest
 from pyact_torch.io import locks, storage
 from pyact_torch.errors import UserError
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import ROOT
+
 TRAIN = [
     sys.executable,
     "-m",

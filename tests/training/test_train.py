@@ -18,9 +18,8 @@ from pyact_torch.cli import main
 from pyact_torch.io.emulator import GCSEmulator
 from pyact_torch.training.events import EVENT_PREFIX
 
-from helpers import scalars
+from helpers import ROOT, scalars
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "scripts", "train_tpu.py")
 
 

@@ -18,7 +18,8 @@ from pyact_torch.training.devices import make_backend
 from pyact_torch.model import build_model, model_input
 from pyact_torch.training.train import train_step
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import ROOT
+
 HAS_GPU = torch.cuda.is_available()
 cuda = pytest.mark.skipif(not HAS_GPU, reason="needs a GPU (run bench/gpu_check.sh on a GPU machine)")
 # a Python without torch_xla, webdataset and google-cloud-storage: imports of them fail as if absent

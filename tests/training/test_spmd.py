@@ -19,20 +19,21 @@ from pyact_torch.data.loader import Part, train_steps, worker_shards
 from pyact_torch.data.shards import Shard
 from pyact_torch.training.train import check_readers, per_replica_batch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import ROOT
+
 SPMD_ENV = dict(os.environ, PJRT_DEVICE="CPU", CPU_NUM_DEVICES="4")
 TRAIN = [sys.executable, os.path.join(ROOT, "scripts", "train_tpu.py")]
 
 
 @pytest.fixture(scope="module")
 def facts(small_shards, tmp_path_factory) -> dict:
-    """tests/spmd_facts.py's measurements (~30 s): 4 Adam steps of tiny in float64 through the
+    """tests/training/spmd_facts.py's measurements (~30 s): 4 Adam steps of tiny in float64 through the
     SPMD backend and eagerly on one device; the partitioned programs XLA compiled; evaluation of
     a split whose size is no multiple of the batch."""
     dump = str(tmp_path_factory.mktemp("hlo"))
     env = dict(SPMD_ENV, SPMD_FACTS_DUMP=dump, XLA_FLAGS=f"--xla_dump_to={dump} --xla_dump_hlo_as_text")
     result = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "tests", "spmd_facts.py"), small_shards],
+        [sys.executable, os.path.join(ROOT, "tests", "training", "spmd_facts.py"), small_shards],
         capture_output=True,
         text=True,
         env=env,

@@ -1,4 +1,4 @@
-"""Run under ``torchrun --nproc_per_node N`` (tests/test_distributed.py does): the same initial
+"""Run under ``torchrun --nproc_per_node N`` (tests/training/test_distributed.py does): the same initial
 weights and global batches for a few Adam steps through pyact-torch's torch.distributed backend
 (DDP over gloo, ``train_step``, ``evaluate``) and, on rank 0, in one process computing the same
 N-replica step (each replica's share through the model on its own, so BatchNorm is per replica;

@@ -25,7 +25,8 @@ from pyact_torch.detection.runners import load_checkpoint_runner, load_exported
 from pyact_torch.detection.segments import detect_segments
 from pyact_torch.detection.stream import batched, count_frames, folder_frames, streamed
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import ROOT
+
 SEQUENCE = "Test/test00/asl-where"  # one with two segments
 
 

@@ -19,7 +19,7 @@ from pyact_torch.scoring.metrics import score
 from pyact_torch.data.shards import load_npy, read_manifest, read_samples, split_shards
 from pyact_torch.draw.panels import clip_frames, to_display
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import ROOT
 
 
 def test_metrics_against_a_hand_computed_confusion_matrix():

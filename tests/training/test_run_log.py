@@ -17,7 +17,6 @@ from pyact_torch.cli import main
 from pyact_torch.training.events import event_file, event_file_name
 from pyact_torch.training.run_log import loss_plot
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--model", "tiny", "--device", "cpu", "--batch-size", "8", "--workers", "1"]
 
 

@@ -1,7 +1,7 @@
 """``pyact`` as one torchrun worker, as if each rank were a machine of its own: ``{rank}`` in an
 argument becomes the worker's rank (its own data folder, say), and the rank named by
 ``PYACT_TEST_NO_WRITES_ON_RANK`` may read storage but not write it: any write or delete there
-fails the run. tests/test_distributed.py runs it to show that only rank 0 writes a run
+fails the run. tests/training/test_distributed.py runs it to show that only rank 0 writes a run
 directory (and, with rank 0 guarded, that the guard bites), and that a failure on one rank
 alone is reported by that rank."""
 

@@ -21,9 +21,8 @@ from pyact_torch.config import PreprocessConfig
 from pyact_torch.data.preprocess import preprocess
 from pyact_torch.data.shards import read_manifest
 
-from helpers import count_frames, tree_bytes
+from helpers import ROOT, count_frames, tree_bytes
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "scripts", "preprocess.py")
 
 
