@@ -2,7 +2,7 @@
 
 import sys
 
-from .io import processes  # noqa: F401  (first: it records the launcher's pid before the slow imports)
+from .io import lifecycle  # noqa: F401  (first: it records the launcher's pid before the slow imports)
 from .cli import main
 
 sys.exit(main())

@@ -30,7 +30,7 @@ from .config import (
 )
 from . import __doc__ as package_doc
 from .errors import UserError, local_rank, printed_here
-from .io.interrupts import Interrupted, Terminated, raise_terminated
+from .io.lifecycle import Interrupted, Terminated, raise_terminated
 from .io.storage import USER_ERRNOS
 
 

@@ -15,7 +15,7 @@ from typing import Callable
 
 from .io import storage
 from .config import DemoConfig, DetectConfig, PreprocessConfig, EvaluateConfig, SynthConfig, TrainConfig, VideoConfig
-from .training.devices import preempted
+from .io.lifecycle import preempted
 from .errors import UserError
 
 BUCKET = "pyact-demo"
@@ -77,7 +77,7 @@ def run_demo(config: DemoConfig, print_fn: Callable[[str], None] = print) -> dic
         finally:
             signal.signal(signal.SIGTERM, handler)
         if preempted():
-            from .io.interrupts import Terminated
+            from .io.lifecycle import Terminated
 
             raise Terminated()
         _write_record(out, complete=False)

@@ -24,7 +24,7 @@ from ..io import storage
 from ..training.checkpoint import CHECKPOINT_FORMAT, load_object, make_checkpoint
 from ..config import KerasConfig
 from ..errors import UserError
-from ..io.interrupts import uninterrupted
+from ..io.lifecycle import uninterrupted
 from ..data.labels import PYACT_CLASSES
 from ..model import PRESETS, build_model
 from ..data.shards import MODALITY_OF

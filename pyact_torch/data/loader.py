@@ -19,10 +19,8 @@ from __future__ import annotations
 import contextlib
 import itertools
 import json
-import os
 import random
 import signal
-import threading
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator
 
@@ -32,8 +30,7 @@ import torch
 from . import shards as shard_format
 from .augment import augmented, colour_channels
 from ..errors import UserError
-from ..io.locks import forget_in_child
-from ..io.processes import die_with_parent
+from ..io.lifecycle import watch_loader_worker
 from .shards import Shard, decode_sample, read_samples, split_shards
 
 
@@ -268,31 +265,6 @@ class WindowDataset(torch.utils.data.IterableDataset):
                 yield empty_batch(self.batch_size, self.clip_shape)
 
 
-def _watch_sigterm(_worker: int) -> None:
-    """Loader workers leave preemption and Ctrl-C to the main process: a SIGTERM sent to the whole process
-    group (a VM shutdown) is ignored here, since a worker that died of it would fail the step
-    being finished. A SIGTERM from the main process itself (how it ends leftover workers when
-    it exits) ends the worker, as torch's own handler does. SIGTERM stays blocked (it was when
-    the worker was forked, so none slips in before this) and a thread takes each one with its
-    sender. A worker dies with its replica (a ``kill -9`` of it), instead of noticing seconds
-    later."""
-    parent = os.getppid()
-    die_with_parent(parent)
-    forget_in_child()  # the run dir's lock goes with the replica, not with a worker it forked
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
-    # a terminal's Ctrl-C reaches the whole process group: the replica stops with a checkpoint,
-    # and its workers must live to finish the step (SIGINT was blocked since the fork too)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
-
-    def watch() -> None:
-        while True:
-            if signal.sigwaitinfo({signal.SIGTERM}).si_pid == parent:
-                os._exit(0)
-
-    threading.Thread(target=watch, name="sigterm-watch", daemon=True).start()
-
-
 def make_loader(dataset: WindowDataset, workers: int) -> torch.utils.data.DataLoader:
     """A DataLoader over a WindowDataset (batches are made inside the dataset)."""
     return torch.utils.data.DataLoader(
@@ -305,7 +277,7 @@ def make_loader(dataset: WindowDataset, workers: int) -> torch.utils.data.DataLo
         # not be drawn from the global one that dropout draws from, or
         # a resumed epoch would drop other units
         generator=torch.Generator(),
-        worker_init_fn=_watch_sigterm if workers else None,
+        worker_init_fn=watch_loader_worker if workers else None,
     )
 
 

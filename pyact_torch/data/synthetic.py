@@ -29,7 +29,7 @@ from ..config import SynthConfig
 from ..io import storage
 from ..errors import UserError
 from .labels import ACTIONS
-from ..io.interrupts import uninterrupted
+from ..io.lifecycle import uninterrupted
 from ..io.outputs import remove_empty_up_to, topmost_missing
 from ..io.processes import map_unordered
 

@@ -27,7 +27,7 @@ import torch
 from ..io import storage
 from ..config import MAX_BATCH, ExportConfig
 from ..errors import UserError
-from ..io.interrupts import uninterrupted
+from ..io.lifecycle import uninterrupted
 from ..io.outputs import remove_empty_up_to, topmost_missing
 from ..data.labels import scan_dataset
 from .runners import METADATA_KEY, ModelInfo, OnnxRunner, load_checkpoint_runner, load_exported

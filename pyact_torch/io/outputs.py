@@ -15,7 +15,7 @@ from typing import Iterator
 
 from . import storage
 from ..errors import UserError
-from .interrupts import uninterrupted
+from .lifecycle import uninterrupted
 
 
 @contextlib.contextmanager

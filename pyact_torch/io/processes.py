@@ -4,15 +4,10 @@ from __future__ import annotations
 
 import multiprocessing
 import os
-import signal
-import sys
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from typing import Callable, Generator, Sequence, TypeVar
 
-# the process that started this one, read when this module is first imported (``python -m
-# pyact_torch`` imports it first thing): a launcher killed before a replica asks for it later
-# would otherwise read as init (pid 1), and the replica would never learn of its death
-PARENT_AT_START = os.getppid()
+from .lifecycle import die_with_parent
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -49,17 +44,6 @@ def map_unordered(
         raise
     finally:
         executor.shutdown(wait=False, cancel_futures=True)
-
-
-def die_with_parent(parent: int) -> None:
-    """Have the kernel kill this process when ``parent`` dies (Linux): after a ``kill -9`` of
-    the command, its workers would otherwise go on for minutes, holding files open."""
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-        if os.getppid() != parent:  # it died before prctl took effect
-            os._exit(1)
 
 
 def _start_worker(parent: int, initializer: Callable | None, initargs: tuple) -> None:

@@ -12,12 +12,11 @@ when asked for.
 from __future__ import annotations
 
 import os
-import signal
-import sys
-import threading
 from typing import Any, Callable, Iterable
 
 import torch
+
+from ..io.lifecycle import restore_handlers, watch_sigterm
 
 
 class Backend:
@@ -218,74 +217,6 @@ def _host_copy(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return type(value)(_host_copy(v) for v in value)
     return value
-
-
-# --- preemption (SIGTERM) and Ctrl-C (SIGINT) -------------------------------------------------
-# A TPU VM's preemption notice is a SIGTERM. Training finishes its step, checkpoints and exits 0.
-# The first Ctrl-C does the same and the command exits 130; a second one abandons the run.
-
-_PREEMPTED = threading.Event()
-_INTERRUPTED = threading.Event()
-
-
-def _on_sigterm(signum: int, frame: Any) -> None:
-    _PREEMPTED.set()
-
-
-def _on_sigint(signum: int, frame: Any) -> None:
-    if _INTERRUPTED.is_set():
-        raise KeyboardInterrupt  # the second Ctrl-C: abandon (checkpoints already written stay)
-    _INTERRUPTED.set()
-    _PREEMPTED.set()
-    from ..errors import local_rank
-
-    if not local_rank() and not in_xmp_replica():  # one line per machine
-        print(
-            "stopping after this step, with a checkpoint (Ctrl-C again to abandon the step)",
-            file=sys.stderr,
-            flush=True,
-        )
-
-
-def preempted() -> bool:
-    """True once this process received SIGTERM or a first Ctrl-C."""
-    return _PREEMPTED.is_set()
-
-
-def interrupted() -> bool:
-    """True once this process received a Ctrl-C (SIGINT): the command then exits 130."""
-    return _INTERRUPTED.is_set()
-
-
-def watch_sigterm() -> dict:
-    """Turn SIGTERM and a first Ctrl-C into ``preempted()`` for the run starting now (a handler
-    can only be set from the main thread): a stop requested of an earlier run in this process
-    is not this one's. Returns the handlers replaced, for ``restore_handlers``."""
-    _PREEMPTED.clear()
-    _INTERRUPTED.clear()
-    if threading.current_thread() is not threading.main_thread():
-        return {}
-    return {
-        signal.SIGTERM: signal.signal(signal.SIGTERM, _on_sigterm),
-        signal.SIGINT: signal.signal(signal.SIGINT, _on_sigint),
-    }
-
-
-def restore_handlers(previous: dict) -> None:
-    """Put back what ``watch_sigterm`` replaced: after training, a Ctrl-C interrupts again (the
-    demo goes on to score, and an in-process caller keeps its own handlers)."""
-    for signum, handler in previous.items():
-        signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
-
-
-def in_xmp_replica() -> bool:
-    """Whether this process is a replica started by xmp.spawn (its launcher speaks for it)."""
-    return os.environ.get("PYACT_LAUNCHER_PID") == str(os.getppid())
-
-
-def note_interrupt() -> None:
-    """A Ctrl-C seen by the process that launched the replicas (xmp.spawn's launcher)."""
-    _INTERRUPTED.set()
 
 
 def launch(fn: Callable[..., Any], args: tuple, kind: str, distributed: bool = False) -> None:

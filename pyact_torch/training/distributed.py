@@ -23,9 +23,9 @@ from typing import Any, Callable
 
 import torch
 
-from .devices import Backend, cuda_device, watch_sigterm
+from .devices import Backend, cuda_device
 from ..errors import ExplainedElsewhere, ReplicaError, UserError, launch_rank
-from ..io.processes import PARENT_AT_START, die_with_parent
+from ..io.lifecycle import PARENT_AT_START, die_with_parent, watch_sigterm
 
 # gloo reports a lost peer or a timeout as a plain RuntimeError (NCCL's are DistErrors)
 _LOST_PEER = re.compile(

@@ -23,7 +23,7 @@ from .checkpoint import FINAL, CheckpointWriter, check_compatible, check_resumab
 from ..config import TrainConfig, to_dict
 from ..errors import ExplainedElsewhere, ReplicaError, UserError, local_rank
 from .validation import evaluate
-from ..io.interrupts import Interrupted
+from ..io.lifecycle import Interrupted, in_xmp_replica, interrupted, preempted
 from ..io.locks import Lock
 from ..data.loader import HostBatches, Part, WindowDataset, on_device
 from ..model import build_model, check_input, conv_kernels, model_input
@@ -37,7 +37,7 @@ from ..data.shards import (
     training_data_fingerprint,
 )
 from ..io.resources import check_memory
-from .devices import Backend, check_device, chosen_device, in_xmp_replica, interrupted, launch, make_backend, preempted
+from .devices import Backend, check_device, chosen_device, launch, make_backend
 
 
 def train_step(

@@ -9,16 +9,12 @@ from __future__ import annotations
 
 import itertools
 import os
-import signal
-import sys
-import threading
-import time
 from typing import Any, Callable, Iterable, Iterator, cast
 
 import torch
 
-from .devices import Backend, interrupted, note_interrupt, step_seed, watch_sigterm
-from ..io.processes import die_with_parent
+from .devices import Backend, step_seed
+from ..io.lifecycle import arriving, forwarding_to_replicas, replica_main
 
 
 class XlaBackend(Backend):
@@ -174,62 +170,6 @@ class _Named:
         return ({str(i): tensor for i, tensor in enumerate(batch)} for batch in self.batches)
 
 
-# --- launch (xmp.spawn) ------------------------------------------------------------------------
-# Under xmp.spawn a replica runs in a thread of a child process, where no SIGTERM handler can be
-# set: the child's main thread sets it when it imports this module (it does, to unpickle the
-# replica function), and the launcher passes a SIGTERM it receives on to its children.
-
-_LAUNCHER_ENV = "PYACT_LAUNCHER_PID"
-
-
-_ASKING = threading.Event()  # the launcher keeps asking its replicas to stop
-REPEAT_S = 1.0
-
-
-def _send_to_replicas(signum: int) -> None:
-    import multiprocessing
-
-    for child in multiprocessing.active_children():
-        try:
-            os.kill(child.pid, signum)  # type: ignore[arg-type]  # started: it has a pid
-        except ProcessLookupError:  # it ended meanwhile
-            pass
-
-
-def _forward_to_replicas(signum: int, frame: Any) -> None:
-    """Pass a stop request on to the replicas, and again every second until they have ended: a
-    replica at an epoch's end was seen to lose both the terminal's SIGINT and the SIGTERM passed
-    on (3 of 10 tries; its handler never ran, nothing was left pending), and a stop is
-    idempotent there (it finishes its step and checkpoints once)."""
-    _send_to_replicas(signum)
-    if not _ASKING.is_set():
-        _ASKING.set()
-        threading.Thread(target=_keep_asking, args=(signum,), name="stop-replicas", daemon=True).start()
-
-
-def _keep_asking(signum: int) -> None:
-    import multiprocessing
-
-    while _ASKING.is_set() and multiprocessing.active_children():
-        time.sleep(REPEAT_S)
-        if _ASKING.is_set():
-            _send_to_replicas(signum)
-
-
-def _interrupt_replicas(signum: int, frame: Any) -> None:
-    """The launcher's first Ctrl-C stops the replicas as a SIGTERM does (the replicas of a
-    terminal's Ctrl-C have it too: a stop is idempotent); a second abandons the run."""
-    if interrupted():
-        raise KeyboardInterrupt
-    note_interrupt()
-    print("stopping after this step, with a checkpoint (Ctrl-C again to abandon the step)", file=sys.stderr, flush=True)
-    _forward_to_replicas(signal.SIGTERM, frame)
-
-
-if os.environ.get(_LAUNCHER_ENV) == str(os.getppid()):  # imported in a replica process
-    watch_sigterm()
-
-
 def require_torch_xla() -> None:
     """A UserError naming the package when torch_xla is not installed (a GPU box)."""
     import importlib.util
@@ -253,33 +193,8 @@ def spawn(fn: Callable[..., Any], args: tuple) -> None:
     os.environ.setdefault("PJRT_DEVICE", "CPU" if not _has_tpu() else "TPU")
     import torch_xla.distributed.xla_multiprocessing as xmp
 
-    os.environ[_LAUNCHER_ENV] = str(os.getpid())
-    forwarding = threading.current_thread() is threading.main_thread()
-    if forwarding:
-        previous = signal.signal(signal.SIGTERM, _forward_to_replicas)
-        previous_int = signal.signal(signal.SIGINT, _interrupt_replicas)
-    try:
-        xmp.spawn(_replica_main, args=(os.getpid(), fn, *args))
-    finally:
-        _ASKING.clear()
-        if forwarding:
-            signal.signal(signal.SIGTERM, previous)
-            signal.signal(signal.SIGINT, previous_int)
-        os.environ.pop(_LAUNCHER_ENV, None)
-
-
-def _replica_main(index: int, launcher: int, fn: Callable[..., Any], *args: Any) -> None:
-    """A replica process dies with the process that launched it: after a ``kill -9`` of the
-    launcher an orphan would otherwise go on holding the TPU (and writing to the run dir)."""
-    if os.getpid() != launcher:
-        die_with_parent(launcher)
-    try:
-        fn(index, *args)
-    finally:
-        if os.getpid() != launcher and threading.current_thread() is threading.main_thread():
-            # done: the launcher's repeated stop request must not kill it while it exits (at exit
-            # Python gives a signal its default action back, unless it is ignored)
-            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    with forwarding_to_replicas():
+        xmp.spawn(replica_main, args=(os.getpid(), arriving(fn), *args))
 
 
 def _has_tpu() -> bool:
