@@ -4,7 +4,7 @@ Each source is read frame by frame (``stream``), each window ending at a frame i
 (``runners``), and the probabilities become segments online (``segments``). With a single
 source (a camera, a video, a folder) a segment is printed once when it starts and once when it
 ends; all of them are written to ``detections.json`` and, against the label files, scored by
-``detection_metrics``. With ``--model FILE.onnx`` nothing here imports torch.
+``detection.metrics``. With ``--model FILE.onnx`` nothing here imports torch.
 """
 
 from __future__ import annotations

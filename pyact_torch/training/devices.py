@@ -1,10 +1,10 @@
-"""The device layer: what the training loop and scoring need from a device, preemption
-(SIGTERM), and launching one replica per device.
+"""The device layer: what the training loop and scoring need from a device, and launching one
+replica per device (how replicas stop and die: ``io.lifecycle``).
 
-``Backend`` is plain eager PyTorch on the CPU or one GPU (one replica); ``tpu.XlaBackend`` maps
+``Backend`` is plain eager PyTorch on the CPU or one GPU (one replica); ``xla.XlaBackend`` maps
 the same names to torch_xla (TPU cores, or XLA:CPU with ``PJRT_DEVICE=CPU``) and
 ``distributed.DistBackend`` to torch.distributed (one process per CPU or GPU under torchrun:
-gloo or NCCL), so the training loop has one code path. ``tpu.py`` is the only module that
+gloo or NCCL), so the training loop has one code path. ``xla.py`` is the only module that
 imports torch_xla and ``distributed.py`` the only one that sets up a process group, each only
 when asked for.
 """

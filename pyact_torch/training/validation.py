@@ -1,5 +1,5 @@
 """evaluate(model, batches, backend) -> loss, accuracy and confusion matrix: the validation
-loop training runs every epoch, reused by ``pyact evaluate`` (``scoring.py``). Padded windows
+loop training runs every epoch, reused by ``pyact evaluate`` (``scoring/evaluate.py``). Padded windows
 (mask False) count nowhere, and sums are reduced over replicas, so the numbers do not depend on
 the replica count. Imports only torch and numpy: training never loads the scoring stack."""
 
