@@ -421,7 +421,7 @@ def test_sequence_names_are_data_in_the_outputs(detector_run, raw, tmp_path):
 def test_a_full_disk_leaves_no_output_behind(detector_run, raw, tmp_path, capsys):
     """Root only (tmpfs). The video needs more room than there is: no file is published, and
     the earlier run's outputs in --out are left as they were."""
-    from test_faults import small_tmpfs
+    from faults.faults_common import small_tmpfs
 
     full = tmp_path / "full"
     with small_tmpfs(full, "1m"):
@@ -651,7 +651,7 @@ def test_a_split_does_not_score_sequences_of_actions_the_model_does_not_know(det
 @pytest.mark.slow
 def test_export_on_a_full_disk_is_one_line_and_leaves_nothing(detector_run, tmp_path, capfd):
     """Root only (tmpfs). torch's .pt2 writer used to abort the process with a C++ error."""
-    from test_faults import small_tmpfs
+    from faults.faults_common import small_tmpfs
 
     with small_tmpfs(tmp_path / "small", "200k"):
         for suffix in (".pt2", ".onnx"):
