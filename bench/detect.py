@@ -134,7 +134,7 @@ def throughput(demo: str) -> dict:
     run, raw, shards = (os.path.join(demo, name) for name in ("run", "raw", "shards"))
     runner = quiet(load_checkpoint_runner, run)
     manifest = read_manifest(shards)
-    windows = manifest["splits"]["test"]["count"]
+    windows = manifest.splits["test"].count
     backend = make_backend("cpu")
     network = runner.module.network
     torch.set_grad_enabled(False)
@@ -145,7 +145,7 @@ def throughput(demo: str) -> dict:
             network,
             on_device(HostBatches(dataset, 0, len(dataset)), backend),
             backend,
-            len(manifest["classes"]),
+            len(manifest.classes),
             keep_outputs=True,
         )
         assert result["windows"] == windows

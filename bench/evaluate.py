@@ -41,16 +41,16 @@ def _score_child(args: argparse.Namespace) -> None:
     manifest = read_manifest(args.data)
     torch.manual_seed(0)
     model = build_model(
-        args.preset, len(manifest["channels"]), manifest["seq_len"], manifest["image_size"], len(manifest["classes"])
+        args.preset, len(manifest.channels), manifest.seq_len, manifest.image_size, len(manifest.classes)
     ).to(backend.device)
     dataset = WindowDataset(args.data, manifest, "test", args.batch, Part(), train=False)
 
     def batches(count: int):
         return on_device(HostBatches(dataset, 0, count), backend)
 
-    evaluate(model, batches(2), backend, len(manifest["classes"]), keep_outputs=True)  # warm-up / compile
+    evaluate(model, batches(2), backend, len(manifest.classes), keep_outputs=True)  # warm-up / compile
     started = time.perf_counter()
-    result = evaluate(model, batches(args.steps), backend, len(manifest["classes"]), keep_outputs=True)
+    result = evaluate(model, batches(args.steps), backend, len(manifest.classes), keep_outputs=True)
     elapsed = time.perf_counter() - started
     with open(args.result, "w") as handle:
         json.dump(

@@ -75,7 +75,7 @@ def _throughput_replica(
     manifest = read_manifest(data)
     torch.manual_seed(0)
     model = build_model(
-        preset, len(manifest["channels"]), manifest["seq_len"], manifest["image_size"], len(manifest["classes"])
+        preset, len(manifest.channels), manifest.seq_len, manifest.image_size, len(manifest.classes)
     ).to(backend.device)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     dataset = WindowDataset(data, manifest, "train", batch, Part(), train=True, workers=1)
@@ -143,7 +143,7 @@ def real_size_copy(data: str, out: str) -> str:
     they would in training, not 20 times more as in the 5-shard synthetic split."""
     from pyact_torch.data.shards import MANIFEST, read_manifest
 
-    manifest = read_manifest(data)
+    manifest = read_manifest(data).document
     train = manifest["splits"]["train"]
     copies = -(-REAL_TRAIN_WINDOWS // train["count"])
     shutil.rmtree(out, ignore_errors=True)

@@ -117,7 +117,7 @@ def test_skip_bad_sequences_lists_and_records_them(tiny_dataset, tmp_path, capsy
     assert main(["preprocess", tiny_dataset, dest, "--skip-bad-sequences", "--eval-subjects", "train01"]) == 0
     out = capsys.readouterr().out
     assert "skipped 2 broken sequences" in out and "color_3.png" in out and "ui-swipe.xml" in out
-    manifest = read_manifest(dest)
+    manifest = read_manifest(dest).document
     assert sorted(b["path"] for b in manifest["skipped_sequences"]) == ["Test/test00/ui-swipe", SEQ]
     urls = [os.path.join(dest, s["name"]) for split in manifest["splits"].values() for s in split["shards"]]
     paths = {sample["json"]["path"] for sample in wds.WebDataset(urls, shardshuffle=False).decode()}

@@ -211,7 +211,7 @@ def _convert_locked(
     counts: Counter = Counter()
     index: list[dict] = []
     manifest_url = storage.join(config.dest, MANIFEST)
-    previous = read_manifest(config.dest) if storage.exists(manifest_url) else None
+    previous = read_manifest(config.dest).document if storage.exists(manifest_url) else None
     if previous is None and [name for name in storage.list_files(config.dest) if name != LOCK_NAME]:
         raise UserError(
             f"{config.dest}: holds files but no manifest (another tool's output, or an unfinished "

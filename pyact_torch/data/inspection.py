@@ -17,10 +17,8 @@ from ..io.resources import check_memory
 from .shards import (
     MANIFEST,
     ShardError,
-    clip_shape,
     decode_sample,
     load_npy,
-    max_member,
     read_manifest,
     shard_url,
     stream_samples,
@@ -37,15 +35,15 @@ def inspect_split(config: InspectConfig, progress: bool = True, print_fn: Callab
     if not config.out.lower().endswith(".png"):
         raise UserError(f"--out {config.out}: the sample grid is a PNG; give a name ending in .png")
     manifest = read_manifest(config.data)
-    entry = manifest["splits"].get(config.split)
+    entry = manifest.splits.get(config.split)
     if entry is None:
         raise UserError(f"{config.data}: the manifest has no {config.split!r} split")
     if not storage.is_gcs(config.data) and os.path.abspath(config.out) == os.path.abspath(
         storage.join(config.data, MANIFEST)
     ):
         raise UserError(f"--out {config.out}: that is the dataset's manifest")
-    classes = manifest["classes"]
-    shape, limit = clip_shape(manifest), max_member(manifest)
+    classes = manifest.classes
+    shape, limit = manifest.clip_shape, manifest.max_member
     # the grid (RGB, and its PNG encoding) plus the chosen windows' bytes
     check_memory(
         config.n * shape[0] * (2 * 3 * (config.size + 8) ** 2 + math.prod(shape[1:])),
@@ -58,10 +56,8 @@ def inspect_split(config: InspectConfig, progress: bool = True, print_fn: Callab
     problems: list[str] = []
     report = []
     seen = 0
-    bar = tqdm(
-        total=entry["count"], unit="window", desc=f"inspecting {config.split}", disable=None if progress else True
-    )
-    for shard in entry["shards"]:
+    bar = tqdm(total=entry.count, unit="window", desc=f"inspecting {config.split}", disable=None if progress else True)
+    for shard in entry.shards:
         url = shard_url(config.data, shard["name"])
         found = 0
         try:
@@ -103,7 +99,7 @@ def inspect_split(config: InspectConfig, progress: bool = True, print_fn: Callab
             )
         report.append((shard["name"], found, reader.size, "ok" if not wrong else "MISMATCH " + ",".join(wrong)))
     bar.close()
-    expected = {k: v for k, v in entry["class_counts"].items() if v}
+    expected = {k: v for k, v in entry.class_counts.items() if v}
     if dict((k, v) for k, v in counts.items() if v) != expected:
         problems.append(f"class counts differ from the manifest: read {dict(counts)}, manifest {expected}")
 

@@ -31,7 +31,7 @@ from . import shards as shard_format
 from .augment import augmented, colour_channels
 from ..errors import UserError
 from ..io.lifecycle import watch_loader_worker
-from .shards import Shard, decode_sample, read_samples, split_shards
+from .shards import Manifest, Shard, decode_sample, read_samples, split_shards
 
 
 @dataclass(frozen=True)
@@ -200,7 +200,7 @@ class WindowDataset(torch.utils.data.IterableDataset):
     def __init__(
         self,
         data_dir: str,
-        manifest: dict,
+        manifest: Manifest,
         split: str,
         batch_size: int,
         part: Part,
@@ -211,13 +211,13 @@ class WindowDataset(torch.utils.data.IterableDataset):
         augment: str = "none",
     ):
         self.shards = split_shards(data_dir, manifest, split)
-        self.clip_shape = shard_format.clip_shape(manifest)  # uint8 (T, H, W, C)
-        self.num_classes = len(manifest["classes"])
-        self.max_member = shard_format.max_member(manifest)
+        self.clip_shape = manifest.clip_shape  # uint8 (T, H, W, C)
+        self.num_classes = len(manifest.classes)
+        self.max_member = manifest.max_member
         self.batch_size, self.part, self.train = batch_size, part, train
         self.seed, self.workers, self.shuffle_size = seed, workers, shuffle_size
         self.augment = augment if train else "none"  # eval and test windows are never augmented
-        self.colours = colour_channels(manifest["channels"])
+        self.colours = colour_channels(manifest.channels)
         self.epoch = 0
         self.meta_sink: list | None = None  # scoring: collect each window's metadata (in-process only)
 

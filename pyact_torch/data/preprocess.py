@@ -206,7 +206,7 @@ def _prepare_dest(config: PreprocessConfig, print_fn, run: dict[str, str], cache
     previous: dict = {}
     manifest = None
     if MANIFEST in ours:
-        manifest = previous = read_manifest(config.dest)
+        manifest = previous = read_manifest(config.dest).document
     elif STATE in ours:
         try:
             previous = storage.read_json(storage.join(config.dest, STATE), 1 << 20)

@@ -352,7 +352,77 @@ def split_entry(shards: list[ShardInfo], class_counts: dict[str, int]) -> dict:
     return {"count": sum(s.count for s in shards), "class_counts": class_counts, "shards": [asdict(s) for s in shards]}
 
 
-def read_manifest(dest: str) -> dict[str, Any]:
+@dataclass(frozen=True)
+class SplitRecord:
+    """One split of a manifest: its window count, its windows per class and its shards in order
+    (each with ``name``, ``count`` and, for preprocessed data, ``bytes`` and ``sha256``)."""
+
+    count: int
+    class_counts: dict[str, int]
+    shards: list[dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """``DEST/manifest.json``, read and checked once (``read_manifest``): what every reader of the
+    data needs, typed. ``document`` is the whole file as read, for the writers that extend it
+    and the few fields only one reader uses."""
+
+    dest: str
+    classes: list[str]
+    seq_len: int
+    image_size: int
+    modality: str
+    channels: list[str]
+    splits: dict[str, SplitRecord]
+    document: dict[str, Any]
+
+    @property
+    def clip_shape(self) -> tuple[int, int, int, int]:
+        """A window's uint8 array shape ``(T, H, W, C)``."""
+        return self.seq_len, self.image_size, self.image_size, len(self.channels)
+
+    @property
+    def max_member(self) -> int:
+        """The largest tar member a shard of this data can hold (a clip plus its .npy header,
+        with room for a long JSON row)."""
+        return math.prod(self.clip_shape) + NPY_HEADER_LIMIT + 65536
+
+    @property
+    def data_shape(self) -> dict:
+        """What a model trained on this data depends on, besides the classes."""
+        return {
+            "channels": len(self.channels),
+            "seq_len": self.seq_len,
+            "image_size": self.image_size,
+            "modality": self.modality,
+        }
+
+    @property
+    def fingerprint(self) -> str:
+        """What a training run read, independent of where the data lies: the classes and every
+        train and eval shard's name, window count and sha256. A moved copy has the same one."""
+        import hashlib
+
+        splits = {
+            split: [[shard["name"], shard["count"], shard.get("sha256")] for shard in self.splits[split].shards]
+            for split in ("train", "eval")
+            if split in self.splits
+        }
+        text = json.dumps({"classes": self.classes, "splits": splits}, sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()
+
+    @property
+    def source_settings(self) -> dict:
+        """What else detection needs to read raw frames as this data's were read: the depth range
+        and the Train subjects moved to the eval split (absent from converted data)."""
+        settings = self.document.get("settings")
+        if not isinstance(settings, dict):
+            settings = {}
+        return {"depth_range": settings.get("depth_range"), "eval_subjects": self.document.get("eval_subjects")}
+
+
+def read_manifest(dest: str) -> Manifest:
     """The manifest of a preprocessed dataset, checked for the fields and types every reader
     needs (a missing split is reported by ``split_shards``)."""
     url = storage.join(storage.check_location(dest, "--data"), MANIFEST)
@@ -399,7 +469,20 @@ def read_manifest(dest: str) -> dict[str, Any]:
                 f"{url}: the {str(split)[:20]!r} split is malformed (it needs shards with names and "
                 f"window counts that add up to its count, and class counts)"
             )
-    return manifest
+    splits = {
+        split: SplitRecord(entry["count"], dict(entry["class_counts"]), list(entry["shards"]))
+        for split, entry in manifest["splits"].items()
+    }
+    return Manifest(
+        dest,
+        list(classes),
+        manifest["seq_len"],
+        manifest["image_size"],
+        manifest["modality"],
+        list(manifest["channels"]),
+        splits,
+        manifest,
+    )
 
 
 def _valid_split(entry: Any) -> bool:
@@ -419,18 +502,6 @@ def _valid_split(entry: Any) -> bool:
     )
 
 
-def clip_shape(manifest: dict) -> tuple[int, int, int, int]:
-    """A window's uint8 array shape ``(T, H, W, C)``."""
-    size = manifest["image_size"]
-    return manifest["seq_len"], size, size, len(manifest["channels"])
-
-
-def max_member(manifest: dict) -> int:
-    """The largest tar member a shard of this manifest can hold (a clip plus its .npy header,
-    with room for a long JSON row)."""
-    return math.prod(clip_shape(manifest)) + NPY_HEADER_LIMIT + 65536
-
-
 @dataclass(frozen=True)
 class Shard:
     """One shard of a split: where it is and how many windows it holds."""
@@ -439,48 +510,12 @@ class Shard:
     count: int
 
 
-def split_shards(dest: str, manifest: dict, split: str) -> list[Shard]:
+def split_shards(dest: str, manifest: Manifest, split: str) -> list[Shard]:
     """Every shard of one split, in manifest order; the names are checked to be shard names of
     ours inside ``dest``."""
-    entry = manifest["splits"].get(split)
+    entry = manifest.splits.get(split)
     if entry is None:
         raise UserError(
-            f"{storage.join(dest, MANIFEST)}: no {split!r} split (it has {', '.join(manifest['splits']) or 'none'})"
+            f"{storage.join(dest, MANIFEST)}: no {split!r} split (it has {', '.join(manifest.splits) or 'none'})"
         )
-    try:
-        return [Shard(shard_url(dest, s["name"]), int(s["count"])) for s in entry["shards"]]
-    except (KeyError, TypeError, ValueError):
-        raise UserError(f"{storage.join(dest, MANIFEST)}: the {split} split's shard list is malformed") from None
-
-
-def data_shape(manifest: dict) -> dict:
-    """What a model trained on this data depends on, besides the classes."""
-    return {
-        "channels": len(manifest["channels"]),
-        "seq_len": manifest["seq_len"],
-        "image_size": manifest["image_size"],
-        "modality": manifest["modality"],
-    }
-
-
-def training_data_fingerprint(manifest: dict) -> str:
-    """What a training run read, independent of where the data lies: the classes and every
-    train and eval shard's name, window count and sha256. A moved copy has the same one."""
-    import hashlib
-
-    splits = {
-        split: [[shard["name"], shard["count"], shard.get("sha256")] for shard in manifest["splits"][split]["shards"]]
-        for split in ("train", "eval")
-        if split in manifest["splits"]
-    }
-    text = json.dumps({"classes": manifest["classes"], "splits": splits}, sort_keys=True)
-    return hashlib.sha256(text.encode()).hexdigest()
-
-
-def source_settings(manifest: dict) -> dict:
-    """What else detection needs to read raw frames as this data's were read: the depth range
-    and the Train subjects moved to the eval split (absent from converted data)."""
-    settings = manifest.get("settings")
-    if not isinstance(settings, dict):
-        settings = {}
-    return {"depth_range": settings.get("depth_range"), "eval_subjects": manifest.get("eval_subjects")}
+    return [Shard(shard_url(dest, s["name"]), int(s["count"])) for s in entry.shards]

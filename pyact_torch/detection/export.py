@@ -31,7 +31,7 @@ from ..io.lifecycle import uninterrupted
 from ..io.outputs import remove_empty_up_to, topmost_missing
 from ..data.labels import scan_dataset
 from .runners import METADATA_KEY, ModelInfo, OnnxRunner, load_checkpoint_runner, load_exported
-from ..data.shards import clip_shape, decode_sample, read_manifest, read_samples, split_shards
+from ..data.shards import decode_sample, read_manifest, read_samples, split_shards
 from .stream import count_frames, folder_frames
 
 TOLERANCE = 1e-4
@@ -151,8 +151,8 @@ def real_windows(config: ExportConfig, info: ModelInfo) -> np.ndarray:
     clips: list[np.ndarray] = []
     if config.data:
         manifest = read_manifest(config.data)
-        split = "test" if "test" in manifest["splits"] else next(iter(manifest["splits"]), "test")
-        shape, classes = clip_shape(manifest), len(manifest["classes"])
+        split = "test" if "test" in manifest.splits else next(iter(manifest.splits), "test")
+        shape, classes = manifest.clip_shape, len(manifest.classes)
         samples = (
             (shard.url, sample)
             for shard in split_shards(config.data, manifest, split)

@@ -21,7 +21,7 @@ from ..data.loader import HostBatches, Part, WindowDataset, on_device
 from ..model import build_model, reorder_outputs
 from ..io.outputs import publish, remove_if_empty, staging
 from ..io.resources import check_memory
-from ..data.shards import MANIFEST, clip_shape, data_shape, read_manifest, split_shards
+from ..data.shards import MANIFEST, Manifest, read_manifest, split_shards
 from ..training.devices import check_device, chosen_device, make_backend
 
 
@@ -33,12 +33,12 @@ def evaluate_checkpoint(config: EvaluateConfig, progress: bool = True, print_fn:
     check_device(config.device)
     manifest = read_manifest(config.data)
     split_shards(config.data, manifest, config.split)
-    if not manifest["splits"][config.split]["count"]:
+    if not manifest.splits[config.split].count:
         raise UserError(
             f"{storage.join(config.data, MANIFEST)}: the {config.split} split has no windows to score; "
             f"choose another --split"
         )
-    shape = clip_shape(manifest)
+    shape = manifest.clip_shape
     check_memory(
         config.batch_size * math.prod(shape) * (1 + 4),  # the batch as read (uint8) and as input (float32)
         f"--batch-size {config.batch_size} (windows of {'x'.join(map(str, shape))})",
@@ -54,20 +54,20 @@ def evaluate_checkpoint(config: EvaluateConfig, progress: bool = True, print_fn:
 
 
 def _score(
-    config: EvaluateConfig, manifest: dict, created: bool, progress: bool, print_fn: Callable[[str], None]
+    config: EvaluateConfig, manifest: Manifest, created: bool, progress: bool, print_fn: Callable[[str], None]
 ) -> dict:
     state, url = load_checkpoint(config.checkpoint, log=print_fn)
-    classes = manifest["classes"]
+    classes = manifest.classes
     if list(state["classes"]) != classes and sorted(state["classes"]) == sorted(classes):
         print_fn("note: the checkpoint lists the classes in another order; its outputs are reordered to the manifest's")
         state = {**state, "model": reorder_outputs(state["model"], list(state["classes"]), classes), "classes": classes}
-    check_compatible(state, classes, data_shape(manifest), what="score this data with it")
+    check_compatible(state, classes, manifest.data_shape, what="score this data with it")
     try:
         model = build_model(
             state["config"].get("model"),
-            len(manifest["channels"]),
-            manifest["seq_len"],
-            manifest["image_size"],
+            len(manifest.channels),
+            manifest.seq_len,
+            manifest.image_size,
             len(classes),
         )
     except ValueError as exc:
@@ -81,7 +81,7 @@ def _score(
     dataset = WindowDataset(config.data, manifest, config.split, config.batch_size, Part(), train=False)
     metas: list[dict] = []
     dataset.meta_sink = metas
-    windows = manifest["splits"][config.split]["count"]
+    windows = manifest.splits[config.split].count
     bar = tqdm(total=windows, unit="window", desc=f"scoring {config.split}", disable=None if progress else True)
     host = HostBatches(dataset, 0, len(dataset), on_batch=lambda batch: bar.update(int(batch[2].sum())))
     result = evaluate(model, on_device(host, backend), backend, len(classes), keep_outputs=True)
@@ -93,7 +93,7 @@ def _score(
         )
     scores = metrics.score(result["labels"], result["probabilities"], classes)
     scores.update(loss=result["loss"], split=config.split, checkpoint=url, step=state.get("step"))
-    rows = metrics.prediction_rows(metas, result["labels"], result["probabilities"], classes, manifest["modality"])
+    rows = metrics.prediction_rows(metas, result["labels"], result["probabilities"], classes, manifest.modality)
     table = metrics.format_table(scores)
     files = {
         "metrics.json": storage.json_bytes(scores),

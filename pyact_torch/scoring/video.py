@@ -22,7 +22,7 @@ from ..errors import UserError
 from ..io.outputs import publish, remove_empty_up_to, staging, topmost_missing
 from ..io.resources import check_memory, duration
 from ..data.frames import FrameError, load_png
-from ..data.shards import clip_shape, load_npy, read_samples, split_shards, read_manifest
+from ..data.shards import load_npy, read_manifest, read_samples, split_shards
 from ..draw.panels import (
     GREY,
     SHEET_THUMB,
@@ -242,7 +242,7 @@ def _make_video(config: VideoConfig, folder: str, progress: bool, print_fn: Call
     elif config.data:
         manifest = read_manifest(config.data)
         check_memory(
-            len(shots) * math.prod(clip_shape(manifest)[1:]),
+            len(shots) * math.prod(manifest.clip_shape[1:]),
             f"the {len(shots)} frames of the video, as stored in the shards",
             "limit the video with --sequences, --wrong or --max-windows, or give --src",
         )

@@ -29,12 +29,9 @@ from ..data.loader import HostBatches, Part, WindowDataset, on_device
 from ..model import build_model, check_input, conv_kernels, model_input
 from .run_log import RunLog
 from ..data.shards import (
-    clip_shape,
-    data_shape,
+    Manifest,
     read_manifest,
-    source_settings,
     split_shards,
-    training_data_fingerprint,
 )
 from ..io.resources import check_memory
 from .devices import Backend, check_device, chosen_device, launch, make_backend
@@ -105,13 +102,13 @@ def _stop_agreed(backend: Backend) -> bool:
 
 
 def _checkpoint_state(
-    model, optimizer, scheduler, state: RunState, config: TrainConfig, manifest: dict, backend: Backend
+    model, optimizer, scheduler, state: RunState, config: TrainConfig, manifest: Manifest, backend: Backend
 ) -> dict:
     return make_checkpoint(
         backend.to_host(model.state_dict()),
         recorded_settings(config),
-        manifest["classes"],
-        data_shape(manifest),
+        manifest.classes,
+        manifest.data_shape,
         optimizer=backend.to_host(optimizer.state_dict()),
         scheduler=scheduler.state_dict(),
         step=state.step,
@@ -119,8 +116,8 @@ def _checkpoint_state(
         batch_in_epoch=state.batch_in_epoch,
         best_val_loss=state.best_val_loss,
         replicas=backend.world,
-        source=source_settings(manifest),
-        data_fingerprint=training_data_fingerprint(manifest),
+        source=manifest.source_settings,
+        data_fingerprint=manifest.fingerprint,
         rng={"torch": torch.get_rng_state(), "python": random.getstate()},
         metrics=json.dumps(state.metrics),
     )
@@ -217,7 +214,7 @@ class _Run:
 
     config: TrainConfig
     backend: Backend
-    manifest: dict
+    manifest: Manifest
     model: torch.nn.Module  # the weights (what checkpoints save)
     net: torch.nn.Module  # what the steps run: the model, data-parallel or compiled
     optimizer: torch.optim.Optimizer
@@ -297,10 +294,10 @@ def _build(config: TrainConfig, backend: Backend, failed: UserError | None, lock
         torch.manual_seed(config.seed)
         model = build_model(
             config.model,
-            len(manifest["channels"]),
-            manifest["seq_len"],
-            manifest["image_size"],
-            len(manifest["classes"]),
+            len(manifest.channels),
+            manifest.seq_len,
+            manifest.image_size,
+            len(manifest.classes),
             dropout=config.dropout,
         )
         saved = _restore_weights(config, manifest, model, backend)
@@ -337,8 +334,8 @@ def _build(config: TrainConfig, backend: Backend, failed: UserError | None, lock
             storage.join(config.run_dir, "config.json"),
             {
                 "config": recorded_settings(config),
-                "classes": manifest["classes"],
-                "data_shape": data_shape(manifest),
+                "classes": manifest.classes,
+                "data_shape": manifest.data_shape,
                 "replicas": backend.world,
                 "per_replica_batch": train_set.batch_size,
             },
@@ -396,13 +393,13 @@ def _setup_agreed(backend: Backend, error: UserError | None) -> None:
 
 
 def _datasets(
-    config: TrainConfig, manifest: dict, backend: Backend
+    config: TrainConfig, manifest: Manifest, backend: Backend
 ) -> tuple[WindowDataset, WindowDataset | None, list[int]]:
     """This reader's train and eval data, and every epoch's step count (the same on every
     reader; refused when an epoch would have no step, naming what to change)."""
     per_reader = per_replica_batch(config.batch_size, backend.world, backend.devices_per_reader)
     part = Part(backend.rank, backend.world)
-    workers, shards = config.workers, len(manifest["splits"]["train"]["shards"])
+    workers, shards = config.workers, len(manifest.splits["train"].shards)
     if backend.world == 1 and workers > max(shards, 1):
         # a lone reader's workers share out the shards: more workers than shards would idle,
         # and the same number on a resume (it depends on the data and the flag only)
@@ -426,7 +423,7 @@ def _datasets(
     )
     eval_set = (
         WindowDataset(config.data, manifest, "eval", per_reader, part, train=False, workers=min(config.workers, 1))
-        if "eval" in manifest["splits"]
+        if "eval" in manifest.splits
         else None
     )
     steps = []
@@ -435,7 +432,7 @@ def _datasets(
         steps.append(len(train_set))
     check_readers(
         len(train_set.shards),
-        manifest["splits"]["train"]["count"],
+        manifest.splits["train"].count,
         backend.world,
         workers,
         per_reader,
@@ -443,7 +440,7 @@ def _datasets(
         config.data,
     )
     if backend.is_master:
-        used = steps[0] * config.batch_size / manifest["splits"]["train"]["count"]
+        used = steps[0] * config.batch_size / manifest.splits["train"].count
         print(
             f"{backend.world} readers ({backend.kind}"
             f"{', ' + str(backend.devices_per_reader) + ' devices each' if backend.kind == 'spmd' else ''}) "
@@ -474,14 +471,14 @@ def check_readers(shards: int, windows: int, readers: int, workers: int, batch: 
         )
 
 
-def _restore_weights(config: TrainConfig, manifest: dict, model: torch.nn.Module, backend: Backend) -> dict | None:
+def _restore_weights(config: TrainConfig, manifest: Manifest, model: torch.nn.Module, backend: Backend) -> dict | None:
     """The checkpoint to continue from (checked to fit this run), its weights loaded."""
     restored = restore(config.run_dir, config.resume, log=print if backend.is_master else (lambda m: None))
     if restored is None:
         return None
     saved, url = restored
-    check_compatible(saved, manifest["classes"], data_shape(manifest))
-    check_resumable(saved, url, to_dict(config), backend.world, training_data_fingerprint(manifest))
+    check_compatible(saved, manifest.classes, manifest.data_shape)
+    check_resumable(saved, url, to_dict(config), backend.world, manifest.fingerprint)
     try:
         model.load_state_dict(saved["model"])
     except RuntimeError:
@@ -576,7 +573,7 @@ def _validate(run: _Run) -> dict | None:
     if run.eval_set is None or not len(run.eval_set):
         return None
     host = HostBatches(run.eval_set, run.eval_set.workers, len(run.eval_set))
-    return evaluate(run.net, on_device(host, run.backend), run.backend, len(run.manifest["classes"]))
+    return evaluate(run.net, on_device(host, run.backend), run.backend, len(run.manifest.classes))
 
 
 def _finish(run: _Run) -> None:
@@ -618,20 +615,20 @@ def fit(config: TrainConfig) -> None:
         )
 
 
-def _check_memory(config: TrainConfig, manifest: dict) -> None:
+def _check_memory(config: TrainConfig, manifest: Manifest) -> None:
     """The host memory one machine's loaders need: each loader process holds a shuffle buffer of
     windows, and each replica a batch as read (uint8) and as model input (float32). Replicas of
     one machine: torchrun's LOCAL_WORLD_SIZE (xmp and SPMD: counted as one)."""
-    window = math.prod(clip_shape(manifest))
+    window = math.prod(manifest.clip_shape)
     replicas, world = _env_count("LOCAL_WORLD_SIZE"), _env_count("WORLD_SIZE")
     loaders = max(config.workers, 1) * replicas
     batch = -(-config.batch_size // world)
     # a buffer never holds more than its loader's share of the split
-    buffer = min(config.shuffle_buffer, -(-manifest["splits"]["train"]["count"] // (max(config.workers, 1) * world)))
+    buffer = min(config.shuffle_buffer, -(-manifest.splits["train"].count // (max(config.workers, 1) * world)))
     check_memory(
         window * (buffer * loaders + 5 * batch * replicas),
         f"--shuffle-buffer {config.shuffle_buffer} in each of {loaders} loader processes and --batch-size "
-        f"{config.batch_size} (windows of {'x'.join(map(str, clip_shape(manifest)))})",
+        f"{config.batch_size} (windows of {'x'.join(map(str, manifest.clip_shape))})",
         "lower --shuffle-buffer, --workers or --batch-size",
     )
 
@@ -647,12 +644,12 @@ def _check_inputs(config: TrainConfig) -> None:
     """The data, the model's fit to it, the device and the run directory, before any work."""
     manifest = read_manifest(config.data)
     split_shards(config.data, manifest, "train")
-    if "eval" in manifest["splits"]:
+    if "eval" in manifest.splits:
         split_shards(config.data, manifest, "eval")
     elif local_rank() == 0:
         print(f"note: {config.data} has no eval split: no validation, and best.json is not written")
     try:
-        check_input(config.model, manifest["image_size"])
+        check_input(config.model, manifest.image_size)
     except ValueError as exc:
         raise UserError(
             f"{config.data}: --model {config.model}: {exc}; preprocess at another --image-size, or "

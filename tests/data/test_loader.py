@@ -96,7 +96,7 @@ def shards_dir(tiny_template, tmp_path_factory):
 @pytest.mark.parametrize("world", [1, 2, 3, 5, 8])
 def test_evaluation_counts_every_window_once_whatever_the_replica_count(shards_dir, world):
     manifest = read_manifest(shards_dir)
-    classes = manifest["classes"]
+    classes = manifest.classes
     labels = Counter()
     lengths = set()
     for rank in range(world):
@@ -107,7 +107,7 @@ def test_evaluation_counts_every_window_once_whatever_the_replica_count(shards_d
             assert clips.dtype == torch.uint8 and model_input(clips).shape == (4, 3, 6, 16, 16)
             labels.update(classes[i] for i in label[mask].tolist())
     assert len(lengths) == 1 and len({a for a, b in lengths} | {b for a, b in lengths}) == 1
-    expected = {k: v for k, v in manifest["splits"]["test"]["class_counts"].items() if v}
+    expected = {k: v for k, v in manifest.splits["test"].class_counts.items() if v}
     assert dict(labels) == expected
 
 
@@ -171,7 +171,7 @@ def test_read_tar_gives_what_tarfile_gives_on_real_shards(shards_dir):
         data = open(url, "rb").read()
         assert _read(data) == _tarfile_members(data)
     samples = list(tar_samples(shards))
-    assert len(samples) == read_manifest(shards_dir)["splits"]["train"]["count"]
+    assert len(samples) == read_manifest(shards_dir).document["splits"]["train"]["count"]
     assert all(set(s) == {"__key__", "__url__", "clip.npy", "cls", "json"} for s in samples)
 
 

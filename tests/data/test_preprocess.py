@@ -68,7 +68,7 @@ def local_output(raw_dataset, tmp_path_factory):
 
 def test_round_trip_through_webdataset(raw_dataset, local_output):
     dest, summary = local_output
-    manifest = read_manifest(dest)
+    manifest = read_manifest(dest).document
     classes = manifest["classes"]
     assert manifest["seq_len"] == 6 and manifest["image_size"] == 64
     assert manifest["channels"] == ["R", "G", "B"] and len(classes) == 17
@@ -140,7 +140,7 @@ def test_gcs_output_equals_local_output(raw_dataset, gcs, local_output):
     assert storage.list_files(dest) == sorted(local)
     for name, data in local.items():
         assert storage.read_bytes(f"{dest}/{name}") == data, name
-    assert read_manifest(dest)["splits"]["test"]["count"] > 0
+    assert read_manifest(dest).document["splits"]["test"]["count"] > 0
 
 
 def test_missing_bucket_is_a_one_line_error(raw_dataset, gcs, capsys):
@@ -204,9 +204,9 @@ def test_rerun_is_a_no_op_and_other_settings_are_refused(tiny_dataset, tmp_path,
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and dest in err and "--overwrite" in err
     assert "--image-size 64 (this run: 32)" in err  # it said "other settings or inputs": which?
-    assert read_manifest(dest)["image_size"] == 64
+    assert read_manifest(dest).document["image_size"] == 64
     assert main(["preprocess", tiny_dataset, dest, "--image-size", "32", "--overwrite"]) == 0
-    manifest = read_manifest(dest)
+    manifest = read_manifest(dest).document
     assert manifest["image_size"] == 32
     sample = read_split(dest, manifest, "test")[0]
     assert sample["clip.npy"].shape == (6, 32, 32, 3)
@@ -229,7 +229,7 @@ def test_rgbd_and_depth_modalities(tiny_dataset, tmp_path):
 
     dest = str(tmp_path / "rgbd")
     run(tiny_dataset, dest, modality="rgbd", image_size=16)
-    manifest = read_manifest(dest)
+    manifest = read_manifest(dest).document
     assert manifest["channels"] == ["R", "G", "B", "D"] and manifest["modality"] == "rgbd"
     sample = read_split(dest, manifest, "test")[0]
     meta, clip = sample["json"], sample["clip.npy"]
@@ -242,14 +242,14 @@ def test_rgbd_and_depth_modalities(tiny_dataset, tmp_path):
     )
     dest = str(tmp_path / "depth")
     run(tiny_dataset, dest, modality="depth", image_size=16)
-    depth_clip = read_split(dest, read_manifest(dest), "test")[0]["clip.npy"]
+    depth_clip = read_split(dest, read_manifest(dest).document, "test")[0]["clip.npy"]
     assert depth_clip.shape == (6, 16, 16, 1)
 
 
 def test_eval_subjects_flag_and_eval_folder(tiny_dataset, tmp_path):
     dest = str(tmp_path / "flag")
     run(tiny_dataset, dest, eval_subjects=("train01",))
-    manifest = read_manifest(dest)
+    manifest = read_manifest(dest).document
     assert manifest["eval_subjects"] == ["train01"]
     paths = {s["json"]["path"] for s in read_split(dest, manifest, "eval")}
     assert paths and all(p.startswith("Train/train01/") for p in paths)
@@ -257,7 +257,7 @@ def test_eval_subjects_flag_and_eval_folder(tiny_dataset, tmp_path):
     os.rename(os.path.join(tiny_dataset, "Train", "train00"), os.path.join(tiny_dataset, "Eval", "train00"))
     dest = str(tmp_path / "folder")
     run(tiny_dataset, dest)
-    manifest = read_manifest(dest)
+    manifest = read_manifest(dest).document
     assert manifest["eval_source"] == "Eval/ folder" and manifest["eval_subjects"] == ["train00"]
     paths = {s["json"]["path"] for s in read_split(dest, manifest, "eval")}
     assert paths and all(p.startswith("Eval/train00/") for p in paths)

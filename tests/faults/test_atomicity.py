@@ -104,13 +104,13 @@ def test_a_frame_fixed_after_skip_bad_sequences_is_decoded_again(tiny_dataset, t
     open(frame, "wb").write(good[:200])
     dest = str(tmp_path / "out")
     assert main(["preprocess", tiny_dataset, dest, *PRE, "--skip-bad-sequences"]) == 0
-    assert read_manifest(dest)["skipped_sequences"]
+    assert read_manifest(dest).document["skipped_sequences"]
     open(frame, "wb").write(good)
     capsys.readouterr()
     code, err = cli(capsys, "preprocess", tiny_dataset, dest, *PRE, "--skip-bad-sequences")
     assert code == 2 and "frames changed" in one_line(err)
     assert main(["preprocess", tiny_dataset, dest, *PRE, "--skip-bad-sequences", "--overwrite"]) == 0
-    assert not read_manifest(dest)["skipped_sequences"]
+    assert not read_manifest(dest).document["skipped_sequences"]
     ours, theirs = tree_bytes(dest), tree_bytes(reference)
     manifest, expected = json.loads(ours.pop("manifest.json")), json.loads(theirs.pop("manifest.json"))
     assert ours == theirs  # every shard and index byte-identical to a run on the intact dataset

@@ -155,7 +155,7 @@ NPY = b"\x93NUMPY\x01\x00"
 )
 @pytest.mark.slow
 def test_damaged_data_in_training_is_one_line_naming_the_shard(case, shards, tmp_path):
-    manifest = read_manifest(shards)
+    manifest = read_manifest(shards).document
     entry = manifest["splits"]["train"]["shards"][0]
     shard = os.path.join(shards, entry["name"])
     if case == "cls not a number":
@@ -208,7 +208,7 @@ def test_damaged_data_in_training_is_one_line_naming_the_shard(case, shards, tmp
 def test_a_damaged_shard_under_xla_is_one_line_not_a_short_epoch(shards, tmp_path):
     """On XLA the device loader reads host batches in a thread whose exceptions never reach
     training: before, a damaged shard ended the epoch early, the run went on and exited 0."""
-    entry = read_manifest(shards)["splits"]["train"]["shards"][2]
+    entry = read_manifest(shards).document["splits"]["train"]["shards"][2]
     shard = os.path.join(shards, entry["name"])
     data = open(shard, "rb").read()
     open(shard, "wb").write(data[: len(data) // 2])
@@ -246,7 +246,7 @@ def test_a_damaged_shard_under_xla_is_one_line_not_a_short_epoch(shards, tmp_pat
 )
 @pytest.mark.parametrize("command", ["inspect", "train", "evaluate"])
 def test_a_malformed_split_entry_is_one_line(damage, command, shards, small_run, tmp_path, capsys):
-    manifest = read_manifest(shards)
+    manifest = read_manifest(shards).document
     split = "test" if command == "evaluate" else "train"
     entry = manifest["splits"][split]
     if damage == "count 0":
@@ -280,7 +280,7 @@ def test_a_malformed_split_entry_is_one_line(damage, command, shards, small_run,
 
 
 def test_a_json_member_that_is_not_the_metadata_is_one_line(shards, small_run, tmp_path, capsys):
-    entry = read_manifest(shards)["splits"]["test"]["shards"][0]
+    entry = read_manifest(shards).document["splits"]["test"]["shards"][0]
     _replace_member(os.path.join(shards, entry["name"]), "json", b"not json")
     code, err = cli(
         capsys, "evaluate", "--checkpoint", small_run, "--data", shards, "--out", str(tmp_path / "s"), "--device", "cpu"
@@ -296,7 +296,7 @@ def test_evaluate_with_a_missing_split_or_folder_is_one_line(shards, small_run, 
         capsys, "evaluate", "--checkpoint", small_run, "--data", shards, "--out", str(tmp_path / "s"), "--device", "cpu"
     )
     assert code == 2 and "missing" in one_line(err)
-    manifest = read_manifest(shards)
+    manifest = read_manifest(shards).document
     del manifest["splits"]["test"]
     write_manifest(shards, manifest)
     code, err = cli(

@@ -50,7 +50,7 @@ def test_a_user_folder_named_tmp_in_dest_is_foreign(tiny_dataset, tmp_path, caps
     assert main(["preprocess", tiny_dataset, str(dest), "--workers", "1", "--image-size", "16", "--overwrite"]) == 0
     assert (dest / ".tmp" / "notes.txt").read_text() == "mine"
     assert (dest / ".notes.txt.77.partial").read_text() == "also mine"
-    assert read_manifest(str(dest))["splits"]["train"]["count"] > 0
+    assert read_manifest(str(dest)).document["splits"]["train"]["count"] > 0
 
 
 def test_a_cache_folder_that_is_not_ours_is_refused(tiny_dataset, tmp_path, capsys):

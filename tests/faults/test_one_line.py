@@ -409,7 +409,7 @@ def test_absurd_training_flags_are_refused_before_work(flag, small_shards, tmp_p
 
 
 def test_data_without_an_eval_split_trains_without_validation(shards, tmp_path, capsys):
-    manifest = read_manifest(shards)
+    manifest = read_manifest(shards).document
     del manifest["splits"]["eval"]
     write_manifest(shards, manifest)
     assert main(["train", "--data", shards, "--run-dir", str(tmp_path / "run"), *TRAIN]) == 0
@@ -421,7 +421,7 @@ def test_an_image_size_the_model_cannot_take_is_refused_before_work(tiny_dataset
     code, err = cli(capsys, "preprocess", tiny_dataset, str(tmp_path / "out"), "--image-size", "40")
     assert code == 2 and "--image-size" in one_line(err)
     assert not (tmp_path / "out").exists()
-    manifest = read_manifest(shards)
+    manifest = read_manifest(shards).document
     manifest["image_size"] = 40  # e.g. a conversion of other data
     write_manifest(shards, manifest)
     code, err = cli(capsys, "train", "--data", shards, "--run-dir", str(tmp_path / "run"), *TRAIN)
@@ -433,7 +433,7 @@ def test_an_image_size_the_model_cannot_take_is_refused_before_work(tiny_dataset
 def test_a_lone_reader_with_more_workers_than_shards_uses_fewer(small_shards, tmp_path, capsys):
     """It was refused ("lower --workers") although one reader reads every shard. The refusal
     stays where replicas or hosts outnumber shards (tests/training/test_spmd.py)."""
-    manifest = read_manifest(small_shards)
+    manifest = read_manifest(small_shards).document
     shards_count, windows = len(manifest["splits"]["train"]["shards"]), manifest["splits"]["train"]["count"]
     code = main(
         [

@@ -77,7 +77,7 @@ def test_a_pointer_naming_anything_but_our_checkpoint_is_ignored(target, small_r
 @pytest.mark.parametrize("command", ["inspect", "evaluate", "train", "video"])
 def test_shard_names_in_a_manifest_are_never_opened_outside_dest(name, command, shards, small_run, tmp_path):
     marker = tmp_path / "pwned"
-    manifest = read_manifest(shards)
+    manifest = read_manifest(shards).document
     split = {"inspect": "train", "train": "train"}.get(command, "test")
     real = os.path.join(shards, manifest["splits"][split]["shards"][0]["name"])
     manifest["splits"][split]["shards"][0]["name"] = name.format(marker=marker, real=real)

@@ -117,18 +117,18 @@ def data_facts(data: str, backend) -> dict:
     steps = sum(1 for _ in HostBatches(train, 0, len(train)))
     gathered = [None] * backend.world
     dist.all_gather_object(gathered, {"steps": steps, "keys": [m["key"] for m in keys]})
-    model = build_model("tiny", 3, manifest["seq_len"], manifest["image_size"], len(manifest["classes"]))
+    model = build_model("tiny", 3, manifest.seq_len, manifest.image_size, len(manifest.classes))
     test = WindowDataset(data, manifest, "test", 5, part, train=False)
     result = evaluate(
-        backend.wrap(model), on_device(HostBatches(test, 0, len(test)), backend), backend, len(manifest["classes"])
+        backend.wrap(model), on_device(HostBatches(test, 0, len(test)), backend), backend, len(manifest.classes)
     )
     return {
         "train_steps": [g["steps"] for g in gathered],
         "train_keys": [g["keys"] for g in gathered],
-        "train_count": manifest["splits"]["train"]["count"],
+        "train_count": manifest.splits["train"].count,
         "eval_windows": result["windows"],
         "eval_confusion_sum": sum(map(sum, result["confusion"])),
-        "test_count": manifest["splits"]["test"]["count"],
+        "test_count": manifest.splits["test"].count,
     }
 
 

@@ -89,16 +89,16 @@ def main() -> None:
     if len(sys.argv) > 1:  # a split whose size is no multiple of the global batch, counted once
         data = sys.argv[1]
         manifest = read_manifest(data)
-        model = build_model("tiny", 3, manifest["seq_len"], manifest["image_size"], len(manifest["classes"]))
+        model = build_model("tiny", 3, manifest.seq_len, manifest.image_size, len(manifest.classes))
         model.to(backend.device)
         dataset = WindowDataset(data, manifest, "test", BATCH, Part(backend.rank, backend.world), train=False)
         result = evaluate(
-            model, on_device(HostBatches(dataset, 0, len(dataset)), backend), backend, len(manifest["classes"])
+            model, on_device(HostBatches(dataset, 0, len(dataset)), backend), backend, len(manifest.classes)
         )
         facts["eval"] = {
             "windows": result["windows"],
             "confusion_sum": sum(map(sum, result["confusion"])),
-            "manifest_count": manifest["splits"]["test"]["count"],
+            "manifest_count": manifest.splits["test"].count,
             "batch": BATCH,
         }
     dump = os.environ.get("SPMD_FACTS_DUMP")
