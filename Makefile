@@ -17,16 +17,20 @@ TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@rm -rf $(VENV)/cpu-torch; \
-	if [ -n "$(TORCH_INDEX)" ] && $(PY) -m pip download -q --no-deps --retries 0 --timeout 20 \
-			--index-url $(TORCH_INDEX) -d $(VENV)/cpu-torch "torch==2.9.0+cpu" 2>/dev/null \
-		&& $(PY) -m pip install -c constraints.txt $(VENV)/cpu-torch/torch-*.whl; then \
+	if [ -z "$(TORCH_INDEX)" ]; then \
+		echo "torch: the CPU wheel index is skipped (TORCH_INDEX is empty)"; \
+	elif $(PY) -c "import torch" 2>/dev/null; then \
+		echo "torch: keeping the torch already in $(VENV) (make clean first to install another build)"; \
+	elif $(PY) -m pip download -q --no-deps --retries 0 --timeout 20 --index-url $(TORCH_INDEX) \
+			-d $(VENV)/cpu-torch "torch==2.9.0+cpu" 2>$(VENV)/cpu-torch.log \
+		&& $(PY) -m pip install -c constraints.txt $(VENV)/cpu-torch/torch-*.whl 2>>$(VENV)/cpu-torch.log; then \
 		echo "torch: PyTorch's CPU wheel, from $(TORCH_INDEX)"; \
 	else \
-		echo "torch: PyTorch's CPU wheel index ($(or $(TORCH_INDEX),none given)) not reached: PyPI's build, which bundles CUDA"; \
+		echo "torch: no CPU wheel from $(TORCH_INDEX) (pip: $$(grep -m 1 -o 'ERROR: .*' $(VENV)/cpu-torch.log | cut -c 8-140)); PyPI's torch instead"; \
 	fi; \
-	rm -rf $(VENV)/cpu-torch
+	rm -rf $(VENV)/cpu-torch $(VENV)/cpu-torch.log
 	$(PY) -m pip install -c constraints.txt -e '.[dev,export]'
-	@$(PY) -c "import torch; print('torch', torch.__version__, 'installed in $(VENV)')"
+	@$(PY) -c "import torch; print('torch', torch.__version__, 'with CUDA ' + torch.version.cuda if torch.version.cuda else 'for CPU only', 'in $(VENV)')"
 	touch $(STAMP)
 
 test: $(STAMP)

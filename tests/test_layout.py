@@ -116,7 +116,7 @@ def test_every_folder_says_what_it_holds():
     "module, source, expected",
     [
         # upward: the data stage reaching into scoring
-        ("pyact_torch.data.inspection", "from ..scoring.video import sheet", "not a layer below"),
+        ("pyact_torch.data.inspection", "from ..scoring.video import make_video", "not a layer below"),
         # sideways: detection and scoring are one layer, neither may import the other
         ("pyact_torch.detection.detect", "from ..scoring import metrics", "not a layer below"),
         # inside a function and absolute

@@ -364,7 +364,7 @@ class SplitRecord:
 
 @dataclass(frozen=True)
 class Manifest:
-    """``DEST/manifest.json``, read and checked once (``read_manifest``): what every reader of the
+    """``DEST/manifest.json``, read and checked in one place (``read_manifest``): what every reader of the
     data needs, typed. ``document`` is the whole file as read, for the writers that extend it
     and the few fields only one reader uses."""
 

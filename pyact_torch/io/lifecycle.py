@@ -1,7 +1,7 @@
 """Process lifecycle: how each process of a command stops when asked to (Ctrl-C, SIGTERM) and
 dies when the process that started it dies.
 
-- A command other than training unwinds (``Terminated``, ``Interrupted``), each step removing
+- A command other than training unwinds (``Terminated``, ``KeyboardInterrupt``), each step removing
   what it had half-written; ``uninterrupted`` holds the signals around a library call that
   cannot be stopped halfway. The command line ends with one line and 130 or 143.
 - Training turns SIGTERM (a preemption) and a first Ctrl-C into a stop request
