@@ -15,7 +15,7 @@ import json
 import math
 import os
 import re
-from typing import Callable, cast
+from typing import Any, Callable, cast
 
 import numpy as np
 import torch
@@ -50,11 +50,11 @@ MAX_WEIGHT_BYTES = 4 << 30  # one weight array as float32: c3d's DENSE_1 at 64x6
 MAX_TOTAL_BYTES = 8 << 30  # all of them: c3d at 64x64 frames holds 0.83 GB
 
 
-def _text(value) -> str:
+def _text(value: Any) -> str:
     return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
 
 
-def _names(node, attribute: str) -> list[str]:
+def _names(node: Any, attribute: str) -> list[str]:
     """A Keras name-list attribute (``layer_names``, ``weight_names``) as strings."""
     return [_text(name) for name in np.atleast_1d(node.attrs.get(attribute, []))]
 

@@ -12,6 +12,7 @@ The frame cache is a folder of its own (``DEST/.pyact-cache``, or ``pyact-cache-
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -20,7 +21,7 @@ import tempfile
 import time
 import zlib
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 from tqdm import tqdm
 
@@ -191,7 +192,9 @@ def check_space(config: PreprocessConfig, sequences: list[Sequence], seq_len: in
             )
 
 
-def _prepare_dest(config: PreprocessConfig, print_fn, run: dict[str, str], cache: str) -> dict | None:
+def _prepare_dest(
+    config: PreprocessConfig, print_fn: Callable[[str], None], run: dict[str, str], cache: str
+) -> dict | None:
     """Check DEST and decide: fresh start, resume, already complete (returns the manifest),
     or refuse. ``run`` is this run's ``fingerprint`` and ``frames_fingerprint``."""
     storage.check_writable(config.dest)
@@ -319,7 +322,7 @@ def _remove_cache(cache: str) -> None:
         pass  # something else is in it: not ours to delete
 
 
-def _cache_errors(cache: str):
+def _cache_errors(cache: str) -> contextlib.AbstractContextManager[None]:
     """A full or read-only disk while using the frame cache: one line saying what to do."""
     return storage.write_errors(cache, "free space or choose another --cache-dir, then run again to continue")
 
@@ -476,7 +479,7 @@ def _write_shards(
     seq_len: int,
     summary: Summary,
     progress: bool,
-    print_fn,
+    print_fn: Callable[[str], None],
 ) -> dict[str, list[ShardInfo]]:
     jobs: list[_ShardJob] = []
     infos: dict[str, ShardInfo] = {}
@@ -523,7 +526,7 @@ def _write_shards(
     }
 
 
-def preprocess(config: PreprocessConfig, progress: bool = True, print_fn=print) -> Summary:
+def preprocess(config: PreprocessConfig, progress: bool = True, print_fn: Callable[[str], None] = print) -> Summary:
     """Run (or resume) preprocessing; returns the summary."""
     started = time.perf_counter()
     sequences, bad = scan_dataset(config.src, config.modality)
@@ -544,7 +547,13 @@ def preprocess(config: PreprocessConfig, progress: bool = True, print_fn=print) 
 
 
 def _preprocess_locked(
-    config: PreprocessConfig, sequences: list, bad: list, seq_len: int, started: float, progress: bool, print_fn
+    config: PreprocessConfig,
+    sequences: list,
+    bad: list,
+    seq_len: int,
+    started: float,
+    progress: bool,
+    print_fn: Callable[[str], None],
 ) -> Summary:
     """The run itself, holding DEST's lock."""
     spec = FrameSpec(config.modality, config.image_size, config.depth_range)

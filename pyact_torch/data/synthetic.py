@@ -20,6 +20,7 @@ import os
 import shutil
 import tempfile
 from dataclasses import dataclass
+from typing import Any
 
 import cv2
 import numpy as np
@@ -86,7 +87,7 @@ def _style(seed: int, split_index: int, subject_index: int) -> dict:
     }
 
 
-def _draw_shape(image: np.ndarray, shape: str, centre: tuple[float, float], radius: float, value) -> None:
+def _draw_shape(image: np.ndarray, shape: str, centre: tuple[float, float], radius: float, value: Any) -> None:
     x, y = int(round(centre[0])), int(round(centre[1]))
     r = max(2, int(round(radius)))
     if shape == "circle":
@@ -110,7 +111,7 @@ def render_frame(
     height: int,
     frame: int,
     rng: np.random.Generator,
-):
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Colour (RGB uint8), depth and confidence (uint16, half size) of one frame.
     ``progress`` in [0, 1) is how far into its segment the action is; None = no action."""
     drift = 12.0 * np.sin(frame / 9.0)

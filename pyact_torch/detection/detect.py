@@ -16,7 +16,7 @@ import os
 import signal
 import zipfile
 from dataclasses import dataclass, replace
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -25,6 +25,7 @@ from ..config import DetectConfig
 from .metrics import SequenceResult, Truth, detection_metrics, format_table
 from ..errors import UserError
 from ..io.outputs import publish, staging
+from ..data.frames import FrameSpec
 from ..data.labels import NO_ACTION, LabelFileError, Segment, parse_label_file, scan_dataset, scan_detection
 from ..draw.plots import timeline_png
 from .runners import ModelInfo, Runner, choose_threads, load_checkpoint_runner, load_exported
@@ -173,7 +174,9 @@ def plan_sources(
     return with_segment_list(sources, config.labels, info, print_fn) if config.labels else sources
 
 
-def _folder_source(src: str, info: ModelInfo, spec, print_fn: Callable[[str], None], labelled: bool = True) -> Source:
+def _folder_source(
+    src: str, info: ModelInfo, spec: FrameSpec, print_fn: Callable[[str], None], labelled: bool = True
+) -> Source:
     """One sequence folder, scored against its ``<folder>.xml`` when there is one (and
     ``labelled``)."""
     n_frames = count_frames(src, info.modality)
@@ -227,7 +230,7 @@ def _truths(segments: tuple[Segment, ...], action: str, info: ModelInfo, label_f
 
 
 def _detection_sources(
-    src: str, info: ModelInfo, spec, print_fn: Callable[[str], None], labelled: bool = True
+    src: str, info: ModelInfo, spec: FrameSpec, print_fn: Callable[[str], None], labelled: bool = True
 ) -> list[Source]:
     """The long recordings of ``src/TestDetection``, each segment labelled with its own action
     (without ``labelled``, found by their frames alone: a segment list scores them)."""
@@ -257,7 +260,7 @@ def _detection_sources(
 
 
 def _split_sources(
-    src: str, split: str, info: ModelInfo, spec, print_fn: Callable[[str], None], labelled: bool = True
+    src: str, split: str, info: ModelInfo, spec: FrameSpec, print_fn: Callable[[str], None], labelled: bool = True
 ) -> list[Source]:
     sequences, bad = scan_dataset(src, info.modality)
     moved = set(info.eval_subjects or ())
@@ -329,7 +332,7 @@ def read_segment_list(path: str) -> list[tuple[str, Truth]]:
         raise UserError(f"--labels {path}: larger than {SEGMENT_LIST_LIMIT >> 20} MB; not a segment list")
     out: list[tuple[str, Truth]] = []
 
-    def add(place: str, sequence, action, first, last) -> None:
+    def add(place: str, sequence: Any, action: Any, first: Any, last: Any) -> None:  # as read from the file
         if not (isinstance(sequence, str) and isinstance(action, str) and type(first) is int and type(last) is int):
             raise UserError(
                 f"--labels {path}: {place}: needs sequence and action (text) and first and last (whole frame numbers)"

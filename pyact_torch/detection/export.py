@@ -19,7 +19,7 @@ import logging
 import os
 import warnings
 from dataclasses import replace
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -130,7 +130,7 @@ def write_export(module: torch.nn.Module, info: ModelInfo, windows: np.ndarray, 
 
 
 @contextlib.contextmanager
-def _quiet():
+def _quiet() -> Iterator[None]:
     """The exporters print progress and warnings of their own; a failure still raises."""
     loggers = [logging.getLogger(name) for name in ("torch.onnx", "torch.export", "torch._dynamo", "onnxscript")]
     levels = [logger.level for logger in loggers]

@@ -118,7 +118,7 @@ def write_video(windows: Iterable[Panel], out: str, fps: float) -> tuple[str, in
     return path, count
 
 
-def _open_writer(out: str, fps: float, size: tuple[int, int]):
+def _open_writer(out: str, fps: float, size: tuple[int, int]) -> tuple[cv2.VideoWriter, str, str]:
     folder = os.path.dirname(os.path.abspath(out))
     os.makedirs(folder, exist_ok=True)
     stem = os.path.splitext(os.path.basename(out))[0]

@@ -119,5 +119,5 @@ class GCSEmulator:
     def __enter__(self) -> "GCSEmulator":
         return self.start()
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.stop()

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import functools
 import struct
-from typing import Iterator
+from typing import IO, Iterator
 
 from . import storage
 
@@ -54,7 +54,7 @@ def tfrecord(payload: bytes) -> bytes:
     return header + struct.pack("<I", _masked_crc(header)) + payload + struct.pack("<I", _masked_crc(payload))
 
 
-def tfrecords(handle, url: str) -> Iterator[tuple[int, bytes | None]]:
+def tfrecords(handle: IO[bytes], url: str) -> Iterator[tuple[int, bytes | None]]:
     """``(offset, payload)`` of each record of a TFRecord stream, CRCs checked. A record whose
     payload fails its CRC comes as ``(offset, None)`` (the next one is still found); a bad or
     oversized length or a truncated file raises CorruptRecord (nothing after it can be trusted)."""

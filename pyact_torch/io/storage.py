@@ -127,7 +127,7 @@ def join(base: str, *parts: str) -> str:
     return os.path.join(base, *parts)
 
 
-def client():
+def client() -> Any:  # a google.cloud.storage.Client
     """The google-cloud-storage client of this process (one per process, since clients must
     not cross a fork, and per emulator address, which a client fixes when created)."""
     pid = (os.getpid(), os.environ.get("STORAGE_EMULATOR_HOST"))
@@ -146,12 +146,12 @@ def client():
     return _clients[pid]
 
 
-def _blob(url: str):
+def _blob(url: str) -> Any:
     bucket, name = split_gcs(url)
     return client().bucket(bucket).blob(name)
 
 
-def _retry():
+def _retry() -> Any:
     from google.cloud.storage.retry import DEFAULT_RETRY
 
     return DEFAULT_RETRY.with_timeout(GCS_DEADLINE)
@@ -212,7 +212,7 @@ class HashingWriter(io.RawIOBase):
     def writable(self) -> bool:
         return True
 
-    def write(self, data) -> int:
+    def write(self, data: Any) -> int:  # bytes-like
         self.digest.update(data)
         self.size += len(data)
         try:
@@ -297,7 +297,7 @@ class _ObjectStream(io.RawIOBase):
             raise ConnectionError(f"{self.url}: connection closed at byte {self.position} of {self.size}")
         return data
 
-    def readinto(self, buffer) -> int:
+    def readinto(self, buffer: Any) -> int:  # a writable buffer
         want = min(len(buffer), self.size - self.position)
         if want <= 0:
             self._drop()
@@ -507,7 +507,7 @@ def _first_line(exc: Exception) -> str:
     return str(exc).splitlines()[0][:200]
 
 
-def gcs_blob(url: str):
+def gcs_blob(url: str) -> Any:
     """The google-cloud-storage blob of a ``gs://`` URL (for conditional writes: ``locks``)."""
     return _blob(url)
 

@@ -13,7 +13,7 @@ import math
 import os
 import random
 from dataclasses import dataclass, field, replace
-from typing import Iterable, cast
+from typing import Any, Callable, Iterable, cast
 
 import torch
 import torch.nn.functional as F
@@ -102,7 +102,13 @@ def _stop_agreed(backend: Backend) -> bool:
 
 
 def _checkpoint_state(
-    model, optimizer, scheduler, state: RunState, config: TrainConfig, manifest: Manifest, backend: Backend
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    state: RunState,
+    config: TrainConfig,
+    manifest: Manifest,
+    backend: Backend,
 ) -> dict:
     return make_checkpoint(
         backend.to_host(model.state_dict()),
@@ -165,15 +171,15 @@ def per_replica_batch(global_batch: int, world: int, devices_per_reader: int = 1
 
 
 def train_epoch(
-    model,
-    optimizer,
-    scheduler,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
     batches: Iterable,
     backend: Backend,
     config: TrainConfig,
     state: RunState,
     log: RunLog,
-    on_checkpoint,
+    on_checkpoint: Callable[..., None],
     divergence: Divergence,
     epoch_steps: int,
 ) -> bool:
@@ -487,7 +493,7 @@ def _restore_weights(config: TrainConfig, manifest: Manifest, model: torch.nn.Mo
 
 
 def _restore_training(
-    saved: dict, optimizer: torch.optim.Optimizer, scheduler, backend: Backend, lr: float
+    saved: dict, optimizer: torch.optim.Optimizer, scheduler: Any, backend: Backend, lr: float
 ) -> RunState:
     """Optimizer, schedule, random generators and position of a saved run. ``lr`` (this run's
     --lr) replaces the saved one: the way on after a diverged loss is a lower --lr."""

@@ -121,7 +121,7 @@ class SpmdBackend(XlaBackend):
     def devices_per_reader(self) -> int:
         return self._xr.addressable_runtime_device_count()
 
-    def _spec(self, dims: int):
+    def _spec(self, dims: int) -> Any:  # a torch_xla ShardingSpec
         """Shard the first (batch) dimension over ``data``; across hosts each host's batch is
         its own part of the global one (``minibatch``)."""
         return self._xs.ShardingSpec(self.mesh, ("data",) + (None,) * (dims - 1), minibatch=self.world > 1)
