@@ -368,7 +368,6 @@ class Manifest:
     data needs, typed. ``document`` is the whole file as read, for the writers that extend it
     and the few fields only one reader uses."""
 
-    dest: str
     classes: list[str]
     seq_len: int
     image_size: int
@@ -474,7 +473,6 @@ def read_manifest(dest: str) -> Manifest:
         for split, entry in manifest["splits"].items()
     }
     return Manifest(
-        dest,
         list(classes),
         manifest["seq_len"],
         manifest["image_size"],

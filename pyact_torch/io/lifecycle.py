@@ -213,11 +213,12 @@ def forwarding_to_replicas() -> Iterator[None]:
         os.environ.pop(_LAUNCHER_ENV, None)
 
 
-class _Arriving:
-    """A replica's function on its way to the replica process. xmp.spawn runs the replica in a
-    thread, where no handler can be set; the process's main thread unpickles the function
-    first, and that is when the replica's SIGTERM and Ctrl-C handlers are set
-    (``_arrived``). Called without pickling (a replica in this process), it is the function."""
+class Arriving:
+    """A replica's function on its way to the replica process, to be passed to xmp.spawn.
+    xmp.spawn runs the replica in a thread, where no handler can be set; the process's main
+    thread unpickles the function first, and that is when the replica's SIGTERM and Ctrl-C
+    handlers are set (``_arrived``). Called without pickling (a replica in this process), it
+    is the function."""
 
     def __init__(self, fn: Callable[..., Any]):
         self.fn = fn
@@ -233,12 +234,6 @@ def _arrived(fn: Callable[..., Any]) -> Callable[..., Any]:
     if in_xmp_replica():
         watch_sigterm()
     return fn
-
-
-def arriving(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """``fn``, to be passed to xmp.spawn: in each replica process it sets the handlers of
-    ``watch_sigterm`` from the main thread before the replica starts."""
-    return _Arriving(fn)
 
 
 def replica_main(index: int, launcher: int, fn: Callable[..., Any], *args: Any) -> None:

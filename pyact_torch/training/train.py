@@ -566,9 +566,10 @@ def _epochs(run: _Run) -> bool:
             return False
         result = _validate(run)
         state.epoch, state.batch_in_epoch = epoch + 1, 0
-        improved = result is not None and result["loss"] < state.best_val_loss
-        if result is not None and improved:
-            state.best_val_loss = result["loss"]
+        loss = result["loss"] if result is not None else math.inf
+        improved = loss < state.best_val_loss
+        if improved:
+            state.best_val_loss = loss
         run.log.epoch_end(epoch, state.step, result)
         run.checkpoint(best=improved)
     return True

@@ -14,7 +14,7 @@ from typing import Any, Callable, Iterable, Iterator, cast
 import torch
 
 from .devices import Backend, step_seed
-from ..io.lifecycle import arriving, forwarding_to_replicas, replica_main
+from ..io.lifecycle import Arriving, forwarding_to_replicas, replica_main
 
 
 class XlaBackend(Backend):
@@ -194,7 +194,7 @@ def spawn(fn: Callable[..., Any], args: tuple) -> None:
     import torch_xla.distributed.xla_multiprocessing as xmp
 
     with forwarding_to_replicas():
-        xmp.spawn(replica_main, args=(os.getpid(), arriving(fn), *args))
+        xmp.spawn(replica_main, args=(os.getpid(), Arriving(fn), *args))
 
 
 def _has_tpu() -> bool:
