@@ -12,6 +12,13 @@ bench/train.py), and XLA:CPU's compilation and CPU-fallback counts of a run with
 augmentation, dropout and weight decay (they must be equal: nothing new compiles per step).
 
     .venv/bin/python bench/generalise.py --out /tmp/bench-generalise [--seeds 3] [--epochs 12]
+
+``--detection`` measures instead what each arm gives ``pyact detect`` on the demo's dataset
+(6 Train subjects, 2 held-out Test subjects) with the demo's training settings (10 epochs,
+one loader worker): segment F1 at IoU 0.5, frame accuracy and false alarms on the Test split's
+32 sequences, per training seed (1, 2, ...).
+
+    .venv/bin/python bench/generalise.py --detection --out /tmp/bench-detection [--seeds 6]
 """
 
 from __future__ import annotations
@@ -37,7 +44,7 @@ ARMS = {
 }
 
 
-def make_data(out: str, train_subjects: int, test_subjects: int) -> str:
+def make_data(out: str, train_subjects: int, test_subjects: int, seed: int = 11) -> str:
     """Few Train subjects, one Eval, several held-out Test subjects, preprocessed at 32x32."""
     from pyact_torch.config import PreprocessConfig, SynthConfig
     from pyact_torch.data.preprocess import preprocess
@@ -46,7 +53,7 @@ def make_data(out: str, train_subjects: int, test_subjects: int) -> str:
     raw, dest = os.path.join(out, "raw"), os.path.join(out, "shards")
     if not os.path.exists(os.path.join(raw, "Train")):
         make_dataset(
-            SynthConfig(raw, subjects=(train_subjects, 1, test_subjects), frames=(40, 60), size=(96, 72), seed=11),
+            SynthConfig(raw, subjects=(train_subjects, 1, test_subjects), frames=(40, 60), size=(96, 72), seed=seed),
             progress=False,
         )
     if not os.path.exists(os.path.join(dest, "manifest.json")):
@@ -102,6 +109,70 @@ def held_out_accuracy(data: str, run_dir: str, flags: list[str], seed: int, epoc
         return json.load(handle)["accuracy"]
 
 
+def detection_scores(data: str, run_dir: str, flags: list[str], seed: int) -> dict[str, float]:
+    """Train with the demo's settings, then ``pyact detect`` on the Test split's raw sequences."""
+    pyact(
+        "train",
+        "--data",
+        data,
+        "--run-dir",
+        run_dir,
+        "--model",
+        "tiny",
+        "--device",
+        "cpu",
+        "--epochs",
+        "10",
+        "--lr",
+        "2e-3",
+        "--lr-schedule",
+        "cosine",
+        "--ckpt-every",
+        "0",
+        "--log-every",
+        "1000",
+        "--workers",
+        "1",
+        "--seed",
+        str(seed),
+        *flags,
+    )
+    out = run_dir + "-detect"
+    raw = os.path.join(os.path.dirname(data), "raw")
+    pyact("detect", "--checkpoint", run_dir, "--src", raw, "--split", "test", "--no-video", "--out", out)
+    with open(os.path.join(out, "metrics.json")) as handle:
+        metrics = json.load(handle)["detection"]
+    return {
+        "f1": metrics["segments"]["0.5"]["f1"],
+        "frame_accuracy": metrics["frame_accuracy"],
+        "false_alarms": metrics["false_alarms_per_1000_background_frames"],
+    }
+
+
+def detection_bench(out: str, arms: list[str], seeds: int) -> dict[str, list[dict[str, float]]]:
+    """Each arm's detection figures on the demo's dataset, seeds 1..``seeds``; prints a line per arm."""
+    data = make_data(out, 6, 2, seed=3)  # the demo's dataset (pyact demo's default --seed 3)
+    results: dict[str, list[dict[str, float]]] = {}
+    for arm in arms:
+        rows = []
+        for seed in range(1, seeds + 1):
+            run_dir = os.path.join(out, "runs", f"{arm.replace(' ', '_')}-seed{seed}")
+            subprocess.run(["rm", "-rf", run_dir, run_dir + "-detect"], check=True)
+            rows.append(detection_scores(data, run_dir, ARMS[arm], seed))
+        results[arm] = rows
+        f1 = [r["f1"] for r in rows]
+        spread = statistics.stdev(f1) if len(f1) > 1 else 0.0
+        frames = ", ".join(f"{r['frame_accuracy']:.3f}" for r in rows)
+        alarms = ", ".join(f"{r['false_alarms']:.1f}" for r in rows)
+        print(
+            f"{arm:26s} Test segment F1@0.5 {statistics.mean(f1):.3f} +- {spread:.3f}, lowest {min(f1):.3f} "
+            f"(seeds: {', '.join(f'{v:.3f}' for v in f1)}); frame accuracy "
+            f"{frames}; false alarms per 1000 background frames {alarms}",
+            flush=True,
+        )
+    return results
+
+
 def xla_compiles(data: str, run_dir: str, flags: list[str]) -> str:
     """The closing line's XLA compilation and fallback counts of a 2-epoch XLA:CPU run."""
     env = {**os.environ, "PYTHONPATH": ROOT, "PJRT_DEVICE": "CPU"}
@@ -149,8 +220,19 @@ def main() -> None:
     parser.add_argument("--test-subjects", type=int, default=4, help="held-out Test subjects")
     parser.add_argument("--arms", default=",".join(ARMS), help="comma-separated arm names to run ('' for none)")
     parser.add_argument("--no-loader", dest="loader", action="store_false", help="skip the loader and XLA measurements")
+    parser.add_argument(
+        "--detection",
+        action="store_true",
+        help="measure pyact detect on the demo's dataset per arm instead (default arms: none, standard)",
+    )
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
+    if args.detection:
+        arms = list(filter(None, args.arms.split(","))) if args.arms != ",".join(ARMS) else ["none", "standard"]
+        found = detection_bench(args.out, arms, args.seeds)
+        with open(os.path.join(args.out, "results.json"), "w") as handle:
+            json.dump(found, handle, indent=1)
+        return
     data = make_data(args.out, args.train_subjects, args.test_subjects)
     with open(os.path.join(data, "manifest.json")) as handle:
         splits = json.load(handle)["splits"]
