@@ -912,7 +912,7 @@ class TFRecordConfig:
 @dataclass(frozen=True)
 class DemoConfig:
     """The whole pipeline on a small synthetic dataset, on CPU: synth -> preprocess -> train
-    tiny -> score the test split -> video -> detect (``pyact demo``)."""
+    tiny (--augment standard) -> score the test split -> video -> detect (``pyact demo``)."""
 
     out: str = field(
         default="demo-output",

@@ -97,10 +97,14 @@ def test_detection_finds_the_actions_of_the_test_split(detector_run, raw, tmp_pa
     metrics = json.load(open(os.path.join(out, "metrics.json")))["detection"]
     detections = json.load(open(os.path.join(out, "detections.json")))
     assert metrics["sequences"] == 32 == len(detections["sequences"])
-    # measured 0.85 at IoU 0.5 (demo settings, 10 epochs); a model that learned nothing scores ~0
-    assert metrics["segments"]["0.5"]["f1"] >= 0.7
-    assert metrics["frame_accuracy"] >= 0.85
-    assert metrics["false_alarms_per_1000_background_frames"] < 30
+    # The fixture's --augment standard, seeds 1-6, and seed 3 with 1 intra-op thread instead of 2
+    # (other rounding, as on another CPU) measured segment F1 at IoU 0.5 0.745-0.978, mAP at tIoU 0.5
+    # 0.854-0.994, frame accuracy 0.930-0.965, 0-11.2 false alarms per 1000 background frames
+    # (docs/benchmarks.md). Without augmentation, F1 0.18-0.79; its weights shuffled, ~0.02 (the next test).
+    assert metrics["segments"]["0.5"]["f1"] >= 0.65
+    assert metrics["mAP"]["thresholds"]["0.5"]["mAP"] >= 0.75
+    assert metrics["frame_accuracy"] >= 0.9
+    assert metrics["false_alarms_per_1000_background_frames"] < 20
     probabilities = np.load(os.path.join(out, "probabilities.npz"))
     assert sorted(probabilities.files) == sorted(s["probabilities"] for s in detections["sequences"])
     first = detections["sequences"][0]
@@ -849,7 +853,7 @@ def test_testdetection_scores_each_segment_by_its_own_action(detector_run, raw, 
     assert {c: n for c, n in truths.items() if n} == dict(expected)
     assert set(report["mAP"]["thresholds"]) == {"0.3", "0.4", "0.5", "0.6", "0.7"}
     assert set(report["mAP"]["thresholds"]["0.5"]["per_class"]) == set(expected)
-    # tiny, 10 epochs (detector_run); an untrained model scores ~0
+    # tiny, 10 epochs (detector_run); its weights shuffled score ~0
     assert report["mAP"]["thresholds"]["0.5"]["mAP"] >= MAP_BAR
     assert report["segments"]["0.5"]["f1"] >= F1_BAR and report["frame_accuracy"] >= 0.8
     found = json.load(open(os.path.join(out, "detections.json")))["sequences"]
@@ -858,7 +862,9 @@ def test_testdetection_scores_each_segment_by_its_own_action(detector_run, raw, 
     assert "mAP           tIoU 0.3:" in printed and "AP@0.5" in printed
 
 
-MAP_BAR, F1_BAR = 0.6, 0.55  # measured 0.84 and 0.75 (frame accuracy 0.89) on the 4 recordings
+# on the 4 recordings, the 7 runs of test_detection_finds_the_actions_of_the_test_split's comment
+# measured mAP 0.72-0.96, F1 0.68-0.90 and frame accuracy 0.87-0.93
+MAP_BAR, F1_BAR = 0.6, 0.55
 
 
 def test_streaming_equals_batching_on_a_long_recording(raw, runner):
