@@ -66,7 +66,8 @@ def pyact(*args: str) -> None:
     subprocess.run([sys.executable, "-m", "pyact_torch", *args], check=True, env=env, stdout=subprocess.DEVNULL)
 
 
-def held_out_accuracy(data: str, run_dir: str, flags: list[str], seed: int, epochs: int, lr: float) -> float:
+def train_tiny(data: str, run_dir: str, seed: int, epochs: int, lr: float, workers: int, flags: list[str]) -> None:
+    """``tiny`` at the data's size through the real CLI, eager CPU, cosine schedule."""
     pyact(
         "train",
         "--data",
@@ -86,11 +87,15 @@ def held_out_accuracy(data: str, run_dir: str, flags: list[str], seed: int, epoc
         "--log-every",
         "1000",
         "--workers",
-        "2",
+        str(workers),
         "--seed",
         str(seed),
         *flags,
     )
+
+
+def held_out_accuracy(data: str, run_dir: str, flags: list[str], seed: int, epochs: int, lr: float) -> float:
+    train_tiny(data, run_dir, seed, epochs, lr, 2, flags)
     out = run_dir + "-test"
     pyact(
         "evaluate",
@@ -111,32 +116,7 @@ def held_out_accuracy(data: str, run_dir: str, flags: list[str], seed: int, epoc
 
 def detection_scores(data: str, run_dir: str, flags: list[str], seed: int) -> dict[str, float]:
     """Train with the demo's settings, then ``pyact detect`` on the Test split's raw sequences."""
-    pyact(
-        "train",
-        "--data",
-        data,
-        "--run-dir",
-        run_dir,
-        "--model",
-        "tiny",
-        "--device",
-        "cpu",
-        "--epochs",
-        "10",
-        "--lr",
-        "2e-3",
-        "--lr-schedule",
-        "cosine",
-        "--ckpt-every",
-        "0",
-        "--log-every",
-        "1000",
-        "--workers",
-        "1",
-        "--seed",
-        str(seed),
-        *flags,
-    )
+    train_tiny(data, run_dir, seed, 10, 2e-3, 1, ["--ckpt-every", "0", *flags])
     out = run_dir + "-detect"
     raw = os.path.join(os.path.dirname(data), "raw")
     pyact("detect", "--checkpoint", run_dir, "--src", raw, "--split", "test", "--no-video", "--out", out)
