@@ -14,9 +14,10 @@ augmentation, dropout and weight decay (they must be equal: nothing new compiles
     .venv/bin/python bench/generalise.py --out /tmp/bench-generalise [--seeds 3] [--epochs 12]
 
 ``--detection`` measures instead what each arm gives ``pyact detect`` on the demo's dataset
-(6 Train subjects, 2 held-out Test subjects) with the demo's training settings (10 epochs,
-one loader worker): segment F1 at IoU 0.5, frame accuracy and false alarms on the Test split's
-32 sequences, per training seed (1, 2, ...).
+(6 Train subjects, 2 held-out Test subjects, 10 TestDetection recordings) with the demo's
+training settings (10 epochs, one loader worker): segment F1 at IoU 0.5, mAP at tIoU 0.5, frame
+accuracy and false alarms on the Test split's 32 sequences and on the TestDetection
+recordings, per training seed (1, 2, ...).
 
     .venv/bin/python bench/generalise.py --detection --out /tmp/bench-detection [--seeds 6]
 """
@@ -114,42 +115,53 @@ def held_out_accuracy(data: str, run_dir: str, flags: list[str], seed: int, epoc
         return json.load(handle)["accuracy"]
 
 
-def detection_scores(data: str, run_dir: str, flags: list[str], seed: int) -> dict[str, float]:
-    """Train with the demo's settings, then ``pyact detect`` on the Test split's raw sequences."""
+DETECT_SPLITS = ("test", "testdetection")
+
+
+def detection_scores(data: str, run_dir: str, flags: list[str], seed: int) -> dict[str, dict[str, float]]:
+    """Train with the demo's settings, then ``pyact detect`` on the Test split's sequences and on
+    the TestDetection recordings (several actions each); each split's figures."""
     train_tiny(data, run_dir, seed, 10, 2e-3, 1, ["--ckpt-every", "0", *flags])
-    out = run_dir + "-detect"
     raw = os.path.join(os.path.dirname(data), "raw")
-    pyact("detect", "--checkpoint", run_dir, "--src", raw, "--split", "test", "--no-video", "--out", out)
-    with open(os.path.join(out, "metrics.json")) as handle:
-        metrics = json.load(handle)["detection"]
-    return {
-        "f1": metrics["segments"]["0.5"]["f1"],
-        "frame_accuracy": metrics["frame_accuracy"],
-        "false_alarms": metrics["false_alarms_per_1000_background_frames"],
-    }
+    scores = {}
+    for split in DETECT_SPLITS:
+        out = f"{run_dir}-{split}"
+        pyact("detect", "--checkpoint", run_dir, "--src", raw, "--split", split, "--no-video", "--out", out)
+        with open(os.path.join(out, "metrics.json")) as handle:
+            metrics = json.load(handle)["detection"]
+        scores[split] = {
+            "f1": metrics["segments"]["0.5"]["f1"],
+            "mAP": metrics["mAP"]["thresholds"]["0.5"]["mAP"],
+            "frame_accuracy": metrics["frame_accuracy"],
+            "false_alarms": metrics["false_alarms_per_1000_background_frames"],
+        }
+    return scores
 
 
-def detection_bench(out: str, arms: list[str], seeds: int) -> dict[str, list[dict[str, float]]]:
-    """Each arm's detection figures on the demo's dataset, seeds 1..``seeds``; prints a line per arm."""
+def detection_bench(out: str, arms: list[str], seeds: int) -> dict[str, list[dict[str, dict[str, float]]]]:
+    """Each arm's detection figures on the demo's dataset, seeds 1..``seeds``; prints a line per
+    arm and split."""
     data = make_data(out, 6, 2, seed=3)  # the demo's dataset (pyact demo's default --seed 3)
-    results: dict[str, list[dict[str, float]]] = {}
+    results: dict[str, list[dict[str, dict[str, float]]]] = {}
     for arm in arms:
         rows = []
         for seed in range(1, seeds + 1):
             run_dir = os.path.join(out, "runs", f"{arm.replace(' ', '_')}-seed{seed}")
-            subprocess.run(["rm", "-rf", run_dir, run_dir + "-detect"], check=True)
+            subprocess.run(["rm", "-rf", run_dir, *(f"{run_dir}-{split}" for split in DETECT_SPLITS)], check=True)
             rows.append(detection_scores(data, run_dir, ARMS[arm], seed))
         results[arm] = rows
-        f1 = [r["f1"] for r in rows]
-        spread = statistics.stdev(f1) if len(f1) > 1 else 0.0
-        frames = ", ".join(f"{r['frame_accuracy']:.3f}" for r in rows)
-        alarms = ", ".join(f"{r['false_alarms']:.1f}" for r in rows)
-        print(
-            f"{arm:26s} Test segment F1@0.5 {statistics.mean(f1):.3f} +- {spread:.3f}, lowest {min(f1):.3f} "
-            f"(seeds: {', '.join(f'{v:.3f}' for v in f1)}); frame accuracy "
-            f"{frames}; false alarms per 1000 background frames {alarms}",
-            flush=True,
-        )
+        for split in DETECT_SPLITS:
+            f1 = [r[split]["f1"] for r in rows]
+            spread = statistics.stdev(f1) if len(f1) > 1 else 0.0
+            maps = ", ".join(f"{r[split]['mAP']:.3f}" for r in rows)
+            frames = ", ".join(f"{r[split]['frame_accuracy']:.3f}" for r in rows)
+            alarms = ", ".join(f"{r[split]['false_alarms']:.1f}" for r in rows)
+            print(
+                f"{arm:10s} {split:13s} segment F1@0.5 {statistics.mean(f1):.3f} +- {spread:.3f}, lowest "
+                f"{min(f1):.3f} (seeds: {', '.join(f'{v:.3f}' for v in f1)}); mAP@0.5 {maps}; frame accuracy "
+                f"{frames}; false alarms per 1000 background frames {alarms}",
+                flush=True,
+            )
     return results
 
 
