@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 import shutil
+import struct
 import subprocess
 import sys
+import zlib
 
 import pytest
 
@@ -24,6 +26,20 @@ def write_xml(src, body):
 def truncate(path, keep=200):
     data = open(path, "rb").read()
     open(path, "wb").write(data[:keep])
+
+
+def png_bomb(path, side=16384):
+    """A real PNG of ``side`` x ``side`` 8-bit zeros: a few hundred kB that decode to side**2 bytes
+    (256 MB at the default), well past the 4096x4096 pixels a frame may have."""
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    packer, row = zlib.compressobj(9), bytes(side + 1)  # each row: filter type 0, then its pixels
+    idat = b"".join(packer.compress(row) for _ in range(side)) + packer.flush()
+    header = struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0)
+    with open(path, "wb") as handle:
+        handle.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat) + chunk(b"IEND", b""))
 
 
 DAMAGE = {
@@ -56,6 +72,11 @@ DAMAGE = {
         "frame missing",
     ),
     "truncated PNG": (lambda s: truncate(os.path.join(s, SEQ, "color_3.png")), SEQ + "/color_3.png", "truncated PNG"),
+    "PNG decompression bomb": (
+        lambda s: png_bomb(os.path.join(s, SEQ, "color_2.png")),
+        SEQ + "/color_2.png",
+        "16384x16384 pixels, more than",
+    ),
     "not a PNG": (
         lambda s: open(os.path.join(s, SEQ, "color_4.png"), "wb").write(b"hello"),
         SEQ + "/color_4.png",

@@ -75,7 +75,7 @@ def read_keras_weights(path: str) -> tuple[dict[str, dict[str, np.ndarray]], dic
         if "model_config" in handle.attrs:
             try:
                 config = json.loads(_text(handle.attrs["model_config"]))
-            except ValueError:
+            except (ValueError, RecursionError):
                 raise UserError(f"{path}: its model_config is not valid JSON") from None
             if not isinstance(config, dict):
                 raise UserError(f"{path}: its model_config is not a JSON object")

@@ -23,6 +23,10 @@ from .labels import needed_kinds
 from ..io.processes import map_unordered
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+#: Bounds on one frame file, checked before decoding: a few MB of zeros can declare an image
+#: that decodes to gigabytes. The dataset's frames are 640x480; 4096x4096 leaves room for any camera.
+MAX_PNG_PIXELS = 4096 * 4096
+MAX_PNG_BYTES = 256 << 20
 CHANNELS = {"color": ("R", "G", "B"), "depth": ("D",), "rgbd": ("R", "G", "B", "D")}
 
 
@@ -75,13 +79,20 @@ def load_png(path: str) -> np.ndarray:
     IEND trailer before decoding, so libpng does not print its own error on stderr."""
     try:
         with storage.open_read(path) as handle:  # a regular file only: a FIFO would hang the run
-            data = np.frombuffer(handle.read(), np.uint8)
+            data = np.frombuffer(handle.read(MAX_PNG_BYTES + 1), np.uint8)
     except OSError as exc:
         raise FrameError(path, f"cannot read ({exc.strerror})") from None
     except UserError as exc:
         raise FrameError(path, str(exc).rpartition(": ")[2]) from None
     if data[:8].tobytes() != PNG_SIGNATURE:
         raise FrameError(path, "not a PNG file")
+    if len(data) > MAX_PNG_BYTES:
+        raise FrameError(path, f"larger than the {MAX_PNG_BYTES >> 20} MB a frame file can have")
+    if data[12:16].tobytes() != b"IHDR":  # the first chunk, by the PNG standard
+        raise FrameError(path, "corrupt PNG (no IHDR chunk first)")
+    width, height = (int.from_bytes(data[i : i + 4].tobytes(), "big") for i in (16, 20))
+    if width * height > MAX_PNG_PIXELS:
+        raise FrameError(path, f"{width}x{height} pixels, more than the {MAX_PNG_PIXELS} a frame can have")
     if data[-8:-4].tobytes() != b"IEND":
         raise FrameError(path, "truncated PNG (no IEND chunk at the end)")
     image = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)

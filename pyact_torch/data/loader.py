@@ -123,7 +123,7 @@ def record_meta(samples: Iterable[dict], sink: list) -> Iterator[dict]:
     for sample in samples:
         try:
             meta = json.loads(sample["json"])
-        except (KeyError, ValueError):
+        except (KeyError, ValueError, RecursionError):
             meta = None
         if not (
             isinstance(meta, dict)

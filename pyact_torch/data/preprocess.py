@@ -278,11 +278,13 @@ def _cache_dir(config: PreprocessConfig) -> str:
 def _read_info(cache: str) -> dict:
     """The cache's ``cache.json`` (empty when missing or damaged: the cache is then rebuilt)."""
     try:
-        with open(os.path.join(cache, "cache.json")) as handle:
-            info = json.load(handle)
-        return info if isinstance(info, dict) else {}
-    except (OSError, ValueError):
+        info = storage.read_json(os.path.join(cache, "cache.json"), 1 << 20)
+    except (OSError, UserError):
         return {}
+    if not isinstance(info, dict):
+        return {}
+    kinds = {"cache": str, "dest": dict}  # what _open_cache writes; anything else is damage
+    return {key: info[key] for key, kind in kinds.items() if isinstance(info.get(key), kind)}
 
 
 def _open_cache(cache: str, cache_token: str, run: dict[str, str]) -> None:

@@ -257,7 +257,7 @@ def _gone(holder: dict) -> bool:
 def _parse(data: bytes) -> dict:
     try:
         value = json.loads(data.decode("utf-8", "replace"))
-    except ValueError:
+    except (ValueError, RecursionError):
         return {}
     return value if isinstance(value, dict) else {}
 

@@ -395,6 +395,8 @@ def read_json(url: str, limit: int = JSON_LIMIT) -> Any:
         return json.loads(read_bytes(url, limit))
     except ValueError:
         raise UserError(f"{url}: not valid JSON") from None
+    except RecursionError:  # a few hundred kB of nested brackets is enough
+        raise UserError(f"{url}: JSON nested too deeply") from None
 
 
 def json_bytes(value: Any) -> bytes:

@@ -135,6 +135,37 @@ def test_damaged_state_files_do_not_block_resume(damage, tiny_dataset, tmp_path,
     assert tree_bytes(dest) == tree_bytes(reference)
 
 
+DEEP_JSON = "[" * 100_000 + "]" * 100_000  # a few hundred kB: Python's JSON parser recurses per level
+
+
+@pytest.mark.parametrize("damage", ["dest not an object", "a FIFO", "nested too deeply"])
+def test_a_damaged_cache_record_behind_a_damaged_state_file_is_one_line(
+    damage, tiny_dataset, tmp_path, capsys, monkeypatch
+):
+    """With the state file cut off, the cache's record says which run the folder served. A
+    record of the wrong shape was a traceback and a FIFO in its place a hang: now neither is
+    trusted, the folder is refused in one line and --overwrite rebuilds it."""
+    reference = str(tmp_path / "reference")
+    assert main(["preprocess", tiny_dataset, reference, *PRE]) == 0
+    dest = str(tmp_path / "out")
+    _interrupt(monkeypatch, "map_unordered", 2)
+    assert main(["preprocess", tiny_dataset, dest, *PRE]) == 130
+    monkeypatch.undo()
+    state = os.path.join(dest, ".pyact-preprocess.json")
+    open(state, "w").write(open(state).read()[:10])
+    record = os.path.join(dest, ".pyact-cache", "cache.json")
+    os.remove(record)
+    if damage == "a FIFO":
+        os.mkfifo(record)
+    else:
+        open(record, "w").write(json.dumps({"dest": [1]}) if damage == "dest not an object" else DEEP_JSON)
+    capsys.readouterr()
+    code, err = cli(capsys, "preprocess", tiny_dataset, dest, *PRE)
+    assert code == 2 and "--overwrite" in one_line(err)
+    assert main(["preprocess", tiny_dataset, dest, *PRE, "--overwrite"]) == 0
+    assert tree_bytes(dest) == tree_bytes(reference)
+
+
 @pytest.mark.parametrize("phase", ["decode", "shards"])
 def test_disk_full_is_one_line_and_the_resumed_output_is_identical(phase, tiny_dataset, tmp_path, capsys, monkeypatch):
     """Root only (tmpfs). Before the fix a short pwrite was logged as decoded and the resumed

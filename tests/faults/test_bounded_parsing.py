@@ -279,6 +279,15 @@ def test_a_malformed_split_entry_is_one_line(damage, command, shards, small_run,
     assert code == 2 and "malformed" in one_line(err)
 
 
+def test_a_manifest_nested_too_deeply_is_one_line(shards, tmp_path, capsys):
+    """A few hundred kB of brackets exhausts Python's recursion limit: it was a RecursionError
+    traceback from every command that reads a manifest or a run's JSON."""
+    with open(os.path.join(shards, "manifest.json"), "w") as handle:
+        handle.write("[" * 100_000 + "]" * 100_000)
+    code, err = cli(capsys, "inspect", shards, "--out", str(tmp_path / "g.png"), "--split", "train")
+    assert code == 2 and "manifest.json: JSON nested too deeply" in one_line(err)
+
+
 def test_a_json_member_that_is_not_the_metadata_is_one_line(shards, small_run, tmp_path, capsys):
     entry = read_manifest(shards).document["splits"]["test"]["shards"][0]
     _replace_member(os.path.join(shards, entry["name"]), "json", b"not json")

@@ -335,7 +335,7 @@ def test_a_diverged_loss_stops_training_before_a_checkpoint(log_every, small_sha
     assert final["optimizer"]["param_groups"][0]["lr"] == pytest.approx(lr)
 
 
-@pytest.mark.parametrize("damage", ["invalid JSON", "a list", "names a missing file"])
+@pytest.mark.parametrize("damage", ["invalid JSON", "nested too deeply", "a list", "names a missing file"])
 def test_a_damaged_latest_pointer_falls_back_to_the_checkpoints(damage, small_shards, tmp_path, capsys):
     """The README promises a fallback to older checkpoints; a damaged pointer must not end the run."""
     run_dir = tmp_path / "run"
@@ -348,6 +348,7 @@ def test_a_damaged_latest_pointer_falls_back_to_the_checkpoints(damage, small_sh
     pointer.write_text(
         {
             "invalid JSON": "{not json",
+            "nested too deeply": "[" * 100_000 + "]" * 100_000,  # was a RecursionError traceback
             "a list": "[]",
             "names a missing file": json.dumps({**good, "name": "ckpt-999.pt", "history": []}),
         }[damage]
@@ -363,8 +364,12 @@ def test_scoring_falls_back_from_a_damaged_best_to_final(small_run, small_shards
     run_dir = tmp_path / "run"
     shutil.copytree(small_run, run_dir)
     best = json.loads((run_dir / "best.json").read_text())
-    for damage in ({**best, "sha256": "0" * 64}, {k: v for k, v in best.items() if k != "name"}):
-        (run_dir / "best.json").write_text(json.dumps(damage))
+    for damage in (
+        json.dumps({**best, "sha256": "0" * 64}),
+        json.dumps({k: v for k, v in best.items() if k != "name"}),
+        "[" * 100_000 + "]" * 100_000,  # nested too deeply for Python's parser: was a traceback
+    ):
+        (run_dir / "best.json").write_text(damage)
         state, url = load_checkpoint(str(run_dir), log=lambda m: None)
         assert url.endswith("final.pt")
     (run_dir / "final.pt").write_bytes((run_dir / "final.pt").read_bytes()[:4000])
