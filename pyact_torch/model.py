@@ -169,7 +169,10 @@ def reorder_outputs(state_dict: dict, classes: list[str], wanted: list[str]) -> 
     """The same weights with the output layer's rows in the ``wanted`` class order (a pyACT
     model lists its classes in another order than a manifest)."""
     order = torch.tensor([classes.index(name) for name in wanted])
-    last = [k for k in state_dict if k.startswith("classifier.") and k.endswith(".weight")][-1].rsplit(".", 1)[0]
+    layers = [k.rsplit(".", 1)[0] for k in state_dict if k.startswith("classifier.") and k.endswith(".weight")]
+    if not layers or f"{layers[-1]}.bias" not in state_dict or len(state_dict[f"{layers[-1]}.weight"]) != len(classes):
+        raise ValueError(f"its weights have no output layer of {len(classes)} classes")
+    last = layers[-1]
     return {
         **state_dict,
         f"{last}.weight": state_dict[f"{last}.weight"][order],

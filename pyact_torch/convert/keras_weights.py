@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from ..io import storage
-from ..training.checkpoint import CHECKPOINT_FORMAT, load_object, make_checkpoint
+from ..training.checkpoint import CHECKPOINT_FORMAT, ZIP_MAGIC, load_object, make_checkpoint, nonfinite_weights
 from ..config import KerasConfig
 from ..errors import UserError
 from ..io.lifecycle import uninterrupted
@@ -285,6 +285,9 @@ def convert_keras(config: KerasConfig, print_fn: Callable[[str], None] = print) 
             f"{config.h5}: weights do not fit ConvNet3D at {seq_len}x{image_size}x{image_size}x{channels} "
             f"({str(exc).splitlines()[-1].strip()})"
         ) from None
+    bad = nonfinite_weights(model.state_dict())
+    if bad:
+        raise UserError(f"{config.h5}: its weights hold NaN or infinite values ({bad[0]} of the converted model)")
     data_shape = {"channels": channels, "seq_len": seq_len, "image_size": image_size, "modality": MODALITY_OF[channels]}
     checkpoint = make_checkpoint(
         model.state_dict(), {"model": preset}, classes, data_shape, converted_from=os.path.basename(config.h5)
@@ -306,7 +309,7 @@ def _check_checkpoint(url: str) -> None:
         load_object(url)
         return
     with open(url, "rb") as handle:
-        if handle.read(4) != b"PK\x03\x04":  # torch.save writes a zip archive
+        if handle.read(4) != ZIP_MAGIC:
             raise UserError(f"{url}: not a zip archive")
     try:
         state = torch.load(url, mmap=True, weights_only=True, map_location="cpu")

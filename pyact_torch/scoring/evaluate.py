@@ -60,7 +60,14 @@ def _score(
     classes = manifest.classes
     if list(state["classes"]) != classes and sorted(state["classes"]) == sorted(classes):
         print_fn("note: the checkpoint lists the classes in another order; its outputs are reordered to the manifest's")
-        state = {**state, "model": reorder_outputs(state["model"], list(state["classes"]), classes), "classes": classes}
+        try:
+            state = {
+                **state,
+                "model": reorder_outputs(state["model"], list(state["classes"]), classes),
+                "classes": classes,
+            }
+        except ValueError as exc:
+            raise UserError(f"{url}: {exc}") from None
     check_compatible(state, classes, manifest.data_shape, what="score this data with it")
     try:
         model = build_model(

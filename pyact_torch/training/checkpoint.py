@@ -30,10 +30,12 @@ from typing import IO, Any, Callable, cast
 import torch
 
 from ..io import storage
+from ..config import CLASS_NAME
 from ..errors import UserError
 
 LATEST, BEST, FINAL, FINAL_POINTER = "latest.json", "best.json", "final.pt", "final.json"
 CHECKPOINT_FORMAT = "pyact-torch-checkpoint/1"
+ZIP_MAGIC = b"PK\x03\x04"  # torch.save writes a zip archive
 CKPT_NAME = re.compile(r"ckpt-(\d{1,15})\.pt")
 OBJECT_NAME = re.compile(r"ckpt-\d{1,15}\.pt|final\.pt")
 POINTER_LIMIT = 1 << 20  # a pointer with its history is a few KB
@@ -215,7 +217,10 @@ def load_object(url: str, record: dict | None = None) -> dict:
         if len(data) != record["size"] or hashlib.sha256(data).hexdigest() != record["sha256"]:
             raise UserError(f"{url}: size or sha256 does not match its pointer (corrupt or partial)")
     else:
-        data = storage.read_bytes(url)
+        with storage.open_read(url) as handle:  # any file may be named: look at its first bytes first
+            if handle.read(4) != ZIP_MAGIC:
+                raise UserError(f"{url}: not a pyact-torch checkpoint (not a zip archive, as torch.save writes)")
+            data = ZIP_MAGIC + handle.read()
     try:
         state = torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
     except (
@@ -238,7 +243,26 @@ def load_object(url: str, record: dict | None = None) -> dict:
         or not isinstance(state.get("config"), dict)
     ):
         raise UserError(f"{url}: not a {CHECKPOINT_FORMAT} checkpoint (format, model, classes or config missing)")
+    classes, shape, model = state["classes"], state.get("data_shape"), state["config"].get("model")
+    if not (
+        all(isinstance(c, str) and CLASS_NAME.fullmatch(c) for c in classes)
+        and 2 <= len(set(classes)) == len(classes) <= 1000
+        and isinstance(model, str)
+        and (shape is None or (isinstance(shape, dict) and all(isinstance(v, (int, str)) for v in shape.values())))
+        and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state["model"].items())
+    ):
+        raise UserError(f"{url}: its classes, model name, clip shape or weights are malformed")
+    bad = nonfinite_weights(state["model"])
+    if bad:
+        raise UserError(
+            f"{url}: {bad[0]} holds NaN or infinite values ({len(bad)} tensors do): a diverged or damaged model"
+        )
     return state
+
+
+def nonfinite_weights(model: dict[str, torch.Tensor]) -> list[str]:
+    """Names of the floating-point tensors in a state dict that hold a NaN or an infinity."""
+    return [k for k, v in model.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
 
 
 def _scan(run_dir: str) -> list[str]:

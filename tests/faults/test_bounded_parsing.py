@@ -378,6 +378,10 @@ def _damage_h5(h5: str, case: str) -> list[str]:
         layers = replace_weight(layers, "CONV3D_2", "kernel", dict(layers[3][1])["kernel"].ravel())
     elif case == "1-D dense kernel":
         layers = replace_weight(layers, "DENSE_2", "kernel", np.zeros(128 * 32, np.float32))
+    elif case == "NaN weight":
+        kernel = dict(dict(layers)["DENSE_1"])["kernel"].copy()
+        kernel.flat[7] = np.nan
+        layers = replace_weight(layers, "DENSE_1", "kernel", kernel)
     elif case in ("wrong --seq-len", "empty DENSE_1"):
         whole = False
         if case == "empty DENSE_1":
@@ -417,6 +421,7 @@ def _damage_h5(h5: str, case: str) -> list[str]:
         "missing weight",
         "wrong --seq-len",
         "empty DENSE_1",
+        "NaN weight",
     ],
 )
 def test_malformed_keras_file_is_one_line(case, tmp_path, capsys):

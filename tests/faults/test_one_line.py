@@ -360,6 +360,46 @@ def test_a_damaged_latest_pointer_falls_back_to_the_checkpoints(damage, small_sh
     assert (run_dir / "final.pt").exists()
 
 
+@pytest.mark.parametrize(
+    "damage",
+    ["clip shape a list", "classes not names", "model name a list", "no output layer", "a NaN weight", "not a zip"],
+)
+def test_a_damaged_checkpoint_is_one_line_for_evaluate(damage, small_run, small_shards, tmp_path, capsys):
+    """A checkpoint's fields are data: each of these was a traceback (TypeError, IndexError, or
+    scikit-learn's ValueError on NaN probabilities) or was read whole before being refused."""
+    target = tmp_path / "damaged.pt"
+    state = torch.load(os.path.join(small_run, "final.pt"), weights_only=True)
+    if damage == "clip shape a list":
+        state["data_shape"] = [1, 2]
+    elif damage == "classes not names":
+        state["classes"] = list(range(len(state["classes"])))
+    elif damage == "model name a list":
+        state["config"]["model"] = ["tiny"]
+    elif damage == "no output layer":  # and the classes in another order, so that they are reordered
+        state["classes"] = state["classes"][::-1]
+        state["model"] = {k: v for k, v in state["model"].items() if not k.startswith("classifier.")}
+    elif damage == "a NaN weight":
+        next(v for v in state["model"].values() if v.is_floating_point()).view(-1)[0] = float("nan")
+    if damage == "not a zip":  # sparse: a file that is not ours must not be read whole to be refused
+        with open(target, "wb") as handle:
+            handle.truncate(2 << 30)
+    else:
+        torch.save(state, target)
+    out = tmp_path / "scores"
+    code, err = cli(
+        capsys, "evaluate", "--checkpoint", str(target), "--data", small_shards, "--out", str(out), "--device", "cpu"
+    )
+    line = one_line(err)
+    assert code == 2 and str(target) in line, err
+    expected = {
+        "a NaN weight": "NaN or infinite",
+        "not a zip": "not a zip archive",
+        "no output layer": "no output layer",
+    }
+    assert expected.get(damage, "malformed") in line
+    assert not out.exists()
+
+
 def test_scoring_falls_back_from_a_damaged_best_to_final(small_run, small_shards, tmp_path, capsys):
     run_dir = tmp_path / "run"
     shutil.copytree(small_run, run_dir)
