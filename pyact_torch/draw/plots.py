@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import math
 from typing import Any
 
 
@@ -92,18 +93,22 @@ def timeline_figure(
             for label, bars in by_label.items():  # one artist per class and band: fast for many segments
                 axis.broken_barh(bars, (y, 0.36), color=colour.get(label, "0.3"))
                 used.add(label)
-                for first, length in bars:  # ~0.055 inch per character at fontsize 5
-                    if length / longest * width * 0.8 >= 0.055 * len(label):
-                        axis.text(
-                            first + length / 2,
-                            y + 0.18,
-                            label,
-                            fontsize=5,
-                            ha="center",
-                            va="center",
-                            color="white" if _dark(colour.get(label, "0.3")) else "black",
-                            clip_on=True,
-                        )
+            free_from = -math.inf  # names never overlap: at most a band's width of them, whatever the spans
+            for first, length, label in sorted((f, n, label) for label, bars in by_label.items() for f, n in bars):
+                wide = 0.055 * len(label) / (width * 0.8) * longest  # ~0.055 inch a character at fontsize 5
+                centre = first + length / 2
+                if length >= wide and centre - wide / 2 >= free_from:
+                    free_from = centre + wide / 2
+                    axis.text(
+                        centre,
+                        y + 0.18,
+                        label,
+                        fontsize=5,
+                        ha="center",
+                        va="center",
+                        color="white" if _dark(colour.get(label, "0.3")) else "black",
+                        clip_on=True,
+                    )
         if truth is None:
             axis.text(2, top + 0.69, "no labels", fontsize=6, va="center", color="0.4")
     axis.set_xlim(0, longest)

@@ -727,6 +727,28 @@ def test_timeline_names_the_class_on_each_wide_band():
     assert "ui-swipe" not in texts  # 3 frames of 400: too narrow for its name (the legend has it)
 
 
+def test_timeline_names_never_overlap_so_their_number_is_bounded():
+    """A segment list of 650k overlapping rows (within the reading limits) made one text artist per
+    wide span: over 5 minutes and 3 GB to draw. Names now never overlap within a band."""
+    from pyact_torch.draw.plots import pyplot, timeline_figure
+
+    classes = ["asl-z", "ui-swipe", "no-action"]
+    spans = [("asl-z" if i % 2 else "ui-swipe", i % 900, i % 900 + 60) for i in range(20_000)]
+    figure = timeline_figure([("Test/s/asl-z", 1000, spans, spans[:3])], classes, "no-action")
+    axis = figure.axes[0]
+    boxes = sorted((t.get_position()[0], t.get_position()[1], t.get_text()) for t in axis.texts)
+    pyplot().close(figure)
+    wide = 0.055 * len("ui-swipe") / (12 * 0.8) * 1000  # a name's width in frames, as the figure sizes it
+    assert 3 <= len(boxes) <= 1000 / (0.055 * len("asl-z") / (12 * 0.8) * 1000) + 2
+    for (x0, y0, _), (x1, y1, _) in zip(boxes, boxes[1:]):
+        assert y0 != y1 or x1 - x0 >= wide / 2  # neighbours in one band do not overlap
+    # the control: a few wide spans side by side each keep their name, in both bands
+    apart = [("asl-z", 0, 300), ("ui-swipe", 350, 650), ("asl-z", 700, 999)]
+    figure = timeline_figure([("Test/s/asl-z", 1000, apart, apart)], classes, "no-action")
+    assert sorted(t.get_text() for t in figure.axes[0].texts) == ["asl-z"] * 4 + ["ui-swipe"] * 2
+    pyplot().close(figure)
+
+
 class _Timed:
     """A stand-in runner whose time per window depends on its thread count (``cost[threads]``
     seconds), so which count is fastest is known."""
