@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections import deque
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator
 
@@ -171,17 +172,20 @@ def batched(
     frames: Iterable[Frame], classify: Probabilities, seq_len: int, batch_size: int
 ) -> Iterator[tuple[Frame, np.ndarray | None, float]]:
     """What :func:`streamed` yields, for a finite sequence, with its windows classified
-    ``batch_size`` at a time (latency is then not measured: 0)."""
-    held = list(frames)
-    if not held:
-        return
-    stack = np.stack([frame.model for frame in held])
-    starts = np.arange(len(held) - seq_len + 1)
-    rows = []
-    for first in range(0, len(starts), batch_size):
-        chosen = starts[first : first + batch_size]
-        rows.append(classify(stack[chosen[:, None] + np.arange(seq_len)[None]]))
-    probabilities = np.concatenate(rows) if rows else np.zeros((0, 0))
-    for frame in held:
-        stop = frame.index - seq_len + 1
-        yield frame, (probabilities[stop] if stop >= 0 else None), 0.0
+    ``batch_size`` at a time (latency is then not measured: 0). At most a batch of frames is
+    held: a long recording's raw images are drawn and dropped as it goes."""
+    recent: deque[np.ndarray] = deque(maxlen=seq_len)
+    waiting: list[Frame] = []  # frames whose window is in the next batch, in order
+    windows: list[np.ndarray] = []
+    for frame in frames:
+        recent.append(frame.model)
+        if len(recent) < seq_len:
+            yield frame, None, 0.0
+            continue
+        waiting.append(frame)
+        windows.append(np.stack(recent))
+        if len(windows) == batch_size:
+            yield from zip(waiting, classify(np.stack(windows)), [0.0] * len(waiting))
+            waiting, windows = [], []
+    if windows:
+        yield from zip(waiting, classify(np.stack(windows)), [0.0] * len(waiting))
