@@ -259,11 +259,16 @@ class SynthConfig:
         low, high = self.frames
         if not 2 * self.min_segment + 2 <= low <= high:
             raise UserError(f"--frames: need {2 * self.min_segment + 2} <= MIN <= MAX, got {low}:{high}")
-        _positive(min_segment=self.min_segment)
+        if self.min_segment < 2:  # the window length: preprocessing needs at least 2 frames
+            raise UserError(f"--min-segment must be at least 2, got {self.min_segment}")
         if not 0 <= self.detection <= 100:
             raise UserError(f"--detection must be 0 to 100, got {self.detection}")
-        if min(self.size) < 16:
-            raise UserError("--size: frames must be at least 16x16")
+        if not 16 <= min(self.size) <= max(self.size) <= 4096:  # as any frame file preprocessing reads
+            raise UserError(f"--size: frames must be 16x16 to 4096x4096, got {self.size[0]}x{self.size[1]}")
+        if not 0 <= self.seed < 2**32:
+            raise UserError(f"--seed must be 0 to {2**32 - 1}, got {self.seed}")
+        if self.workers < 0:
+            raise UserError(f"--workers must be 0 (all cores) or positive, got {self.workers}")
 
     @property
     def processes(self) -> int:

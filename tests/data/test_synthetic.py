@@ -4,7 +4,9 @@ import os
 
 import cv2
 import numpy as np
+import pytest
 
+from pyact_torch.cli import main
 from pyact_torch.config import SynthConfig
 from pyact_torch.data.labels import ACTIONS, parse_label_file, scan_dataset, scan_detection
 from pyact_torch.data.synthetic import make_dataset
@@ -78,3 +80,20 @@ def test_recordings_draw_each_action_inside_its_own_segment(tmp_path):
     for frame in range(n):
         depth = cv2.imread(str(folder / f"depth_{frame}.png"), cv2.IMREAD_UNCHANGED)
         assert (int(((depth > 0) & (depth < 500)).sum()) > 0) == (frame in inside), frame
+
+
+@pytest.mark.parametrize(
+    "flags, named",
+    [
+        (["--size", "100000x100000"], "--size"),  # was numpy's ArrayMemoryError
+        (["--seed", "-1"], "--seed"),  # was numpy's ValueError
+        (["--min-segment", "1"], "--min-segment"),  # made a dataset that preprocess then refused
+        (["--workers", "-1"], "--workers"),  # was accepted without a word
+    ],
+)
+def test_bad_synth_settings_are_one_line_before_any_file(flags, named, tmp_path, capsys):
+    out = tmp_path / "raw"
+    assert main(["synth", str(out), "--subjects", "1,0,1", "--frames", "14:16", "--size", "32x24", *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {named}") and err.count("\n") == 1 and "Traceback" not in err
+    assert not out.exists()
