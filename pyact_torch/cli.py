@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import os
 import re
 import signal
 import sys
@@ -167,6 +168,13 @@ def main(argv: list[str] | None = None, only: str | None = None, prog: str | Non
         if printed_here(exc):  # under torchrun, an error every rank meets is printed once
             print(f"error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        # the reader of our output went away (`| head`): stop as Unix tools do, without a traceback
+        # (and without another one when Python flushes stdout at exit)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        with contextlib.suppress(OSError):
+            print(f"stopped: the reader of {args.command}'s output closed the pipe", file=sys.stderr)
+        return 141
     except OSError as exc:
         if exc.errno not in USER_ERRNOS:
             raise

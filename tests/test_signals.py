@@ -288,3 +288,26 @@ def test_training_in_process_gives_back_the_signal_handlers(small_shards, tmp_pa
         == 0
     )
     assert {signum: signal.getsignal(signum) for signum in before} == before
+
+
+def test_a_closed_output_pipe_stops_quietly_and_the_rerun_finishes(small_shards, tmp_path):
+    """`pyact train ... | head -2`: the first print after head exits raised BrokenPipeError, a
+    traceback (and another at exit). Now: one line on stderr, exit 141 as for SIGPIPE, and the
+    run dir is one the same command finishes."""
+    import subprocess
+    import sys
+
+    run_dir = str(tmp_path / "run")
+    command = [sys.executable, "-m", "pyact_torch", "train", "--data", small_shards, "--run-dir", run_dir]
+    command += ["--model", "tiny", "--device", "cpu", "--epochs", "1", "--workers", "0", "--log-every", "1"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert process.stdout is not None and process.stderr is not None
+    process.stdout.readline()
+    process.stdout.close()  # as `head -1` does once it has its line
+    err = process.stderr.read()
+    assert process.wait(timeout=300) == 141, err[-2000:]
+    assert "Traceback" not in err and err.strip().splitlines() == [
+        "stopped: the reader of train's output closed the pipe"
+    ]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and os.path.exists(os.path.join(run_dir, "final.pt")), done.stderr[-2000:]
