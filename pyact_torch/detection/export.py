@@ -41,11 +41,27 @@ def export_model(config: ExportConfig, print_fn: Callable[[str], None] = print) 
     """Run ``pyact export``; returns what was checked (windows, largest logit difference)."""
     created = "" if storage.is_gcs(config.out) else topmost_missing(os.path.dirname(os.path.abspath(config.out)))
     storage.check_output_file(config.out, "--out")
+    check_replaceable(config.out)
     try:
         return _export(config, print_fn)
     except BaseException:
         remove_empty_up_to(os.path.dirname(os.path.abspath(config.out)), created)
         raise
+
+
+def check_replaceable(out: str) -> None:
+    """An existing ``out`` is replaced only when it is an earlier export of ours (it carries our
+    metadata and loads as one): a user's other file of that name is never deleted."""
+    if not os.path.lexists(out):
+        return
+    try:
+        if os.path.islink(out) or not os.path.isfile(out):
+            raise UserError(out)
+        load_exported(out)
+    except UserError:
+        raise UserError(
+            f"--out {out}: exists and is not a model written by pyact export; remove it or choose another --out"
+        ) from None
 
 
 def _export(config: ExportConfig, print_fn: Callable[[str], None]) -> dict:

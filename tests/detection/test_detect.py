@@ -435,6 +435,22 @@ def test_export_refuses_bad_input_in_one_line(detector_run, depth_checkpoint, ra
 
 
 @pytest.mark.slow
+def test_export_replaces_an_earlier_export_but_no_other_file(detector_run, exported, learn_shards, tmp_path, capsys):
+    """--out was replaced whatever it held: `pyact export --out notes.onnx` deleted a user's file."""
+    foreign = tmp_path / "notes.onnx"
+    foreign.write_text("not a model")
+    args = ["export", "--checkpoint", detector_run, "--data", learn_shards, "--windows", "2", "--out"]
+    assert main([*args, str(foreign)]) == 2
+    assert "exists and is not a model written by pyact export" in one_error_line(capsys)
+    assert foreign.read_text() == "not a model" and sorted(os.listdir(tmp_path)) == ["notes.onnx"]
+    ours = tmp_path / "model.onnx"
+    shutil.copy(exported[".onnx"], ours)
+    before = os.stat(ours).st_ino
+    assert main([*args, str(ours)]) == 0  # an earlier export of ours is replaced, as before
+    assert os.stat(ours).st_ino != before and load_exported(str(ours)).info.classes
+
+
+@pytest.mark.slow
 def test_sequence_names_are_data_in_the_outputs(detector_run, raw, tmp_path):
     """A folder named like an argument of numpy's savez once emptied or broke probabilities.npz."""
     folder = tmp_path / "file"
