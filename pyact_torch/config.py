@@ -194,8 +194,10 @@ class PreprocessConfig:
             raise UserError(
                 f"--image-size must be a multiple of 16 (ConvNet3D pools 2x2 four times), got {self.image_size}"
             )
-        if self.seq_len == 1 or self.seq_len < 0 or self.workers < 0:
-            raise UserError("--seq-len must be 0 (from the label files) or at least 2, and --workers 0 or positive")
+        if self.seq_len == 1 or self.seq_len < 0:
+            raise UserError(f"--seq-len must be 0 (from the label files) or at least 2, got {self.seq_len}")
+        if self.workers < 0:
+            raise UserError(f"--workers must be 0 (all cores) or positive, got {self.workers}")
         low, high = self.depth_range
         if not 0 <= low < high:
             raise UserError(f"--depth-range: expected 0 <= MIN < MAX, got {low}:{high}")
@@ -504,7 +506,7 @@ class EvaluateConfig:
         _locations(**{"--checkpoint": self.checkpoint, "--data": self.data, "--out": self.out})
         _positive(batch_size=self.batch_size)
         if self.batch_size > MAX_BATCH:
-            raise UserError(f"--batch-size at most {MAX_BATCH}, got {self.batch_size}")
+            raise UserError(f"--batch-size must be at most {MAX_BATCH}, got {self.batch_size}")
 
 
 @dataclass(frozen=True)
@@ -567,8 +569,10 @@ class VideoConfig:
         _positive(size=self.size, sheet_windows=self.sheet_windows)
         _at_most(MAX_DISPLAY, size=self.size)
         _at_most(1000, sheet_windows=self.sheet_windows)
-        if not (math.isfinite(self.fps) and 0 < self.fps <= 240) or self.max_windows < 0:
-            raise UserError("--fps must be positive (at most 240) and --max-windows 0 or positive")
+        if not (math.isfinite(self.fps) and 0 < self.fps <= 240):
+            raise UserError(f"--fps must be positive and at most 240, got {self.fps:g}")
+        if self.max_windows < 0:
+            raise UserError(f"--max-windows must be 0 (all) or positive, got {self.max_windows}")
 
 
 @dataclass(frozen=True)
@@ -731,10 +735,11 @@ class DetectConfig:
         _positive(
             smooth=self.smooth, min_length=self.min_length, batch_size=self.batch_size, video_size=self.video_size
         )
-        if self.smooth % 2 == 0 or self.smooth > 999 or self.min_length > 100_000:
-            raise UserError(f"--smooth must be odd and at most 999 (got {self.smooth}), --min-length at most 100000")
-        if self.batch_size > MAX_BATCH or self.video_size > MAX_DISPLAY:
-            raise UserError(f"--batch-size at most {MAX_BATCH} and --video-size at most {MAX_DISPLAY}")
+        if self.smooth % 2 == 0 or self.smooth > 999:
+            raise UserError(f"--smooth must be odd and at most 999, got {self.smooth}")
+        _at_most(100_000, min_length=self.min_length)
+        _at_most(MAX_BATCH, batch_size=self.batch_size)
+        _at_most(MAX_DISPLAY, video_size=self.video_size)
         if self.max_frames < 0:
             raise UserError("--max-frames must be 0 or positive")
         if self.device == "cuda" and self.model:
@@ -805,7 +810,7 @@ class ExportConfig:
                 _locations(**{flag: value})
         _positive(windows=self.windows)
         if self.windows > MAX_BATCH:
-            raise UserError(f"--windows at most {MAX_BATCH}")
+            raise UserError(f"--windows must be at most {MAX_BATCH}, got {self.windows}")
 
 
 @dataclass(frozen=True)
@@ -967,7 +972,7 @@ def _positive(**values: int) -> None:
 def _at_most(limit: int, **values: int) -> None:
     for name, value in values.items():
         if value > limit:
-            raise UserError(f"--{name.replace('_', '-')} at most {limit}, got {value}")
+            raise UserError(f"--{name.replace('_', '-')} must be at most {limit}, got {value}")
 
 
 def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:

@@ -22,6 +22,7 @@ from ..io import storage
 from ..config import TFRecordConfig
 from ..errors import UserError
 from ..io.locks import LOCK_NAME, Lock
+from ..io.outputs import remove_empty_up_to, topmost_missing
 from ..io.records import CorruptRecord, tfrecords
 from ..data.labels import PYACT_CLASSES
 from ..data.shards import (
@@ -194,9 +195,14 @@ def convert_tfrecords(
     if not files:
         raise UserError(f"{config.src}: no record files")
     config = replace(config, split=split_of(config.src, files, config.split))
+    created = "" if storage.is_gcs(config.dest) else topmost_missing(config.dest)
     storage.check_writable(config.dest)  # before reading any record
-    with Lock(config.dest, "convert-tfrecords"):  # one writer per DEST (preprocess takes the same lock)
-        return _convert_locked(config, files, progress, print_fn)
+    try:
+        with Lock(config.dest, "convert-tfrecords"):  # one writer per DEST (preprocess takes the same lock)
+            return _convert_locked(config, files, progress, print_fn)
+    except BaseException:
+        remove_empty_up_to(config.dest, created, below=True)  # a failed first run leaves no empty DEST
+        raise
 
 
 def _convert_locked(

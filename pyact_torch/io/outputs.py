@@ -49,11 +49,16 @@ def topmost_missing(path: str) -> str:
     return missing
 
 
-def remove_empty_up_to(folder: str, top: str) -> None:
-    """Remove ``folder`` and its parents up to ``top`` while they are empty (``top`` "": none)."""
+def remove_empty_up_to(folder: str, top: str, below: bool = False) -> None:
+    """Remove ``folder`` and its parents up to ``top`` while they are empty (``top`` "": none);
+    with ``below``, first every empty folder inside ``folder`` (files are never removed)."""
     if not top:
         return
     folder = os.path.abspath(folder)
+    if below:
+        for inner, _, _ in os.walk(folder, topdown=False):
+            if inner != folder and not os.listdir(inner):
+                os.rmdir(inner)
     while folder.startswith(top) and os.path.isdir(folder) and not os.listdir(folder):
         os.rmdir(folder)
         if folder == top:

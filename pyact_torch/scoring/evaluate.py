@@ -57,6 +57,8 @@ def _score(
     config: EvaluateConfig, manifest: Manifest, created: bool, progress: bool, print_fn: Callable[[str], None]
 ) -> dict:
     state, url = load_checkpoint(config.checkpoint, log=print_fn)
+    step = state.get("step")
+    print_fn(f"checkpoint: {url}" + (f" (step {step})" if isinstance(step, int) else ""))
     classes = manifest.classes
     if list(state["classes"]) != classes and sorted(state["classes"]) == sorted(classes):
         print_fn("note: the checkpoint lists the classes in another order; its outputs are reordered to the manifest's")

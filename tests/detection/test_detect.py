@@ -399,10 +399,13 @@ def test_bad_detect_input_is_one_line_and_writes_nothing(
             "not this model's shape",
         ),
         "even smoothing": (["--checkpoint", detector_run, "--src", raw, "--smooth", "4"], "--smooth must be odd"),
-        "huge batch": (["--checkpoint", detector_run, "--src", raw, "--batch-size", "5000"], "--batch-size at most"),
+        "huge batch": (
+            ["--checkpoint", detector_run, "--src", raw, "--batch-size", "5000"],
+            "--batch-size must be at most",
+        ),
         "huge video frames": (
             ["--checkpoint", detector_run, "--src", raw, "--video-size", "100000"],
-            "--video-size at most",
+            "--video-size must be at most",
         ),
     }
     for name, (args, message) in cases.items():

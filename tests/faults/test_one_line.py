@@ -752,3 +752,26 @@ def test_read_only_outputs_fail_before_reading(tmp_path, capsys):
         one_error_line(capsys, str(locked))
         assert main(["convert-tfrecords", str(tmp_path / "records"), str(locked / "shards")]) == 2
         one_error_line(capsys, str(locked))
+
+
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (
+            ["preprocess", "{src}", "{out}", "--seq-len", "1"],
+            "--seq-len must be 0 (from the label files) or at least 2, got 1",
+        ),
+        (["preprocess", "{src}", "{out}", "--workers", "-1"], "--workers must be 0 (all cores) or positive, got -1"),
+        (
+            ["detect", "--checkpoint", "{src}", "--src", "{src}", "--out", "{out}", "--smooth", "2"],
+            "--smooth must be odd and at most 999, got 2",
+        ),
+        (["video", "{src}/p.json", "{out}.mp4", "--fps", "0"], "--fps must be positive and at most 240, got 0"),
+    ],
+)
+def test_a_range_error_names_only_the_flag_at_fault(args, expected, tmp_path, capsys):
+    """These once named a second flag the user had not given ("--smooth must be odd ...,
+    --min-length at most 100000")."""
+    filled = [a.format(src=tmp_path, out=tmp_path / "out") for a in args]
+    code, err = cli(capsys, *filled)
+    assert code == 2 and one_line(err) == f"error: {expected}"
