@@ -10,6 +10,7 @@ import contextlib
 import io
 import os
 import re
+import select
 import signal
 import sys
 from typing import Any, Callable
@@ -150,6 +151,16 @@ def build_parser(only: str | None = None, prog: str | None = None) -> argparse.A
     return parser
 
 
+def _stdout_closed() -> bool:
+    """Whether stdout is a pipe whose reader has gone (poll reports an error on its write end)."""
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & select.POLLERR for _, events in poller.poll(0))
+    except (OSError, ValueError, AttributeError):  # no real stdout (captured, closed)
+        return False
+
+
 def main(argv: list[str] | None = None, only: str | None = None, prog: str | None = None) -> int:
     """Parse ``argv`` and run; returns the exit status."""
     parser = build_parser(only, prog)
@@ -169,6 +180,8 @@ def main(argv: list[str] | None = None, only: str | None = None, prog: str | Non
             print(f"error: {exc}", file=sys.stderr)
         return 2
     except BrokenPipeError:
+        if not _stdout_closed():  # another pipe or socket broke: a fault of ours, not the user's
+            raise
         # the reader of our output went away (`| head`): stop as Unix tools do, without a traceback
         # (and without another one when Python flushes stdout at exit)
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

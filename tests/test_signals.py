@@ -311,3 +311,17 @@ def test_a_closed_output_pipe_stops_quietly_and_the_rerun_finishes(small_shards,
     ]
     done = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and os.path.exists(os.path.join(run_dir, "final.pt")), done.stderr[-2000:]
+
+
+def test_a_broken_pipe_that_is_not_stdout_stays_a_fault_of_ours(monkeypatch):
+    """The control: a BrokenPipeError from another pipe or socket (a dead loader worker, a lost
+    connection) is not reported as the user's `| head` and keeps its traceback."""
+    import pyact_torch.cli as cli_module
+
+    def broken(config):
+        raise BrokenPipeError(32, "Broken pipe")
+
+    command = cli_module.COMMANDS["inspect"]
+    monkeypatch.setitem(cli_module.COMMANDS, "inspect", (command[0], broken, command[2]))
+    with pytest.raises(BrokenPipeError):
+        main(["inspect", "somewhere", "--out", "g.png"])
