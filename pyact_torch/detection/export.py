@@ -41,7 +41,7 @@ def export_model(config: ExportConfig, print_fn: Callable[[str], None] = print) 
     """Run ``pyact export``; returns what was checked (windows, largest logit difference)."""
     created = "" if storage.is_gcs(config.out) else topmost_missing(os.path.dirname(os.path.abspath(config.out)))
     storage.check_output_file(config.out, "--out")
-    check_replaceable(config.out)
+    _check_replaceable(config.out)
     try:
         return _export(config, print_fn)
     except BaseException:
@@ -49,19 +49,21 @@ def export_model(config: ExportConfig, print_fn: Callable[[str], None] = print) 
         raise
 
 
-def check_replaceable(out: str) -> None:
+def _check_replaceable(out: str) -> None:
     """An existing ``out`` is replaced only when it is an earlier export of ours (it carries our
     metadata and loads as one): a user's other file of that name is never deleted."""
     if not os.path.lexists(out):
         return
-    try:
-        if os.path.islink(out) or not os.path.isfile(out):
-            raise UserError(out)
-        load_exported(out)
-    except UserError:
+    ours = os.path.isfile(out) and not os.path.islink(out)
+    if ours:
+        try:
+            load_exported(out)
+        except UserError:
+            ours = False
+    if not ours:
         raise UserError(
             f"--out {out}: exists and is not a model written by pyact export; remove it or choose another --out"
-        ) from None
+        )
 
 
 def _export(config: ExportConfig, print_fn: Callable[[str], None]) -> dict:
