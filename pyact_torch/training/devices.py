@@ -138,6 +138,10 @@ def auto_device(distributed: bool = False) -> tuple[str, str]:
             return "xla", "a TPU is attached"
     if torch.cuda.is_available():
         return "cuda", f"{torch.cuda.device_count()} GPU(s) found"
+    if distributed:
+        return "cpu", "no GPU found (under torchrun: cpu or cuda)"
+    if os.environ.get("PJRT_DEVICE"):  # and no torch_xla, else the TPU branch above
+        return "cpu", f"no GPU found, and PJRT_DEVICE={os.environ['PJRT_DEVICE']} is set but torch_xla is not installed"
     return "cpu", "no TPU or GPU found, and PJRT_DEVICE is not set"
 
 
