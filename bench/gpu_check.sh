@@ -34,9 +34,10 @@ failed=()
 left() { echo $((DEADLINE - SECONDS)); }
 
 echo "== gpu check: $(date -u +%Y-%m-%dT%H:%M:%SZ) on $(hostname), repository $PWD"
-echo "== nvidia-smi -L"
-if ! nvidia-smi -L; then
-    echo "nvidia-smi -L failed"
+echo "== nvidia-smi"
+# the driver too: torch's CUDA 13 wheels need driver 580 or later, else torch sees no GPU
+if ! nvidia-smi --query-gpu=index,name,driver_version,memory.total,compute_mode --format=csv; then
+    echo "nvidia-smi failed"
     failed+=("nvidia-smi")
 fi
 
@@ -62,7 +63,9 @@ if python3 -m pytest --version >/dev/null 2>&1; then
         echo "tests: skipped (GPU_CHECK_TOTAL_S=$TOTAL_S leaves no time for them)"; rc=-1
     else
         # test_devices.py holds them; other test files import packages a bare GPU box lacks (psutil, onnx)
-        timeout -k 10 "$limit" python3 -m pytest -q -m cuda -p no:cacheprovider tests/training/test_devices.py || rc=$?
+        # -v: each result on its own line as it ends, so a run cut off by the timeout still says which passed
+        timeout -k 10 "$limit" python3 -m pytest -v -rA --durations=10 -m cuda -p no:cacheprovider \
+            tests/training/test_devices.py || rc=$?
     fi
     case $rc in
         -1) failed+=("tests (no time)") ;;

@@ -22,7 +22,7 @@ from ..model import build_model, reorder_outputs
 from ..io.outputs import publish, remove_if_empty, staging
 from ..io.resources import check_memory
 from ..data.shards import MANIFEST, Manifest, read_manifest, split_shards
-from ..training.devices import check_device, chosen_device, make_backend
+from ..training.devices import check_device, chosen_device, device_memory_errors, make_backend
 
 
 def evaluate_checkpoint(config: EvaluateConfig, progress: bool = True, print_fn: Callable[[str], None] = print) -> dict:
@@ -93,7 +93,8 @@ def _score(
     windows = manifest.splits[config.split].count
     bar = tqdm(total=windows, unit="window", desc=f"scoring {config.split}", disable=None if progress else True)
     host = HostBatches(dataset, 0, len(dataset), on_batch=lambda batch: bar.update(int(batch[2].sum())))
-    result = evaluate(model, on_device(host, backend), backend, len(classes), keep_outputs=True)
+    with device_memory_errors(config.batch_size):
+        result = evaluate(model, on_device(host, backend), backend, len(classes), keep_outputs=True)
     bar.close()
     if len(metas) != len(result["labels"]) or result["windows"] != windows:
         raise UserError(

@@ -11,8 +11,9 @@ when asked for.
 
 from __future__ import annotations
 
+import contextlib
 import os
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 
@@ -189,6 +190,21 @@ def cuda_device(index: int) -> torch.device:
         )
     torch.cuda.set_device(index)
     return torch.device("cuda", index)
+
+
+@contextlib.contextmanager
+def device_memory_errors(batch_size: int, also: str = "") -> Iterator[None]:
+    """A GPU running out of memory inside the block is one UserError naming ``--batch-size``
+    (and ``also``, another way out), not a traceback."""
+    from ..errors import UserError
+
+    try:
+        yield
+    except torch.OutOfMemoryError as exc:
+        said = ". ".join(str(exc).strip().splitlines()[0].split(". ")[:2])[:200]  # what ran out, how much
+        raise UserError(
+            f"the GPU ran out of memory at --batch-size {batch_size} ({said}): use a smaller --batch-size{also}"
+        ) from None
 
 
 def make_backend(kind: str, distributed: bool = False, **options: Any) -> Backend:

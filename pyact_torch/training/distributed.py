@@ -11,7 +11,9 @@ checkpoint saves, so a resumed run continues exactly.
 
 Every collective is bounded by ``--collective-timeout``: a replica that dies (``kill -9``, a
 lost machine) ends the others with one line instead of gloo's 30-minute wait, and the run
-resumes from its last checkpoint.
+resumes from its last checkpoint. On GPUs only the gradients and DDP's buffers travel over
+NCCL; the per-step stop vote and the small sums the host reads go over a gloo group beside it,
+which notices a dead peer at once (an NCCL collective would wait out the timeout).
 """
 
 from __future__ import annotations
@@ -79,9 +81,12 @@ class DistBackend(Backend):
         return DistributedDataParallel(model, device_ids=ids, broadcast_buffers=True, gradient_as_bucket_view=True)
 
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
-        summed = tensor.clone()
-        self._dist.all_reduce(summed, op=self._dist.ReduceOp.SUM)
-        return summed
+        # Small sums the host reads at once (validation totals, the restored step). On GPUs they
+        # go through the CPU group too: gloo reports a dead peer at once, while an NCCL
+        # collective waits out --collective-timeout and then its watchdog aborts the process.
+        summed = tensor.detach().cpu().clone() if self._votes is not None else tensor.clone()
+        self._dist.all_reduce(summed, op=self._dist.ReduceOp.SUM, group=self._votes)
+        return summed.to(tensor.device)
 
     def any_reader(self, flag: bool) -> bool:
         vote = torch.tensor([1.0 if flag else 0.0])

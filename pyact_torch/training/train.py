@@ -34,7 +34,7 @@ from ..data.shards import (
     split_shards,
 )
 from ..io.resources import check_memory
-from .devices import Backend, check_device, chosen_device, launch, make_backend
+from .devices import Backend, check_device, chosen_device, device_memory_errors, launch, make_backend
 
 
 def train_step(
@@ -258,17 +258,18 @@ def _replica(index: int, config: TrainConfig, failed: UserError | None = None) -
         exc.every_rank = True  # type: ignore[attr-defined]
         raise
     try:
-        run = _start(config, backend, failed)
-        try:
-            if _epochs(run):
-                _finish(run)
-        finally:
+        with device_memory_errors(config.batch_size, also=" or --precision bf16"):
+            run = _start(config, backend, failed)
             try:
-                if run.writer is not None:
-                    run.writer.close()  # lets an upload under way finish, also when training failed
+                if _epochs(run):
+                    _finish(run)
             finally:
-                if run.lock is not None:
-                    run.lock.release()
+                try:
+                    if run.writer is not None:
+                        run.writer.close()  # lets an upload under way finish, also when training failed
+                finally:
+                    if run.lock is not None:
+                        run.lock.release()
     finally:
         backend.close()
 

@@ -213,21 +213,26 @@ def test_training_on_a_gpu_learns_and_scores_like_the_cpu(precision, learn_shard
 
 @cuda
 @pytest.mark.cuda
-def test_detect_and_export_on_a_gpu_match_the_cpu(detector_run, learn_shards, tmp_path):
+def test_detect_and_export_on_a_gpu_match_the_cpu(learn_shards, tmp_path):
     from pyact_torch.detection.runners import load_checkpoint_runner
 
-    gpu = load_checkpoint_runner(detector_run, log=lambda *a: None, device="cuda")
-    cpu = load_checkpoint_runner(detector_run, log=lambda *a: None)
+    # any trained weights will do: one epoch on the GPU (the 10 CPU epochs of detector_run would
+    # take a third of bench/gpu_check.sh's time for the tests)
+    run_dir = str(tmp_path / "run")
+    args = ["--model", "tiny", "--epochs", "1", "--log-every", "100", "--workers", "1"]
+    assert main(["train", "--data", learn_shards, "--run-dir", run_dir, "--device", "cuda", *args]) == 0
+    gpu = load_checkpoint_runner(run_dir, log=lambda *a: None, device="cuda")
+    cpu = load_checkpoint_runner(run_dir, log=lambda *a: None)
     windows = np.random.default_rng(0).integers(0, 256, (8, *cpu.info.clip_shape), dtype=np.uint8)
     assert np.abs(gpu.logits(windows) - cpu.logits(windows)).max() < 1e-3
-    assert main(["export", "--checkpoint", detector_run, "--out", str(tmp_path / "m.pt2"), "--device", "cuda"]) == 0
+    assert main(["export", "--checkpoint", run_dir, "--out", str(tmp_path / "m.pt2"), "--device", "cuda"]) == 0
     raw = os.path.join(os.path.dirname(learn_shards), "raw")
     assert (
         main(
             [
                 "detect",
                 "--checkpoint",
-                detector_run,
+                run_dir,
                 "--src",
                 raw,
                 "--out",
@@ -244,7 +249,17 @@ def test_detect_and_export_on_a_gpu_match_the_cpu(detector_run, learn_shards, tm
 @cuda
 @pytest.mark.cuda
 @pytest.mark.slow
-@pytest.mark.parametrize("sync_bn", [False, True])
+@pytest.mark.parametrize(
+    "sync_bn",
+    [
+        False,  # on one GPU too: NCCL with device_id, the gloo vote group beside it, DDP(device_ids)
+        pytest.param(
+            True,
+            # SyncBatchNorm with one process is plain batch norm (it syncs only when world > 1)
+            marks=pytest.mark.skipif(torch.cuda.device_count() < 2, reason="--sync-bn needs 2 GPUs to mean anything"),
+        ),
+    ],
+)
 def test_torchrun_on_gpus_with_and_without_sync_bn(sync_bn, small_shards, tmp_path):
     gpus = min(torch.cuda.device_count(), 2)
     run_dir = str(tmp_path / "run")
@@ -296,3 +311,39 @@ def test_device_auto_picks_eager_cpu_here_and_says_so(small_shards, tmp_path, ca
     else:  # a bare GPU box's Python (bench/gpu_check.sh's)
         assert auto_device() == ("cpu", "no GPU found, and PJRT_DEVICE=CPU is set but torch_xla is not installed")
     assert auto_device(distributed=True) == ("cpu", "no GPU found (under torchrun: cpu or cuda)")
+
+
+@pytest.mark.parametrize("command", ["train", "evaluate"])
+def test_a_gpu_out_of_memory_is_one_line_naming_the_batch_size(command, small_shards, tmp_path, capsys, monkeypatch):
+    """torch.OutOfMemoryError (what the CUDA allocator raises; raised here by hand) was a
+    traceback. The run dir is left so that the same command with a smaller batch goes on."""
+    import pyact_torch.scoring.evaluate
+    import pyact_torch.training.train
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError(
+            "CUDA out of memory. Tried to allocate 20.00 GiB. GPU 0 has a total capacity of 79.19 GiB of which "
+            "1.2 GiB is free.\nIncluding non-PyTorch memory, this process has 78 GiB memory in use."
+        )
+
+    run_dir = str(tmp_path / "run")
+    train = ["train", "--data", small_shards, "--run-dir", run_dir, *SMALL[:-2], "--device", "cpu"]
+    if command == "evaluate":
+        assert main(train) == 0
+        monkeypatch.setattr(pyact_torch.scoring.evaluate, "evaluate", out_of_memory)
+        args = ["evaluate", "--checkpoint", run_dir, "--data", small_shards, "--out", str(tmp_path / "o")]
+        args += ["--device", "cpu", "--batch-size", "16"]
+    else:
+        monkeypatch.setattr(pyact_torch.training.train, "train_step", out_of_memory)
+        args = train
+    capsys.readouterr()
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    batch = "16" if command == "evaluate" else "8"
+    assert err == (
+        f"error: the GPU ran out of memory at --batch-size {batch} (CUDA out of memory. Tried to allocate "
+        f"20.00 GiB): use a smaller --batch-size{' or --precision bf16' if command == 'train' else ''}\n"
+    )
+    assert not os.path.exists(tmp_path / "o")
+    monkeypatch.undo()
+    assert main(args) == 0  # nothing left behind stands in the way
