@@ -595,11 +595,13 @@ def print_table(report: dict[str, Any]) -> None:
         f"\n== {meta['device']} ({meta['device_name']}), torch {meta['torch']}, cuda {meta['cuda']}, "
         f"{meta['threads']} threads, {'quick' if meta['quick'] else 'full'} run, {meta['seconds']:.0f} s =="
     )
-    load = max(meta["loadavg_start"][0], meta["loadavg_now"][0])
+    # the 1-minute load at the end counts this benchmark's own threads (one drives a GPU)
+    own = meta["threads"] if meta["device"] == "cpu" else 1
+    load = max(meta["loadavg_start"][0], meta["loadavg_now"][0] - own)
     if load > 0.5 * (meta["cpu_count"] or 1):
         print(
-            f"note: load average up to {load:.1f} on {meta['cpu_count']} CPUs: other work shared the machine; "
-            f"CPU figures (multi-threaded ones most) are disturbed"
+            f"note: a load average of {load:.1f} besides this benchmark's on {meta['cpu_count']} CPUs: other work "
+            f"shared the machine; CPU figures (multi-threaded ones most) are disturbed"
         )
     matmul = report.get("matmul", {})
     if matmul:
