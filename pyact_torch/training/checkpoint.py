@@ -58,20 +58,32 @@ class CheckpointWriter:
     """Background checkpoint uploads for one run directory (used by the master replica)."""
 
     def __init__(
-        self, run_dir: str, keep: int = 3, log: Callable[[str], None] = print, retries: int = 8, backoff: float = 1.0
+        self,
+        run_dir: str,
+        keep: int = 3,
+        log: Callable[[str], None] = print,
+        retries: int = 8,
+        backoff: float = 1.0,
+        run: str = "",
     ):
-        self.run_dir, self.keep, self.log = run_dir, keep, log
+        """``run``: this run's identity (``RunState.run``); what the pointers list of another
+        run (before a ``--resume none``) is dropped from them, its files left where they are."""
+        self.run_dir, self.keep, self.log, self.run = run_dir, keep, log, run
         self.retries, self.backoff = retries, backoff
         self.history: list[dict] = []
         self.best: dict | None = None
         try:  # a damaged pointer is replaced by the next save; its names are never trusted
-            self.history = [r for r in read_pointer(run_dir, LATEST).get("history", []) if _valid_record(r)]
+            self.history = [
+                r for r in read_pointer(run_dir, LATEST).get("history", []) if _valid_record(r) and _run(r) == run
+            ]
         except (FileNotFoundError, UserError):
             pass
         try:
             self.best = read_pointer(run_dir, BEST)
         except (FileNotFoundError, UserError):
             pass
+        if self.best is not None and _run(self.best) != run:
+            self.best = None
         self._queue: queue.Queue = queue.Queue(maxsize=1)
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="checkpoint-writer", daemon=True)
@@ -147,6 +159,7 @@ class CheckpointWriter:
             "sha256": hashing.digest.hexdigest(),
             "step": job.step,
             "epoch": job.epoch,
+            "run": self.run,
         }
         if job.name == FINAL:
             storage.write_json(storage.join(self.run_dir, FINAL_POINTER), record)
@@ -180,6 +193,12 @@ def make_checkpoint(model: dict, config: dict, classes: list[str], data_shape: d
         "metrics": "[]",
         **extra,
     }
+
+
+def _run(record: dict) -> str:
+    """The run a pointer record or checkpoint belongs to ("" before runs were named)."""
+    run = record.get("run", "")
+    return run if isinstance(run, str) else "?"
 
 
 def _valid_record(record: Any) -> bool:
@@ -284,7 +303,11 @@ def _candidates(run_dir: str, pointers: tuple[str, ...], log: Callable[[str], No
         except UserError as exc:
             log(f"warning: {exc}; ignoring it")
             continue
-        history = [r for r in record.get("history", []) if _valid_record(r)] if pointer == LATEST else []
+        history = (
+            [r for r in record.get("history", []) if _valid_record(r) and _run(r) == _run(record)]
+            if pointer == LATEST
+            else []
+        )
         for entry in reversed(history or [record]):
             if entry["name"] not in [name for name, _ in found]:
                 found.append((entry["name"], entry))
@@ -293,8 +316,10 @@ def _candidates(run_dir: str, pointers: tuple[str, ...], log: Callable[[str], No
 
 
 def _first_loadable(
-    run_dir: str, candidates: list[tuple[str, dict | None]], log: Callable[[str], None]
+    run_dir: str, candidates: list[tuple[str, dict | None]], log: Callable[[str], None], run: str | None = None
 ) -> tuple[dict, str] | None:
+    """The first candidate that loads; with ``run``, an unlisted one (no record) only if it
+    belongs to that run (not to one abandoned by ``--resume none``)."""
     for position, (name, record) in enumerate(candidates):
         url = storage.join(run_dir, name)
         try:
@@ -302,6 +327,9 @@ def _first_loadable(
         except (FileNotFoundError, UserError) as exc:
             reason = "missing" if isinstance(exc, FileNotFoundError) else str(exc).split(": ", 1)[-1]
             log(f"warning: cannot use checkpoint {name}: {reason}; trying the previous one")
+            continue
+        if record is None and run is not None and _run(state) != run:
+            log(f"warning: cannot use checkpoint {name}: it is of a run started over since (--resume none)")
             continue
         if position:
             log(f"using the older checkpoint {name}")
@@ -339,7 +367,11 @@ def restore(run_dir: str, resume: str, log: Callable[[str], None] = print) -> tu
     candidates = _candidates(run_dir, (LATEST,), log)
     if not candidates:
         return None
-    found = _first_loadable(run_dir, candidates, log)
+    try:
+        run: str | None = _run(read_pointer(run_dir, LATEST))
+    except (FileNotFoundError, UserError):
+        run = None  # no pointer to say which run is current: the newest checkpoint
+    found = _first_loadable(run_dir, candidates, log, run)
     if found is None:
         raise UserError(f"{run_dir}: no intact checkpoint left to resume from (use --resume none to start over)")
     return found

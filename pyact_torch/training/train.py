@@ -12,6 +12,7 @@ import json
 import math
 import os
 import random
+import uuid
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterable, cast
 
@@ -65,6 +66,9 @@ class RunState:
     batch_in_epoch: int = 0
     best_val_loss: float = math.inf
     metrics: list[dict] = field(default_factory=list)
+    # which run: a --resume none in the same run dir starts another, whose resumes never fall
+    # back to the checkpoints of the one before
+    run: str = field(default_factory=lambda: uuid.uuid4().hex[:16])
 
     @property
     def displayed_epoch(self) -> int:
@@ -126,6 +130,7 @@ def _checkpoint_state(
         data_fingerprint=manifest.fingerprint,
         rng={"torch": torch.get_rng_state(), "python": random.getstate()},
         metrics=json.dumps(state.metrics),
+        run=state.run,
     )
 
 
@@ -336,7 +341,7 @@ def _build(config: TrainConfig, backend: Backend, failed: UserError | None, lock
         print(_fresh_start(config), flush=True)
     writer = None
     if backend.is_master:
-        writer = CheckpointWriter(config.run_dir, keep=config.keep)
+        writer = CheckpointWriter(config.run_dir, keep=config.keep, run=state.run)
         storage.write_json(
             storage.join(config.run_dir, "config.json"),
             {
@@ -515,6 +520,7 @@ def _restore_training(
         saved["batch_in_epoch"],
         saved["best_val_loss"],
         [m for m in json.loads(saved["metrics"]) if m["step"] <= saved["step"]],
+        saved["run"] if isinstance(saved.get("run"), str) else "",
     )
     if backend.is_master:
         print(

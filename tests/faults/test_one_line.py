@@ -775,3 +775,27 @@ def test_a_range_error_names_only_the_flag_at_fault(args, expected, tmp_path, ca
     filled = [a.format(src=tmp_path, out=tmp_path / "out") for a in args]
     code, err = cli(capsys, *filled)
     assert code == 2 and one_line(err) == f"error: {expected}"
+
+
+def test_a_run_started_over_never_falls_back_to_the_run_before(small_shards, tmp_path, capsys):
+    """``--resume none`` starts another run in the same run dir, whose files at higher steps
+    stay. With every checkpoint of the new run damaged, a resume is refused: before, the
+    pointer's history still listed the old run's checkpoints and the resume went on from the
+    abandoned run's newest one, saying only "using the older checkpoint"."""
+    run_dir = tmp_path / "run"
+    base = ["train", "--data", small_shards, "--run-dir", str(run_dir), *TRAIN, "--ckpt-every", "2"]
+    assert main([*base, "--epochs", "3"]) == 0  # the run abandoned below
+    old = {p.name for p in run_dir.glob("ckpt-*.pt")}
+    assert main([*base, "--resume", "none"]) == 0
+    latest = json.loads((run_dir / "latest.json").read_text())
+    runs = {entry["run"] for entry in latest["history"]}
+    assert len(runs) == 1 and latest["run"] in runs  # only the new run's checkpoints are listed
+    newest_old = max(int(name[5:-3]) for name in old)
+    assert newest_old > latest["step"] and (run_dir / f"ckpt-{newest_old}.pt").exists()  # the old run's, kept
+    for entry in latest["history"]:
+        (run_dir / entry["name"]).write_bytes(b"damaged")
+    capsys.readouterr()
+    assert main([*base, "--epochs", "3"]) == 2
+    captured = capsys.readouterr()
+    assert f"cannot use checkpoint ckpt-{newest_old}.pt: it is of a run started over since" in captured.out
+    assert "no intact checkpoint left to resume from" in one_line(captured.err)
