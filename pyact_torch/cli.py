@@ -13,6 +13,7 @@ import re
 import select
 import signal
 import sys
+import time
 from typing import Any, Callable
 
 from .config import (
@@ -31,7 +32,7 @@ from .config import (
     from_namespace,
 )
 from . import __doc__ as package_doc
-from .errors import UserError, local_rank, printed_here
+from .errors import UserError, local_rank, printed_here, under_torchrun
 from .io.lifecycle import Interrupted, Terminated, raise_terminated
 from .io.storage import USER_ERRNOS
 
@@ -161,12 +162,27 @@ def _stdout_closed() -> bool:
         return False
 
 
+# how long a torchrun worker that leaves an error to another process to print waits before it
+# exits: torchrun stops every worker as soon as one exits, which could come before the line
+LINGER_S = 5.0
+
+
+def _leave_the_saying() -> None:
+    """Under torchrun: give the process that prints the error time to print it."""
+    if under_torchrun():
+        time.sleep(LINGER_S)
+
+
 def main(argv: list[str] | None = None, only: str | None = None, prog: str | None = None) -> int:
     """Parse ``argv`` and run; returns the exit status."""
     parser = build_parser(only, prog)
     if local_rank():  # under torchrun the first process of each machine prints help and usage errors
-        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-            args = parser.parse_args(argv)
+        try:
+            with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+                args = parser.parse_args(argv)
+        except SystemExit:
+            _leave_the_saying()
+            raise
     else:
         args = parser.parse_args(argv)
     previous = None
@@ -178,6 +194,8 @@ def main(argv: list[str] | None = None, only: str | None = None, prog: str | Non
     except UserError as exc:
         if printed_here(exc):  # under torchrun, an error every rank meets is printed once
             print(f"error: {exc}", file=sys.stderr)
+        else:
+            _leave_the_saying()
         return 2
     except BrokenPipeError:
         if not _stdout_closed():  # another pipe or socket broke: a fault of ours, not the user's
@@ -193,6 +211,8 @@ def main(argv: list[str] | None = None, only: str | None = None, prog: str | Non
             raise
         if printed_here(exc):
             print(f"error: {exc.filename or args.command}: {exc.strerror}", file=sys.stderr)
+        else:
+            _leave_the_saying()
         return 2
     except KeyboardInterrupt as exc:
         if local_rank():  # under torchrun every worker of a machine gets it: its first says it

@@ -357,15 +357,28 @@ def test_only_rank_0_writes_a_bucket_run_dir_and_every_rank_restores(guarded, sm
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case", ["data missing on rank 1", "data missing everywhere", "bad flag"])
-def test_a_failure_at_start_is_said_once_by_the_rank_that_met_it(case, small_shards, tmp_path):
+@pytest.mark.parametrize(
+    "case, rank0_late",
+    [
+        ("data missing on rank 1", 0),
+        ("data missing everywhere", 0),
+        ("bad flag", 0),
+        # rank 0 says what every rank met: before, rank 1 exited first and torchrun stopped rank 0
+        # before its line (seen under load); the others now wait cli.LINGER_S (5 s) for it
+        ("bad flag", 2),
+        ("bad value", 2),
+    ],
+)
+def test_a_failure_at_start_is_said_once_by_the_rank_that_met_it(case, rank0_late, small_shards, tmp_path):
     """Each rank as a machine of its own (tests/training/rank_guard.py gives it data-<rank>): a rank that
     cannot start still joins the others to tell them, so they stop at once instead of waiting
     for it until torchrun kills them (30 s), and its own line names it. A cause every rank
-    meets is said once; so is a usage error."""
-    if case == "data missing on rank 1":
+    meets is said once; so is a usage error, also when rank 0 starts late."""
+    if case in ("data missing on rank 1", "bad value"):
         shutil.copytree(small_shards, tmp_path / "data-0")
-    extra = ["--bogus"] if case == "bad flag" else []
+    if case == "bad value":
+        shutil.copytree(small_shards, tmp_path / "data-1")
+    extra = {"bad flag": ["--bogus"], "bad value": ["--collective-timeout", "inf"]}.get(case, [])
     command = [
         *TORCHRUN,
         "--nproc_per_node",
@@ -380,7 +393,8 @@ def test_a_failure_at_start_is_said_once_by_the_rank_that_met_it(case, small_sha
         *extra,
     ]
     started = time.monotonic()
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    env = dict(os.environ, PYACT_TEST_RANK0_LATE_S=str(rank0_late))
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode != 0
     assert time.monotonic() - started < 28, "a rank waited to be killed by torchrun"
     if case == "bad flag":
@@ -390,6 +404,8 @@ def test_a_failure_at_start_is_said_once_by_the_rank_that_met_it(case, small_sha
     assert len(lines) == 1, result.stderr[-3000:]
     if case == "data missing on rank 1":
         assert lines[0].startswith("error: rank 1: ") and "data-1" in lines[0] and "manifest" in lines[0]
+    elif case == "bad value":
+        assert lines[0] == "error: --collective-timeout must be 1 to 86400 seconds, got inf"
     else:
         assert not lines[0].startswith("error: rank") and "manifest" in lines[0]
 
