@@ -26,6 +26,32 @@ RECORD_FORMAT = "pyact-demo-files/1"
 RECORD_LIMIT = 16 << 20
 
 
+def _check_needs(config: DemoConfig) -> None:
+    """The packages the settings need, before anything in ``--out`` is touched (a bare GPU
+    box's Python has neither torch_xla nor google-cloud-storage)."""
+    import importlib.util
+
+    from .io.emulator import require_emulator
+
+    def installed(module: str) -> bool:
+        try:
+            return importlib.util.find_spec(module) is not None
+        except ImportError:  # a parent package is missing
+            return False
+
+    if config.device == "xla" and not installed("torch_xla"):
+        raise UserError(
+            "--device xla needs torch_xla (pip install torch_xla, matching this torch), or use --device cpu"
+        )
+    if config.gcs_emulator:
+        require_emulator()
+        if not installed("google.cloud.storage"):
+            raise UserError(
+                "--gcs-emulator needs the google-cloud-storage package (pip install google-cloud-storage), "
+                "or leave --gcs-emulator out"
+            )
+
+
 def run_demo(config: DemoConfig, print_fn: Callable[[str], None] = print) -> dict:
     """Run the demo; returns the scoring metrics plus where each output is."""
     from .detection.detect import run_detect
@@ -37,6 +63,7 @@ def run_demo(config: DemoConfig, print_fn: Callable[[str], None] = print) -> dic
     from .scoring.video import make_video
 
     started = time.perf_counter()
+    _check_needs(config)
     out = os.path.realpath(config.out)  # a link to an earlier demo's folder: that folder
     clear_earlier_demo(out, config.out)
     os.makedirs(out, exist_ok=True)

@@ -27,6 +27,11 @@ def _binary() -> str:
     return str(_get_binary_path())
 
 
+def require_emulator() -> None:
+    """A UserError naming the package when fake-gcs-server's wrapper is not installed."""
+    _binary()
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

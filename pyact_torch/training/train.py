@@ -456,7 +456,7 @@ def _datasets(
         print(
             f"{backend.world} readers ({backend.kind}"
             f"{', ' + str(backend.devices_per_reader) + ' devices each' if backend.kind == 'spmd' else ''}) "
-            f"x {max(1, workers)} loader workers over {len(train_set.shards)} train shards: "
+            f"x {max(1, workers)} loader streams (--workers {workers}) over {len(train_set.shards)} train shards: "
             f"{steps[0]} steps of {config.batch_size} windows use {used:.1%} of the epoch's windows",
             flush=True,
         )
@@ -468,14 +468,15 @@ def check_readers(shards: int, windows: int, readers: int, workers: int, batch: 
     a shard, which would set every replica's step count by the poorest and silently drop the
     rest of each epoch, and an epoch without a step. Names the counts and the ``--shard-size``
     that fixes it."""
-    streams = readers * max(1, workers)
+    streams = readers * max(1, workers)  # --workers 0 reads in the training process: one stream
     if shards < streams:
         fits = max(1, windows // streams)
+        lower = f", or use --workers {shards // readers}" if shards >= readers and workers > 1 else ""
         raise UserError(
             f"{data}: {shards} train shards for {streams} readers ({readers} replicas/hosts x "
-            f"--workers {max(1, workers)}): a reader without a shard makes every replica stop where the poorest "
-            f"does, dropping the rest of each epoch; "
-            f"preprocess with --shard-size {fits} or less, or lower --workers"
+            f"{max(1, workers)} loader streams of --workers {workers}): a reader without a shard makes every "
+            f"replica stop where the poorest does, dropping the rest of each epoch; "
+            f"preprocess with --shard-size {fits} or less{lower}"
         )
     if not steps:
         raise UserError(

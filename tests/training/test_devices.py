@@ -347,3 +347,17 @@ def test_a_gpu_out_of_memory_is_one_line_naming_the_batch_size(command, small_sh
     assert not os.path.exists(tmp_path / "o")
     monkeypatch.undo()
     assert main(args) == 0  # nothing left behind stands in the way
+
+
+@pytest.mark.parametrize(
+    "flags, package", [(["--device", "xla"], "torch_xla"), (["--gcs-emulator"], "google-cloud-storage")]
+)
+def test_a_demo_that_needs_a_missing_package_says_so_before_any_work(flags, package, tmp_path):
+    """On a bare GPU box's Python the demo made its dataset and shards first (and cleared an
+    earlier demo), then refused, suggesting --device cuda, which demo does not take."""
+    out = tmp_path / "demo"
+    failed = bare_pyact(tmp_path, "demo", "--out", str(out), *flags)
+    assert failed.returncode == 2
+    assert failed.stderr.startswith("error: ") and failed.stderr.count("\n") == 1, failed.stderr[-2000:]
+    assert package in failed.stderr and "cuda" not in failed.stderr
+    assert not out.exists()

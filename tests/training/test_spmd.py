@@ -102,6 +102,12 @@ def test_too_few_shards_for_a_pod_is_one_clear_message():
         check_readers(len(SHARDS), sum(s.count for s in SHARDS), 64, 2, 4, steps, "gs://b/shards")
     message = str(error.value)
     assert "98 train shards" in message and "128 readers" in message and "--shard-size 390" in message  # 49,920 / 128
+    assert message.endswith("or less, or use --workers 1")  # 64 readers of one stream each fit 98 shards
+    # 4 processes of --workers 0 over 3 shards: fewer workers cannot help, and it says --workers 0
+    with pytest.raises(UserError) as error:
+        check_readers(3, 300, 4, 0, 8, 9, "shards")
+    assert "(4 replicas/hosts x 1 loader streams of --workers 0)" in str(error.value)
+    assert str(error.value).endswith("preprocess with --shard-size 75 or less")
     # the same pod under SPMD reads per host (16 hosts x 2 workers = 32 readers): no refusal
     check_readers(
         len(SHARDS),
