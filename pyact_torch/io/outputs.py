@@ -59,8 +59,13 @@ def remove_empty_up_to(folder: str, top: str, below: bool = False) -> None:
         for inner, _, _ in os.walk(folder, topdown=False):
             if inner != folder and not os.listdir(inner):
                 os.rmdir(inner)
-    while folder.startswith(top) and os.path.isdir(folder) and not os.listdir(folder):
-        os.rmdir(folder)
+    while folder.startswith(top):
+        try:
+            os.rmdir(folder)  # only an empty folder
+        except FileNotFoundError:
+            pass  # removed meanwhile by another process doing the same (torchrun's workers)
+        except OSError:
+            break  # not empty, or not a folder
         if folder == top:
             break
         folder = os.path.dirname(folder)

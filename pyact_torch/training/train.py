@@ -26,6 +26,7 @@ from ..errors import ExplainedElsewhere, ReplicaError, UserError, local_rank
 from .validation import evaluate
 from ..io.lifecycle import Interrupted, in_xmp_replica, interrupted, preempted
 from ..io.locks import Lock
+from ..io.outputs import remove_empty_up_to, topmost_missing
 from ..data.loader import HostBatches, Part, WindowDataset, on_device
 from ..model import build_model, check_input, conv_kernels, model_input
 from .run_log import RunLog
@@ -615,14 +616,19 @@ def fit(config: TrainConfig) -> None:
     error, so that they learn of it instead of waiting for it (``_setup_agreed``)."""
     if config.device == "auto":
         config = replace(config, device=chosen_device("auto", config.distributed))
+    created = "" if storage.is_gcs(config.run_dir) else topmost_missing(config.run_dir)
     try:
-        _check_inputs(config)
-    except UserError as exc:
-        if not config.distributed:
-            raise
-        launch(_replica, (config, exc), config.backend, distributed=True)
-        return
-    launch(_replica, (config,), config.backend, distributed=config.distributed)
+        try:
+            _check_inputs(config)
+        except UserError as exc:
+            if not config.distributed:
+                raise
+            launch(_replica, (config, exc), config.backend, distributed=True)
+            return
+        launch(_replica, (config,), config.backend, distributed=config.distributed)
+    except UserError:
+        remove_empty_up_to(config.run_dir, created)  # refused before its first file: no empty run dir
+        raise
     if config.backend == "xla" and interrupted():
         raise Interrupted(
             "interrupted; the replicas saved a checkpoint at the step they reached: run the same "

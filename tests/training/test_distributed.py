@@ -367,6 +367,7 @@ def test_only_rank_0_writes_a_bucket_run_dir_and_every_rank_restores(guarded, sm
         # before its line (seen under load); the others now wait cli.LINGER_S (5 s) for it
         ("bad flag", 2),
         ("bad value", 2),
+        ("batch over 2 replicas", 0),  # met inside the replicas, after the run dir was made
     ],
 )
 def test_a_failure_at_start_is_said_once_by_the_rank_that_met_it(case, rank0_late, small_shards, tmp_path):
@@ -374,11 +375,15 @@ def test_a_failure_at_start_is_said_once_by_the_rank_that_met_it(case, rank0_lat
     cannot start still joins the others to tell them, so they stop at once instead of waiting
     for it until torchrun kills them (30 s), and its own line names it. A cause every rank
     meets is said once; so is a usage error, also when rank 0 starts late."""
-    if case in ("data missing on rank 1", "bad value"):
+    if case in ("data missing on rank 1", "bad value", "batch over 2 replicas"):
         shutil.copytree(small_shards, tmp_path / "data-0")
-    if case == "bad value":
+    if case in ("bad value", "batch over 2 replicas"):
         shutil.copytree(small_shards, tmp_path / "data-1")
-    extra = {"bad flag": ["--bogus"], "bad value": ["--collective-timeout", "inf"]}.get(case, [])
+    extra = {
+        "bad flag": ["--bogus"],
+        "bad value": ["--collective-timeout", "inf"],
+        "batch over 2 replicas": ["--batch-size", "7"],
+    }.get(case, [])
     command = [
         *TORCHRUN,
         "--nproc_per_node",
@@ -397,6 +402,7 @@ def test_a_failure_at_start_is_said_once_by_the_rank_that_met_it(case, rank0_lat
     result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode != 0
     assert time.monotonic() - started < 28, "a rank waited to be killed by torchrun"
+    assert not os.path.exists(tmp_path / "run")  # no empty run dir left by a refused launch
     if case == "bad flag":
         assert result.stderr.count("unrecognized arguments: --bogus") == 1, result.stderr[-2000:]
         return
@@ -406,6 +412,8 @@ def test_a_failure_at_start_is_said_once_by_the_rank_that_met_it(case, rank0_lat
         assert lines[0].startswith("error: rank 1: ") and "data-1" in lines[0] and "manifest" in lines[0]
     elif case == "bad value":
         assert lines[0] == "error: --collective-timeout must be 1 to 86400 seconds, got inf"
+    elif case == "batch over 2 replicas":
+        assert lines[0] == "error: --batch-size 7 does not divide evenly over 2 replicas"
     else:
         assert not lines[0].startswith("error: rank") and "manifest" in lines[0]
 
