@@ -16,7 +16,7 @@ from typing import Callable
 from .io import storage
 from .config import DemoConfig, DetectConfig, PreprocessConfig, EvaluateConfig, SynthConfig, TrainConfig, VideoConfig
 from .io.lifecycle import preempted
-from .errors import UserError
+from .errors import UserError, installed
 
 BUCKET = "pyact-demo"
 # the record of what a demo wrote in its folder: a new run deletes exactly those files, and
@@ -29,20 +29,11 @@ RECORD_LIMIT = 16 << 20
 def _check_needs(config: DemoConfig) -> None:
     """The packages the settings need, before anything in ``--out`` is touched (a bare GPU
     box's Python has neither torch_xla nor google-cloud-storage)."""
-    import importlib.util
-
     from .io.emulator import require_emulator
+    from .training.xla import require_torch_xla
 
-    def installed(module: str) -> bool:
-        try:
-            return importlib.util.find_spec(module) is not None
-        except ImportError:  # a parent package is missing
-            return False
-
-    if config.device == "xla" and not installed("torch_xla"):
-        raise UserError(
-            "--device xla needs torch_xla (pip install torch_xla, matching this torch), or use --device cpu"
-        )
+    if config.device == "xla":
+        require_torch_xla(instead="the demo runs with --device cpu")
     if config.gcs_emulator:
         require_emulator()
         if not installed("google.cloud.storage"):

@@ -20,6 +20,17 @@ class ExplainedElsewhere(UserError):
     """This replica stops because another one failed and said why: exit 2, print nothing."""
 
 
+def installed(module: str) -> bool:
+    """Whether ``module`` can be imported here, without importing it (a bare GPU box's Python
+    has neither torch_xla nor google-cloud-storage)."""
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ImportError:  # a parent package is missing (no ``google`` at all)
+        return False
+
+
 def under_torchrun() -> bool:
     """True in a process started by torchrun (or another launcher that sets its variables)."""
     return all(name in os.environ for name in TORCHRUN_VARIABLES)

@@ -22,7 +22,7 @@ import time
 import urllib.parse
 from typing import IO, Any, Iterator
 
-from ..errors import UserError
+from ..errors import UserError, installed
 
 GCS_CHUNK = 16 * 1024 * 1024  # resumable-upload chunk: a multiple of 256 KiB
 READ_BUFFER = 1024 * 1024  # gs:// reads: bytes asked of the HTTP stream at a time
@@ -80,15 +80,9 @@ def split_gcs(url: str) -> tuple[str, str]:
 
 
 def _require_client_library(url: str) -> None:
-    import importlib.util
-
     if _clients:  # a client exists: the package is there
         return
-    try:
-        found = importlib.util.find_spec("google.cloud.storage") is not None
-    except ImportError:  # no google namespace package at all
-        found = False
-    if not found:
+    if not installed("google.cloud.storage"):
         raise UserError(
             f"{url}: gs:// needs the google-cloud-storage package (pip install google-cloud-storage), "
             f"or use a local folder"

@@ -290,11 +290,15 @@ def _scan(run_dir: str) -> list[str]:
     return sorted(steps, key=steps.__getitem__, reverse=True)
 
 
-def _candidates(run_dir: str, pointers: tuple[str, ...], log: Callable[[str], None]) -> list[tuple[str, dict | None]]:
+def _candidates(
+    run_dir: str, pointers: tuple[str, ...], log: Callable[[str], None]
+) -> tuple[list[tuple[str, dict | None]], str | None]:
     """``(name, record)`` to try in order: what each pointer names (``latest.json``'s whole
-    history, newest first), then every other ``ckpt-<step>.pt`` newest first (no record: loaded
-    unverified, for a damaged pointer)."""
+    history of its own run, newest first), then every other ``ckpt-<step>.pt`` newest first (no
+    record: loaded unverified, for a damaged pointer); and the run ``latest.json`` names (None
+    when it cannot be read)."""
     found: list[tuple[str, dict | None]] = []
+    run = None
     for pointer in pointers:
         try:
             record = read_pointer(run_dir, pointer)
@@ -303,16 +307,15 @@ def _candidates(run_dir: str, pointers: tuple[str, ...], log: Callable[[str], No
         except UserError as exc:
             log(f"warning: {exc}; ignoring it")
             continue
-        history = (
-            [r for r in record.get("history", []) if _valid_record(r) and _run(r) == _run(record)]
-            if pointer == LATEST
-            else []
-        )
+        history = []
+        if pointer == LATEST:
+            run = _run(record)
+            history = [r for r in record.get("history", []) if _valid_record(r) and _run(r) == run]
         for entry in reversed(history or [record]):
             if entry["name"] not in [name for name, _ in found]:
                 found.append((entry["name"], entry))
     listed = {name for name, _ in found}
-    return found + [(name, None) for name in _scan(run_dir) if name not in listed]
+    return found + [(name, None) for name in _scan(run_dir) if name not in listed], run
 
 
 def _first_loadable(
@@ -344,7 +347,7 @@ def load_checkpoint(url: str, log: Callable[[str], None] = print) -> tuple[dict,
     storage.check_location(url, "--checkpoint")
     if storage.is_file(url):
         return load_object(url), url
-    found = _first_loadable(url, _candidates(url, (BEST, FINAL_POINTER, LATEST), log), log)
+    found = _first_loadable(url, _candidates(url, (BEST, FINAL_POINTER, LATEST), log)[0], log)
     if found is None:
         raise UserError(
             f"{url}: neither a checkpoint nor a run directory with an intact checkpoint "
@@ -364,13 +367,9 @@ def restore(run_dir: str, resume: str, log: Callable[[str], None] = print) -> tu
         if not storage.is_file(resume):
             raise UserError(f"--resume {resume}: no such checkpoint file")
         return load_object(resume), resume
-    candidates = _candidates(run_dir, (LATEST,), log)
+    candidates, run = _candidates(run_dir, (LATEST,), log)  # run None: the newest checkpoint
     if not candidates:
         return None
-    try:
-        run: str | None = _run(read_pointer(run_dir, LATEST))
-    except (FileNotFoundError, UserError):
-        run = None  # no pointer to say which run is current: the newest checkpoint
     found = _first_loadable(run_dir, candidates, log, run)
     if found is None:
         raise UserError(f"{run_dir}: no intact checkpoint left to resume from (use --resume none to start over)")

@@ -124,14 +124,10 @@ def auto_device(distributed: bool = False) -> tuple[str, str]:
     """``--device auto``: the device this machine is for, and why. A TPU when one is attached or
     ``PJRT_DEVICE`` is set (and torch_xla is installed; never under torchrun, which runs cpu or
     cuda), else a GPU when there is one, else eager CPU (XLA:CPU is several times slower)."""
-    import importlib.util
-
+    from ..errors import installed
     from .xla import _has_tpu
 
-    try:
-        has_xla = importlib.util.find_spec("torch_xla") is not None
-    except ImportError:
-        has_xla = False
+    has_xla = installed("torch_xla")
     if not distributed and has_xla:
         if os.environ.get("PJRT_DEVICE"):
             return "xla", f"PJRT_DEVICE={os.environ['PJRT_DEVICE']}"

@@ -170,21 +170,13 @@ class _Named:
         return ({str(i): tensor for i, tensor in enumerate(batch)} for batch in self.batches)
 
 
-def require_torch_xla() -> None:
-    """A UserError naming the package when torch_xla is not installed (a GPU box)."""
-    import importlib.util
+def require_torch_xla(instead: str = "on a GPU use --device cuda, on a CPU --device cpu") -> None:
+    """A UserError naming the package when torch_xla is not installed (a GPU box), and what to
+    use ``instead``."""
+    from ..errors import UserError, installed
 
-    try:
-        found = importlib.util.find_spec("torch_xla") is not None
-    except ImportError:
-        found = False
-    if not found:
-        from ..errors import UserError
-
-        raise UserError(
-            "--device xla needs torch_xla (pip install torch_xla, matching this torch); "
-            "on a GPU use --device cuda, on a CPU --device cpu"
-        )
+    if not installed("torch_xla"):
+        raise UserError(f"--device xla needs torch_xla (pip install torch_xla, matching this torch); {instead}")
 
 
 def spawn(fn: Callable[..., Any], args: tuple) -> None:

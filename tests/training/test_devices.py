@@ -4,7 +4,6 @@ there is one, e.g. through bench/gpu_check.sh), torch.compile, and a bare GPU bo
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -15,6 +14,7 @@ import pytest
 import torch
 
 from pyact_torch.cli import main
+from pyact_torch.errors import installed
 from pyact_torch.training.devices import make_backend
 from pyact_torch.model import build_model, model_input
 from pyact_torch.training.train import train_step
@@ -22,15 +22,6 @@ from pyact_torch.training.train import train_step
 from helpers import ROOT
 
 HAS_GPU = torch.cuda.is_available()
-
-
-def installed(module: str) -> bool:
-    try:
-        return importlib.util.find_spec(module) is not None
-    except ImportError:  # a parent package is missing
-        return False
-
-
 HAS_XLA, HAS_GCS = installed("torch_xla"), installed("google.cloud.storage")
 cuda = pytest.mark.skipif(not HAS_GPU, reason="needs a GPU (run bench/gpu_check.sh on a GPU machine)")
 # a Python without torch_xla, webdataset and google-cloud-storage: imports of them fail as if absent
