@@ -21,11 +21,13 @@ import itertools
 import json
 import random
 import signal
+import sys
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 import torch
+from torch.utils.data._utils import signal_handling as _signal_handling
 
 from . import shards as shard_format
 from .augment import augmented, colour_channels
@@ -300,11 +302,24 @@ def single_threaded_opencv(when: bool) -> Iterator[None]:
         cv2.setNumThreads(threads)
 
 
+_WORKER_DIED = "DataLoader worker (pid"  # how torch's errors for a worker that died begin
+
+WORKER_RESTARTS = 2
+"""How many times an epoch's loader starts over after a worker died (the kernel's OOM killer,
+a stray ``kill``): more deaths end the run with one line, to be resumed."""
+
+
+def _warn(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
 class HostBatches:
     """One epoch's host batches: ``length`` of them, the first ``skip`` read and dropped
     (resume), ``on_batch`` called with each one yielded (a progress bar). A loader failure ends
     the iteration quietly and is raised by ``check()``: the device loader iterates in a thread
-    whose exceptions never reach training."""
+    whose exceptions never reach training. A loader worker that dies is replaced: the loader
+    starts over, reading and dropping the batches already yielded (the same ones, as in a
+    resume), up to ``WORKER_RESTARTS`` times, each said through ``warn``."""
 
     def __init__(
         self,
@@ -313,9 +328,11 @@ class HostBatches:
         length: int,
         skip: int = 0,
         on_batch: Callable[[Any], None] | None = None,
+        warn: Callable[[str], None] | None = None,
     ):
         self.dataset, self.workers, self.length, self.skip = dataset, workers, length, skip
         self.on_batch = on_batch
+        self.warn = warn if warn is not None else _warn
         self.yielded = 0
         self.error: UserError | None = None
 
@@ -324,6 +341,46 @@ class HostBatches:
 
     def __iter__(self) -> Iterator:
         self.yielded, self.error = 0, None
+        deaths = 0
+        while True:
+            done = self.skip + self.yielded
+            try:
+                for index, batch in enumerate(self._read()):
+                    if isinstance(batch, LoaderFailure):
+                        self.error = UserError(batch.message)
+                        return
+                    if index < done:
+                        continue
+                    if self.on_batch is not None:
+                        self.on_batch(batch)
+                    self.yielded += 1
+                    yield batch
+                return
+            except UserError as exc:
+                self.error = exc
+                return
+            except RuntimeError as exc:
+                if not str(exc).startswith(_WORKER_DIED):
+                    raise
+                deaths += 1
+                if deaths > WORKER_RESTARTS:
+                    self.error = UserError(
+                        f"the data loader's workers died {deaths} time{'s' if deaths > 1 else ''} in one epoch "
+                        f"(last: {exc}); the usual cause is the kernel's out-of-memory killer: lower --workers "
+                        f"or --batch-size, then run the same command again to resume"
+                    )
+                    return
+                self.warn(
+                    f"warning: {exc}; starting the data loader over at batch {self.skip + self.yielded + 1} "
+                    f"of {self.length} of this epoch"
+                )
+
+    def _read(self) -> Iterator:
+        """The epoch's batches, from a new loader."""
+        # torch says that a worker died from a SIGCHLD handler, i.e. in whatever line the main
+        # thread runs then (a checkpoint write, a collective); marked as installed, it never is,
+        # and the same error comes from next() within 5 s, where __iter__ starts over
+        _signal_handling._SIGCHLD_handler_set = True
         loader = make_loader(self.dataset, self.workers)
         blocked = signal.pthread_sigmask(
             signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT}
@@ -333,19 +390,7 @@ class HostBatches:
                 iterator = iter(loader)
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
-        try:
-            for index, batch in enumerate(itertools.islice(iterator, self.length)):
-                if isinstance(batch, LoaderFailure):
-                    self.error = UserError(batch.message)
-                    return
-                if index < self.skip:
-                    continue
-                if self.on_batch is not None:
-                    self.on_batch(batch)
-                self.yielded += 1
-                yield batch
-        except UserError as exc:
-            self.error = exc
+        return itertools.islice(iterator, self.length)
 
     def check(self) -> None:
         """Raise the loader's failure, or a short epoch (fewer batches than promised)."""

@@ -51,6 +51,13 @@ class RunLog:
         if self.master:
             self._print(line)
 
+    def warn(self, line: str) -> None:
+        """A warning from any replica, on stderr (under the bar on a terminal)."""
+        if self.bar is not None:
+            self.bar.write(line, file=sys.stderr)
+        else:
+            print(line, file=sys.stderr, flush=True)
+
     def epoch_start(self, epoch: int, done: int, step: int) -> None:
         """Epoch ``epoch`` (0-based) begins, ``done`` of its batches already trained (a resume)."""
         if not self.master:

@@ -544,7 +544,9 @@ def _epochs(run: _Run) -> bool:
         epoch = state.epoch
         run.train_set.set_epoch(epoch)
         # resume: the batches this epoch already trained on are read and skipped
-        host = HostBatches(run.train_set, run.train_set.workers, run.steps[epoch], skip=state.batch_in_epoch)
+        host = HostBatches(
+            run.train_set, run.train_set.workers, run.steps[epoch], skip=state.batch_in_epoch, warn=run.log.warn
+        )
         run.log.epoch_start(epoch, state.batch_in_epoch, state.step)
         if not train_epoch(
             run.net,
@@ -588,7 +590,7 @@ def _validate(run: _Run) -> dict | None:
     """Loss, accuracy and confusion on the eval split (None without one)."""
     if run.eval_set is None or not len(run.eval_set):
         return None
-    host = HostBatches(run.eval_set, run.eval_set.workers, len(run.eval_set))
+    host = HostBatches(run.eval_set, run.eval_set.workers, len(run.eval_set), warn=run.log.warn)
     return evaluate(run.net, on_device(host, run.backend), run.backend, len(run.manifest.classes))
 
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import io
+import os
 import random
+import signal
 import re
 import tarfile
 from collections import Counter
@@ -12,7 +14,9 @@ import pytest
 import torch
 
 from pyact_torch.config import PreprocessConfig
+from pyact_torch.data import loader as loader_module
 from pyact_torch.data.loader import (
+    HostBatches,
     Part,
     WindowDataset,
     batches,
@@ -23,6 +27,7 @@ from pyact_torch.data.loader import (
     train_steps,
     worker_shards,
 )
+from pyact_torch.errors import UserError
 from pyact_torch.model import model_input
 from pyact_torch.data.preprocess import preprocess
 from pyact_torch.data.shards import Shard, ShardError, TarFormatError, read_manifest, read_tar, split_shards
@@ -125,6 +130,44 @@ def test_training_batches_through_dataloader_workers(shards_dir):
     assert inputs.dtype == torch.float32 and inputs.shape[1:] == (3, 6, 16, 16)
     assert torch.equal(inputs[:, 1, 2], clips[:, 2, ..., 1].float() / 255)  # channel 1 of frame 2
     assert mask.all() and labels.shape == (4,)
+
+
+class _DiesAtFirst(torch.utils.data.IterableDataset):
+    """Batches 0..9; its first ``deaths`` workers each give 3 and are killed (``kill -9``)."""
+
+    augment = "none"
+
+    def __init__(self, attempts: str, deaths: int):
+        self.attempts, self.deaths = attempts, deaths
+
+    def __iter__(self):
+        with open(self.attempts, "a") as log:
+            log.write("x")
+        attempt = os.path.getsize(self.attempts)
+        for index in range(10):
+            if index == 3 and attempt <= self.deaths:
+                os.kill(os.getpid(), signal.SIGKILL)
+            yield torch.tensor([index])
+
+
+@pytest.mark.parametrize("restarts", [2, 0])
+def test_a_loader_worker_that_dies_is_replaced_a_bounded_number_of_times(restarts, tmp_path, monkeypatch):
+    """Two workers killed: the loader starts over twice and gives every batch once, in order.
+    With no restarts allowed (the bound reached), the same first death ends the epoch with one
+    line instead of a hang or a traceback."""
+    monkeypatch.setattr(loader_module, "WORKER_RESTARTS", restarts)
+    warnings: list[str] = []
+    host = HostBatches(_DiesAtFirst(str(tmp_path / "attempts"), deaths=2), 1, 10, skip=1, warn=warnings.append)
+    got = [int(batch) for batch in host]
+    if restarts:
+        assert got == list(range(1, 10)) and host.yielded == 9
+        host.check()
+        assert len(warnings) == 2 and all("starting the data loader over at batch" in w for w in warnings)
+        assert (tmp_path / "attempts").read_text() == "xxx"
+    else:
+        assert warnings == [] and got in ([], [1], [1, 2])
+        with pytest.raises(UserError, match="the data loader's workers died 1 time in one epoch"):
+            host.check()
 
 
 def test_reads_shards_from_gcs(shards_dir, gcs):

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -21,6 +23,26 @@ from pyact_torch.training.events import EVENT_PREFIX
 from helpers import ROOT, scalars
 
 SCRIPT = os.path.join(ROOT, "scripts", "train_tpu.py")
+
+
+def descendants(pid: int, depth: int) -> list[int]:
+    """The processes ``depth`` generations below ``pid``, without multiprocessing's resource tracker."""
+    level = [pid]
+    for _ in range(depth):
+        below = []
+        for parent in level:
+            for task in os.listdir(f"/proc/{parent}/task"):
+                with contextlib.suppress(OSError):
+                    below += [int(c) for c in open(f"/proc/{parent}/task/{task}/children").read().split()]
+        level = [c for c in below if b"resource_tracker" not in _cmdline(c)]
+    return level
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return open(f"/proc/{pid}/cmdline", "rb").read()
+    except OSError:
+        return b""
 
 
 def train_command(data, run_dir, *extra):
@@ -168,7 +190,8 @@ def test_checkpoints_land_in_gcs_and_load_with_plain_torch_load(learn_shards, gc
 def test_kill_and_resume_gives_the_same_final_weights(device, learn_shards, small_shards, tmp_path):
     """Eager CPU: bit-identical weights; XLA:CPU (xmp.spawn, small clips): equal within float tolerance.
     With augmentation, dropout and weight decay on: the resumed epoch draws the transforms and
-    dropout masks the uninterrupted run drew."""
+    dropout masks the uninterrupted run drew. Before the kill a loader worker is killed too: the
+    loader starts over and goes on with the batches it would have given."""
     if device == "cpu":
         data, kill_at = learn_shards, 30
         flags = [
@@ -216,15 +239,35 @@ def test_kill_and_resume_gives_the_same_final_weights(device, learn_shards, smal
     if device == "xla":  # dropout's random masks run inside the compiled step
         assert " 0 CPU fallbacks" in done.stdout
     run_dir = str(tmp_path / "killed")
-    process = subprocess.Popen(
-        train_command(data, run_dir, *flags), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
+    stderr = tmp_path / "killed.stderr"
+    with open(stderr, "w") as err:
+        process = subprocess.Popen(train_command(data, run_dir, *flags), env=env, stdout=subprocess.DEVNULL, stderr=err)
     latest = os.path.join(run_dir, "latest.json")
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and process.poll() is None:
-        if os.path.exists(latest) and json.load(open(latest))["step"] >= kill_at:
-            break
-        time.sleep(0.02)
+
+    def wait_for(ready) -> None:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and process.poll() is None and not ready():
+            time.sleep(0.02)
+
+    def step() -> int:
+        return json.load(open(latest))["step"] if os.path.exists(latest) else -1
+
+    # first the epoch's loader worker dies (the kernel's OOM killer would): the loader starts
+    # over, and the batches after it must be the ones the uninterrupted run trained on. Eager:
+    # after the first checkpoint (batches to skip); XLA: as it starts (the replica's loader
+    # thread), before the prefetching device loader has read the small epoch
+    depth = 1 if device == "cpu" else 2  # xla: launcher, replica, worker
+    wait_for(lambda: step() >= 1 if device == "cpu" else descendants(process.pid, depth))
+    workers = descendants(process.pid, depth)
+    assert workers, "no loader worker found"
+    for pid in workers:
+        os.kill(pid, signal.SIGKILL)
+    restarted = re.compile(r"starting the data loader over at batch (\d+) ")
+    wait_for(lambda: restarted.search(stderr.read_text()))
+    found = restarted.search(stderr.read_text())
+    assert found, stderr.read_text()[-2000:]
+    # then the whole command, after a checkpoint that holds batches read after the restart
+    wait_for(lambda: step() >= max(kill_at, int(found.group(1))))
     process.send_signal(signal.SIGKILL)
     assert process.wait() == -signal.SIGKILL, "training finished before it could be killed"
     assert not os.path.exists(os.path.join(run_dir, "final.pt"))
