@@ -22,6 +22,7 @@ import json
 import random
 import signal
 import sys
+import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator
 
@@ -302,7 +303,10 @@ def single_threaded_opencv(when: bool) -> Iterator[None]:
         cv2.setNumThreads(threads)
 
 
-_WORKER_DIED = "DataLoader worker (pid"  # how torch's errors for a worker that died begin
+# torch says that a worker died from a SIGCHLD handler, i.e. in whatever line the main thread runs
+# then (a checkpoint write, a collective); marked as installed, it never is, and the same death
+# comes from the loader's next() within 5 s, where HostBatches starts the loader over
+_signal_handling._SIGCHLD_handler_set = True
 
 WORKER_RESTARTS = 2
 """How many times an epoch's loader starts over after a worker died (the kernel's OOM killer,
@@ -311,6 +315,19 @@ a stray ``kill``): more deaths end the run with one line, to be resumed."""
 
 def _warn(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
+
+
+def _how_workers_ended(iterator: Any, wait: float) -> list[str]:
+    """How ``iterator``'s worker processes that are no longer running ended ("killed by
+    SIGKILL"), waiting up to ``wait`` s for one to be reaped. A loader's workers run until the
+    loader is shut down, so during an epoch any that ended died."""
+    workers = list(getattr(iterator, "_workers", ()))  # torch's worker processes (no public view)
+    deadline = time.monotonic() + wait
+    while True:
+        ended = [w.exitcode for w in workers if w.exitcode is not None]
+        if ended or time.monotonic() >= deadline:
+            return [f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit status {code}" for code in ended]
+        time.sleep(0.05)
 
 
 class HostBatches:
@@ -344,8 +361,9 @@ class HostBatches:
         deaths = 0
         while True:
             done = self.skip + self.yielded
+            iterator = self._start()
             try:
-                for index, batch in enumerate(self._read()):
+                for index, batch in enumerate(itertools.islice(iterator, self.length)):
                     if isinstance(batch, LoaderFailure):
                         self.error = UserError(batch.message)
                         return
@@ -359,38 +377,45 @@ class HostBatches:
             except UserError as exc:
                 self.error = exc
                 return
-            except RuntimeError as exc:
-                if not str(exc).startswith(_WORKER_DIED):
+            except (RuntimeError, OSError, EOFError) as exc:
+                # torch's own word for a death, or a batch that could not be fetched from a
+                # worker killed just after it sent it (its shared memory went with it)
+                said = str(exc).startswith("DataLoader worker (pid")
+                how = _how_workers_ended(iterator, wait=0 if said or not self.workers else 2)
+                if not (said or how):
                     raise
-                deaths += 1
-                if deaths > WORKER_RESTARTS:
-                    self.error = UserError(
-                        f"the data loader's workers died {deaths} time{'s' if deaths > 1 else ''} in one epoch "
-                        f"(last: {exc}); the usual cause is the kernel's out-of-memory killer: lower --workers "
-                        f"or --batch-size, then run the same command again to resume"
-                    )
-                    return
-                self.warn(
-                    f"warning: {exc}; starting the data loader over at batch {self.skip + self.yielded + 1} "
-                    f"of {self.length} of this epoch"
+                death = ", ".join(how) or str(exc)
+            finally:
+                del iterator  # its workers are shut down before new ones start
+            deaths += 1
+            if deaths > WORKER_RESTARTS:
+                hint = (
+                    "the usual sender is the kernel's out-of-memory killer: lower --workers or --batch-size, then "
+                    if "SIGKILL" in death
+                    else ""
                 )
+                self.error = UserError(
+                    f"a data loader worker died {deaths} time{'s' if deaths > 1 else ''} in one epoch (last: "
+                    f"{death}); {hint}run the same command again to resume (--workers 0 reads the data in "
+                    f"the training process itself)"
+                )
+                return
+            self.warn(
+                f"warning: a data loader worker died ({death}); starting the data loader over at batch "
+                f"{self.skip + self.yielded + 1} of {self.length} of this epoch"
+            )
 
-    def _read(self) -> Iterator:
-        """The epoch's batches, from a new loader."""
-        # torch says that a worker died from a SIGCHLD handler, i.e. in whatever line the main
-        # thread runs then (a checkpoint write, a collective); marked as installed, it never is,
-        # and the same error comes from next() within 5 s, where __iter__ starts over
-        _signal_handling._SIGCHLD_handler_set = True
+    def _start(self) -> Iterator:
+        """A new loader's iterator over the epoch (its workers started)."""
         loader = make_loader(self.dataset, self.workers)
         blocked = signal.pthread_sigmask(
             signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT}
         )  # workers fork with them blocked
         try:
             with single_threaded_opencv(self.workers > 0 and self.dataset.augment != "none"):
-                iterator = iter(loader)
+                return iter(loader)
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
-        return itertools.islice(iterator, self.length)
 
     def check(self) -> None:
         """Raise the loader's failure, or a short epoch (fewer batches than promised)."""
