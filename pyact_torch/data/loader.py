@@ -326,8 +326,18 @@ def _how_workers_ended(iterator: Any, wait: float) -> list[str]:
     while True:
         ended = [w.exitcode for w in workers if w.exitcode is not None]
         if ended or time.monotonic() >= deadline:
-            return [f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit status {code}" for code in ended]
+            return [_ending(code) for code in ended]
         time.sleep(0.05)
+
+
+def _ending(code: int) -> str:
+    """A process's exit code in words: "killed by SIGKILL", "exit status 1"."""
+    if code >= 0:
+        return f"exit status {code}"
+    try:
+        return f"killed by {signal.Signals(-code).name}"
+    except ValueError:  # a real-time signal has no name
+        return f"killed by signal {-code}"
 
 
 class HostBatches:
