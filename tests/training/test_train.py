@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 
+import psutil
 import pytest
 import torch
 
@@ -27,22 +28,14 @@ SCRIPT = os.path.join(ROOT, "scripts", "train_tpu.py")
 
 def descendants(pid: int, depth: int) -> list[int]:
     """The processes ``depth`` generations below ``pid``, without multiprocessing's resource tracker."""
-    level = [pid]
+    level = [psutil.Process(pid)]
     for _ in range(depth):
         below = []
-        for parent in level:
-            for task in os.listdir(f"/proc/{parent}/task"):
-                with contextlib.suppress(OSError):
-                    below += [int(c) for c in open(f"/proc/{parent}/task/{task}/children").read().split()]
-        level = [c for c in below if b"resource_tracker" not in _cmdline(c)]
-    return level
-
-
-def _cmdline(pid: int) -> bytes:
-    try:
-        return open(f"/proc/{pid}/cmdline", "rb").read()
-    except OSError:
-        return b""
+        for process in level:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                below += [c for c in process.children() if "resource_tracker" not in " ".join(c.cmdline())]
+        level = below
+    return [process.pid for process in level]
 
 
 def train_command(data, run_dir, *extra):
