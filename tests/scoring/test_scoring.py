@@ -50,31 +50,10 @@ def test_metrics_against_a_hand_computed_confusion_matrix():
 
 
 @pytest.fixture(scope="module")
-def trained_run(learn_shards, tmp_path_factory) -> str:
-    run_dir = str(tmp_path_factory.mktemp("scored") / "run")
-    assert (
-        main(
-            [
-                "train",
-                "--data",
-                learn_shards,
-                "--run-dir",
-                run_dir,
-                "--model",
-                "tiny",
-                "--device",
-                "cpu",
-                "--epochs",
-                "2",
-                "--log-every",
-                "1000",
-                "--workers",
-                "0",
-            ]
-        )
-        == 0
-    )
-    return run_dir
+def trained_run(detector_run) -> str:
+    """A finished run with a best checkpoint: the session's detector run (training it again here
+    would add a minute to the suite and test nothing more)."""
+    return detector_run
 
 
 @pytest.fixture(scope="module")

@@ -180,7 +180,7 @@ def test_checkpoints_land_in_gcs_and_load_with_plain_torch_load(learn_shards, gc
 
 @pytest.mark.slow
 @pytest.mark.parametrize("device", ["cpu", "xla"])
-def test_kill_and_resume_gives_the_same_final_weights(device, learn_shards, small_shards, tmp_path):
+def test_kill_and_resume_gives_the_same_final_weights(device, learn_shards, small_shards, tmp_path, request):
     """Eager CPU: bit-identical weights; XLA:CPU (xmp.spawn, small clips): equal within float tolerance.
     With augmentation, dropout and weight decay on: the resumed epoch draws the transforms and
     dropout masks the uninterrupted run drew. Before the kill a loader worker is killed too: the
@@ -227,10 +227,11 @@ def test_kill_and_resume_gives_the_same_final_weights(device, learn_shards, smal
         ]
     env = dict(os.environ, PJRT_DEVICE="CPU")
     reference = str(tmp_path / "reference")
-    done = subprocess.run(train_command(data, reference, *flags), capture_output=True, text=True, env=env)
-    assert done.returncode == 0, done.stderr[-2000:]
-    if device == "xla":  # dropout's random masks run inside the compiled step
-        assert " 0 CPU fallbacks" in done.stdout
+    with open(tmp_path / "reference.out", "w") as out, open(tmp_path / "reference.err", "w") as err:
+        uninterrupted = subprocess.Popen(train_command(data, reference, *flags), env=env, stdout=out, stderr=err)
+    request.addfinalizer(lambda: uninterrupted.poll() is None and uninterrupted.kill())
+    if device == "cpu":  # eager CPU keeps both of CI's cores busy; XLA:CPU here about one, so it goes alongside
+        uninterrupted.wait(timeout=600)
     run_dir = str(tmp_path / "killed")
     stderr = tmp_path / "killed.stderr"
     with open(stderr, "w") as err:
@@ -267,6 +268,9 @@ def test_kill_and_resume_gives_the_same_final_weights(device, learn_shards, smal
     result = subprocess.run(train_command(data, run_dir, *flags), capture_output=True, text=True, env=env)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "resumed at step" in result.stdout
+    assert uninterrupted.wait(timeout=600) == 0, (tmp_path / "reference.err").read_text()[-2000:]
+    if device == "xla":  # dropout's random masks run inside the compiled step
+        assert " 0 CPU fallbacks" in (tmp_path / "reference.out").read_text()
     a = torch.load(os.path.join(reference, "final.pt"), weights_only=True)["model"]
     b = torch.load(os.path.join(run_dir, "final.pt"), weights_only=True)["model"]
     assert a.keys() == b.keys()
