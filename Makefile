@@ -33,8 +33,9 @@ $(STAMP): pyproject.toml constraints.txt
 	@$(PY) -c "import torch; print('torch', torch.__version__, 'with CUDA ' + torch.version.cuda if torch.version.cuda else 'for CPU only', 'in $(VENV)')"
 	touch $(STAMP)
 
+# --durations: CI's log then says which tests use up the suite's 25 minutes
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=25 tests
 
 test-quick: $(STAMP)
 	$(PY) -m pytest -q -m "not slow" tests
