@@ -706,8 +706,9 @@ def main() -> None:
     started = time.perf_counter()
     try:
         backend = make_backend(args.device)
-    except UserError as exc:
-        raise SystemExit(f"error: {exc}") from None
+    except UserError as exc:  # a mistake the user can fix: one line, exit 2, as the CLI does
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
     device = backend.device
     report: dict[str, Any] = {
         "meta": {
