@@ -135,20 +135,38 @@ COMMANDS: dict[str, tuple[type, Callable[[Any], Any], str]] = {
 RESUMABLE = ("preprocess", "train")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse taking whole flag names only: ``--dat`` is refused, not read as ``--data`` (nor as
+    whatever flag a later version adds that also starts so). A flag no command has is reported
+    by the command it was given to, with that command's usage."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+        self.commands: dict[str, argparse.ArgumentParser] = {}
+
+    def parse_args(self, args: Any = None, namespace: Any = None) -> Any:
+        parsed, extra = self.parse_known_args(args, namespace)
+        if extra:
+            self.commands.get(parsed.command, self).error(f"unrecognized arguments: {' '.join(extra)}")
+        return parsed
+
+
 def build_parser(only: str | None = None, prog: str | None = None) -> argparse.ArgumentParser:
     """The ``pyact`` parser, or the parser of one subcommand (for ``scripts/``)."""
     if only is not None:
         cls, _, _ = COMMANDS[only]
-        parser = argparse.ArgumentParser(prog=prog, description=_describe(cls))
+        parser = _Parser(prog=prog, description=_describe(cls))
         add_arguments(parser, cls)
         parser.set_defaults(command=only)
         return parser
-    parser = argparse.ArgumentParser(prog=prog or "pyact", description=package_doc)
+    parser = _Parser(prog=prog or "pyact", description=package_doc)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (cls, _, text) in COMMANDS.items():
         sub = commands.add_parser(name, help=text, description=_describe(cls))
         add_arguments(sub, cls)
         sub.set_defaults(command=name)
+        parser.commands[name] = sub
     return parser
 
 

@@ -165,3 +165,30 @@ def test_help_explains_every_flag():
         "--cache-dir",
     ):
         assert flag in result.stdout
+
+
+@pytest.mark.parametrize(
+    "argv, only, said",
+    [
+        # a shortened flag was read as the flag it starts: this trained with --epochs 1
+        (
+            ["train", "--data", "d", "--run-dir", "r", "--epoch", "1"],
+            None,
+            "pyact train: error: unrecognized arguments: --epoch 1",
+        ),
+        # an unknown flag was reported by `pyact` with its usage, not by the command given it
+        (["detect", "--src", "s", "--fooo"], None, "pyact detect: error: unrecognized arguments: --fooo"),
+        (
+            ["--checkpoint", "c", "--data", "d", "--out", "o", "--devic", "cpu"],
+            "evaluate",
+            "evaluate.py: error: unrecognized arguments: --devic cpu",
+        ),
+    ],
+)
+def test_a_flag_is_taken_whole_and_refused_by_its_command(argv, only, said, capsys):
+    with pytest.raises(SystemExit) as stopped:
+        main(argv, only=only, prog="evaluate.py" if only else None)
+    assert stopped.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == said
+    assert err[0].startswith(f"usage: {said.split(':')[0]} ")  # that command's usage
