@@ -88,7 +88,7 @@ def split_sequences(
         )
     moved = set(eval_subjects)
     if eval_subjects:
-        source = f"--eval-subjects {','.join(eval_subjects)}"
+        source = ("Eval/ folder + " if has_eval_dir else "") + f"--eval-subjects {','.join(eval_subjects)}"
     elif has_eval_dir:
         source = "Eval/ folder"
     else:

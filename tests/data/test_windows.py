@@ -135,6 +135,9 @@ def test_eval_split_from_eval_folder_flag_or_seed():
     splits, source = split_sequences(train + test, ("b",), 0)
     assert [s.subject for s in splits["eval"]] == ["b"]
     assert sorted(s.subject for s in splits["train"]) == ["a", "c"]
+    # both: the folder's sequences and the named subject, and the printed source says both
+    splits, source = split_sequences(train + evals + test, ("b",), 0)
+    assert sorted(s.subject for s in splits["eval"]) == ["b", "e"] and source == "Eval/ folder + --eval-subjects b"
     chosen = {split_sequences(train + test, (), seed)[0]["eval"][0].subject for seed in range(20)}
     assert len(chosen) > 1 and chosen <= {"a", "b", "c"}
     splits, source = split_sequences(train + test, (), 7)
