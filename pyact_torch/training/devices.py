@@ -81,8 +81,12 @@ class Backend:
         # each replica's distance from the mean, summed: 0 only when every value is the same
         return int(self.all_reduce_sum((mine * self.world - total).abs()).cpu()) == 0
 
-    def close(self) -> None:
-        """Release what the backend holds (a process group)."""
+    def check_peers(self) -> None:
+        """Raise when another replica is gone (every replica must call it; see DistBackend)."""
+
+    def close(self, failed: bool = False) -> None:
+        """Release what the backend holds (a process group); ``failed``: the run is ending on an
+        error, and other replicas may be gone."""
 
     def optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """Step, after summing gradients over replicas when there are several (no host sync)."""

@@ -95,9 +95,27 @@ class DistBackend(Backend):
         self._dist.all_reduce(vote, op=self._dist.ReduceOp.SUM, group=self._votes)
         return bool(vote.item() > 0)
 
-    def close(self) -> None:
-        if self._dist.is_initialized():
-            self._dist.destroy_process_group()
+    def check_peers(self) -> None:
+        # A round over gloo, where a dead peer's closed socket fails it at once. On GPUs the
+        # host runs ahead of the GPU, so this catches a lost peer before the host waits on GPU
+        # work that an NCCL collective with that peer holds up (until --collective-timeout).
+        if self.world > 1:
+            self.any_reader(False)
+
+    def close(self, failed: bool = False) -> None:
+        if not self._dist.is_initialized():
+            return
+        if failed and self._votes is not None:
+            # NCCL's destroy_process_group first finishes the collectives queued on the GPU
+            # (torch >= 2.6), which never finish once a peer is gone: abort them instead
+            from torch.distributed.distributed_c10d import _abort_process_group
+
+            try:
+                _abort_process_group()
+            except Exception:  # the process is ending on an error already: never hide it
+                pass
+            return
+        self._dist.destroy_process_group()
 
 
 def _check_gpu_count(processes: int) -> None:

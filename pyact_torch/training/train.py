@@ -205,14 +205,17 @@ def train_epoch(
         state.batch_in_epoch += 1
         log.advance()
         logged = state.step % config.log_every == 0 or state.batch_in_epoch == epoch_steps
+        voted = logged or backend.vote_every_step
+        # the vote before the host reads the loss: reading it waits for the step's gradient
+        # reduction, which a lost peer never finishes (NCCL), while the vote notices it at once
+        stop = voted and _stop_agreed(backend)
         if logged:
             backend.add_step_closure(log.step, (loss, state.step, state.epoch, lr))
             divergence.check(state.step)
-        if logged or backend.vote_every_step:
-            if _stop_agreed(backend):
-                on_checkpoint(best=False)
-                return False
-        elif backend.world == 1 and preempted():
+        if stop:
+            on_checkpoint(best=False)
+            return False
+        if not voted and backend.world == 1 and preempted():
             on_checkpoint(best=False)
             return False
         if config.ckpt_every and state.step % config.ckpt_every == 0:
@@ -276,8 +279,10 @@ def _replica(index: int, config: TrainConfig, failed: UserError | None = None) -
                 finally:
                     if run.lock is not None:
                         run.lock.release()
-    finally:
-        backend.close()
+    except BaseException:
+        backend.close(failed=True)
+        raise
+    backend.close()
 
 
 def _start(config: TrainConfig, backend: Backend, failed: UserError | None = None) -> _Run:

@@ -29,6 +29,7 @@ def evaluate(
     confusion = torch.zeros(num_classes, num_classes, device=device)
     kept: list[tuple[np.ndarray, np.ndarray]] = []
     for clips, labels, mask in batches:
+        backend.check_peers()  # before this batch's work queues behind a collective with a lost peer
         logits = model(model_input(clips)).float()
         if keep_outputs:  # read after the step's graph ran: no extra compile on XLA
             backend.add_step_closure(_keep, (kept, F.softmax(logits, dim=1), labels, mask))

@@ -335,6 +335,32 @@ def test_a_diverged_loss_stops_training_before_a_checkpoint(log_every, small_sha
     assert final["optimizer"]["param_groups"][0]["lr"] == pytest.approx(lr)
 
 
+@pytest.mark.parametrize("fails", [True, False], ids=["ending on an error", "ending well"])
+def test_the_backend_is_told_whether_the_run_ends_on_an_error(fails, small_shards, tmp_path, monkeypatch):
+    """A run that ends on an error closes its backend as failed, once: under NCCL that aborts
+    the process group, whose clean destroy would wait for collectives a lost peer never ends
+    (distributed.DistBackend.close). A run that ends well closes it as finished."""
+    import torch.nn.functional as F
+
+    from pyact_torch.training import train
+
+    closes, make_backend = [], train.make_backend
+
+    def recording(*args, **kwargs):
+        backend = make_backend(*args, **kwargs)
+        close = backend.close
+        backend.close = lambda failed=False: (closes.append(failed), close(failed))  # type: ignore[method-assign]
+        return backend
+
+    monkeypatch.setattr(train, "make_backend", recording)
+    if fails:  # a NaN loss at the first step: the run stops on an error at its first log step
+        real = F.cross_entropy
+        monkeypatch.setattr(train.F, "cross_entropy", lambda *a, **k: real(*a, **k) * float("nan"))
+    args = ["train", "--data", small_shards, "--run-dir", str(tmp_path / "run"), *TRAIN, "--log-every", "1"]
+    assert main(args) == (2 if fails else 0)
+    assert closes == [fails]
+
+
 @pytest.mark.parametrize("damage", ["invalid JSON", "nested too deeply", "a list", "names a missing file"])
 def test_a_damaged_latest_pointer_falls_back_to_the_checkpoints(damage, small_shards, tmp_path, capsys):
     """The README promises a fallback to older checkpoints; a damaged pointer must not end the run."""
