@@ -5,8 +5,8 @@ The exported graph is ``model.Deployed``: uint8 ``(batch, T, H, W, C)`` clips ->
 deployment feeds frames as ``stream`` prepares them and needs no torch. What frames it takes
 (``runners.ModelInfo``) travels inside the file (ONNX metadata / a .pt2 extra file). The file
 is written under a temporary name, loaded back, and its logits on real windows (as one batch
-and one window alone) must equal the checkpoint's within ``TOLERANCE``; only then is it renamed
-to ``--out``.
+and one window alone) must equal the checkpoint's within ``TOLERANCE`` (``DEVICE_TOLERANCE`` when the checkpoint ran
+on a GPU); only then is it renamed to ``--out``.
 """
 
 from __future__ import annotations
@@ -34,7 +34,10 @@ from .runners import METADATA_KEY, ModelInfo, OnnxRunner, load_checkpoint_runner
 from ..data.shards import decode_sample, read_manifest, read_samples, split_shards
 from .stream import count_frames, folder_frames
 
-TOLERANCE = 1e-4
+TOLERANCE = 1e-4  # the export against its checkpoint, both run on the CPU
+# against a reference run on a GPU (--device cuda): another device's fp32 rounding, as large as
+# 1e-5 per logit for c3d, comes on top (the GPU test allows CPU-vs-GPU logits 1e-3 too)
+DEVICE_TOLERANCE = 1e-3
 
 
 def export_model(config: ExportConfig, print_fn: Callable[[str], None] = print) -> dict:
@@ -98,10 +101,11 @@ def _export(config: ExportConfig, print_fn: Callable[[str], None]) -> dict:
             float(np.abs(exported.logits(windows) - expected).max()),
             float(np.abs(exported.logits(windows[:1]) - expected[:1]).max()),
         )
-        if not difference <= TOLERANCE:
+        tolerance = TOLERANCE if config.device == "cpu" else DEVICE_TOLERANCE
+        if not difference <= tolerance:
             raise UserError(
                 f"{config.out}: the export's logits differ from the checkpoint's by {difference:.3g} "
-                f"(more than {TOLERANCE:g}) on real windows; nothing written"
+                f"(more than {tolerance:g}) on real windows; nothing written"
             )
         with storage.write_errors(config.out):
             os.replace(partial, config.out)
@@ -112,7 +116,7 @@ def _export(config: ExportConfig, print_fn: Callable[[str], None]) -> dict:
     print_fn(
         f"wrote {config.out}: {kind}, input uint8 [batch, {', '.join(map(str, runner.info.clip_shape))}] -> "
         f"logits [batch, {len(runner.info.classes)}]; checked on {len(windows)} real windows (as a batch and "
-        f"alone): largest logit difference {difference:.2g} (limit {TOLERANCE:g})"
+        f"alone): largest logit difference {difference:.2g} (limit {tolerance:g})"
     )
     return {"windows": len(windows), "max_difference": difference, "out": config.out}
 
