@@ -26,9 +26,9 @@ LOG="$OUT_DIR/gpu-check.log"
 OUT_FILE="$OUT_DIR/bench-accelerator.json"
 cd "$(dirname "$0")/.."  # the repository root
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-export MPLBACKEND=Agg
-exec > >(tee "$LOG") 2>&1
+export MPLBACKEND=Agg PYTHONUNBUFFERED=1
 
+check() {  # the whole check (its body is not indented: it holds a heredoc)
 DEADLINE=$((SECONDS + TOTAL_S - 20))  # leaves time to report
 failed=()
 left() { echo $((DEADLINE - SECONDS)); }
@@ -36,13 +36,14 @@ left() { echo $((DEADLINE - SECONDS)); }
 echo "== gpu check: $(date -u +%Y-%m-%dT%H:%M:%SZ) on $(hostname), repository $PWD"
 echo "== nvidia-smi"
 # the driver too: torch's CUDA 13 wheels need driver 580 or later, else torch sees no GPU
-if ! nvidia-smi --query-gpu=index,name,driver_version,memory.total,compute_mode --format=csv; then
+if ! timeout -k 5 60 nvidia-smi --query-gpu=index,name,driver_version,memory.total,compute_mode --format=csv; then
     echo "nvidia-smi failed"
     failed+=("nvidia-smi")
 fi
 
 echo "== torch / CUDA"
-if ! python3 - <<'PY'
+# bounded: a GPU that does not answer must not use up the tests' and the benchmark's time
+if ! timeout -k 5 120 python3 - <<'PY'
 import torch
 print(f"torch {torch.__version__}, CUDA {torch.version.cuda}, cuDNN {torch.backends.cudnn.version()}, "
       f"cuda available: {torch.cuda.is_available()}, GPUs: {torch.cuda.device_count()}")
@@ -97,3 +98,7 @@ if [ ${#failed[@]} -gt 0 ]; then
     exit 1
 fi
 echo "all parts passed"
+}
+
+# a pipe, not exec > >(tee): the script ends only once tee has written the log's last line
+check 2>&1 | tee "$LOG"

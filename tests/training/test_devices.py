@@ -50,8 +50,8 @@ def bare_pyact(tmp_path, *args: str) -> subprocess.CompletedProcess:
 
 @pytest.mark.slow
 def test_a_bare_gpu_box_python_trains_and_scores_local_data(small_shards, tmp_path):
-    """What `pip install --no-deps -e .` gives on a GPU box whose Python has torch but neither
-    torch_xla nor google-cloud-storage: train and evaluate work on local data; a gs:// path and
+    """What `pip install --no-deps --no-build-isolation -e .` gives on a GPU box whose Python has
+    torch but neither torch_xla nor google-cloud-storage: train and evaluate work on local data; a gs:// path and
     --device xla are one line each naming the package."""
     run_dir, out = str(tmp_path / "run"), str(tmp_path / "scores")
     trained = bare_pyact(tmp_path, "train", "--data", small_shards, "--run-dir", run_dir, "--device", "cpu", *SMALL)
