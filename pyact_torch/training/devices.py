@@ -64,7 +64,10 @@ class Backend:
         """Batches moved to the device."""
         if self.device.type == "cpu":
             return loader
-        return (tuple(t.to(self.device, non_blocking=True) for t in batch) for batch in loader)
+        # through pinned memory: a copy from pageable memory may wait for the GPU's earlier work
+        # (the step before, an NCCL reduction that a lost peer never finishes); this one returns
+        # at once and overlaps the step
+        return (tuple(t.pin_memory().to(self.device, non_blocking=True) for t in batch) for batch in loader)
 
     def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
         """The module the training step runs (data-parallel wrappers go here); its weights stay

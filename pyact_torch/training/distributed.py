@@ -50,18 +50,23 @@ class DistBackend(Backend):
         if device == "cuda":
             _check_gpu_count(int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
         self.device = cuda_device(local_rank) if device == "cuda" else torch.device("cpu")
+        self._nccl = device == "cuda"
+        self._votes: Any = None  # the gloo group beside NCCL
         if not dist.is_initialized():
             dist.init_process_group(
-                "nccl" if device == "cuda" else "gloo",
+                "nccl" if self._nccl else "gloo",
                 timeout=datetime.timedelta(seconds=timeout),
-                device_id=self.device if device == "cuda" else None,
+                device_id=self.device if self._nccl else None,
             )
-        # only now: a worker still joining the group must die of torchrun's SIGTERM, not wait on
-        watch_sigterm()
-        # stop votes travel on the CPU: a GPU tensor would make every step wait for the GPU
-        self._votes = (
-            dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=timeout)) if device == "cuda" else None
-        )
+        try:
+            # only now: a worker still joining the group must die of torchrun's SIGTERM, not wait on
+            watch_sigterm()
+            # stop votes travel on the CPU: a GPU tensor would make every step wait for the GPU
+            if self._nccl:
+                self._votes = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=timeout))
+        except BaseException:
+            self.close(failed=True)
+            raise
 
     @property
     def rank(self) -> int:
@@ -84,14 +89,14 @@ class DistBackend(Backend):
         # Small sums the host reads at once (validation totals, the restored step). On GPUs they
         # go through the CPU group too: gloo reports a dead peer at once, while an NCCL
         # collective waits out --collective-timeout and then its watchdog aborts the process.
-        summed = tensor.detach().cpu().clone() if self._votes is not None else tensor.clone()
+        if self._nccl:
+            self.check_peers()  # .cpu() below waits for the GPU, which a lost peer may hold up
+        summed = tensor.detach().cpu().clone() if self._nccl else tensor.clone()
         self._dist.all_reduce(summed, op=self._dist.ReduceOp.SUM, group=self._votes)
         return summed.to(tensor.device)
 
     def any_reader(self, flag: bool) -> bool:
-        vote = torch.tensor([1.0 if flag else 0.0])
-        if self._votes is None:
-            vote = vote.to(self.device)
+        vote = torch.tensor([1.0 if flag else 0.0])  # on the CPU: gloo, also beside NCCL
         self._dist.all_reduce(vote, op=self._dist.ReduceOp.SUM, group=self._votes)
         return bool(vote.item() > 0)
 
@@ -99,18 +104,20 @@ class DistBackend(Backend):
         # A round over gloo, where a dead peer's closed socket fails it at once. On GPUs the
         # host runs ahead of the GPU, so this catches a lost peer before the host waits on GPU
         # work that an NCCL collective with that peer holds up (until --collective-timeout).
+        # Between CPU processes gloo's own collectives fail as fast; the round is kept there
+        # (tens of microseconds) so that the tests run it.
         if self.world > 1:
             self.any_reader(False)
 
     def close(self, failed: bool = False) -> None:
         if not self._dist.is_initialized():
             return
-        if failed and self._votes is not None:
+        if failed and self._nccl:
             # NCCL's destroy_process_group first finishes the collectives queued on the GPU
             # (torch >= 2.6), which never finish once a peer is gone: abort them instead
-            from torch.distributed.distributed_c10d import _abort_process_group
-
             try:
+                from torch.distributed.distributed_c10d import _abort_process_group
+
                 _abort_process_group()
             except Exception:  # the process is ending on an error already: never hide it
                 pass

@@ -206,8 +206,9 @@ def train_epoch(
         log.advance()
         logged = state.step % config.log_every == 0 or state.batch_in_epoch == epoch_steps
         voted = logged or backend.vote_every_step
-        # the vote before the host reads the loss: reading it waits for the step's gradient
-        # reduction, which a lost peer never finishes (NCCL), while the vote notices it at once
+        # the vote before the host reads the loss (log.step, divergence.check): reading it waits
+        # for the step's gradient reduction, which a lost peer never finishes (NCCL), while the
+        # vote notices the loss at once
         stop = voted and _stop_agreed(backend)
         if logged:
             backend.add_step_closure(log.step, (loss, state.step, state.epoch, lr))
@@ -279,7 +280,7 @@ def _replica(index: int, config: TrainConfig, failed: UserError | None = None) -
                 finally:
                     if run.lock is not None:
                         run.lock.release()
-    except BaseException:
+    except BaseException:  # a Ctrl-C stop too: aborting a group whose work is done costs nothing
         backend.close(failed=True)
         raise
     backend.close()
