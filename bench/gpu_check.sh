@@ -53,6 +53,7 @@ for i in range(torch.cuda.device_count()):
 raise SystemExit(0 if torch.cuda.is_available() else "torch sees no GPU")
 PY
 then
+    echo "the torch/CUDA probe failed or timed out"
     failed+=("torch-cuda")
 fi
 

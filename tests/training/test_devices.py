@@ -265,7 +265,7 @@ def test_torchrun_on_gpus_with_and_without_sync_bn(sync_bn, small_shards, tmp_pa
         "-m",
         "torch.distributed.run",
         "--standalone",
-        "--local-addr",  # the workers' MASTER_ADDR: not a host name the lent machine may not resolve
+        "--local-addr",  # the workers' MASTER_ADDR, rather than the host's name, which may not resolve
         "127.0.0.1",
         "--nproc_per_node",
         str(gpus),
