@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from typing import Callable
 
 import psutil
 import pytest
@@ -281,28 +282,41 @@ def test_kill_and_resume_gives_the_same_final_weights(device, learn_shards, smal
             assert torch.allclose(a[key].float(), b[key].float(), rtol=1e-4, atol=1e-5), key
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("device", ["cpu", "xla"])
-def test_sigterm_checkpoints_and_exits_zero(device, learn_shards, small_shards, tmp_path):
-    """SIGTERM to the launched command (a TPU VM's preemption notice): the replica finishes its
-    step, checkpoints and the command exits 0; on XLA the replica is a child process that gets
-    the signal passed on."""
-    run_dir = str(tmp_path / "run")
-    data, extra = (learn_shards, []) if device == "cpu" else (small_shards, ["--batch-size", "8"])
-    process = subprocess.Popen(
-        train_command(
-            data, run_dir, "--device", device, "--epochs", "50", "--workers", "0", "--log-every", "5", *extra
-        ),
+def _signal_run(data, run_dir, *flags, new_session=False) -> subprocess.Popen:
+    """A 50-epoch run, to be stopped by a signal once it logs."""
+    return subprocess.Popen(
+        train_command(data, run_dir, "--epochs", "50", *flags),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        start_new_session=new_session,
         env=dict(os.environ, PJRT_DEVICE="CPU"),
     )
-    metrics = os.path.join(run_dir, "metrics.jsonl")
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and not os.path.exists(metrics):
+
+
+def _signal_when_logging(runs: list[tuple[subprocess.Popen, str, Callable[[int], None]]]) -> None:
+    """Each run's ``send(pid)`` once its run dir has metrics (its first steps ran), in any order."""
+    waiting, deadline = list(runs), time.monotonic() + 300
+    while waiting and time.monotonic() < deadline:
+        for run in list(waiting):
+            process, run_dir, send = run
+            if os.path.exists(os.path.join(run_dir, "metrics.jsonl")) or process.poll() is not None:
+                with contextlib.suppress(ProcessLookupError):  # it ended: its checks say why
+                    send(process.pid)
+                waiting.remove(run)
         time.sleep(0.05)
-    process.send_signal(signal.SIGTERM)
+    for process, _, send in waiting:  # past the deadline: the checks below say what went wrong
+        with contextlib.suppress(ProcessLookupError):
+            send(process.pid)
+
+
+def _sigterm_flags(device: str) -> list[str]:
+    return ["--device", device, "--workers", "0", "--log-every", "5"] + (
+        ["--batch-size", "8"] if device == "xla" else []
+    )
+
+
+def _check_sigterm(process: subprocess.Popen, run_dir: str) -> None:
     out, err = process.communicate(timeout=300)
     assert process.returncode == 0, err[-2000:]
     assert "stopped by SIGTERM" in out
@@ -310,28 +324,11 @@ def test_sigterm_checkpoints_and_exits_zero(device, learn_shards, small_shards, 
     assert pointer["step"] > 0 and not os.path.exists(os.path.join(run_dir, "final.pt"))
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("device", ["cpu", "xla"])
-def test_ctrl_c_checkpoints_the_step_reached_and_the_rerun_resumes_from_it(device, small_shards, tmp_path):
-    """Ctrl-C (SIGINT to the terminal's process group: the command, its loader workers and,
-    on XLA, the replica process) said "run the same command again to continue" but only SIGTERM
-    checkpointed: the rerun resumed from an older checkpoint or started over. Now the first
-    Ctrl-C finishes the step, checkpoints it and exits 130 saying so."""
-    run_dir = str(tmp_path / "run")
-    flags = ["--device", device, "--batch-size", "8", "--workers", "1", "--log-every", "2", "--ckpt-every", "0"]
-    process = subprocess.Popen(
-        train_command(small_shards, run_dir, "--epochs", "50", *flags),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-        env=dict(os.environ, PJRT_DEVICE="CPU"),
-    )
-    metrics = os.path.join(run_dir, "metrics.jsonl")
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and not os.path.exists(metrics):
-        time.sleep(0.05)
-    os.killpg(process.pid, signal.SIGINT)
+CTRL_C_FLAGS = ["--batch-size", "8", "--workers", "1", "--log-every", "2", "--ckpt-every", "0"]
+
+
+def _check_ctrl_c(process: subprocess.Popen, run_dir: str, device: str) -> int:
+    """The run stopped by Ctrl-C: exit 130, the step reached checkpointed, said last; that step."""
     out, err = process.communicate(timeout=300)
     assert process.returncode == 130, err[-2000:]
     step = json.load(open(os.path.join(run_dir, "latest.json")))["step"]
@@ -339,8 +336,39 @@ def test_ctrl_c_checkpoints_the_step_reached_and_the_rerun_resumes_from_it(devic
     assert err.strip().splitlines()[-1].startswith("interrupted"), err[-2000:]
     assert "checkpoint" in err.strip().splitlines()[-1] and "Traceback" not in err, err[-2000:]
     assert step > 0 and not os.path.exists(os.path.join(run_dir, "final.pt"))
-    if device == "xla":  # resuming an xmp run is test_kill_and_resume_...[xla]'s (this would add a minute)
-        return
+    return step
+
+
+def _ctrl_c(pid: int) -> None:
+    os.killpg(pid, signal.SIGINT)  # the terminal's process group: the command, its workers, its replica
+
+
+def _sigterm(pid: int) -> None:
+    os.kill(pid, signal.SIGTERM)
+
+
+@pytest.mark.slow
+def test_sigterm_checkpoints_and_exits_zero(learn_shards, tmp_path):
+    """SIGTERM to the launched command (a TPU VM's preemption notice): the replica finishes its
+    step, checkpoints and the command exits 0 (XLA: test_xla_signals_and_bf16_side_by_side)."""
+    run_dir = str(tmp_path / "run")
+    process = _signal_run(learn_shards, run_dir, *_sigterm_flags("cpu"))
+    _signal_when_logging([(process, run_dir, _sigterm)])
+    _check_sigterm(process, run_dir)
+
+
+@pytest.mark.slow
+def test_ctrl_c_checkpoints_the_step_reached_and_the_rerun_resumes_from_it(small_shards, tmp_path):
+    """Ctrl-C (SIGINT to the terminal's process group: the command, its loader workers and,
+    on XLA, the replica process) said "run the same command again to continue" but only SIGTERM
+    checkpointed: the rerun resumed from an older checkpoint or started over. Now the first
+    Ctrl-C finishes the step, checkpoints it and exits 130 saying so (XLA:
+    test_xla_signals_and_bf16_side_by_side)."""
+    run_dir = str(tmp_path / "run")
+    flags = ["--device", "cpu", *CTRL_C_FLAGS]
+    process = _signal_run(small_shards, run_dir, *flags, new_session=True)
+    _signal_when_logging([(process, run_dir, _ctrl_c)])
+    step = _check_ctrl_c(process, run_dir, "cpu")
     rerun = subprocess.run(
         train_command(small_shards, run_dir, "--epochs", "1", *flags),
         capture_output=True,
@@ -350,6 +378,47 @@ def test_ctrl_c_checkpoints_the_step_reached_and_the_rerun_resumes_from_it(devic
     )
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     assert f"resumed at step {step}" in rerun.stdout
+
+
+@pytest.mark.slow
+def test_xla_signals_and_bf16_side_by_side(small_shards, tmp_path, request):
+    """Through xmp.spawn, three runs side by side (each XLA:CPU run keeps about one core busy
+    compiling; one after the other they took ~100 s):
+    - SIGTERM to the command: the replica, a child process that gets the signal passed on,
+      finishes its step, checkpoints, and the command exits 0;
+    - Ctrl-C to its process group: the step reached is checkpointed, exit 130 (resuming an xmp
+      run is test_kill_and_resume_gives_the_same_final_weights[xla]'s);
+    - --precision bf16 (autocast to bfloat16 on the XLA device): trains, with finite losses and
+      no CPU fallbacks."""
+    sigterm_dir, ctrl_c_dir, bf16_dir = (str(tmp_path / name) for name in ("sigterm", "ctrl-c", "bf16"))
+    sigterm = _signal_run(small_shards, sigterm_dir, *_sigterm_flags("xla"))
+    ctrl_c = _signal_run(small_shards, ctrl_c_dir, "--device", "xla", *CTRL_C_FLAGS, new_session=True)
+    bf16 = subprocess.Popen(
+        train_command(
+            small_shards,
+            bf16_dir,
+            *("--device", "xla", "--precision", "bf16", "--epochs", "1", "--batch-size", "8"),
+            *("--log-every", "2", "--workers", "0"),
+        ),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=dict(os.environ, PJRT_DEVICE="CPU"),
+    )
+    for process in (sigterm, ctrl_c, bf16):
+        request.addfinalizer(lambda p=process: p.poll() is None and p.kill())
+    _signal_when_logging([(sigterm, sigterm_dir, _sigterm), (ctrl_c, ctrl_c_dir, _ctrl_c)])
+    _check_sigterm(sigterm, sigterm_dir)
+    _check_ctrl_c(ctrl_c, ctrl_c_dir, "xla")
+
+    out, err = bf16.communicate(timeout=600)
+    assert bf16.returncode == 0, err[-2000:]
+    rows = [json.loads(line) for line in open(os.path.join(bf16_dir, "metrics.jsonl"))]
+    losses = [r["loss"] for r in rows if r["kind"] == "train"]
+    assert len(losses) >= 5 and all(0 < loss < 10 for loss in losses)
+    assert "0 CPU fallbacks" in out
+    assert "note: XLA compiles the training step" in out  # before: silent while it compiled
+    assert storage.read_json(f"{bf16_dir}/config.json")["config"]["precision"] == "bf16"
 
 
 def _tiny_state(step):
@@ -479,42 +548,6 @@ def test_bf16_precision_runs_the_convolutions_in_bfloat16_and_learns():
     assert set(seen) == {torch.bfloat16}
     assert all(p.dtype == torch.float32 for p in model.parameters())  # autocast, not a bf16 model
     assert losses[-1] < 0.5 * losses[0], losses
-
-
-@pytest.mark.slow
-def test_bf16_through_xmp_spawn(small_shards, tmp_path):
-    """--precision bf16 on the XLA path (autocast to bfloat16 on the XLA device): trains, with
-    finite losses and no CPU fallbacks."""
-    run_dir = str(tmp_path / "run")
-    result = subprocess.run(
-        train_command(
-            small_shards,
-            run_dir,
-            "--device",
-            "xla",
-            "--precision",
-            "bf16",
-            "--epochs",
-            "1",
-            "--batch-size",
-            "8",
-            "--log-every",
-            "2",
-            "--workers",
-            "0",
-        ),
-        capture_output=True,
-        text=True,
-        env=dict(os.environ, PJRT_DEVICE="CPU"),
-        timeout=600,
-    )
-    assert result.returncode == 0, result.stderr[-2000:]
-    rows = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
-    losses = [r["loss"] for r in rows if r["kind"] == "train"]
-    assert len(losses) >= 5 and all(0 < loss < 10 for loss in losses)
-    assert "0 CPU fallbacks" in result.stdout
-    assert "note: XLA compiles the training step" in result.stdout  # before: silent while it compiled
-    assert storage.read_json(f"{run_dir}/config.json")["config"]["precision"] == "bf16"
 
 
 @pytest.mark.parametrize(
