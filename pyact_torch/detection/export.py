@@ -5,8 +5,8 @@ The exported graph is ``model.Deployed``: uint8 ``(batch, T, H, W, C)`` clips ->
 deployment feeds frames as ``stream`` prepares them and needs no torch. What frames it takes
 (``runners.ModelInfo``) travels inside the file (ONNX metadata / a .pt2 extra file). The file
 is written under a temporary name, loaded back, and its logits on real windows (as one batch
-and one window alone) must equal the checkpoint's within ``TOLERANCE`` (``DEVICE_TOLERANCE`` when the checkpoint ran
-on a GPU); only then is it renamed to ``--out``.
+and one window alone) must equal the checkpoint's within ``TOLERANCE`` (``DEVICE_TOLERANCE``
+when the checkpoint ran on a GPU); only then is it renamed to ``--out``.
 """
 
 from __future__ import annotations
